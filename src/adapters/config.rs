@@ -1,0 +1,301 @@
+//! `adapter_config.json`: parsed once into a typed [`PeftConfig`], with every field that would
+//! change the maths but that we cannot honour rejected by name (never silently ignored).
+
+use super::AdapterError;
+use crate::model::ModuleId;
+use regex::Regex;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// `target_modules` / `exclude_modules` as PEFT accepts them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModuleSelector {
+    /// Names that match exactly or as a `.`-separated suffix.
+    List(Vec<String>),
+    /// A regex that must match the whole module name.
+    Regex(String),
+    /// Every linear layer except the output head.
+    AllLinear,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    peft_type: Option<String>,
+    r: Option<Value>,
+    lora_alpha: Option<Value>,
+    #[serde(default)]
+    use_rslora: Option<bool>,
+    target_modules: Option<Value>,
+    exclude_modules: Option<Value>,
+    #[serde(default)]
+    rank_pattern: Option<BTreeMap<String, Value>>,
+    #[serde(default)]
+    alpha_pattern: Option<BTreeMap<String, Value>>,
+    layers_to_transform: Option<Value>,
+    layers_pattern: Option<Value>,
+    #[serde(default)]
+    fan_in_fan_out: Option<bool>,
+    #[serde(default)]
+    use_dora: Option<bool>,
+    modules_to_save: Option<Value>,
+    #[serde(default)]
+    lora_bias: Option<bool>,
+    bias: Option<String>,
+    lora_dropout: Option<f64>,
+    base_model_name_or_path: Option<String>,
+    task_type: Option<String>,
+    layer_replication: Option<Value>,
+    target_parameters: Option<Value>,
+    trainable_token_indices: Option<Value>,
+    alora_invocation_tokens: Option<Value>,
+    #[serde(default)]
+    use_qalora: Option<bool>,
+    use_bdlora: Option<Value>,
+}
+
+/// A validated PEFT LoRA config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeftConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub target_modules: ModuleSelector,
+    pub exclude_modules: Option<ModuleSelector>,
+    pub rank_pattern: Vec<(String, usize)>,
+    pub alpha_pattern: Vec<(String, f64)>,
+    pub layers_to_transform: Option<Vec<usize>>,
+    pub fan_in_fan_out: bool,
+    pub lora_dropout: f64,
+    pub base_model_name_or_path: Option<String>,
+    pub task_type: Option<String>,
+}
+
+fn unsupported(msg: impl Into<String>) -> AdapterError {
+    AdapterError::Unsupported(msg.into())
+}
+
+fn bad(msg: impl Into<String>) -> AdapterError {
+    AdapterError::ConfigJson(msg.into())
+}
+
+fn is_set(v: &Option<Value>) -> bool {
+    match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(_) => true,
+    }
+}
+
+fn positive_int(v: &Value, what: &str) -> Result<usize, AdapterError> {
+    match v.as_u64() {
+        Some(n) if n > 0 && n <= 1 << 16 => Ok(n as usize),
+        _ => Err(bad(format!("`{what}` must be a positive integer, got `{v}`"))),
+    }
+}
+
+fn finite_number(v: &Value, what: &str) -> Result<f64, AdapterError> {
+    match v.as_f64() {
+        Some(x) if x.is_finite() => Ok(x),
+        _ => Err(bad(format!("`{what}` must be a finite number, got `{v}`"))),
+    }
+}
+
+fn selector(v: &Value, what: &str) -> Result<ModuleSelector, AdapterError> {
+    match v {
+        Value::String(s) if s == "all-linear" => Ok(ModuleSelector::AllLinear),
+        Value::String(s) => {
+            Regex::new(&format!("^(?:{s})$")).map_err(|e| bad(format!("`{what}` is not a valid regex: {e}")))?;
+            Ok(ModuleSelector::Regex(s.clone()))
+        }
+        Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string).ok_or_else(|| bad(format!("`{what}` entries must be strings"))))
+            .collect::<Result<Vec<_>, _>>()
+            .map(ModuleSelector::List),
+        other => Err(bad(format!("`{what}` must be a list or a string, got `{other}`"))),
+    }
+}
+
+impl ModuleSelector {
+    /// Whether a full module name (e.g. `model.layers.0.self_attn.q_proj`) is selected.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            ModuleSelector::AllLinear => name != "lm_head" && !name.ends_with("embed_tokens"),
+            ModuleSelector::List(items) => items.iter().any(|t| name == t || name.ends_with(&format!(".{t}"))),
+            ModuleSelector::Regex(re) => Regex::new(&format!("^(?:{re})$")).is_ok_and(|r| r.is_match(name)),
+        }
+    }
+}
+
+/// PEFT's pattern rule: key `k` matches name `n` when `(.*\.)?(k)$` matches from its start.
+fn pattern_matches(key: &str, name: &str) -> bool {
+    Regex::new(&format!("^(?:.*\\.)?(?:{key})$")).is_ok_and(|r| r.is_match(name))
+}
+
+impl PeftConfig {
+    pub fn from_json(text: &str) -> Result<Self, AdapterError> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawConfig) -> Result<Self, AdapterError> {
+        match raw.peft_type.as_deref() {
+            Some("LORA") => {}
+            Some(other) => return Err(unsupported(format!("`peft_type` is `{other}`; only `LORA` is supported"))),
+            None => return Err(bad("missing `peft_type`")),
+        }
+        if raw.use_dora == Some(true) {
+            return Err(unsupported("`use_dora: true` (DoRA) is not supported"));
+        }
+        if is_set(&raw.modules_to_save) {
+            return Err(unsupported("non-empty `modules_to_save` (fully trained extra modules) is not supported"));
+        }
+        if raw.lora_bias == Some(true) {
+            return Err(unsupported("`lora_bias: true` (a trained bias on lora_B) is not supported"));
+        }
+        if let Some(b) = raw.bias.as_deref().filter(|b| *b != "none") {
+            return Err(unsupported(format!("`bias: {b}` (trained biases) is not supported; expected `none`")));
+        }
+        for (field, v) in [
+            ("layer_replication", &raw.layer_replication),
+            ("target_parameters", &raw.target_parameters),
+            ("trainable_token_indices", &raw.trainable_token_indices),
+            ("alora_invocation_tokens", &raw.alora_invocation_tokens),
+            ("use_bdlora", &raw.use_bdlora),
+        ] {
+            if is_set(v) {
+                return Err(unsupported(format!("`{field}` is set; it changes the maths and is not supported")));
+            }
+        }
+        if raw.use_qalora == Some(true) {
+            return Err(unsupported("`use_qalora: true` is not supported"));
+        }
+        let r = positive_int(raw.r.as_ref().ok_or_else(|| bad("missing `r`"))?, "r")?;
+        let lora_alpha = match &raw.lora_alpha {
+            Some(v) => finite_number(v, "lora_alpha")?,
+            None => 8.0, // PEFT's default
+        };
+        let target_modules = selector(raw.target_modules.as_ref().ok_or_else(|| bad("missing `target_modules`"))?, "target_modules")?;
+        let exclude_modules = match &raw.exclude_modules {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(selector(v, "exclude_modules")?),
+        };
+        for name in ["model.embed_tokens", "lm_head"] {
+            if target_modules != ModuleSelector::AllLinear && target_modules.matches(name) {
+                return Err(unsupported(format!("LoRA on `{name}` (embedding or output head) is not supported")));
+            }
+        }
+        let rank_pattern = raw
+            .rank_pattern
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), positive_int(v, &format!("rank_pattern.{k}"))?)))
+            .collect::<Result<Vec<_>, AdapterError>>()?;
+        let alpha_pattern = raw
+            .alpha_pattern
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), finite_number(v, &format!("alpha_pattern.{k}"))?)))
+            .collect::<Result<Vec<_>, AdapterError>>()?;
+        for key in rank_pattern.iter().map(|p| &p.0).chain(alpha_pattern.iter().map(|p| &p.0)) {
+            Regex::new(key).map_err(|e| bad(format!("pattern key `{key}` is not a valid regex: {e}")))?;
+        }
+        let layers_to_transform = match &raw.layers_to_transform {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| bad("`layers_to_transform` must be non-negative"))? as usize]),
+            Some(Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .map(|i| i.as_u64().map(|n| n as usize).ok_or_else(|| bad("`layers_to_transform` entries must be non-negative integers")))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            Some(other) => return Err(bad(format!("`layers_to_transform` must be an integer or a list, got `{other}`"))),
+        };
+        if is_set(&raw.layers_pattern) && !matches!(&raw.layers_pattern, Some(Value::String(s)) if s == "layers")
+            && !matches!(&raw.layers_pattern, Some(Value::Array(a)) if a.iter().all(|x| x == "layers"))
+        {
+            return Err(unsupported("`layers_pattern` other than `layers` does not fit a Llama model"));
+        }
+        let dropout = raw.lora_dropout.unwrap_or(0.0);
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(bad(format!("`lora_dropout` must be in [0, 1), got `{dropout}`")));
+        }
+        Ok(Self {
+            r,
+            lora_alpha,
+            use_rslora: raw.use_rslora.unwrap_or(false),
+            target_modules,
+            exclude_modules,
+            rank_pattern,
+            alpha_pattern,
+            layers_to_transform,
+            // PEFT resets fan_in_fan_out to false for torch.nn.Linear targets (every Llama
+            // projection), so the saved A/B have the standard shapes either way.
+            fan_in_fan_out: raw.fan_in_fan_out.unwrap_or(false),
+            lora_dropout: dropout,
+            base_model_name_or_path: raw.base_model_name_or_path,
+            task_type: raw.task_type,
+        })
+    }
+
+    /// Whether the adapter targets this module (target list/regex, exclusions, layer filter).
+    pub fn targets(&self, id: ModuleId) -> bool {
+        let name = id.to_string();
+        self.target_modules.matches(&name)
+            && !self.exclude_modules.as_ref().is_some_and(|e| e.matches(&name))
+            && self.layers_to_transform.as_ref().is_none_or(|ls| ls.contains(&id.layer))
+    }
+
+    /// `(r, alpha)` for a module after `rank_pattern` / `alpha_pattern` (first match wins).
+    pub fn rank_alpha(&self, id: ModuleId) -> (usize, f64) {
+        let name = id.to_string();
+        let r = self.rank_pattern.iter().find(|(k, _)| pattern_matches(k, &name)).map_or(self.r, |p| p.1);
+        let alpha = self.alpha_pattern.iter().find(|(k, _)| pattern_matches(k, &name)).map_or(self.lora_alpha, |p| p.1);
+        (r, alpha)
+    }
+
+    /// List entries that name no projection of a model with `num_layers` layers (PEFT refuses
+    /// a config whose targets match nothing, and a typo would otherwise load as a no-op).
+    pub fn unknown_list_targets(&self, num_layers: usize) -> Vec<String> {
+        let ModuleSelector::List(items) = &self.target_modules else {
+            return Vec::new();
+        };
+        let names: Vec<String> = ModuleId::all(num_layers).map(|m| m.to_string()).collect();
+        items
+            .iter()
+            .filter(|t| !names.iter().any(|n| ModuleSelector::List(vec![(*t).clone()]).matches(n)))
+            .cloned()
+            .collect()
+    }
+
+    /// The JSON object PEFT writes for this config (used by the trainer).
+    pub fn to_peft_json(&self) -> Value {
+        let targets = match &self.target_modules {
+            ModuleSelector::List(items) => Value::from(items.clone()),
+            ModuleSelector::Regex(r) => Value::from(r.clone()),
+            ModuleSelector::AllLinear => Value::from("all-linear"),
+        };
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": self.task_type.clone().unwrap_or_else(|| "CAUSAL_LM".into()),
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "use_rslora": self.use_rslora,
+            "target_modules": targets,
+            "lora_dropout": self.lora_dropout,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_dora": false,
+            "lora_bias": false,
+            "modules_to_save": null,
+            "layers_to_transform": self.layers_to_transform,
+            "rank_pattern": self.rank_pattern.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+            "alpha_pattern": self.alpha_pattern.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "inference_mode": true,
+            "init_lora_weights": true,
+        })
+    }
+}

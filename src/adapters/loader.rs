@@ -1,0 +1,86 @@
+//! A PEFT folder (`adapter_config.json` + `adapter_model.safetensors`) → an immutable
+//! [`LoraAdapter`], checked tensor by tensor against the base model. Any mismatch is an error:
+//! a silent partial load is the bug we exist to avoid.
+
+use super::{AdapterError, LoraAdapter, LoraWeights, PeftConfig};
+use crate::model::{LlamaConfig, ModuleId};
+use candle_core::{DType, Device, Tensor};
+use safetensors::{Dtype as StDtype, SafeTensors};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// The PEFT tensor name of `A` (`"A"`) or `B` (`"B"`) for a module.
+pub fn peft_key(id: ModuleId, which: &str) -> String {
+    format!("base_model.model.{id}.lora_{which}.weight")
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, AdapterError> {
+    std::fs::read(path).map_err(|source| AdapterError::Io { path: path.display().to_string(), source })
+}
+
+/// Loads and validates the adapter in `dir` for a base model of shape `cfg`.
+pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) -> Result<LoraAdapter, AdapterError> {
+    let text = read(&dir.join(CONFIG_FILE))?;
+    let text = String::from_utf8(text).map_err(|_| AdapterError::ConfigJson("not valid UTF-8".into()))?;
+    let config = PeftConfig::from_json(&text)?;
+    let unknown = config.unknown_list_targets(cfg.num_layers);
+    if !unknown.is_empty() {
+        return Err(AdapterError::Unsupported(format!(
+            "`target_modules` entries {unknown:?} name no linear layer of the base model"
+        )));
+    }
+    let bytes = read(&dir.join(WEIGHTS_FILE))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Weights(format!("unreadable safetensors: {e}")))?;
+    let mut expected = BTreeSet::new();
+    let mut modules = vec![None; ModuleId::count(cfg.num_layers)];
+    let mut size_bytes = 0;
+    for id in ModuleId::all(cfg.num_layers).filter(|id| config.targets(*id)) {
+        let (r, alpha) = config.rank_alpha(id);
+        let (fan_in, fan_out) = cfg.proj_dims(id.target);
+        let a = tensor(&st, &peft_key(id, "A"), (r, fan_in), device)?;
+        let b = tensor(&st, &peft_key(id, "B"), (fan_out, r), device)?;
+        expected.insert(peft_key(id, "A"));
+        expected.insert(peft_key(id, "B"));
+        size_bytes += (a.elem_count() + b.elem_count()) * 4;
+        modules[id.index()] = Some(LoraWeights::new(a, b, alpha, config.use_rslora)?);
+    }
+    if expected.is_empty() {
+        return Err(AdapterError::Unsupported("`target_modules` selects no linear layer of the base model".into()));
+    }
+    let extra: Vec<_> = st.names().into_iter().filter(|n| !expected.contains(*n)).take(5).map(str::to_string).collect();
+    if !extra.is_empty() {
+        return Err(AdapterError::Weights(format!(
+            "tensors not described by the config (or not supported, e.g. embedding/lm_head LoRA): {extra:?}"
+        )));
+    }
+    Ok(LoraAdapter { name: name.to_string(), path: dir.to_path_buf(), config, modules, size_bytes })
+}
+
+/// Reads one tensor, checks name, shape, dtype and finiteness, and returns it as f32.
+fn tensor(st: &SafeTensors<'_>, key: &str, shape: (usize, usize), device: &Device) -> Result<Tensor, AdapterError> {
+    let view = st.tensor(key).map_err(|_| AdapterError::Weights(format!("missing tensor `{key}`")))?;
+    if view.shape() != [shape.0, shape.1] {
+        return Err(AdapterError::Weights(format!(
+            "tensor `{key}` has shape {:?}, the base model needs [{}, {}]",
+            view.shape(),
+            shape.0,
+            shape.1
+        )));
+    }
+    let dtype = match view.dtype() {
+        StDtype::F32 => DType::F32,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F64 => DType::F64,
+        other => return Err(AdapterError::Weights(format!("tensor `{key}` has dtype {other:?}; expected a float type"))),
+    };
+    let t = Tensor::from_raw_buffer(view.data(), dtype, &[shape.0, shape.1], &Device::Cpu)?.to_dtype(DType::F32)?;
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
+        return Err(AdapterError::Weights(format!("tensor `{key}` has a non-finite value at flat index {pos}")));
+    }
+    Ok(t.to_device(device)?)
+}

@@ -1,0 +1,125 @@
+//! LoRA adapters in the Hugging Face PEFT format: config parsing and validation, loading the
+//! safetensors weights checked against the base model, and per-request adapter mixes.
+//!
+//! Invariant: a [`LoraAdapter`] is immutable once loaded and shared through `Arc`; a reload
+//! produces a new value, so a request holding the old `Arc` never sees weights change.
+
+pub mod config;
+pub mod loader;
+pub mod writer;
+
+pub use config::PeftConfig;
+pub use loader::load_adapter;
+
+use crate::model::ModuleId;
+use candle_core::Tensor;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Errors from reading or validating a PEFT adapter folder.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("i/o error on `{path}`: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid `adapter_config.json`: {0}")]
+    ConfigJson(String),
+    #[error("unsupported adapter: {0}")]
+    Unsupported(String),
+    #[error("invalid adapter weights: {0}")]
+    Weights(String),
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// `A` and `B` of one adapted module, in f32 on the model's device, with the scaling
+/// `alpha / r` (or `alpha / sqrt(r)` for rsLoRA) resolved for this module.
+#[derive(Debug, Clone)]
+pub struct LoraWeights {
+    /// `(r, in)`.
+    pub a: Tensor,
+    /// `(out, r)`.
+    pub b: Tensor,
+    /// `Aᵀ`, contiguous `(in, r)`: what the batched path stacks.
+    pub a_t: Tensor,
+    /// `Bᵀ`, contiguous `(r, out)`.
+    pub b_t: Tensor,
+    pub rank: usize,
+    pub alpha: f64,
+    pub scaling: f64,
+}
+
+impl LoraWeights {
+    pub fn new(a: Tensor, b: Tensor, alpha: f64, use_rslora: bool) -> candle_core::Result<Self> {
+        let rank = a.dim(0)?;
+        let scaling = if use_rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
+        let a_t = a.t()?.contiguous()?;
+        let b_t = b.t()?.contiguous()?;
+        Ok(Self { a, b, a_t, b_t, rank, alpha, scaling })
+    }
+}
+
+/// A loaded adapter: per-module weights, indexed by [`ModuleId::index`].
+#[derive(Debug)]
+pub struct LoraAdapter {
+    pub name: String,
+    pub path: PathBuf,
+    pub config: PeftConfig,
+    pub modules: Vec<Option<LoraWeights>>,
+    /// Bytes of A and B on the device.
+    pub size_bytes: usize,
+}
+
+impl LoraAdapter {
+    pub fn module(&self, id: ModuleId) -> Option<&LoraWeights> {
+        self.modules.get(id.index()).and_then(Option::as_ref)
+    }
+
+    /// Distinct projection names this adapter changes, e.g. `["q_proj", "v_proj"]`.
+    pub fn target_names(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = crate::model::Target::ALL
+            .into_iter()
+            .filter(|t| self.modules.iter().enumerate().any(|(i, m)| m.is_some() && i % 7 == *t as usize))
+            .map(|t| t.name())
+            .collect();
+        names.dedup();
+        names
+    }
+}
+
+/// One adapter of a mix with the request's scale `s_i`.
+#[derive(Debug, Clone)]
+pub struct MixEntry {
+    pub adapter: Arc<LoraAdapter>,
+    pub scale: f64,
+}
+
+/// The adapters a request applies, each with its own scale. Empty = the base model.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterMix {
+    pub entries: Vec<MixEntry>,
+}
+
+impl AdapterMix {
+    pub fn new(entries: Vec<MixEntry>) -> Self {
+        Self { entries }
+    }
+
+    pub fn single(adapter: Arc<LoraAdapter>, scale: f64) -> Self {
+        Self { entries: vec![MixEntry { adapter, scale }] }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The `(weights, c_i)` terms that touch `id`, with `c_i = s_i · scaling_i`. Zero-scale
+    /// entries are skipped, so a zero scale leaves the base output bit-for-bit unchanged.
+    pub fn terms(&self, id: ModuleId) -> impl Iterator<Item = (&LoraWeights, f64)> {
+        self.entries.iter().filter(|e| e.scale != 0.0).filter_map(move |e| {
+            e.adapter.module(id).map(|w| (w, e.scale * w.scaling))
+        })
+    }
+}

@@ -1,0 +1,44 @@
+//! Writing a PEFT adapter folder: `adapter_config.json` + `adapter_model.safetensors` with
+//! PEFT's key names, written into a temporary sibling folder and renamed into place so that a
+//! watcher never sees a half-written adapter.
+
+use super::loader::{peft_key, CONFIG_FILE, WEIGHTS_FILE};
+use super::{AdapterError, PeftConfig};
+use crate::model::ModuleId;
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::Path;
+
+fn io(path: &Path, source: std::io::Error) -> AdapterError {
+    AdapterError::Io { path: path.display().to_string(), source }
+}
+
+/// Writes `weights` (`module → (A, B)`) and `config` as a PEFT folder at `dir`, replacing any
+/// previous content atomically (rename of a complete folder).
+pub fn save_adapter(dir: &Path, config: &PeftConfig, weights: &[(ModuleId, Tensor, Tensor)]) -> Result<(), AdapterError> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (id, a, b) in weights {
+        tensors.insert(peft_key(*id, "A"), a.contiguous()?);
+        tensors.insert(peft_key(*id, "B"), b.contiguous()?);
+    }
+    candle_core::safetensors::save(&tensors, tmp.join(WEIGHTS_FILE))?;
+    let json = serde_json::to_string_pretty(&config.to_peft_json()).map_err(|e| AdapterError::ConfigJson(e.to_string()))?;
+    std::fs::write(tmp.join(CONFIG_FILE), json).map_err(|e| io(&tmp, e))?;
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).map_err(|e| io(dir, e))?;
+        std::fs::rename(&tmp, dir).map_err(|e| io(dir, e))?;
+        std::fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;
+    } else {
+        std::fs::rename(&tmp, dir).map_err(|e| io(dir, e))?;
+    }
+    Ok(())
+}

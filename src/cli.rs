@@ -1,0 +1,166 @@
+//! Command-line arguments (clap) and the commands behind them.
+
+use crate::adapters::{load_adapter, AdapterMix, MixEntry};
+use crate::generate::{generate, GenRequest, LoraPath};
+use crate::model::load::{load_model, DEFAULT_MODEL};
+use crate::model::sampling::SamplingParams;
+use crate::model::tokenizer::ChatMessage;
+use crate::model::{parse_device, WeightFormat};
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Parser)]
+#[command(name = "loraplex", version, about = "One frozen base LLM, many LoRA adapters mixed per request")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a completion for one prompt (prints text, or one JSON object with --json).
+    Generate(GenerateArgs),
+}
+
+/// Where the base model comes from and how it is stored.
+#[derive(Debug, Args, Clone)]
+pub struct ModelArgs {
+    /// A `.gguf` file, a Hugging Face model folder, or `hf:ORG/NAME` (downloads; needs network).
+    #[arg(long, env = "LORAPLEX_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// `cpu`, `cuda[:N]` or `metal` (the latter two need the matching cargo feature).
+    #[arg(long, env = "LORAPLEX_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Base weight storage: `auto` (f32 on CPU, bf16 on CUDA), `f32`, `bf16`, `f16`,
+    /// `quantized` (as stored in the GGUF), `q8_0` or `q4_0` (re-quantized at load).
+    #[arg(long, env = "LORAPLEX_DTYPE", default_value = "auto")]
+    pub dtype: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text (tokenized as it is, or as the user turn with --chat).
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// `DIR_OR_NAME=SCALE` (scale defaults to 1.0); repeat to mix adapters. A bare name is
+    /// looked up in --adapters-dir.
+    #[arg(long = "adapter", value_name = "DIR_OR_NAME=SCALE")]
+    pub adapters: Vec<String>,
+    #[arg(long, env = "LORAPLEX_ADAPTERS", default_value = "adapters")]
+    pub adapters_dir: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the generated text contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past EOS (for comparisons with references that do).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Top alternatives reported per position in --json output.
+    #[arg(long, default_value_t = 5)]
+    pub logprobs: usize,
+    /// Use the per-row reference LoRA path instead of the batched one.
+    #[arg(long)]
+    pub reference_lora: bool,
+    /// Print one JSON object instead of the text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => run_generate(args),
+    }
+}
+
+/// Parses `DIR_OR_NAME[=SCALE]` into `(spec, scale)`.
+pub fn parse_adapter_spec(spec: &str) -> anyhow::Result<(String, f64)> {
+    let (name, scale) = match spec.rsplit_once('=') {
+        Some((n, s)) => (n, s.parse::<f64>().with_context(|| format!("bad scale in `{spec}`"))?),
+        None => (spec, 1.0),
+    };
+    if !scale.is_finite() {
+        bail!("scale in `{spec}` must be finite");
+    }
+    Ok((name.to_string(), scale))
+}
+
+/// A directory given directly, or a name inside `adapters_dir`.
+pub fn resolve_adapter_dir(spec: &str, adapters_dir: &Path) -> PathBuf {
+    let direct = PathBuf::from(spec);
+    if direct.is_dir() {
+        direct
+    } else {
+        adapters_dir.join(spec)
+    }
+}
+
+fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.model.device)?;
+    let format = WeightFormat::parse(&args.model.dtype, &device)?;
+    let loaded = load_model(&args.model.model, format, &device).with_context(|| format!("loading `{}`", args.model.model))?;
+    let mut entries = Vec::new();
+    let mut described = Vec::new();
+    for spec in &args.adapters {
+        let (name_or_dir, scale) = parse_adapter_spec(spec)?;
+        let dir = resolve_adapter_dir(&name_or_dir, &args.adapters_dir);
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(name_or_dir);
+        let adapter = load_adapter(&dir, &name, &loaded.model.cfg, &device).with_context(|| format!("adapter `{}`", dir.display()))?;
+        described.push(serde_json::json!({"name": name, "scale": scale, "path": dir.display().to_string()}));
+        entries.push(MixEntry { adapter: Arc::new(adapter), scale });
+    }
+    let text = if args.chat {
+        loaded.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: args.prompt.clone() }])?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt_ids = loaded.tokenizer.encode(&text)?;
+    if prompt_ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let req = GenRequest {
+        prompt_ids: prompt_ids.clone(),
+        mix: AdapterMix::new(entries),
+        max_tokens: args.max_tokens.max(1),
+        sampling: SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed },
+        stop: args.stop.clone(),
+        top_logprobs: args.logprobs,
+        stop_at_eos: !args.ignore_eos,
+    };
+    let path = if args.reference_lora { LoraPath::PerRow } else { LoraPath::Batched };
+    let out = generate(&loaded.model, &loaded.tokenizer, &[req], path)?
+        .pop()
+        .context("generation returned no output")?;
+    if args.json {
+        let top: Vec<Vec<(u32, f32)>> = out.top_logprobs;
+        let obj = serde_json::json!({
+            "prompt_ids": prompt_ids,
+            "ids": out.ids,
+            "text": out.text,
+            "logprobs": out.logprobs,
+            "top_logprobs": top,
+            "adapters": described,
+            "finish_reason": out.finish_reason,
+        });
+        println!("{obj}");
+    } else {
+        println!("{}", out.text);
+    }
+    Ok(())
+}

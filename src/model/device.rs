@@ -1,0 +1,72 @@
+//! Parsing of `--device` and `--dtype`, and the per-device default weight format.
+
+use super::{ModelError, Result};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device};
+
+/// `cpu`, `cuda`, `cuda:N` or `metal` → a candle device. CUDA and Metal need the crate built
+/// with the matching cargo feature; without it candle answers with a clear error.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    let dev = match spec.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        "metal" => Device::new_metal(0)?,
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Device::new_cuda(n)?,
+            _ => return Err(ModelError::Device(spec)),
+        },
+    };
+    Ok(dev)
+}
+
+/// How base weights are stored and multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Dequantized at load to this float type; matmuls through gemm (scale with batch size).
+    Dense(DType),
+    /// Kept quantized (`QMatMul`); `None` keeps each tensor's stored type, `Some(t)`
+    /// re-quantizes to `t` at load (Q8_0/Q4_0 have SIMD kernels on CPU, Q4_1 does not).
+    Quantized(Option<GgmlDType>),
+}
+
+impl WeightFormat {
+    /// Parses `--dtype`. `auto` picks dense f32 on CPU: it is exact against the reference,
+    /// scales with batch size (gemm), and gives one numeric path for every batch shape, which
+    /// batch invariance needs; on CUDA/Metal it picks bf16/f16 dense.
+    pub fn parse(spec: &str, device: &Device) -> Result<Self> {
+        let fmt = match spec.trim().to_ascii_lowercase().as_str() {
+            "auto" => match device {
+                Device::Cpu => WeightFormat::Dense(DType::F32),
+                Device::Cuda(_) => WeightFormat::Dense(DType::BF16),
+                Device::Metal(_) => WeightFormat::Dense(DType::F16),
+            },
+            "f32" | "float32" => WeightFormat::Dense(DType::F32),
+            "bf16" | "bfloat16" => WeightFormat::Dense(DType::BF16),
+            "f16" | "float16" => WeightFormat::Dense(DType::F16),
+            "quantized" | "gguf" => WeightFormat::Quantized(None),
+            "q8_0" => WeightFormat::Quantized(Some(GgmlDType::Q8_0)),
+            "q4_0" => WeightFormat::Quantized(Some(GgmlDType::Q4_0)),
+            other => return Err(ModelError::DType(other.to_string())),
+        };
+        Ok(fmt)
+    }
+
+    /// The dtype activations and KV caches use with this format.
+    pub fn activation_dtype(self) -> DType {
+        match self {
+            WeightFormat::Dense(dt) => dt,
+            WeightFormat::Quantized(_) => DType::F32,
+        }
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WeightFormat::Dense(dt) => write!(f, "{dt:?}").map(|_| ()),
+            WeightFormat::Quantized(None) => write!(f, "quantized (as stored)"),
+            WeightFormat::Quantized(Some(t)) => write!(f, "quantized ({t:?})"),
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! GGUF files (llama.cpp's format): architecture from the metadata, weights quantized as
+//! stored, re-quantized, or dequantized to a float type, Q/K rows un-permuted to Hugging Face
+//! order so that PEFT adapters apply unchanged.
+
+use super::linear::BaseWeight;
+use super::llama::WeightSource;
+use super::{LlamaConfig, ModelError, ModuleId, Result, Target, WeightFormat};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+use std::borrow::Cow;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// An open GGUF file: its metadata and a reader for its tensors.
+pub struct GgufSource {
+    pub path: PathBuf,
+    pub content: Content,
+    pub cfg: LlamaConfig,
+    file: File,
+    device: Device,
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> ModelError {
+    ModelError::Io { path: path.display().to_string(), source }
+}
+
+impl GgufSource {
+    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| io_err(path, e))?;
+        let content = Content::read(&mut file).map_err(|e| ModelError::Invalid {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let cfg = config_from_metadata(&content)?;
+        Ok(Self { path: path.to_path_buf(), content, cfg, file, device: device.clone() })
+    }
+
+    pub fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+        if !self.content.tensor_infos.contains_key(name) {
+            return Err(ModelError::Missing { key: name.to_string(), what: self.path.display().to_string() });
+        }
+        Ok(self.content.tensor(&mut self.file, name, &Device::Cpu)?)
+    }
+
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        Ok(self.qtensor(name)?.dequantize(&Device::Cpu)?)
+    }
+}
+
+/// Reads the Llama hyper-parameters from `{arch}.*` metadata keys.
+pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
+    let arch = match c.metadata.get("general.architecture") {
+        Some(v) => v.to_string()?.clone(),
+        None => return Err(ModelError::Missing { key: "general.architecture".into(), what: "GGUF metadata".into() }),
+    };
+    if !matches!(arch.as_str(), "llama" | "mistral") {
+        return Err(ModelError::Unsupported(format!("GGUF architecture `{arch}`; only Llama-family models are supported")));
+    }
+    let get = |k: &str| -> Result<&Value> {
+        let key = format!("{arch}.{k}");
+        c.metadata.get(&key).ok_or(ModelError::Missing { key, what: "GGUF metadata".into() })
+    };
+    let num_heads = get("attention.head_count")?.to_u32()? as usize;
+    let hidden_size = get("embedding_length")?.to_u32()? as usize;
+    let vocab_size = match get("vocab_size") {
+        Ok(v) => v.to_u32()? as usize,
+        Err(_) => match c.metadata.get("tokenizer.ggml.tokens") {
+            Some(t) => t.to_vec()?.len(),
+            None => return Err(ModelError::Missing { key: format!("{arch}.vocab_size"), what: "GGUF metadata".into() }),
+        },
+    };
+    Ok(LlamaConfig {
+        vocab_size,
+        hidden_size,
+        intermediate_size: get("feed_forward_length")?.to_u32()? as usize,
+        num_layers: get("block_count")?.to_u32()? as usize,
+        num_heads,
+        num_kv_heads: get("attention.head_count_kv").map_or(Ok(num_heads as u32), |v| v.to_u32())? as usize,
+        head_dim: get("rope.dimension_count").map_or(Ok((hidden_size / num_heads) as u32), |v| v.to_u32())? as usize,
+        rms_norm_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+        rope_theta: get("rope.freq_base").map_or(Ok(10_000.0), |v| v.to_f32())? as f64,
+        max_position_embeddings: get("context_length").map_or(Ok(4096), |v| v.to_u32())? as usize,
+        tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
+    })
+}
+
+fn gguf_name(id: ModuleId) -> String {
+    let t = match id.target {
+        Target::Q => "attn_q",
+        Target::K => "attn_k",
+        Target::V => "attn_v",
+        Target::O => "attn_output",
+        Target::Gate => "ffn_gate",
+        Target::Up => "ffn_up",
+        Target::Down => "ffn_down",
+    };
+    format!("blk.{}.{t}.weight", id.layer)
+}
+
+/// Hugging Face row `r` of a Q/K weight comes from GGUF row `unpermute_src(r)`: llama.cpp
+/// interleaves the two rotary halves of every head.
+fn unpermute_src(r: usize, head_dim: usize) -> usize {
+    let (head, within) = (r / head_dim, r % head_dim);
+    let half = head_dim / 2;
+    let (j, i) = (within / half, within % half);
+    head * head_dim + 2 * i + j
+}
+
+/// Un-permutes a dense `(heads·hd, in)` weight from GGUF to Hugging Face row order.
+fn unpermute_dense(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, fan_in) = w.dims2()?;
+    let hd = out / heads;
+    Ok(w.reshape((heads, hd / 2, 2, fan_in))?.transpose(1, 2)?.contiguous()?.reshape((out, fan_in))?)
+}
+
+/// The same row permutation on quantized bytes: blocks run along rows, so moving whole rows is
+/// exact (no re-quantization).
+fn unpermute_quantized(q: &QTensor, heads: usize) -> Result<QTensor> {
+    let (out, fan_in) = q.shape().dims2()?;
+    let dt = q.dtype();
+    let row_bytes = fan_in / dt.block_size() * dt.type_size();
+    let data = q.data()?;
+    let mut moved = Vec::with_capacity(data.len());
+    for r in 0..out {
+        let src = unpermute_src(r, out / heads);
+        moved.extend_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+    }
+    let storage = QStorage::from_data(Cow::Owned(moved), &Device::Cpu, dt)?;
+    Ok(QTensor::new(storage, (out, fan_in))?)
+}
+
+/// A dense f32 weight (HF layout, on CPU) as a [`BaseWeight`] of `format` on `device`.
+pub fn dense_to_base(w: Tensor, format: WeightFormat, device: &Device) -> Result<BaseWeight> {
+    Ok(match format {
+        WeightFormat::Dense(dt) => BaseWeight::Dense(w.to_dtype(dt)?.to_device(device)?),
+        WeightFormat::Quantized(t) => {
+            BaseWeight::quantized(QTensor::quantize_onto(&w, t.unwrap_or(GgmlDType::Q8_0), device)?)?
+        }
+    })
+}
+
+impl GgufSource {
+    fn quantized_onto(&self, q: QTensor) -> Result<BaseWeight> {
+        if self.device.is_cpu() {
+            return BaseWeight::quantized(q);
+        }
+        let storage = QStorage::from_data(q.data()?, &self.device, q.dtype())?;
+        BaseWeight::quantized(QTensor::new(storage, q.shape().clone())?)
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn embed(&mut self) -> Result<Tensor> {
+        Ok(self.dense("token_embd.weight")?.to_device(&self.device)?)
+    }
+
+    fn norm(&mut self, name: &str) -> Result<Tensor> {
+        let gguf = match name {
+            "model.norm.weight" => "output_norm.weight".to_string(),
+            n => n
+                .replace("model.layers.", "blk.")
+                .replace(".input_layernorm.", ".attn_norm.")
+                .replace(".post_attention_layernorm.", ".ffn_norm."),
+        };
+        Ok(self.dense(&gguf)?.to_dtype(DType::F32)?.to_device(&self.device)?)
+    }
+
+    fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight> {
+        let heads = match id.target {
+            Target::Q => Some(self.cfg.num_heads),
+            Target::K => Some(self.cfg.num_kv_heads),
+            _ => None,
+        };
+        let q = self.qtensor(&gguf_name(id))?;
+        let stored_quantized = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if matches!(format, WeightFormat::Quantized(None)) && stored_quantized {
+            let q = match heads {
+                Some(h) => unpermute_quantized(&q, h)?,
+                None => q,
+            };
+            return self.quantized_onto(q);
+        }
+        let w = q.dequantize(&Device::Cpu)?;
+        let w = match heads {
+            Some(h) => unpermute_dense(&w, h)?,
+            None => w,
+        };
+        dense_to_base(w, format, &self.device)
+    }
+
+    fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight> {
+        let name = if self.cfg.tie_word_embeddings { "token_embd.weight" } else { "output.weight" };
+        if matches!(format, WeightFormat::Quantized(None)) {
+            let q = self.qtensor(name)?;
+            return self.quantized_onto(q);
+        }
+        let w = self.dense(name)?;
+        dense_to_base(w, format, &self.device)
+    }
+}
+
+/// Loads a GGUF model (weights and the source, whose metadata the tokenizer reads).
+pub fn load(path: &Path, format: WeightFormat, device: &Device) -> Result<(super::Llama, GgufSource)> {
+    let mut src = GgufSource::open(path, device)?;
+    let cfg = src.cfg.clone();
+    let model = super::Llama::load(cfg, &mut src, format, device)?;
+    Ok((model, src))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_indices_match_the_dense_reshape() {
+        let (heads, hd, fan_in) = (3, 8, 2);
+        let w = Tensor::arange(0f32, (heads * hd * fan_in) as f32, &Device::Cpu).unwrap().reshape((heads * hd, fan_in)).unwrap();
+        let dense = unpermute_dense(&w, heads).unwrap().to_vec2::<f32>().unwrap();
+        let rows = w.to_vec2::<f32>().unwrap();
+        for (r, row) in dense.iter().enumerate() {
+            assert_eq!(row, &rows[unpermute_src(r, hd)], "row {r}");
+        }
+    }
+}

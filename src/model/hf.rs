@@ -1,0 +1,115 @@
+//! Hugging Face model folders (`config.json`, `*.safetensors`, `tokenizer.json`), local or
+//! fetched from the Hub with `hf:ORG/NAME` (needs network; cannot be exercised offline).
+
+use super::gguf::dense_to_base;
+use super::linear::BaseWeight;
+use super::llama::WeightSource;
+use super::{LlamaConfig, ModelError, ModuleId, Result, WeightFormat};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub struct HfSource {
+    pub dir: PathBuf,
+    pub cfg: LlamaConfig,
+    tensors: HashMap<String, Tensor>,
+    device: Device,
+}
+
+fn read_to_string(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })
+}
+
+/// Reads `config.json` of a Llama-family folder.
+pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
+    let path = dir.join("config.json");
+    let text = read_to_string(&path)?;
+    let raw: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
+    let arch = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
+    if !matches!(arch, "llama" | "mistral") {
+        return Err(ModelError::Unsupported(format!("model_type `{arch}`; only Llama-family models are supported")));
+    }
+    if raw.get("rope_scaling").is_some_and(|v| !v.is_null()) {
+        return Err(ModelError::Unsupported("`rope_scaling` is not supported yet".into()));
+    }
+    let cfg: super::config::HfConfigJson = serde_json::from_value(raw)
+        .map_err(|e| ModelError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
+    Ok(cfg.into())
+}
+
+impl HfSource {
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg = read_config(dir)?;
+        let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.display().to_string(), source })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(ModelError::Missing { key: "*.safetensors".into(), what: dir.display().to_string() });
+        }
+        let mut tensors = HashMap::new();
+        for f in &files {
+            tensors.extend(candle_core::safetensors::load(f, &Device::Cpu)?);
+        }
+        Ok(Self { dir: dir.to_path_buf(), cfg, tensors, device: device.clone() })
+    }
+
+    fn get(&self, name: &str) -> Result<Tensor> {
+        match self.tensors.get(name) {
+            Some(t) => Ok(t.to_dtype(DType::F32)?),
+            None => Err(ModelError::Missing { key: name.to_string(), what: self.dir.display().to_string() }),
+        }
+    }
+}
+
+impl WeightSource for HfSource {
+    fn embed(&mut self) -> Result<Tensor> {
+        Ok(self.get("model.embed_tokens.weight")?.to_device(&self.device)?)
+    }
+
+    fn norm(&mut self, name: &str) -> Result<Tensor> {
+        Ok(self.get(name)?.to_device(&self.device)?)
+    }
+
+    fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight> {
+        dense_to_base(self.get(&format!("{id}.weight"))?, format, &self.device)
+    }
+
+    fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight> {
+        let name = if self.cfg.tie_word_embeddings || !self.tensors.contains_key("lm_head.weight") {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        dense_to_base(self.get(name)?, format, &self.device)
+    }
+}
+
+/// Downloads (or finds in the local Hub cache) the files of `org/name` and returns the folder.
+pub fn fetch_from_hub(repo: &str) -> Result<PathBuf> {
+    let api = hf_hub::api::sync::Api::new().map_err(|e| ModelError::Download(e.to_string()))?;
+    let repo = api.model(repo.to_string());
+    let get = |f: &str| repo.get(f).map_err(|e| ModelError::Download(format!("`{f}`: {e}")));
+    let config = get("config.json")?;
+    get("tokenizer.json")?;
+    let _ = get("tokenizer_config.json");
+    match get("model.safetensors.index.json") {
+        Ok(index) => {
+            let text = read_to_string(&index)?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Download(e.to_string()))?;
+            let mut shards: Vec<&str> = v["weight_map"].as_object().into_iter().flatten().filter_map(|(_, f)| f.as_str()).collect();
+            shards.sort();
+            shards.dedup();
+            for s in shards {
+                get(s)?;
+            }
+        }
+        Err(_) => {
+            get("model.safetensors")?;
+        }
+    }
+    config.parent().map(Path::to_path_buf).ok_or_else(|| ModelError::Download("no snapshot folder".into()))
+}

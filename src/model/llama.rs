@@ -1,0 +1,290 @@
+//! The Llama-family decoder over ragged batches: every linear is a [`LoraLinear`], tokens of
+//! all sequences are flattened into one matrix for the projections, attention runs per
+//! sequence against its own KV cache. A `differentiable` model uses only ops with a backward
+//! (candle's fused rms-norm, softmax and rope have none) so the trainer can reuse it.
+
+use super::kv_cache::SeqCache;
+use super::linear::{BaseWeight, LoraLinear};
+use super::lora::StepLora;
+use super::{LlamaConfig, ModuleId, Result, Target, WeightFormat};
+use crate::adapters::AdapterMix;
+use candle_core::{DType, Device, Tensor, D};
+
+/// Where a loader's tensors come from; implemented by the GGUF and Hugging Face loaders.
+/// Every tensor is returned in Hugging Face layout (GGUF Q/K rows un-permuted).
+pub trait WeightSource {
+    /// `(vocab, hidden)`, f32.
+    fn embed(&mut self) -> Result<Tensor>;
+    /// Norm weight by Hugging Face name, f32.
+    fn norm(&mut self, name: &str) -> Result<Tensor>;
+    fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight>;
+    /// The output head; tied models return the embedding in `format`.
+    fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight>;
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: Tensor,
+    mlp_norm: Tensor,
+    /// q, k, v, o, gate, up, down in [`Target::ALL`] order.
+    proj: Vec<LoraLinear>,
+}
+
+/// A batch of token runs, one per sequence: `seq_lens[i]` tokens of sequence `i`, flattened
+/// in order into `tokens`. Each sequence continues from its cache's length.
+#[derive(Debug, Clone, Default)]
+pub struct BatchInput {
+    pub tokens: Vec<u32>,
+    pub seq_lens: Vec<usize>,
+}
+
+impl BatchInput {
+    pub fn push(&mut self, tokens: &[u32]) {
+        self.tokens.extend_from_slice(tokens);
+        self.seq_lens.push(tokens.len());
+    }
+}
+
+/// The frozen base model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub format: WeightFormat,
+    /// Use only differentiable ops (training); slower than the fused inference ops.
+    pub differentiable: bool,
+    dtype: DType,
+    device: Device,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: BaseWeight,
+    /// `(max_positions, head_dim / 2)` in the activation dtype.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Llama {
+    pub fn load(cfg: LlamaConfig, src: &mut dyn WeightSource, format: WeightFormat, device: &Device) -> Result<Self> {
+        let dtype = format.activation_dtype();
+        let embed = src.embed()?.to_dtype(dtype)?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for layer in 0..cfg.num_layers {
+            let proj = Target::ALL
+                .into_iter()
+                .map(|target| {
+                    let id = ModuleId { layer, target };
+                    Ok(LoraLinear { id, base: src.linear(id, format)? })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            blocks.push(Block {
+                attn_norm: src.norm(&format!("model.layers.{layer}.input_layernorm.weight"))?.to_dtype(dtype)?,
+                mlp_norm: src.norm(&format!("model.layers.{layer}.post_attention_layernorm.weight"))?.to_dtype(dtype)?,
+                proj,
+            });
+        }
+        let norm = src.norm("model.norm.weight")?.to_dtype(dtype)?;
+        let lm_head = src.lm_head(format)?;
+        let (cos, sin) = rope_tables(&cfg, dtype, device)?;
+        Ok(Self { cfg, format, differentiable: false, dtype, device: device.clone(), embed, blocks, norm, lm_head, cos, sin })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Runs the batch and returns the final-normed hidden states `(n_tokens, hidden)`.
+    /// With `caches`, sequence `i` continues from `caches[i]` and appends to it; without, every
+    /// sequence starts at position 0 and nothing is cached (training).
+    pub fn forward(&self, input: &BatchInput, mut caches: Option<&mut [&mut SeqCache]>, lora: &StepLora) -> Result<Tensor> {
+        let n = input.tokens.len();
+        let ids = Tensor::from_slice(&input.tokens, n, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let starts: Vec<usize> = match caches.as_deref() {
+            Some(c) => c.iter().map(|c| c.len()).collect(),
+            None => vec![0; input.seq_lens.len()],
+        };
+        let positions: Vec<u32> = starts
+            .iter()
+            .zip(&input.seq_lens)
+            .flat_map(|(&s, &l)| (s..s + l).map(|p| p as u32))
+            .collect();
+        if positions.iter().any(|&p| p as usize >= self.cfg.max_position_embeddings) {
+            return Err(super::ModelError::Unsupported(format!(
+                "position beyond the model's context of {} tokens",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let pos = Tensor::from_vec(positions, n, &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = self.rms_norm(&x, &block.attn_norm)?;
+            let attn = self.attention(layer, block, &h, &cos, &sin, input, caches.as_deref_mut(), lora)?;
+            x = (x + attn)?;
+            let h = self.rms_norm(&x, &block.mlp_norm)?;
+            x = (x + self.mlp(block, &h, &input.seq_lens, lora)?)?;
+        }
+        self.rms_norm(&x, &self.norm)
+    }
+
+    /// Logits in f32 for hidden rows `(n, hidden)` → `(n, vocab)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// The hidden row of each sequence's last token.
+    pub fn last_rows(hidden: &Tensor, seq_lens: &[usize]) -> Result<Tensor> {
+        let mut idx = Vec::with_capacity(seq_lens.len());
+        let mut end = 0u32;
+        for &l in seq_lens {
+            end += l as u32;
+            idx.push(end - 1);
+        }
+        let idx = Tensor::from_vec(idx, seq_lens.len(), hidden.device())?;
+        Ok(hidden.index_select(&idx, 0)?)
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        Ok(if self.differentiable {
+            candle_nn::ops::rms_norm_slow(x, w, eps)?
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)] // private hot path; the arguments are one step's state
+    fn attention(
+        &self,
+        layer: usize,
+        block: &Block,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        input: &BatchInput,
+        mut caches: Option<&mut [&mut SeqCache]>,
+        lora: &StepLora,
+    ) -> Result<Tensor> {
+        let (n, _) = h.dims2()?;
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let lens = &input.seq_lens;
+        let q = block.proj[0].forward(h, lens, lora)?;
+        let k = block.proj[1].forward(h, lens, lora)?;
+        let v = block.proj[2].forward(h, lens, lora)?;
+        // (n, heads·hd) → (1, heads, n, hd): all tokens as one "sequence" so rope can use
+        // per-token cos/sin rows gathered by position.
+        let to_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+        };
+        let q = self.rope(&to_heads(q, nh)?, cos, sin)?.squeeze(0)?;
+        let k = self.rope(&to_heads(k, nkv)?, cos, sin)?.squeeze(0)?;
+        let v = to_heads(v, nkv)?.squeeze(0)?;
+        let groups = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(lens.len());
+        let mut offset = 0;
+        for (i, &t) in lens.iter().enumerate() {
+            let q_s = q.narrow(1, offset, t)?.contiguous()?;
+            let k_s = k.narrow(1, offset, t)?;
+            let v_s = v.narrow(1, offset, t)?;
+            let (k_all, v_all) = match caches.as_deref_mut() {
+                Some(c) => c[i].append(layer, &k_s, &v_s)?,
+                None => (k_s.contiguous()?, v_s.contiguous()?),
+            };
+            let total = k_all.dim(1)?;
+            // GQA without copying K/V: query heads of one KV group become extra rows.
+            let qg = q_s.reshape((nkv, groups * t, hd))?;
+            let mut att = (qg.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
+            if t > 1 {
+                let mask = causal_mask(t, total, &self.device)?;
+                att = att.reshape((nkv, groups, t, total))?.broadcast_add(&mask)?.reshape((nkv, groups * t, total))?;
+            }
+            let att = if self.differentiable {
+                candle_nn::ops::softmax(&att, D::Minus1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&att)?
+            };
+            let o = att.to_dtype(self.dtype)?.matmul(&v_all.contiguous()?)?;
+            outs.push(o.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?);
+            offset += t;
+        }
+        let o = Tensor::cat(&outs, 0)?;
+        block.proj[3].forward(&o, lens, lora)
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(if self.differentiable {
+            candle_nn::rotary_emb::rope_slow(x, cos, sin)?
+        } else {
+            candle_nn::rotary_emb::rope(x, cos, sin)?
+        })
+    }
+
+    fn mlp(&self, block: &Block, h: &Tensor, lens: &[usize], lora: &StepLora) -> Result<Tensor> {
+        let gate = block.proj[4].forward(h, lens, lora)?;
+        let up = block.proj[5].forward(h, lens, lora)?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        block.proj[6].forward(&act, lens, lora)
+    }
+
+    /// A copy whose weights are `W + Σ c_i B_i A_i` for `mix` (dense f32): the merged path that
+    /// the unmerged paths are tested against.
+    pub fn merged(&self, mix: &AdapterMix) -> Result<Llama> {
+        let mut out = self.clone();
+        for block in out.blocks.iter_mut() {
+            for p in block.proj.iter_mut() {
+                let mut w = p.base.to_dense_f32()?;
+                for (lw, c) in mix.terms(p.id) {
+                    w = (w + (lw.b.matmul(&lw.a)? * c)?)?;
+                }
+                p.base = BaseWeight::Dense(w.to_dtype(self.dtype)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes of base weights on the device.
+    pub fn size_in_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        t(&self.embed)
+            + self.lm_head.size_in_bytes()
+            + self.blocks.iter().map(|b| b.proj.iter().map(|p| p.base.size_in_bytes()).sum::<usize>()).sum::<usize>()
+    }
+
+    /// The projection `id`'s frozen base weight (for training and tests).
+    pub fn base_weight(&self, id: ModuleId) -> &BaseWeight {
+        &self.blocks[id.layer].proj[id.target as usize].base
+    }
+
+    /// A model with random weights (seeded), for invariant tests and benches.
+    pub fn random(cfg: LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        let mut src = super::random::RandomSource::new(cfg.clone(), seed, device.clone());
+        Self::load(cfg, &mut src, WeightFormat::Dense(DType::F32), device)
+    }
+}
+
+/// `(t, total)` additive mask: query `i` (absolute position `total - t + i`) sees keys `≤` it.
+fn causal_mask(t: usize, total: usize, device: &Device) -> Result<Tensor> {
+    let past = total - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, total), device)?)
+}
+
+fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64) as f32)
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((cfg.max_position_embeddings, 1))?;
+    let freqs = pos.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+}

@@ -1,0 +1,48 @@
+//! Resolving `--model` (a `.gguf` file, a Hugging Face folder, or `hf:ORG/NAME`) into the
+//! model and its tokenizer.
+
+use super::gguf;
+use super::hf::{fetch_from_hub, HfSource};
+use super::tokenizer::TextTokenizer;
+use super::{Llama, ModelError, Result, WeightFormat};
+use candle_core::Device;
+use std::path::PathBuf;
+
+/// The default base model, as fetched by `scripts/fetch-model.sh`.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// A loaded base model with its tokenizer and where it came from.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    /// A short id for the API (`model` field): the file stem or repo name.
+    pub id: String,
+    pub path: PathBuf,
+}
+
+pub fn load_model(spec: &str, format: WeightFormat, device: &Device) -> Result<LoadedModel> {
+    let (path, id) = match spec.strip_prefix("hf:") {
+        Some(repo) => (fetch_from_hub(repo)?, repo.rsplit('/').next().unwrap_or(repo).to_string()),
+        None => {
+            let p = PathBuf::from(spec);
+            let id = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| spec.to_string());
+            (p, id)
+        }
+    };
+    if !path.exists() {
+        let hint = if spec == DEFAULT_MODEL { " (run `scripts/fetch-model.sh` first)" } else { "" };
+        return Err(ModelError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("model not found{hint}")),
+        });
+    }
+    if path.is_dir() {
+        let mut src = HfSource::open(&path, device)?;
+        let model = Llama::load(src.cfg.clone(), &mut src, format, device)?;
+        let tokenizer = TextTokenizer::from_dir(&path)?;
+        return Ok(LoadedModel { model, tokenizer, id, path });
+    }
+    let (model, src) = gguf::load(&path, format, device)?;
+    let tokenizer = TextTokenizer::from_gguf(&src.content)?;
+    Ok(LoadedModel { model, tokenizer, id, path })
+}

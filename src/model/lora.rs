@@ -1,0 +1,154 @@
+//! Per-step LoRA state: the deltas `Σ_i c_i · B_i (A_i x)` each row of a batch needs, in two
+//! implementations that must agree — a batched fast path (adapters stacked per sequence once
+//! per batch composition, two batched matmuls per module) and a plain per-row reference path.
+
+use super::{ModuleId, Result};
+use crate::adapters::AdapterMix;
+use candle_core::{DType, Device, Tensor, D};
+
+/// The LoRA work of one forward step, one mix per sequence of the batch.
+#[derive(Debug, Clone)]
+pub enum StepLora {
+    /// No sequence carries an adapter: the base model.
+    None,
+    /// Fast path: stacked per-sequence `Aᵀ`/`Bᵀ` and coefficients for every module.
+    Batched(BatchedLora),
+    /// Reference path: loop over sequences and their mix terms, exactly as PEFT writes it.
+    PerRow(Vec<AdapterMix>),
+}
+
+/// Stacked LoRA operands of one module for `S` sequences, each padded to the largest summed
+/// rank `R` of the batch with zero columns (which contribute exactly zero).
+#[derive(Debug, Clone)]
+struct ModuleLora {
+    /// `(S, in, R)`.
+    a_t: Tensor,
+    /// `(S, R, out)`.
+    b_t: Tensor,
+    /// `(S, 1, R)`: `c_i` repeated over adapter `i`'s rank columns, zero in the padding.
+    coef: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchedLora {
+    modules: Vec<Option<ModuleLora>>,
+}
+
+impl StepLora {
+    /// The fast path for these per-sequence mixes (or `None` when no mix has a term).
+    pub fn batched(mixes: &[&AdapterMix], num_layers: usize, dtype: DType, device: &Device) -> Result<Self> {
+        if mixes.iter().all(|m| m.is_empty()) {
+            return Ok(StepLora::None);
+        }
+        let modules = ModuleId::all(num_layers)
+            .map(|id| ModuleLora::build(id, mixes, dtype, device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StepLora::Batched(BatchedLora { modules }))
+    }
+
+    pub fn per_row(mixes: &[&AdapterMix]) -> Self {
+        if mixes.iter().all(|m| m.is_empty()) {
+            return StepLora::None;
+        }
+        StepLora::PerRow(mixes.iter().map(|m| (*m).clone()).collect())
+    }
+
+    /// The delta for module `id` on `x` (`(n_tokens, in)`, rows grouped by sequence), or `None`
+    /// when no sequence has a term for this module.
+    pub fn delta(&self, id: ModuleId, x: &Tensor, seq_lens: &[usize]) -> Result<Option<Tensor>> {
+        match self {
+            StepLora::None => Ok(None),
+            StepLora::Batched(b) => match b.modules.get(id.index()).and_then(Option::as_ref) {
+                Some(m) => m.delta(x, seq_lens).map(Some),
+                None => Ok(None),
+            },
+            StepLora::PerRow(mixes) => per_row_delta(id, mixes, x, seq_lens),
+        }
+    }
+}
+
+impl ModuleLora {
+    fn build(id: ModuleId, mixes: &[&AdapterMix], dtype: DType, device: &Device) -> Result<Option<Self>> {
+        let terms: Vec<Vec<_>> = mixes.iter().map(|m| m.terms(id).collect()).collect();
+        let rank_of = |ts: &Vec<(&crate::adapters::LoraWeights, f64)>| ts.iter().map(|(w, _)| w.rank).sum::<usize>();
+        let max_rank = terms.iter().map(rank_of).max().unwrap_or(0);
+        let Some((w0, _)) = terms.iter().flatten().next() else {
+            return Ok(None);
+        };
+        let (fan_in, fan_out) = (w0.a_t.dim(0)?, w0.b_t.dim(1)?);
+        let (mut a_rows, mut b_rows, mut coef) = (Vec::new(), Vec::new(), Vec::new());
+        for ts in &terms {
+            let pad = max_rank - rank_of(ts);
+            let mut a_parts: Vec<Tensor> = ts.iter().map(|(w, _)| w.a_t.clone()).collect();
+            let mut b_parts: Vec<Tensor> = ts.iter().map(|(w, _)| w.b_t.clone()).collect();
+            if pad > 0 {
+                a_parts.push(Tensor::zeros((fan_in, pad), DType::F32, device)?);
+                b_parts.push(Tensor::zeros((pad, fan_out), DType::F32, device)?);
+            }
+            a_rows.push(Tensor::cat(&a_parts, 1)?);
+            b_rows.push(Tensor::cat(&b_parts, 0)?);
+            for (w, c) in ts {
+                coef.extend(std::iter::repeat_n(*c as f32, w.rank));
+            }
+            coef.extend(std::iter::repeat_n(0f32, pad));
+        }
+        let s = mixes.len();
+        Ok(Some(Self {
+            a_t: Tensor::stack(&a_rows, 0)?.to_dtype(dtype)?,
+            b_t: Tensor::stack(&b_rows, 0)?.to_dtype(dtype)?,
+            coef: Tensor::from_vec(coef, (s, 1, max_rank), device)?.to_dtype(dtype)?,
+        }))
+    }
+
+    fn delta(&self, x: &Tensor, seq_lens: &[usize]) -> Result<Tensor> {
+        let (n, fan_in) = x.dims2()?;
+        let s = seq_lens.len();
+        let t = seq_lens.first().copied().unwrap_or(0);
+        if seq_lens.iter().all(|&l| l == t) {
+            // Uniform lengths (every decode step): one batched matmul pair for the whole batch.
+            let xs = x.reshape((s, t, fan_in))?;
+            let u = xs.matmul(&self.a_t)?.broadcast_mul(&self.coef)?;
+            let d = u.matmul(&self.b_t)?;
+            let fan_out = d.dim(D::Minus1)?;
+            return Ok(d.reshape((n, fan_out))?);
+        }
+        let mut parts = Vec::with_capacity(s);
+        let mut offset = 0;
+        for (i, &len) in seq_lens.iter().enumerate() {
+            let xs = x.narrow(0, offset, len)?;
+            let u = xs.matmul(&self.a_t.get(i)?)?.broadcast_mul(&self.coef.get(i)?)?;
+            parts.push(u.matmul(&self.b_t.get(i)?)?);
+            offset += len;
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// Reference: for every sequence and every term, `c · (x Aᵀ) Bᵀ`, summed (PEFT's forward).
+fn per_row_delta(id: ModuleId, mixes: &[AdapterMix], x: &Tensor, seq_lens: &[usize]) -> Result<Option<Tensor>> {
+    let Some(fan_out) = mixes.iter().flat_map(|m| m.terms(id)).next().map(|(w, _)| w.b.dim(0)).transpose()? else {
+        return Ok(None);
+    };
+    let dtype = x.dtype();
+    let mut parts = Vec::with_capacity(mixes.len());
+    let mut offset = 0;
+    for (mix, &len) in mixes.iter().zip(seq_lens) {
+        let xs = x.narrow(0, offset, len)?;
+        let mut acc: Option<Tensor> = None;
+        for (w, c) in mix.terms(id) {
+            let a = w.a.to_dtype(dtype)?;
+            let b = w.b.to_dtype(dtype)?;
+            let d = (xs.matmul(&a.t()?)?.matmul(&b.t()?)? * c)?;
+            acc = Some(match acc {
+                Some(prev) => (prev + d)?,
+                None => d,
+            });
+        }
+        parts.push(match acc {
+            Some(d) => d,
+            None => Tensor::zeros((len, fan_out), dtype, x.device())?,
+        });
+        offset += len;
+    }
+    Ok(Some(Tensor::cat(&parts, 0)?))
+}

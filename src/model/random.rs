@@ -1,0 +1,49 @@
+//! A seeded random weight source: the tiny model the invariant tests and benches build in code.
+
+use super::linear::BaseWeight;
+use super::llama::WeightSource;
+use super::{LlamaConfig, ModuleId, Result, WeightFormat};
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+pub struct RandomSource {
+    cfg: LlamaConfig,
+    rng: rand::rngs::StdRng,
+    device: Device,
+}
+
+impl RandomSource {
+    pub fn new(cfg: LlamaConfig, seed: u64, device: Device) -> Self {
+        Self { cfg, rng: rand::rngs::StdRng::seed_from_u64(seed), device }
+    }
+
+    /// Uniform in `±bound`, like a Kaiming-uniform init with `bound = 1/sqrt(fan_in)`.
+    pub fn uniform(&mut self, shape: (usize, usize), bound: f32) -> Result<Tensor> {
+        let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| self.rng.random_range(-bound..bound)).collect();
+        Ok(Tensor::from_vec(data, shape, &self.device)?)
+    }
+}
+
+impl WeightSource for RandomSource {
+    fn embed(&mut self) -> Result<Tensor> {
+        self.uniform((self.cfg.vocab_size, self.cfg.hidden_size), 1.0)
+    }
+
+    fn norm(&mut self, _name: &str) -> Result<Tensor> {
+        let h = self.cfg.hidden_size;
+        Ok((self.uniform((1, h), 0.2)? + 1.0)?.reshape(h)?)
+    }
+
+    fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight> {
+        let (fan_in, fan_out) = self.cfg.proj_dims(id.target);
+        let w = self.uniform((fan_out, fan_in), 1.0 / (fan_in as f32).sqrt())?;
+        Ok(BaseWeight::Dense(w.to_dtype(format.activation_dtype())?))
+    }
+
+    fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight> {
+        Ok(BaseWeight::Dense(self.embed()?.to_dtype(match format {
+            WeightFormat::Dense(dt) => dt,
+            WeightFormat::Quantized(_) => DType::F32,
+        })?))
+    }
+}

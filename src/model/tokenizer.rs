@@ -1,0 +1,203 @@
+//! The model's tokenizer and chat template: from `tokenizer.json` (+ `tokenizer_config.json`)
+//! or rebuilt from GGUF metadata (`tokenizer.ggml.*`: byte-level BPE vocab, merges, special
+//! tokens and the named pre-tokenizer), with the template rendered by minijinja.
+
+use super::{ModelError, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use serde::Serialize;
+use std::path::Path;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+
+/// llama.cpp's GGUF token type for control (special) tokens.
+const TOKEN_TYPE_CONTROL: i32 = 3;
+/// The split regex of the Llama 3 family (`tokenizer.ggml.pre = llama-bpe`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A chat message as templates see it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+pub struct TextTokenizer {
+    pub inner: Tokenizer,
+    pub bos_id: Option<u32>,
+    pub add_bos: bool,
+    /// Generation stops at any of these.
+    pub eos_ids: Vec<u32>,
+    pub chat_template: Option<String>,
+    bos_token: String,
+    eos_token: String,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(e.to_string())
+}
+
+fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
+    c.metadata.get(key).ok_or(ModelError::Missing { key: key.to_string(), what: "GGUF metadata".into() })
+}
+
+fn meta_u32(c: &Content, key: &str) -> Option<u32> {
+    c.metadata.get(key).and_then(|v| v.to_u32().ok())
+}
+
+impl TextTokenizer {
+    /// Rebuilds the Hugging Face tokenizer from GGUF metadata.
+    pub fn from_gguf(c: &Content) -> Result<Self> {
+        let model = meta(c, "tokenizer.ggml.model")?.to_string()?;
+        if model != "gpt2" {
+            return Err(ModelError::Unsupported(format!("GGUF tokenizer model `{model}`; only byte-level BPE (`gpt2`) is supported")));
+        }
+        let tokens: Vec<String> = meta(c, "tokenizer.ggml.tokens")?
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<candle_core::Result<_>>()?;
+        let merges: Vec<(String, String)> = meta(c, "tokenizer.ggml.merges")?
+            .to_vec()?
+            .iter()
+            .map(|v| {
+                let m = v.to_string()?;
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| candle_core::Error::Msg(format!("bad merge `{m}`")))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let types: Vec<i32> = match c.metadata.get("tokenizer.ggml.token_type") {
+            Some(v) => v.to_vec()?.iter().map(|t| t.to_i32()).collect::<candle_core::Result<_>>()?,
+            None => vec![],
+        };
+        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
+        let mut inner = Tokenizer::new(bpe);
+        let pre = c.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str);
+        inner.with_pre_tokenizer(Some(pre_tokenizer(pre.unwrap_or("default"))?));
+        inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+        let specials: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL)
+            .map(|(i, _)| AddedToken::from(tokens[i].clone(), true))
+            .collect();
+        inner.add_special_tokens(specials).map_err(tok_err)?;
+        let bos_id = meta_u32(c, "tokenizer.ggml.bos_token_id");
+        let eos_id = meta_u32(c, "tokenizer.ggml.eos_token_id");
+        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();
+        Ok(Self {
+            bos_token: name(bos_id),
+            eos_token: name(eos_id),
+            bos_id,
+            add_bos: c.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+            eos_ids: eos_id.into_iter().collect(),
+            chat_template: c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
+            inner,
+        })
+    }
+
+    /// Loads `tokenizer.json` and, if present, `tokenizer_config.json` from a model folder.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let inner = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(tok_err)?;
+        let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let token_str = |k: &str| match &cfg[k] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            _ => None,
+        };
+        let bos_token = token_str("bos_token").unwrap_or_default();
+        let eos_token = token_str("eos_token").unwrap_or_default();
+        let chat_template = match &cfg["chat_template"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .find(|i| i["name"] == "default")
+                .and_then(|i| i["template"].as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        Ok(Self {
+            bos_id: inner.token_to_id(&bos_token),
+            add_bos: cfg["add_bos_token"].as_bool().unwrap_or(false),
+            eos_ids: inner.token_to_id(&eos_token).into_iter().collect(),
+            chat_template,
+            bos_token,
+            eos_token,
+            inner,
+        })
+    }
+
+    /// Token ids of raw text: special tokens written in the text are recognised; a BOS is
+    /// prepended only when the model's tokenizer config asks for one.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
+            ids.push(bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(tok_err)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Renders the model's chat template (ending with the assistant header).
+    pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        let Some(template) = &self.chat_template else {
+            return Err(ModelError::Template("the model has no chat template".into()));
+        };
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", template).map_err(|e| ModelError::Template(e.to_string()))?;
+        let tmpl = env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        })
+        .map_err(|e| ModelError::Template(e.to_string()))
+    }
+}
+
+/// The pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`.
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
+    let byte_level = |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
+    Ok(match pre {
+        // SmolLM splits every digit into its own piece before byte-level BPE.
+        "smollm" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            byte_level(true),
+        ])),
+        "llama-bpe" | "llama3" | "llama-v3" => {
+            let split = Split::new(SplitPattern::Regex(LLAMA3_SPLIT.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(tok_err)?;
+            PreTokenizerWrapper::Sequence(Sequence::new(vec![PreTokenizerWrapper::Split(split), byte_level(false)]))
+        }
+        // GPT-2's own regex, which ByteLevel applies itself.
+        _ => byte_level(true),
+    })
+}
