@@ -16,3 +16,4 @@ pub mod adapters;
 pub mod cli;
 pub mod generate;
 pub mod model;
+pub mod runtime;

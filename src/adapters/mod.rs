@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod loader;
+pub mod synth;
 pub mod writer;
 
 pub use config::PeftConfig;
