@@ -112,6 +112,7 @@ fn check_case(index: usize, path: LoraPath) {
         let want = rf.floats(&format!("{p}.topk_logits"));
         let ours = ours.to_vec2::<f32>().unwrap();
         let d_all = ids.iter().zip(&want).enumerate().map(|(i, (&id, &w))| (ours[i / 20][id as usize] - w).abs()).fold(0f32, f32::max);
+        println!("case {} prompt {p}: max |Δlogit| last {d_last:.2e}, all positions {d_all:.2e}", case["id"]);
         assert!(d_last <= LOGIT_TOL && d_all <= LOGIT_TOL, "case {} prompt {p}: last {d_last}, all positions {d_all}", case["id"]);
     }
     let got = greedy(&m, &prompts, &mix, path, 24);
