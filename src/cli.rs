@@ -1,9 +1,10 @@
 //! Command-line arguments (clap) and the commands behind them.
 
 use crate::adapters::{load_adapter, AdapterMix, MixEntry};
-use crate::generate::{generate, GenRequest, LoraPath};
+use crate::engine::{LoraPath, Request};
+use crate::generate::generate;
 use crate::model::load::{load_model, DEFAULT_MODEL};
-use crate::model::sampling::SamplingParams;
+use crate::model::sampling::{Penalties, SamplingParams};
 use crate::model::tokenizer::ChatMessage;
 use crate::model::{parse_device, WeightFormat};
 use anyhow::{bail, Context};
@@ -20,8 +21,19 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the OpenAI-style HTTP API with hot-loaded adapters.
+    Serve(ServeArgs),
     /// Generate a completion for one prompt (prints text, or one JSON object with --json).
     Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (every option below is also a key there). [default: config/loraplex.toml if present]
+    #[arg(long, env = "LORAPLEX_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub options: crate::config::ServeOptions,
 }
 
 /// Where the base model comes from and how it is stored.
@@ -86,6 +98,7 @@ pub struct GenerateArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => run_generate(args),
+        Command::Serve(args) => run_serve(args),
     }
 }
 
@@ -134,13 +147,14 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     if prompt_ids.is_empty() {
         bail!("the prompt is empty");
     }
-    let req = GenRequest {
+    let req = Request {
         prompt_ids: prompt_ids.clone(),
         mix: AdapterMix::new(entries),
         max_tokens: args.max_tokens.max(1),
         sampling: SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed },
+        penalties: Penalties::default(),
         stop: args.stop.clone(),
-        top_logprobs: args.logprobs,
+        logprobs: Some(args.logprobs),
         stop_at_eos: !args.ignore_eos,
     };
     let path = if args.reference_lora { LoraPath::PerRow } else { LoraPath::Batched };
@@ -163,4 +177,15 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         println!("{}", out.text);
     }
     Ok(())
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let default_file = PathBuf::from("config/loraplex.toml");
+    let file = match &args.config {
+        Some(p) => crate::config::ServeOptions::from_toml_file(p)?,
+        None if default_file.exists() => crate::config::ServeOptions::from_toml_file(&default_file)?,
+        None => crate::config::ServeOptions::default(),
+    };
+    let cfg = crate::config::ServeConfig::try_from(args.options.over(file))?;
+    crate::serve::run(cfg)
 }

@@ -13,7 +13,11 @@
 #![deny(unsafe_code)]
 
 pub mod adapters;
+pub mod api;
 pub mod cli;
+pub mod config;
+pub mod engine;
 pub mod generate;
 pub mod model;
 pub mod runtime;
+pub mod serve;

@@ -8,9 +8,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use loraplex::adapters::{load_adapter, AdapterMix, MixEntry};
-use loraplex::generate::{generate, GenRequest, LoraPath};
+use loraplex::engine::{LoraPath, Request};
+use loraplex::generate::generate;
 use loraplex::model::load::{load_model, LoadedModel};
-use loraplex::model::sampling::SamplingParams;
 use loraplex::model::tokenizer::ChatMessage;
 use loraplex::model::{BatchInput, Llama, SeqCache, StepLora, WeightFormat};
 use safetensors::SafeTensors;
@@ -80,17 +80,9 @@ fn prefill_logits(model: &Llama, prompts: &[Vec<u32>], mix: &AdapterMix, path: L
 }
 
 fn greedy(m: &LoadedModel, prompts: &[Vec<u32>], mix: &AdapterMix, path: LoraPath, n: usize) -> Vec<Vec<u32>> {
-    let reqs: Vec<GenRequest> = prompts
+    let reqs: Vec<Request> = prompts
         .iter()
-        .map(|p| GenRequest {
-            prompt_ids: p.clone(),
-            mix: mix.clone(),
-            max_tokens: n,
-            sampling: SamplingParams::default(),
-            stop: vec![],
-            top_logprobs: 0,
-            stop_at_eos: false,
-        })
+        .map(|p| Request { stop_at_eos: false, ..Request::greedy(p.clone(), mix.clone(), n) })
         .collect();
     generate(&m.model, &m.tokenizer, &reqs, path).unwrap().into_iter().map(|o| o.ids).collect()
 }
@@ -187,15 +179,7 @@ fn every_case_in_one_mixed_batch_matches_peft() {
         let rf = RefFile::open(case["file"].as_str().unwrap());
         let mix = mix_for(case, &m);
         for p in ["short", "chat", "multilingual", "single"] {
-            reqs.push(GenRequest {
-                prompt_ids: rf.ints(&format!("{p}.input_ids")),
-                mix: mix.clone(),
-                max_tokens: 24,
-                sampling: SamplingParams::default(),
-                stop: vec![],
-                top_logprobs: 0,
-                stop_at_eos: false,
-            });
+            reqs.push(Request { stop_at_eos: false, ..Request::greedy(rf.ints(&format!("{p}.input_ids")), mix.clone(), 24) });
             want.push((case["id"].as_str().unwrap().to_string(), p, rf.ints(&format!("{p}.greedy_ids"))));
         }
     }

@@ -56,7 +56,7 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
             "tensors not described by the config (or not supported, e.g. embedding/lm_head LoRA): {extra:?}"
         )));
     }
-    Ok(LoraAdapter { name: name.to_string(), path: dir.to_path_buf(), config, modules, size_bytes })
+    Ok(LoraAdapter { name: name.to_string(), path: dir.to_path_buf(), config, modules, size_bytes, version: 0 })
 }
 
 /// Reads one tensor, checks name, shape, dtype and finiteness, and returns it as f32.

@@ -6,6 +6,8 @@
 
 pub mod config;
 pub mod loader;
+pub mod registry;
+pub mod watcher;
 pub mod synth;
 pub mod writer;
 
@@ -71,6 +73,8 @@ pub struct LoraAdapter {
     pub modules: Vec<Option<LoraWeights>>,
     /// Bytes of A and B on the device.
     pub size_bytes: usize,
+    /// Set by the registry: bumped each time the folder changes (0 outside a registry).
+    pub version: u64,
 }
 
 impl LoraAdapter {

@@ -21,5 +21,5 @@ pub fn random_adapter(name: &str, cfg: &LlamaConfig, r: usize, targets: &[&str],
         size_bytes += (a.elem_count() + b.elem_count()) * 4;
         modules[id.index()] = Some(LoraWeights::new(a, b, config.lora_alpha, false)?);
     }
-    Ok(LoraAdapter { name: name.to_string(), path: Default::default(), config, modules, size_bytes })
+    Ok(LoraAdapter { name: name.to_string(), path: Default::default(), config, modules, size_bytes, version: 0 })
 }

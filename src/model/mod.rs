@@ -51,6 +51,8 @@ pub enum ModelError {
     Device(String),
     #[error("invalid dtype `{0}`: expected auto, f32, bf16, f16, quantized, q8_0 or q4_0")]
     DType(String),
+    #[error("generation failed: {0}")]
+    Generation(String),
     #[error("model download failed: {0}")]
     Download(String),
 }

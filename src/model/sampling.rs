@@ -50,6 +50,34 @@ impl Sampler {
     }
 }
 
+/// OpenAI's presence and frequency penalties over the tokens generated so far:
+/// `logit[j] -= count[j] · frequency + (count[j] > 0) · presence`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Penalties {
+    pub presence: f32,
+    pub frequency: f32,
+}
+
+impl Penalties {
+    /// The logits row with penalties applied (the same tensor when both are zero).
+    pub fn apply(&self, logits: &Tensor, generated: &[u32]) -> Result<Tensor> {
+        if (self.presence == 0.0 && self.frequency == 0.0) || generated.is_empty() {
+            return Ok(logits.clone());
+        }
+        let mut v = logits.to_vec1::<f32>()?;
+        let mut counts = std::collections::HashMap::<u32, f32>::new();
+        for &t in generated {
+            *counts.entry(t).or_default() += 1.0;
+        }
+        for (t, c) in counts {
+            if let Some(x) = v.get_mut(t as usize) {
+                *x -= c * self.frequency + self.presence;
+            }
+        }
+        Ok(Tensor::from_vec(v, logits.shape(), logits.device())?)
+    }
+}
+
 /// Log-probability of `chosen` and the `k` most likely tokens (descending) under the model's
 /// raw distribution (before temperature), from one row of logits.
 pub fn logprobs(logits: &Tensor, chosen: u32, k: usize) -> Result<(f32, Vec<(u32, f32)>)> {

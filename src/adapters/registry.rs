@@ -1,0 +1,391 @@
+//! The adapter registry: name → adapter state for every folder in the adapters root. Adapters
+//! are discovered eagerly (every scan) and loaded lazily (on first use), kept within a byte
+//! budget by evicting the least recently used adapter that no request holds, and reloaded
+//! transparently when asked for again.
+//!
+//! Invariant: a loaded adapter is an `Arc`; a reload or eviction drops only the registry's
+//! reference, so a running request keeps the version it started with.
+
+use super::{load_adapter, LoraAdapter};
+use crate::model::LlamaConfig;
+use candle_core::Device;
+use dashmap::DashMap;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+/// Longest adapter name accepted.
+pub const MAX_NAME_LEN: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("adapter `{0}` does not exist")]
+    NotFound(String),
+    #[error("invalid adapter name `{0}`: use 1-128 letters, digits, `.`, `_` or `-`, not starting with `.`")]
+    InvalidName(String),
+    #[error("adapter `{name}` failed to load: {error}")]
+    LoadFailed { name: String, error: String },
+    #[error("adapter `{name}` ({size} bytes) does not fit the adapter memory budget of {budget} bytes")]
+    TooLarge { name: String, size: usize, budget: usize },
+    #[error("the adapter memory budget ({budget} bytes) is held by running requests; retry later")]
+    BudgetExhausted { budget: usize },
+    #[error("path `{0}` is not a folder inside the adapters root")]
+    OutsideRoot(String),
+}
+
+/// Where an adapter stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterState {
+    /// Known and valid-looking on disk, not in memory.
+    Available,
+    Loaded,
+    Failed,
+}
+
+/// What `/v1/adapters` shows of one adapter.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub version: u64,
+    pub state: AdapterState,
+    pub path: String,
+    pub rank: Option<usize>,
+    pub alpha: Option<f64>,
+    pub targets: Vec<String>,
+    pub size_bytes: Option<usize>,
+    pub error: Option<String>,
+}
+
+/// Files' sizes and modification times: a change means a new version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint(Vec<(u64, Option<SystemTime>)>);
+
+fn fingerprint(dir: &Path) -> Option<Fingerprint> {
+    let files = [super::loader::CONFIG_FILE, super::loader::WEIGHTS_FILE];
+    let parts: Vec<_> = files
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).ok().map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None)))
+        .collect();
+    // A folder without a config is not an adapter (yet).
+    (parts[0].1.is_some()).then_some(Fingerprint(parts))
+}
+
+#[derive(Debug)]
+struct Entry {
+    dir: PathBuf,
+    fingerprint: Option<Fingerprint>,
+    version: u64,
+    loaded: Option<Arc<LoraAdapter>>,
+    error: Option<String>,
+    /// Logical clock of the last use (LRU).
+    last_used: u64,
+    /// Bytes when last loaded (kept after eviction for reporting).
+    size_bytes: Option<usize>,
+    rank: Option<usize>,
+    alpha: Option<f64>,
+    targets: Vec<String>,
+}
+
+/// Counters of adapter lifecycle events (read by metrics).
+#[derive(Debug, Default)]
+pub struct RegistryStats {
+    pub loads_ok: AtomicU64,
+    pub loads_failed: AtomicU64,
+    pub evictions: AtomicU64,
+    pub reloads: AtomicU64,
+}
+
+pub struct Registry {
+    root: PathBuf,
+    entries: DashMap<String, Entry>,
+    cfg: LlamaConfig,
+    device: Device,
+    budget_bytes: usize,
+    clock: AtomicU64,
+    /// Serialises loads so that budget accounting sees one load at a time.
+    load_lock: Mutex<()>,
+    pub stats: RegistryStats,
+}
+
+/// A plain folder name: no separators, no `..`, no NUL, not hidden.
+pub fn validate_name(name: &str) -> Result<(), RegistryError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::InvalidName(name.escape_debug().to_string()))
+    }
+}
+
+impl Registry {
+    /// A registry over `root` (created if missing) for a base model of shape `cfg`.
+    pub fn new(root: &Path, cfg: LlamaConfig, device: Device, budget_bytes: usize) -> std::io::Result<Self> {
+        std::fs::create_dir_all(root)?;
+        let root = root.canonicalize()?;
+        let reg = Self {
+            root,
+            entries: DashMap::new(),
+            cfg,
+            device,
+            budget_bytes,
+            clock: AtomicU64::new(1),
+            load_lock: Mutex::new(()),
+            stats: RegistryStats::default(),
+        };
+        reg.rescan();
+        Ok(reg)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn budget_bytes(&self) -> usize {
+        self.budget_bytes
+    }
+
+    /// `dir` resolved (symlinks followed) and checked to lie inside the root.
+    fn inside_root(&self, dir: &Path) -> Option<PathBuf> {
+        let real = dir.canonicalize().ok()?;
+        (real.starts_with(&self.root) && real != self.root && real.is_dir()).then_some(real)
+    }
+
+    /// Syncs the registry with the folders under the root: new folders appear, changed ones get
+    /// a new version (their loaded copy is dropped; running requests keep theirs), removed ones
+    /// disappear. Returns the names whose state changed.
+    pub fn rescan(&self) -> Vec<String> {
+        let mut changed = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        if let Ok(rd) = std::fs::read_dir(&self.root) {
+            for e in rd.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if validate_name(&name).is_err() {
+                    continue;
+                }
+                let path = self.root.join(&name);
+                let Some(dir) = self.inside_root(&path) else { continue };
+                let Some(fp) = fingerprint(&dir) else { continue };
+                seen.insert(name.clone());
+                if self.observe(&name, dir, fp) {
+                    changed.push(name);
+                }
+            }
+        }
+        let gone: Vec<String> = self.entries.iter().filter(|e| !seen.contains(e.key())).map(|e| e.key().clone()).collect();
+        for name in gone {
+            // Only folder-backed entries under the root are removed when their folder goes.
+            if self.entries.get(&name).is_some_and(|e| fingerprint(&e.dir).is_none()) {
+                self.entries.remove(&name);
+                changed.push(name);
+            }
+        }
+        changed
+    }
+
+    /// Records the current fingerprint of `name`; true if it is new or changed.
+    fn observe(&self, name: &str, dir: PathBuf, fp: Fingerprint) -> bool {
+        match self.entries.get_mut(name) {
+            Some(e) if e.fingerprint.as_ref() == Some(&fp) && e.dir == dir => false,
+            Some(mut e) => {
+                e.fingerprint = Some(fp);
+                e.dir = dir;
+                e.version += 1;
+                e.error = None;
+                if e.loaded.take().is_some() {
+                    self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+                }
+                true
+            }
+            None => {
+                self.entries.insert(name.to_string(), Entry {
+                    dir,
+                    fingerprint: Some(fp),
+                    version: 1,
+                    loaded: None,
+                    error: None,
+                    last_used: 0,
+                    size_bytes: None,
+                    rank: None,
+                    alpha: None,
+                    targets: Vec::new(),
+                });
+                true
+            }
+        }
+    }
+
+    /// The adapter `name`, loading it if needed. Blocking (disk IO): call off the async runtime.
+    pub fn acquire(&self, name: &str) -> Result<Arc<LoraAdapter>, RegistryError> {
+        validate_name(name)?;
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        if let Some(mut e) = self.entries.get_mut(name) {
+            if let Some(a) = e.loaded.clone() {
+                e.last_used = now;
+                return Ok(a);
+            }
+        }
+        // Not loaded: make sure we know the folder's current state (it may be brand new).
+        let path = self.root.join(name);
+        match (self.inside_root(&path), self.inside_root(&path).as_deref().and_then(fingerprint)) {
+            (Some(dir), Some(fp)) => {
+                self.observe(name, dir, fp);
+            }
+            _ => {
+                self.entries.remove(name);
+                return Err(RegistryError::NotFound(name.to_string()));
+            }
+        }
+        // A broken folder is retried only once its files change (observe clears the error).
+        if let Some(error) = self.entries.get(name).and_then(|e| e.error.clone()) {
+            return Err(RegistryError::LoadFailed { name: name.to_string(), error });
+        }
+        self.load(name, now)
+    }
+
+    fn load(&self, name: &str, now: u64) -> Result<Arc<LoraAdapter>, RegistryError> {
+        let _guard = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (dir, version) = match self.entries.get(name) {
+            Some(e) if e.loaded.is_some() => return e.loaded.clone().ok_or_else(|| RegistryError::NotFound(name.into())),
+            Some(e) => (e.dir.clone(), e.version),
+            None => return Err(RegistryError::NotFound(name.to_string())),
+        };
+        let started = Instant::now();
+        let result = load_adapter(&dir, name, &self.cfg, &self.device);
+        let Some(mut e) = self.entries.get_mut(name) else {
+            return Err(RegistryError::NotFound(name.to_string()));
+        };
+        match result {
+            Err(err) => {
+                self.stats.loads_failed.fetch_add(1, Ordering::Relaxed);
+                let error = err.to_string();
+                tracing::warn!(adapter = name, %error, "adapter failed to load");
+                e.error = Some(error.clone());
+                Err(RegistryError::LoadFailed { name: name.to_string(), error })
+            }
+            Ok(mut adapter) => {
+                let size = adapter.size_bytes;
+                if size > self.budget_bytes {
+                    return Err(RegistryError::TooLarge { name: name.to_string(), size, budget: self.budget_bytes });
+                }
+                drop(e);
+                self.make_room(size, name)?;
+                adapter.version = version;
+                let adapter = Arc::new(adapter);
+                let Some(mut e) = self.entries.get_mut(name) else {
+                    return Err(RegistryError::NotFound(name.to_string()));
+                };
+                e.rank = Some(adapter.config.r);
+                e.alpha = Some(adapter.config.lora_alpha);
+                e.targets = adapter.target_names().into_iter().map(str::to_string).collect();
+                e.size_bytes = Some(size);
+                e.error = None;
+                e.last_used = now;
+                e.loaded = Some(adapter.clone());
+                self.stats.loads_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(adapter = name, version, size, ms = started.elapsed().as_millis() as u64, "adapter loaded");
+                Ok(adapter)
+            }
+        }
+    }
+
+    /// Bytes of loaded adapters.
+    pub fn resident_bytes(&self) -> usize {
+        self.entries.iter().filter_map(|e| e.loaded.as_ref().map(|a| a.size_bytes)).sum()
+    }
+
+    /// Evicts least recently used, unheld adapters until `incoming` more bytes fit.
+    fn make_room(&self, incoming: usize, except: &str) -> Result<(), RegistryError> {
+        while self.resident_bytes() + incoming > self.budget_bytes {
+            let victim = self
+                .entries
+                .iter()
+                .filter(|e| e.key() != except)
+                .filter(|e| e.loaded.as_ref().is_some_and(|a| Arc::strong_count(a) == 1))
+                .min_by_key(|e| e.last_used)
+                .map(|e| e.key().clone());
+            let Some(victim) = victim else {
+                return Err(RegistryError::BudgetExhausted { budget: self.budget_bytes });
+            };
+            if let Some(mut e) = self.entries.get_mut(&victim) {
+                e.loaded = None;
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(adapter = victim, "adapter evicted (LRU)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads (or reloads, as a new version) `name` from `rel_path` inside the root.
+    pub fn register(&self, name: &str, rel_path: &str) -> Result<Arc<LoraAdapter>, RegistryError> {
+        validate_name(name)?;
+        let rel = Path::new(rel_path);
+        if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            return Err(RegistryError::OutsideRoot(rel_path.escape_debug().to_string()));
+        }
+        let dir = self.inside_root(&self.root.join(rel)).ok_or_else(|| RegistryError::OutsideRoot(rel_path.escape_debug().to_string()))?;
+        let fp = fingerprint(&dir).ok_or_else(|| RegistryError::LoadFailed { name: name.into(), error: "no adapter_config.json in the folder".into() })?;
+        if !self.observe(name, dir, fp) {
+            // Same files: an explicit reload still makes a new version.
+            if let Some(mut e) = self.entries.get_mut(name) {
+                e.version += 1;
+                if e.loaded.take().is_some() {
+                    self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        self.load(name, now)
+    }
+
+    /// Drops the loaded copy of `name` (its files stay; it loads again on next use).
+    pub fn unload(&self, name: &str) -> Result<AdapterInfo, RegistryError> {
+        validate_name(name)?;
+        match self.entries.get_mut(name) {
+            Some(mut e) => {
+                e.loaded = None;
+                drop(e);
+                self.info(name).ok_or_else(|| RegistryError::NotFound(name.to_string()))
+            }
+            None => Err(RegistryError::NotFound(name.to_string())),
+        }
+    }
+
+    pub fn info(&self, name: &str) -> Option<AdapterInfo> {
+        self.entries.get(name).map(|e| to_info(e.key(), &e))
+    }
+
+    /// Every known adapter, sorted by name.
+    pub fn list(&self) -> Vec<AdapterInfo> {
+        let mut v: Vec<AdapterInfo> = self.entries.iter().map(|e| to_info(e.key(), &e)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}
+
+fn to_info(name: &str, e: &Entry) -> AdapterInfo {
+    let state = if e.loaded.is_some() {
+        AdapterState::Loaded
+    } else if e.error.is_some() {
+        AdapterState::Failed
+    } else {
+        AdapterState::Available
+    };
+    AdapterInfo {
+        name: name.to_string(),
+        version: e.version,
+        state,
+        path: e.dir.display().to_string(),
+        rank: e.rank,
+        alpha: e.alpha,
+        targets: e.targets.clone(),
+        size_bytes: e.size_bytes,
+        error: e.error.clone(),
+    }
+}
+

@@ -1,0 +1,135 @@
+//! The one error type of the HTTP edge, rendered in OpenAI's shape:
+//! `{"error": {"message", "type", "param", "code"}}`. Typed errors of the core convert here.
+
+use crate::adapters::registry::RegistryError;
+use crate::engine::EngineError;
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status.as_u16(), self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).json(self.body())
+    }
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), kind, param: None, code: None }
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    /// The JSON body, also used as the final SSE event of a failed stream.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::to_value(Body {
+            error: Inner { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
+        })
+        .unwrap_or_default()
+    }
+
+    /// 400: the body is not a valid request (JSON, types, missing or unknown fields).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    /// 422: a well-formed request with values we refuse (ranges, limits, lengths).
+    pub fn invalid_value(param: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", message).with_param(param)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message).with_code("invalid_api_key")
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", message).with_code("admin_key_required")
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message).with_code("request_too_large")
+    }
+
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).with_code("server_overloaded")
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
+    }
+
+    /// 500: the detail goes to the log, the client gets a generic message.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(%detail, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal server error")
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::QueueFull { .. } => ApiError::overloaded(e.to_string()),
+            EngineError::ShuttingDown => ApiError::unavailable(e.to_string()).with_code("shutting_down"),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let msg = e.to_string();
+        match e {
+            RegistryError::NotFound(_) => ApiError::not_found(msg).with_param("adapters").with_code("adapter_not_found"),
+            RegistryError::InvalidName(_) | RegistryError::OutsideRoot(_) => {
+                ApiError::invalid_value("adapters", msg).with_code("invalid_adapter_name")
+            }
+            RegistryError::LoadFailed { .. } => ApiError::invalid_value("adapters", msg).with_code("adapter_load_failed"),
+            RegistryError::TooLarge { .. } => ApiError::invalid_value("adapters", msg).with_code("adapter_too_large"),
+            RegistryError::BudgetExhausted { .. } => ApiError::unavailable(msg).with_code("adapter_budget_exhausted"),
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Thin handlers: authorize → read and parse the body → validate → resolve adapters → submit
+//! to the engine → JSON or SSE. Admin routes: models, adapters, health, readiness.
+
+use super::error::ApiError;
+use super::openai::*;
+use super::stream::{collect, sse_response, ChoiceResult, Endpoint, ResponseMeta};
+use super::validate::{self, max_tokens_for, Draft, ModelView};
+use super::{authorize, AppState, Backend, Scope};
+use crate::adapters::{AdapterMix, MixEntry};
+use crate::engine::TokenEvent;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+type Data = web::Data<AppState>;
+
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Reads the body, refusing more than `limit` bytes (413) before buffering them.
+async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+    let too_large = || ApiError::too_large(format!("the request body exceeds the limit of {limit} bytes"));
+    let declared = req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// Looks up (and loads, off the async workers) every adapter of the request.
+async fn resolve_mix(b: &Backend, refs: &[(String, f64)]) -> Result<(AdapterMix, Vec<AppliedAdapter>), ApiError> {
+    let mut entries = Vec::with_capacity(refs.len());
+    let mut applied = Vec::with_capacity(refs.len());
+    for (name, scale) in refs {
+        let registry = b.registry.clone();
+        let n = name.clone();
+        let adapter = web::block(move || registry.acquire(&n)).await.map_err(ApiError::internal)??;
+        applied.push(AppliedAdapter { name: name.clone(), version: adapter.version, scale: *scale });
+        entries.push(MixEntry { adapter, scale: *scale });
+    }
+    Ok((AdapterMix::new(entries), applied))
+}
+
+/// Submits every (prompt × n) sequence; on refusal the already-submitted ones are cancelled
+/// (their receivers are dropped with the error return).
+fn submit_all(b: &Backend, d: &Draft, mix: &AdapterMix, mv: &ModelView<'_>) -> Result<Vec<UnboundedReceiver<TokenEvent>>, ApiError> {
+    let mut rxs = Vec::with_capacity(d.prompts.len() * d.n);
+    for ids in &d.prompts {
+        for k in 0..d.n {
+            let mut r = d.template.clone();
+            r.prompt_ids = ids.clone();
+            r.mix = mix.clone();
+            r.max_tokens = max_tokens_for(d, ids.len(), mv);
+            r.sampling.seed = r.sampling.seed.wrapping_add(k as u64);
+            rxs.push(b.engine.submit(r)?);
+        }
+    }
+    Ok(rxs)
+}
+
+fn view<'a>(b: &'a Backend, state: &'a AppState) -> ModelView<'a> {
+    ModelView { id: &b.model_id, context_len: b.context_len, tokenizer: &b.tokenizer, limits: &state.limits }
+}
+
+pub async fn completions(req: HttpRequest, state: Data, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Scope::Inference)?;
+    let body = read_body(&req, payload, state.limits.max_body_bytes).await?;
+    let wire: CompletionRequest = parse(&body)?;
+    let b = state.backend()?;
+    let mv = view(b, &state);
+    let draft = validate::completion(&wire, &mv)?;
+    let (mix, applied) = resolve_mix(b, &draft.adapters).await?;
+    let rxs = submit_all(b, &draft, &mix, &mv)?;
+    let mut meta = ResponseMeta::new(Endpoint::Completion, wire.common.model.clone().unwrap_or_else(|| b.model_id.clone()), applied);
+    meta.logprobs = draft.template.logprobs.is_some();
+    if draft.stream {
+        return Ok(sse_response(rxs, meta, b.tokenizer.clone(), draft.include_usage, draft.n));
+    }
+    let results = collect(rxs).await?;
+    let mut usage = UsageOut { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 };
+    let choices: Vec<CompletionChoice> = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| {
+            let prompt_index = index / draft.n;
+            if index % draft.n == 0 {
+                usage.prompt_tokens += r.usage.prompt_tokens;
+            }
+            usage.completion_tokens += r.usage.completion_tokens;
+            let prefix = if draft.echo { draft.prompt_texts[prompt_index].as_str() } else { "" };
+            CompletionChoice {
+                index,
+                text: format!("{prefix}{}", r.text),
+                logprobs: draft.template.logprobs.map(|_| r.completion_logprobs(&b.tokenizer)),
+                finish_reason: Some(r.finish_str()),
+            }
+        })
+        .collect();
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    Ok(HttpResponse::Ok().json(meta.envelope("text_completion", choices, Some(usage))))
+}
+
+pub async fn chat_completions(req: HttpRequest, state: Data, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Scope::Inference)?;
+    let body = read_body(&req, payload, state.limits.max_body_bytes).await?;
+    let wire: ChatRequest = parse(&body)?;
+    let b = state.backend()?;
+    let mv = view(b, &state);
+    let draft = validate::chat(&wire, &mv)?;
+    let (mix, applied) = resolve_mix(b, &draft.adapters).await?;
+    let rxs = submit_all(b, &draft, &mix, &mv)?;
+    let mut meta = ResponseMeta::new(Endpoint::Chat, wire.common.model.clone().unwrap_or_else(|| b.model_id.clone()), applied);
+    meta.logprobs = draft.template.logprobs.is_some();
+    if draft.stream {
+        return Ok(sse_response(rxs, meta, b.tokenizer.clone(), draft.include_usage, draft.n));
+    }
+    let results: Vec<ChoiceResult> = collect(rxs).await?;
+    let prompt_tokens = results.first().map_or(0, |r| r.usage.prompt_tokens);
+    let completion_tokens: usize = results.iter().map(|r| r.usage.completion_tokens).sum();
+    let choices: Vec<ChatChoice> = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| ChatChoice {
+            index,
+            logprobs: draft.template.logprobs.map(|_| r.chat_logprobs(&b.tokenizer)),
+            finish_reason: Some(r.finish_str()),
+            message: ChatMessageOut { role: "assistant", content: r.text },
+        })
+        .collect();
+    let usage = UsageOut { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
+    Ok(HttpResponse::Ok().json(meta.envelope("chat.completion", choices, Some(usage))))
+}
+
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+pub async fn ready(state: Data) -> Result<HttpResponse, ApiError> {
+    let b = state.backend()?;
+    if b.engine.stats().draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ApiError::unavailable("the server is shutting down").with_code("shutting_down"));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready", "model": b.model_id})))
+}
+
+pub async fn models(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Scope::Inference)?;
+    let b = state.backend()?;
+    let mut data = vec![serde_json::json!({"id": b.model_id, "object": "model", "created": 0, "owned_by": "loraplex"})];
+    for a in b.registry.list() {
+        data.push(serde_json::json!({
+            "id": a.name, "object": "model", "created": 0, "owned_by": "loraplex", "parent": b.model_id,
+            "loraplex": a,
+        }));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})))
+}
+
+pub async fn list_adapters(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Scope::Inference)?;
+    let b = state.backend()?;
+    let reg = &b.registry;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "object": "list", "data": reg.list(),
+        "resident_bytes": reg.resident_bytes(), "budget_bytes": reg.budget_bytes(),
+    })))
+}
+
+pub async fn get_adapter(req: HttpRequest, state: Data, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Scope::Inference)?;
+    let b = state.backend()?;
+    match b.registry.info(&name) {
+        Some(info) => Ok(HttpResponse::Ok().json(info)),
+        None => Err(crate::adapters::registry::RegistryError::NotFound(name.into_inner()).into()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadBody {
+    name: String,
+    /// Folder inside the adapters root; defaults to `name`.
+    path: Option<String>,
+}
+
+pub async fn load_adapter(req: HttpRequest, state: Data, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Scope::Admin)?;
+    let body = read_body(&req, payload, state.limits.max_body_bytes).await?;
+    let wire: LoadBody = parse(&body)?;
+    let b = state.backend()?;
+    let registry = b.registry.clone();
+    let path = wire.path.clone().unwrap_or_else(|| wire.name.clone());
+    let name = wire.name.clone();
+    web::block(move || registry.register(&name, &path)).await.map_err(ApiError::internal)??;
+    let info = b.registry.info(&wire.name).ok_or_else(|| ApiError::internal("adapter vanished after loading"))?;
+    Ok(HttpResponse::Ok().json(info))
+}
+
+pub async fn unload_adapter(req: HttpRequest, state: Data, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Scope::Admin)?;
+    let b = state.backend()?;
+    Ok(HttpResponse::Ok().json(b.registry.unload(&name)?))
+}
+
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found(format!("no route for {} {}", req.method(), req.path())).with_code("unknown_route"))
+}

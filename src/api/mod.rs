@@ -1,0 +1,90 @@
+//! The HTTP edge (actix-web): OpenAI-style routes, auth, and the shared application state.
+//! `configure` is used by `serve` and by the tests' in-process service alike.
+
+pub mod error;
+pub mod handlers;
+pub mod openai;
+pub mod stream;
+pub mod validate;
+
+use crate::adapters::registry::Registry;
+use crate::config::Limits;
+use crate::engine::Engine;
+use crate::model::tokenizer::TextTokenizer;
+use actix_web::web;
+use error::ApiError;
+use std::sync::{Arc, OnceLock};
+use subtle::ConstantTimeEq;
+
+/// Everything that exists once the model is loaded.
+pub struct Backend {
+    pub engine: Engine,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub registry: Arc<Registry>,
+    pub model_id: String,
+    pub context_len: usize,
+}
+
+/// Shared by all HTTP workers. `backend` is empty until the model has loaded (`/ready` 503).
+pub struct AppState {
+    pub backend: Arc<OnceLock<Backend>>,
+    pub limits: Limits,
+    pub api_key: Option<String>,
+    pub admin_key: Option<String>,
+}
+
+impl AppState {
+    pub fn backend(&self) -> Result<&Backend, ApiError> {
+        self.backend.get().ok_or_else(|| ApiError::unavailable("the model is still loading").with_code("not_ready"))
+    }
+}
+
+/// Registers every route on `cfg`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health", web::get().to(handlers::health))
+        .route("/ready", web::get().to(handlers::ready))
+        .route("/v1/models", web::get().to(handlers::models))
+        .route("/v1/completions", web::post().to(handlers::completions))
+        .route("/v1/chat/completions", web::post().to(handlers::chat_completions))
+        .route("/v1/adapters", web::get().to(handlers::list_adapters))
+        .route("/v1/adapters", web::post().to(handlers::load_adapter))
+        .route("/v1/adapters/{name}", web::get().to(handlers::get_adapter))
+        .route("/v1/adapters/{name}", web::delete().to(handlers::unload_adapter))
+        .default_service(web::to(handlers::not_found));
+}
+
+/// Who may call an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Inference,
+    Admin,
+}
+
+fn key_matches(presented: &str, key: &Option<String>) -> bool {
+    key.as_ref().is_some_and(|k| bool::from(presented.as_bytes().ct_eq(k.as_bytes())))
+}
+
+/// Checks the bearer token for `scope`; keys are compared in constant time and never logged.
+pub fn authorize(req: &actix_web::HttpRequest, state: &AppState, scope: Scope) -> Result<(), ApiError> {
+    let presented = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let is_admin = presented.is_some_and(|p| key_matches(p, &state.admin_key));
+    let is_user = presented.is_some_and(|p| key_matches(p, &state.api_key));
+    match scope {
+        Scope::Admin if state.admin_key.is_some() => {
+            if is_admin {
+                Ok(())
+            } else if is_user {
+                Err(ApiError::forbidden("this endpoint needs the admin key"))
+            } else {
+                Err(ApiError::unauthorized("missing or invalid admin key"))
+            }
+        }
+        _ if state.api_key.is_none() || is_user || is_admin => Ok(()),
+        _ => Err(ApiError::unauthorized("missing or invalid API key (send `Authorization: Bearer <key>`)")),
+    }
+}

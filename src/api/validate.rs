@@ -1,0 +1,246 @@
+//! Wire requests → typed engine requests, checked once. Everything a client can get wrong is
+//! answered here with a 400 (not a request) or 422 (a value we refuse), naming the `param`.
+
+use super::error::ApiError;
+use super::openai::{AdapterRef, ChatRequest, CommonParams, CompletionRequest, MessageContent, StringOrList};
+use crate::config::Limits;
+use crate::engine::Request;
+use crate::model::sampling::{Penalties, SamplingParams};
+use crate::model::tokenizer::ChatMessage;
+use serde_json::{Map, Value};
+
+/// Fields that clients send and that change nothing here.
+const IGNORED_FIELDS: [&str; 5] = ["metadata", "store", "service_tier", "parallel_tool_calls", "prediction"];
+
+/// A request checked for everything but its adapters (which need the registry).
+#[derive(Debug, Clone)]
+pub struct Draft {
+    /// Token ids of each prompt.
+    pub prompts: Vec<Vec<u32>>,
+    /// The prompt texts (for `echo`).
+    pub prompt_texts: Vec<String>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Requested adapters, in order, with their scales (`model: <adapter>` first).
+    pub adapters: Vec<(String, f64)>,
+    /// Template for every sequence (prompt and mix filled in later).
+    pub template: Request,
+    /// `max_tokens` was given (otherwise it is derived per prompt).
+    pub max_tokens: Option<usize>,
+    pub echo: bool,
+}
+
+/// What validation needs to know about the served model.
+pub struct ModelView<'a> {
+    pub id: &'a str,
+    pub context_len: usize,
+    pub tokenizer: &'a crate::model::tokenizer::TextTokenizer,
+    pub limits: &'a Limits,
+}
+
+fn check_extra(extra: &Map<String, Value>) -> Result<(), ApiError> {
+    for (k, v) in extra {
+        let harmless = IGNORED_FIELDS.contains(&k.as_str())
+            || v.is_null()
+            || (k == "logit_bias" && v.as_object().is_some_and(|o| o.is_empty()))
+            || (k == "best_of" && v.as_i64() == Some(1))
+            || (k == "response_format" && v.get("type").and_then(Value::as_str) == Some("text"));
+        if !harmless {
+            return Err(ApiError::bad_request(format!("unknown or unsupported field `{k}`")).with_param(k.clone()));
+        }
+    }
+    Ok(())
+}
+
+fn in_range(param: &str, v: Option<f64>, lo: f64, hi: f64, default: f64) -> Result<f64, ApiError> {
+    match v {
+        None => Ok(default),
+        Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x),
+        Some(x) => Err(ApiError::invalid_value(param, format!("`{param}` must be between {lo} and {hi}, got {x}"))),
+    }
+}
+
+fn adapter_refs(common: &CommonParams, model_id: &str, limits: &Limits) -> Result<Vec<(String, f64)>, ApiError> {
+    let mut out: Vec<(String, f64)> = Vec::new();
+    if let Some(m) = common.model.as_deref().filter(|m| *m != model_id) {
+        crate::adapters::registry::validate_name(m).map_err(|e| ApiError::not_found(format!("model `{}` does not exist: {e}", m.escape_debug())).with_param("model").with_code("model_not_found"))?;
+        out.push((m.to_string(), 1.0));
+    }
+    for (i, AdapterRef { name, scale }) in common.adapters.iter().flatten().enumerate() {
+        let param = format!("adapters[{i}]");
+        crate::adapters::registry::validate_name(name).map_err(|e| ApiError::invalid_value(&param, e.to_string()).with_code("invalid_adapter_name"))?;
+        let scale = scale.unwrap_or(1.0);
+        if !scale.is_finite() || scale.abs() > limits.max_abs_scale {
+            return Err(ApiError::invalid_value(&format!("{param}.scale"), format!("adapter scale must be finite and within ±{}, got {scale}", limits.max_abs_scale)));
+        }
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(ApiError::invalid_value(&param, format!("adapter `{name}` appears twice in the request")).with_code("duplicate_adapter"));
+        }
+        out.push((name.clone(), scale));
+    }
+    if out.len() > limits.max_adapters_per_request {
+        return Err(ApiError::invalid_value("adapters", format!("at most {} adapters per request, got {}", limits.max_adapters_per_request, out.len())));
+    }
+    Ok(out)
+}
+
+/// The sampling/stopping part shared by both endpoints.
+fn common_draft(c: &CommonParams, mv: &ModelView<'_>, max_tokens: Option<i64>) -> Result<Draft, ApiError> {
+    let l = mv.limits;
+    let temperature = in_range("temperature", c.temperature, 0.0, 2.0, 1.0)?;
+    let top_p = in_range("top_p", c.top_p, f64::MIN_POSITIVE, 1.0, 1.0)?;
+    let top_k = match c.top_k {
+        None | Some(-1) | Some(0) => None,
+        Some(k) if k >= 1 => Some(k as usize),
+        Some(k) => return Err(ApiError::invalid_value("top_k", format!("`top_k` must be -1 (off) or at least 1, got {k}"))),
+    };
+    let presence = in_range("presence_penalty", c.presence_penalty, -2.0, 2.0, 0.0)? as f32;
+    let frequency = in_range("frequency_penalty", c.frequency_penalty, -2.0, 2.0, 0.0)? as f32;
+    let n = match c.n {
+        None => 1,
+        Some(n) if n >= 1 && n as usize <= l.max_n => n as usize,
+        Some(n) => return Err(ApiError::invalid_value("n", format!("`n` must be between 1 and {}, got {n}", l.max_n))),
+    };
+    let max_tokens = match max_tokens {
+        None => None,
+        Some(m) if m >= 1 => Some(m as usize),
+        Some(m) => return Err(ApiError::invalid_value("max_tokens", format!("`max_tokens` must be at least 1, got {m}"))),
+    };
+    let stop = match &c.stop {
+        None => vec![],
+        Some(StringOrList::One(s)) => vec![s.clone()],
+        Some(StringOrList::Many(v)) => v.clone(),
+    };
+    if stop.len() > l.max_stop {
+        return Err(ApiError::invalid_value("stop", format!("at most {} stop sequences, got {}", l.max_stop, stop.len())));
+    }
+    if let Some(s) = stop.iter().find(|s| s.is_empty() || s.chars().count() > l.max_stop_len) {
+        return Err(ApiError::invalid_value("stop", format!("stop sequences must have 1 to {} characters, got {}", l.max_stop_len, s.chars().count())));
+    }
+    let seed = match c.seed {
+        Some(s) => s as u64,
+        None => rand::random(),
+    };
+    let stream = c.stream.unwrap_or(false);
+    if c.stream_options.is_some() && !stream {
+        return Err(ApiError::invalid_value("stream_options", "`stream_options` is only allowed with `stream: true`"));
+    }
+    Ok(Draft {
+        prompts: vec![],
+        prompt_texts: vec![],
+        n,
+        stream,
+        include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        adapters: adapter_refs(c, mv.id, l)?,
+        template: Request {
+            prompt_ids: vec![],
+            mix: Default::default(),
+            max_tokens: 1,
+            sampling: SamplingParams { temperature, top_p, top_k, seed },
+            penalties: Penalties { presence, frequency },
+            stop,
+            logprobs: None,
+            stop_at_eos: true,
+        },
+        max_tokens,
+        echo: false,
+    })
+}
+
+/// Tokenizes `texts` and checks their lengths against the limits and `max_tokens`.
+fn add_prompts(d: &mut Draft, texts: Vec<String>, mv: &ModelView<'_>, param: &str) -> Result<(), ApiError> {
+    let max_total = mv.limits.max_total_tokens.map_or(mv.context_len, |t| t.min(mv.context_len));
+    let max_prompt = mv.limits.max_prompt_tokens.min(max_total.saturating_sub(1));
+    for text in &texts {
+        let ids = mv.tokenizer.encode(text).map_err(ApiError::internal)?;
+        if ids.is_empty() {
+            return Err(ApiError::invalid_value(param, "the prompt is empty").with_code("empty_prompt"));
+        }
+        if ids.len() > max_prompt {
+            return Err(ApiError::invalid_value(param, format!("the prompt has {} tokens; the limit is {max_prompt}", ids.len())).with_code("context_length_exceeded"));
+        }
+        if let Some(m) = d.max_tokens {
+            if ids.len() + m > max_total {
+                return Err(ApiError::invalid_value("max_tokens", format!("prompt ({} tokens) + max_tokens ({m}) exceeds the limit of {max_total} tokens", ids.len())).with_code("context_length_exceeded"));
+            }
+        }
+        d.prompts.push(ids);
+    }
+    d.prompt_texts = texts;
+    Ok(())
+}
+
+/// The `max_tokens` of one prompt's sequences.
+pub fn max_tokens_for(d: &Draft, prompt_len: usize, mv: &ModelView<'_>) -> usize {
+    let max_total = mv.limits.max_total_tokens.map_or(mv.context_len, |t| t.min(mv.context_len));
+    d.max_tokens.unwrap_or_else(|| mv.limits.default_max_tokens.min(max_total - prompt_len)).max(1)
+}
+
+pub fn completion(req: &CompletionRequest, mv: &ModelView<'_>) -> Result<Draft, ApiError> {
+    check_extra(&req.extra)?;
+    let mut d = common_draft(&req.common, mv, req.common.max_tokens)?;
+    d.template.logprobs = match req.logprobs {
+        None => None,
+        Some(k) if k >= 0 && k as usize <= mv.limits.max_logprobs => Some(k as usize),
+        Some(k) => return Err(ApiError::invalid_value("logprobs", format!("`logprobs` must be between 0 and {}, got {k}", mv.limits.max_logprobs))),
+    };
+    d.echo = req.echo.unwrap_or(false);
+    if d.echo && d.template.logprobs.is_some() {
+        return Err(ApiError::invalid_value("echo", "`echo` together with `logprobs` (prompt log-probabilities) is not supported"));
+    }
+    let texts = match &req.prompt {
+        None => return Err(ApiError::bad_request("missing field `prompt`").with_param("prompt")),
+        Some(StringOrList::One(s)) => vec![s.clone()],
+        Some(StringOrList::Many(v)) if v.is_empty() => return Err(ApiError::invalid_value("prompt", "`prompt` is an empty list")),
+        Some(StringOrList::Many(v)) => v.clone(),
+    };
+    add_prompts(&mut d, texts, mv, "prompt")?;
+    Ok(d)
+}
+
+pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Draft, ApiError> {
+    check_extra(&req.extra)?;
+    let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
+    let mut d = common_draft(&req.common, mv, max_tokens)?;
+    let top = match req.top_logprobs {
+        None => 0,
+        Some(k) if k >= 0 && k as usize <= mv.limits.max_logprobs => k as usize,
+        Some(k) => return Err(ApiError::invalid_value("top_logprobs", format!("`top_logprobs` must be between 0 and {}, got {k}", mv.limits.max_logprobs))),
+    };
+    if req.top_logprobs.is_some() && req.logprobs != Some(true) {
+        return Err(ApiError::invalid_value("top_logprobs", "`top_logprobs` needs `logprobs: true`"));
+    }
+    d.template.logprobs = (req.logprobs == Some(true)).then_some(top);
+    let Some(wire) = &req.messages else {
+        return Err(ApiError::bad_request("missing field `messages`").with_param("messages"));
+    };
+    if wire.is_empty() {
+        return Err(ApiError::invalid_value("messages", "`messages` is empty"));
+    }
+    let mut messages = Vec::with_capacity(wire.len());
+    for (i, m) in wire.iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+            return Err(ApiError::invalid_value(&format!("messages[{i}].role"), format!("unsupported role `{}`", m.role.escape_debug())));
+        }
+        let content = match &m.content {
+            Some(MessageContent::Text(t)) => t.clone(),
+            Some(MessageContent::Parts(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => s.push_str(t),
+                        _ => return Err(ApiError::invalid_value(&format!("messages[{i}].content"), format!("content part of type `{}` is not supported; only text", p.kind.escape_debug()))),
+                    }
+                }
+                s
+            }
+            None => String::new(),
+        };
+        let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
+        messages.push(ChatMessage { role, content });
+    }
+    let text = mv.tokenizer.apply_chat_template(&messages).map_err(|e| ApiError::invalid_value("messages", e.to_string()))?;
+    add_prompts(&mut d, vec![text], mv, "messages")?;
+    Ok(d)
+}

@@ -1,0 +1,201 @@
+//! Serve options: every option is a CLI flag, a `LORAPLEX_*` environment variable and a key
+//! of the TOML config file. Precedence: defaults < TOML < environment < command line. Raw
+//! options ([`ServeOptions`]) become a validated [`ServeConfig`] once, here.
+
+use crate::engine::EngineConfig;
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Raw options, from the command line / environment (clap) or the TOML file (serde).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeOptions {
+    /// Base model: `.gguf` file, Hugging Face folder, or `hf:ORG/NAME`. [default: the fetched SmolLM2 GGUF]
+    #[arg(long, env = "LORAPLEX_MODEL")]
+    pub model: Option<String>,
+    /// Folder of PEFT adapters, watched for changes. [default: adapters]
+    #[arg(long, env = "LORAPLEX_ADAPTERS")]
+    pub adapters: Option<PathBuf>,
+    /// Address to bind. [default: 127.0.0.1]
+    #[arg(long, env = "LORAPLEX_HOST")]
+    pub host: Option<String>,
+    /// [default: 8000]
+    #[arg(long, env = "LORAPLEX_PORT")]
+    pub port: Option<u16>,
+    /// `cpu`, `cuda[:N]` or `metal`. [default: cpu]
+    #[arg(long, env = "LORAPLEX_DEVICE")]
+    pub device: Option<String>,
+    /// `auto`, `f32`, `bf16`, `f16`, `quantized`, `q8_0`, `q4_0`. [default: auto]
+    #[arg(long, env = "LORAPLEX_DTYPE")]
+    pub dtype: Option<String>,
+    /// Inference endpoints need `Authorization: Bearer <key>` when set.
+    #[arg(long, env = "LORAPLEX_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Adapter mutations need this key when set.
+    #[arg(long, env = "LORAPLEX_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Sequences decoded together at most. [default: 32]
+    #[arg(long, env = "LORAPLEX_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+    /// Sequences waiting for a batch slot at most; more get 429. [default: 256]
+    #[arg(long, env = "LORAPLEX_MAX_WAITING")]
+    pub max_waiting: Option<usize>,
+    /// Prompt tokens prefilled per engine step at most. [default: 2048]
+    #[arg(long, env = "LORAPLEX_MAX_PREFILL_TOKENS")]
+    pub max_prefill_tokens: Option<usize>,
+    /// Prompt tokens per sequence at most. [default: 4096, capped by the model's context]
+    #[arg(long, env = "LORAPLEX_MAX_PROMPT_TOKENS")]
+    pub max_prompt_tokens: Option<usize>,
+    /// Prompt + generated tokens per sequence at most. [default: the model's context]
+    #[arg(long, env = "LORAPLEX_MAX_TOTAL_TOKENS")]
+    pub max_total_tokens: Option<usize>,
+    /// `max_tokens` when a request gives none. [default: 256]
+    #[arg(long, env = "LORAPLEX_DEFAULT_MAX_TOKENS")]
+    pub default_max_tokens: Option<usize>,
+    /// Adapters in one request's mix at most. [default: 8]
+    #[arg(long, env = "LORAPLEX_MAX_ADAPTERS_PER_REQUEST")]
+    pub max_adapters_per_request: Option<usize>,
+    /// Bytes of adapter weights kept loaded at most (LRU eviction). [default: 1073741824]
+    #[arg(long, env = "LORAPLEX_ADAPTER_BUDGET_BYTES")]
+    pub adapter_budget_bytes: Option<usize>,
+    /// Request body size limit in bytes; larger bodies get 413. [default: 1048576]
+    #[arg(long, env = "LORAPLEX_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// `n` (choices per prompt) at most. [default: 8]
+    #[arg(long, env = "LORAPLEX_MAX_N")]
+    pub max_n: Option<usize>,
+    /// Periodic rescan of the adapters folder, in milliseconds. [default: 2000]
+    #[arg(long, env = "LORAPLEX_RESCAN_INTERVAL_MS")]
+    pub rescan_interval_ms: Option<u64>,
+    /// How long SIGTERM waits for running requests before exiting, in seconds. [default: 30]
+    #[arg(long, env = "LORAPLEX_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: Option<u64>,
+}
+
+macro_rules! merge_fields {
+    ($hi:expr, $lo:expr, $($f:ident),*) => { ServeOptions { $($f: $hi.$f.or($lo.$f)),* } };
+}
+
+impl ServeOptions {
+    /// `self` (command line / environment) over `lower` (the TOML file).
+    pub fn over(self, lower: ServeOptions) -> ServeOptions {
+        merge_fields!(self, lower, model, adapters, host, port, device, dtype, api_key, admin_key,
+            max_batch_size, max_waiting, max_prefill_tokens, max_prompt_tokens, max_total_tokens,
+            default_max_tokens, max_adapters_per_request, adapter_budget_bytes, max_body_bytes, max_n,
+            rescan_interval_ms, drain_timeout_secs)
+    }
+
+    pub fn from_toml_file(path: &Path) -> anyhow::Result<ServeOptions> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config `{}`", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config `{}`", path.display()))
+    }
+}
+
+/// Request limits checked at the API edge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_prompt_tokens: usize,
+    /// `None`: the model's context length.
+    pub max_total_tokens: Option<usize>,
+    pub default_max_tokens: usize,
+    pub max_adapters_per_request: usize,
+    pub max_body_bytes: usize,
+    pub max_n: usize,
+    pub max_logprobs: usize,
+    pub max_stop: usize,
+    pub max_stop_len: usize,
+    pub max_abs_scale: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_prompt_tokens: 4096,
+            max_total_tokens: None,
+            default_max_tokens: 256,
+            max_adapters_per_request: 8,
+            max_body_bytes: 1 << 20,
+            max_n: 8,
+            max_logprobs: 20,
+            max_stop: 4,
+            max_stop_len: 256,
+            max_abs_scale: 100.0,
+        }
+    }
+}
+
+/// Validated serve configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub model: String,
+    pub adapters: PathBuf,
+    pub host: String,
+    pub port: u16,
+    pub device: String,
+    pub dtype: String,
+    pub api_key: Option<String>,
+    pub admin_key: Option<String>,
+    pub engine: EngineConfig,
+    pub limits: Limits,
+    pub adapter_budget_bytes: usize,
+    pub rescan_interval: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl TryFrom<ServeOptions> for ServeConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(o: ServeOptions) -> anyhow::Result<Self> {
+        let engine_default = EngineConfig::default();
+        let limits_default = Limits::default();
+        let cfg = ServeConfig {
+            model: o.model.unwrap_or_else(|| crate::model::load::DEFAULT_MODEL.to_string()),
+            adapters: o.adapters.unwrap_or_else(|| PathBuf::from("adapters")),
+            host: o.host.unwrap_or_else(|| "127.0.0.1".into()),
+            port: o.port.unwrap_or(8000),
+            device: o.device.unwrap_or_else(|| "cpu".into()),
+            dtype: o.dtype.unwrap_or_else(|| "auto".into()),
+            api_key: o.api_key.filter(|k| !k.is_empty()),
+            admin_key: o.admin_key.filter(|k| !k.is_empty()),
+            engine: EngineConfig {
+                max_batch_size: o.max_batch_size.unwrap_or(engine_default.max_batch_size),
+                max_waiting: o.max_waiting.unwrap_or(engine_default.max_waiting),
+                max_prefill_tokens: o.max_prefill_tokens.unwrap_or(engine_default.max_prefill_tokens),
+            },
+            limits: Limits {
+                max_prompt_tokens: o.max_prompt_tokens.unwrap_or(limits_default.max_prompt_tokens),
+                max_total_tokens: o.max_total_tokens,
+                default_max_tokens: o.default_max_tokens.unwrap_or(limits_default.default_max_tokens),
+                max_adapters_per_request: o.max_adapters_per_request.unwrap_or(limits_default.max_adapters_per_request),
+                max_body_bytes: o.max_body_bytes.unwrap_or(limits_default.max_body_bytes),
+                max_n: o.max_n.unwrap_or(limits_default.max_n),
+                ..limits_default
+            },
+            adapter_budget_bytes: o.adapter_budget_bytes.unwrap_or(1 << 30),
+            rescan_interval: Duration::from_millis(o.rescan_interval_ms.unwrap_or(2000)),
+            drain_timeout: Duration::from_secs(o.drain_timeout_secs.unwrap_or(30)),
+        };
+        for (name, v) in [
+            ("max_batch_size", cfg.engine.max_batch_size),
+            ("max_waiting", cfg.engine.max_waiting),
+            ("max_prefill_tokens", cfg.engine.max_prefill_tokens),
+            ("max_prompt_tokens", cfg.limits.max_prompt_tokens),
+            ("default_max_tokens", cfg.limits.default_max_tokens),
+            ("max_adapters_per_request", cfg.limits.max_adapters_per_request),
+            ("max_body_bytes", cfg.limits.max_body_bytes),
+            ("max_n", cfg.limits.max_n),
+            ("adapter_budget_bytes", cfg.adapter_budget_bytes),
+        ] {
+            if v == 0 {
+                bail!("`{name}` must be at least 1");
+            }
+        }
+        if cfg.rescan_interval.is_zero() {
+            bail!("`rescan_interval_ms` must be at least 1");
+        }
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,109 @@
+//! One forward step over the running sequences: new sequences prefill while the others decode,
+//! in the same ragged batch. Owned by the worker thread (or by a caller, for `generate`).
+
+use super::sequence::Sequence;
+use crate::adapters::AdapterMix;
+use crate::model::tokenizer::TextTokenizer;
+use crate::model::{BatchInput, Llama, Result, SeqCache, StepLora};
+
+/// Which LoRA implementation the batch uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraPath {
+    /// Per-sequence operands stacked once per batch composition (the fast path).
+    Batched,
+    /// The per-row reference loop.
+    PerRow,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepReport {
+    pub sequences: usize,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+    pub finished: usize,
+    pub cancelled: usize,
+}
+
+pub struct Batcher<'m> {
+    model: &'m Llama,
+    tok: &'m TextTokenizer,
+    path: LoraPath,
+    pub running: Vec<Sequence>,
+    /// The LoRA operands and the sequence ids (in batch order) they were built for.
+    lora: Option<(Vec<u64>, StepLora)>,
+}
+
+impl<'m> Batcher<'m> {
+    pub fn new(model: &'m Llama, tok: &'m TextTokenizer, path: LoraPath) -> Self {
+        Self { model, tok, path, running: Vec::new(), lora: None }
+    }
+
+    pub fn add(&mut self, seq: Sequence) {
+        self.running.push(seq);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// KV tokens held by the running sequences.
+    pub fn kv_tokens(&self) -> usize {
+        self.running.iter().map(|s| s.cache.len()).sum()
+    }
+
+    /// Runs one forward for every running sequence and retires the finished ones.
+    pub fn step(&mut self) -> StepReport {
+        let before = self.running.len();
+        self.running.retain(|s| !s.is_cancelled());
+        let mut report = StepReport { cancelled: before - self.running.len(), ..Default::default() };
+        if self.running.is_empty() {
+            return report;
+        }
+        let mut input = BatchInput::default();
+        for s in &self.running {
+            if s.is_prefill() {
+                report.prefill_tokens += s.pending.len();
+            } else {
+                report.decode_tokens += s.pending.len();
+            }
+            input.push(&s.pending);
+        }
+        report.sequences = self.running.len();
+        if let Err(e) = self.forward_and_sample(&input) {
+            tracing::error!(error = %e, "forward step failed; failing its sequences");
+            for s in self.running.iter_mut() {
+                s.fail(format!("internal error: {e}"));
+            }
+        }
+        let before = self.running.len();
+        self.running.retain(|s| s.finished.is_none());
+        report.finished = before - self.running.len();
+        report
+    }
+
+    fn forward_and_sample(&mut self, input: &BatchInput) -> Result<()> {
+        let ids: Vec<u64> = self.running.iter().map(|s| s.id).collect();
+        if self.lora.as_ref().is_none_or(|(key, _)| *key != ids) {
+            let mixes: Vec<&AdapterMix> = self.running.iter().map(|s| &s.req.mix).collect();
+            let lora = match self.path {
+                LoraPath::Batched => StepLora::batched(&mixes, self.model.cfg.num_layers, self.model.dtype(), self.model.device())?,
+                LoraPath::PerRow => StepLora::per_row(&mixes),
+            };
+            self.lora = Some((ids, lora));
+        }
+        let lora = match &self.lora {
+            Some((_, l)) => l,
+            None => &StepLora::None,
+        };
+        let logits = {
+            let mut caches: Vec<&mut SeqCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
+            let hidden = self.model.forward(input, Some(&mut caches), lora)?;
+            self.model.logits(&Llama::last_rows(&hidden, &input.seq_lens)?)?
+        };
+        for (row, s) in self.running.iter_mut().enumerate() {
+            s.accept(&logits.get(row)?, self.tok)?;
+        }
+        Ok(())
+    }
+}

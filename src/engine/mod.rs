@@ -1,0 +1,97 @@
+//! The engine: one OS thread owns the model, the KV caches and the running batch; the HTTP side
+//! submits validated requests through a bounded queue and reads each sequence's token events
+//! from its own channel. Dropping that channel cancels the sequence at the next step.
+//!
+//! Invariant: no model work runs outside the worker thread (or a caller-owned [`Batcher`]).
+
+pub mod batcher;
+pub mod scheduler;
+pub mod sequence;
+pub mod worker;
+
+pub use batcher::{Batcher, LoraPath};
+pub use worker::{Engine, EngineStats};
+
+use crate::adapters::AdapterMix;
+use crate::model::sampling::{Penalties, SamplingParams};
+use serde::Serialize;
+
+/// A validated generation request for one sequence.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt_ids: Vec<u32>,
+    pub mix: AdapterMix,
+    /// At least 1.
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub penalties: Penalties,
+    pub stop: Vec<String>,
+    /// Top alternatives to report per token; `None` = no log-probabilities.
+    pub logprobs: Option<usize>,
+    pub stop_at_eos: bool,
+}
+
+impl Request {
+    /// Greedy, no stop strings, stop at EOS.
+    pub fn greedy(prompt_ids: Vec<u32>, mix: AdapterMix, max_tokens: usize) -> Self {
+        Self {
+            prompt_ids,
+            mix,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            penalties: Penalties::default(),
+            stop: Vec::new(),
+            logprobs: None,
+            stop_at_eos: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What a sequence streams back, in order: `Token`s, then one `Done` (or one `Error`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEvent {
+    /// `text` is the newly printable text (may be empty while a stop string or UTF-8
+    /// character is incomplete); `top` is empty unless log-probabilities were asked for.
+    Token { id: u32, text: String, logprob: f32, top: Vec<(u32, f32)> },
+    Done { reason: FinishReason, usage: Usage },
+    Error(String),
+}
+
+/// Why the engine did not take a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("the server is overloaded: {waiting} requests are waiting (limit {limit})")]
+    QueueFull { waiting: usize, limit: usize },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// Batch and queue limits of the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Sequences decoded together at most.
+    pub max_batch_size: usize,
+    /// Sequences waiting for a batch slot at most (more are refused: HTTP 429).
+    pub max_waiting: usize,
+    /// Prompt tokens prefilled in one step at most (a longer prompt still runs alone).
+    pub max_prefill_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { max_batch_size: 32, max_waiting: 256, max_prefill_tokens: 2048 }
+    }
+}

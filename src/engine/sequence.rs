@@ -1,0 +1,127 @@
+//! One sequence's life: prompt → prefill → decode → finished. It samples from its logits
+//! row, applies stop conditions (EOS, stop strings, token limit), and streams text deltas that
+//! never include (part of) a stop string or half a UTF-8 character.
+
+use super::{FinishReason, Request, TokenEvent, Usage};
+use crate::model::sampling::{logprobs, Sampler};
+use crate::model::tokenizer::TextTokenizer;
+use crate::model::{Result, SeqCache};
+use candle_core::Tensor;
+use tokio::sync::mpsc::UnboundedSender;
+
+pub struct Sequence {
+    pub id: u64,
+    pub req: Request,
+    pub cache: SeqCache,
+    sampler: Sampler,
+    /// Tokens to feed at the next step: the prompt first, then the last sampled token.
+    pub pending: Vec<u32>,
+    generated: Vec<u32>,
+    /// Bytes of the decoded text already sent.
+    emitted: usize,
+    events: UnboundedSender<TokenEvent>,
+    pub finished: Option<FinishReason>,
+}
+
+impl Sequence {
+    pub fn new(id: u64, req: Request, num_layers: usize, events: UnboundedSender<TokenEvent>) -> Self {
+        let cache = SeqCache::new(num_layers, req.prompt_ids.len() + req.max_tokens);
+        Self {
+            id,
+            sampler: Sampler::new(&req.sampling),
+            pending: req.prompt_ids.clone(),
+            cache,
+            req,
+            generated: Vec::new(),
+            emitted: 0,
+            events,
+            finished: None,
+        }
+    }
+
+    /// The client has gone away (its receiver was dropped).
+    pub fn is_cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    pub fn is_prefill(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// Reports a failure to the client and marks the sequence finished.
+    pub fn fail(&mut self, message: String) {
+        let _ = self.events.send(TokenEvent::Error(message));
+        self.finished = Some(FinishReason::Stop);
+    }
+
+    /// Consumes this step's logits row: samples, streams, and decides whether to stop.
+    pub fn accept(&mut self, logits: &Tensor, tok: &TextTokenizer) -> Result<()> {
+        let logits = self.req.penalties.apply(logits, &self.generated)?;
+        let token = self.sampler.sample(&logits)?;
+        let (lp, top) = match self.req.logprobs {
+            Some(k) => logprobs(&logits, token, k)?,
+            None => (0.0, Vec::new()),
+        };
+        self.generated.push(token);
+        let is_eos = self.req.stop_at_eos && tok.eos_ids.contains(&token);
+        let text_ids = if is_eos { &self.generated[..self.generated.len() - 1] } else { &self.generated[..] };
+        let text = tok.decode(text_ids)?;
+        let mut finish = None;
+        let mut end = safe_prefix_len(&text, &self.req.stop);
+        if is_eos {
+            finish = Some(FinishReason::Stop);
+            end = text.len();
+        }
+        if let Some(pos) = self.req.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+            finish = Some(FinishReason::Stop);
+            end = pos;
+        } else if finish.is_none() && self.generated.len() >= self.req.max_tokens {
+            finish = Some(FinishReason::Length);
+            end = text.len();
+        }
+        let end = end.max(self.emitted);
+        let delta = text.get(self.emitted..end).unwrap_or_default().to_string();
+        self.emitted = end;
+        let _ = self.events.send(TokenEvent::Token { id: token, text: delta, logprob: lp, top });
+        if let Some(reason) = finish {
+            let usage = Usage { prompt_tokens: self.req.prompt_ids.len(), completion_tokens: self.generated.len() };
+            let _ = self.events.send(TokenEvent::Done { reason, usage });
+            self.finished = Some(reason);
+        }
+        self.pending = vec![token];
+        Ok(())
+    }
+}
+
+/// How much of `text` can be sent now: not an incomplete UTF-8 tail (the tokenizer renders it
+/// as U+FFFD) and not a suffix that could still grow into a stop string.
+fn safe_prefix_len(text: &str, stops: &[String]) -> usize {
+    let mut end = text.len();
+    if text.ends_with('\u{FFFD}') {
+        end -= '\u{FFFD}'.len_utf8();
+    }
+    for stop in stops.iter().filter(|s| !s.is_empty()) {
+        // The longest proper prefix of `stop` that `text[..end]` ends with must be held back.
+        for (cut, _) in stop.char_indices().rev().filter(|(c, _)| *c > 0) {
+            if text[..end].ends_with(&stop[..cut]) {
+                end = end.min(text[..end].len() - cut);
+                break;
+            }
+        }
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_prefix_len;
+
+    #[test]
+    fn holds_back_a_possible_stop_prefix_and_broken_utf8() {
+        let stops = vec!["\n###".to_string()];
+        assert_eq!(safe_prefix_len("answer\n#", &stops), "answer".len());
+        assert_eq!(safe_prefix_len("answer\n##", &stops), "answer".len());
+        assert_eq!(safe_prefix_len("answer.", &stops), "answer.".len());
+        assert_eq!(safe_prefix_len("caf\u{FFFD}", &[]), 3);
+    }
+}

@@ -1,0 +1,108 @@
+//! `loraplex serve`: binds the HTTP server at once (so `/health` answers while the model loads),
+//! loads the model and the adapter registry on a background thread, and on SIGTERM/SIGINT
+//! stops intake (503), lets running requests finish (bounded), then exits.
+
+use crate::adapters::registry::Registry;
+use crate::api::{self, AppState, Backend};
+use crate::config::ServeConfig;
+use crate::engine::Engine;
+use crate::model::load::load_model;
+use crate::model::{parse_device, WeightFormat};
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Loads the model, starts the engine thread, the registry and its watcher.
+pub fn load_backend(cfg: &ServeConfig) -> anyhow::Result<Backend> {
+    let device = parse_device(&cfg.device)?;
+    let format = WeightFormat::parse(&cfg.dtype, &device)?;
+    let started = Instant::now();
+    let loaded = load_model(&cfg.model, format, &device).with_context(|| format!("loading model `{}`", cfg.model))?;
+    let model_cfg = loaded.model.cfg.clone();
+    tracing::info!(model = %loaded.id, %format, secs = started.elapsed().as_secs_f32(), "model loaded");
+    let registry = Arc::new(
+        Registry::new(&cfg.adapters, model_cfg.clone(), device, cfg.adapter_budget_bytes)
+            .with_context(|| format!("opening adapters folder `{}`", cfg.adapters.display()))?,
+    );
+    crate::adapters::watcher::spawn(registry.clone(), cfg.rescan_interval)?;
+    tracing::info!(root = %registry.root().display(), adapters = registry.list().len(), "adapter registry ready");
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine)?;
+    Ok(Backend { engine, tokenizer, registry, model_id: loaded.id, context_len: model_cfg.max_position_embeddings })
+}
+
+pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+    let backend: Arc<OnceLock<Backend>> = Arc::new(OnceLock::new());
+    let state = web::Data::new(AppState {
+        backend: backend.clone(),
+        limits: cfg.limits.clone(),
+        api_key: cfg.api_key.clone(),
+        admin_key: cfg.admin_key.clone(),
+    });
+    if cfg.api_key.is_none() && cfg.admin_key.is_none() {
+        let loopback = cfg.host == "127.0.0.1" || cfg.host == "localhost" || cfg.host == "::1";
+        if loopback {
+            tracing::warn!("no API key set: serving on loopback only ({}); set --api-key to expose it", cfg.host);
+        } else {
+            tracing::warn!("no API key set and bound to {}: anyone who reaches it can use it", cfg.host);
+        }
+    }
+    let drain_timeout = cfg.drain_timeout;
+    actix_web::rt::System::new().block_on(async move {
+        let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
+            .disable_signals()
+            .shutdown_timeout(drain_timeout.as_secs().max(1))
+            .bind((cfg.host.as_str(), cfg.port))
+            .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?
+            .run();
+        tracing::info!("listening on http://{}:{}", cfg.host, cfg.port);
+        let handle = server.handle();
+        let loading = backend.clone();
+        std::thread::Builder::new().name("loraplex-loader".into()).spawn(move || match load_backend(&cfg) {
+            Ok(b) => {
+                let _ = loading.set(b);
+                tracing::info!("ready");
+            }
+            Err(e) => {
+                tracing::error!("{e:#}");
+                std::process::exit(1);
+            }
+        })?;
+        actix_web::rt::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested: refusing new requests, draining running ones");
+            if let Some(b) = backend.get() {
+                b.engine.drain();
+                let deadline = Instant::now() + drain_timeout;
+                while !b.engine.is_idle() && Instant::now() < deadline {
+                    actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            handle.stop(true).await;
+        });
+        server.await.context("server error")
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
