@@ -62,3 +62,24 @@ pub fn shared_dir() -> PathBuf {
     assert!(p.join("reference/cases.json").exists(), "shared reference data missing at {}", p.display());
     p
 }
+
+/// Serve options on the real model with a fresh adapters folder holding copies of the shared
+/// reference adapters (`qa-r8`, `all-r16`, `rslora-r4`).
+pub fn serve_options(adapters: &Path) -> loraplex::config::ServeOptions {
+    for name in ["qa-r8", "all-r16", "rslora-r4"] {
+        copy_adapter(&shared_dir().join("adapters").join(name), &adapters.join(name));
+    }
+    loraplex::config::ServeOptions {
+        model: Some(real_model_path().display().to_string()),
+        adapters: Some(adapters.to_path_buf()),
+        rescan_interval_ms: Some(200),
+        ..Default::default()
+    }
+}
+
+pub fn copy_adapter(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
