@@ -1,0 +1,250 @@
+//! End to end against the real binary (release build when present) on the real model: the
+//! official `openai` Python client, batch invariance under concurrency, hot loading of adapter
+//! folders, and graceful shutdown.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test: `LORAPLEX_BIN`, else the release build if it exists, else the test build.
+fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("LORAPLEX_BIN") {
+        return PathBuf::from(p);
+    }
+    let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/loraplex");
+    if release.exists() { release } else { PathBuf::from(env!("CARGO_BIN_EXE_loraplex")) }
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(adapters: &Path, extra: &[&str]) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(binary())
+            .args(["serve", "--model", real_model_path().to_str().unwrap(), "--adapters", adapters.to_str().unwrap()])
+            .args(["--port", &port.to_string(), "--rescan-interval-ms", "100"])
+            .args(extra)
+            .env("LORAPLEX_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if get(s.port, "/ready").0 == 200 {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("server did not become ready");
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Minimal blocking HTTP/1.1 client (the tests must not depend on the server's own stack).
+fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    (status, dechunk(&body))
+}
+
+/// Undoes `Transfer-Encoding: chunked` well enough for JSON and SSE bodies.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    if out.is_empty() { body.to_string() } else { out }
+}
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    http(port, "GET", path, None)
+}
+
+fn complete(port: u16, body: Value) -> (u16, Value) {
+    let (s, b) = http(port, "POST", "/v1/completions", Some(&body));
+    (s, serde_json::from_str(&b).unwrap_or(Value::Null))
+}
+
+fn generate_json(args: &[&str]) -> Value {
+    let out = Command::new(binary())
+        .args(["generate", "--model", real_model_path().to_str().unwrap(), "--json"])
+        .args(args)
+        .env("LORAPLEX_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn the_openai_python_client_gets_what_generate_computes() {
+    let dir = tempfile::tempdir().unwrap();
+    serve_options(dir.path());
+    let server = Server::start(dir.path(), &[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/openai_client.py");
+    let out = Command::new("python3").arg(&script).arg(server.url()).output().unwrap();
+    assert!(out.status.success(), "openai client failed (is the `openai` package installed?): {}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ad = |n: &str| format!("{}={}", dir.path().join(n).display(), "1");
+    let p = "The capital of France is";
+    let g = generate_json(&["--prompt", p, "--max-tokens", "16"]);
+    assert_eq!(got["completion"], g["text"]);
+    let g = generate_json(&["--prompt", p, "--max-tokens", "16", "--adapter", &ad("qa-r8")]);
+    assert_eq!(got["completion_model_adapter"], g["text"]);
+    assert_eq!(got["completion_stream"], g["text"], "streamed text equals the whole text");
+    let mix = ["--adapter", &format!("{}=0.7", dir.path().join("qa-r8").display()), "--adapter", &format!("{}=0.3", dir.path().join("all-r16").display())];
+    let g = generate_json(&[&["--prompt", p, "--max-tokens", "16"][..], &mix[..]].concat());
+    assert_eq!(got["completion_mix"], g["text"]);
+    assert_eq!(got["completion_mix_adapters"], json!([{"name": "qa-r8", "version": 1, "scale": 0.7}, {"name": "all-r16", "version": 1, "scale": 0.3}]));
+    let g = generate_json(&["--prompt", p, "--max-tokens", "4"]);
+    let lps = got["completion_logprobs"]["token_logprobs"].as_array().unwrap();
+    for (a, b) in lps.iter().zip(g["logprobs"].as_array().unwrap()) {
+        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-5);
+    }
+    assert_eq!(got["completion_logprobs"]["top_len"], json!([5, 5, 5, 5]));
+    let g = generate_json(&["--prompt", "What is the capital of France?", "--chat", "--max-tokens", "24", "--adapter", &ad("rslora-r4")]);
+    assert_eq!(got["chat"], g["text"]);
+    assert_eq!(got["chat_stream"], g["text"]);
+    assert_eq!(got["chat_stream_usage"].as_u64().unwrap() as usize, g["ids"].as_array().unwrap().len());
+    assert!(got["chat_logprobs_top"].as_array().unwrap().iter().all(|n| n == 3));
+    assert_eq!(got["unknown_adapter_status"], 404);
+    assert_eq!(got["models"], json!(["SmolLM2-135M-Instruct.Q4_1", "all-r16", "qa-r8", "rslora-r4"]));
+}
+
+/// 16 concurrent requests with 16 different adapter mixes give the same greedy tokens as each
+/// request sent alone.
+#[test]
+fn sixteen_concurrent_mixes_equal_each_request_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    serve_options(dir.path());
+    let server = Server::start(dir.path(), &[]);
+    let names = ["qa-r8", "all-r16", "rslora-r4"];
+    let bodies: Vec<Value> = (0..16)
+        .map(|i| {
+            let mut adapters = Vec::new();
+            for (j, n) in names.iter().enumerate() {
+                if (i >> j) & 1 == 1 {
+                    adapters.push(json!({"name": n, "scale": 0.25 + 0.25 * ((i + j) % 4) as f64}));
+                }
+            }
+            if i >= 8 && !adapters.iter().any(|a| a["name"] == names[i % 3]) {
+                adapters.push(json!({"name": names[i % 3], "scale": -0.5}));
+            }
+            let prompts = ["The capital of France is", "Once upon a time", "My favourite food is", "def fibonacci(n):"];
+            json!({"prompt": prompts[i % 4], "max_tokens": 16, "temperature": 0, "logprobs": 0, "adapters": adapters})
+        })
+        .collect();
+    let alone: Vec<Value> = bodies.iter().map(|b| complete(server.port, b.clone()).1).collect();
+    let port = server.port;
+    let handles: Vec<_> = bodies.iter().cloned().map(|b| std::thread::spawn(move || complete(port, b))).collect();
+    let together: Vec<(u16, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (i, ((s, t), a)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(*s, 200, "{t}");
+        assert_eq!(t["choices"][0]["logprobs"]["tokens"], a["choices"][0]["logprobs"]["tokens"], "request {i} ({})", bodies[i]["adapters"]);
+        assert_eq!(t["choices"][0]["text"], a["choices"][0]["text"]);
+    }
+}
+
+#[test]
+fn adapter_folders_hot_load_reload_and_unload() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let body = json!({"model": "newbie", "prompt": "Once", "max_tokens": 1, "temperature": 0});
+    assert_eq!(complete(server.port, body.clone()).0, 404);
+    // Copy (not rename) a folder in, file by file, as a user would.
+    copy_adapter(&shared_dir().join("adapters/qa-r8"), &dir.path().join("newbie"));
+    let copied = Instant::now();
+    let mut first_ok = None;
+    while copied.elapsed() < Duration::from_secs(20) {
+        let (s, v) = complete(server.port, body.clone());
+        if s == 200 {
+            assert_eq!(v["adapters"][0]["version"], 1);
+            first_ok = Some(copied.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let delay = first_ok.expect("a copied adapter became servable");
+    println!("hot-load delay from copy to first successful request: {} ms", delay.as_millis());
+    // Replacing the files bumps the version.
+    std::thread::sleep(Duration::from_millis(20)); // distinct mtimes on coarse filesystems
+    copy_adapter(&shared_dir().join("adapters/rslora-r4"), &dir.path().join("newbie"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, v) = complete(server.port, body.clone());
+        if s == 200 && v["adapters"][0]["version"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no new version after replacing the files: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Deleting it while a long request runs: new requests get 404, the running one finishes.
+    let port = server.port;
+    let long = std::thread::spawn(move || complete(port, json!({"model": "newbie", "prompt": "Once", "max_tokens": 120, "temperature": 0})));
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_dir_all(dir.path().join("newbie")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while complete(server.port, body.clone()).0 != 404 {
+        assert!(Instant::now() < deadline, "a deleted adapter is still served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (s, v) = long.join().unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 120);
+    assert_eq!(v["adapters"][0]["version"], 2);
+}
+
+#[test]
+fn sigterm_drains_running_requests_and_refuses_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let port = server.port;
+    let running = std::thread::spawn(move || complete(port, json!({"prompt": "Once", "max_tokens": 80, "temperature": 0})));
+    std::thread::sleep(Duration::from_millis(400));
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    std::thread::sleep(Duration::from_millis(100));
+    let (s, v) = complete(port, json!({"prompt": "Once", "max_tokens": 2}));
+    assert!(s == 503 || s == 0, "new request during drain: {s} {v}");
+    let (s, v) = running.join().unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 80);
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
