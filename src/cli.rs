@@ -25,6 +25,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Generate a completion for one prompt (prints text, or one JSON object with --json).
     Generate(GenerateArgs),
+    /// Load-test a running server (or write synthetic adapters with --make-adapters).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -99,6 +101,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
+        Command::Bench(args) => crate::bench::run(args),
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod adapters;
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;

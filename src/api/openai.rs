@@ -43,6 +43,8 @@ pub struct CommonParams {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     pub user: Option<String>,
+    /// Extension: keep generating past EOS (benchmarks want fixed output lengths).
+    pub ignore_eos: Option<bool>,
     pub adapters: Option<Vec<AdapterRef>>,
 }
 

@@ -141,7 +141,7 @@ fn common_draft(c: &CommonParams, mv: &ModelView<'_>, max_tokens: Option<i64>) -
             penalties: Penalties { presence, frequency },
             stop,
             logprobs: None,
-            stop_at_eos: true,
+            stop_at_eos: !c.ignore_eos.unwrap_or(false),
         },
         max_tokens,
         echo: false,
