@@ -8,7 +8,8 @@ use candle_nn::kv_cache::KvCache;
 /// Growth step of the buffers, in tokens: buffers grow by copying, so not every token.
 const GROW_BY: usize = 128;
 
-/// The KV cache of one sequence across all layers. Tensors are `(n_kv_heads, T, head_dim)`.
+/// The KV cache of one sequence across all layers. Tensors are token-major
+/// `(T, n_kv_heads, head_dim)`, so the cached prefix is a contiguous slice.
 #[derive(Debug, Clone)]
 pub struct SeqCache {
     layers: Vec<KvCache>,
@@ -18,7 +19,7 @@ impl SeqCache {
     /// `capacity_hint`: expected total tokens (prompt + generation), to avoid regrowth.
     pub fn new(num_layers: usize, capacity_hint: usize) -> Self {
         let cap = capacity_hint.div_ceil(GROW_BY).max(1) * GROW_BY;
-        Self { layers: (0..num_layers).map(|_| KvCache::new(1, cap)).collect() }
+        Self { layers: (0..num_layers).map(|_| KvCache::new(0, cap)).collect() }
     }
 
     /// Tokens already cached (the position of the next token).

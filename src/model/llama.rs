@@ -175,30 +175,35 @@ impl Llama {
         let q = block.proj[0].forward(h, lens, lora)?;
         let k = block.proj[1].forward(h, lens, lora)?;
         let v = block.proj[2].forward(h, lens, lora)?;
-        // (n, heads·hd) → (1, heads, n, hd): all tokens as one "sequence" so rope can use
-        // per-token cos/sin rows gathered by position.
-        let to_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
-        };
-        let q = self.rope(&to_heads(q, nh)?, cos, sin)?.squeeze(0)?;
-        let k = self.rope(&to_heads(k, nkv)?, cos, sin)?.squeeze(0)?;
-        let v = to_heads(v, nkv)?.squeeze(0)?;
+        // Token-major `(1, n, heads, hd)`: a sequence's rows are one contiguous slice, so
+        // decode needs no per-sequence copies; rope uses per-token cos/sin rows.
+        let q = self.rope(&q.reshape((1, n, nh, hd))?, cos, sin)?.squeeze(0)?;
+        let k = self.rope(&k.reshape((1, n, nkv, hd))?, cos, sin)?.squeeze(0)?;
+        let v = v.reshape((n, nkv, hd))?;
         let groups = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(lens.len());
         let mut offset = 0;
         for (i, &t) in lens.iter().enumerate() {
-            let q_s = q.narrow(1, offset, t)?.contiguous()?;
-            let k_s = k.narrow(1, offset, t)?;
-            let v_s = v.narrow(1, offset, t)?;
+            let q_s = q.narrow(0, offset, t)?;
+            let k_s = k.narrow(0, offset, t)?;
+            let v_s = v.narrow(0, offset, t)?;
+            // `(T, nkv, hd)`, contiguous prefixes of the cache buffers.
             let (k_all, v_all) = match caches.as_deref_mut() {
                 Some(c) => c[i].append(layer, &k_s, &v_s)?,
-                None => (k_s.contiguous()?, v_s.contiguous()?),
+                None => (k_s, v_s),
             };
-            let total = k_all.dim(1)?;
-            // GQA without copying K/V: query heads of one KV group become extra rows.
-            let qg = q_s.reshape((nkv, groups * t, hd))?;
-            let mut att = (qg.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
+            let total = k_all.dim(0)?;
+            // GQA without copying K/V: the query heads of one KV group become extra rows,
+            // `(nkv, groups·t, hd)`; for t = 1 this is a free reshape.
+            let qg = if t == 1 {
+                q_s.reshape((nkv, groups, hd))?
+            } else {
+                q_s.reshape((t, nkv, groups, hd))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((nkv, groups * t, hd))?
+            };
+            let k_heads = k_all.transpose(0, 1)?; // (nkv, T, hd), strided view
+            let v_heads = v_all.transpose(0, 1)?;
+            let mut att = (qg.matmul(&k_heads.t()?)? * scale)?.to_dtype(DType::F32)?;
             if t > 1 {
                 let mask = causal_mask(t, total, &self.device)?;
                 att = att.reshape((nkv, groups, t, total))?.broadcast_add(&mask)?.reshape((nkv, groups * t, total))?;
@@ -208,19 +213,25 @@ impl Llama {
             } else {
                 candle_nn::ops::softmax_last_dim(&att)?
             };
-            let o = att.to_dtype(self.dtype)?.matmul(&v_all.contiguous()?)?;
-            outs.push(o.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?);
+            let o = att.to_dtype(self.dtype)?.matmul(&v_heads)?; // (nkv, groups·t, hd)
+            outs.push(if t == 1 {
+                o.reshape((1, nh * hd))?
+            } else {
+                o.reshape((nkv, groups, t, hd))?.permute((2, 0, 1, 3))?.reshape((t, nh * hd))?
+            });
             offset += t;
         }
         let o = Tensor::cat(&outs, 0)?;
         block.proj[3].forward(&o, lens, lora)
     }
 
+    /// Rotary embedding of `(1, n, heads, hd)` with per-token `(n, hd/2)` cos/sin.
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         Ok(if self.differentiable {
-            candle_nn::rotary_emb::rope_slow(x, cos, sin)?
+            // rope_slow wants `(b, heads, n, hd)`.
+            candle_nn::rotary_emb::rope_slow(&x.transpose(1, 2)?, cos, sin)?.transpose(1, 2)?
         } else {
-            candle_nn::rotary_emb::rope(x, cos, sin)?
+            candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)?
         })
     }
 
