@@ -35,9 +35,9 @@ fn bench(c: &mut Criterion) {
         })
         .collect();
     let mut g = c.benchmark_group("lora_linear_b32_r8_distinct");
-    g.bench_function("base_only", |b| b.iter(|| layer.forward(&x, &lens, &StepLora::None).unwrap()));
-    g.bench_function("batched_fast_path", |b| b.iter(|| layer.forward(&x, &lens, &batched).unwrap()));
-    g.bench_function("per_row_reference", |b| b.iter(|| layer.forward(&x, &lens, &per_row).unwrap()));
+    g.bench_function("base_only", |b| b.iter(|| layer.forward(&x, &lens, &StepLora::None, false).unwrap()));
+    g.bench_function("batched_fast_path", |b| b.iter(|| layer.forward(&x, &lens, &batched, false).unwrap()));
+    g.bench_function("per_row_reference", |b| b.iter(|| layer.forward(&x, &lens, &per_row, false).unwrap()));
     g.bench_function("merged_per_row", |b| {
         b.iter(|| {
             let outs: Vec<Tensor> = merged.iter().enumerate().map(|(i, m)| x.narrow(0, i, 1).unwrap().matmul(&m.t().unwrap()).unwrap()).collect();

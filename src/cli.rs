@@ -27,6 +27,48 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Load-test a running server (or write synthetic adapters with --make-adapters).
     Bench(crate::bench::BenchArgs),
+    /// Fine-tune a LoRA adapter on SQuAD and write it in PEFT format.
+    Train(TrainArgs),
+    /// SQuAD exact match / F1 of the base model or an adapter mix.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// TOML recipe (keys = the flags with `_`); flags override it. E.g. config/train-squad.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub options: crate::train::TrainOptions,
+    /// Base weights storage for training (dense only). [default: f32]
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// No progress bar (logs still go to the adapter's training_log.jsonl).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// SQuAD JSON (v1.1/v2.0, optionally .gz) or JSONL.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// First N questions only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// `DIR_OR_NAME=SCALE`, repeatable; none = the base model.
+    #[arg(long = "adapter", value_name = "DIR_OR_NAME=SCALE")]
+    pub adapters: Vec<String>,
+    #[arg(long, env = "LORAPLEX_ADAPTERS", default_value = "adapters")]
+    pub adapters_dir: PathBuf,
+    /// Questions decoded together.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Write the JSON report (with every prediction) here.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +144,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Train(args) => run_train(args),
+        Command::Eval(args) => run_eval(args),
     }
 }
 
@@ -127,20 +171,71 @@ pub fn resolve_adapter_dir(spec: &str, adapters_dir: &Path) -> PathBuf {
     }
 }
 
+/// Loads `DIR_OR_NAME=SCALE` specs into a mix, with a JSON description of each entry.
+fn load_mix(specs: &[String], adapters_dir: &Path, cfg: &crate::model::LlamaConfig, device: &candle_core::Device) -> anyhow::Result<(AdapterMix, Vec<serde_json::Value>)> {
+    let mut entries = Vec::new();
+    let mut described = Vec::new();
+    for spec in specs {
+        let (name_or_dir, scale) = parse_adapter_spec(spec)?;
+        let dir = resolve_adapter_dir(&name_or_dir, adapters_dir);
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(name_or_dir);
+        let adapter = load_adapter(&dir, &name, cfg, device).with_context(|| format!("adapter `{}`", dir.display()))?;
+        described.push(serde_json::json!({"name": name, "scale": scale, "path": dir.display().to_string()}));
+        entries.push(MixEntry { adapter: Arc::new(adapter), scale });
+    }
+    Ok((AdapterMix::new(entries), described))
+}
+
+fn run_train(args: TrainArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading `{}`", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing `{}`", p.display()))?
+        }
+        None => crate::train::TrainOptions::default(),
+    };
+    let cfg = crate::train::TrainConfig::try_from(args.options.over(file))?;
+    crate::train::ensure_data(&cfg.data)?;
+    let device = candle_core::Device::Cpu;
+    let format = WeightFormat::parse(&args.dtype, &device)?;
+    if !matches!(format, WeightFormat::Dense(_)) {
+        bail!("training needs dense base weights (--dtype f32 or bf16)");
+    }
+    let mut loaded = load_model(&cfg.model, format, &device).with_context(|| format!("loading `{}`", cfg.model))?;
+    let o = crate::train::trainer::train(&mut loaded.model, &loaded.tokenizer, &cfg, !args.quiet)?;
+    let tokens: usize = o.log.iter().map(|l| l.tokens).sum();
+    println!(
+        "wrote {} — {} steps, final loss {:.4}, {} tokens in {:.0} s ({:.0} tok/s), peak memory {:.2} GB; {} usable examples, {} too long, {} unanswerable",
+        cfg.output.display(), o.log.len(), o.log.last().map_or(f64::NAN, |l| l.loss), tokens, o.seconds,
+        tokens as f64 / o.seconds.max(1e-9), o.peak_rss_bytes.unwrap_or(0) as f64 / 1e9, o.usable, o.skipped_long, o.skipped_unanswerable
+    );
+    Ok(())
+}
+
+fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.model.device)?;
+    let format = WeightFormat::parse(&args.model.dtype, &device)?;
+    let loaded = load_model(&args.model.model, format, &device).with_context(|| format!("loading `{}`", args.model.model))?;
+    let (mix, described) = load_mix(&args.adapters, &args.adapters_dir, &loaded.model.cfg, &device)?;
+    let mut examples = crate::train::squad::load(&args.data)?;
+    if let Some(n) = args.limit {
+        examples.truncate(n);
+    }
+    let report = crate::train::eval::evaluate(&loaded.model, &loaded.tokenizer, &examples, &mix, args.batch_size)?;
+    let label = if described.is_empty() { "base".to_string() } else { args.adapters.join(" + ") };
+    println!("| model | questions | EM | F1 | seconds |\n|---|---|---|---|---|\n| {label} | {} | {:.1} | {:.1} | {:.0} |", report.n, report.exact_match, report.f1, report.seconds);
+    if let Some(path) = &args.json_out {
+        let json = serde_json::json!({"data": args.data.display().to_string(), "adapters": described, "report": report});
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;
+    }
+    Ok(())
+}
+
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.model.device)?;
     let format = WeightFormat::parse(&args.model.dtype, &device)?;
     let loaded = load_model(&args.model.model, format, &device).with_context(|| format!("loading `{}`", args.model.model))?;
-    let mut entries = Vec::new();
-    let mut described = Vec::new();
-    for spec in &args.adapters {
-        let (name_or_dir, scale) = parse_adapter_spec(spec)?;
-        let dir = resolve_adapter_dir(&name_or_dir, &args.adapters_dir);
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(name_or_dir);
-        let adapter = load_adapter(&dir, &name, &loaded.model.cfg, &device).with_context(|| format!("adapter `{}`", dir.display()))?;
-        described.push(serde_json::json!({"name": name, "scale": scale, "path": dir.display().to_string()}));
-        entries.push(MixEntry { adapter: Arc::new(adapter), scale });
-    }
+    let (mix, described) = load_mix(&args.adapters, &args.adapters_dir, &loaded.model.cfg, &device)?;
     let text = if args.chat {
         loaded.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: args.prompt.clone() }])?
     } else {
@@ -152,7 +247,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let req = Request {
         prompt_ids: prompt_ids.clone(),
-        mix: AdapterMix::new(entries),
+        mix,
         max_tokens: args.max_tokens.max(1),
         sampling: SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed },
         penalties: Penalties::default(),

@@ -22,3 +22,4 @@ pub mod generate;
 pub mod model;
 pub mod runtime;
 pub mod serve;
+pub mod train;

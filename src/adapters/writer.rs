@@ -16,6 +16,11 @@ fn io(path: &Path, source: std::io::Error) -> AdapterError {
 /// Writes `weights` (`module → (A, B)`) and `config` as a PEFT folder at `dir`, replacing any
 /// previous content atomically (rename of a complete folder).
 pub fn save_adapter(dir: &Path, config: &PeftConfig, weights: &[(ModuleId, Tensor, Tensor)]) -> Result<(), AdapterError> {
+    save_adapter_with(dir, config, weights, &[])
+}
+
+/// [`save_adapter`] plus extra files (model card, logs, plots) written before the rename.
+pub fn save_adapter_with(dir: &Path, config: &PeftConfig, weights: &[(ModuleId, Tensor, Tensor)], extra: &[(&str, Vec<u8>)]) -> Result<(), AdapterError> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
@@ -32,6 +37,9 @@ pub fn save_adapter(dir: &Path, config: &PeftConfig, weights: &[(ModuleId, Tenso
     candle_core::safetensors::save(&tensors, tmp.join(WEIGHTS_FILE))?;
     let json = serde_json::to_string_pretty(&config.to_peft_json()).map_err(|e| AdapterError::ConfigJson(e.to_string()))?;
     std::fs::write(tmp.join(CONFIG_FILE), json).map_err(|e| io(&tmp, e))?;
+    for (name, bytes) in extra {
+        std::fs::write(tmp.join(name), bytes).map_err(|e| io(&tmp, e))?;
+    }
     if dir.exists() {
         let old = parent.join(format!(".{name}.old-{}", std::process::id()));
         std::fs::rename(dir, &old).map_err(|e| io(dir, e))?;

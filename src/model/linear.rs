@@ -66,9 +66,13 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
-    /// `x`: `(n_tokens, in)`, rows grouped by sequence with `seq_lens` tokens each.
-    pub fn forward(&self, x: &Tensor, seq_lens: &[usize], lora: &StepLora) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
+    /// `x`: `(n_tokens, in)`, rows grouped by sequence with `seq_lens` tokens each. With
+    /// `frozen_grad` (training), the base matmul skips the unused weight gradient.
+    pub fn forward(&self, x: &Tensor, seq_lens: &[usize], lora: &StepLora, frozen_grad: bool) -> Result<Tensor> {
+        let y = match (&self.base, frozen_grad) {
+            (BaseWeight::Dense(w), true) => super::frozen::frozen_matmul(x, w)?,
+            _ => self.base.forward(x)?,
+        };
         match lora.delta(self.id, x, seq_lens)? {
             Some(d) => Ok((y + d)?),
             None => Ok(y),

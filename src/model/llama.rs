@@ -133,7 +133,11 @@ impl Llama {
 
     /// Logits in f32 for hidden rows `(n, hidden)` → `(n, vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+        let y = match (&self.lm_head, self.differentiable) {
+            (BaseWeight::Dense(w), true) => super::frozen::frozen_matmul(hidden, w)?,
+            _ => self.lm_head.forward(hidden)?,
+        };
+        Ok(y.to_dtype(DType::F32)?)
     }
 
     /// The hidden row of each sequence's last token.
@@ -172,9 +176,9 @@ impl Llama {
         let (n, _) = h.dims2()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let lens = &input.seq_lens;
-        let q = block.proj[0].forward(h, lens, lora)?;
-        let k = block.proj[1].forward(h, lens, lora)?;
-        let v = block.proj[2].forward(h, lens, lora)?;
+        let q = block.proj[0].forward(h, lens, lora, self.differentiable)?;
+        let k = block.proj[1].forward(h, lens, lora, self.differentiable)?;
+        let v = block.proj[2].forward(h, lens, lora, self.differentiable)?;
         // Token-major `(1, n, heads, hd)`: a sequence's rows are one contiguous slice, so
         // decode needs no per-sequence copies; rope uses per-token cos/sin rows.
         let q = self.rope(&q.reshape((1, n, nh, hd))?, cos, sin)?.squeeze(0)?;
@@ -222,7 +226,7 @@ impl Llama {
             offset += t;
         }
         let o = Tensor::cat(&outs, 0)?;
-        block.proj[3].forward(&o, lens, lora)
+        block.proj[3].forward(&o, lens, lora, self.differentiable)
     }
 
     /// Rotary embedding of `(1, n, heads, hd)` with per-token `(n, hd/2)` cos/sin.
@@ -236,10 +240,10 @@ impl Llama {
     }
 
     fn mlp(&self, block: &Block, h: &Tensor, lens: &[usize], lora: &StepLora) -> Result<Tensor> {
-        let gate = block.proj[4].forward(h, lens, lora)?;
-        let up = block.proj[5].forward(h, lens, lora)?;
+        let gate = block.proj[4].forward(h, lens, lora, self.differentiable)?;
+        let up = block.proj[5].forward(h, lens, lora, self.differentiable)?;
         let act = (candle_nn::ops::silu(&gate)? * up)?;
-        block.proj[6].forward(&act, lens, lora)
+        block.proj[6].forward(&act, lens, lora, self.differentiable)
     }
 
     /// A copy whose weights are `W + Σ c_i B_i A_i` for `mix` (dense f32): the merged path that

@@ -15,6 +15,10 @@ pub enum StepLora {
     Batched(BatchedLora),
     /// Reference path: loop over sequences and their mix terms, exactly as PEFT writes it.
     PerRow(Vec<AdapterMix>),
+    /// Training: the reference path (differentiable) with LoRA dropout on its input, as PEFT
+    /// applies it (`B(A(dropout(x)))`).
+    /// Masks are drawn from `seed` and the module, so a step is reproducible.
+    Training { mixes: Vec<AdapterMix>, dropout: f32, seed: u64 },
 }
 
 /// Stacked LoRA operands of one module for `S` sequences, each padded to the largest summed
@@ -63,6 +67,10 @@ impl StepLora {
                 None => Ok(None),
             },
             StepLora::PerRow(mixes) => per_row_delta(id, mixes, x, seq_lens),
+            StepLora::Training { mixes, dropout, seed } => {
+                let x = if *dropout > 0.0 { seeded_dropout(x, *dropout, seed ^ (id.index() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))? } else { x.clone() };
+                per_row_delta(id, mixes, &x, seq_lens)
+            }
         }
     }
 }
@@ -125,6 +133,16 @@ impl ModuleLora {
 }
 
 /// Reference: for every sequence and every term, `c · (x Aᵀ) Bᵀ`, summed (PEFT's forward).
+/// Inverted dropout with a mask from a seeded RNG (candle's own dropout is not seedable on CPU).
+fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
 fn per_row_delta(id: ModuleId, mixes: &[AdapterMix], x: &Tensor, seq_lens: &[usize]) -> Result<Option<Tensor>> {
     let Some(fan_out) = mixes.iter().flat_map(|m| m.terms(id)).next().map(|(w, _)| w.b.dim(0)).transpose()? else {
         return Ok(None);

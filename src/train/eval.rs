@@ -1,0 +1,75 @@
+//! SQuAD evaluation: batched greedy answers for the base model or any adapter mix, scored
+//! with the official EM/F1 (best over the references), as a JSON report and a short table.
+
+use super::metrics::score;
+use super::params::LoraParams;
+use super::squad::{self, QaExample};
+use crate::adapters::AdapterMix;
+use crate::engine::{LoraPath, Request};
+use crate::generate::generate;
+use crate::model::tokenizer::TextTokenizer;
+use crate::model::Llama;
+use serde::Serialize;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Generation stops at EOS, a new `###` section, or a blank line.
+pub const STOPS: [&str; 2] = ["\n###", "\n\n"];
+pub const MAX_NEW_TOKENS: usize = 32;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    pub id: String,
+    pub prediction: String,
+    pub answers: Vec<String>,
+    pub exact_match: f64,
+    pub f1: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub n: usize,
+    /// Percentages, as the official script prints them.
+    pub exact_match: f64,
+    pub f1: f64,
+    pub seconds: f64,
+    pub predictions: Vec<Prediction>,
+}
+
+/// Answers and scores `examples` with `mix`, `batch` questions at a time.
+pub fn evaluate(model: &Llama, tok: &TextTokenizer, examples: &[QaExample], mix: &AdapterMix, batch: usize) -> anyhow::Result<EvalReport> {
+    let started = std::time::Instant::now();
+    let mut predictions = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(batch.max(1)) {
+        let reqs: Vec<Request> = chunk
+            .iter()
+            .map(|ex| {
+                let ids = tok.encode(&squad::prompt(ex))?;
+                Ok(Request { stop: STOPS.iter().map(|s| s.to_string()).collect(), ..Request::greedy(ids, mix.clone(), MAX_NEW_TOKENS) })
+            })
+            .collect::<crate::model::Result<_>>()?;
+        let outs = generate(model, tok, &reqs, LoraPath::Batched)?;
+        for (ex, out) in chunk.iter().zip(outs) {
+            let prediction = out.text.trim().to_string();
+            let (em, f1) = score(&prediction, &ex.answers);
+            predictions.push(Prediction { id: ex.id.clone(), prediction, answers: ex.answers.clone(), exact_match: em, f1 });
+        }
+    }
+    let n = predictions.len().max(1) as f64;
+    Ok(EvalReport {
+        n: predictions.len(),
+        exact_match: 100.0 * predictions.iter().map(|p| p.exact_match).sum::<f64>() / n,
+        f1: 100.0 * predictions.iter().map(|p| p.f1).sum::<f64>() / n,
+        seconds: started.elapsed().as_secs_f64(),
+        predictions,
+    })
+}
+
+/// A dev-slice evaluation of parameters in training (used by `--eval-every`).
+pub fn evaluate_params(model: &Llama, tok: &TextTokenizer, params: &LoraParams, data: &Path, limit: usize) -> anyhow::Result<EvalReport> {
+    let examples: Vec<QaExample> = squad::load(data)?.into_iter().take(limit).collect();
+    let mut inference = model.clone();
+    inference.differentiable = false;
+    let adapter = Arc::new(params.detached_adapter(&model.cfg, "in-training")?);
+    evaluate(&inference, tok, &examples, &AdapterMix::single(adapter, 1.0), 16)
+}
