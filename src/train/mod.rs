@@ -100,6 +100,9 @@ pub struct TrainOptions {
     /// Questions in the dev slice. [default: 50]
     #[arg(long)]
     pub eval_limit: Option<usize>,
+    /// Stop (leaving a checkpoint) after this many steps: simulates an interruption in tests.
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
 }
 
 macro_rules! merge_train {
@@ -110,7 +113,7 @@ impl TrainOptions {
     pub fn over(self, lower: TrainOptions) -> TrainOptions {
         merge_train!(self, lower, model, data, output, rank, alpha, dropout, target_modules, rslora, steps, epochs,
             batch_size, grad_accum, lr, warmup_steps, schedule, weight_decay, max_grad_norm, max_seq_len, overflow, seed,
-            checkpoint_every, resume, eval_every, eval_data, eval_limit)
+            checkpoint_every, resume, eval_every, eval_data, eval_limit, stop_after)
     }
 }
 
@@ -142,6 +145,7 @@ pub struct TrainConfig {
     pub eval_every: usize,
     pub eval_data: Option<PathBuf>,
     pub eval_limit: usize,
+    pub stop_after: Option<usize>,
 }
 
 impl TryFrom<TrainOptions> for TrainConfig {
@@ -174,6 +178,7 @@ impl TryFrom<TrainOptions> for TrainConfig {
             eval_every: o.eval_every.unwrap_or(0),
             eval_data: o.eval_data,
             eval_limit: o.eval_limit.unwrap_or(50),
+            stop_after: o.stop_after,
         };
         if c.rank == 0 || c.batch_size == 0 || c.grad_accum == 0 || c.max_seq_len < 16 {
             bail!("rank, batch-size and grad-accum must be at least 1, max-seq-len at least 16");

@@ -109,8 +109,11 @@ fn load_checkpoint(dir: &Path, params: &LoraParams, opt: &mut AdamW) -> anyhow::
     Ok((meta.step, meta.log))
 }
 
-/// What a finished run reports.
+/// What a run reports.
 pub struct TrainOutcome {
+    pub params: LoraParams,
+    /// All steps ran (not stopped early by `stop_after`).
+    pub finished: bool,
     pub log: Vec<StepLog>,
     pub usable: usize,
     pub skipped_long: usize,
@@ -151,6 +154,23 @@ pub fn train(model: &mut Llama, tok: &crate::model::tokenizer::TextTokenizer, cf
         }
     }
     anyhow::ensure!(!examples.is_empty(), "no usable training examples in `{}`", cfg.data.display());
+    let mut outcome = train_on(model, &examples, cfg, progress, Some(tok))?;
+    outcome.skipped_long = skipped_long;
+    outcome.skipped_unanswerable = skipped_unanswerable;
+    if outcome.finished {
+        write_output(cfg, &outcome.params, &outcome)?;
+    }
+    let ckpt = checkpoint_dir(&cfg.output);
+    if outcome.finished && ckpt.exists() {
+        std::fs::remove_dir_all(&ckpt)?;
+    }
+    Ok(outcome)
+}
+
+/// Trains on tokenized examples and returns the parameters and log (writes checkpoints, not
+/// the adapter). Stops early, leaving a checkpoint, at `cfg.stop_after` (tests of `--resume`).
+pub fn train_on(model: &mut Llama, examples: &[TrainExample], cfg: &TrainConfig, progress: bool, eval_tok: Option<&crate::model::tokenizer::TextTokenizer>) -> anyhow::Result<TrainOutcome> {
+    let per_step = cfg.batch_size * cfg.grad_accum;
     let total = cfg.steps.unwrap_or_else(|| ((cfg.epochs.unwrap_or(1.0) * examples.len() as f64) / per_step as f64).ceil() as usize).max(1);
     let peft = PeftConfig::from_json(&serde_json::json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
@@ -205,8 +225,13 @@ pub fn train(model: &mut Llama, tok: &crate::model::tokenizer::TextTokenizer, cf
         if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 && step + 1 < total {
             save_checkpoint(&ckpt, step + 1, &params, &opt, cfg.seed, &log)?;
         }
+        if cfg.stop_after.is_some_and(|n| step + 1 >= n) && step + 1 < total {
+            save_checkpoint(&ckpt, step + 1, &params, &opt, cfg.seed, &log)?;
+            break;
+        }
         if cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0 {
             if let Some(dev) = &cfg.eval_data {
+                let Some(tok) = eval_tok else { continue };
                 let r = super::eval::evaluate_params(model, tok, &params, dev, cfg.eval_limit)?;
                 bar.println(format!("step {}: dev EM {:.1} F1 {:.1} on {} questions", step + 1, r.exact_match, r.f1, r.n));
             }
@@ -214,12 +239,16 @@ pub fn train(model: &mut Llama, tok: &crate::model::tokenizer::TextTokenizer, cf
     }
     bar.finish();
     model.differentiable = false;
-    let outcome = TrainOutcome { log, usable: examples.len(), skipped_long, skipped_unanswerable, seconds: started.elapsed().as_secs_f64(), peak_rss_bytes: peak_rss_bytes() };
-    write_output(cfg, &params, &outcome)?;
-    if ckpt.exists() {
-        std::fs::remove_dir_all(&ckpt)?;
-    }
-    Ok(outcome)
+    Ok(TrainOutcome {
+        finished: log.len() >= total,
+        log,
+        usable: examples.len(),
+        skipped_long: 0,
+        skipped_unanswerable: 0,
+        seconds: started.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+        params,
+    })
 }
 
 fn progress_bar(total: usize, start: usize, visible: bool) -> indicatif::ProgressBar {

@@ -2,6 +2,8 @@
 //! real default model's location.
 #![allow(dead_code)]
 
+pub mod server;
+
 use candle_core::{Device, Tensor};
 use loraplex::adapters::{load_adapter, LoraAdapter, PeftConfig};
 use loraplex::model::random::RandomSource;
