@@ -139,7 +139,17 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
+/// Logs to stderr, as text or JSON lines; `LORAPLEX_LOG` sets the filter (default `info`).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LORAPLEX_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logging(false);
+    }
     match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
@@ -285,5 +295,6 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         None => crate::config::ServeOptions::default(),
     };
     let cfg = crate::config::ServeConfig::try_from(args.options.over(file))?;
+    init_logging(cfg.log_json);
     crate::serve::run(cfg)
 }

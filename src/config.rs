@@ -73,6 +73,16 @@ pub struct ServeOptions {
     /// How long SIGTERM waits for running requests before exiting, in seconds. [default: 30]
     #[arg(long, env = "LORAPLEX_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: Option<u64>,
+    /// `text` or `json` log lines. [default: text]
+    #[arg(long, env = "LORAPLEX_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Also export the series the Gateway API Inference Extension's endpoint picker reads
+    /// (vLLM's names: `vllm:num_requests_waiting`, …). [default: false]
+    #[arg(long, env = "LORAPLEX_GATEWAY_METRICS")]
+    pub gateway_metrics: Option<bool>,
+    /// Distinct adapter label values in metrics; later adapters count as `adapter="other"`. [default: 100]
+    #[arg(long, env = "LORAPLEX_METRICS_ADAPTER_CAP")]
+    pub metrics_adapter_cap: Option<usize>,
 }
 
 macro_rules! merge_fields {
@@ -85,7 +95,7 @@ impl ServeOptions {
         merge_fields!(self, lower, model, adapters, host, port, device, dtype, api_key, admin_key,
             max_batch_size, max_waiting, max_prefill_tokens, max_prompt_tokens, max_total_tokens,
             default_max_tokens, max_adapters_per_request, adapter_budget_bytes, max_body_bytes, max_n,
-            rescan_interval_ms, drain_timeout_secs)
+            rescan_interval_ms, drain_timeout_secs, log_format, gateway_metrics, metrics_adapter_cap)
     }
 
     pub fn from_toml_file(path: &Path) -> anyhow::Result<ServeOptions> {
@@ -143,6 +153,9 @@ pub struct ServeConfig {
     pub adapter_budget_bytes: usize,
     pub rescan_interval: Duration,
     pub drain_timeout: Duration,
+    pub log_json: bool,
+    pub gateway_metrics: bool,
+    pub metrics_adapter_cap: usize,
 }
 
 impl TryFrom<ServeOptions> for ServeConfig {
@@ -177,6 +190,13 @@ impl TryFrom<ServeOptions> for ServeConfig {
             adapter_budget_bytes: o.adapter_budget_bytes.unwrap_or(1 << 30),
             rescan_interval: Duration::from_millis(o.rescan_interval_ms.unwrap_or(2000)),
             drain_timeout: Duration::from_secs(o.drain_timeout_secs.unwrap_or(30)),
+            log_json: match o.log_format.as_deref() {
+                None | Some("text") => false,
+                Some("json") => true,
+                Some(other) => bail!("`log_format` must be `text` or `json`, got `{other}`"),
+            },
+            gateway_metrics: o.gateway_metrics.unwrap_or(false),
+            metrics_adapter_cap: o.metrics_adapter_cap.unwrap_or(100),
         };
         for (name, v) in [
             ("max_batch_size", cfg.engine.max_batch_size),

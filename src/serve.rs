@@ -14,27 +14,37 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Loads the model, starts the engine thread, the registry and its watcher.
-pub fn load_backend(cfg: &ServeConfig) -> anyhow::Result<Backend> {
+pub fn load_backend(cfg: &ServeConfig, metrics: Option<Arc<crate::metrics::Metrics>>) -> anyhow::Result<Backend> {
     let device = parse_device(&cfg.device)?;
     let format = WeightFormat::parse(&cfg.dtype, &device)?;
     let started = Instant::now();
     let loaded = load_model(&cfg.model, format, &device).with_context(|| format!("loading model `{}`", cfg.model))?;
     let model_cfg = loaded.model.cfg.clone();
     tracing::info!(model = %loaded.id, %format, secs = started.elapsed().as_secs_f32(), "model loaded");
-    let registry = Arc::new(
-        Registry::new(&cfg.adapters, model_cfg.clone(), device, cfg.adapter_budget_bytes)
-            .with_context(|| format!("opening adapters folder `{}`", cfg.adapters.display()))?,
-    );
+    let mut registry = Registry::new(&cfg.adapters, model_cfg.clone(), device, cfg.adapter_budget_bytes)
+        .with_context(|| format!("opening adapters folder `{}`", cfg.adapters.display()))?;
+    if let Some(m) = &metrics {
+        registry = registry.with_metrics(m.clone());
+    }
+    let registry = Arc::new(registry);
     crate::adapters::watcher::spawn(registry.clone(), cfg.rescan_interval)?;
     tracing::info!(root = %registry.root().display(), adapters = registry.list().len(), "adapter registry ready");
     let tokenizer = Arc::new(loaded.tokenizer);
-    let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine)?;
+    let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine, metrics)?;
     Ok(Backend { engine, tokenizer, registry, model_id: loaded.id, context_len: model_cfg.max_position_embeddings })
+}
+
+/// The metrics registry of a server with this configuration.
+pub fn new_metrics(cfg: &ServeConfig) -> anyhow::Result<Arc<crate::metrics::Metrics>> {
+    let build = [env!("CARGO_PKG_VERSION"), option_env!("LORAPLEX_GIT_COMMIT").unwrap_or("unknown"), cfg.device.as_str(), cfg.dtype.as_str(), cfg.model.as_str()];
+    Ok(Arc::new(crate::metrics::Metrics::new(cfg.metrics_adapter_cap, cfg.gateway_metrics, build)?))
 }
 
 pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let backend: Arc<OnceLock<Backend>> = Arc::new(OnceLock::new());
+    let metrics = new_metrics(&cfg)?;
     let state = web::Data::new(AppState {
+        metrics: metrics.clone(),
         backend: backend.clone(),
         limits: cfg.limits.clone(),
         api_key: cfg.api_key.clone(),
@@ -59,7 +69,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         tracing::info!("listening on http://{}:{}", cfg.host, cfg.port);
         let handle = server.handle();
         let loading = backend.clone();
-        std::thread::Builder::new().name("loraplex-loader".into()).spawn(move || match load_backend(&cfg) {
+        std::thread::Builder::new().name("loraplex-loader".into()).spawn(move || match load_backend(&cfg, Some(metrics)) {
             Ok(b) => {
                 let _ = loading.set(b);
                 tracing::info!("ready");

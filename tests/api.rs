@@ -22,8 +22,9 @@ fn ctx_with(edit: impl FnOnce(&mut ServeOptions)) -> Ctx {
     edit(&mut opts);
     let cfg = ServeConfig::try_from(opts).unwrap();
     let backend = Arc::new(OnceLock::new());
-    let _ = backend.set(loraplex::serve::load_backend(&cfg).unwrap());
-    let state = web::Data::new(AppState { backend, limits: cfg.limits.clone(), api_key: cfg.api_key.clone(), admin_key: cfg.admin_key.clone() });
+    let metrics = loraplex::serve::new_metrics(&cfg).unwrap();
+    let _ = backend.set(loraplex::serve::load_backend(&cfg, Some(metrics.clone())).unwrap());
+    let state = web::Data::new(AppState { backend, metrics, limits: cfg.limits.clone(), api_key: cfg.api_key.clone(), admin_key: cfg.admin_key.clone() });
     Ctx { state, _dir: dir }
 }
 
@@ -231,7 +232,9 @@ async fn auth_keys_are_enforced() {
 
 #[actix_web::test]
 async fn not_ready_is_503() {
-    let state = web::Data::new(AppState { backend: Arc::new(OnceLock::new()), limits: Default::default(), api_key: None, admin_key: None });
+    let cfg = ServeConfig::try_from(ServeOptions::default()).unwrap();
+    let metrics = loraplex::serve::new_metrics(&cfg).unwrap();
+    let state = web::Data::new(AppState { backend: Arc::new(OnceLock::new()), metrics, limits: Default::default(), api_key: None, admin_key: None });
     let app = test::init_service(App::new().app_data(state).configure(api::configure)).await;
     let (s, v) = call(&app, test::TestRequest::get().uri("/ready")).await;
     assert_error(s, &v, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable");

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 fn engine(cfg: EngineConfig) -> (Engine, Arc<loraplex::adapters::LoraAdapter>) {
     let m = load_model(real_model_path().to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu).unwrap();
     let qa = Arc::new(load_adapter(&shared_dir().join("adapters/qa-r8"), "qa-r8", &m.model.cfg, &Device::Cpu).unwrap());
-    (Engine::start(m.model, Arc::new(m.tokenizer), cfg).unwrap(), qa)
+    (Engine::start(m.model, Arc::new(m.tokenizer), cfg, None).unwrap(), qa)
 }
 
 fn wait_idle(e: &Engine, within: Duration) -> bool {

@@ -108,6 +108,7 @@ pub struct Registry {
     /// Serialises loads so that budget accounting sees one load at a time.
     load_lock: Mutex<()>,
     pub stats: RegistryStats,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// A plain folder name: no separators, no `..`, no NUL, not hidden.
@@ -137,9 +138,16 @@ impl Registry {
             clock: AtomicU64::new(1),
             load_lock: Mutex::new(()),
             stats: RegistryStats::default(),
+            metrics: None,
         };
         reg.rescan();
         Ok(reg)
+    }
+
+    /// Reports lifecycle events (loads, evictions, reloads) to `metrics` too.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -199,6 +207,9 @@ impl Registry {
                 e.error = None;
                 if e.loaded.take().is_some() {
                     self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+                    if let Some(m) = &self.metrics {
+                        m.adapter_reloads.inc();
+                    }
                 }
                 true
             }
@@ -263,6 +274,9 @@ impl Registry {
         match result {
             Err(err) => {
                 self.stats.loads_failed.fetch_add(1, Ordering::Relaxed);
+                if let Some(m) = &self.metrics {
+                    m.adapter_loads.with_label_values(&["error"]).inc();
+                }
                 let error = err.to_string();
                 tracing::warn!(adapter = name, %error, "adapter failed to load");
                 e.error = Some(error.clone());
@@ -288,6 +302,10 @@ impl Registry {
                 e.last_used = now;
                 e.loaded = Some(adapter.clone());
                 self.stats.loads_ok.fetch_add(1, Ordering::Relaxed);
+                if let Some(m) = &self.metrics {
+                    m.adapter_loads.with_label_values(&["ok"]).inc();
+                    m.adapter_load_duration.observe(started.elapsed().as_secs_f64());
+                }
                 tracing::info!(adapter = name, version, size, ms = started.elapsed().as_millis() as u64, "adapter loaded");
                 Ok(adapter)
             }
@@ -315,6 +333,9 @@ impl Registry {
             if let Some(mut e) = self.entries.get_mut(&victim) {
                 e.loaded = None;
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                if let Some(m) = &self.metrics {
+                    m.adapter_evictions.inc();
+                }
                 tracing::info!(adapter = victim, "adapter evicted (LRU)");
             }
         }
@@ -336,6 +357,9 @@ impl Registry {
                 e.version += 1;
                 if e.loaded.take().is_some() {
                     self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+                    if let Some(m) = &self.metrics {
+                        m.adapter_reloads.inc();
+                    }
                 }
             }
         }
@@ -358,6 +382,14 @@ impl Registry {
 
     pub fn info(&self, name: &str) -> Option<AdapterInfo> {
         self.entries.get(name).map(|e| to_info(e.key(), &e))
+    }
+
+    /// `(known, resident, failed)` adapter counts.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let known = self.entries.len();
+        let resident = self.entries.iter().filter(|e| e.loaded.is_some()).count();
+        let failed = self.entries.iter().filter(|e| e.loaded.is_none() && e.error.is_some()).count();
+        (known, resident, failed)
     }
 
     /// Every known adapter, sorted by name.

@@ -5,6 +5,7 @@ use super::error::ApiError;
 use super::openai::*;
 use super::stream::{collect, sse_response, ChoiceResult, Endpoint, ResponseMeta};
 use super::validate::{self, max_tokens_for, Draft, ModelView};
+use super::observe::{RequestFacts, RequestId, StreamObs};
 use super::{authorize, AppState, Backend, Scope};
 use crate::adapters::{AdapterMix, MixEntry};
 use crate::engine::TokenEvent;
@@ -84,9 +85,11 @@ pub async fn completions(req: HttpRequest, state: Data, payload: web::Payload) -
     let mv = view(b, &state);
     let draft = validate::completion(&wire, &mv)?;
     let (mix, applied) = resolve_mix(b, &draft.adapters).await?;
+    note_adapters(&req, &applied);
     let rxs = submit_all(b, &draft, &mix, &mv)?;
     let mut meta = ResponseMeta::new(Endpoint::Completion, wire.common.model.clone().unwrap_or_else(|| b.model_id.clone()), applied);
     meta.logprobs = draft.template.logprobs.is_some();
+    meta.obs = stream_obs(&req, &state, "completions");
     if draft.stream {
         return Ok(sse_response(rxs, meta, b.tokenizer.clone(), draft.include_usage, draft.n));
     }
@@ -111,6 +114,7 @@ pub async fn completions(req: HttpRequest, state: Data, payload: web::Payload) -
         })
         .collect();
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    note_usage(&req, &usage);
     Ok(HttpResponse::Ok().json(meta.envelope("text_completion", choices, Some(usage))))
 }
 
@@ -122,9 +126,11 @@ pub async fn chat_completions(req: HttpRequest, state: Data, payload: web::Paylo
     let mv = view(b, &state);
     let draft = validate::chat(&wire, &mv)?;
     let (mix, applied) = resolve_mix(b, &draft.adapters).await?;
+    note_adapters(&req, &applied);
     let rxs = submit_all(b, &draft, &mix, &mv)?;
     let mut meta = ResponseMeta::new(Endpoint::Chat, wire.common.model.clone().unwrap_or_else(|| b.model_id.clone()), applied);
     meta.logprobs = draft.template.logprobs.is_some();
+    meta.obs = stream_obs(&req, &state, "chat_completions");
     if draft.stream {
         return Ok(sse_response(rxs, meta, b.tokenizer.clone(), draft.include_usage, draft.n));
     }
@@ -142,7 +148,62 @@ pub async fn chat_completions(req: HttpRequest, state: Data, payload: web::Paylo
         })
         .collect();
     let usage = UsageOut { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
+    note_usage(&req, &usage);
     Ok(HttpResponse::Ok().json(meta.envelope("chat.completion", choices, Some(usage))))
+}
+
+/// Remembers the resolved adapters for the access log and counters.
+fn note_adapters(req: &HttpRequest, applied: &[AppliedAdapter]) {
+    use actix_web::HttpMessage;
+    req.extensions_mut().insert(RequestFacts { adapters: applied.iter().map(|a| a.name.clone()).collect(), ..Default::default() });
+}
+
+fn note_usage(req: &HttpRequest, usage: &UsageOut) {
+    use actix_web::HttpMessage;
+    if let Some(f) = req.extensions_mut().get_mut::<RequestFacts>() {
+        f.prompt_tokens = usage.prompt_tokens;
+        f.completion_tokens = usage.completion_tokens;
+    }
+}
+
+fn stream_obs(req: &HttpRequest, state: &AppState, endpoint: &'static str) -> Option<StreamObs> {
+    use actix_web::HttpMessage;
+    let ext = req.extensions();
+    Some(StreamObs {
+        metrics: state.metrics.clone(),
+        endpoint,
+        facts: ext.get::<RequestFacts>().cloned().unwrap_or_default(),
+        started: ext.get::<std::time::Instant>().copied().unwrap_or_else(std::time::Instant::now),
+        request_id: ext.get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default(),
+    })
+}
+
+/// Prometheus text exposition; live gauges are sampled now.
+pub async fn metrics(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Scope::Inference)?;
+    let mut snap = crate::metrics::Snapshot::default();
+    if let Some(b) = state.backend.get() {
+        use std::sync::atomic::Ordering;
+        let st = b.engine.stats();
+        let cfg = b.engine.config();
+        let max_seq = state.limits.max_total_tokens.map_or(b.context_len, |t| t.min(b.context_len));
+        let (known, resident, failed) = b.registry.counts();
+        snap = crate::metrics::Snapshot {
+            running: st.running.load(Ordering::SeqCst),
+            waiting: st.waiting.load(Ordering::SeqCst),
+            kv_tokens: st.kv_tokens.load(Ordering::Relaxed),
+            kv_capacity: cfg.max_batch_size * max_seq,
+            adapters_known: known,
+            adapters_resident: resident,
+            adapters_failed: failed,
+            resident_bytes: b.registry.resident_bytes(),
+            budget_bytes: b.registry.budget_bytes(),
+            max_lora: state.limits.max_adapters_per_request,
+            running_adapters: st.adapters_running.lock().map(|v| v.clone()).unwrap_or_default(),
+            waiting_adapters: st.adapters_waiting.lock().map(|v| v.clone()).unwrap_or_default(),
+        };
+    }
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.metrics.render(&snap)))
 }
 
 pub async fn health() -> HttpResponse {

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod handlers;
+pub mod observe;
 pub mod openai;
 pub mod stream;
 pub mod validate;
@@ -28,6 +29,7 @@ pub struct Backend {
 /// Shared by all HTTP workers. `backend` is empty until the model has loaded (`/ready` 503).
 pub struct AppState {
     pub backend: Arc<OnceLock<Backend>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub limits: Limits,
     pub api_key: Option<String>,
     pub admin_key: Option<String>,
@@ -41,8 +43,17 @@ impl AppState {
 
 /// Registers every route on `cfg`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("")
+            .wrap(actix_web::middleware::from_fn(observe::middleware))
+            .configure(routes),
+    );
+}
+
+fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(handlers::health))
         .route("/ready", web::get().to(handlers::ready))
+        .route("/metrics", web::get().to(handlers::metrics))
         .route("/v1/models", web::get().to(handlers::models))
         .route("/v1/completions", web::post().to(handlers::completions))
         .route("/v1/chat/completions", web::post().to(handlers::chat_completions))

@@ -29,13 +29,15 @@ pub struct ResponseMeta {
     pub adapters: Vec<AppliedAdapter>,
     /// The request asked for log-probabilities.
     pub logprobs: bool,
+    /// How a stream records itself when it ends.
+    pub obs: Option<super::observe::StreamObs>,
 }
 
 impl ResponseMeta {
     pub fn new(endpoint: Endpoint, model: String, adapters: Vec<AppliedAdapter>) -> Self {
         let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
         let id = format!("{prefix}-{:016x}", rand::random::<u64>());
-        Self { endpoint, id, created: super::handlers::now_secs(), model, adapters, logprobs: false }
+        Self { endpoint, id, created: super::handlers::now_secs(), model, adapters, logprobs: false, obs: None }
     }
 
     pub fn envelope<C>(&self, object: &'static str, choices: Vec<C>, usage: Option<UsageOut>) -> Envelope<C> {
@@ -190,8 +192,9 @@ pub fn sse_response(rxs: Vec<UnboundedReceiver<TokenEvent>>, meta: ResponseMeta,
         tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| (i, ev))
     });
     let events = stream::select_all(tagged);
-    let state = (events, vec![true; n], 0usize, Usage::default(), false);
-    let body = stream::unfold(state, move |(mut events, mut first, mut done, mut usage, ended)| {
+    let guard = super::observe::StreamGuard { obs: meta.obs.clone(), completed: false, usage: (0, 0) };
+    let state = (events, vec![true; n], 0usize, Usage::default(), false, guard);
+    let body = stream::unfold(state, move |(mut events, mut first, mut done, mut usage, ended, mut guard)| {
         let meta = meta.clone();
         let tok = tok.clone();
         async move {
@@ -205,7 +208,7 @@ pub fn sse_response(rxs: Vec<UnboundedReceiver<TokenEvent>>, meta: ResponseMeta,
                             let err = ApiError::internal(msg);
                             let mut out = sse(&err.body()).to_vec();
                             out.extend_from_slice(b"data: [DONE]\n\n");
-                            return Some((Ok::<_, actix_web::Error>(Bytes::from(out)), (events, first, done, usage, true)));
+                            return Some((Ok::<_, actix_web::Error>(Bytes::from(out)), (events, first, done, usage, true, guard)));
                         }
                         if let TokenEvent::Done { usage: u, .. } = &ev {
                             done += 1;
@@ -223,10 +226,12 @@ pub fn sse_response(rxs: Vec<UnboundedReceiver<TokenEvent>>, meta: ResponseMeta,
                                 out.extend_from_slice(&sse(&meta.envelope::<Value>(object, vec![], Some(u))));
                             }
                             out.extend_from_slice(b"data: [DONE]\n\n");
-                            return Some((Ok(Bytes::from(out)), (events, first, done, usage, true)));
+                            guard.completed = true;
+                            guard.usage = (usage.prompt_tokens, usage.completion_tokens);
+                            return Some((Ok(Bytes::from(out)), (events, first, done, usage, true, guard)));
                         }
                         if !out.is_empty() {
-                            return Some((Ok(Bytes::from(out)), (events, first, done, usage, false)));
+                            return Some((Ok(Bytes::from(out)), (events, first, done, usage, false, guard)));
                         }
                     }
                     None => return None,

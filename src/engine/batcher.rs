@@ -26,6 +26,7 @@ pub struct StepReport {
 }
 
 pub struct Batcher<'m> {
+    pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     model: &'m Llama,
     tok: &'m TextTokenizer,
     path: LoraPath,
@@ -36,7 +37,7 @@ pub struct Batcher<'m> {
 
 impl<'m> Batcher<'m> {
     pub fn new(model: &'m Llama, tok: &'m TextTokenizer, path: LoraPath) -> Self {
-        Self { model, tok, path, running: Vec::new(), lora: None }
+        Self { metrics: None, model, tok, path, running: Vec::new(), lora: None }
     }
 
     pub fn add(&mut self, seq: Sequence) {
@@ -55,7 +56,9 @@ impl<'m> Batcher<'m> {
     /// Runs one forward for every running sequence and retires the finished ones.
     pub fn step(&mut self) -> StepReport {
         let before = self.running.len();
-        self.running.retain(|s| !s.is_cancelled());
+        let (cancelled, running): (Vec<Sequence>, Vec<Sequence>) = std::mem::take(&mut self.running).into_iter().partition(|s| s.is_cancelled());
+        self.running = running;
+        cancelled.iter().for_each(|s| self.count_tokens(s));
         let mut report = StepReport { cancelled: before - self.running.len(), ..Default::default() };
         if self.running.is_empty() {
             return report;
@@ -77,9 +80,21 @@ impl<'m> Batcher<'m> {
             }
         }
         let before = self.running.len();
-        self.running.retain(|s| s.finished.is_none());
+        let (done, running): (Vec<Sequence>, Vec<Sequence>) = std::mem::take(&mut self.running).into_iter().partition(|s| s.finished.is_some());
+        self.running = running;
+        done.iter().for_each(|s| self.count_tokens(s));
         report.finished = before - self.running.len();
         report
+    }
+
+    /// Adds a retiring sequence's prompt and generated tokens to the per-adapter counters.
+    fn count_tokens(&self, s: &Sequence) {
+        let Some(m) = &self.metrics else { return };
+        let names: Vec<String> = s.req.mix.entries.iter().map(|e| e.adapter.name.clone()).collect();
+        for label in m.mix_labels(&names) {
+            m.prompt_tokens.with_label_values(&[&label]).inc_by(s.req.prompt_ids.len() as u64);
+            m.generated_tokens.with_label_values(&[&label]).inc_by(s.generated_len() as u64);
+        }
     }
 
     fn forward_and_sample(&mut self, input: &BatchInput) -> Result<()> {
@@ -101,8 +116,16 @@ impl<'m> Batcher<'m> {
             let hidden = self.model.forward(input, Some(&mut caches), lora)?;
             self.model.logits(&Llama::last_rows(&hidden, &input.seq_lens)?)?
         };
+        let now = std::time::Instant::now();
         for (row, s) in self.running.iter_mut().enumerate() {
             s.accept(&logits.get(row)?, self.tok)?;
+            if let Some(m) = &self.metrics {
+                match s.last_token_at {
+                    None => m.ttft.observe((now - s.submitted_at).as_secs_f64()),
+                    Some(prev) => m.itl.observe((now - prev).as_secs_f64()),
+                }
+            }
+            s.last_token_at = Some(now);
         }
         Ok(())
     }

@@ -21,6 +21,10 @@ pub struct Sequence {
     emitted: usize,
     events: UnboundedSender<TokenEvent>,
     pub finished: Option<FinishReason>,
+    /// When the request was submitted (for time to first token).
+    pub submitted_at: std::time::Instant,
+    /// When the last token was produced (for inter-token latency).
+    pub last_token_at: Option<std::time::Instant>,
 }
 
 impl Sequence {
@@ -36,7 +40,14 @@ impl Sequence {
             emitted: 0,
             events,
             finished: None,
+            submitted_at: std::time::Instant::now(),
+            last_token_at: None,
         }
+    }
+
+    /// Tokens generated so far.
+    pub fn generated_len(&self) -> usize {
+        self.generated.len()
     }
 
     /// The client has gone away (its receiver was dropped).

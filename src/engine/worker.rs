@@ -22,12 +22,23 @@ pub struct EngineStats {
     pub kv_tokens: AtomicUsize,
     pub steps: AtomicU64,
     pub draining: AtomicBool,
+    /// Adapter names in the running batch and in the queue (for the gateway's LoRA gauge).
+    pub adapters_running: std::sync::Mutex<Vec<String>>,
+    pub adapters_waiting: std::sync::Mutex<Vec<String>>,
+}
+
+fn adapter_names<'a>(reqs: impl Iterator<Item = &'a Request>) -> Vec<String> {
+    let mut names: Vec<String> = reqs.flat_map(|r| r.mix.entries.iter().map(|e| e.adapter.name.clone())).collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 struct Submission {
     id: u64,
     req: Request,
     events: UnboundedSender<TokenEvent>,
+    submitted_at: std::time::Instant,
 }
 
 /// Handle to the engine thread.
@@ -41,13 +52,13 @@ pub struct Engine {
 
 impl Engine {
     /// Moves the model into a new engine thread and returns the handle.
-    pub fn start(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig) -> std::io::Result<Engine> {
+    pub fn start(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, metrics: Option<Arc<crate::metrics::Metrics>>) -> std::io::Result<Engine> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let worker_stats = stats.clone();
         std::thread::Builder::new()
             .name("loraplex-engine".into())
-            .spawn(move || run(model, tok, cfg, rx, worker_stats))?;
+            .spawn(move || run(model, tok, cfg, rx, worker_stats, metrics))?;
         Ok(Engine { tx, stats, cfg, next_id: Arc::new(AtomicU64::new(1)) })
     }
 
@@ -64,7 +75,7 @@ impl Engine {
         }
         let (events, rx) = unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Submission { id, req, events }).is_err() {
+        if self.tx.send(Submission { id, req, events, submitted_at: std::time::Instant::now() }).is_err() {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::ShuttingDown);
         }
@@ -91,8 +102,9 @@ impl Engine {
     }
 }
 
-fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, rx: mpsc::Receiver<Submission>, stats: Arc<EngineStats>) {
+fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, rx: mpsc::Receiver<Submission>, stats: Arc<EngineStats>, metrics: Option<Arc<crate::metrics::Metrics>>) {
     let mut batcher = Batcher::new(&model, &tok, LoraPath::Batched);
+    batcher.metrics = metrics.clone();
     let mut waiting: VecDeque<Submission> = VecDeque::new();
     loop {
         if batcher.is_empty() && waiting.is_empty() {
@@ -111,10 +123,32 @@ fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, rx: mpsc::Recei
         // looks idle while it holds a sequence.
         stats.running.fetch_add(n, Ordering::SeqCst);
         for s in waiting.drain(..n) {
-            batcher.add(Sequence::new(s.id, s.req, model.cfg.num_layers, s.events));
+            if let Some(m) = &metrics {
+                m.queue_wait.observe(s.submitted_at.elapsed().as_secs_f64());
+                m.adapters_per_request.observe(s.req.mix.entries.len() as f64);
+            }
+            let mut seq = Sequence::new(s.id, s.req, model.cfg.num_layers, s.events);
+            seq.submitted_at = s.submitted_at;
+            batcher.add(seq);
         }
         stats.waiting.fetch_sub(n + cancelled, Ordering::SeqCst);
+        if metrics.is_some() {
+            *stats.adapters_running.lock().unwrap_or_else(|p| p.into_inner()) = adapter_names(batcher.running.iter().map(|s| &s.req));
+            *stats.adapters_waiting.lock().unwrap_or_else(|p| p.into_inner()) = adapter_names(waiting.iter().map(|s| &s.req));
+        }
+        let started = std::time::Instant::now();
         let report = batcher.step();
+        if let Some(m) = &metrics {
+            let secs = started.elapsed().as_secs_f64();
+            if report.prefill_tokens > 0 {
+                m.prefill_step.observe(secs);
+            } else if report.decode_tokens > 0 {
+                m.decode_step.observe(secs);
+            }
+            if report.sequences > 0 {
+                m.batch_size.observe(report.sequences as f64);
+            }
+        }
         stats.steps.fetch_add(1, Ordering::Relaxed);
         stats.running.store(batcher.running.len(), Ordering::SeqCst);
         stats.kv_tokens.store(batcher.kv_tokens(), Ordering::Relaxed);

@@ -1,0 +1,112 @@
+//! Per-request observability at the HTTP edge: a request id (taken from `x-request-id` or
+//! generated, echoed back), a tracing span, an access-log line, the end-to-end latency
+//! histogram and the per-adapter request counters. Streams report when they end (or are cut).
+
+use super::AppState;
+use crate::metrics::{Metrics, Outcome};
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpMessage};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+/// The request's id, in request extensions.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// What a handler learned about the request, for the access log and counters.
+#[derive(Debug, Clone, Default)]
+pub struct RequestFacts {
+    /// Adapter names of the mix (resolved, or as requested when resolution failed).
+    pub adapters: Vec<String>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// `completions`, `chat_completions`, or `None` for non-inference routes.
+pub fn endpoint_label(path: &str) -> Option<&'static str> {
+    match path {
+        "/v1/completions" => Some("completions"),
+        "/v1/chat/completions" => Some("chat_completions"),
+        _ => None,
+    }
+}
+
+fn request_id(req: &ServiceRequest) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("req-{:016x}", rand::random::<u64>()))
+}
+
+/// Records a finished request: counters, latency, access log.
+pub fn record(metrics: &Metrics, endpoint: &str, facts: &RequestFacts, outcome: Outcome, started: Instant, request_id: &str, status: u16) {
+    let secs = started.elapsed().as_secs_f64();
+    metrics.request_duration.with_label_values(&[endpoint]).observe(secs);
+    metrics.count_request(endpoint, &facts.adapters, outcome);
+    tracing::info!(
+        target: "loraplex::access",
+        request_id, endpoint, status, outcome = outcome.as_str(), adapters = %facts.adapters.join(","),
+        prompt_tokens = facts.prompt_tokens, completion_tokens = facts.completion_tokens, latency_ms = (secs * 1e3) as u64,
+        "request"
+    );
+}
+
+/// What a streaming response needs to record itself when it ends.
+#[derive(Clone)]
+pub struct StreamObs {
+    pub metrics: Arc<Metrics>,
+    pub endpoint: &'static str,
+    pub facts: RequestFacts,
+    pub started: Instant,
+    pub request_id: String,
+}
+
+impl std::fmt::Debug for StreamObs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamObs").field("endpoint", &self.endpoint).field("request_id", &self.request_id).finish()
+    }
+}
+
+/// Records the stream on drop: `ok` if it reached its end, else `cancelled`.
+pub struct StreamGuard {
+    pub obs: Option<StreamObs>,
+    pub completed: bool,
+    pub usage: (usize, usize),
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if let Some(mut o) = self.obs.take() {
+            let outcome = if self.completed { Outcome::Ok } else { Outcome::Cancelled };
+            (o.facts.prompt_tokens, o.facts.completion_tokens) = self.usage;
+            record(&o.metrics, o.endpoint, &o.facts, outcome, o.started, &o.request_id, 200);
+        }
+    }
+}
+
+pub async fn middleware(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let rid = request_id(&req);
+    req.extensions_mut().insert(RequestId(rid.clone()));
+    req.extensions_mut().insert(std::time::Instant::now());
+    let started = Instant::now();
+    let path = req.path().to_string();
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let span = tracing::info_span!("request", request_id = %rid, path = %path);
+    let mut res = next.call(req).instrument(span).await?;
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        res.headers_mut().insert(HeaderName::from_static("x-request-id"), v);
+    }
+    let streaming = res.headers().get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if let (Some(state), Some(endpoint), false) = (state, endpoint_label(&path), streaming) {
+        let facts = res.request().extensions().get::<RequestFacts>().cloned().unwrap_or_default();
+        let status = res.status().as_u16();
+        record(&state.metrics, endpoint, &facts, Outcome::from_status(status), started, &rid, status);
+    }
+    Ok(res)
+}

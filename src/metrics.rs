@@ -1,0 +1,282 @@
+//! Prometheus metrics: every name as a constant here, registered once, with per-adapter labels
+//! kept to a bounded set (a cap, past which new adapters are counted under `adapter="other"`).
+//! Gauges that mirror live state (queue, KV cache, registry) are refreshed at scrape time.
+//! With `gateway_metrics`, the series the Gateway API Inference Extension's endpoint picker
+//! reads (vLLM's names) are exported too.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+pub const REQUESTS_TOTAL: &str = "loraplex_requests_total";
+pub const PROMPT_TOKENS_TOTAL: &str = "loraplex_prompt_tokens_total";
+pub const GENERATED_TOKENS_TOTAL: &str = "loraplex_generated_tokens_total";
+pub const TIME_TO_FIRST_TOKEN: &str = "loraplex_time_to_first_token_seconds";
+pub const INTER_TOKEN_LATENCY: &str = "loraplex_inter_token_latency_seconds";
+pub const REQUEST_DURATION: &str = "loraplex_request_duration_seconds";
+pub const QUEUE_WAIT: &str = "loraplex_queue_wait_seconds";
+pub const PREFILL_STEP: &str = "loraplex_prefill_step_duration_seconds";
+pub const DECODE_STEP: &str = "loraplex_decode_step_duration_seconds";
+pub const BATCH_SIZE: &str = "loraplex_batch_size";
+pub const ADAPTERS_PER_REQUEST: &str = "loraplex_adapters_per_request";
+pub const SEQUENCES_RUNNING: &str = "loraplex_sequences_running";
+pub const SEQUENCES_WAITING: &str = "loraplex_sequences_waiting";
+pub const KV_CACHE_TOKENS: &str = "loraplex_kv_cache_tokens";
+pub const KV_CACHE_CAPACITY_TOKENS: &str = "loraplex_kv_cache_capacity_tokens";
+pub const ADAPTERS: &str = "loraplex_adapters";
+pub const ADAPTER_RESIDENT_BYTES: &str = "loraplex_adapter_resident_bytes";
+pub const ADAPTER_BUDGET_BYTES: &str = "loraplex_adapter_budget_bytes";
+pub const ADAPTER_LOADS_TOTAL: &str = "loraplex_adapter_loads_total";
+pub const ADAPTER_LOAD_DURATION: &str = "loraplex_adapter_load_duration_seconds";
+pub const ADAPTER_EVICTIONS_TOTAL: &str = "loraplex_adapter_evictions_total";
+pub const ADAPTER_RELOADS_TOTAL: &str = "loraplex_adapter_reloads_total";
+pub const BUILD_INFO: &str = "loraplex_build_info";
+/// The label value for requests without adapters.
+pub const BASE_LABEL: &str = "base";
+/// The label value adapters past the cardinality cap share.
+pub const OTHER_LABEL: &str = "other";
+
+/// Latency buckets from 5 ms (GPU decode) to 2 minutes (long CPU prefills).
+const LATENCY_BUCKETS: [f64; 16] = [0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0];
+
+/// Request outcome label values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    ClientError,
+    ServerError,
+    Cancelled,
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ClientError => "client_error",
+            Outcome::ServerError => "server_error",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Rejected => "rejected",
+        }
+    }
+
+    /// The outcome an HTTP status stands for.
+    pub fn from_status(status: u16) -> Self {
+        match status {
+            429 | 503 => Outcome::Rejected,
+            400..=499 => Outcome::ClientError,
+            500..=599 => Outcome::ServerError,
+            _ => Outcome::Ok,
+        }
+    }
+}
+
+/// Live values sampled at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_tokens: usize,
+    pub kv_capacity: usize,
+    pub adapters_known: usize,
+    pub adapters_resident: usize,
+    pub adapters_failed: usize,
+    pub resident_bytes: usize,
+    pub budget_bytes: usize,
+    pub max_lora: usize,
+    pub running_adapters: Vec<String>,
+    pub waiting_adapters: Vec<String>,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    cap: usize,
+    labelled: Mutex<HashMap<String, ()>>,
+    pub requests: IntCounterVec,
+    pub prompt_tokens: IntCounterVec,
+    pub generated_tokens: IntCounterVec,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub request_duration: HistogramVec,
+    pub queue_wait: Histogram,
+    pub prefill_step: Histogram,
+    pub decode_step: Histogram,
+    pub batch_size: Histogram,
+    pub adapters_per_request: Histogram,
+    pub adapter_loads: IntCounterVec,
+    pub adapter_load_duration: Histogram,
+    pub adapter_evictions: IntCounter,
+    pub adapter_reloads: IntCounter,
+    running: IntGauge,
+    waiting: IntGauge,
+    kv_tokens: IntGauge,
+    kv_capacity: IntGauge,
+    adapters: IntGaugeVec,
+    resident_bytes: IntGauge,
+    budget_bytes: IntGauge,
+    gateway: Option<Gateway>,
+}
+
+struct Gateway {
+    waiting: Gauge,
+    running: Gauge,
+    cache_usage: Gauge,
+    lora_info: GaugeVec,
+}
+
+fn hist(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<Histogram> {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+}
+
+impl Metrics {
+    /// Registers every series. `build` = (version, git commit, device, dtype, base model).
+    pub fn new(label_cap: usize, gateway_metrics: bool, build: [&str; 5]) -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let lat = LATENCY_BUCKETS.to_vec();
+        let m = Metrics {
+            cap: label_cap,
+            labelled: Mutex::new(HashMap::new()),
+            requests: IntCounterVec::new(Opts::new(REQUESTS_TOTAL, "Requests by endpoint, adapter and outcome (a mix counts once per adapter)."), &["endpoint", "adapter", "outcome"])?,
+            prompt_tokens: IntCounterVec::new(Opts::new(PROMPT_TOKENS_TOTAL, "Prompt tokens processed, by adapter."), &["adapter"])?,
+            generated_tokens: IntCounterVec::new(Opts::new(GENERATED_TOKENS_TOTAL, "Tokens generated, by adapter."), &["adapter"])?,
+            ttft: hist(TIME_TO_FIRST_TOKEN, "Time from submission to the first generated token.", lat.clone())?,
+            itl: hist(INTER_TOKEN_LATENCY, "Time between consecutive generated tokens of a sequence.", lat.clone())?,
+            request_duration: HistogramVec::new(HistogramOpts::new(REQUEST_DURATION, "End-to-end request latency at the HTTP edge.").buckets(lat.clone()), &["endpoint"])?,
+            queue_wait: hist(QUEUE_WAIT, "Time a sequence waited for a batch slot.", lat.clone())?,
+            prefill_step: hist(PREFILL_STEP, "Duration of engine steps that prefilled prompt tokens.", lat.clone())?,
+            decode_step: hist(DECODE_STEP, "Duration of engine steps that only decoded.", lat.clone())?,
+            batch_size: hist(BATCH_SIZE, "Sequences per engine step.", vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0])?,
+            adapters_per_request: hist(ADAPTERS_PER_REQUEST, "Adapters in a request's mix.", vec![0.0, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0])?,
+            adapter_loads: IntCounterVec::new(Opts::new(ADAPTER_LOADS_TOTAL, "Adapter loads by result."), &["result"])?,
+            adapter_load_duration: hist(ADAPTER_LOAD_DURATION, "Time to load and validate an adapter.", vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])?,
+            adapter_evictions: IntCounter::new(ADAPTER_EVICTIONS_TOTAL, "Adapters evicted from memory (LRU, budget).")?,
+            adapter_reloads: IntCounter::new(ADAPTER_RELOADS_TOTAL, "Loaded adapters replaced by a new version of their folder.")?,
+            running: IntGauge::new(SEQUENCES_RUNNING, "Sequences in the running batch.")?,
+            waiting: IntGauge::new(SEQUENCES_WAITING, "Sequences waiting for a batch slot.")?,
+            kv_tokens: IntGauge::new(KV_CACHE_TOKENS, "Tokens held in KV caches.")?,
+            kv_capacity: IntGauge::new(KV_CACHE_CAPACITY_TOKENS, "KV cache tokens the batch may hold (max batch × max tokens per sequence).")?,
+            adapters: IntGaugeVec::new(Opts::new(ADAPTERS, "Adapters by state."), &["state"])?,
+            resident_bytes: IntGauge::new(ADAPTER_RESIDENT_BYTES, "Bytes of loaded adapter weights.")?,
+            budget_bytes: IntGauge::new(ADAPTER_BUDGET_BYTES, "Adapter memory budget.")?,
+            gateway: if gateway_metrics {
+                Some(Gateway {
+                    waiting: Gauge::new("vllm:num_requests_waiting", "Requests waiting (Gateway API Inference Extension protocol).")?,
+                    running: Gauge::new("vllm:num_requests_running", "Requests running (Gateway API Inference Extension protocol).")?,
+                    cache_usage: Gauge::new("vllm:gpu_cache_usage_perc", "KV cache utilisation, 0 to 1 (Gateway API Inference Extension protocol).")?,
+                    lora_info: GaugeVec::new(
+                        Opts::new("vllm:lora_requests_info", "Last update time; labels list running and waiting adapters."),
+                        &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+                    )?,
+                })
+            } else {
+                None
+            },
+            registry,
+        };
+        let build_info = IntGaugeVec::new(Opts::new(BUILD_INFO, "Build and configuration."), &["version", "commit", "device", "dtype", "model"])?;
+        build_info.with_label_values(&build).set(1);
+        m.registry.register(Box::new(build_info))?;
+        for c in [&m.requests, &m.prompt_tokens, &m.generated_tokens, &m.adapter_loads] {
+            m.registry.register(Box::new(c.clone()))?;
+        }
+        for h in [&m.ttft, &m.itl, &m.queue_wait, &m.prefill_step, &m.decode_step, &m.batch_size, &m.adapters_per_request, &m.adapter_load_duration] {
+            m.registry.register(Box::new(h.clone()))?;
+        }
+        m.registry.register(Box::new(m.request_duration.clone()))?;
+        m.registry.register(Box::new(m.adapter_evictions.clone()))?;
+        m.registry.register(Box::new(m.adapter_reloads.clone()))?;
+        for g in [&m.running, &m.waiting, &m.kv_tokens, &m.kv_capacity, &m.resident_bytes, &m.budget_bytes] {
+            m.registry.register(Box::new(g.clone()))?;
+        }
+        m.registry.register(Box::new(m.adapters.clone()))?;
+        if let Some(g) = &m.gateway {
+            for x in [&g.waiting, &g.running, &g.cache_usage] {
+                m.registry.register(Box::new(x.clone()))?;
+            }
+            m.registry.register(Box::new(g.lora_info.clone()))?;
+        }
+        #[cfg(target_os = "linux")]
+        m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok(m)
+    }
+
+    /// The label for adapter `name`: itself while fewer than the cap have a series, else `other`.
+    pub fn adapter_label(&self, name: &str) -> String {
+        let mut seen = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains_key(name) {
+            return name.to_string();
+        }
+        if seen.len() < self.cap {
+            seen.insert(name.to_string(), ());
+            return name.to_string();
+        }
+        OTHER_LABEL.to_string()
+    }
+
+    /// Labels for a mix (`base` when empty).
+    pub fn mix_labels(&self, names: &[String]) -> Vec<String> {
+        if names.is_empty() {
+            vec![BASE_LABEL.to_string()]
+        } else {
+            names.iter().map(|n| self.adapter_label(n)).collect()
+        }
+    }
+
+    /// Counts one request (once per adapter of its mix).
+    pub fn count_request(&self, endpoint: &str, adapters: &[String], outcome: Outcome) {
+        for a in self.mix_labels(adapters) {
+            self.requests.with_label_values(&[endpoint, &a, outcome.as_str()]).inc();
+        }
+    }
+
+    /// Renders the text exposition after refreshing the live gauges from `s`.
+    pub fn render(&self, s: &Snapshot) -> String {
+        self.running.set(s.running as i64);
+        self.waiting.set(s.waiting as i64);
+        self.kv_tokens.set(s.kv_tokens as i64);
+        self.kv_capacity.set(s.kv_capacity as i64);
+        self.adapters.with_label_values(&["known"]).set(s.adapters_known as i64);
+        self.adapters.with_label_values(&["resident"]).set(s.adapters_resident as i64);
+        self.adapters.with_label_values(&["failed"]).set(s.adapters_failed as i64);
+        self.resident_bytes.set(s.resident_bytes as i64);
+        self.budget_bytes.set(s.budget_bytes as i64);
+        if let Some(g) = &self.gateway {
+            g.waiting.set(s.waiting as f64);
+            g.running.set(s.running as f64);
+            g.cache_usage.set(if s.kv_capacity == 0 { 0.0 } else { (s.kv_tokens as f64 / s.kv_capacity as f64).min(1.0) });
+            g.lora_info.reset();
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            g.lora_info
+                .with_label_values(&[&s.max_lora.to_string(), &s.running_adapters.join(","), &s.waiting_adapters.join(",")])
+                .set(now);
+        }
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_labels_are_capped() {
+        let m = Metrics::new(100, false, ["v", "c", "cpu", "f32", "m"]).expect("metrics register");
+        for i in 0..150 {
+            m.count_request("completions", &[format!("a{i}")], Outcome::Ok);
+        }
+        let text = m.render(&Snapshot::default());
+        let labels: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(REQUESTS_TOTAL))
+            .filter_map(|l| l.split("adapter=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(labels.len(), 101, "100 adapters + other");
+        assert!(labels.contains(OTHER_LABEL));
+        assert!(text.contains(r#"loraplex_requests_total{adapter="other",endpoint="completions",outcome="ok"} 50"#));
+    }
+}
