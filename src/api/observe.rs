@@ -104,7 +104,8 @@ pub async fn middleware(req: ServiceRequest, next: Next<impl MessageBody>) -> Re
     }
     let streaming = res.headers().get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if let (Some(state), Some(endpoint), false) = (state, endpoint_label(&path), streaming) {
-        let facts = res.request().extensions().get::<RequestFacts>().cloned().unwrap_or_default();
+        // Without facts the handler failed before resolving the mix: count it as `unknown`.
+        let facts = res.request().extensions().get::<RequestFacts>().cloned().unwrap_or_else(|| RequestFacts { adapters: vec!["unknown".into()], ..Default::default() });
         let status = res.status().as_u16();
         record(&state.metrics, endpoint, &facts, Outcome::from_status(status), started, &rid, status);
     }

@@ -1,0 +1,144 @@
+//! Metrics under known traffic, through the in-process service on the real model: exact
+//! counter deltas per adapter and outcome (including a rejected request, a cancelled stream and
+//! an evicted-then-reloaded adapter), histogram sample counts, gateway series under load, and
+//! `promtool check metrics` on a scrape.
+
+mod common;
+
+use actix_web::body::MessageBody;
+use actix_web::{test, web, App};
+use common::*;
+use loraplex::api::{self, AppState};
+use loraplex::config::{ServeConfig, ServeOptions};
+use serde_json::json;
+use std::sync::{Arc, OnceLock};
+
+fn state_with(edit: impl FnOnce(&mut ServeOptions)) -> (web::Data<AppState>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = serve_options(dir.path());
+    edit(&mut opts);
+    let cfg = ServeConfig::try_from(opts).unwrap();
+    let metrics = loraplex::serve::new_metrics(&cfg).unwrap();
+    let backend = Arc::new(OnceLock::new());
+    let _ = backend.set(loraplex::serve::load_backend(&cfg, Some(metrics.clone())).unwrap());
+    (web::Data::new(AppState { backend, metrics, limits: cfg.limits.clone(), api_key: None, admin_key: None }), dir)
+}
+
+/// The value of the series `name{labels}` (labels as written by the encoder, sorted).
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+macro_rules! app {
+    ($state:expr) => {
+        test::init_service(App::new().app_data($state.clone()).configure(api::configure)).await
+    };
+}
+
+async fn scrape(app: &impl actix_web::dev::Service<actix_http::Request, Response = actix_web::dev::ServiceResponse, Error = actix_web::Error>) -> String {
+    let resp = test::call_service(app, test::TestRequest::get().uri("/metrics").to_request()).await;
+    assert!(resp.status().is_success());
+    String::from_utf8(test::read_body(resp).await.to_vec()).unwrap()
+}
+
+#[actix_web::test]
+async fn counters_and_histograms_match_known_traffic() {
+    // A budget that holds qa-r8 (1.84 MB) or rslora-r4 (1.50 MB), not both.
+    let (state, _dir) = state_with(|o| o.adapter_budget_bytes = Some(2_000_000));
+    let app = app!(state);
+    let before = scrape(&app).await;
+    let complete = |model: &str, n: u64| test::TestRequest::post().uri("/v1/completions").set_json(json!({"model": model, "prompt": "The capital of France is", "max_tokens": n, "temperature": 0, "ignore_eos": true}));
+    for (model, n) in [("qa-r8", 4), ("rslora-r4", 3), ("qa-r8", 2)] {
+        let resp = test::call_service(&app, complete(model, n).to_request()).await;
+        assert!(resp.status().is_success());
+        assert!(resp.headers().contains_key("x-request-id"));
+    }
+    let resp = test::call_service(&app, complete("no-such-adapter", 1).to_request()).await;
+    assert_eq!(resp.status(), 404);
+    // A stream the client abandons after its first chunk.
+    let stream = test::TestRequest::post().uri("/v1/completions").set_json(json!({"model": "rslora-r4", "prompt": "Once", "max_tokens": 50, "stream": true}));
+    let resp = test::call_service(&app, stream.to_request()).await;
+    let mut body = resp.into_body();
+    let first = futures_util::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_next(cx)).await;
+    assert!(first.is_some());
+    drop(body);
+    // The engine retires the abandoned sequence at its next step.
+    let engine = &state.backend().unwrap().engine;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !engine.is_idle() {
+        assert!(std::time::Instant::now() < deadline, "the abandoned stream was not cancelled");
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Rejected: the server is draining (base model, so no adapter load is involved).
+    engine.drain();
+    let base = test::TestRequest::post().uri("/v1/completions").set_json(json!({"prompt": "Hi", "max_tokens": 1}));
+    let resp = test::call_service(&app, base.to_request()).await;
+    assert_eq!(resp.status(), 503);
+    let after = scrape(&app).await;
+    let delta = |s: &str| value(&after, s) - value(&before, s);
+    let req = |adapter: &str, outcome: &str| delta(&format!("loraplex_requests_total{{adapter=\"{adapter}\",endpoint=\"completions\",outcome=\"{outcome}\"}}"));
+    assert_eq!(req("qa-r8", "ok"), 2.0);
+    assert_eq!(req("rslora-r4", "ok"), 1.0);
+    assert_eq!(req("unknown", "client_error"), 1.0);
+    assert_eq!(req("rslora-r4", "cancelled"), 1.0);
+    assert_eq!(req("base", "rejected"), 1.0);
+    assert_eq!(delta("loraplex_generated_tokens_total{adapter=\"qa-r8\"}"), 6.0);
+    assert_eq!(delta("loraplex_prompt_tokens_total{adapter=\"qa-r8\"}"), 10.0);
+    assert_eq!(delta("loraplex_adapter_loads_total{result=\"ok\"}"), 4.0, "qa-r8, rslora-r4, qa-r8 again, rslora-r4 again");
+    assert_eq!(delta("loraplex_adapter_loads_total{result=\"error\"}"), 0.0);
+    assert_eq!(delta("loraplex_adapter_evictions_total"), 3.0);
+    // One first token per sequence that produced one (3 + the abandoned stream's).
+    assert_eq!(delta("loraplex_time_to_first_token_seconds_count"), 4.0);
+    assert_eq!(delta("loraplex_inter_token_latency_seconds_count"), 3.0 + 2.0 + 1.0 + (value(&after, "loraplex_generated_tokens_total{adapter=\"rslora-r4\"}") - 3.0 - 1.0));
+    assert_eq!(delta("loraplex_request_duration_seconds_count{endpoint=\"completions\"}"), 6.0);
+    assert_eq!(delta("loraplex_queue_wait_seconds_count"), 4.0);
+    assert!(after.contains("loraplex_build_info{"));
+    assert!(after.contains("process_resident_memory_bytes"));
+    assert_eq!(value(&after, "loraplex_adapter_budget_bytes"), 2_000_000.0);
+    let problems = promtool(_dir.path(), &after);
+    assert!(problems.is_empty(), "promtool: {problems:?}");
+}
+
+#[actix_web::test]
+async fn gateway_series_follow_the_load_and_pass_promtool() {
+    let (state, dir) = state_with(|o| {
+        o.gateway_metrics = Some(true);
+        o.max_batch_size = Some(4);
+    });
+    let app = app!(state);
+    let idle = scrape(&app).await;
+    assert_eq!(value(&idle, "vllm:num_requests_running"), 0.0);
+    assert_eq!(value(&idle, "vllm:num_requests_waiting"), 0.0);
+    let stream = test::TestRequest::post().uri("/v1/completions").set_json(json!({"model": "qa-r8", "prompt": "Once", "max_tokens": 200, "stream": true, "ignore_eos": true}));
+    let resp = test::call_service(&app, stream.to_request()).await;
+    let mut body = resp.into_body();
+    // Two chunks: the engine has published its state after at least one full step.
+    for _ in 0..2 {
+        futures_util::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_next(cx)).await;
+    }
+    let busy = scrape(&app).await;
+    assert_eq!(value(&busy, "vllm:num_requests_running"), 1.0);
+    let usage = value(&busy, "vllm:gpu_cache_usage_perc");
+    assert!(usage > 0.0 && usage < 0.01, "a few tokens of 4 × 8192: {usage}");
+    let info = busy.lines().find(|l| l.starts_with("vllm:lora_requests_info{")).unwrap();
+    assert!(info.contains("max_lora=\"8\"") && info.contains("running_lora_adapters=\"qa-r8\"") && info.contains("waiting_lora_adapters=\"\""), "{info}");
+    drop(body);
+    // The protocol fixes vLLM's names; promtool's only complaint may be their `:` (a naming
+    // lint meant for recording rules).
+    let problems = promtool(dir.path(), &busy);
+    assert!(problems.iter().all(|p| p.starts_with("vllm:") && p.ends_with("metric names should not contain ':'")), "{problems:?}");
+}
+
+/// The problems `promtool check metrics` reports for a scrape (one per line).
+fn promtool(dir: &std::path::Path, scrape: &str) -> Vec<String> {
+    let path = dir.join("scrape.txt");
+    std::fs::write(&path, scrape).unwrap();
+    let out = std::process::Command::new("promtool").args(["check", "metrics"]).stdin(std::fs::File::open(&path).unwrap()).output();
+    let out = out.expect("promtool is installed (Debian package `prometheus`, see .ci/run)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
+}
