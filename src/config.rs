@@ -80,6 +80,10 @@ pub struct ServeOptions {
     /// (vLLM's names: `vllm:num_requests_waiting`, …). [default: false]
     #[arg(long, env = "LORAPLEX_GATEWAY_METRICS")]
     pub gateway_metrics: Option<bool>,
+    /// Collect metrics (false: `/metrics` serves only build info and live gauges; for measuring
+    /// the overhead). [default: true]
+    #[arg(long, env = "LORAPLEX_METRICS")]
+    pub metrics: Option<bool>,
     /// Distinct adapter label values in metrics; later adapters count as `adapter="other"`. [default: 100]
     #[arg(long, env = "LORAPLEX_METRICS_ADAPTER_CAP")]
     pub metrics_adapter_cap: Option<usize>,
@@ -95,7 +99,7 @@ impl ServeOptions {
         merge_fields!(self, lower, model, adapters, host, port, device, dtype, api_key, admin_key,
             max_batch_size, max_waiting, max_prefill_tokens, max_prompt_tokens, max_total_tokens,
             default_max_tokens, max_adapters_per_request, adapter_budget_bytes, max_body_bytes, max_n,
-            rescan_interval_ms, drain_timeout_secs, log_format, gateway_metrics, metrics_adapter_cap)
+            rescan_interval_ms, drain_timeout_secs, log_format, gateway_metrics, metrics, metrics_adapter_cap)
     }
 
     pub fn from_toml_file(path: &Path) -> anyhow::Result<ServeOptions> {
@@ -155,6 +159,7 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     pub log_json: bool,
     pub gateway_metrics: bool,
+    pub metrics: bool,
     pub metrics_adapter_cap: usize,
 }
 
@@ -196,6 +201,7 @@ impl TryFrom<ServeOptions> for ServeConfig {
                 Some(other) => bail!("`log_format` must be `text` or `json`, got `{other}`"),
             },
             gateway_metrics: o.gateway_metrics.unwrap_or(false),
+            metrics: o.metrics.unwrap_or(true),
             metrics_adapter_cap: o.metrics_adapter_cap.unwrap_or(100),
         };
         for (name, v) in [

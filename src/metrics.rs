@@ -92,6 +92,8 @@ pub struct Snapshot {
 }
 
 pub struct Metrics {
+    /// False: request and engine observations are skipped (overhead measurements).
+    pub enabled: bool,
     registry: Registry,
     cap: usize,
     labelled: Mutex<HashMap<String, ()>>,
@@ -137,6 +139,7 @@ impl Metrics {
         let registry = Registry::new();
         let lat = LATENCY_BUCKETS.to_vec();
         let m = Metrics {
+            enabled: true,
             cap: label_cap,
             labelled: Mutex::new(HashMap::new()),
             requests: IntCounterVec::new(Opts::new(REQUESTS_TOTAL, "Requests by endpoint, adapter and outcome (a mix counts once per adapter)."), &["endpoint", "adapter", "outcome"])?,
@@ -227,6 +230,9 @@ impl Metrics {
 
     /// Counts one request (once per adapter of its mix).
     pub fn count_request(&self, endpoint: &str, adapters: &[String], outcome: Outcome) {
+        if !self.enabled {
+            return;
+        }
         for a in self.mix_labels(adapters) {
             self.requests.with_label_values(&[endpoint, &a, outcome.as_str()]).inc();
         }

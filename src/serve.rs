@@ -37,7 +37,9 @@ pub fn load_backend(cfg: &ServeConfig, metrics: Option<Arc<crate::metrics::Metri
 /// The metrics registry of a server with this configuration.
 pub fn new_metrics(cfg: &ServeConfig) -> anyhow::Result<Arc<crate::metrics::Metrics>> {
     let build = [env!("CARGO_PKG_VERSION"), option_env!("LORAPLEX_GIT_COMMIT").unwrap_or("unknown"), cfg.device.as_str(), cfg.dtype.as_str(), cfg.model.as_str()];
-    Ok(Arc::new(crate::metrics::Metrics::new(cfg.metrics_adapter_cap, cfg.gateway_metrics, build)?))
+    let mut m = crate::metrics::Metrics::new(cfg.metrics_adapter_cap, cfg.gateway_metrics, build)?;
+    m.enabled = cfg.metrics;
+    Ok(Arc::new(m))
 }
 
 pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
@@ -69,7 +71,8 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         tracing::info!("listening on http://{}:{}", cfg.host, cfg.port);
         let handle = server.handle();
         let loading = backend.clone();
-        std::thread::Builder::new().name("loraplex-loader".into()).spawn(move || match load_backend(&cfg, Some(metrics)) {
+        let engine_metrics = metrics.enabled.then_some(metrics);
+        std::thread::Builder::new().name("loraplex-loader".into()).spawn(move || match load_backend(&cfg, engine_metrics) {
             Ok(b) => {
                 let _ = loading.set(b);
                 tracing::info!("ready");

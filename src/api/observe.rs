@@ -46,6 +46,9 @@ fn request_id(req: &ServiceRequest) -> String {
 
 /// Records a finished request: counters, latency, access log.
 pub fn record(metrics: &Metrics, endpoint: &str, facts: &RequestFacts, outcome: Outcome, started: Instant, request_id: &str, status: u16) {
+    if !metrics.enabled {
+        return;
+    }
     let secs = started.elapsed().as_secs_f64();
     metrics.request_duration.with_label_values(&[endpoint]).observe(secs);
     metrics.count_request(endpoint, &facts.adapters, outcome);
