@@ -2,22 +2,12 @@
 //! [`Batcher`] the engine thread runs, fed all requests at once, results collected in order.
 
 use crate::engine::sequence::Sequence;
-use crate::engine::{Batcher, FinishReason, LoraPath, Request, TokenEvent};
+use crate::engine::{Batcher, Collected, LoraPath, Request, TokenEvent};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::{Llama, ModelError, Result};
-use serde::Serialize;
 
-#[derive(Debug, Clone, Serialize)]
-pub struct GenOutput {
-    /// Generated ids, including a final EOS if one stopped generation.
-    pub ids: Vec<u32>,
-    pub text: String,
-    pub finish_reason: FinishReason,
-    /// Log-probability of each generated token (when asked for).
-    pub logprobs: Vec<f32>,
-    /// Top alternatives at each generated position (when asked for).
-    pub top_logprobs: Vec<Vec<(u32, f32)>>,
-}
+/// One sequence's result.
+pub type GenOutput = Collected;
 
 /// Generates for every request in one batch; outputs come back in request order.
 pub fn generate(model: &Llama, tok: &TextTokenizer, reqs: &[Request], path: LoraPath) -> Result<Vec<GenOutput>> {
@@ -37,18 +27,9 @@ pub fn generate(model: &Llama, tok: &TextTokenizer, reqs: &[Request], path: Lora
 }
 
 fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<TokenEvent>) -> Result<GenOutput> {
-    let mut out = GenOutput { ids: vec![], text: String::new(), finish_reason: FinishReason::Length, logprobs: vec![], top_logprobs: vec![] };
+    let mut out = Collected::default();
     while let Ok(ev) = rx.try_recv() {
-        match ev {
-            TokenEvent::Token { id, text, logprob, top } => {
-                out.ids.push(id);
-                out.text.push_str(&text);
-                out.logprobs.push(logprob);
-                out.top_logprobs.push(top);
-            }
-            TokenEvent::Done { reason, .. } => out.finish_reason = reason,
-            TokenEvent::Error(e) => return Err(ModelError::Generation(e)),
-        }
+        out.push(ev).map_err(ModelError::Generation)?;
     }
     Ok(out)
 }

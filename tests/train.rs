@@ -142,7 +142,7 @@ fn gradients_match_finite_differences_and_the_base_gets_none() {
             let (idx, &gi) = g.iter().enumerate().max_by(|x, y| x.1.abs().total_cmp(&y.1.abs())).unwrap();
             let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let eps = 1e-2f32;
-            let mut bump = |d: f32| {
+            let bump = |d: f32| {
                 let mut v = orig.clone();
                 v[idx] += d;
                 var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();

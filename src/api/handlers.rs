@@ -3,7 +3,7 @@
 
 use super::error::ApiError;
 use super::openai::*;
-use super::stream::{collect, sse_response, ChoiceResult, Endpoint, ResponseMeta};
+use super::stream::{collect, sse_response, ChoiceExt, ChoiceResult, Endpoint, ResponseMeta};
 use super::validate::{self, max_tokens_for, Draft, ModelView};
 use super::observe::{RequestFacts, RequestId, StreamObs};
 use super::{authorize, AppState, Backend, Scope};

@@ -4,7 +4,7 @@
 
 use super::error::ApiError;
 use super::openai::*;
-use crate::engine::{FinishReason, TokenEvent, Usage};
+use crate::engine::{Collected, FinishReason, TokenEvent, Usage};
 use crate::model::tokenizer::TextTokenizer;
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
@@ -54,15 +54,7 @@ impl ResponseMeta {
 }
 
 /// Everything one sequence produced.
-#[derive(Debug, Clone, Default)]
-pub struct ChoiceResult {
-    pub ids: Vec<u32>,
-    pub text: String,
-    pub logprobs: Vec<f32>,
-    pub top: Vec<Vec<(u32, f32)>>,
-    pub finish: Option<FinishReason>,
-    pub usage: Usage,
-}
+pub type ChoiceResult = Collected;
 
 fn finish_str(f: Option<FinishReason>) -> &'static str {
     match f {
@@ -71,12 +63,19 @@ fn finish_str(f: Option<FinishReason>) -> &'static str {
     }
 }
 
-impl ChoiceResult {
-    pub fn finish_str(&self) -> &'static str {
-        finish_str(self.finish)
+/// Response helpers on a collected sequence.
+pub trait ChoiceExt {
+    fn finish_str(&self) -> &'static str;
+    fn completion_logprobs(&self, tok: &TextTokenizer) -> CompletionLogprobs;
+    fn chat_logprobs(&self, tok: &TextTokenizer) -> ChatLogprobs;
+}
+
+impl ChoiceExt for ChoiceResult {
+    fn finish_str(&self) -> &'static str {
+        finish_str(self.finish_reason)
     }
 
-    pub fn completion_logprobs(&self, tok: &TextTokenizer) -> CompletionLogprobs {
+    fn completion_logprobs(&self, tok: &TextTokenizer) -> CompletionLogprobs {
         let mut out = CompletionLogprobs::default();
         let mut offset = 0;
         for (i, &id) in self.ids.iter().enumerate() {
@@ -85,13 +84,13 @@ impl ChoiceResult {
             offset += t.len();
             out.tokens.push(t);
             out.token_logprobs.push(self.logprobs[i]);
-            out.top_logprobs.push(top_map(tok, &self.top[i]));
+            out.top_logprobs.push(top_map(tok, &self.top_logprobs[i]));
         }
         out
     }
 
-    pub fn chat_logprobs(&self, tok: &TextTokenizer) -> ChatLogprobs {
-        ChatLogprobs { content: self.ids.iter().zip(&self.logprobs).zip(&self.top).map(|((&id, &lp), top)| chat_token(tok, id, lp, top)).collect() }
+    fn chat_logprobs(&self, tok: &TextTokenizer) -> ChatLogprobs {
+        ChatLogprobs { content: self.ids.iter().zip(&self.logprobs).zip(&self.top_logprobs).map(|((&id, &lp), top)| chat_token(tok, id, lp, top)).collect() }
     }
 }
 
@@ -124,24 +123,11 @@ pub async fn collect(rxs: Vec<UnboundedReceiver<TokenEvent>>) -> Result<Vec<Choi
     let mut out = Vec::with_capacity(rxs.len());
     for mut rx in rxs {
         let mut r = ChoiceResult::default();
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                TokenEvent::Token { id, text, logprob, top } => {
-                    r.ids.push(id);
-                    r.text.push_str(&text);
-                    r.logprobs.push(logprob);
-                    r.top.push(top);
-                }
-                TokenEvent::Done { reason, usage } => {
-                    r.finish = Some(reason);
-                    r.usage = usage;
-                    break;
-                }
-                TokenEvent::Error(e) => return Err(ApiError::internal(e)),
+        while r.finish_reason.is_none() {
+            match rx.recv().await {
+                Some(ev) => r.push(ev).map_err(ApiError::internal)?,
+                None => return Err(ApiError::internal("the engine dropped a sequence")),
             }
-        }
-        if r.finish.is_none() {
-            return Err(ApiError::internal("the engine dropped a sequence"));
         }
         out.push(r);
     }

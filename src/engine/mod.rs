@@ -70,6 +70,41 @@ pub enum TokenEvent {
     Error(String),
 }
 
+/// Everything one sequence streamed, gathered (the non-streaming responses and `generate`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Collected {
+    /// Generated ids, including a final EOS if one stopped generation.
+    pub ids: Vec<u32>,
+    pub text: String,
+    /// Log-probability of each generated token (when asked for).
+    pub logprobs: Vec<f32>,
+    /// Top alternatives at each generated position (when asked for).
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// `None` until the sequence is done.
+    pub finish_reason: Option<FinishReason>,
+    pub usage: Usage,
+}
+
+impl Collected {
+    /// Adds one event; `Err` carries an engine failure.
+    pub fn push(&mut self, ev: TokenEvent) -> Result<(), String> {
+        match ev {
+            TokenEvent::Token { id, text, logprob, top } => {
+                self.ids.push(id);
+                self.text.push_str(&text);
+                self.logprobs.push(logprob);
+                self.top_logprobs.push(top);
+            }
+            TokenEvent::Done { reason, usage } => {
+                self.finish_reason = Some(reason);
+                self.usage = usage;
+            }
+            TokenEvent::Error(e) => return Err(e),
+        }
+        Ok(())
+    }
+}
+
 /// Why the engine did not take a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
