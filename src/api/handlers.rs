@@ -77,6 +77,18 @@ fn view<'a>(b: &'a Backend, state: &'a AppState) -> ModelView<'a> {
     ModelView { id: &b.model_id, context_len: b.context_len, tokenizer: &b.tokenizer, limits: &state.limits }
 }
 
+/// Resolves the mix, submits every sequence, and describes the response to come.
+async fn start(req: &HttpRequest, state: &AppState, b: &Backend, draft: &Draft, endpoint: Endpoint, model: Option<String>) -> Result<(Vec<UnboundedReceiver<TokenEvent>>, ResponseMeta), ApiError> {
+    let (mix, applied) = resolve_mix(b, &draft.adapters).await?;
+    note_adapters(req, &applied);
+    let rxs = submit_all(b, draft, &mix, &view(b, state))?;
+    let mut meta = ResponseMeta::new(endpoint, model.unwrap_or_else(|| b.model_id.clone()), applied);
+    meta.logprobs = draft.template.logprobs.is_some();
+    let label = if endpoint == Endpoint::Chat { "chat_completions" } else { "completions" };
+    meta.obs = stream_obs(req, state, label);
+    Ok((rxs, meta))
+}
+
 pub async fn completions(req: HttpRequest, state: Data, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Inference)?;
     let body = read_body(&req, payload, state.limits.max_body_bytes).await?;
@@ -84,12 +96,7 @@ pub async fn completions(req: HttpRequest, state: Data, payload: web::Payload) -
     let b = state.backend()?;
     let mv = view(b, &state);
     let draft = validate::completion(&wire, &mv)?;
-    let (mix, applied) = resolve_mix(b, &draft.adapters).await?;
-    note_adapters(&req, &applied);
-    let rxs = submit_all(b, &draft, &mix, &mv)?;
-    let mut meta = ResponseMeta::new(Endpoint::Completion, wire.common.model.clone().unwrap_or_else(|| b.model_id.clone()), applied);
-    meta.logprobs = draft.template.logprobs.is_some();
-    meta.obs = stream_obs(&req, &state, "completions");
+    let (rxs, meta) = start(&req, &state, b, &draft, Endpoint::Completion, wire.common.model.clone()).await?;
     if draft.stream {
         return Ok(sse_response(rxs, meta, b.tokenizer.clone(), draft.include_usage, draft.n));
     }
@@ -125,12 +132,7 @@ pub async fn chat_completions(req: HttpRequest, state: Data, payload: web::Paylo
     let b = state.backend()?;
     let mv = view(b, &state);
     let draft = validate::chat(&wire, &mv)?;
-    let (mix, applied) = resolve_mix(b, &draft.adapters).await?;
-    note_adapters(&req, &applied);
-    let rxs = submit_all(b, &draft, &mix, &mv)?;
-    let mut meta = ResponseMeta::new(Endpoint::Chat, wire.common.model.clone().unwrap_or_else(|| b.model_id.clone()), applied);
-    meta.logprobs = draft.template.logprobs.is_some();
-    meta.obs = stream_obs(&req, &state, "chat_completions");
+    let (rxs, meta) = start(&req, &state, b, &draft, Endpoint::Chat, wire.common.model.clone()).await?;
     if draft.stream {
         return Ok(sse_response(rxs, meta, b.tokenizer.clone(), draft.include_usage, draft.n));
     }
