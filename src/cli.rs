@@ -264,6 +264,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         stop: args.stop.clone(),
         logprobs: Some(args.logprobs),
         stop_at_eos: !args.ignore_eos,
+        span: tracing::Span::none(),
     };
     let path = if args.reference_lora { LoraPath::PerRow } else { LoraPath::Batched };
     let out = generate(&loaded.model, &loaded.tokenizer, &[req], path)?

@@ -142,6 +142,7 @@ fn common_draft(c: &CommonParams, mv: &ModelView<'_>, max_tokens: Option<i64>) -
             stop,
             logprobs: None,
             stop_at_eos: !c.ignore_eos.unwrap_or(false),
+            span: tracing::Span::current(),
         },
         max_tokens,
         echo: false,

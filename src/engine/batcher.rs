@@ -73,6 +73,11 @@ impl<'m> Batcher<'m> {
             input.push(&s.pending);
         }
         report.sequences = self.running.len();
+        let span = tracing::debug_span!("engine_step", sequences = report.sequences, prefill_tokens = report.prefill_tokens, decode_tokens = report.decode_tokens);
+        for s in &self.running {
+            span.follows_from(&s.req.span);
+        }
+        let _entered = span.enter();
         if let Err(e) = self.forward_and_sample(&input) {
             tracing::error!(error = %e, "forward step failed; failing its sequences");
             for s in self.running.iter_mut() {

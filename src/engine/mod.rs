@@ -29,6 +29,8 @@ pub struct Request {
     /// Top alternatives to report per token; `None` = no log-probabilities.
     pub logprobs: Option<usize>,
     pub stop_at_eos: bool,
+    /// The request's tracing span; the engine steps that serve it link to it (`follows_from`).
+    pub span: tracing::Span,
 }
 
 impl Request {
@@ -43,6 +45,7 @@ impl Request {
             stop: Vec::new(),
             logprobs: None,
             stop_at_eos: true,
+            span: tracing::Span::none(),
         }
     }
 }
