@@ -173,7 +173,7 @@ pub fn train_on(model: &mut Llama, examples: &[TrainExample], cfg: &TrainConfig,
     let per_step = cfg.batch_size * cfg.grad_accum;
     let total = cfg.steps.unwrap_or_else(|| ((cfg.epochs.unwrap_or(1.0) * examples.len() as f64) / per_step as f64).ceil() as usize).max(1);
     let peft = PeftConfig::from_json(&serde_json::json!({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": (cfg.dropout as f64 * 1e6).round() / 1e6,
         "target_modules": cfg.target_modules, "use_rslora": cfg.rslora, "bias": "none",
         "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
     }).to_string())?;
