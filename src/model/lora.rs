@@ -108,31 +108,31 @@ impl ModuleLora {
         }))
     }
 
+    /// Runs of consecutive sequences with equal token counts (all of a decode step; the
+    /// decoding rows and each prompt length of a mixed step) share one batched matmul pair
+    /// over a view of the stacked operands.
     fn delta(&self, x: &Tensor, seq_lens: &[usize]) -> Result<Tensor> {
-        let (n, fan_in) = x.dims2()?;
-        let s = seq_lens.len();
-        let t = seq_lens.first().copied().unwrap_or(0);
-        if seq_lens.iter().all(|&l| l == t) {
-            // Uniform lengths (every decode step): one batched matmul pair for the whole batch.
-            let xs = x.reshape((s, t, fan_in))?;
-            let u = xs.matmul(&self.a_t)?.broadcast_mul(&self.coef)?;
-            let d = u.matmul(&self.b_t)?;
+        let (_, fan_in) = x.dims2()?;
+        let mut parts = Vec::new();
+        let (mut seq, mut row) = (0, 0);
+        while seq < seq_lens.len() {
+            let t = seq_lens[seq];
+            let run = seq_lens[seq..].iter().take_while(|&&l| l == t).count();
+            let xs = x.narrow(0, row, run * t)?.reshape((run, t, fan_in))?;
+            let u = xs.matmul(&self.a_t.narrow(0, seq, run)?)?.broadcast_mul(&self.coef.narrow(0, seq, run)?)?;
+            let d = u.matmul(&self.b_t.narrow(0, seq, run)?)?;
             let fan_out = d.dim(D::Minus1)?;
-            return Ok(d.reshape((n, fan_out))?);
+            parts.push(d.reshape((run * t, fan_out))?);
+            seq += run;
+            row += run * t;
         }
-        let mut parts = Vec::with_capacity(s);
-        let mut offset = 0;
-        for (i, &len) in seq_lens.iter().enumerate() {
-            let xs = x.narrow(0, offset, len)?;
-            let u = xs.matmul(&self.a_t.get(i)?)?.broadcast_mul(&self.coef.get(i)?)?;
-            parts.push(u.matmul(&self.b_t.get(i)?)?);
-            offset += len;
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
         }
         Ok(Tensor::cat(&parts, 0)?)
     }
 }
 
-/// Reference: for every sequence and every term, `c · (x Aᵀ) Bᵀ`, summed (PEFT's forward).
 /// Inverted dropout with a mask from a seeded RNG (candle's own dropout is not seedable on CPU).
 fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     use rand::{Rng, SeedableRng};
