@@ -1,5 +1,5 @@
 //! Prometheus metrics: every name as a constant here, registered once, with per-adapter labels
-//! kept to a bounded set (a cap, past which new adapters are counted under `adapter="other"`).
+//! kept to a bounded set (a cap; the least-used adapters' series fold into `adapter="other"`).
 //! Gauges that mirror live state (queue, KV cache, registry) are refreshed at scrape time.
 //! With `gateway_metrics`, the series the Gateway API Inference Extension's endpoint picker
 //! reads (vLLM's names) are exported too.
@@ -96,7 +96,8 @@ pub struct Metrics {
     pub enabled: bool,
     registry: Registry,
     cap: usize,
-    labelled: Mutex<HashMap<String, ()>>,
+    /// Uses per adapter name, and which names currently have their own series.
+    labels: Mutex<LabelSet>,
     pub requests: IntCounterVec,
     pub prompt_tokens: IntCounterVec,
     pub generated_tokens: IntCounterVec,
@@ -122,6 +123,12 @@ pub struct Metrics {
     gateway: Option<Gateway>,
 }
 
+#[derive(Default)]
+struct LabelSet {
+    uses: HashMap<String, u64>,
+    own: std::collections::HashSet<String>,
+}
+
 struct Gateway {
     waiting: Gauge,
     running: Gauge,
@@ -141,7 +148,7 @@ impl Metrics {
         let m = Metrics {
             enabled: true,
             cap: label_cap,
-            labelled: Mutex::new(HashMap::new()),
+            labels: Mutex::new(LabelSet::default()),
             requests: IntCounterVec::new(Opts::new(REQUESTS_TOTAL, "Requests by endpoint, adapter and outcome (a mix counts once per adapter)."), &["endpoint", "adapter", "outcome"])?,
             prompt_tokens: IntCounterVec::new(Opts::new(PROMPT_TOKENS_TOTAL, "Prompt tokens processed, by adapter."), &["adapter"])?,
             generated_tokens: IntCounterVec::new(Opts::new(GENERATED_TOKENS_TOTAL, "Tokens generated, by adapter."), &["adapter"])?,
@@ -206,17 +213,57 @@ impl Metrics {
         Ok(m)
     }
 
-    /// The label for adapter `name`: itself while fewer than the cap have a series, else `other`.
+    /// The label for adapter `name`: itself if it has a series (or there is room for one under
+    /// the cap), else `other`. Every call counts as a use, for [`Metrics::rebalance`].
     pub fn adapter_label(&self, name: &str) -> String {
-        let mut seen = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains_key(name) {
+        let mut l = self.labels.lock().unwrap_or_else(|p| p.into_inner());
+        *l.uses.entry(name.to_string()).or_default() += 1;
+        if l.own.contains(name) {
             return name.to_string();
         }
-        if seen.len() < self.cap {
-            seen.insert(name.to_string(), ());
+        if l.own.len() < self.cap {
+            l.own.insert(name.to_string());
             return name.to_string();
         }
         OTHER_LABEL.to_string()
+    }
+
+    /// Keeps the cap on the most used adapters: while an adapter counted under `other` has
+    /// been used more than the least-used adapter with its own series, the latter's series are
+    /// folded into `other` (values added, series removed) and the former gets its own series
+    /// from then on (its earlier counts stay in `other`, so every sum is preserved).
+    pub fn rebalance(&self) {
+        let mut l = self.labels.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let least = l.own.iter().filter(|n| *n != BASE_LABEL).min_by_key(|n| (l.uses.get(*n).copied().unwrap_or(0), (*n).clone())).cloned();
+            let best = l.uses.iter().filter(|(n, _)| !l.own.contains(*n)).max_by_key(|(n, u)| (**u, std::cmp::Reverse((*n).clone()))).map(|(n, u)| (n.clone(), *u));
+            match (least, best) {
+                (Some(least), Some((best, uses))) if uses > l.uses.get(&least).copied().unwrap_or(0) => {
+                    self.fold_into_other(&least);
+                    l.own.remove(&least);
+                    l.own.insert(best);
+                }
+                _ => return,
+            }
+        }
+    }
+
+    fn fold_into_other(&self, adapter: &str) {
+        for vec in [&self.requests, &self.prompt_tokens, &self.generated_tokens] {
+            for family in prometheus::core::Collector::collect(vec) {
+                for m in family.get_metric() {
+                    let labels: Vec<(&str, &str)> = m.get_label().iter().map(|p| (p.name(), p.value())).collect();
+                    if !labels.iter().any(|(k, v)| *k == "adapter" && *v == adapter) {
+                        continue;
+                    }
+                    let value = m.get_counter().value() as u64;
+                    let with_other: HashMap<&str, &str> = labels.iter().map(|(k, v)| (*k, if *k == "adapter" { OTHER_LABEL } else { *v })).collect();
+                    let original: HashMap<&str, &str> = labels.iter().copied().collect();
+                    vec.with(&with_other).inc_by(value);
+                    let _ = vec.remove(&original);
+                }
+            }
+        }
     }
 
     /// Labels for a mix (`base` when empty).
@@ -240,6 +287,7 @@ impl Metrics {
 
     /// Renders the text exposition after refreshing the live gauges from `s`.
     pub fn render(&self, s: &Snapshot) -> String {
+        self.rebalance();
         self.running.set(s.running as i64);
         self.waiting.set(s.waiting as i64);
         self.kv_tokens.set(s.kv_tokens as i64);
@@ -284,5 +332,21 @@ mod tests {
         assert_eq!(labels.len(), 101, "100 adapters + other");
         assert!(labels.contains(OTHER_LABEL));
         assert!(text.contains(r#"loraplex_requests_total{adapter="other",endpoint="completions",outcome="ok"} 50"#));
+        // a120 (in `other`) becomes busy: it takes the series of a least-used adapter, whose
+        // count folds into `other`; the total is unchanged.
+        for _ in 0..5 {
+            m.count_request("completions", &["a120".to_string()], Outcome::Ok);
+        }
+        m.render(&Snapshot::default());
+        // From now on a120 has its own series; its first 6 requests stay in `other`, which also
+        // received the folded-away adapter's 1.
+        m.count_request("completions", &["a120".to_string()], Outcome::Ok);
+        let text = m.render(&Snapshot::default());
+        let series: Vec<&str> = text.lines().filter(|l| l.starts_with(REQUESTS_TOTAL)).collect();
+        assert_eq!(series.len(), 101);
+        assert!(text.contains(r#"loraplex_requests_total{adapter="a120",endpoint="completions",outcome="ok"} 1"#), "{series:?}");
+        assert!(text.contains(r#"loraplex_requests_total{adapter="other",endpoint="completions",outcome="ok"} 56"#), "{series:?}");
+        let total: f64 = series.iter().filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+        assert_eq!(total, 156.0, "folding keeps every count");
     }
 }
