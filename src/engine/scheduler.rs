@@ -35,8 +35,9 @@ mod tests {
 
     #[test]
     fn keeps_arrival_order() {
-        // The short prompt behind a long one waits its turn.
-        assert_eq!(admit(&[900, 50, 10], 0, 32, 1000), 2);
+        // Everything that fits in order joins; a short prompt behind one that does not fit waits
+        // its turn rather than overtaking it.
+        assert_eq!(admit(&[900, 50, 10], 0, 32, 1000), 3);
         assert_eq!(admit(&[900, 200, 10], 0, 32, 1000), 1);
     }
 }
