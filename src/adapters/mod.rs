@@ -84,13 +84,12 @@ impl LoraAdapter {
 
     /// Distinct projection names this adapter changes, e.g. `["q_proj", "v_proj"]`.
     pub fn target_names(&self) -> Vec<&'static str> {
-        let mut names: Vec<_> = crate::model::Target::ALL
+        let layers = self.modules.len() / crate::model::Target::ALL.len();
+        crate::model::Target::ALL
             .into_iter()
-            .filter(|t| self.modules.iter().enumerate().any(|(i, m)| m.is_some() && i % 7 == *t as usize))
+            .filter(|&target| (0..layers).any(|layer| self.module(ModuleId { layer, target }).is_some()))
             .map(|t| t.name())
-            .collect();
-        names.dedup();
-        names
+            .collect()
     }
 }
 

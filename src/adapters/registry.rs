@@ -243,7 +243,9 @@ impl Registry {
         }
         // Not loaded: make sure we know the folder's current state (it may be brand new).
         let path = self.root.join(name);
-        match (self.inside_root(&path), self.inside_root(&path).as_deref().and_then(fingerprint)) {
+        let dir = self.inside_root(&path);
+        let fp = dir.as_deref().and_then(fingerprint);
+        match (dir, fp) {
             (Some(dir), Some(fp)) => {
                 self.observe(name, dir, fp);
             }
