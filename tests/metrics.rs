@@ -33,6 +33,14 @@ fn value(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+async fn wait_idle(engine: &loraplex::engine::Engine) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !engine.is_idle() {
+        assert!(std::time::Instant::now() < deadline, "the engine did not go idle");
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 macro_rules! app {
     ($state:expr) => {
         test::init_service(App::new().app_data($state.clone()).configure(api::configure)).await
@@ -52,10 +60,14 @@ async fn counters_and_histograms_match_known_traffic() {
     let app = app!(state);
     let before = scrape(&app).await;
     let complete = |model: &str, n: u64| test::TestRequest::post().uri("/v1/completions").set_json(json!({"model": model, "prompt": "The capital of France is", "max_tokens": n, "temperature": 0, "ignore_eos": true}));
+    let engine = &state.backend().unwrap().engine;
     for (model, n) in [("qa-r8", 4), ("rslora-r4", 3), ("qa-r8", 2)] {
         let resp = test::call_service(&app, complete(model, n).to_request()).await;
         assert!(resp.status().is_success());
         assert!(resp.headers().contains_key("x-request-id"));
+        // The response can arrive before the engine retires the sequence (and releases its
+        // hold on the adapter); the next request's eviction needs it released.
+        wait_idle(engine).await;
     }
     let resp = test::call_service(&app, complete("no-such-adapter", 1).to_request()).await;
     assert_eq!(resp.status(), 404);
@@ -67,12 +79,7 @@ async fn counters_and_histograms_match_known_traffic() {
     assert!(first.is_some());
     drop(body);
     // The engine retires the abandoned sequence at its next step.
-    let engine = &state.backend().unwrap().engine;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !engine.is_idle() {
-        assert!(std::time::Instant::now() < deadline, "the abandoned stream was not cancelled");
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_idle(engine).await;
     // Rejected: the server is draining (base model, so no adapter load is involved).
     engine.drain();
     let base = test::TestRequest::post().uri("/v1/completions").set_json(json!({"prompt": "Hi", "max_tokens": 1}));

@@ -178,7 +178,7 @@ pub fn sse_response(rxs: Vec<UnboundedReceiver<TokenEvent>>, meta: ResponseMeta,
         tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| (i, ev))
     });
     let events = stream::select_all(tagged);
-    let guard = super::observe::StreamGuard { obs: meta.obs.clone(), completed: false, usage: (0, 0) };
+    let guard = super::observe::StreamGuard { obs: meta.obs.clone(), completed: false, failed: false, usage: (0, 0) };
     let state = (events, vec![true; n], 0usize, Usage::default(), false, guard);
     let body = stream::unfold(state, move |(mut events, mut first, mut done, mut usage, ended, mut guard)| {
         let meta = meta.clone();
@@ -194,6 +194,7 @@ pub fn sse_response(rxs: Vec<UnboundedReceiver<TokenEvent>>, meta: ResponseMeta,
                             let err = ApiError::internal(msg);
                             let mut out = sse(&err.body()).to_vec();
                             out.extend_from_slice(b"data: [DONE]\n\n");
+                            guard.failed = true;
                             return Some((Ok::<_, actix_web::Error>(Bytes::from(out)), (events, first, done, usage, true, guard)));
                         }
                         if let TokenEvent::Done { usage: u, .. } = &ev {
