@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 fn bench(c: &mut Criterion) {
     loraplex::runtime::init_threads();
+    loraplex::runtime::training_spin_limit();
     let path = std::env::var("LORAPLEX_MODEL").unwrap_or_else(|_| format!("{}/{DEFAULT_MODEL}", env!("CARGO_MANIFEST_DIR")));
     let mut loaded = load_model(&path, WeightFormat::parse("f32", &Device::Cpu).unwrap(), &Device::Cpu).unwrap();
     let examples: Vec<TrainExample> = (0..8u32)

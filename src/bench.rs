@@ -54,6 +54,10 @@ pub struct BenchArgs {
     /// Append the JSON result as one line to this file.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    /// Fraction of requests whose client hangs up mid-stream (after its first tokens): the
+    /// server must cancel them and free their batch slot. Counted as `cancelled`.
+    #[arg(long, default_value_t = 0.0)]
+    pub disconnect_fraction: f64,
     /// Instead of benchmarking, write `adapter_count` synthetic rank-8 q/v adapters named
     /// `PREFIX{i}` into this folder (for the default model's shapes) and exit.
     #[arg(long)]
@@ -75,7 +79,9 @@ pub struct BenchReport {
     pub adapters_per_request: usize,
     pub duration_s: f64,
     pub requests: usize,
+    /// Requests that did not complete and were not hung up by the client.
     pub errors: usize,
+    pub outcomes: Outcomes,
     pub requests_per_s: f64,
     pub output_tokens_per_s: f64,
     pub ttft_ms: Percentiles,
@@ -105,10 +111,47 @@ fn percentiles(mut v: Vec<f64>) -> Percentiles {
     Percentiles { p50: at(0.5), p95: at(0.95), p99: at(0.99) }
 }
 
+/// What became of each request: every one lands in exactly one bucket.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Outcomes {
+    /// Streamed to `[DONE]` with all requested tokens.
+    pub completed: usize,
+    /// Hung up by the client on purpose (`--disconnect-fraction`).
+    pub cancelled: usize,
+    /// Refused with a 4xx and an error body, by status code.
+    pub rejected: std::collections::BTreeMap<u16, usize>,
+    /// Answered with a 5xx.
+    pub server_errors: usize,
+    /// Accepted, then ended by an error event in the stream.
+    pub stream_errors: usize,
+    /// Accepted, then the stream broke or ended without `[DONE]` or an error: lost.
+    pub lost: usize,
+    /// Never reached the server (connection refused or reset before a response).
+    pub connect_errors: usize,
+}
+
+impl Outcomes {
+    fn add(&mut self, o: &Outcomes) {
+        self.completed += o.completed;
+        self.cancelled += o.cancelled;
+        for (k, v) in &o.rejected {
+            *self.rejected.entry(*k).or_default() += v;
+        }
+        self.server_errors += o.server_errors;
+        self.stream_errors += o.stream_errors;
+        self.lost += o.lost;
+        self.connect_errors += o.connect_errors;
+    }
+
+    fn failed(&self) -> usize {
+        self.rejected.values().sum::<usize>() + self.server_errors + self.stream_errors + self.lost + self.connect_errors
+    }
+}
+
 #[derive(Default)]
 struct ClientStats {
     requests: usize,
-    errors: usize,
+    outcomes: Outcomes,
     tokens: usize,
     ttft: Vec<f64>,
     itl: Vec<f64>,
@@ -149,28 +192,41 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
             "adapters": draw(&mut rng, &args),
         });
         let started = Instant::now();
+        let hang_up = args.disconnect_fraction > 0.0 && rng.random::<f64>() < args.disconnect_fraction;
+        st.requests += 1;
         let mut resp = match http.post(&url).send_json(&body).await {
             Ok(r) if r.status().is_success() => r,
-            _ => {
-                st.errors += 1;
+            Ok(r) if r.status().is_server_error() => {
+                st.outcomes.server_errors += 1;
+                continue;
+            }
+            Ok(r) => {
+                *st.outcomes.rejected.entry(r.status().as_u16()).or_default() += 1;
+                continue;
+            }
+            Err(_) => {
+                st.outcomes.connect_errors += 1;
                 continue;
             }
         };
         let (mut buf, mut last, mut first) = (Vec::new(), started, true);
-        while let Some(chunk) = resp.next().await {
+        let (mut done, mut errored, mut broke, mut events, mut tokens) = (false, false, false, 0usize, 0usize);
+        'stream: while let Some(chunk) = resp.next().await {
             let Ok(chunk) = chunk else {
-                st.errors += 1;
+                broke = true;
                 break;
             };
             buf.extend_from_slice(&chunk);
             while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
                 let event: Vec<u8> = buf.drain(..pos + 2).collect();
                 let text = String::from_utf8_lossy(&event);
-                if text.contains("\"usage\"") {
+                if text.starts_with("data: [DONE]") {
+                    done = true;
+                } else if text.contains("\"usage\"") && !text.contains("\"choices\":[{") {
                     let usage = text.strip_prefix("data: ").and_then(|j| serde_json::from_str::<serde_json::Value>(j.trim()).ok());
-                    st.tokens += usage.and_then(|u| u["usage"]["completion_tokens"].as_u64()).unwrap_or(0) as usize;
+                    tokens = usage.and_then(|u| u["usage"]["completion_tokens"].as_u64()).unwrap_or(0) as usize;
                 } else if text.contains("\"error\"") {
-                    st.errors += 1;
+                    errored = true;
                 } else if text.starts_with("data: {") {
                     let now = Instant::now();
                     if first {
@@ -180,10 +236,23 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
                         st.itl.push((now - last).as_secs_f64() * 1e3);
                     }
                     last = now;
+                    events += 1;
+                    if hang_up && events >= 2 {
+                        break 'stream;
+                    }
                 }
             }
         }
-        st.requests += 1;
+        st.tokens += tokens;
+        if hang_up && events >= 2 && !done {
+            st.outcomes.cancelled += 1;
+        } else if errored {
+            st.outcomes.stream_errors += 1;
+        } else if done && !broke && tokens == args.max_tokens {
+            st.outcomes.completed += 1;
+        } else {
+            st.outcomes.lost += 1;
+        }
     }
     st
 }
@@ -219,7 +288,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         for t in tasks {
             let s = t.await.context("bench client panicked")?;
             all.requests += s.requests;
-            all.errors += s.errors;
+            all.outcomes.add(&s.outcomes);
             all.tokens += s.tokens;
             all.ttft.extend(s.ttft);
             all.itl.extend(s.itl);
@@ -232,8 +301,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             adapters_per_request: args.adapters_per_request.min(args.adapter_count),
             duration_s: secs,
             requests: all.requests,
-            errors: all.errors,
-            requests_per_s: all.requests as f64 / secs,
+            errors: all.outcomes.failed(),
+            outcomes: all.outcomes.clone(),
+            requests_per_s: all.outcomes.completed as f64 / secs,
             output_tokens_per_s: all.tokens as f64 / secs,
             ttft_ms: percentiles(all.ttft),
             itl_ms: percentiles(all.itl),

@@ -140,9 +140,11 @@ pub struct GenerateArgs {
 }
 
 /// Logs to stderr, as text or JSON lines; `LORAPLEX_LOG` sets the filter (default `info`).
+/// Colours only on a terminal: a log file or collector gets plain text.
 pub fn init_logging(json: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("LORAPLEX_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
@@ -197,6 +199,7 @@ fn load_mix(specs: &[String], adapters_dir: &Path, cfg: &crate::model::LlamaConf
 }
 
 fn run_train(args: TrainArgs) -> anyhow::Result<()> {
+    crate::runtime::training_spin_limit();
     let file = match &args.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading `{}`", p.display()))?;

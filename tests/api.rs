@@ -5,63 +5,17 @@
 mod common;
 
 use actix_web::{http::StatusCode, test, web, App};
+use common::http::{app, assert_error, call, ctx, ctx_with, post};
 use common::*;
 use loraplex::api::{self, AppState};
 use loraplex::config::{ServeConfig, ServeOptions};
 use serde_json::{json, Value};
 use std::sync::{Arc, OnceLock};
 
-struct Ctx {
-    state: web::Data<AppState>,
-    _dir: tempfile::TempDir,
-}
-
-fn ctx_with(edit: impl FnOnce(&mut ServeOptions)) -> Ctx {
-    let dir = tempfile::tempdir().unwrap();
-    let mut opts = serve_options(dir.path());
-    edit(&mut opts);
-    let cfg = ServeConfig::try_from(opts).unwrap();
-    let backend = Arc::new(OnceLock::new());
-    let metrics = loraplex::serve::new_metrics(&cfg).unwrap();
-    let _ = backend.set(loraplex::serve::load_backend(&cfg, Some(metrics.clone())).unwrap());
-    let state = web::Data::new(AppState { backend, metrics, limits: cfg.limits.clone(), api_key: cfg.api_key.clone(), admin_key: cfg.admin_key.clone() });
-    Ctx { state, _dir: dir }
-}
-
-fn ctx() -> Ctx {
-    ctx_with(|_| {})
-}
-
-macro_rules! app {
-    ($ctx:expr) => {
-        test::init_service(App::new().app_data($ctx.state.clone()).configure(api::configure)).await
-    };
-}
-
-async fn call(app: &impl actix_web::dev::Service<actix_http::Request, Response = actix_web::dev::ServiceResponse, Error = actix_web::Error>, req: test::TestRequest) -> (StatusCode, Value) {
-    let resp = test::call_service(app, req.to_request()).await;
-    let status = resp.status();
-    let body = test::read_body(resp).await;
-    (status, serde_json::from_slice(&body).unwrap_or(Value::String(String::from_utf8_lossy(&body).into_owned())))
-}
-
-fn post(path: &str, body: Value) -> test::TestRequest {
-    test::TestRequest::post().uri(path).set_json(body)
-}
-
-/// The OpenAI error shape with the expected status, type and (optionally) param.
-fn assert_error(status: StatusCode, body: &Value, want: StatusCode, kind: &str) {
-    assert_eq!(status, want, "{body}");
-    let e = &body["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    assert_eq!(e["type"], kind, "{body}");
-    assert!(e.get("param").is_some() && e.get("code").is_some(), "{body}");
-}
-
 #[actix_web::test]
 async fn completion_returns_text_usage_and_applied_adapters() {
     let c = ctx();
-    let app = app!(c);
+    let app = app(&c).await;
     let (s, v) = call(&app, post("/v1/completions", json!({"model": "qa-r8", "prompt": "The capital of France is", "max_tokens": 24, "temperature": 0}))).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["object"], "text_completion");
@@ -79,7 +33,7 @@ async fn completion_returns_text_usage_and_applied_adapters() {
 #[actix_web::test]
 async fn mixes_prompts_lists_n_logprobs_echo_and_stop() {
     let c = ctx();
-    let app = app!(c);
+    let app = app(&c).await;
     let (s, v) = call(&app, post("/v1/completions", json!({
         "prompt": ["The capital of France is", "Once"], "max_tokens": 6, "temperature": 0, "n": 2,
         "logprobs": 3, "adapters": [{"name": "qa-r8", "scale": 0.7}, {"name": "all-r16", "scale": 0.3}]
@@ -102,7 +56,7 @@ async fn mixes_prompts_lists_n_logprobs_echo_and_stop() {
 #[actix_web::test]
 async fn chat_completion_uses_the_template_and_reports_logprobs() {
     let c = ctx();
-    let app = app!(c);
+    let app = app(&c).await;
     let (s, v) = call(&app, post("/v1/chat/completions", json!({
         "model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 30, "temperature": 0, "logprobs": true, "top_logprobs": 2
@@ -120,7 +74,7 @@ async fn chat_completion_uses_the_template_and_reports_logprobs() {
 #[actix_web::test]
 async fn streaming_uses_openai_chunks_and_ends_with_done() {
     let c = ctx();
-    let app = app!(c);
+    let app = app(&c).await;
     let req = post("/v1/chat/completions", json!({
         "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0,
         "stream": true, "stream_options": {"include_usage": true}, "model": "rslora-r4"
@@ -145,7 +99,7 @@ async fn streaming_uses_openai_chunks_and_ends_with_done() {
 #[actix_web::test]
 async fn models_and_adapter_management() {
     let c = ctx_with(|o| o.admin_key = Some("admin-secret".into()));
-    let app = app!(c);
+    let app = app(&c).await;
     let (s, v) = call(&app, test::TestRequest::get().uri("/v1/models")).await;
     assert_eq!(s, StatusCode::OK);
     let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
@@ -175,7 +129,7 @@ async fn models_and_adapter_management() {
 #[actix_web::test]
 async fn bad_requests_get_the_right_status_in_openai_shape() {
     let c = ctx_with(|o| o.max_body_bytes = Some(4096));
-    let app = app!(c);
+    let app = app(&c).await;
     let ok = json!({"prompt": "hi", "max_tokens": 2});
     let cases: Vec<(test::TestRequest, StatusCode, &str)> = vec![
         (test::TestRequest::post().uri("/v1/completions").insert_header(("content-type", "application/json")).set_payload("{not json"), StatusCode::BAD_REQUEST, "malformed JSON"),
@@ -216,7 +170,7 @@ async fn auth_keys_are_enforced() {
         o.api_key = Some("user-key".into());
         o.admin_key = Some("admin-key".into());
     });
-    let app = app!(c);
+    let app = app(&c).await;
     let body = json!({"prompt": "hi", "max_tokens": 1});
     let (s, v) = call(&app, post("/v1/completions", body.clone())).await;
     assert_error(s, &v, StatusCode::UNAUTHORIZED, "authentication_error");
@@ -248,7 +202,7 @@ async fn a_full_queue_is_429_and_draining_is_503() {
         o.max_batch_size = Some(1);
         o.max_waiting = Some(1);
     });
-    let app = app!(c);
+    let app = app(&c).await;
     let reqs = (0..4).map(|_| call(&app, post("/v1/completions", json!({"prompt": "Once", "max_tokens": 30, "temperature": 0}))));
     let results = futures_util::future::join_all(reqs).await;
     let statuses: Vec<StatusCode> = results.iter().map(|r| r.0).collect();

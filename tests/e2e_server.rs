@@ -130,20 +130,77 @@ fn adapter_folders_hot_load_reload_and_unload() {
 }
 
 #[test]
-fn sigterm_drains_running_requests_and_refuses_new_ones() {
+fn sigterm_drains_running_requests_and_refuses_new_ones_and_a_restart_serves_the_same_adapters() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), &[]);
+    let logs = tempfile::tempdir().unwrap();
+    for name in ["qa-r8", "all-r16"] {
+        copy_adapter(&shared_dir().join("adapters").join(name), &dir.path().join(name));
+    }
+    let log = logs.path().join("server.log");
+    let mut server = Server::start_with_log(dir.path(), &[], Some(&log), &[]);
+    // Without keys it binds to loopback and says so.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("loopback"), "{text}");
     let port = server.port;
-    let running = std::thread::spawn(move || complete(port, json!({"prompt": "Once", "max_tokens": 80, "temperature": 0})));
-    std::thread::sleep(Duration::from_millis(400));
+    let mixes = [json!([]), json!([{"name": "qa-r8"}]), json!([{"name": "all-r16", "scale": 0.5}]), json!([{"name": "qa-r8"}, {"name": "all-r16"}])];
+    let running: Vec<_> = mixes
+        .iter()
+        .cloned()
+        .map(|m| std::thread::spawn(move || complete(port, json!({"prompt": "Once", "max_tokens": 80, "temperature": 0, "ignore_eos": true, "adapters": m}))))
+        .collect();
+    std::thread::sleep(Duration::from_millis(600));
     let pid = server.child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     std::thread::sleep(Duration::from_millis(100));
     let (s, v) = complete(port, json!({"prompt": "Once", "max_tokens": 2}));
     assert!(s == 503 || s == 0, "new request during drain: {s} {v}");
-    let (s, v) = running.join().unwrap();
-    assert_eq!(s, 200, "{v}");
-    assert_eq!(v["usage"]["completion_tokens"], 80);
+    for r in running {
+        let (s, v) = r.join().unwrap();
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 80, "a running request was cut short: {v}");
+    }
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+
+    let again = Server::start(dir.path(), &[]);
+    let (s, list) = get(again.port, "/v1/adapters");
+    assert_eq!(s, 200);
+    for name in ["qa-r8", "all-r16"] {
+        assert!(list.contains(&format!("\"{name}\"")), "{list}");
+        let (s, v) = complete(again.port, json!({"prompt": "Once", "max_tokens": 4, "model": name}));
+        assert_eq!(s, 200, "{name} after restart: {v}");
+    }
+}
+
+#[test]
+fn api_keys_are_enforced_and_never_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    copy_adapter(&shared_dir().join("adapters/qa-r8"), &dir.path().join("qa-r8"));
+    let log = logs.path().join("server.log");
+    let (user, admin) = ("sk-user-4f9a1c", "sk-admin-77b2e0");
+    // Keys from the environment (not on the command line, where `ps` would show them).
+    let env = [("LORAPLEX_API_KEY", user), ("LORAPLEX_ADMIN_KEY", admin), ("LORAPLEX_LOG", "debug")];
+    let server = Server::start_with_log(dir.path(), &[], Some(&log), &env);
+    let with = |key: &str, method: &str, path: &str, body: Option<&Value>| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        use std::io::{Read, Write};
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).unwrap_or(0)
+    };
+    let req = json!({"prompt": "Hi", "max_tokens": 2, "model": "qa-r8"});
+    assert_eq!(complete(server.port, req.clone()).0, 401, "no key");
+    assert_eq!(with("wrong", "POST", "/v1/completions", Some(&req)), 401);
+    assert_eq!(with(user, "POST", "/v1/completions", Some(&req)), 200);
+    assert_eq!(with(user, "DELETE", "/v1/adapters/qa-r8", None), 403, "admin call with the inference key");
+    assert_eq!(with(admin, "DELETE", "/v1/adapters/qa-r8", None), 200);
+    let mut server = server;
+    assert!(Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap().success());
+    server.child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("loraplex::access") && text.contains("status=401") && text.contains("status=200"), "the log has the requests: {text}");
+    assert!(!text.contains(user) && !text.contains(admin), "a key reached the log");
 }

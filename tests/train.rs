@@ -179,6 +179,31 @@ fn a_few_steps_drive_the_loss_down_and_leave_the_base_unchanged() {
 }
 
 #[test]
+fn splitting_a_batch_into_passes_keeps_the_update() {
+    // Without dropout, passes of 1 or 2 examples give the whole batch's mean-loss gradient.
+    let ex = tiny_examples();
+    let run = |micro: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tiny_config(dir.path(), 3);
+        cfg.dropout = 0.0;
+        cfg.micro_batch = micro;
+        let (mut model, _) = tiny();
+        train_on(&mut model, &ex, &cfg, false, None).unwrap()
+    };
+    let whole = run(0);
+    for micro in [1, 2] {
+        let split = run(micro);
+        for (w, s) in whole.log.iter().zip(&split.log) {
+            assert!((w.loss - s.loss).abs() < 1e-5 && (w.grad_norm - s.grad_norm).abs() < 1e-4, "step {}: {w:?} vs {s:?}", w.step);
+        }
+        for ((_, a1, b1), (_, a2, b2)) in whole.params.modules.iter().zip(&split.params.modules) {
+            assert!(max_abs_diff(a1.as_tensor(), a2.as_tensor()) < 1e-5);
+            assert!(max_abs_diff(b1.as_tensor(), b2.as_tensor()) < 1e-5);
+        }
+    }
+}
+
+#[test]
 fn a_resumed_run_reproduces_the_uninterrupted_adapter() {
     let ex = tiny_examples();
     let dir = tempfile::tempdir().unwrap();

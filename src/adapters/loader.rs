@@ -32,6 +32,17 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
             "`target_modules` entries {unknown:?} name no linear layer of the base model"
         )));
     }
+    // The most tensor data this config can need (every tensor in f64): anything larger is
+    // refused from its header, before the file is read.
+    let max_data: u64 = ModuleId::all(cfg.num_layers)
+        .filter(|id| config.targets(*id))
+        .map(|id| {
+            let (r, _) = config.rank_alpha(id);
+            let (fan_in, fan_out) = cfg.proj_dims(id.target);
+            ((r * fan_in + fan_out * r) * 8) as u64
+        })
+        .sum();
+    super::header::check_file(&dir.join(WEIGHTS_FILE), max_data)?;
     let bytes = read(&dir.join(WEIGHTS_FILE))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Weights(format!("unreadable safetensors: {e}")))?;
     let mut expected = BTreeSet::new();

@@ -5,6 +5,7 @@
 //! produces a new value, so a request holding the old `Arc` never sees weights change.
 
 pub mod config;
+pub mod header;
 pub mod loader;
 pub mod registry;
 pub mod watcher;
@@ -117,6 +118,12 @@ impl AdapterMix {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// The same adapters (by identity, not by name) with the same scales.
+    pub fn same_as(&self, other: &AdapterMix) -> bool {
+        self.entries.len() == other.entries.len()
+            && self.entries.iter().zip(&other.entries).all(|(a, b)| Arc::ptr_eq(&a.adapter, &b.adapter) && a.scale == b.scale)
     }
 
     /// The `(weights, c_i)` terms that touch `id`, with `c_i = s_i · scaling_i`. Zero-scale

@@ -69,8 +69,9 @@ fn fingerprint(dir: &Path) -> Option<Fingerprint> {
         .iter()
         .map(|f| std::fs::metadata(dir.join(f)).ok().map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None)))
         .collect();
-    // A folder without a config is not an adapter (yet).
-    (parts[0].1.is_some()).then_some(Fingerprint(parts))
+    // A folder with neither file is not an adapter (yet); one with only the weights is listed
+    // with its error (the missing config) until the config appears.
+    (parts.iter().any(|p| p.1.is_some())).then_some(Fingerprint(parts))
 }
 
 #[derive(Debug)]
@@ -107,6 +108,9 @@ pub struct Registry {
     clock: AtomicU64,
     /// Serialises loads so that budget accounting sees one load at a time.
     load_lock: Mutex<()>,
+    /// Serialises rescans: when `rescan` returns, every folder it saw has been validated, even
+    /// one that a concurrent rescan (the watcher's) observed first.
+    rescan_lock: Mutex<()>,
     pub stats: RegistryStats,
     metrics: Option<Arc<crate::metrics::Metrics>>,
 }
@@ -137,6 +141,7 @@ impl Registry {
             budget_bytes,
             clock: AtomicU64::new(1),
             load_lock: Mutex::new(()),
+            rescan_lock: Mutex::new(()),
             stats: RegistryStats::default(),
             metrics: None,
         };
@@ -164,10 +169,24 @@ impl Registry {
         (real.starts_with(&self.root) && real != self.root && real.is_dir()).then_some(real)
     }
 
+    /// Loads the adapter in `dir` after checking that its files, links resolved, lie inside
+    /// the root too (a linked file could otherwise make the server read any file it can).
+    fn load_checked(&self, dir: &Path, name: &str, device: &Device) -> Result<LoraAdapter, String> {
+        for f in [super::loader::CONFIG_FILE, super::loader::WEIGHTS_FILE] {
+            if let Ok(real) = dir.join(f).canonicalize() {
+                if !real.starts_with(&self.root) {
+                    return Err(format!("`{f}` links to a file outside the adapters folder"));
+                }
+            }
+        }
+        load_adapter(dir, name, &self.cfg, device).map_err(|e| e.to_string())
+    }
+
     /// Syncs the registry with the folders under the root: new folders appear, changed ones get
     /// a new version (their loaded copy is dropped; running requests keep theirs), removed ones
     /// disappear. Returns the names whose state changed.
     pub fn rescan(&self) -> Vec<String> {
+        let _guard = self.rescan_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut changed = Vec::new();
         let mut seen = std::collections::HashSet::new();
         if let Ok(rd) = std::fs::read_dir(&self.root) {
@@ -181,6 +200,7 @@ impl Registry {
                 let Some(fp) = fingerprint(&dir) else { continue };
                 seen.insert(name.clone());
                 if self.observe(&name, dir, fp) {
+                    self.validate(&name);
                     changed.push(name);
                 }
             }
@@ -231,6 +251,31 @@ impl Registry {
         }
     }
 
+    /// Checks a new or changed folder at once (a full load on the CPU, then dropped), so that
+    /// `/v1/adapters` shows a broken adapter's error before any request needs it; the lazy load
+    /// on first use stays the one that counts against the budget.
+    fn validate(&self, name: &str) {
+        let Some((dir, version)) = self.entries.get(name).map(|e| (e.dir.clone(), e.version)) else { return };
+        let result = self.load_checked(&dir, name, &Device::Cpu);
+        let Some(mut e) = self.entries.get_mut(name) else { return };
+        if e.version != version {
+            return; // changed again meanwhile: the next rescan checks the new files
+        }
+        match result {
+            Ok(a) => {
+                e.error = None;
+                e.rank = Some(a.config.r);
+                e.alpha = Some(a.config.lora_alpha);
+                e.targets = a.target_names().into_iter().map(str::to_string).collect();
+                e.size_bytes = Some(a.size_bytes);
+            }
+            Err(err) => {
+                tracing::warn!(adapter = name, error = %err, "adapter folder is not a valid adapter");
+                e.error = Some(err);
+            }
+        }
+    }
+
     /// The adapter `name`, loading it if needed. Blocking (disk IO): call off the async runtime.
     pub fn acquire(&self, name: &str) -> Result<Arc<LoraAdapter>, RegistryError> {
         validate_name(name)?;
@@ -269,7 +314,7 @@ impl Registry {
             None => return Err(RegistryError::NotFound(name.to_string())),
         };
         let started = Instant::now();
-        let result = load_adapter(&dir, name, &self.cfg, &self.device);
+        let result = self.load_checked(&dir, name, &self.device);
         let Some(mut e) = self.entries.get_mut(name) else {
             return Err(RegistryError::NotFound(name.to_string()));
         };
@@ -279,7 +324,7 @@ impl Registry {
                 if let Some(m) = &self.metrics {
                     m.adapter_loads.with_label_values(&["error"]).inc();
                 }
-                let error = err.to_string();
+                let error = err;
                 tracing::warn!(adapter = name, %error, "adapter failed to load");
                 e.error = Some(error.clone());
                 Err(RegistryError::LoadFailed { name: name.to_string(), error })

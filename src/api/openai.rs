@@ -13,7 +13,7 @@ pub struct AdapterRef {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub enum StringOrList {
     One(String),
     Many(Vec<String>),
@@ -60,7 +60,7 @@ pub struct CompletionRequest {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of content parts")]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),

@@ -236,7 +236,8 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Draft, ApiError> {
                 }
                 s
             }
-            None => String::new(),
+            None if m.role == "assistant" => String::new(),
+            None => return Err(ApiError::bad_request(format!("messages[{i}] lacks `content`")).with_param(format!("messages[{i}].content"))),
         };
         let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
         messages.push(ChatMessage { role, content });

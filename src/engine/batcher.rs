@@ -87,8 +87,11 @@ impl<'m> Batcher<'m> {
         let before = self.running.len();
         let (done, running): (Vec<Sequence>, Vec<Sequence>) = std::mem::take(&mut self.running).into_iter().partition(|s| s.finished.is_some());
         self.running = running;
-        done.iter().for_each(|s| self.count_tokens(s));
         report.finished = before - self.running.len();
+        for s in done {
+            self.count_tokens(&s);
+            s.retire();
+        }
         report
     }
 

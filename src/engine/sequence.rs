@@ -20,6 +20,8 @@ pub struct Sequence {
     /// Bytes of the decoded text already sent.
     emitted: usize,
     events: UnboundedSender<TokenEvent>,
+    /// `Done` or `Error`, sent by [`Sequence::retire`] once the sequence is gone.
+    final_event: Option<TokenEvent>,
     pub finished: Option<FinishReason>,
     /// When the request was submitted (for time to first token).
     pub submitted_at: std::time::Instant,
@@ -39,6 +41,7 @@ impl Sequence {
             generated: Vec::new(),
             emitted: 0,
             events,
+            final_event: None,
             finished: None,
             submitted_at: std::time::Instant::now(),
             last_token_at: None,
@@ -61,8 +64,20 @@ impl Sequence {
 
     /// Reports a failure to the client and marks the sequence finished.
     pub fn fail(&mut self, message: String) {
-        let _ = self.events.send(TokenEvent::Error(message));
+        self.final_event = Some(TokenEvent::Error(message));
         self.finished = Some(FinishReason::Stop);
+    }
+
+    /// Ends a finished sequence: its KV cache and adapter references are dropped before the
+    /// client hears `Done`, so a client that reacts at once (e.g. with a request that needs
+    /// the adapter budget this one held) finds them released.
+    pub fn retire(mut self) {
+        let event = self.final_event.take();
+        let events = self.events.clone();
+        drop(self);
+        if let Some(e) = event {
+            let _ = events.send(e);
+        }
     }
 
     /// Consumes this step's logits row: samples, streams, and decides whether to stop.
@@ -96,7 +111,7 @@ impl Sequence {
         let _ = self.events.send(TokenEvent::Token { id: token, text: delta, logprob: lp, top });
         if let Some(reason) = finish {
             let usage = Usage { prompt_tokens: self.req.prompt_ids.len(), completion_tokens: self.generated.len() };
-            let _ = self.events.send(TokenEvent::Done { reason, usage });
+            self.final_event = Some(TokenEvent::Done { reason, usage });
             self.finished = Some(reason);
         }
         self.pending = vec![token];

@@ -8,7 +8,7 @@ use super::linear::{BaseWeight, LoraLinear};
 use super::lora::StepLora;
 use super::{LlamaConfig, ModuleId, Result, Target, WeightFormat};
 use crate::adapters::AdapterMix;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 /// Where a loader's tensors come from; implemented by the GGUF and Hugging Face loaders.
 /// Every tensor is returned in Hugging Face layout (GGUF Q/K rows un-permuted).
@@ -155,7 +155,7 @@ impl Llama {
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
         Ok(if self.differentiable {
-            candle_nn::ops::rms_norm_slow(x, w, eps)?
+            super::diffops::rms_norm(x, w, eps)?
         } else {
             candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?
         })
@@ -181,8 +181,8 @@ impl Llama {
         let v = block.proj[2].forward(h, lens, lora, self.differentiable)?;
         // Token-major `(1, n, heads, hd)`: a sequence's rows are one contiguous slice, so
         // decode needs no per-sequence copies; rope uses per-token cos/sin rows.
-        let q = self.rope(&q.reshape((1, n, nh, hd))?, cos, sin)?.squeeze(0)?;
-        let k = self.rope(&k.reshape((1, n, nkv, hd))?, cos, sin)?.squeeze(0)?;
+        let q = self.rope(&q.reshape((n, nh, hd))?, cos, sin)?;
+        let k = self.rope(&k.reshape((n, nkv, hd))?, cos, sin)?;
         let v = v.reshape((n, nkv, hd))?;
         let groups = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -207,14 +207,14 @@ impl Llama {
             };
             let k_heads = k_all.transpose(0, 1)?; // (nkv, T, hd), strided view
             let v_heads = v_all.transpose(0, 1)?;
-            let mut att = (qg.matmul(&k_heads.t()?)? * scale)?.to_dtype(DType::F32)?;
-            if t > 1 {
-                let mask = causal_mask(t, total, &self.device)?;
-                att = att.reshape((nkv, groups, t, total))?.broadcast_add(&mask)?.reshape((nkv, groups * t, total))?;
-            }
             let att = if self.differentiable {
-                candle_nn::ops::softmax(&att, D::Minus1)?
+                super::diffops::causal_softmax(&qg.matmul(&k_heads.t()?)?, scale, t)?
             } else {
+                let mut att = (qg.matmul(&k_heads.t()?)? * scale)?.to_dtype(DType::F32)?;
+                if t > 1 {
+                    let mask = causal_mask(t, total, &self.device)?;
+                    att = att.reshape((nkv, groups, t, total))?.broadcast_add(&mask)?.reshape((nkv, groups * t, total))?;
+                }
                 candle_nn::ops::softmax_last_dim(&att)?
             };
             let o = att.to_dtype(self.dtype)?.matmul(&v_heads)?; // (nkv, groups·t, hd)
@@ -229,13 +229,12 @@ impl Llama {
         block.proj[3].forward(&o, lens, lora, self.differentiable)
     }
 
-    /// Rotary embedding of `(1, n, heads, hd)` with per-token `(n, hd/2)` cos/sin.
+    /// Rotary embedding of `(n, heads, hd)` with per-token `(n, hd/2)` cos/sin.
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         Ok(if self.differentiable {
-            // rope_slow wants `(b, heads, n, hd)`.
-            candle_nn::rotary_emb::rope_slow(&x.transpose(1, 2)?, cos, sin)?.transpose(1, 2)?
+            super::diffops::rope(x, cos, sin)?
         } else {
-            candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)?
+            candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?
         })
     }
 

@@ -134,11 +134,14 @@ impl ModuleLora {
 }
 
 /// Inverted dropout with a mask from a seeded RNG (candle's own dropout is not seedable on CPU).
+/// A small non-cryptographic generator: a training step draws ~10⁸ mask values, and the
+/// cryptographic `StdRng` cost 4 % of the step.
 fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
+    let threshold = (p as f64 * 4_294_967_296.0) as u64;
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if (rng.next_u32() as u64) < threshold { 0.0 } else { keep }).collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * mask)?)
 }
@@ -149,8 +152,14 @@ fn per_row_delta(id: ModuleId, mixes: &[AdapterMix], x: &Tensor, seq_lens: &[usi
     };
     let dtype = x.dtype();
     let mut parts = Vec::with_capacity(mixes.len());
-    let mut offset = 0;
-    for (mix, &len) in mixes.iter().zip(seq_lens) {
+    let (mut offset, mut seq) = (0, 0);
+    while seq < mixes.len() {
+        // Consecutive sequences with the same mix (all of a training batch) take one matmul
+        // pair over their rows together.
+        let mix = &mixes[seq];
+        let run = mixes[seq..].iter().take_while(|m| m.same_as(mix)).count();
+        let len: usize = seq_lens[seq..seq + run].iter().sum();
+        seq += run;
         let xs = x.narrow(0, offset, len)?;
         let mut acc: Option<Tensor> = None;
         for (w, c) in mix.terms(id) {
@@ -167,6 +176,9 @@ fn per_row_delta(id: ModuleId, mixes: &[AdapterMix], x: &Tensor, seq_lens: &[usi
             None => Tensor::zeros((len, fan_out), dtype, x.device())?,
         });
         offset += len;
+    }
+    if parts.len() == 1 {
+        return Ok(parts.pop());
     }
     Ok(Some(Tensor::cat(&parts, 0)?))
 }

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod device;
+pub mod diffops;
 pub mod frozen;
 pub mod gguf;
 pub mod hf;

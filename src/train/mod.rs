@@ -61,6 +61,11 @@ pub struct TrainOptions {
     /// Micro-batches per optimizer step. [default: 1]
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Examples per forward/backward pass: a batch runs as passes of this many examples, its
+    /// loss normalised over the whole batch's answer tokens, so the gradient is the batch's
+    /// (only the peak memory shrinks). 0 = the whole batch in one pass. [default: 2]
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
     /// Peak learning rate. [default: 5e-4]
     #[arg(long)]
     pub lr: Option<f64>,
@@ -112,7 +117,7 @@ macro_rules! merge_train {
 impl TrainOptions {
     pub fn over(self, lower: TrainOptions) -> TrainOptions {
         merge_train!(self, lower, model, data, output, rank, alpha, dropout, target_modules, rslora, steps, epochs,
-            batch_size, grad_accum, lr, warmup_steps, schedule, weight_decay, max_grad_norm, max_seq_len, overflow, seed,
+            batch_size, grad_accum, micro_batch, lr, warmup_steps, schedule, weight_decay, max_grad_norm, max_seq_len, overflow, seed,
             checkpoint_every, resume, eval_every, eval_data, eval_limit, stop_after)
     }
 }
@@ -132,6 +137,7 @@ pub struct TrainConfig {
     pub epochs: Option<f64>,
     pub batch_size: usize,
     pub grad_accum: usize,
+    pub micro_batch: usize,
     pub lr: f64,
     pub warmup_steps: usize,
     pub schedule: Schedule,
@@ -165,6 +171,7 @@ impl TryFrom<TrainOptions> for TrainConfig {
             epochs: o.epochs,
             batch_size: o.batch_size.unwrap_or(8),
             grad_accum: o.grad_accum.unwrap_or(1),
+            micro_batch: o.micro_batch.unwrap_or(2),
             lr: o.lr.unwrap_or(5e-4),
             warmup_steps: o.warmup_steps.unwrap_or(20),
             schedule: o.schedule.unwrap_or(Schedule::Linear),

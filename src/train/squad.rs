@@ -88,24 +88,30 @@ fn read_text(path: &Path) -> Result<String, DataError> {
 pub fn load(path: &Path) -> Result<Vec<QaExample>, DataError> {
     let text = read_text(path)?;
     let name = path.to_string_lossy();
-    let invalid = |reason: String| DataError::Invalid { path: path.display().to_string(), reason };
-    if name.ends_with(".jsonl") || name.ends_with(".jsonl.gz") {
+    let jsonl = name.ends_with(".jsonl") || name.ends_with(".jsonl.gz");
+    parse(&text, jsonl).map_err(|reason| DataError::Invalid { path: path.display().to_string(), reason })
+}
+
+/// Parses SQuAD JSON (v1.1 or v2.0) or, with `jsonl`, lines of `{"context", "question",
+/// "answer"}`; the error says what is wrong (and on which line).
+pub fn parse(text: &str, jsonl: bool) -> Result<Vec<QaExample>, String> {
+    if jsonl {
         return text
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
-                let j: JsonlLine = serde_json::from_str(l).map_err(|e| invalid(format!("line {}: {e}", i + 1)))?;
+                let j: JsonlLine = serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1))?;
                 let answers = match j.answer {
                     AnswerField::One(a) => vec![a],
                     AnswerField::Many(v) => v,
                 };
-                let answer_start = answers.first().and_then(|a| j.context.find(a.as_str()));
+                let answer_start = answers.first().and_then(|a| j.context.find(a.as_str())).map(|b| j.context[..b].chars().count());
                 Ok(QaExample { id: j.id.unwrap_or_else(|| format!("line-{}", i + 1)), context: j.context, question: j.question, answers, answer_start })
             })
             .collect();
     }
-    let file: SquadFile = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let file: SquadFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for article in file.data {
         for p in article.paragraphs {

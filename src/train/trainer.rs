@@ -64,6 +64,11 @@ pub fn batch_loss(model: &Llama, lora: &StepLora, batch: &[&TrainExample]) -> ca
     Ok((loss, n))
 }
 
+/// The LoRA-dropout seed of the pass that starts at example `first` of micro-batch `micro`.
+fn dropout_seed(seed: u64, micro: usize, first: usize) -> u64 {
+    seed ^ ((micro as u64) << 20) ^ ((first as u64) << 48)
+}
+
 fn checkpoint_dir(output: &Path) -> PathBuf {
     let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     output.with_file_name(format!(".{name}.checkpoint"))
@@ -200,18 +205,25 @@ pub fn train_on(model: &mut Llama, examples: &[TrainExample], cfg: &TrainConfig,
             let base = (step * cfg.grad_accum + micro) * cfg.batch_size;
             let batch: Vec<&TrainExample> = (0..cfg.batch_size).map(|i| &examples[example_at(base + i, examples.len(), cfg.seed)]).collect();
             tokens += batch.iter().map(|e| e.full_len()).sum::<usize>();
-            let mix = AdapterMix::single(adapter.clone(), 1.0);
-            let lora = StepLora::Training { mixes: vec![mix; batch.len()], dropout: cfg.dropout, seed: cfg.seed ^ ((step * cfg.grad_accum + micro) as u64) << 20 };
-            let (loss, _) = batch_loss(model, &lora, &batch)?;
-            let loss = (loss / cfg.grad_accum as f64)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            let grads = loss.backward()?;
-            for (i, v) in vars.iter().enumerate() {
-                let g = grads.get(v).cloned().context("a LoRA parameter got no gradient")?;
-                sums[i] = Some(match sums[i].take() {
-                    Some(s) => (s + g)?,
-                    None => g,
-                });
+            let targets: usize = batch.iter().map(|e| e.targets.len()).sum();
+            let pass = if cfg.micro_batch == 0 { batch.len() } else { cfg.micro_batch };
+            for (k, part) in batch.chunks(pass).enumerate() {
+                let mix = AdapterMix::single(adapter.clone(), 1.0);
+                // Each pass draws its own dropout masks, seeded by step and place in the batch.
+                let lora = StepLora::Training { mixes: vec![mix; part.len()], dropout: cfg.dropout, seed: dropout_seed(cfg.seed, step * cfg.grad_accum + micro, k * pass) };
+                let (loss, n) = batch_loss(model, &lora, part)?;
+                // The pass's share of the batch mean (mean over all answer tokens of the batch).
+                let loss = (loss * (n as f64 / targets as f64 / cfg.grad_accum as f64))?;
+                loss_sum += loss.to_scalar::<f32>()? as f64;
+                let grads = loss.backward()?;
+                drop(loss);
+                for (i, v) in vars.iter().enumerate() {
+                    let g = grads.get(v).cloned().context("a LoRA parameter got no gradient")?;
+                    sums[i] = Some(match sums[i].take() {
+                        Some(s) => (s + g)?,
+                        None => g,
+                    });
+                }
             }
         }
         let mut grads: Vec<Tensor> = sums.into_iter().flatten().collect();

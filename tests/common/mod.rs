@@ -2,6 +2,7 @@
 //! real default model's location.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod server;
 
 use candle_core::{Device, Tensor};

@@ -22,15 +22,23 @@ pub struct Server {
 
 impl Server {
     pub fn start(adapters: &Path, extra: &[&str]) -> Server {
+        Self::start_with_log(adapters, extra, None, &[])
+    }
+
+    /// Like `start`, with the server's log (stderr) written to `log` and extra environment.
+    pub fn start_with_log(adapters: &Path, extra: &[&str], log: Option<&Path>, env: &[(&str, &str)]) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(binary())
-            .args(["serve", "--model", real_model_path().to_str().unwrap(), "--adapters", adapters.to_str().unwrap()])
+        let mut cmd = Command::new(binary());
+        cmd.args(["serve", "--model", real_model_path().to_str().unwrap(), "--adapters", adapters.to_str().unwrap()])
             .args(["--port", &port.to_string(), "--rescan-interval-ms", "100"])
             .args(extra)
             .env("LORAPLEX_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+            .envs(env.iter().copied())
+            .stdout(Stdio::null());
+        if let Some(log) = log {
+            cmd.stderr(std::fs::File::create(log).unwrap());
+        }
+        let child = cmd.spawn().unwrap();
         let s = Server { child, port };
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {

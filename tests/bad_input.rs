@@ -1,0 +1,194 @@
+//! The bad-input battery: one table of hostile or broken requests, each answered with the
+//! right 4xx in OpenAI's error shape (`type`, `message`, `param`, `code`), and the server still
+//! healthy afterwards: `/health` answers, and every tenth case a real completion succeeds.
+
+mod common;
+
+use actix_web::http::StatusCode;
+use actix_web::test::TestRequest;
+use common::http::{app, call, ctx_with, post, post_raw};
+use serde_json::{json, Value};
+
+const C: &str = "/v1/completions";
+const CHAT: &str = "/v1/chat/completions";
+const USER_KEY: &str = "user-key-0123456789";
+const ADMIN_KEY: &str = "admin-key-9876543210";
+
+fn bearer(req: TestRequest, key: &str) -> TestRequest {
+    req.insert_header(("Authorization", format!("Bearer {key}")))
+}
+
+/// A completion request with the user key and `extra` fields over a valid base.
+fn comp(extra: Value) -> TestRequest {
+    let mut body = json!({"prompt": "Hello", "max_tokens": 2});
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    bearer(post(C, body), USER_KEY)
+}
+
+fn chat(extra: Value) -> TestRequest {
+    let mut body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    bearer(post(CHAT, body), USER_KEY)
+}
+
+fn raw(path: &str, body: impl Into<Vec<u8>>) -> TestRequest {
+    bearer(post_raw(path, body), USER_KEY)
+}
+
+fn adapters(list: Value) -> TestRequest {
+    comp(json!({"adapters": list}))
+}
+
+const BAD: StatusCode = StatusCode::BAD_REQUEST;
+const INVALID: StatusCode = StatusCode::UNPROCESSABLE_ENTITY;
+const NOT_FOUND: StatusCode = StatusCode::NOT_FOUND;
+const REQ: &str = "invalid_request_error";
+
+#[actix_web::test]
+async fn every_bad_request_gets_its_4xx_and_the_server_keeps_serving() {
+    let c = ctx_with(|o| {
+        o.api_key = Some(USER_KEY.into());
+        o.admin_key = Some(ADMIN_KEY.into());
+        o.max_body_bytes = Some(128 * 1024);
+    });
+    let app = app(&c).await;
+    let long_prompt = "hello ".repeat(5000); // ~5,000 tokens: over the 4,096-token prompt limit
+    let nine: Vec<Value> = (0..9).map(|i| json!({"name": format!("adapter-{i}")})).collect();
+    #[rustfmt::skip]
+    let cases: Vec<(&str, TestRequest, StatusCode, &str)> = vec![
+        // Malformed JSON and bodies.
+        ("malformed JSON", raw(C, "{not json"), BAD, REQ),
+        ("empty body", raw(C, ""), BAD, REQ),
+        ("truncated JSON", raw(C, r#"{"prompt": "hi""#), BAD, REQ),
+        ("trailing garbage", raw(C, r#"{"prompt": "hi"} x"#), BAD, REQ),
+        ("array body", raw(C, "[]"), BAD, REQ),
+        ("string body", raw(C, r#""hi""#), BAD, REQ),
+        ("null body", raw(C, "null"), BAD, REQ),
+        ("invalid UTF-8 body", raw(C, b"\xff\xfe{\"prompt\": 1}".to_vec()), BAD, REQ),
+        ("invalid UTF-8 in a string", raw(C, b"{\"prompt\": \"\xc3\x28\"}".to_vec()), BAD, REQ),
+        ("NaN literal scale", raw(C, r#"{"prompt": "hi", "adapters": [{"name": "qa-r8", "scale": NaN}]}"#), BAD, REQ),
+        ("Infinity literal scale", raw(C, r#"{"prompt": "hi", "adapters": [{"name": "qa-r8", "scale": Infinity}]}"#), BAD, REQ),
+        ("scale overflowing f64", raw(C, r#"{"prompt": "hi", "adapters": [{"name": "qa-r8", "scale": 1e400}]}"#), BAD, REQ),
+        ("oversize body", raw(C, format!(r#"{{"prompt": "{}"}}"#, "x".repeat(200 * 1024))), StatusCode::PAYLOAD_TOO_LARGE, REQ),
+        // Wrong types.
+        ("prompt is a number", comp(json!({"prompt": 42})), BAD, REQ),
+        ("prompt is an object", comp(json!({"prompt": {"a": 1}})), BAD, REQ),
+        ("prompt list of mixed types", comp(json!({"prompt": ["a", 1]})), BAD, REQ),
+        ("max_tokens is a string", comp(json!({"max_tokens": "ten"})), BAD, REQ),
+        ("max_tokens is a fraction", comp(json!({"max_tokens": 1.5})), BAD, REQ),
+        ("temperature is a string", comp(json!({"temperature": "hot"})), BAD, REQ),
+        ("stream is a string", comp(json!({"stream": "yes"})), BAD, REQ),
+        ("stream is a number", comp(json!({"stream": 1})), BAD, REQ),
+        ("stream_options is a string", comp(json!({"stream": true, "stream_options": "x"})), BAD, REQ),
+        ("include_usage is a string", comp(json!({"stream": true, "stream_options": {"include_usage": "yes"}})), BAD, REQ),
+        ("n is a string", comp(json!({"n": "2"})), BAD, REQ),
+        ("stop is a number", comp(json!({"stop": 5})), BAD, REQ),
+        ("logprobs is a string", comp(json!({"logprobs": "yes"})), BAD, REQ),
+        ("seed is a string", comp(json!({"seed": "7"})), BAD, REQ),
+        ("adapters is a string", adapters(json!("qa-r8")), BAD, REQ),
+        ("adapter without a name", adapters(json!([{"scale": 1.0}])), BAD, REQ),
+        ("adapter scale is a string", adapters(json!([{"name": "qa-r8", "scale": "big"}])), BAD, REQ),
+        ("messages is a string", chat(json!({"messages": "hi"})), BAD, REQ),
+        ("message without content", chat(json!({"messages": [{"role": "user"}]})), BAD, REQ),
+        ("message content is a number", chat(json!({"messages": [{"role": "user", "content": 5}]})), BAD, REQ),
+        // Missing and unknown fields.
+        ("completion without prompt", bearer(post(C, json!({"max_tokens": 2})), USER_KEY), BAD, REQ),
+        ("chat without messages", bearer(post(CHAT, json!({"max_tokens": 2})), USER_KEY), BAD, REQ),
+        ("unknown field", comp(json!({"frobnicate": 1})), BAD, REQ),
+        ("non-empty logit_bias", comp(json!({"logit_bias": {"1": 5}})), BAD, REQ),
+        ("best_of 3", comp(json!({"best_of": 3})), BAD, REQ),
+        ("tools in chat", chat(json!({"tools": [{"type": "function"}]})), BAD, REQ),
+        ("json response_format", chat(json!({"response_format": {"type": "json_object"}})), BAD, REQ),
+        // Empty and too long prompts.
+        ("empty prompt", comp(json!({"prompt": ""})), INVALID, REQ),
+        ("empty prompt list", comp(json!({"prompt": []})), INVALID, REQ),
+        ("list with an empty prompt", comp(json!({"prompt": ["a", ""]})), INVALID, REQ),
+        ("token-id prompt (not supported)", comp(json!({"prompt": [[1, 2]]})), BAD, REQ),
+        ("prompt over the prompt limit", comp(json!({"prompt": long_prompt})), INVALID, REQ),
+        ("no chat messages", chat(json!({"messages": []})), INVALID, REQ),
+        ("unknown chat role", chat(json!({"messages": [{"role": "wizard", "content": "x"}]})), INVALID, REQ),
+        ("image content part", chat(json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})), INVALID, REQ),
+        // Token limits.
+        ("max_tokens 0", comp(json!({"max_tokens": 0})), INVALID, REQ),
+        ("max_tokens negative", comp(json!({"max_tokens": -5})), INVALID, REQ),
+        ("max_tokens beyond the context", comp(json!({"max_tokens": 100000})), INVALID, REQ),
+        ("max_tokens beyond i64", comp(json!({"max_tokens": 18446744073709551615u64})), BAD, REQ),
+        ("max_completion_tokens 0", chat(json!({"max_completion_tokens": 0})), INVALID, REQ),
+        // Sampling ranges.
+        ("temperature below 0", comp(json!({"temperature": -0.1})), INVALID, REQ),
+        ("temperature above 2", comp(json!({"temperature": 2.5})), INVALID, REQ),
+        ("top_p 0", comp(json!({"top_p": 0})), INVALID, REQ),
+        ("top_p above 1", comp(json!({"top_p": 1.5})), INVALID, REQ),
+        ("top_k below -1", comp(json!({"top_k": -3})), INVALID, REQ),
+        ("presence_penalty above 2", comp(json!({"presence_penalty": 3})), INVALID, REQ),
+        ("frequency_penalty below -2", comp(json!({"frequency_penalty": -3})), INVALID, REQ),
+        // n, logprobs and stop limits.
+        ("n 0", comp(json!({"n": 0})), INVALID, REQ),
+        ("n over the limit", comp(json!({"n": 99})), INVALID, REQ),
+        ("logprobs over the limit", comp(json!({"logprobs": 50})), INVALID, REQ),
+        ("top_logprobs over the limit", chat(json!({"logprobs": true, "top_logprobs": 50})), INVALID, REQ),
+        ("top_logprobs without logprobs", chat(json!({"top_logprobs": 2})), INVALID, REQ),
+        ("too many stop sequences", comp(json!({"stop": ["a", "b", "c", "d", "e", "f"]})), INVALID, REQ),
+        ("stop sequence too long", comp(json!({"stop": ["y".repeat(1000)]})), INVALID, REQ),
+        ("empty stop sequence", comp(json!({"stop": [""]})), INVALID, REQ),
+        ("stream_options without stream", comp(json!({"stream_options": {"include_usage": true}})), INVALID, REQ),
+        // Adapter mixes.
+        ("huge scale", adapters(json!([{"name": "qa-r8", "scale": 1e9}])), INVALID, REQ),
+        ("negative scale beyond the limit", adapters(json!([{"name": "qa-r8", "scale": -1e3}])), INVALID, REQ),
+        ("duplicate adapters", adapters(json!([{"name": "qa-r8"}, {"name": "qa-r8", "scale": 0.5}])), INVALID, REQ),
+        ("model repeated in adapters", comp(json!({"model": "qa-r8", "adapters": [{"name": "qa-r8"}]})), INVALID, REQ),
+        ("more adapters than allowed", adapters(Value::Array(nine)), INVALID, REQ),
+        ("unknown adapter", adapters(json!([{"name": "no-such-adapter"}])), NOT_FOUND, REQ),
+        ("unknown model", comp(json!({"model": "no-such-model"})), NOT_FOUND, REQ),
+        ("adapter name with ../", adapters(json!([{"name": "../qa-r8"}])), INVALID, REQ),
+        ("adapter name as absolute path", adapters(json!([{"name": "/etc/passwd"}])), INVALID, REQ),
+        ("adapter name with NUL", adapters(json!([{"name": "qa\u{0}r8"}])), INVALID, REQ),
+        ("very long adapter name", adapters(json!([{"name": "a".repeat(300)}])), INVALID, REQ),
+        ("hidden adapter name", adapters(json!([{"name": ".qa-r8"}])), INVALID, REQ),
+        ("empty adapter name", adapters(json!([{"name": ""}])), INVALID, REQ),
+        ("model with ../", comp(json!({"model": "../../etc"})), NOT_FOUND, REQ),
+        // Auth.
+        ("no API key", post(C, json!({"prompt": "hi"})), StatusCode::UNAUTHORIZED, "authentication_error"),
+        ("wrong API key", bearer(post(C, json!({"prompt": "hi"})), "nope"), StatusCode::UNAUTHORIZED, "authentication_error"),
+        ("Bearer without a key", post(C, json!({"prompt": "hi"})).insert_header(("Authorization", "Bearer ")), StatusCode::UNAUTHORIZED, "authentication_error"),
+        ("Basic scheme", post(C, json!({"prompt": "hi"})).insert_header(("Authorization", format!("Basic {USER_KEY}"))), StatusCode::UNAUTHORIZED, "authentication_error"),
+        ("key as a prefix", bearer(post(C, json!({"prompt": "hi"})), &USER_KEY[..8]), StatusCode::UNAUTHORIZED, "authentication_error"),
+        ("unload with the inference key", bearer(TestRequest::delete().uri("/v1/adapters/qa-r8"), USER_KEY), StatusCode::FORBIDDEN, "permission_error"),
+        ("register with the inference key", bearer(post("/v1/adapters", json!({"name": "x", "path": "qa-r8"})), USER_KEY), StatusCode::FORBIDDEN, "permission_error"),
+        ("unload without a key", TestRequest::delete().uri("/v1/adapters/qa-r8"), StatusCode::UNAUTHORIZED, "authentication_error"),
+        // Adapter management with the admin key but bad arguments.
+        ("register a path outside the root", bearer(post("/v1/adapters", json!({"name": "x", "path": "../../etc"})), ADMIN_KEY), INVALID, REQ),
+        ("register an absolute path", bearer(post("/v1/adapters", json!({"name": "x", "path": "/etc"})), ADMIN_KEY), INVALID, REQ),
+        ("register with a bad name", bearer(post("/v1/adapters", json!({"name": "../x", "path": "qa-r8"})), ADMIN_KEY), INVALID, REQ),
+        ("unload an unknown adapter", bearer(TestRequest::delete().uri("/v1/adapters/nothing-here"), ADMIN_KEY), NOT_FOUND, REQ),
+        // Routes and methods.
+        ("unknown route", bearer(TestRequest::get().uri("/v1/nothing"), USER_KEY), NOT_FOUND, REQ),
+        ("GET on a POST route", bearer(TestRequest::get().uri(C), USER_KEY), NOT_FOUND, REQ),
+    ];
+    assert!(cases.len() >= 60, "{} cases", cases.len());
+    let mut seen = std::collections::HashSet::new();
+    let mut wrong = Vec::new();
+    for (i, (what, req, want, kind)) in cases.into_iter().enumerate() {
+        assert!(seen.insert(what), "duplicate case name {what}");
+        let (status, body) = call(&app, req).await;
+        let e = &body["error"];
+        let shaped = e["message"].as_str().is_some_and(|m| !m.is_empty()) && e.get("param").is_some() && e.get("code").is_some();
+        if status != want || e["type"] != kind || !shaped {
+            wrong.push(format!("{what}: want {want} {kind}, got {status} {body}"));
+        }
+        assert!(!body.to_string().contains(USER_KEY) && !body.to_string().contains(ADMIN_KEY), "{what}: a key leaked");
+        let (s, _) = call(&app, TestRequest::get().uri("/health")).await;
+        assert_eq!(s, StatusCode::OK, "unhealthy after {what}");
+        if i % 10 == 9 {
+            let (s, v) = call(&app, comp(json!({"temperature": 0}))).await;
+            assert_eq!(s, StatusCode::OK, "a good request failed after {what}: {v}");
+        }
+    }
+    assert!(wrong.is_empty(), "{} cases answered wrongly:\n{}", wrong.len(), wrong.join("\n"));
+    let (s, v) = call(&app, comp(json!({"model": "qa-r8", "temperature": 0}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
