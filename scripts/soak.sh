@@ -61,8 +61,10 @@ rss_end=$(rss)
 running=$(metric loraplex_sequences_running)
 waiting=$(metric loraplex_sequences_waiting)
 curl -sf "$url/metrics" | grep -E '^loraplex_requests_total' | grep -E 'cancelled|server_error' > "$out/metrics-outcomes.txt" || true
+awk '{s += $2} END {print "cancelled/server_error requests in /metrics (per adapter of each mix):", s + 0}' "$out/metrics-outcomes.txt"
+status=0
 changes=$(wc -l < "$out/churn.log")
-python3 - "$out/soak.jsonl" "$rss_warm" "$rss_end" "${running:-missing}" "${waiting:-missing}" "$changes" <<'EOF'
+python3 - "$out/soak.jsonl" "$rss_warm" "$rss_end" "${running:-missing}" "${waiting:-missing}" "$changes" > "$out/summary.txt" <<'EOF' || status=$?
 import json, sys
 r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
 o = r["outcomes"]
@@ -79,4 +81,5 @@ ok = o["lost"] == 0 and o["server_errors"] == 0 and o["connect_errors"] == 0 and
 print("PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)
 EOF
-cat "$out/metrics-outcomes.txt"
+cat "$out/summary.txt"
+exit "$status"

@@ -248,3 +248,14 @@ fn the_output_is_a_peft_folder_that_loads() {
     assert_eq!(loaded.module(ModuleId { layer: 0, target: loraplex::model::Target::V }).unwrap().scaling, 2.0);
     let _ = Llama::random;
 }
+
+#[test]
+fn jsonl_answer_offsets_count_characters_not_bytes() {
+    // `answer_start` is a character offset (as in SQuAD JSON); a JSONL line derives it from
+    // the context, where "ü" takes two bytes but one character.
+    let text = r#"{"context": "Zürich liegt am Zürichsee.", "question": "Woran?", "answer": "Zürichsee"}"#;
+    let ex = loraplex::train::squad::parse(text, true).unwrap();
+    assert_eq!(ex[0].answer_start, Some(16));
+    let start: String = ex[0].context.chars().skip(16).take(9).collect();
+    assert_eq!(start, "Zürichsee");
+}

@@ -8,13 +8,45 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
+/// A regex from the config, compiled once when the config is read (it is matched against
+/// every module name of the model on each load), compared and shown by its source.
+#[derive(Clone)]
+pub struct Pattern {
+    pub source: String,
+    re: Regex,
+}
+
+impl Pattern {
+    /// `source` compiled inside `wrap` (the anchoring PEFT applies to it).
+    fn new(source: &str, wrap: impl Fn(&str) -> String, what: &str) -> Result<Self, AdapterError> {
+        let re = Regex::new(&wrap(source)).map_err(|e| bad(format!("{what} `{source}` is not a valid regex: {e}")))?;
+        Ok(Self { source: source.to_string(), re })
+    }
+
+    pub fn is_match(&self, name: &str) -> bool {
+        self.re.is_match(name)
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl std::fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.source)
+    }
+}
+
 /// `target_modules` / `exclude_modules` as PEFT accepts them.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModuleSelector {
     /// Names that match exactly or as a `.`-separated suffix.
     List(Vec<String>),
     /// A regex that must match the whole module name.
-    Regex(String),
+    Regex(Pattern),
     /// Every linear layer except the output head.
     AllLinear,
 }
@@ -62,8 +94,9 @@ pub struct PeftConfig {
     pub use_rslora: bool,
     pub target_modules: ModuleSelector,
     pub exclude_modules: Option<ModuleSelector>,
-    pub rank_pattern: Vec<(String, usize)>,
-    pub alpha_pattern: Vec<(String, f64)>,
+    /// PEFT's rule: key `k` applies to module `n` when `(.*\.)?(k)$` matches `n` from its start.
+    pub rank_pattern: Vec<(Pattern, usize)>,
+    pub alpha_pattern: Vec<(Pattern, f64)>,
     pub layers_to_transform: Option<Vec<usize>>,
     pub fan_in_fan_out: bool,
     pub lora_dropout: f64,
@@ -105,10 +138,7 @@ fn finite_number(v: &Value, what: &str) -> Result<f64, AdapterError> {
 fn selector(v: &Value, what: &str) -> Result<ModuleSelector, AdapterError> {
     match v {
         Value::String(s) if s == "all-linear" => Ok(ModuleSelector::AllLinear),
-        Value::String(s) => {
-            Regex::new(&format!("^(?:{s})$")).map_err(|e| bad(format!("`{what}` is not a valid regex: {e}")))?;
-            Ok(ModuleSelector::Regex(s.clone()))
-        }
+        Value::String(s) => Ok(ModuleSelector::Regex(Pattern::new(s, |s| format!("^(?:{s})$"), &format!("`{what}`"))?)),
         Value::Array(items) => items
             .iter()
             .map(|i| i.as_str().map(str::to_string).ok_or_else(|| bad(format!("`{what}` entries must be strings"))))
@@ -124,14 +154,14 @@ impl ModuleSelector {
         match self {
             ModuleSelector::AllLinear => name != "lm_head" && !name.ends_with("embed_tokens"),
             ModuleSelector::List(items) => items.iter().any(|t| name == t || name.ends_with(&format!(".{t}"))),
-            ModuleSelector::Regex(re) => Regex::new(&format!("^(?:{re})$")).is_ok_and(|r| r.is_match(name)),
+            ModuleSelector::Regex(re) => re.is_match(name),
         }
     }
 }
 
-/// PEFT's pattern rule: key `k` matches name `n` when `(.*\.)?(k)$` matches from its start.
-fn pattern_matches(key: &str, name: &str) -> bool {
-    Regex::new(&format!("^(?:.*\\.)?(?:{key})$")).is_ok_and(|r| r.is_match(name))
+/// PEFT's pattern rule as a regex around a `rank_pattern` / `alpha_pattern` key.
+fn pattern_key(key: &str) -> String {
+    format!("^(?:.*\\.)?(?:{key})$")
 }
 
 impl PeftConfig {
@@ -191,17 +221,14 @@ impl PeftConfig {
             .rank_pattern
             .unwrap_or_default()
             .iter()
-            .map(|(k, v)| Ok((k.clone(), positive_int(v, &format!("rank_pattern.{k}"))?)))
+            .map(|(k, v)| Ok((Pattern::new(k, pattern_key, "pattern key")?, positive_int(v, &format!("rank_pattern.{k}"))?)))
             .collect::<Result<Vec<_>, AdapterError>>()?;
         let alpha_pattern = raw
             .alpha_pattern
             .unwrap_or_default()
             .iter()
-            .map(|(k, v)| Ok((k.clone(), finite_number(v, &format!("alpha_pattern.{k}"))?)))
+            .map(|(k, v)| Ok((Pattern::new(k, pattern_key, "pattern key")?, finite_number(v, &format!("alpha_pattern.{k}"))?)))
             .collect::<Result<Vec<_>, AdapterError>>()?;
-        for key in rank_pattern.iter().map(|p| &p.0).chain(alpha_pattern.iter().map(|p| &p.0)) {
-            Regex::new(key).map_err(|e| bad(format!("pattern key `{key}` is not a valid regex: {e}")))?;
-        }
         let layers_to_transform = match &raw.layers_to_transform {
             None | Some(Value::Null) => None,
             Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| bad("`layers_to_transform` must be non-negative"))? as usize]),
@@ -251,8 +278,8 @@ impl PeftConfig {
     /// `(r, alpha)` for a module after `rank_pattern` / `alpha_pattern` (first match wins).
     pub fn rank_alpha(&self, id: ModuleId) -> (usize, f64) {
         let name = id.to_string();
-        let r = self.rank_pattern.iter().find(|(k, _)| pattern_matches(k, &name)).map_or(self.r, |p| p.1);
-        let alpha = self.alpha_pattern.iter().find(|(k, _)| pattern_matches(k, &name)).map_or(self.lora_alpha, |p| p.1);
+        let r = self.rank_pattern.iter().find(|(k, _)| k.is_match(&name)).map_or(self.r, |p| p.1);
+        let alpha = self.alpha_pattern.iter().find(|(k, _)| k.is_match(&name)).map_or(self.lora_alpha, |p| p.1);
         (r, alpha)
     }
 
@@ -274,7 +301,7 @@ impl PeftConfig {
     pub fn to_peft_json(&self) -> Value {
         let targets = match &self.target_modules {
             ModuleSelector::List(items) => Value::from(items.clone()),
-            ModuleSelector::Regex(r) => Value::from(r.clone()),
+            ModuleSelector::Regex(r) => Value::from(r.source.clone()),
             ModuleSelector::AllLinear => Value::from("all-linear"),
         };
         serde_json::json!({
@@ -291,8 +318,8 @@ impl PeftConfig {
             "lora_bias": false,
             "modules_to_save": null,
             "layers_to_transform": self.layers_to_transform,
-            "rank_pattern": self.rank_pattern.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect::<serde_json::Map<_, _>>(),
-            "alpha_pattern": self.alpha_pattern.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+            "rank_pattern": self.rank_pattern.iter().map(|(k, v)| (k.source.clone(), Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+            "alpha_pattern": self.alpha_pattern.iter().map(|(k, v)| (k.source.clone(), Value::from(*v))).collect::<serde_json::Map<_, _>>(),
             "base_model_name_or_path": self.base_model_name_or_path,
             "inference_mode": true,
             "init_lora_weights": true,
