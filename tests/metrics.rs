@@ -6,23 +6,9 @@
 mod common;
 
 use actix_web::body::MessageBody;
-use actix_web::{test, web, App};
-use common::*;
-use loraplex::api::{self, AppState};
-use loraplex::config::{ServeConfig, ServeOptions};
+use actix_web::test;
+use common::http::{app, ctx_with};
 use serde_json::json;
-use std::sync::{Arc, OnceLock};
-
-fn state_with(edit: impl FnOnce(&mut ServeOptions)) -> (web::Data<AppState>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut opts = serve_options(dir.path());
-    edit(&mut opts);
-    let cfg = ServeConfig::try_from(opts).unwrap();
-    let metrics = loraplex::serve::new_metrics(&cfg).unwrap();
-    let backend = Arc::new(OnceLock::new());
-    let _ = backend.set(loraplex::serve::load_backend(&cfg, Some(metrics.clone())).unwrap());
-    (web::Data::new(AppState { backend, metrics, limits: cfg.limits.clone(), api_key: None, admin_key: None }), dir)
-}
 
 /// The value of the series `name{labels}` (labels as written by the encoder, sorted).
 fn value(text: &str, series: &str) -> f64 {
@@ -41,12 +27,6 @@ async fn wait_idle(engine: &loraplex::engine::Engine) {
     }
 }
 
-macro_rules! app {
-    ($state:expr) => {
-        test::init_service(App::new().app_data($state.clone()).configure(api::configure)).await
-    };
-}
-
 async fn scrape(app: &impl actix_web::dev::Service<actix_http::Request, Response = actix_web::dev::ServiceResponse, Error = actix_web::Error>) -> String {
     let resp = test::call_service(app, test::TestRequest::get().uri("/metrics").to_request()).await;
     assert!(resp.status().is_success());
@@ -56,8 +36,8 @@ async fn scrape(app: &impl actix_web::dev::Service<actix_http::Request, Response
 #[actix_web::test]
 async fn counters_and_histograms_match_known_traffic() {
     // A budget that holds qa-r8 (1.84 MB) or rslora-r4 (1.50 MB), not both.
-    let (state, _dir) = state_with(|o| o.adapter_budget_bytes = Some(2_000_000));
-    let app = app!(state);
+    let c = ctx_with(|o| o.adapter_budget_bytes = Some(2_000_000));
+    let (state, app) = (&c.state, app(&c).await);
     let before = scrape(&app).await;
     let complete = |model: &str, n: u64| test::TestRequest::post().uri("/v1/completions").set_json(json!({"model": model, "prompt": "The capital of France is", "max_tokens": n, "temperature": 0, "ignore_eos": true}));
     let engine = &state.backend().unwrap().engine;
@@ -65,9 +45,8 @@ async fn counters_and_histograms_match_known_traffic() {
         let resp = test::call_service(&app, complete(model, n).to_request()).await;
         assert!(resp.status().is_success());
         assert!(resp.headers().contains_key("x-request-id"));
-        // The response can arrive before the engine retires the sequence (and releases its
-        // hold on the adapter); the next request's eviction needs it released.
-        wait_idle(engine).await;
+        // No wait: the engine drops a finished sequence (and its hold on the adapter) before
+        // the response is sent, so the next request's eviction succeeds at once.
     }
     let resp = test::call_service(&app, complete("no-such-adapter", 1).to_request()).await;
     assert_eq!(resp.status(), 404);
@@ -106,17 +85,17 @@ async fn counters_and_histograms_match_known_traffic() {
     assert!(after.contains("loraplex_build_info{"));
     assert!(after.contains("process_resident_memory_bytes"));
     assert_eq!(value(&after, "loraplex_adapter_budget_bytes"), 2_000_000.0);
-    let problems = promtool(_dir.path(), &after);
+    let problems = promtool(c.dir.path(), &after);
     assert!(problems.is_empty(), "promtool: {problems:?}");
 }
 
 #[actix_web::test]
 async fn gateway_series_follow_the_load_and_pass_promtool() {
-    let (state, dir) = state_with(|o| {
+    let c = ctx_with(|o| {
         o.gateway_metrics = Some(true);
         o.max_batch_size = Some(4);
     });
-    let app = app!(state);
+    let app = app(&c).await;
     let idle = scrape(&app).await;
     assert_eq!(value(&idle, "vllm:num_requests_running"), 0.0);
     assert_eq!(value(&idle, "vllm:num_requests_waiting"), 0.0);
@@ -136,7 +115,7 @@ async fn gateway_series_follow_the_load_and_pass_promtool() {
     drop(body);
     // The protocol fixes vLLM's names; promtool's only complaint may be their `:` (a naming
     // lint meant for recording rules).
-    let problems = promtool(dir.path(), &busy);
+    let problems = promtool(c.dir.path(), &busy);
     assert!(problems.iter().all(|p| p.starts_with("vllm:") && p.ends_with("metric names should not contain ':'")), "{problems:?}");
 }
 

@@ -90,6 +90,17 @@ struct Entry {
     targets: Vec<String>,
 }
 
+impl Entry {
+    /// Records what a successful load or validation learned about the folder's adapter.
+    fn describe(&mut self, a: &LoraAdapter) {
+        self.error = None;
+        self.rank = Some(a.config.r);
+        self.alpha = Some(a.config.lora_alpha);
+        self.targets = a.target_names().into_iter().map(str::to_string).collect();
+        self.size_bytes = Some(a.size_bytes);
+    }
+}
+
 /// Counters of adapter lifecycle events (read by metrics).
 #[derive(Debug, Default)]
 pub struct RegistryStats {
@@ -262,13 +273,7 @@ impl Registry {
             return; // changed again meanwhile: the next rescan checks the new files
         }
         match result {
-            Ok(a) => {
-                e.error = None;
-                e.rank = Some(a.config.r);
-                e.alpha = Some(a.config.lora_alpha);
-                e.targets = a.target_names().into_iter().map(str::to_string).collect();
-                e.size_bytes = Some(a.size_bytes);
-            }
+            Ok(a) => e.describe(&a),
             Err(err) => {
                 tracing::warn!(adapter = name, error = %err, "adapter folder is not a valid adapter");
                 e.error = Some(err);
@@ -341,11 +346,7 @@ impl Registry {
                 let Some(mut e) = self.entries.get_mut(name) else {
                     return Err(RegistryError::NotFound(name.to_string()));
                 };
-                e.rank = Some(adapter.config.r);
-                e.alpha = Some(adapter.config.lora_alpha);
-                e.targets = adapter.target_names().into_iter().map(str::to_string).collect();
-                e.size_bytes = Some(size);
-                e.error = None;
+                e.describe(&adapter);
                 e.last_used = now;
                 e.loaded = Some(adapter.clone());
                 self.stats.loads_ok.fetch_add(1, Ordering::Relaxed);

@@ -235,14 +235,23 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, t: usize) -> Result<Tensor> {
     }
     if !supported(scores) {
         let s = (scores.to_dtype(candle_core::DType::F32)? * scale)?;
-        let past = total - t;
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, total), s.device())?;
-        let (b, _, _) = s.dims3()?;
-        let s = s.reshape((b, rows / t, t, total))?.broadcast_add(&mask)?.reshape((b, rows, total))?;
-        return candle_nn::ops::softmax(&s, candle_core::D::Minus1);
+        return candle_nn::ops::softmax(&add_causal_mask(&s, t)?, candle_core::D::Minus1);
     }
     scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, t })
+}
+
+/// Scores `(b, rows, total)` whose rows are groups of `t` queries (the last `t` positions)
+/// with `-inf` where a query would see a later key; unchanged for `t = 1` (a decode step sees
+/// every key). The composition the fused softmax replaces, and the inference path's mask.
+pub fn add_causal_mask(scores: &Tensor, t: usize) -> Result<Tensor> {
+    if t == 1 {
+        return Ok(scores.clone());
+    }
+    let (b, rows, total) = scores.dims3()?;
+    let past = total - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, total), scores.device())?.to_dtype(scores.dtype())?;
+    scores.reshape((b, rows / t, t, total))?.broadcast_add(&mask)?.reshape((b, rows, total))
 }

@@ -197,7 +197,6 @@ impl Llama {
                 Some(c) => c[i].append(layer, &k_s, &v_s)?,
                 None => (k_s, v_s),
             };
-            let total = k_all.dim(0)?;
             // GQA without copying K/V: the query heads of one KV group become extra rows,
             // `(nkv, groups·t, hd)`; for t = 1 this is a free reshape.
             let qg = if t == 1 {
@@ -210,12 +209,8 @@ impl Llama {
             let att = if self.differentiable {
                 super::diffops::causal_softmax(&qg.matmul(&k_heads.t()?)?, scale, t)?
             } else {
-                let mut att = (qg.matmul(&k_heads.t()?)? * scale)?.to_dtype(DType::F32)?;
-                if t > 1 {
-                    let mask = causal_mask(t, total, &self.device)?;
-                    att = att.reshape((nkv, groups, t, total))?.broadcast_add(&mask)?.reshape((nkv, groups * t, total))?;
-                }
-                candle_nn::ops::softmax_last_dim(&att)?
+                let att = (qg.matmul(&k_heads.t()?)? * scale)?.to_dtype(DType::F32)?;
+                candle_nn::ops::softmax_last_dim(&super::diffops::add_causal_mask(&att, t)?)?
             };
             let o = att.to_dtype(self.dtype)?.matmul(&v_heads)?; // (nkv, groups·t, hd)
             outs.push(if t == 1 {
@@ -279,15 +274,6 @@ impl Llama {
         let mut src = super::random::RandomSource::new(cfg.clone(), seed, device.clone());
         Self::load(cfg, &mut src, WeightFormat::Dense(DType::F32), device)
     }
-}
-
-/// `(t, total)` additive mask: query `i` (absolute position `total - t + i`) sees keys `≤` it.
-fn causal_mask(t: usize, total: usize, device: &Device) -> Result<Tensor> {
-    let past = total - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, total), device)?)
 }
 
 fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
