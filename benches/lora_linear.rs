@@ -1,12 +1,14 @@
 //! (a) One LoRA-aware linear (576 → 576, like SmolLM2's q_proj) for a decode batch of 32 rows,
-//! each row with a different rank-8 adapter: batched fast path vs per-row reference vs merged
-//! weights vs the base alone. Run: `cargo bench --bench lora_linear`.
+//! each row with a different rank-8 adapter: the host LoRA kernel vs the stacked-bmm path vs
+//! the per-row reference vs merged weights vs the base alone, over a dense f32 and a packed
+//! base. Run: `cargo bench --bench lora_linear`.
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use loraplex::adapters::synth::random_adapter;
 use loraplex::adapters::AdapterMix;
-use loraplex::model::{BaseWeight, LlamaConfig, LoraLinear, ModuleId, StepLora, Target};
+use loraplex::model::ops::Kernels;
+use loraplex::model::{BaseWeight, LlamaConfig, LoraLinear, ModuleId, Pass, StepLora, Target};
 use std::sync::Arc;
 
 fn bench(c: &mut Criterion) {
@@ -34,10 +36,17 @@ fn bench(c: &mut Criterion) {
             (&w + (lw.b.matmul(&lw.a).unwrap() * coef).unwrap()).unwrap()
         })
         .collect();
+    let stacked = StepLora::stacked(&refs, 1, DType::F32, &dev).unwrap();
+    let kernels = Kernels::new(loraplex::kernels::Pool::default_threads(), true);
+    let pass = |lora| Pass { seq_lens: &lens, lora, kernels: &kernels, differentiable: false };
+    let packed = LoraLinear { id, base: loraplex::model::gguf::packed_from_dense(&w).unwrap() };
     let mut g = c.benchmark_group("lora_linear_b32_r8_distinct");
-    g.bench_function("base_only", |b| b.iter(|| layer.forward(&x, &lens, &StepLora::None, false).unwrap()));
-    g.bench_function("batched_fast_path", |b| b.iter(|| layer.forward(&x, &lens, &batched, false).unwrap()));
-    g.bench_function("per_row_reference", |b| b.iter(|| layer.forward(&x, &lens, &per_row, false).unwrap()));
+    g.bench_function("base_only", |b| b.iter(|| layer.forward(&x, &pass(&StepLora::None)).unwrap()));
+    g.bench_function("batched_fast_path", |b| b.iter(|| layer.forward(&x, &pass(&batched)).unwrap()));
+    g.bench_function("stacked_bmm_path", |b| b.iter(|| layer.forward(&x, &pass(&stacked)).unwrap()));
+    g.bench_function("per_row_reference", |b| b.iter(|| layer.forward(&x, &pass(&per_row)).unwrap()));
+    g.bench_function("packed_base_only", |b| b.iter(|| packed.forward(&x, &pass(&StepLora::None)).unwrap()));
+    g.bench_function("packed_batched_fast_path", |b| b.iter(|| packed.forward(&x, &pass(&batched)).unwrap()));
     g.bench_function("merged_per_row", |b| {
         b.iter(|| {
             let outs: Vec<Tensor> = merged.iter().enumerate().map(|(i, m)| x.narrow(0, i, 1).unwrap().matmul(&m.t().unwrap()).unwrap()).collect();

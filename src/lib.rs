@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod generate;
+pub use loraplex_kernels as kernels;
 pub mod metrics;
 pub mod model;
 pub mod runtime;

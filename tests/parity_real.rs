@@ -220,3 +220,39 @@ fn quantized_path_drift_is_bounded() {
     }
     println!("quantized drift: {}", report.join("; "));
 }
+
+/// How far the packed default (`--dtype auto` on CPU) is from the reference: top-1 agreement
+/// over every prompt position, greedy agreement over 24 tokens, max last-position logit diff.
+#[test]
+fn packed_path_agreement() {
+    let m = load(WeightFormat::Packed);
+    let cases = cases();
+    let mut report = Vec::new();
+    for case in cases["cases"].as_array().unwrap() {
+        let rf = RefFile::open(case["file"].as_str().unwrap());
+        let mix = mix_for(case, &m);
+        let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
+        let logits = prefill_logits(&m.model, &prompts, &mix, LoraPath::Batched);
+        let (mut agree, mut total, mut max_diff) = (0, 0, 0f32);
+        for (p, ours) in PROMPTS.iter().zip(&logits) {
+            let last = Tensor::new(rf.floats(&format!("{p}.last_logits")), &Device::Cpu).unwrap();
+            max_diff = max_diff.max(max_abs_diff(&ours.get(ours.dim(0).unwrap() - 1).unwrap(), &last));
+            let top1: Vec<u32> = ours.argmax(1).unwrap().to_vec1().unwrap();
+            let want = rf.ints(&format!("{p}.topk_ids"));
+            for (i, t) in top1.iter().enumerate() {
+                agree += usize::from(*t == want[i * 20]);
+                total += 1;
+            }
+        }
+        let got = greedy(&m, &prompts, &mix, LoraPath::Batched, 24);
+        let (mut g_agree, mut first_div) = (0, Vec::new());
+        for (p, ids) in PROMPTS.iter().zip(&got) {
+            let want = rf.ints(&format!("{p}.greedy_ids"));
+            let same = ids.iter().zip(&want).take_while(|(a, b)| a == b).count();
+            g_agree += same;
+            first_div.push(same);
+        }
+        report.push(format!("case {}: top-1 {agree}/{total}, greedy prefix {g_agree}/{} {first_div:?}, max last diff {max_diff:.3}", case["id"], 24 * PROMPTS.len()));
+    }
+    println!("packed agreement:\n{}", report.join("\n"));
+}

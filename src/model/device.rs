@@ -28,16 +28,20 @@ pub enum WeightFormat {
     /// Kept quantized (`QMatMul`); `None` keeps each tensor's stored type, `Some(t)`
     /// re-quantizes to `t` at load (Q8_0/Q4_0 have SIMD kernels on CPU, Q4_1 does not).
     Quantized(Option<GgmlDType>),
+    /// loraplex's packed 4/8-bit layout for the integer CPU kernel ([`crate::kernels`]): GGUF
+    /// blocks exactly as stored, float weights quantized to 8 bits per 32 values; activations
+    /// quantized to 8 bits per 32 values inside each matmul. CPU only.
+    Packed,
 }
 
 impl WeightFormat {
-    /// Parses `--dtype`. `auto` picks dense f32 on CPU: it is exact against the reference,
-    /// scales with batch size (gemm), and gives one numeric path for every batch shape, which
-    /// batch invariance needs; on CUDA/Metal it picks bf16/f16 dense.
+    /// Parses `--dtype`. `auto` picks the packed integer kernel on CPU (the fastest path at
+    /// every batch size, and batch invariant: integer sums and a fixed float order per row);
+    /// on CUDA/Metal it picks bf16/f16 dense.
     pub fn parse(spec: &str, device: &Device) -> Result<Self> {
         let fmt = match spec.trim().to_ascii_lowercase().as_str() {
             "auto" => match device {
-                Device::Cpu => WeightFormat::Dense(DType::F32),
+                Device::Cpu => WeightFormat::Packed,
                 Device::Cuda(_) => WeightFormat::Dense(DType::BF16),
                 Device::Metal(_) => WeightFormat::Dense(DType::F16),
             },
@@ -47,8 +51,12 @@ impl WeightFormat {
             "quantized" | "gguf" => WeightFormat::Quantized(None),
             "q8_0" => WeightFormat::Quantized(Some(GgmlDType::Q8_0)),
             "q4_0" => WeightFormat::Quantized(Some(GgmlDType::Q4_0)),
+            "packed" => WeightFormat::Packed,
             other => return Err(ModelError::DType(other.to_string())),
         };
+        if fmt == WeightFormat::Packed && !device.is_cpu() {
+            return Err(ModelError::DType("packed (the packed integer kernels run on the CPU only; use bf16 or f16)".into()));
+        }
         Ok(fmt)
     }
 
@@ -56,7 +64,7 @@ impl WeightFormat {
     pub fn activation_dtype(self) -> DType {
         match self {
             WeightFormat::Dense(dt) => dt,
-            WeightFormat::Quantized(_) => DType::F32,
+            WeightFormat::Quantized(_) | WeightFormat::Packed => DType::F32,
         }
     }
 }
@@ -67,6 +75,7 @@ impl std::fmt::Display for WeightFormat {
             WeightFormat::Dense(dt) => write!(f, "{dt:?}").map(|_| ()),
             WeightFormat::Quantized(None) => write!(f, "quantized (as stored)"),
             WeightFormat::Quantized(Some(t)) => write!(f, "quantized ({t:?})"),
+            WeightFormat::Packed => write!(f, "packed"),
         }
     }
 }

@@ -5,6 +5,7 @@
 use super::linear::BaseWeight;
 use super::llama::WeightSource;
 use super::{LlamaConfig, ModelError, ModuleId, Result, Target, WeightFormat};
+use crate::kernels::{ggml, Kind, PackedMatrix};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -141,7 +142,44 @@ pub fn dense_to_base(w: Tensor, format: WeightFormat, device: &Device) -> Result
         WeightFormat::Quantized(t) => {
             BaseWeight::quantized(QTensor::quantize_onto(&w, t.unwrap_or(GgmlDType::Q8_0), device)?)?
         }
+        WeightFormat::Packed => packed_from_dense(&w)?,
     })
+}
+
+/// Float weights in the packed layout: 8-bit codes per 32 values (the one lossy case).
+pub fn packed_from_dense(w: &Tensor) -> Result<BaseWeight> {
+    let (rows, cols) = w.dims2()?;
+    check_packable(cols)?;
+    let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let p = PackedMatrix::pack(rows, cols, Kind::W8, |r, codes| {
+        ggml::quantize_row_8bit(&data[r * cols..(r + 1) * cols], codes);
+        Ok::<(), ModelError>(())
+    })?;
+    Ok(BaseWeight::Packed(std::sync::Arc::new(p)))
+}
+
+fn check_packable(cols: usize) -> Result<()> {
+    if cols % 32 != 0 {
+        return Err(ModelError::Unsupported(format!("`--dtype packed` needs input widths that are multiples of 32, got {cols}; use --dtype f32")));
+    }
+    Ok(())
+}
+
+/// A GGUF tensor in the packed layout without loss (its blocks decoded as stored), rows taken
+/// in the order `src_row(r)` gives (the Q/K un-permutation).
+pub fn packed_from_qtensor(q: &QTensor, src_row: impl Fn(usize) -> usize) -> Result<BaseWeight> {
+    let (rows, cols) = q.shape().dims2()?;
+    check_packable(cols)?;
+    let dt = q.dtype();
+    if ggml::code_bits(dt).is_none() && !matches!(dt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+        let w = q.dequantize(&Device::Cpu)?;
+        let order: Vec<u32> = (0..rows).map(|r| src_row(r) as u32).collect();
+        return packed_from_dense(&w.index_select(&Tensor::from_vec(order, rows, &Device::Cpu)?, 0)?);
+    }
+    let data = q.data()?;
+    let p = PackedMatrix::pack(rows, cols, ggml::packed_kind(dt), |r, codes| ggml::decode_row(dt, &data, cols, src_row(r), codes))
+        .map_err(|e| ModelError::Unsupported(e.to_string()))?;
+    Ok(BaseWeight::Packed(std::sync::Arc::new(p)))
 }
 
 impl GgufSource {
@@ -177,6 +215,10 @@ impl WeightSource for GgufSource {
             _ => None,
         };
         let q = self.qtensor(&gguf_name(id))?;
+        if format == WeightFormat::Packed {
+            let rows = q.shape().dims2()?.0;
+            return packed_from_qtensor(&q, |r| heads.map_or(r, |h| unpermute_src(r, rows / h)));
+        }
         let stored_quantized = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if matches!(format, WeightFormat::Quantized(None)) && stored_quantized {
             let q = match heads {
@@ -195,6 +237,9 @@ impl WeightSource for GgufSource {
 
     fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight> {
         let name = if self.cfg.tie_word_embeddings { "token_embd.weight" } else { "output.weight" };
+        if format == WeightFormat::Packed {
+            return packed_from_qtensor(&self.qtensor(name)?, |r| r);
+        }
         if matches!(format, WeightFormat::Quantized(None)) {
             let q = self.qtensor(name)?;
             return self.quantized_onto(q);

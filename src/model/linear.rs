@@ -1,8 +1,11 @@
-//! The one linear layer every targeted projection uses: a frozen base weight, dense or
-//! quantized, plus the per-row LoRA deltas of the current step.
+//! The one linear layer every targeted projection uses: a frozen base weight — dense, candle
+//! quantized, or packed for the integer CPU kernel — plus the per-row LoRA deltas of the step.
 
 use super::lora::StepLora;
+use super::ops::{host_tensor, HostF32, Kernels};
 use super::{ModuleId, Result};
+use crate::kernels::matmul::{matmul, quantize};
+use crate::kernels::{PackedMatrix, QuantActs};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 use std::sync::Arc;
@@ -12,6 +15,18 @@ use std::sync::Arc;
 pub enum BaseWeight {
     Dense(Tensor),
     Quantized(Arc<QTensor>, QMatMul),
+    /// The packed 4/8-bit layout of [`crate::kernels::packed`]; CPU only.
+    Packed(Arc<PackedMatrix>),
+}
+
+/// What a projection's forward needs besides its input: the rows' sequence lengths, the step's
+/// LoRA operands, the kernels, and whether the model runs differentiable (training).
+#[derive(Clone, Copy)]
+pub struct Pass<'a> {
+    pub seq_lens: &'a [usize],
+    pub lora: &'a StepLora,
+    pub kernels: &'a Kernels,
+    pub differentiable: bool,
 }
 
 impl BaseWeight {
@@ -26,16 +41,35 @@ impl BaseWeight {
         let dims = match self {
             BaseWeight::Dense(w) => w.dims2()?,
             BaseWeight::Quantized(q, _) => q.shape().dims2()?,
+            BaseWeight::Packed(p) => (p.rows, p.cols),
         };
         Ok(dims)
     }
 
     /// `x · Wᵀ` for `x` of shape `(n, in)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, kernels: &Kernels) -> Result<Tensor> {
         let y = match self {
             BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
             BaseWeight::Quantized(_, mm) => mm.forward(&x.contiguous()?)?,
+            BaseWeight::Packed(p) => {
+                let (n, _) = x.dims2()?;
+                host_tensor(self.packed_vec(p, x, kernels)?, (n, p.rows))?
+            }
         };
+        Ok(y)
+    }
+
+    /// The packed product as a host vector `(n, out)`.
+    fn packed_vec(&self, p: &PackedMatrix, x: &Tensor, kernels: &Kernels) -> Result<Vec<f32>> {
+        let x = x.contiguous()?;
+        let Some(xs) = HostF32::of(&x) else {
+            return Err(super::ModelError::Unsupported("packed weights need f32 activations on the CPU".into()));
+        };
+        let (n, k) = x.dims2()?;
+        let mut acts = QuantActs::default();
+        quantize(&kernels.pool, xs.slice(), n, k, &mut acts);
+        let mut y = vec![0f32; n * p.rows];
+        matmul(&kernels.pool, kernels.isa, p, &acts, &mut y);
         Ok(y)
     }
 
@@ -44,6 +78,7 @@ impl BaseWeight {
         let w = match self {
             BaseWeight::Dense(w) => w.to_dtype(DType::F32)?,
             BaseWeight::Quantized(q, _) => q.dequantize(&q.device())?,
+            BaseWeight::Packed(p) => host_tensor(p.unpack(), (p.rows, p.cols))?,
         };
         Ok(w)
     }
@@ -53,6 +88,7 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             BaseWeight::Quantized(q, _) => q.storage_size_in_bytes(),
+            BaseWeight::Packed(p) => p.size_in_bytes(),
         }
     }
 }
@@ -66,14 +102,53 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
-    /// `x`: `(n_tokens, in)`, rows grouped by sequence with `seq_lens` tokens each. With
-    /// `frozen_grad` (training), the base matmul skips the unused weight gradient.
-    pub fn forward(&self, x: &Tensor, seq_lens: &[usize], lora: &StepLora, frozen_grad: bool) -> Result<Tensor> {
-        let y = match (&self.base, frozen_grad) {
-            (BaseWeight::Dense(w), true) => super::frozen::frozen_matmul(x, w)?,
-            _ => self.base.forward(x)?,
+    /// `x`: `(n_tokens, in)`, rows grouped by sequence with `pass.seq_lens` tokens each.
+    pub fn forward(&self, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
+        if pass.differentiable {
+            let y = match &self.base {
+                BaseWeight::Dense(w) => super::frozen::frozen_matmul(x, w)?,
+                _ => self.base.forward(x, pass.kernels)?,
+            };
+            return self.add_delta(y, x, pass);
+        }
+        // Host path: the base product as a vector, the LoRA delta added into it in place.
+        if let BaseWeight::Packed(p) = &self.base {
+            let (n, _) = x.dims2()?;
+            let mut y = self.base.packed_vec(p, x, pass.kernels)?;
+            if self.add_host_delta(x, &mut y, pass)? {
+                return host_tensor(y, (n, p.rows));
+            }
+            return self.add_delta(host_tensor(y, (n, p.rows))?, x, pass);
+        }
+        let y = self.base.forward(x, pass.kernels)?;
+        if pass.kernels.fused && pass.lora.touches(self.id) {
+            if let Some(mut yv) = HostF32::of(&y).map(|v| v.slice().to_vec()) {
+                if self.add_host_delta(x, &mut yv, pass)? {
+                    return host_tensor(yv, y.shape());
+                }
+            }
+        }
+        self.add_delta(y, x, pass)
+    }
+
+    /// The fused host LoRA kernel, when the step's operands and `x` are host ones.
+    fn add_host_delta(&self, x: &Tensor, y: &mut [f32], pass: &Pass<'_>) -> Result<bool> {
+        if !pass.lora.touches(self.id) {
+            return Ok(true);
+        }
+        if !pass.kernels.fused {
+            return Ok(false);
+        }
+        let x = x.contiguous()?;
+        let handled = match HostF32::of(&x) {
+            Some(xs) => pass.lora.add_host(self.id, xs.slice(), pass.seq_lens, y, &pass.kernels.pool)?,
+            None => false,
         };
-        match lora.delta(self.id, x, seq_lens)? {
+        Ok(handled)
+    }
+
+    fn add_delta(&self, y: Tensor, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
+        match pass.lora.delta(self.id, x, pass.seq_lens)? {
             Some(d) => Ok((y + d)?),
             None => Ok(y),
         }

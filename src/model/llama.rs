@@ -4,8 +4,9 @@
 //! (candle's fused rms-norm, softmax and rope have none) so the trainer can reuse it.
 
 use super::kv_cache::SeqCache;
-use super::linear::{BaseWeight, LoraLinear};
+use super::linear::{BaseWeight, LoraLinear, Pass};
 use super::lora::StepLora;
+use super::ops::{host_tensor, HostF32, Kernels};
 use super::{LlamaConfig, ModuleId, Result, Target, WeightFormat};
 use crate::adapters::AdapterMix;
 use candle_core::{DType, Device, Tensor};
@@ -52,6 +53,8 @@ pub struct Llama {
     pub format: WeightFormat,
     /// Use only differentiable ops (training); slower than the fused inference ops.
     pub differentiable: bool,
+    /// The CPU kernels (pool, instruction set) and whether the fused ops run.
+    pub kernels: Kernels,
     dtype: DType,
     device: Device,
     embed: Tensor,
@@ -61,6 +64,13 @@ pub struct Llama {
     /// `(max_positions, head_dim / 2)` in the activation dtype.
     cos: Tensor,
     sin: Tensor,
+}
+
+/// One forward's per-token positions (absolute, per sequence) and their rope rows.
+struct Positions {
+    pos: Vec<u32>,
+    /// `(n, head_dim / 2)` rows of the tables, for the composed path only.
+    rows: Option<(Tensor, Tensor)>,
 }
 
 impl Llama {
@@ -85,7 +95,8 @@ impl Llama {
         let norm = src.norm("model.norm.weight")?.to_dtype(dtype)?;
         let lm_head = src.lm_head(format)?;
         let (cos, sin) = rope_tables(&cfg, dtype, device)?;
-        Ok(Self { cfg, format, differentiable: false, dtype, device: device.clone(), embed, blocks, norm, lm_head, cos, sin })
+        let kernels = Kernels::new(crate::kernels::Pool::default_threads(), device.is_cpu());
+        Ok(Self { cfg, format, differentiable: false, kernels, dtype, device: device.clone(), embed, blocks, norm, lm_head, cos, sin })
     }
 
     pub fn device(&self) -> &Device {
@@ -103,39 +114,49 @@ impl Llama {
         let n = input.tokens.len();
         let ids = Tensor::from_slice(&input.tokens, n, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let starts: Vec<usize> = match caches.as_deref() {
+        let positions = self.positions(input, caches.as_deref())?;
+        let pass = Pass { seq_lens: &input.seq_lens, lora, kernels: &self.kernels, differentiable: self.differentiable };
+        // Each residual add is fused with the norm after it: the attention norm of the next
+        // block, or the final norm after the last.
+        let mut h = self.rms_norm(&x, &self.blocks[0].attn_norm)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let attn = self.attention(layer, block, &h, &positions, input, caches.as_deref_mut(), &pass)?;
+            let (x1, h1) = self.add_rms_norm(&x, &attn, &block.mlp_norm)?;
+            let mlp = self.mlp(block, &h1, &pass)?;
+            let next = self.blocks.get(layer + 1).map_or(&self.norm, |b| &b.attn_norm);
+            (x, h) = self.add_rms_norm(&x1, &mlp, next)?;
+        }
+        Ok(h)
+    }
+
+    fn positions(&self, input: &BatchInput, caches: Option<&[&mut SeqCache]>) -> Result<Positions> {
+        let n = input.tokens.len();
+        let starts: Vec<usize> = match caches {
             Some(c) => c.iter().map(|c| c.len()).collect(),
             None => vec![0; input.seq_lens.len()],
         };
-        let positions: Vec<u32> = starts
-            .iter()
-            .zip(&input.seq_lens)
-            .flat_map(|(&s, &l)| (s..s + l).map(|p| p as u32))
-            .collect();
-        if positions.iter().any(|&p| p as usize >= self.cfg.max_position_embeddings) {
+        let pos: Vec<u32> = starts.iter().zip(&input.seq_lens).flat_map(|(&s, &l)| (s..s + l).map(|p| p as u32)).collect();
+        if pos.iter().any(|&p| p as usize >= self.cfg.max_position_embeddings) {
             return Err(super::ModelError::Unsupported(format!(
                 "position beyond the model's context of {} tokens",
                 self.cfg.max_position_embeddings
             )));
         }
-        let pos = Tensor::from_vec(positions, n, &self.device)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let h = self.rms_norm(&x, &block.attn_norm)?;
-            let attn = self.attention(layer, block, &h, &cos, &sin, input, caches.as_deref_mut(), lora)?;
-            x = (x + attn)?;
-            let h = self.rms_norm(&x, &block.mlp_norm)?;
-            x = (x + self.mlp(block, &h, &input.seq_lens, lora)?)?;
-        }
-        self.rms_norm(&x, &self.norm)
+        let fused = !self.differentiable && self.kernels.fused_attention(&self.embed, caches);
+        let rows = if fused {
+            None
+        } else {
+            let p = Tensor::from_slice(&pos, n, &self.device)?;
+            Some((self.cos.index_select(&p, 0)?, self.sin.index_select(&p, 0)?))
+        };
+        Ok(Positions { pos, rows })
     }
 
     /// Logits in f32 for hidden rows `(n, hidden)` → `(n, vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let y = match (&self.lm_head, self.differentiable) {
             (BaseWeight::Dense(w), true) => super::frozen::frozen_matmul(hidden, w)?,
-            _ => self.lm_head.forward(hidden)?,
+            _ => self.lm_head.forward(hidden, &self.kernels)?,
         };
         Ok(y.to_dtype(DType::F32)?)
     }
@@ -154,11 +175,19 @@ impl Llama {
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
-        Ok(if self.differentiable {
-            super::diffops::rms_norm(x, w, eps)?
-        } else {
-            candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?
-        })
+        if self.differentiable {
+            return Ok(super::diffops::rms_norm(x, w, eps)?);
+        }
+        self.kernels.rms_norm(x, w, eps)
+    }
+
+    fn add_rms_norm(&self, x: &Tensor, y: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.differentiable {
+            let sum = (x + y)?;
+            let normed = self.rms_norm(&sum, w)?;
+            return Ok((sum, normed));
+        }
+        self.kernels.add_rms_norm(x, y, w, self.cfg.rms_norm_eps as f32)
     }
 
     #[allow(clippy::too_many_arguments)] // private hot path; the arguments are one step's state
@@ -167,18 +196,85 @@ impl Llama {
         layer: usize,
         block: &Block,
         h: &Tensor,
+        positions: &Positions,
+        input: &BatchInput,
+        caches: Option<&mut [&mut SeqCache]>,
+        pass: &Pass<'_>,
+    ) -> Result<Tensor> {
+        let q = block.proj[0].forward(h, pass)?;
+        let k = block.proj[1].forward(h, pass)?;
+        let v = block.proj[2].forward(h, pass)?;
+        let o = match &positions.rows {
+            None => self.fused_attention(layer, &q, &k, &v, &positions.pos, input, caches)?,
+            Some((cos, sin)) => self.composed_attention(layer, q, k, v, cos, sin, input, caches)?,
+        };
+        block.proj[3].forward(&o, pass)
+    }
+
+    /// Rope, KV append and causal attention of every sequence in one kernel call over the
+    /// host caches (or, without caches, over this step's own keys).
+    #[allow(clippy::too_many_arguments)] // private hot path; the arguments are one step's state
+    fn fused_attention(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, pos: &[u32], input: &BatchInput, caches: Option<&mut [&mut SeqCache]>) -> Result<Tensor> {
+        use crate::kernels::fused;
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let bug = || super::ModelError::Generation("fused attention on non-host tensors; this is a bug".into());
+        let (cos, sin) = (HostF32::of(&self.cos).ok_or_else(bug)?, HostF32::of(&self.sin).ok_or_else(bug)?);
+        let mut qv = HostF32::of(q).ok_or_else(bug)?.slice().to_vec();
+        let mut kv = HostF32::of(k).ok_or_else(bug)?.slice().to_vec();
+        let vh = HostF32::of(v).ok_or_else(bug)?;
+        fused::rope(&mut qv, nh, pos, cos.slice(), sin.slice());
+        fused::rope(&mut kv, nkv, pos, cos.slice(), sin.slice());
+        let width = nkv * hd;
+        let dims = fused::AttnDims { heads: nh, kv_heads: nkv, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
+        let mut out = vec![0f32; qv.len()];
+        let mut row0 = 0;
+        match caches {
+            Some(caches) => {
+                for (c, &t) in caches.iter_mut().zip(&input.seq_lens) {
+                    let l = c.host_layer(layer, width)?;
+                    l.k.extend_from_slice(&kv[row0 * width..(row0 + t) * width]);
+                    l.v.extend_from_slice(&vh.slice()[row0 * width..(row0 + t) * width]);
+                    row0 += t;
+                }
+                row0 = 0;
+                let mut seqs = Vec::with_capacity(caches.len());
+                for (c, &t) in caches.iter().zip(&input.seq_lens) {
+                    let l = c.host_layer_ref(layer).ok_or_else(bug)?;
+                    seqs.push(fused::SeqKv { k: &l.k, v: &l.v, len: l.k.len() / width, t, row0 });
+                    row0 += t;
+                }
+                fused::attention(&self.kernels.pool, dims, &qv, &seqs, &mut out);
+            }
+            None => {
+                let mut seqs = Vec::with_capacity(input.seq_lens.len());
+                for &t in &input.seq_lens {
+                    let (k, v) = (&kv[row0 * width..(row0 + t) * width], &vh.slice()[row0 * width..(row0 + t) * width]);
+                    seqs.push(fused::SeqKv { k, v, len: t, t, row0 });
+                    row0 += t;
+                }
+                fused::attention(&self.kernels.pool, dims, &qv, &seqs, &mut out);
+            }
+        }
+        host_tensor(out, (input.tokens.len(), nh * hd))
+    }
+
+    /// The composed reference: candle's rope, the device caches and batched matmuls per
+    /// sequence (and the differentiable ops when training).
+    #[allow(clippy::too_many_arguments)] // private; the arguments are one step's state
+    fn composed_attention(
+        &self,
+        layer: usize,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
         cos: &Tensor,
         sin: &Tensor,
         input: &BatchInput,
         mut caches: Option<&mut [&mut SeqCache]>,
-        lora: &StepLora,
     ) -> Result<Tensor> {
-        let (n, _) = h.dims2()?;
+        let (n, _) = q.dims2()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let lens = &input.seq_lens;
-        let q = block.proj[0].forward(h, lens, lora, self.differentiable)?;
-        let k = block.proj[1].forward(h, lens, lora, self.differentiable)?;
-        let v = block.proj[2].forward(h, lens, lora, self.differentiable)?;
         // Token-major `(1, n, heads, hd)`: a sequence's rows are one contiguous slice, so
         // decode needs no per-sequence copies; rope uses per-token cos/sin rows.
         let q = self.rope(&q.reshape((n, nh, hd))?, cos, sin)?;
@@ -220,8 +316,7 @@ impl Llama {
             });
             offset += t;
         }
-        let o = Tensor::cat(&outs, 0)?;
-        block.proj[3].forward(&o, lens, lora, self.differentiable)
+        Ok(Tensor::cat(&outs, 0)?)
     }
 
     /// Rotary embedding of `(n, heads, hd)` with per-token `(n, hd/2)` cos/sin.
@@ -233,11 +328,11 @@ impl Llama {
         })
     }
 
-    fn mlp(&self, block: &Block, h: &Tensor, lens: &[usize], lora: &StepLora) -> Result<Tensor> {
-        let gate = block.proj[4].forward(h, lens, lora, self.differentiable)?;
-        let up = block.proj[5].forward(h, lens, lora, self.differentiable)?;
-        let act = (candle_nn::ops::silu(&gate)? * up)?;
-        block.proj[6].forward(&act, lens, lora, self.differentiable)
+    fn mlp(&self, block: &Block, h: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
+        let gate = block.proj[4].forward(h, pass)?;
+        let up = block.proj[5].forward(h, pass)?;
+        let act = if self.differentiable { (candle_nn::ops::silu(&gate)? * up)? } else { self.kernels.silu_mul(&gate, &up)? };
+        block.proj[6].forward(&act, pass)
     }
 
     /// A copy whose weights are `W + Σ c_i B_i A_i` for `mix` (dense f32): the merged path that

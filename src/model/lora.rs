@@ -1,9 +1,14 @@
-//! Per-step LoRA state: the deltas `Σ_i c_i · B_i (A_i x)` each row of a batch needs, in two
-//! implementations that must agree — a batched fast path (adapters stacked per sequence once
-//! per batch composition, two batched matmuls per module) and a plain per-row reference path.
+//! Per-step LoRA state: the deltas `Σ_i c_i · B_i (A_i x)` each row of a batch needs, in
+//! implementations that must agree — batched fast paths (on the CPU, a fused kernel over each
+//! sequence's own adapter weights, added into the base output in place; on other devices,
+//! adapters stacked per sequence once per batch composition and two batched matmuls per
+//! module) and a plain per-row reference path.
 
+use super::ops::HostF32;
 use super::{ModuleId, Result};
 use crate::adapters::AdapterMix;
+use crate::kernels::fused::{lora_rows, LoraTerm};
+use crate::kernels::Pool;
 use candle_core::{DType, Device, Tensor, D};
 
 /// The LoRA work of one forward step, one mix per sequence of the batch.
@@ -21,10 +26,36 @@ pub enum StepLora {
     Training { mixes: Vec<AdapterMix>, dropout: f32, seed: u64 },
 }
 
+/// One module's LoRA operands for the step's sequences.
+#[derive(Debug, Clone)]
+enum ModuleLora {
+    Stacked(StackedLora),
+    Host(HostLora),
+}
+
+/// Host (CPU f32) operands: each sequence's own terms, referenced, not copied, so a new batch
+/// composition costs only reference counts.
+#[derive(Debug, Clone)]
+struct HostLora {
+    per_seq: Vec<Vec<HostTerm>>,
+    fan_in: usize,
+    fan_out: usize,
+}
+
+#[derive(Debug, Clone)]
+struct HostTerm {
+    /// `(r, in)`, contiguous.
+    a: Tensor,
+    /// `(r, out)`, contiguous.
+    b_t: Tensor,
+    rank: usize,
+    coef: f32,
+}
+
 /// Stacked LoRA operands of one module for `S` sequences, each padded to the largest summed
 /// rank `R` of the batch with zero columns (which contribute exactly zero).
 #[derive(Debug, Clone)]
-struct ModuleLora {
+struct StackedLora {
     /// `(S, in, R)`.
     a_t: Tensor,
     /// `(S, R, out)`.
@@ -39,14 +70,28 @@ pub struct BatchedLora {
 }
 
 impl StepLora {
-    /// The fast path for these per-sequence mixes (or `None` when no mix has a term).
+    /// The fast path for these per-sequence mixes (or `None` when no mix has a term): the
+    /// host kernel for CPU f32, stacked operands elsewhere.
     pub fn batched(mixes: &[&AdapterMix], num_layers: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Self::build(mixes, num_layers, |id| {
+            if device.is_cpu() && dtype == DType::F32 {
+                return HostLora::build(id, mixes).map(|m| m.map(ModuleLora::Host));
+            }
+            StackedLora::build(id, mixes, dtype, device).map(|m| m.map(ModuleLora::Stacked))
+        })
+    }
+
+    /// The stacked-operand path (two batched matmuls per module) on any device, CPU included:
+    /// what GPUs run, kept testable here.
+    pub fn stacked(mixes: &[&AdapterMix], num_layers: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Self::build(mixes, num_layers, |id| StackedLora::build(id, mixes, dtype, device).map(|m| m.map(ModuleLora::Stacked)))
+    }
+
+    fn build(mixes: &[&AdapterMix], num_layers: usize, module: impl Fn(ModuleId) -> Result<Option<ModuleLora>>) -> Result<Self> {
         if mixes.iter().all(|m| m.is_empty()) {
             return Ok(StepLora::None);
         }
-        let modules = ModuleId::all(num_layers)
-            .map(|id| ModuleLora::build(id, mixes, dtype, device))
-            .collect::<Result<Vec<_>>>()?;
+        let modules = ModuleId::all(num_layers).map(module).collect::<Result<Vec<_>>>()?;
         Ok(StepLora::Batched(BatchedLora { modules }))
     }
 
@@ -63,7 +108,17 @@ impl StepLora {
         match self {
             StepLora::None => Ok(None),
             StepLora::Batched(b) => match b.modules.get(id.index()).and_then(Option::as_ref) {
-                Some(m) => m.delta(x, seq_lens).map(Some),
+                Some(ModuleLora::Stacked(m)) => m.delta(x, seq_lens).map(Some),
+                Some(ModuleLora::Host(m)) => {
+                    let (n, _) = x.dims2()?;
+                    let mut y = vec![0f32; n * m.fan_out];
+                    let xs = x.contiguous()?;
+                    let Some(xh) = HostF32::of(&xs) else {
+                        return Err(super::ModelError::Generation("host LoRA operands with a non-host input; this is a bug".into()));
+                    };
+                    m.add_into(xh.slice(), seq_lens, &mut y, None)?;
+                    Ok(Some(super::ops::host_tensor(y, (n, m.fan_out))?))
+                }
                 None => Ok(None),
             },
             StepLora::PerRow(mixes) => per_row_delta(id, mixes, x, seq_lens),
@@ -75,7 +130,106 @@ impl StepLora {
     }
 }
 
-impl ModuleLora {
+impl StepLora {
+    /// Adds module `id`'s delta into `y` (`(n, out)`, host f32) for host input rows `x`
+    /// (`(n, in)`) when this step's operands are host ones; `false` when the caller must use
+    /// [`StepLora::delta`] instead. `true` with `y` untouched when no sequence has a term.
+    pub fn add_host(&self, id: ModuleId, x: &[f32], seq_lens: &[usize], y: &mut [f32], pool: &Pool) -> Result<bool> {
+        match self {
+            StepLora::None => Ok(true),
+            StepLora::Batched(b) => match b.modules.get(id.index()).and_then(Option::as_ref) {
+                None => Ok(true),
+                Some(ModuleLora::Host(m)) => m.add_into(x, seq_lens, y, Some(pool)).map(|_| true),
+                Some(ModuleLora::Stacked(_)) => Ok(false),
+            },
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether module `id` has any term this step.
+    pub fn touches(&self, id: ModuleId) -> bool {
+        match self {
+            StepLora::None => false,
+            StepLora::Batched(b) => b.modules.get(id.index()).is_some_and(Option::is_some),
+            StepLora::PerRow(mixes) | StepLora::Training { mixes, .. } => mixes.iter().any(|m| m.terms(id).next().is_some()),
+        }
+    }
+}
+
+/// Rows per work item of the host LoRA kernel: big prompts split, decode rows stay whole.
+const LORA_ROWS_PER_ITEM: usize = 16;
+
+impl HostLora {
+    fn build(id: ModuleId, mixes: &[&AdapterMix]) -> Result<Option<Self>> {
+        let mut dims = None;
+        let mut per_seq = Vec::with_capacity(mixes.len());
+        for m in mixes {
+            let mut terms = Vec::new();
+            for (w, c) in m.terms(id) {
+                dims = Some((w.a.dim(1)?, w.b_t.dim(1)?));
+                terms.push(HostTerm { a: w.a.contiguous()?, b_t: w.b_t.contiguous()?, rank: w.rank, coef: c as f32 });
+            }
+            per_seq.push(terms);
+        }
+        Ok(dims.map(|(fan_in, fan_out)| Self { per_seq, fan_in, fan_out }))
+    }
+
+    /// `y += Σ c · Bᵀ(A x)` per row, each sequence's rows with its own terms; split over the
+    /// pool when there is enough work.
+    fn add_into(&self, x: &[f32], seq_lens: &[usize], y: &mut [f32], pool: Option<&Pool>) -> Result<()> {
+        let bug = || super::ModelError::Generation("LoRA operands not on the host; this is a bug".into());
+        let views: Vec<Vec<(HostF32<'_>, HostF32<'_>, &HostTerm)>> = self
+            .per_seq
+            .iter()
+            .map(|ts| ts.iter().map(|t| Some((HostF32::of(&t.a)?, HostF32::of(&t.b_t)?, t))).collect::<Option<Vec<_>>>())
+            .collect::<Option<_>>()
+            .ok_or_else(bug)?;
+        let terms: Vec<Vec<LoraTerm<'_>>> = views
+            .iter()
+            .map(|ts| ts.iter().map(|(a, b, t)| LoraTerm { a: a.slice(), b_t: b.slice(), rank: t.rank, coef: t.coef }).collect())
+            .collect();
+        // Work items: (sequence, rows), each a disjoint slice of `y`, in row order.
+        let mut items: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut row = 0;
+        for (s, &len) in seq_lens.iter().enumerate() {
+            if terms.get(s).is_some_and(|t| !t.is_empty()) {
+                let mut r = row;
+                while r < row + len {
+                    let end = (r + LORA_ROWS_PER_ITEM).min(row + len);
+                    items.push((s, r..end));
+                    r = end;
+                }
+            }
+            row += len;
+        }
+        let (fi, fo) = (self.fan_in, self.fan_out);
+        let work: usize = items.iter().map(|(s, r)| r.len() * terms[*s].iter().map(|t| t.rank).sum::<usize>()).sum::<usize>() * (fi + fo);
+        let mut parts: Vec<std::sync::Mutex<&mut [f32]>> = Vec::with_capacity(items.len());
+        let mut rest: &mut [f32] = y;
+        let mut at = 0;
+        for (_, r) in &items {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((r.start - at) * fo);
+            let (part, tail) = tail.split_at_mut(r.len() * fo);
+            parts.push(std::sync::Mutex::new(part));
+            rest = tail;
+            at = r.end;
+        }
+        let run = |i: usize| {
+            let (s, r) = &items[i];
+            if let Ok(mut yp) = parts[i].lock() {
+                lora_rows(&x[r.start * fi..r.end * fi], &terms[*s], &mut yp);
+            }
+        };
+        match pool {
+            // Below ~64k multiply-adds a parallel call costs more than it saves.
+            Some(p) if work > 1 << 16 && items.len() > 1 => p.run(items.len(), run),
+            _ => (0..items.len()).for_each(run),
+        }
+        Ok(())
+    }
+}
+
+impl StackedLora {
     fn build(id: ModuleId, mixes: &[&AdapterMix], dtype: DType, device: &Device) -> Result<Option<Self>> {
         let terms: Vec<Vec<_>> = mixes.iter().map(|m| m.terms(id).collect()).collect();
         let rank_of = |ts: &Vec<(&crate::adapters::LoraWeights, f64)>| ts.iter().map(|(w, _)| w.rank).sum::<usize>();

@@ -16,6 +16,7 @@ pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod ops;
 pub mod random;
 pub mod sampling;
 pub mod tokenizer;
@@ -23,7 +24,7 @@ pub mod tokenizer;
 pub use config::LlamaConfig;
 pub use device::{parse_device, WeightFormat};
 pub use kv_cache::SeqCache;
-pub use linear::{BaseWeight, LoraLinear};
+pub use linear::{BaseWeight, LoraLinear, Pass};
 pub use llama::{BatchInput, Llama};
 pub use lora::StepLora;
 
@@ -51,7 +52,7 @@ pub enum ModelError {
     Template(String),
     #[error("invalid device `{0}`: expected cpu, cuda[:N] or metal")]
     Device(String),
-    #[error("invalid dtype `{0}`: expected auto, f32, bf16, f16, quantized, q8_0 or q4_0")]
+    #[error("invalid dtype `{0}`: expected auto, packed, f32, bf16, f16, quantized, q8_0 or q4_0")]
     DType(String),
     #[error("generation failed: {0}")]
     Generation(String),

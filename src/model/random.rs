@@ -37,13 +37,22 @@ impl WeightSource for RandomSource {
     fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight> {
         let (fan_in, fan_out) = self.cfg.proj_dims(id.target);
         let w = self.uniform((fan_out, fan_in), 1.0 / (fan_in as f32).sqrt())?;
+        if format == WeightFormat::Packed {
+            // Through Q4_1, as a real GGUF would arrive: exercises the 4-bit kernels.
+            let q = candle_core::quantized::QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q4_1)?;
+            return super::gguf::packed_from_qtensor(&q, |r| r);
+        }
         Ok(BaseWeight::Dense(w.to_dtype(format.activation_dtype())?))
     }
 
     fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight> {
-        Ok(BaseWeight::Dense(self.embed()?.to_dtype(match format {
+        let w = self.embed()?;
+        if format == WeightFormat::Packed {
+            return super::gguf::packed_from_dense(&w);
+        }
+        Ok(BaseWeight::Dense(w.to_dtype(match format {
             WeightFormat::Dense(dt) => dt,
-            WeightFormat::Quantized(_) => DType::F32,
+            _ => DType::F32,
         })?))
     }
 }

@@ -1,0 +1,455 @@
+//! Fused f32 kernels for what a step does between matmuls: RMS-norm (with the residual add
+//! before it), rotary embedding, SiLU·mul, the LoRA delta `Σ c · B(A x)` per row, and attention
+//! of each sequence's new queries over its token-major KV cache.
+//!
+//! Each kernel is plain Rust compiled three times ([`multiversion!`]): for AVX-512, for
+//! AVX2 + FMA, and for the baseline, picked at run time; the model's composed candle ops are
+//! their references (`tests/fused_ops.rs`). Every row is computed by the same code whatever
+//! the batch, so results are batch invariant.
+
+use super::pool::Pool;
+
+/// Lanes of the accumulators the reductions keep (one 512-bit register).
+const L: usize = 16;
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; L];
+    let (ac, ar) = a.as_chunks::<L>();
+    let (bc, br) = b.as_chunks::<L>();
+    for (x, y) in ac.iter().zip(bc) {
+        for j in 0..L {
+            acc[j] = x[j].mul_add(y[j], acc[j]);
+        }
+    }
+    let mut s = hsum(&acc);
+    for (x, y) in ar.iter().zip(br) {
+        s = x.mul_add(*y, s);
+    }
+    s
+}
+
+#[inline(always)]
+fn hsum(acc: &[f32; L]) -> f32 {
+    let mut v = *acc;
+    let mut w = L / 2;
+    while w > 0 {
+        for j in 0..w {
+            v[j] += v[j + w];
+        }
+        w /= 2;
+    }
+    v[0]
+}
+
+/// `y += a · x`.
+#[inline(always)]
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = a.mul_add(*xi, *yi);
+    }
+}
+
+const MAGIC: f32 = 12_582_912.0;
+
+/// `eˣ` to about 2 ulp (Cephes' polynomial after a range reduction by ln 2), branch-free so it
+/// vectorises; inputs are clamped to where the result is a normal float.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = x.mul_add(std::f32::consts::LOG2_E, MAGIC) - MAGIC;
+    let r = n.mul_add(-0.693_359_4, x);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let mut p = 1.987_569_1e-4f32;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 5.000_000_1e-1);
+    let e = (p * r).mul_add(r, r) + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+multiversion! {
+    /// `out = x / rms(x) · w` per row of `x` (rows of `w.len()`), as candle's `rms_norm`:
+    /// `rms = sqrt(mean(x²) + eps)`.
+    pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let h = w.len();
+        for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+            norm_row(xr, w, eps, or);
+        }
+    }
+}
+
+#[inline(always)]
+fn norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = dot(x, x) / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
+        *o = xi * inv * wi;
+    }
+}
+
+multiversion! {
+    /// The residual add and the next norm in one pass: `x += y`, then `out = rms_norm(x)`.
+    pub fn add_rms_norm(x: &mut [f32], y: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let h = w.len();
+        for ((xr, yr), or) in x.chunks_exact_mut(h).zip(y.chunks_exact(h)).zip(out.chunks_exact_mut(h)) {
+            for (a, b) in xr.iter_mut().zip(yr) {
+                *a += *b;
+            }
+            norm_row(xr, w, eps, or);
+        }
+    }
+}
+
+multiversion! {
+    /// Rotary embedding in place on `x` (`n` rows of `heads · hd`, split-half "rotate_half"
+    /// layout), row `i` at position `pos[i]`, with `(max_pos, hd / 2)` tables.
+    pub fn rope(x: &mut [f32], heads: usize, pos: &[u32], cos: &[f32], sin: &[f32]) {
+        let hd = x.len() / pos.len() / heads;
+        let half = hd / 2;
+        for (row, &p) in x.chunks_exact_mut(heads * hd).zip(pos) {
+            let c = &cos[p as usize * half..(p as usize + 1) * half];
+            let s = &sin[p as usize * half..(p as usize + 1) * half];
+            for head in row.chunks_exact_mut(hd) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * c[i] - b * s[i];
+                    x2[i] = a * s[i] + b * c[i];
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out = silu(gate) · up`, with `silu(g) = g / (1 + e⁻ᵍ)`.
+    pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + exp(-g)) * u;
+        }
+    }
+}
+
+/// One LoRA term of a row's mix: `c · Bᵀ (A x)` with `A` `(rank, in)` and `Bᵀ` `(rank, out)`,
+/// both row-major.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraTerm<'a> {
+    pub a: &'a [f32],
+    pub b_t: &'a [f32],
+    pub rank: usize,
+    pub coef: f32,
+}
+
+multiversion! {
+    /// `y[i] += Σ_terms c · Bᵀ (A x[i])` for rows `x` (`in` wide) and `y` (`out` wide) that all
+    /// share `terms`.
+    pub fn lora_rows(x: &[f32], terms: &[LoraTerm<'_>], y: &mut [f32]) {
+        let Some(t0) = terms.first() else { return };
+        let (fan_in, fan_out) = (t0.a.len() / t0.rank, t0.b_t.len() / t0.rank);
+        let mut u = [0f32; 64];
+        for (xr, yr) in x.chunks_exact(fan_in).zip(y.chunks_exact_mut(fan_out)) {
+            for t in terms {
+                for r0 in (0..t.rank).step_by(64) {
+                    let rs = (t.rank - r0).min(64);
+                    for (r, ur) in u.iter_mut().enumerate().take(rs) {
+                        *ur = dot(&t.a[(r0 + r) * fan_in..(r0 + r + 1) * fan_in], xr) * t.coef;
+                    }
+                    for (r, &ur) in u.iter().enumerate().take(rs) {
+                        axpy(ur, &t.b_t[(r0 + r) * fan_out..(r0 + r + 1) * fan_out], yr);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A raw pointer shared by chunks that write disjoint parts of one output.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: every user writes only its own disjoint range, and the pool joins all chunks
+// before the borrow the pointer came from ends.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+/// Attention shape: `heads` query heads in groups over `kv_heads` (GQA), `head_dim` each.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnDims {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// One sequence's part of an attention call: its cached keys and values (token-major
+/// `(len, kv_heads, head_dim)`, this step's tokens included, last), and where its `t` query
+/// rows start in the batch.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqKv<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub len: usize,
+    pub t: usize,
+    pub row0: usize,
+}
+
+/// Query positions per attention chunk of a prefill.
+const QUERY_BLOCK: usize = 16;
+/// Keys per score tile: the 16 lanes of one 512-bit register.
+const KT: usize = 16;
+/// Query rows per score micro-tile: eight independent accumulator chains.
+const QT: usize = 8;
+/// Query rows per value micro-tile.
+const VT: usize = 4;
+/// Head-dimension floats per value micro-tile.
+const VD: usize = 64;
+
+/// Causal attention for every sequence: query row `row0 + j` (position `len - t + j`) attends
+/// to keys `0 ..= len - t + j` of its own sequence. `q` and `out` are `(n, heads · hd)`.
+pub fn attention(pool: &Pool, dims: AttnDims, q: &[f32], seqs: &[SeqKv<'_>], out: &mut [f32]) {
+    // Chunks: (sequence, kv head, block of queries), the longest (latest) blocks first so the
+    // pool's threads finish together.
+    let mut chunks = Vec::new();
+    for (s, seq) in seqs.iter().enumerate() {
+        for kvh in 0..dims.kv_heads {
+            for j0 in (0..seq.t).step_by(QUERY_BLOCK) {
+                chunks.push((s, kvh, j0));
+            }
+        }
+    }
+    chunks.sort_by_key(|&(s, _, j0)| std::cmp::Reverse(seqs[s].len - seqs[s].t + j0));
+    let dst = Shared(out.as_mut_ptr());
+    let width = dims.heads * dims.head_dim;
+    let n_rows = out.len() / width.max(1);
+    pool.run(chunks.len(), |c| {
+        let (s, kvh, j0) = chunks[c];
+        let seq = &seqs[s];
+        let js = j0..(j0 + QUERY_BLOCK).min(seq.t);
+        let groups = dims.heads / dims.kv_heads;
+        let mut block = AttnBlock::new(dims, seq, kvh, js.clone());
+        block.load_queries(q);
+        block.run();
+        let d = dst;
+        for j in js.clone() {
+            for g in 0..groups {
+                let (row, head) = (seq.row0 + j, kvh * groups + g);
+                debug_assert!(row < n_rows);
+                // SAFETY: (row, head) pairs are unique to this chunk (its sequence's rows, its
+                // kv group's heads), inside the `(n, heads · hd)` output.
+                let o = unsafe { std::slice::from_raw_parts_mut(d.0.add(row * width + head * dims.head_dim), dims.head_dim) };
+                o.copy_from_slice(block.output((j - js.start) * groups + g));
+            }
+        }
+    });
+}
+
+/// One chunk's work: the block's query rows (all heads of one kv group, scaled), their scores
+/// against every key the block sees, then the weighted values.
+struct AttnBlock<'a> {
+    dims: AttnDims,
+    seq: &'a SeqKv<'a>,
+    kvh: usize,
+    js: std::ops::Range<usize>,
+    /// `(nq, hd)`: query row `qi = (j - j0) · groups + g`.
+    q: Vec<f32>,
+    /// `(nq, keys_padded)` scores, then probabilities.
+    p: Vec<f32>,
+    /// `(nq, hd)` outputs.
+    o: Vec<f32>,
+    keys: usize,
+    keys_padded: usize,
+}
+
+impl<'a> AttnBlock<'a> {
+    fn new(dims: AttnDims, seq: &'a SeqKv<'a>, kvh: usize, js: std::ops::Range<usize>) -> Self {
+        let groups = dims.heads / dims.kv_heads;
+        let nq = js.len() * groups;
+        let keys = seq.len - seq.t + js.end;
+        let keys_padded = keys.div_ceil(KT) * KT;
+        Self {
+            dims,
+            seq,
+            kvh,
+            js,
+            q: vec![0.0; nq * dims.head_dim],
+            p: vec![0.0; nq * keys_padded],
+            o: vec![0.0; nq * dims.head_dim],
+            keys,
+            keys_padded,
+        }
+    }
+
+    fn nq(&self) -> usize {
+        self.q.len() / self.dims.head_dim
+    }
+
+    /// Position of query row `qi` (the last key it may see).
+    fn pos(&self, qi: usize) -> usize {
+        let groups = self.dims.heads / self.dims.kv_heads;
+        self.seq.len - self.seq.t + self.js.start + qi / groups
+    }
+
+    fn load_queries(&mut self, q: &[f32]) {
+        let (hd, groups) = (self.dims.head_dim, self.dims.heads / self.dims.kv_heads);
+        let width = self.dims.heads * hd;
+        for (jj, j) in self.js.clone().enumerate() {
+            let row = self.seq.row0 + j;
+            for g in 0..groups {
+                let h = self.kvh * groups + g;
+                let src = &q[row * width + h * hd..row * width + (h + 1) * hd];
+                let qi = jj * groups + g;
+                for (d, s) in self.q[qi * hd..(qi + 1) * hd].iter_mut().zip(src) {
+                    *d = *s * self.dims.scale;
+                }
+            }
+        }
+    }
+
+    fn run(&mut self) {
+        let (nq, hd, kvh, kvw) = (self.nq(), self.dims.head_dim, self.kvh, self.dims.kv_heads * self.dims.head_dim);
+        let pos: Vec<usize> = (0..nq).map(|qi| self.pos(qi)).collect();
+        block_scores(&self.q, hd, self.seq.k, kvw, kvh * hd, self.keys, self.keys_padded, &pos, &mut self.p);
+        block_softmax(&mut self.p, self.keys_padded, &pos);
+        block_values(&self.p, self.keys_padded, self.seq.v, kvw, kvh * hd, hd, &pos, &mut self.o);
+    }
+
+    fn output(&self, qi: usize) -> &[f32] {
+        &self.o[qi * self.dims.head_dim..(qi + 1) * self.dims.head_dim]
+    }
+}
+
+multiversion! {
+    /// `p[qi, u] = q[qi] · k[u]` for keys `u ≤ pos[qi]` (others −∞), keys taken 16 at a time
+    /// and transposed so the 16 scores of a tile accumulate in one register, 8 query rows
+    /// (8 independent chains) at a time.
+    #[allow(clippy::too_many_arguments)] // one kernel's operands; private
+    fn block_scores(q: &[f32], hd: usize, k: &[f32], kvw: usize, koff: usize, keys: usize, keys_padded: usize, pos: &[usize], p: &mut [f32]) {
+        let nq = q.len() / hd;
+        let mut kt = vec![0f32; hd * KT];
+        for u0 in (0..keys).step_by(KT) {
+            let n = (keys - u0).min(KT);
+            for l in 0..KT {
+                for d in 0..hd {
+                    kt[d * KT + l] = if l < n { k[(u0 + l) * kvw + koff + d] } else { 0.0 };
+                }
+            }
+            let mut qi0 = 0;
+            while qi0 < nq {
+                let m = (nq - qi0).min(QT);
+                let mut acc = [[0f32; KT]; QT];
+                for d in 0..hd {
+                    let kv = &kt[d * KT..(d + 1) * KT];
+                    for (r, a) in acc.iter_mut().enumerate().take(m) {
+                        let qv = q[(qi0 + r) * hd + d];
+                        for l in 0..KT {
+                            a[l] = qv.mul_add(kv[l], a[l]);
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate().take(m) {
+                    let qi = qi0 + r;
+                    let row = &mut p[qi * keys_padded + u0..qi * keys_padded + u0 + KT];
+                    for l in 0..KT {
+                        row[l] = if u0 + l <= pos[qi] { a[l] } else { f32::NEG_INFINITY };
+                    }
+                }
+                qi0 += m;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Rows of `p` become probabilities over keys `0 ..= pos[qi]`, exact zeros after.
+    fn block_softmax(p: &mut [f32], keys_padded: usize, pos: &[usize]) {
+        for (qi, row) in p.chunks_exact_mut(keys_padded).enumerate() {
+            let visible = pos[qi] + 1;
+            let (live, dead) = row.split_at_mut(visible);
+            let m = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = [0f32; L];
+            let (chunks, tail) = live.as_chunks_mut::<L>();
+            for c in chunks.iter_mut() {
+                for l in 0..L {
+                    c[l] = exp(c[l] - m);
+                    sum[l] += c[l];
+                }
+            }
+            let mut total = hsum(&sum);
+            for x in tail.iter_mut() {
+                *x = exp(*x - m);
+                total += *x;
+            }
+            let inv = 1.0 / total;
+            live.iter_mut().for_each(|x| *x *= inv);
+            dead.iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+}
+
+multiversion! {
+    /// `o[qi] = Σ_u p[qi, u] · v[u]`, 4 query rows × 64 floats of the head in registers while
+    /// the keys stream past.
+    #[allow(clippy::too_many_arguments)] // one kernel's operands; private
+    fn block_values(p: &[f32], keys_padded: usize, v: &[f32], kvw: usize, voff: usize, hd: usize, pos: &[usize], o: &mut [f32]) {
+        let nq = o.len() / hd;
+        let mut qi0 = 0;
+        while qi0 < nq {
+            let m = (nq - qi0).min(VT);
+            let keys = (qi0..qi0 + m).map(|qi| pos[qi] + 1).max().unwrap_or(0);
+            for d0 in (0..hd).step_by(VD) {
+                let w = (hd - d0).min(VD);
+                let mut acc = [[0f32; VD]; VT];
+                for u in 0..keys {
+                    let vrow = &v[u * kvw + voff + d0..u * kvw + voff + d0 + w];
+                    for (r, a) in acc.iter_mut().enumerate().take(m) {
+                        let pu = p[(qi0 + r) * keys_padded + u];
+                        if w == VD {
+                            for l in 0..VD {
+                                a[l] = pu.mul_add(vrow[l], a[l]);
+                            }
+                        } else {
+                            for l in 0..w {
+                                a[l] = pu.mul_add(vrow[l], a[l]);
+                            }
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate().take(m) {
+                    o[(qi0 + r) * hd + d0..(qi0 + r) * hd + d0 + w].copy_from_slice(&a[..w]);
+                }
+            }
+            qi0 += m;
+        }
+    }
+}
+
+/// Splits `n` rows into the pool's chunks for a per-row kernel: about four chunks per thread,
+/// none smaller than `min_rows`.
+pub fn row_chunks(pool: &Pool, n: usize, min_rows: usize) -> usize {
+    (pool.threads() * 4).min(n.div_ceil(min_rows.max(1))).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_over_the_softmax_range() {
+        for i in -8700..8800 {
+            let x = i as f32 / 100.0;
+            let (got, want) = (exp(x), x.exp());
+            assert!(((got - want) / want).abs() < 4e-7, "{x}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn dot_and_hsum_match_a_plain_sum() {
+        let a: Vec<f32> = (0..67).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..67).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot(&a, &b) as f64 - want).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,236 @@
+//! `y = x · Wᵀ` for a packed `W`: the activations quantized once, then tiles of activation rows
+//! × 16 weight rows claimed by the pool's threads in chunks.
+//!
+//! A chunk is a run of weight groups × a run of activation rows: the group's records stay in
+//! L1 while every row tile of the chunk passes over them, which is what makes batch 8 and 32
+//! cost far less than 8 and 32 single rows.
+
+use super::acts::QuantActs;
+use super::packed::{tile_scalar, PackedMatrix, GROUP};
+use super::pool::Pool;
+use super::Isa;
+
+/// A raw output pointer shared by the chunks, which write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: chunks write disjoint (row, column) ranges and the pool joins them before the
+// borrow of the output ends.
+unsafe impl Send for Out {}
+// SAFETY: as above.
+unsafe impl Sync for Out {}
+
+/// How a product is cut into chunks.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    groups_per_chunk: usize,
+    rows_per_chunk: usize,
+    group_chunks: usize,
+    row_chunks: usize,
+}
+
+impl Plan {
+    fn new(groups: usize, rows: usize, threads: usize) -> Plan {
+        // Rows: whole tiles, at most 64 per chunk so a chunk's activations stay near L1.
+        let rows_per_chunk = rows.clamp(1, 64);
+        let row_chunks = rows.div_ceil(rows_per_chunk);
+        // Groups: aim for ≥ 8 chunks per thread so a slow thread costs little, but keep each
+        // chunk ≥ 2 groups (~14 KB of a 576-wide W4 matrix) so claiming stays cheap.
+        let want = (threads * 8).div_ceil(row_chunks).max(1);
+        let groups_per_chunk = groups.div_ceil(want).max(2).min(groups.max(1));
+        Plan { groups_per_chunk, rows_per_chunk, group_chunks: groups.div_ceil(groups_per_chunk), row_chunks }
+    }
+}
+
+/// `out[i · w.rows + j] = Σ_c x[i, c] · w[j, c]` with `x` already quantized; `out` must hold
+/// `x.n · w.rows` floats.
+pub fn matmul(pool: &Pool, isa: Isa, w: &PackedMatrix, x: &QuantActs, out: &mut [f32]) {
+    assert_eq!(x.k, w.cols, "activation width must match the weight; this is a bug");
+    assert!(out.len() >= x.n * w.rows, "output too small; this is a bug");
+    let plan = Plan::new(w.groups(), x.n, pool.threads());
+    let dst = Out(out.as_mut_ptr());
+    let n_chunks = plan.group_chunks * plan.row_chunks;
+    pool.run(n_chunks, |c| {
+        let (gc, rc) = (c % plan.group_chunks, c / plan.group_chunks);
+        let groups = gc * plan.groups_per_chunk..((gc + 1) * plan.groups_per_chunk).min(w.groups());
+        let rows = rc * plan.rows_per_chunk..((rc + 1) * plan.rows_per_chunk).min(x.n);
+        let d = dst;
+        for g in groups {
+            chunk_group(isa, w, g, x, rows.clone(), d.0);
+        }
+    });
+}
+
+/// One weight group against activation rows `rows`, tile by tile.
+fn chunk_group(isa: Isa, w: &PackedMatrix, g: usize, x: &QuantActs, rows: std::ops::Range<usize>, out: *mut f32) {
+    let ld = w.rows;
+    let full = (g + 1) * GROUP <= w.rows;
+    let step = isa.tile_rows();
+    let mut scratch = [0f32; 8 * GROUP];
+    let mut i = rows.start;
+    while i < rows.end {
+        let m = step.min(rows.end - i);
+        // A partial last group goes through scratch, so kernels always write 16 lanes.
+        let (dst, dst_ld) = if full {
+            // SAFETY: row `i`, column `g·16` is inside `out` (`x.n · w.rows` floats).
+            (unsafe { out.add(i * ld + g * GROUP) }, ld)
+        } else {
+            (scratch.as_mut_ptr(), GROUP)
+        };
+        run_tile(isa, w, g, x, i, m, dst, dst_ld);
+        if !full {
+            let cols = w.rows - g * GROUP;
+            for r in 0..m {
+                // SAFETY: `cols` floats of row `i + r` from column `g·16` are inside `out`.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.add((i + r) * ld + g * GROUP), cols) };
+                row.copy_from_slice(&scratch[r * GROUP..r * GROUP + cols]);
+            }
+        }
+        i += m;
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the tile's coordinates; private
+fn run_tile(isa: Isa, w: &PackedMatrix, g: usize, x: &QuantActs, row0: usize, m: usize, out: *mut f32, ld: usize) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni | Isa::AvxVnni | Isa::Avx2 => {
+            let t = super::x86::Tile { w, g, x, row0, out, ld };
+            // SAFETY: `isa` was detected on this CPU (`Isa::detect` / `Isa::available`);
+            // `out` holds `m` rows of 16 floats at stride `ld` (checked by the caller);
+            // `row0 + m <= x.n` and `x.k == w.cols` (asserted in `matmul`).
+            unsafe {
+                match isa {
+                    Isa::Avx512Vnni => super::x86::tile_avx512(&t, m),
+                    Isa::AvxVnni => super::x86::tile_avx2(&t, m, true),
+                    _ => super::x86::tile_avx2(&t, m, false),
+                }
+            }
+        }
+        _ => {
+            // SAFETY: as above: `m` rows of 16 floats at stride `ld`.
+            let out = unsafe { std::slice::from_raw_parts_mut(out, (m - 1) * ld + GROUP) };
+            tile_scalar(w, g, x, row0..row0 + m, out, ld);
+        }
+    }
+}
+
+/// Quantizes `x` (`n × k`) into `acts`, splitting the rows over the pool when there are many.
+pub fn quantize(pool: &Pool, x: &[f32], n: usize, k: usize, acts: &mut QuantActs) {
+    acts.resize(n, k);
+    if n < 32 {
+        acts.quantize_rows(x, 0..n);
+        return;
+    }
+    let per = n.div_ceil(pool.threads() * 4);
+    let parts: Vec<std::sync::Mutex<super::acts::RowsMut<'_>>> = acts.parts_mut(per).into_iter().map(std::sync::Mutex::new).collect();
+    pool.run(parts.len(), |c| {
+        let rows = c * per..((c + 1) * per).min(n);
+        // Each chunk locks only its own part: never contended.
+        if let Ok(mut part) = parts[c].lock() {
+            part.quantize(&x[rows.start * k..rows.end * k], k);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ggml::RowCodes;
+    use rand::{Rng, SeedableRng};
+
+    fn random_codes(rows: usize, cols: usize, max_code: u8, shared: bool, seed: u64) -> Vec<RowCodes> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..rows)
+            .map(|_| {
+                let mut c = RowCodes::with_cols(cols);
+                c.u.iter_mut().for_each(|u| *u = rng.random_range(0..=max_code));
+                for s in 0..cols / 16 {
+                    let (d, m) = if shared && s % 2 == 1 { (c.d[s - 1], c.m[s - 1]) } else { (rng.random_range(0.001..0.1f32), rng.random_range(-1.0..1.0f32)) };
+                    c.d[s] = d;
+                    c.m[s] = m;
+                }
+                c
+            })
+            .collect()
+    }
+
+    fn random_x(n: usize, k: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n * k).map(|i| if i % 97 == 0 { 0.0 } else { rng.random_range(-3.0..3.0f32) }).collect()
+    }
+
+    /// Every kernel this CPU runs equals the scalar reference bit for bit, for each format,
+    /// SmolLM2's widths (576, 1536), odd row counts and a partial last group.
+    #[test]
+    fn every_kernel_equals_the_scalar_reference_exactly() {
+        let pool = Pool::new(2);
+        let formats = [(15u8, true), (255, true), (255, false)];
+        for (f, &(max_code, shared)) in formats.iter().enumerate() {
+            for &(out_rows, k) in &[(48usize, 576usize), (40, 1536), (16, 64)] {
+                let w = PackedMatrix::from_codes(&random_codes(out_rows, k, max_code, shared, f as u64 * 7 + k as u64), k);
+                for &n in &[1usize, 3, 8, 17, 32] {
+                    let x = QuantActs::quantize(&random_x(n, k, n as u64), n, k);
+                    let mut want = vec![0f32; n * out_rows];
+                    matmul(&pool, Isa::Scalar, &w, &x, &mut want);
+                    for isa in Isa::available() {
+                        let mut got = vec![f32::NAN; n * out_rows];
+                        matmul(&pool, isa, &w, &x, &mut got);
+                        let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{isa:?} {:?} rows {out_rows} k {k} n {n}", w.kind);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_reference_approximates_the_float_product() {
+        let (rows, k, n) = (32, 576, 3);
+        let w = PackedMatrix::from_codes(&random_codes(rows, k, 15, true, 1), k);
+        let xf = random_x(n, k, 2);
+        let x = QuantActs::quantize(&xf, n, k);
+        let mut got = vec![0f32; n * rows];
+        matmul(&Pool::new(1), Isa::Scalar, &w, &x, &mut got);
+        let wf = w.unpack();
+        for i in 0..n {
+            for j in 0..rows {
+                let exact: f32 = (0..k).map(|c| xf[i * k + c] * wf[j * k + c]).sum();
+                let scale: f32 = (0..k).map(|c| (xf[i * k + c] * wf[j * k + c]).abs()).sum();
+                assert!((got[i * rows + j] - exact).abs() <= 0.01 * scale, "{i},{j}: {} vs {exact}", got[i * rows + j]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_its_batch() {
+        let (rows, k) = (64, 576);
+        let w = PackedMatrix::from_codes(&random_codes(rows, k, 15, true, 3), k);
+        let xf = random_x(32, k, 4);
+        let pool = Pool::new(2);
+        let isa = Isa::detect();
+        let x = QuantActs::quantize(&xf, 32, k);
+        let mut all = vec![0f32; 32 * rows];
+        matmul(&pool, isa, &w, &x, &mut all);
+        for i in [0usize, 5, 31] {
+            let xi = QuantActs::quantize(&xf[i * k..(i + 1) * k], 1, k);
+            let mut one = vec![0f32; rows];
+            matmul(&pool, isa, &w, &xi, &mut one);
+            assert!(one.iter().zip(&all[i * rows..(i + 1) * rows]).all(|(a, b)| a.to_bits() == b.to_bits()), "row {i}");
+        }
+    }
+
+    #[test]
+    fn parallel_quantization_equals_serial() {
+        let (n, k) = (70, 576);
+        let xf = random_x(n, k, 9);
+        let serial = QuantActs::quantize(&xf, n, k);
+        let mut par = QuantActs::default();
+        quantize(&Pool::new(2), &xf, n, k, &mut par);
+        for i in 0..n {
+            for b in 0..k / 32 {
+                assert_eq!(serial.block(i, b), par.block(i, b));
+                assert_eq!(serial.scale(i, b).to_bits(), par.scale(i, b).to_bits());
+            }
+        }
+    }
+}

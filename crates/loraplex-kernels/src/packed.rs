@@ -1,0 +1,259 @@
+//! The packed weight layout of the integer matmul, and its plain scalar reference.
+//!
+//! A `(rows, cols)` weight is cut into groups of 16 rows and blocks of 32 columns. Each
+//! (group, block) is one record, records of a group stored block after block:
+//! - scales `d[16]` and minimums `m[16]` (f32, one per row of the group; twice, for the two
+//!   16-column halves, in the [`Kind::W8S16`] format);
+//! - the codes, as 64-byte chunks in which row `r` of the group owns bytes `4r..4r + 4`:
+//!   [`Kind::W8`]/[`Kind::W8S16`]: chunk `k` (0..8) holds columns `4k..4k + 4` as bytes;
+//!   [`Kind::W4`]: chunk `k` (0..4) holds columns `4k..4k + 4` in the low nibbles and
+//!   `16 + 4k..16 + 4k + 4` in the high nibbles.
+//!
+//! So one 32-bit lane of a vector is one row's four codes: `vpdpbusd` against four broadcast
+//! activation bytes gives 16 rows' partial dot products at once, with no shuffles.
+//!
+//! Weights are `d · u + m` (see [`super::ggml`]); activations are 8-bit per 32 values
+//! ([`super::acts`]). Every kernel computes, for each output, blocks in order,
+//! `acc = d.mul_add(isum as f32 * dx, acc); acc = m.mul_add(dx · Σq, acc)`: integer dot
+//! products are exact, and the float steps are the same operations in the same order in every
+//! kernel, so all kernels agree bit for bit and a row's result never depends on its batch.
+
+use super::acts::QuantActs;
+use super::ggml::RowCodes;
+
+/// Rows per group: the 16 i32 lanes of a 512-bit register.
+pub const GROUP: usize = 16;
+/// Columns per block: the activation quantization block.
+pub const BLOCK: usize = 32;
+
+/// A packed format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// 4-bit codes, scale and minimum per 32 columns (Q4_0, Q4_1, Q4_K exactly).
+    W4,
+    /// 8-bit codes, scale and minimum per 32 columns (Q8_0, Q5_0, Q5_1, Q5_K exactly; floats
+    /// by quantization).
+    W8,
+    /// 8-bit codes, scale and minimum per 16 columns (Q6_K, Q3_K, Q2_K exactly).
+    W8S16,
+}
+
+impl Kind {
+    /// Bytes of one (group, block) record.
+    pub const fn record_bytes(self) -> usize {
+        self.scale_bytes() + self.code_bytes()
+    }
+
+    pub const fn scale_bytes(self) -> usize {
+        match self {
+            Kind::W4 | Kind::W8 => 2 * GROUP * 4,
+            Kind::W8S16 => 4 * GROUP * 4,
+        }
+    }
+
+    pub const fn code_bytes(self) -> usize {
+        match self {
+            Kind::W4 => 4 * 64,
+            Kind::W8 | Kind::W8S16 => 8 * 64,
+        }
+    }
+
+    /// The smallest format that holds these rows exactly.
+    pub fn for_rows(rows: &[RowCodes]) -> Kind {
+        let shared = rows.iter().all(RowCodes::pairs_share_scales);
+        let max = rows.iter().map(RowCodes::max_code).max().unwrap_or(0);
+        match (shared, max < 16) {
+            (true, true) => Kind::W4,
+            (true, false) => Kind::W8,
+            (false, _) => Kind::W8S16,
+        }
+    }
+}
+
+/// One cache line; records are made of whole lines so each starts 64-byte aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Line(pub [u8; 64]);
+
+/// A frozen weight matrix in the packed layout.
+#[derive(Clone)]
+pub struct PackedMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub kind: Kind,
+    lines: Vec<Line>,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedMatrix({}×{}, {:?})", self.rows, self.cols, self.kind)
+    }
+}
+
+impl PackedMatrix {
+    /// Packs `rows` rows of `cols` columns; `row(r, &mut codes)` decodes row `r`.
+    pub fn pack<E>(rows: usize, cols: usize, kind: Kind, mut row: impl FnMut(usize, &mut RowCodes) -> Result<(), E>) -> Result<Self, E> {
+        assert!(cols % BLOCK == 0, "packed matrices need whole 32-column blocks; this is a bug");
+        let groups = rows.div_ceil(GROUP);
+        let blocks = cols / BLOCK;
+        let lines_per_record = kind.record_bytes() / 64;
+        let mut lines = vec![Line([0; 64]); groups * blocks * lines_per_record];
+        let mut codes = RowCodes::with_cols(cols);
+        for r in 0..rows {
+            row(r, &mut codes)?;
+            let (g, lane) = (r / GROUP, r % GROUP);
+            for b in 0..blocks {
+                let first = (g * blocks + b) * lines_per_record;
+                let rec = bytes_mut(&mut lines[first..first + lines_per_record]);
+                write_lane(rec, kind, lane, &codes, b);
+            }
+        }
+        Ok(Self { rows, cols, kind, lines })
+    }
+
+    /// Packs rows already decoded, in the smallest exact format.
+    pub fn from_codes(rows: &[RowCodes], cols: usize) -> Self {
+        let kind = Kind::for_rows(rows);
+        let packed: Result<Self, std::convert::Infallible> = Self::pack(rows.len(), cols, kind, |r, out| {
+            out.clone_from(&rows[r]);
+            Ok(())
+        });
+        match packed {
+            Ok(p) => p,
+            Err(never) => match never {},
+        }
+    }
+
+    pub fn groups(&self) -> usize {
+        self.rows.div_ceil(GROUP)
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.cols / BLOCK
+    }
+
+    /// The records of group `g`, block after block.
+    pub fn group_bytes(&self, g: usize) -> &[u8] {
+        let per = self.blocks() * self.kind.record_bytes() / 64;
+        bytes(&self.lines[g * per..(g + 1) * per])
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.lines.len() * 64
+    }
+
+    /// The weight as f32, row-major (`d · u + m`, exact for GGUF-decoded weights).
+    pub fn unpack(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for r in 0..self.rows {
+            let rec_of = |b: usize| &self.group_bytes(r / GROUP)[b * self.kind.record_bytes()..(b + 1) * self.kind.record_bytes()];
+            for b in 0..self.blocks() {
+                let rec = rec_of(b);
+                for c in 0..BLOCK {
+                    let (d, m) = lane_scales(rec, self.kind, r % GROUP, c / 16);
+                    out[r * self.cols + b * BLOCK + c] = d.mul_add(code(rec, self.kind, r % GROUP, c) as f32, m);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn bytes(lines: &[Line]) -> &[u8] {
+    // SAFETY: `Line` is `repr(C)` around `[u8; 64]` with no padding (size 64 = align 64), so
+    // `lines.len()` lines are exactly `64 · len` initialised bytes at the same address.
+    unsafe { std::slice::from_raw_parts(lines.as_ptr().cast::<u8>(), lines.len() * 64) }
+}
+
+fn bytes_mut(lines: &mut [Line]) -> &mut [u8] {
+    // SAFETY: as in `bytes`; the exclusive borrow of the lines covers every byte.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<u8>(), lines.len() * 64) }
+}
+
+fn put_f32(rec: &mut [u8], at: usize, v: f32) {
+    rec[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+pub(super) fn get_f32(rec: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([rec[at], rec[at + 1], rec[at + 2], rec[at + 3]])
+}
+
+/// Writes row `lane` of block `b` of `codes` into a record.
+fn write_lane(rec: &mut [u8], kind: Kind, lane: usize, codes: &RowCodes, b: usize) {
+    let (sub_lo, sub_hi) = (2 * b, 2 * b + 1);
+    put_f32(rec, 4 * lane, codes.d[sub_lo]);
+    put_f32(rec, 64 + 4 * lane, codes.m[sub_lo]);
+    if kind == Kind::W8S16 {
+        put_f32(rec, 128 + 4 * lane, codes.d[sub_hi]);
+        put_f32(rec, 192 + 4 * lane, codes.m[sub_hi]);
+    }
+    let q = &mut rec[kind.scale_bytes()..];
+    let u = &codes.u[b * BLOCK..(b + 1) * BLOCK];
+    match kind {
+        Kind::W4 => {
+            for k in 0..4 {
+                for t in 0..4 {
+                    q[64 * k + 4 * lane + t] = (u[4 * k + t] & 0x0F) | (u[16 + 4 * k + t] << 4);
+                }
+            }
+        }
+        Kind::W8 | Kind::W8S16 => {
+            for k in 0..8 {
+                q[64 * k + 4 * lane..64 * k + 4 * lane + 4].copy_from_slice(&u[4 * k..4 * k + 4]);
+            }
+        }
+    }
+}
+
+/// The scale and minimum of row `lane` for half `half` (0 or 1) of a record.
+pub(super) fn lane_scales(rec: &[u8], kind: Kind, lane: usize, half: usize) -> (f32, f32) {
+    let base = if kind == Kind::W8S16 && half == 1 { 128 } else { 0 };
+    (get_f32(rec, base + 4 * lane), get_f32(rec, base + 64 + 4 * lane))
+}
+
+/// The code of row `lane`, column `c` (0..32) of a record.
+pub(super) fn code(rec: &[u8], kind: Kind, lane: usize, c: usize) -> u8 {
+    let q = &rec[kind.scale_bytes()..];
+    match kind {
+        Kind::W4 => {
+            let (k, hi) = ((c % 16) / 4, c >= 16);
+            let byte = q[64 * k + 4 * lane + c % 4];
+            if hi {
+                byte >> 4
+            } else {
+                byte & 0x0F
+            }
+        }
+        Kind::W8 | Kind::W8S16 => q[64 * (c / 4) + 4 * lane + c % 4],
+    }
+}
+
+/// The scalar reference: `y[i, j] = Σ_b …` for activation rows `rows` of `x` and output rows
+/// `[g·16, g·16 + 16)` of `w`, written to `out[(i - rows.start) · ld + j - g·16]`.
+pub fn tile_scalar(w: &PackedMatrix, g: usize, x: &QuantActs, rows: std::ops::Range<usize>, out: &mut [f32], ld: usize) {
+    let recs = w.group_bytes(g);
+    let rb = w.kind.record_bytes();
+    for (oi, i) in rows.enumerate() {
+        for lane in 0..GROUP {
+            let mut acc = 0f32;
+            for b in 0..w.blocks() {
+                let rec = &recs[b * rb..(b + 1) * rb];
+                let xq = x.block(i, b);
+                let (dx, sums) = (x.scale(i, b), x.sums(i, b));
+                let dot = |cols: std::ops::Range<usize>| cols.map(|c| code(rec, w.kind, lane, c) as i32 * xq[c] as i32).sum::<i32>();
+                if w.kind == Kind::W8S16 {
+                    for (half, s) in [(0usize, sums[1]), (1, sums[2])] {
+                        let (d, m) = lane_scales(rec, w.kind, lane, half);
+                        acc = d.mul_add(dot(16 * half..16 * half + 16) as f32 * dx, acc);
+                        acc = m.mul_add(s, acc);
+                    }
+                } else {
+                    let (d, m) = lane_scales(rec, w.kind, lane, 0);
+                    acc = d.mul_add(dot(0..BLOCK) as f32 * dx, acc);
+                    acc = m.mul_add(sums[0], acc);
+                }
+            }
+            out[oi * ld + lane] = acc;
+        }
+    }
+}
