@@ -19,6 +19,20 @@ pub enum Distribution {
     Uniform,
     /// Adapter `i` (0-based) is drawn with weight `1 / (i + 1)`.
     PowerLaw,
+    /// Client `c` always uses adapter `c mod count` (so `count` clients run `count` distinct
+    /// adapters at every moment).
+    PerClient,
+}
+
+/// Which server's request shape to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Api {
+    /// loraplex: adapters by name in the `adapters` field.
+    Loraplex,
+    /// llama.cpp's `llama-server`: adapters by load order in its `lora` field (adapter `PREFIXi`
+    /// must have been loaded as the i-th `--lora`); tokens counted from the stream when the
+    /// server sends no usage.
+    Llamacpp,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -62,6 +76,9 @@ pub struct BenchArgs {
     /// `PREFIX{i}` into this folder (for the default model's shapes) and exit.
     #[arg(long)]
     pub make_adapters: Option<PathBuf>,
+    /// The request shape of the server under test.
+    #[arg(long, value_enum, default_value_t = Api::Loraplex)]
+    pub api: Api,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -157,11 +174,12 @@ struct ClientStats {
     itl: Vec<f64>,
 }
 
-fn draw(rng: &mut rand::rngs::StdRng, args: &BenchArgs) -> Vec<serde_json::Value> {
+fn draw(rng: &mut rand::rngs::StdRng, args: &BenchArgs, client: usize) -> Vec<serde_json::Value> {
     let k = args.adapters_per_request.min(args.adapter_count);
     let mut picked: Vec<usize> = Vec::with_capacity(k);
     while picked.len() < k {
         let i = match args.distribution {
+            Distribution::PerClient => (client + picked.len()) % args.adapter_count,
             Distribution::Uniform => rng.random_range(0..args.adapter_count),
             Distribution::PowerLaw => {
                 let total: f64 = (1..=args.adapter_count).map(|i| 1.0 / i as f64).sum();
@@ -176,7 +194,10 @@ fn draw(rng: &mut rand::rngs::StdRng, args: &BenchArgs) -> Vec<serde_json::Value
             picked.push(i);
         }
     }
-    picked.iter().map(|i| serde_json::json!({"name": format!("{}{i}", args.adapter_prefix), "scale": 1.0})).collect()
+    match args.api {
+        Api::Loraplex => picked.iter().map(|i| serde_json::json!({"name": format!("{}{i}", args.adapter_prefix), "scale": 1.0})).collect(),
+        Api::Llamacpp => picked.iter().map(|i| serde_json::json!({"id": i, "scale": 1.0})).collect(),
+    }
 }
 
 async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
@@ -186,11 +207,20 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
     let url = format!("{}/v1/completions", args.url.trim_end_matches('/'));
     let mut st = ClientStats::default();
     while Instant::now() < deadline {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "stream": true, "ignore_eos": true,
             "stream_options": {"include_usage": true},
-            "adapters": draw(&mut rng, &args),
         });
+        let field = match args.api {
+            Api::Loraplex => "adapters",
+            Api::Llamacpp => "lora",
+        };
+        body[field] = serde_json::Value::Array(draw(&mut rng, &args, id));
+        if args.api == Api::Llamacpp {
+            // llama-server caches prompts per slot; every request must do its own prefill, as
+            // loraplex's do.
+            body["cache_prompt"] = serde_json::Value::Bool(false);
+        }
         let started = Instant::now();
         let hang_up = args.disconnect_fraction > 0.0 && rng.random::<f64>() < args.disconnect_fraction;
         st.requests += 1;
@@ -242,6 +272,9 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
                     }
                 }
             }
+        }
+        if tokens == 0 && args.api == Api::Llamacpp && done {
+            tokens = events;
         }
         st.tokens += tokens;
         if hang_up && events >= 2 && !done {

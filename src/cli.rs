@@ -31,6 +31,21 @@ pub enum Command {
     Train(TrainArgs),
     /// SQuAD exact match / F1 of the base model or an adapter mix.
     Eval(EvalArgs),
+    /// Convert PEFT adapter folders to llama.cpp's GGUF LoRA files (for serving them there too).
+    ExportLora(ExportLoraArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportLoraArgs {
+    /// The base model the adapters belong to (its config and GGUF architecture are read).
+    #[arg(long, env = "LORAPLEX_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Folder for the `<adapter>.gguf` files (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// PEFT adapter folders.
+    #[arg(required = true)]
+    pub adapters: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -89,8 +104,9 @@ pub struct ModelArgs {
     /// `cpu`, `cuda[:N]` or `metal` (the latter two need the matching cargo feature).
     #[arg(long, env = "LORAPLEX_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Base weight storage: `auto` (f32 on CPU, bf16 on CUDA), `f32`, `bf16`, `f16`,
-    /// `quantized` (as stored in the GGUF), `q8_0` or `q4_0` (re-quantized at load).
+    /// Base weight storage: `auto` (packed on CPU, bf16 on CUDA), `packed` (4/8-bit integer
+    /// CPU kernels, GGUF blocks as stored), `f32`, `bf16`, `f16`, `quantized` (candle's kernels
+    /// on the GGUF's own types), `q8_0` or `q4_0` (re-quantized at load).
     #[arg(long, env = "LORAPLEX_DTYPE", default_value = "auto")]
     pub dtype: String,
 }
@@ -158,7 +174,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => crate::bench::run(args),
         Command::Train(args) => run_train(args),
         Command::Eval(args) => run_eval(args),
+        Command::ExportLora(args) => run_export_lora(args),
     }
+}
+
+fn run_export_lora(args: ExportLoraArgs) -> anyhow::Result<()> {
+    let (cfg, arch) = crate::model::load::read_config(&args.model).with_context(|| format!("reading `{}`", args.model))?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating `{}`", args.out.display()))?;
+    for dir in &args.adapters {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
+        let adapter = load_adapter(dir, &name, &cfg, &candle_core::Device::Cpu).with_context(|| format!("loading `{}`", dir.display()))?;
+        let path = args.out.join(format!("{name}.gguf"));
+        crate::adapters::gguf_lora::write_gguf_lora(&adapter, &cfg, &arch, &path)?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 /// Parses `DIR_OR_NAME[=SCALE]` into `(spec, scale)`.

@@ -5,6 +5,7 @@
 //! produces a new value, so a request holding the old `Arc` never sees weights change.
 
 pub mod config;
+pub mod gguf_lora;
 pub mod header;
 pub mod loader;
 pub mod registry;

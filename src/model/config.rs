@@ -38,6 +38,12 @@ impl LlamaConfig {
         }
     }
 
+    /// [`LlamaConfig::tiny`] with widths that are whole 32-blocks (what the packed integer
+    /// kernels need): the tiny model of the packed path's invariant tests.
+    pub fn tiny_packable() -> Self {
+        Self { vocab_size: 96, hidden_size: 64, intermediate_size: 96, num_heads: 4, num_kv_heads: 2, head_dim: 16, ..Self::tiny() }
+    }
+
     /// Input and output width of a projection, as `(in, out)`.
     pub fn proj_dims(&self, target: super::Target) -> (usize, usize) {
         use super::Target::*;

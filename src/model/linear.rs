@@ -48,29 +48,45 @@ impl BaseWeight {
 
     /// `x · Wᵀ` for `x` of shape `(n, in)`.
     pub fn forward(&self, x: &Tensor, kernels: &Kernels) -> Result<Tensor> {
+        if let Some(y) = self.host_vec(x, kernels)? {
+            let (n, _) = x.dims2()?;
+            return host_tensor(y, (n, self.dims()?.0));
+        }
         let y = match self {
             BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
             BaseWeight::Quantized(_, mm) => mm.forward(&x.contiguous()?)?,
-            BaseWeight::Packed(p) => {
-                let (n, _) = x.dims2()?;
-                host_tensor(self.packed_vec(p, x, kernels)?, (n, p.rows))?
-            }
+            BaseWeight::Packed(_) => return Err(super::ModelError::Unsupported("packed weights need f32 activations on the CPU".into())),
         };
         Ok(y)
     }
 
-    /// The packed product as a host vector `(n, out)`.
-    fn packed_vec(&self, p: &PackedMatrix, x: &Tensor, kernels: &Kernels) -> Result<Vec<f32>> {
+    /// The product as a host vector `(n, out)` when a CPU kernel computes it: always for packed
+    /// weights, for dense f32 ones when the fused kernels are on; `None` otherwise.
+    fn host_vec(&self, x: &Tensor, kernels: &Kernels) -> Result<Option<Vec<f32>>> {
+        let dense_host = matches!(self, BaseWeight::Dense(w) if kernels.fused && w.dtype() == DType::F32 && w.device().is_cpu());
+        if !matches!(self, BaseWeight::Packed(_)) && !dense_host {
+            return Ok(None);
+        }
         let x = x.contiguous()?;
-        let Some(xs) = HostF32::of(&x) else {
-            return Err(super::ModelError::Unsupported("packed weights need f32 activations on the CPU".into()));
-        };
+        let Some(xs) = HostF32::of(&x) else { return Ok(None) };
         let (n, k) = x.dims2()?;
-        let mut acts = QuantActs::default();
-        quantize(&kernels.pool, xs.slice(), n, k, &mut acts);
-        let mut y = vec![0f32; n * p.rows];
-        matmul(&kernels.pool, kernels.isa, p, &acts, &mut y);
-        Ok(y)
+        match self {
+            BaseWeight::Packed(p) => {
+                let mut acts = QuantActs::default();
+                quantize(&kernels.pool, xs.slice(), n, k, &mut acts);
+                let mut y = vec![0f32; n * p.rows];
+                matmul(&kernels.pool, kernels.isa, p, &acts, &mut y);
+                Ok(Some(y))
+            }
+            BaseWeight::Dense(w) => {
+                let Some(ws) = HostF32::of(w) else { return Ok(None) };
+                let out = w.dim(0)?;
+                let mut y = vec![0f32; n * out];
+                crate::kernels::dense::matmul_f32(&kernels.pool, xs.slice(), n, k, ws.slice(), out, &mut y);
+                Ok(Some(y))
+            }
+            BaseWeight::Quantized(..) => Ok(None),
+        }
     }
 
     /// The weight as a dense f32 tensor (dequantized if needed); for merging and training.
@@ -112,22 +128,14 @@ impl LoraLinear {
             return self.add_delta(y, x, pass);
         }
         // Host path: the base product as a vector, the LoRA delta added into it in place.
-        if let BaseWeight::Packed(p) = &self.base {
-            let (n, _) = x.dims2()?;
-            let mut y = self.base.packed_vec(p, x, pass.kernels)?;
+        if let Some(mut y) = self.base.host_vec(x, pass.kernels)? {
+            let shape = (x.dim(0)?, self.base.dims()?.0);
             if self.add_host_delta(x, &mut y, pass)? {
-                return host_tensor(y, (n, p.rows));
+                return host_tensor(y, shape);
             }
-            return self.add_delta(host_tensor(y, (n, p.rows))?, x, pass);
+            return self.add_delta(host_tensor(y, shape)?, x, pass);
         }
         let y = self.base.forward(x, pass.kernels)?;
-        if pass.kernels.fused && pass.lora.touches(self.id) {
-            if let Some(mut yv) = HostF32::of(&y).map(|v| v.slice().to_vec()) {
-                if self.add_host_delta(x, &mut yv, pass)? {
-                    return host_tensor(yv, y.shape());
-                }
-            }
-        }
         self.add_delta(y, x, pass)
     }
 

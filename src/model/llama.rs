@@ -351,6 +351,20 @@ impl Llama {
         Ok(out)
     }
 
+    /// A copy with every base weight as dense f32 (exactly the values the packed or quantized
+    /// weights stand for): the exact path the other formats are measured against.
+    pub fn dense_f32(&self) -> Result<Llama> {
+        let mut out = self.clone();
+        for block in out.blocks.iter_mut() {
+            for p in block.proj.iter_mut() {
+                p.base = BaseWeight::Dense(p.base.to_dense_f32()?);
+            }
+        }
+        out.lm_head = BaseWeight::Dense(self.lm_head.to_dense_f32()?);
+        out.format = WeightFormat::Dense(DType::F32);
+        Ok(out)
+    }
+
     /// Bytes of base weights on the device.
     pub fn size_in_bytes(&self) -> usize {
         let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
@@ -366,8 +380,21 @@ impl Llama {
 
     /// A model with random weights (seeded), for invariant tests and benches.
     pub fn random(cfg: LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        Self::random_with(cfg, seed, device, WeightFormat::Dense(DType::F32))
+    }
+
+    /// [`Llama::random`] stored as `format` (packed: through Q4_1, as a GGUF would arrive).
+    pub fn random_with(cfg: LlamaConfig, seed: u64, device: &Device, format: WeightFormat) -> Result<Self> {
         let mut src = super::random::RandomSource::new(cfg.clone(), seed, device.clone());
-        Self::load(cfg, &mut src, WeightFormat::Dense(DType::F32), device)
+        Self::load(cfg, &mut src, format, device)
+    }
+
+    /// The same weights running the composed candle ops instead of the fused kernels (the
+    /// reference the fused path is tested against).
+    pub fn with_fused(&self, fused: bool) -> Llama {
+        let mut m = self.clone();
+        m.kernels.fused = fused;
+        m
     }
 }
 

@@ -46,3 +46,18 @@ pub fn load_model(spec: &str, format: WeightFormat, device: &Device) -> Result<L
     let tokenizer = TextTokenizer::from_gguf(&src.content)?;
     Ok(LoadedModel { model, tokenizer, id, path })
 }
+
+/// The architecture of `spec` (a `.gguf` file or a Hugging Face folder) without its weights:
+/// the config and the GGUF `general.architecture` name.
+pub fn read_config(spec: &str) -> Result<(super::LlamaConfig, String)> {
+    let path = PathBuf::from(spec);
+    if path.is_dir() {
+        return Ok((super::hf::read_config(&path)?, "llama".into()));
+    }
+    let src = gguf::GgufSource::open(&path, &Device::Cpu)?;
+    let arch = match src.meta("general.architecture") {
+        Some(v) => v.to_string()?.clone(),
+        None => "llama".into(),
+    };
+    Ok((src.cfg.clone(), arch))
+}

@@ -12,12 +12,12 @@ use super::Isa;
 
 /// A raw output pointer shared by the chunks, which write disjoint parts of it.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: chunks write disjoint (row, column) ranges and the pool joins them before the
-// borrow of the output ends.
-unsafe impl Send for Out {}
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: every user's chunks write disjoint (row, column) ranges and the pool joins them
+// before the borrow of the output ends.
+unsafe impl Send for SharedOut {}
 // SAFETY: as above.
-unsafe impl Sync for Out {}
+unsafe impl Sync for SharedOut {}
 
 /// How a product is cut into chunks.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +47,7 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &PackedMatrix, x: &QuantActs, out: &mut 
     assert_eq!(x.k, w.cols, "activation width must match the weight; this is a bug");
     assert!(out.len() >= x.n * w.rows, "output too small; this is a bug");
     let plan = Plan::new(w.groups(), x.n, pool.threads());
-    let dst = Out(out.as_mut_ptr());
+    let dst = SharedOut(out.as_mut_ptr());
     let n_chunks = plan.group_chunks * plan.row_chunks;
     pool.run(n_chunks, |c| {
         let (gc, rc) = (c % plan.group_chunks, c / plan.group_chunks);

@@ -1,0 +1,88 @@
+//! Export of a PEFT adapter to llama.cpp's GGUF LoRA format (`general.type = adapter`,
+//! `adapter.type = lora`, tensors `<base tensor>.lora_a` / `.lora_b`), so the same adapter can
+//! be served by llama.cpp (the side-by-side benchmark does exactly that).
+//!
+//! Two conventions differ from PEFT: llama.cpp's converter permutes the rows of Q and K for its
+//! interleaved rope, so `lora_B` rows of `q_proj`/`k_proj` are permuted the same way; and its
+//! scale is `alpha / rank` with one `alpha` per file, so each module's own scaling (rank and
+//! alpha patterns, rsLoRA) is folded into `lora_B` and `alpha` is written as 0, which llama.cpp
+//! reads as "scale = the request's scale".
+
+use super::{AdapterError, LoraAdapter};
+use crate::model::{LlamaConfig, ModuleId, Target};
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::path::Path;
+
+/// The llama.cpp tensor name of a projection's weight.
+pub fn gguf_tensor_name(id: ModuleId) -> String {
+    let t = match id.target {
+        Target::Q => "attn_q",
+        Target::K => "attn_k",
+        Target::V => "attn_v",
+        Target::O => "attn_output",
+        Target::Gate => "ffn_gate",
+        Target::Up => "ffn_up",
+        Target::Down => "ffn_down",
+    };
+    format!("blk.{}.{t}.weight", id.layer)
+}
+
+/// The Hugging Face row that GGUF row `g` of a Q/K weight holds (heads of `head_dim` rows,
+/// llama.cpp interleaving the two rotary halves).
+pub fn hf_row_of_gguf_row(g: usize, head_dim: usize) -> usize {
+    let (head, w) = (g / head_dim, g % head_dim);
+    head * head_dim + (w % 2) * (head_dim / 2) + w / 2
+}
+
+/// Writes `adapter` for a base of `arch` (GGUF `general.architecture`) with `cfg` to `path`.
+pub fn write_gguf_lora(adapter: &LoraAdapter, cfg: &LlamaConfig, arch: &str, path: &Path) -> Result<(), AdapterError> {
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for id in ModuleId::all(cfg.num_layers) {
+        let Some(w) = adapter.module(id) else { continue };
+        let b = (w.b.to_device(&Device::Cpu)? * w.scaling)?;
+        let b = match id.target {
+            Target::Q | Target::K => {
+                let rows = b.dim(0)?;
+                let order: Vec<u32> = (0..rows).map(|g| hf_row_of_gguf_row(g, cfg.head_dim) as u32).collect();
+                b.index_select(&Tensor::from_vec(order, rows, &Device::Cpu)?, 0)?
+            }
+            _ => b,
+        };
+        let name = gguf_tensor_name(id);
+        tensors.push((format!("{name}.lora_a"), QTensor::quantize(&w.a.to_device(&Device::Cpu)?.contiguous()?, GgmlDType::F32)?));
+        tensors.push((format!("{name}.lora_b"), QTensor::quantize(&b.contiguous()?, GgmlDType::F32)?));
+    }
+    let meta = [
+        ("general.type", Value::String("adapter".into())),
+        ("general.architecture", Value::String(arch.into())),
+        ("general.name", Value::String(adapter.name.clone())),
+        ("adapter.type", Value::String("lora".into())),
+        ("adapter.lora.alpha", Value::F32(0.0)),
+    ];
+    let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let io = |source| AdapterError::Io { path: path.display().to_string(), source };
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    gguf_file::write(&mut f, &meta, &refs)?;
+    std::io::Write::flush(&mut f).map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_row_map_inverts_the_loaders_unpermutation() {
+        // The loader reads HF row r from GGUF row 2i + j where r = j·half + i within a head.
+        let hd = 8;
+        for g in 0..3 * hd {
+            let r = hf_row_of_gguf_row(g, hd);
+            let (head, within) = (r / hd, r % hd);
+            let (j, i) = (within / (hd / 2), within % (hd / 2));
+            assert_eq!(head * hd + 2 * i + j, g);
+        }
+    }
+}
