@@ -36,8 +36,13 @@ fn main() -> anyhow::Result<()> {
         .map(|i| Ok(AdapterMix::single(Arc::new(random_adapter(&format!("qv{i}"), &model.cfg, 8, &["q_proj", "v_proj"], i as u64, &dev)?), 1.0)))
         .collect::<anyhow::Result<_>>()?;
     let base = AdapterMix::default();
+    // `LORAPLEX_ONLY=32:lora` (or `8:base`, …) times one row only, for profiling.
+    let only = std::env::var("LORAPLEX_ONLY").ok();
     for batch in [1usize, 8, 32] {
         for lora_on in [false, true] {
+            if only.as_deref().is_some_and(|o| o != format!("{batch}:{}", if lora_on { "lora" } else { "base" })) {
+                continue;
+            }
             let mixes: Vec<&AdapterMix> = (0..batch).map(|i| if lora_on { &adapters[i] } else { &base }).collect();
             let lora = StepLora::batched(&mixes, model.cfg.num_layers, model.dtype(), &dev)?;
             let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new(model.cfg.num_layers, 64 + steps)).collect();

@@ -72,8 +72,9 @@ start_loraplex() {
 # $1 = slots, $2 = number of LoRA files to load (applied per request, scale 0 by default).
 start_llama() {
   local loras=()
-  for i in $(seq 0 $(($2 - 1))); do loras+=(--lora "$work/gguf/synth-$i.gguf"); done
-  [ "$2" -gt 0 ] && loras+=(--lora-init-without-apply)
+  if [ "$2" -gt 0 ]; then
+    loras=(--lora "$(for i in $(seq 0 $(($2 - 1))); do echo "$work/gguf/synth-$i.gguf"; done | paste -sd,)" --lora-init-without-apply)
+  fi
   "$llama/build/bin/llama-server" -m "$model" -t "$threads" -tb "$threads" -np "$1" -c $(($1 * 640)) --port "$port" \
     --no-webui "${loras[@]}" >"$work/llama.log" 2>&1 &
   server=$!
@@ -84,7 +85,10 @@ start_llama() {
 measure() {
   local api=$1 label=$2; shift 2
   echo "  $(date +%T) load $(cut -d' ' -f1 /proc/loadavg) $label" >&2
-  "$bin" bench --url "http://127.0.0.1:$port" --api "$api" --duration-secs "$secs" --json-out "$work/results.jsonl" --label "$label" "$@" | head -1
+  rm -f "$work/row.json"
+  "$bin" bench --url "http://127.0.0.1:$port" --api "$api" --duration-secs "$secs" --json-out "$work/row.json" --label "$label" "$@" >/dev/null
+  cat "$work/row.json" >>"$work/results.jsonl"
+  cat "$work/row.json"
 }
 tok_s() { python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); assert r["errors"]==0, r; print(round(r["output_tokens_per_s"],1))'; }
 prefill_s() { python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); assert r["errors"]==0, r; print(round(520/(r["ttft_ms"]["p50"]/1000),1))'; }

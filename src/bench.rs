@@ -201,7 +201,7 @@ fn draw(rng: &mut rand::rngs::StdRng, args: &BenchArgs, client: usize) -> Vec<se
 }
 
 async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
-    let http = awc::Client::builder().timeout(Duration::from_secs(600)).finish();
+    let http = awc::Client::builder().timeout(Duration::from_secs(600)).connector(awc::Connector::new().timeout(Duration::from_secs(600)).conn_lifetime(Duration::ZERO)).finish();
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed.wrapping_add(id as u64));
     let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(args.prompt_tokens.div_ceil(10).max(1));
     let url = format!("{}/v1/completions", args.url.trim_end_matches('/'));
@@ -224,7 +224,7 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
         let started = Instant::now();
         let hang_up = args.disconnect_fraction > 0.0 && rng.random::<f64>() < args.disconnect_fraction;
         st.requests += 1;
-        let mut resp = match http.post(&url).send_json(&body).await {
+        let mut resp = match http.post(&url).insert_header(("connection", "close")).send_json(&body).await {
             Ok(r) if r.status().is_success() => r,
             Ok(r) if r.status().is_server_error() => {
                 st.outcomes.server_errors += 1;
@@ -234,7 +234,10 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
                 *st.outcomes.rejected.entry(r.status().as_u16()).or_default() += 1;
                 continue;
             }
-            Err(_) => {
+            Err(e) => {
+                if st.outcomes.connect_errors == 0 {
+                    eprintln!("client {id}: request failed before a response: {e}");
+                }
                 st.outcomes.connect_errors += 1;
                 continue;
             }
@@ -252,12 +255,20 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
                 let text = String::from_utf8_lossy(&event);
                 if text.starts_with("data: [DONE]") {
                     done = true;
-                } else if text.contains("\"usage\"") && !text.contains("\"choices\":[{") {
-                    let usage = text.strip_prefix("data: ").and_then(|j| serde_json::from_str::<serde_json::Value>(j.trim()).ok());
-                    tokens = usage.and_then(|u| u["usage"]["completion_tokens"].as_u64()).unwrap_or(0) as usize;
-                } else if text.contains("\"error\"") {
+                    continue;
+                }
+                let Some(v) = text.strip_prefix("data: ").and_then(|j| serde_json::from_str::<serde_json::Value>(j.trim()).ok()) else { continue };
+                if v.get("error").is_some() {
                     errored = true;
-                } else if text.starts_with("data: {") {
+                    continue;
+                }
+                if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                    tokens = n as usize;
+                }
+                // A token event: a choice still running, or a last choice that carries text.
+                let choice = &v["choices"][0];
+                let has_text = choice["text"].as_str().or(choice["delta"]["content"].as_str()).is_some_and(|t| !t.is_empty());
+                if choice.is_object() && (choice["finish_reason"].is_null() || has_text) {
                     let now = Instant::now();
                     if first {
                         st.ttft.push((now - started).as_secs_f64() * 1e3);

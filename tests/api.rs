@@ -46,29 +46,45 @@ async fn mixes_prompts_lists_n_logprobs_echo_and_stop() {
     assert_eq!(lp["tokens"].as_array().unwrap().len(), 6);
     assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 3);
     assert_eq!(v["usage"]["prompt_tokens"], 6, "each prompt counted once");
-    let (_, e) = call(&app, post("/v1/completions", json!({"prompt": "The capital of France is", "max_tokens": 24, "temperature": 0, "echo": true, "stop": [" 2018"]}))).await;
+    let (_, e) = call(&app, post("/v1/completions", json!({"prompt": "The capital of France is", "max_tokens": 24, "temperature": 0, "echo": true, "stop": ["\n"]}))).await;
     let text = e["choices"][0]["text"].as_str().unwrap();
-    assert!(text.starts_with("The capital of France is Paris."), "{text}");
-    assert!(!text.contains("2018"), "stop string cut: {text}");
+    assert_eq!(text, "The capital of France is Paris.", "echoed prompt, then the text up to the stop string");
     assert_eq!(e["choices"][0]["finish_reason"], "stop");
 }
 
+/// The chat endpoint is a completion of the model's template: on the default (packed) path
+/// its answer equals `/v1/completions` on the templated text; on the exact f32 path it is
+/// the reference model's answer ("Paris", then `<|im_end|>`). The packed path answers this
+/// near-tie differently, exactly as llama.cpp does on the same GGUF (README: agreement).
 #[actix_web::test]
 async fn chat_completion_uses_the_template_and_reports_logprobs() {
-    let c = ctx();
-    let app = app(&c).await;
-    let (s, v) = call(&app, post("/v1/chat/completions", json!({
+    let chat = json!({
         "model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 30, "temperature": 0, "logprobs": true, "top_logprobs": 2
-    }))).await;
+    });
+    let templated = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let c = ctx();
+    let app = app(&c).await;
+    let (s, v) = call(&app, post("/v1/chat/completions", chat.clone())).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
-    assert!(v["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"));
-    assert_eq!(v["choices"][0]["finish_reason"], "stop");
     let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
     assert_eq!(v["adapters"], json!([]));
+    let (_, raw) = call(&app, post("/v1/completions", json!({"prompt": templated, "max_tokens": 30, "temperature": 0}))).await;
+    assert_eq!(v["usage"]["prompt_tokens"], raw["usage"]["prompt_tokens"], "{v} vs {raw}");
+    assert_eq!(v["choices"][0]["message"]["content"], raw["choices"][0]["text"]);
+    let exact = ctx_with(|o| o.dtype = Some("f32".into()));
+    let app = app_for(&exact).await;
+    let (s, v) = call(&app, post("/v1/chat/completions", chat)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
+
+async fn app_for(c: &common::http::Ctx) -> impl actix_web::dev::Service<actix_http::Request, Response = actix_web::dev::ServiceResponse, Error = actix_web::Error> {
+    app(c).await
 }
 
 #[actix_web::test]

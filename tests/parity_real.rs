@@ -222,9 +222,11 @@ fn quantized_path_drift_is_bounded() {
 }
 
 /// How far the packed default (`--dtype auto` on CPU) is from the reference: top-1 agreement
-/// over every prompt position, greedy agreement over 24 tokens, max last-position logit diff.
+/// over every prompt position, greedy agreement over 24 tokens, max last-position logit diff
+/// (numbers in the README). Its activations are 8-bit inside each matmul, as llama.cpp's are,
+/// so near-ties flip; the bounds guard against it getting worse.
 #[test]
-fn packed_path_agreement() {
+fn packed_path_agreement_is_bounded() {
     let m = load(WeightFormat::Packed);
     let cases = cases();
     let mut report = Vec::new();
@@ -253,6 +255,29 @@ fn packed_path_agreement() {
             first_div.push(same);
         }
         report.push(format!("case {}: top-1 {agree}/{total}, greedy prefix {g_agree}/{} {first_div:?}, max last diff {max_diff:.3}", case["id"], 24 * PROMPTS.len()));
+        assert!(agree as f64 >= 0.93 * total as f64 && max_diff < 3.0, "{}", report.join("\n"));
     }
     println!("packed agreement:\n{}", report.join("\n"));
+}
+
+/// Batch invariance on the default path with the real model: every case's prompts in one
+/// batch, each row with its own mix, give token for token what each request gives alone.
+#[test]
+fn packed_rows_in_one_mixed_batch_equal_each_alone() {
+    let m = load(WeightFormat::Packed);
+    let cases = cases();
+    let mut reqs = Vec::new();
+    for case in cases["cases"].as_array().unwrap() {
+        let rf = RefFile::open(case["file"].as_str().unwrap());
+        let mix = mix_for(case, &m);
+        for p in ["short", "chat", "multilingual", "single"] {
+            reqs.push(Request { stop_at_eos: false, logprobs: Some(1), ..Request::greedy(rf.ints(&format!("{p}.input_ids")), mix.clone(), 16) });
+        }
+    }
+    let together = generate(&m.model, &m.tokenizer, &reqs, LoraPath::Batched).unwrap();
+    for (i, r) in reqs.iter().enumerate() {
+        let alone = generate(&m.model, &m.tokenizer, std::slice::from_ref(r), LoraPath::Batched).unwrap();
+        assert_eq!(together[i].ids, alone[0].ids, "request {i}");
+        assert_eq!(together[i].logprobs, alone[0].logprobs, "request {i}: log-probabilities bit for bit");
+    }
 }

@@ -12,11 +12,23 @@ use candle_nn::kv_cache::KvCache;
 /// Growth step of the device buffers, in tokens: buffers grow by copying, so not every token.
 const GROW_BY: usize = 128;
 
-/// One layer's host K and V: token-major `(len, n_kv_heads, head_dim)`, f32.
+/// One layer's host K and V, f32: keys in tiles of 16 tokens laid out for the attention
+/// kernel ([`crate::kernels::fused::append_key_tiles`]), values token-major
+/// `(len, n_kv_heads, head_dim)`.
 #[derive(Debug, Clone, Default)]
 pub struct HostKv {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+    pub len: usize,
+}
+
+impl HostKv {
+    /// Appends this step's rows (token-major, `kv_heads · head_dim` wide).
+    pub fn append(&mut self, k: &[f32], v: &[f32], kv_heads: usize, head_dim: usize) {
+        crate::kernels::fused::append_key_tiles(&mut self.k, self.len, k, kv_heads, head_dim);
+        self.v.extend_from_slice(v);
+        self.len += k.len() / (kv_heads * head_dim);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -45,7 +57,7 @@ impl SeqCache {
     pub fn len(&self) -> usize {
         match &self.layers {
             Layers::Empty => 0,
-            Layers::Host { layers, width } => layers.first().map_or(0, |l| l.k.len() / width),
+            Layers::Host { layers, .. } => layers.first().map_or(0, |l| l.len),
             Layers::Device(l) => l.first().map_or(0, |l| l.current_seq_len()),
         }
     }
@@ -77,7 +89,8 @@ impl SeqCache {
     pub fn host_layer(&mut self, layer: usize, width: usize) -> Result<&mut HostKv> {
         if matches!(self.layers, Layers::Empty) {
             let reserve = self.capacity_hint * width;
-            let layers = (0..self.num_layers).map(|_| HostKv { k: Vec::with_capacity(reserve), v: Vec::with_capacity(reserve) }).collect();
+            let tiled = self.capacity_hint.div_ceil(crate::kernels::fused::KV_TILE) * crate::kernels::fused::KV_TILE * width;
+            let layers = (0..self.num_layers).map(|_| HostKv { k: Vec::with_capacity(tiled), v: Vec::with_capacity(reserve), len: 0 }).collect();
             self.layers = Layers::Host { layers, width };
         }
         match &mut self.layers {

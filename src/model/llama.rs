@@ -231,27 +231,30 @@ impl Llama {
         match caches {
             Some(caches) => {
                 for (c, &t) in caches.iter_mut().zip(&input.seq_lens) {
-                    let l = c.host_layer(layer, width)?;
-                    l.k.extend_from_slice(&kv[row0 * width..(row0 + t) * width]);
-                    l.v.extend_from_slice(&vh.slice()[row0 * width..(row0 + t) * width]);
+                    let rows = row0 * width..(row0 + t) * width;
+                    c.host_layer(layer, width)?.append(&kv[rows.clone()], &vh.slice()[rows], nkv, hd);
                     row0 += t;
                 }
                 row0 = 0;
                 let mut seqs = Vec::with_capacity(caches.len());
                 for (c, &t) in caches.iter().zip(&input.seq_lens) {
                     let l = c.host_layer_ref(layer).ok_or_else(bug)?;
-                    seqs.push(fused::SeqKv { k: &l.k, v: &l.v, len: l.k.len() / width, t, row0 });
+                    seqs.push(fused::SeqKv { k: &l.k, v: &l.v, len: l.len, t, row0 });
                     row0 += t;
                 }
                 fused::attention(&self.kernels.pool, dims, &qv, &seqs, &mut out);
             }
             None => {
-                let mut seqs = Vec::with_capacity(input.seq_lens.len());
+                // Each sequence attends to its own new keys only: tile them as a cache would.
+                let mut owned = Vec::with_capacity(input.seq_lens.len());
                 for &t in &input.seq_lens {
-                    let (k, v) = (&kv[row0 * width..(row0 + t) * width], &vh.slice()[row0 * width..(row0 + t) * width]);
-                    seqs.push(fused::SeqKv { k, v, len: t, t, row0 });
+                    let mut l = super::kv_cache::HostKv::default();
+                    let rows = row0 * width..(row0 + t) * width;
+                    l.append(&kv[rows.clone()], &vh.slice()[rows], nkv, hd);
+                    owned.push((l, t, row0));
                     row0 += t;
                 }
+                let seqs: Vec<fused::SeqKv<'_>> = owned.iter().map(|(l, t, r0)| fused::SeqKv { k: &l.k, v: &l.v, len: l.len, t: *t, row0: *r0 }).collect();
                 fused::attention(&self.kernels.pool, dims, &qv, &seqs, &mut out);
             }
         }

@@ -97,6 +97,12 @@ pub struct RowsMut<'a> {
 impl RowsMut<'_> {
     /// Quantizes `x` (this part's rows, `k` wide) into the part.
     pub fn quantize(&mut self, x: &[f32], k: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd_level() == 2 {
+            // SAFETY: AVX-512 F/BW detected; the part's buffers are sized for `x`'s blocks.
+            unsafe { crate::x86::quantize_blocks_avx512(x, self.q, self.d, self.s) };
+            return;
+        }
         quantize_blocks(x, self.q, self.d, self.s);
         debug_assert_eq!(x.len() / k * (k / BLOCK), self.d.len());
     }
@@ -104,20 +110,30 @@ impl RowsMut<'_> {
 
 multiversion! {
     /// Every 32-block of `x`: codes `q = rne(x / dx)` with `dx = max|x| / 127`, the scale and
-    /// the scaled sums. Only exact operations on each value (abs, max, one multiply, the
-    /// rounding additions), so every compiled version gives the same codes.
+    /// the scaled sums. Only exact operations on each value (abs, compare, one multiply, the
+    /// rounding additions), written as selects so each compiled version vectorises them and
+    /// all give the same codes for finite inputs.
     fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [[f32; 3]]) {
         for (((v, qb), db), sb) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(d.iter_mut()).zip(s.iter_mut()) {
             let mut m = [0f32; 16];
             for j in 0..16 {
-                m[j] = v[j].abs().max(v[j + 16].abs());
+                let (a, b) = (v[j].abs(), v[j + 16].abs());
+                m[j] = if a > b { a } else { b };
             }
-            let amax = m.iter().fold(0f32, |a, &b| a.max(b));
-            let dx = amax / 127.0;
+            let mut w = 8;
+            while w > 0 {
+                for j in 0..w {
+                    m[j] = if m[j] > m[j + w] { m[j] } else { m[j + w] };
+                }
+                w /= 2;
+            }
+            let dx = m[0] / 127.0;
             let id = if dx > 0.0 { 1.0 / dx } else { 0.0 };
             let mut codes = [0i32; BLOCK];
             for j in 0..BLOCK {
-                codes[j] = ((v[j] * id + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i32;
+                let r = (v[j] * id + MAGIC) - MAGIC;
+                let r = if r > 127.0 { 127.0 } else if r < -127.0 { -127.0 } else { r };
+                codes[j] = r as i32;
             }
             let (mut lo, mut hi) = (0i32, 0i32);
             for j in 0..16 {
@@ -136,6 +152,21 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_simd_quantization_equals_the_portable_one() {
+        let x: Vec<f32> = (0..576 * 3).map(|i| ((i * 7919 % 1009) as f32 - 504.5) * 0.0137 * if i % 64 < 32 { 1.0 } else { 40.0 }).collect();
+        let nb = x.len() / 32;
+        let (mut q1, mut d1, mut s1) = (vec![0i8; x.len()], vec![0f32; nb], vec![[0f32; 3]; nb]);
+        quantize_blocks(&x, &mut q1, &mut d1, &mut s1);
+        let mut acts = QuantActs::default();
+        acts.resize(3, 576);
+        acts.quantize_rows(&x, 0..3);
+        let (q2, d2, s2) = acts.raw();
+        assert_eq!(q1, q2);
+        assert_eq!(d1, d2);
+        assert_eq!(s1, s2);
+    }
 
     #[test]
     fn codes_round_to_nearest_and_reconstruct_within_half_a_step() {

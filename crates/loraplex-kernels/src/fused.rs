@@ -145,23 +145,98 @@ pub struct LoraTerm<'a> {
 
 multiversion! {
     /// `y[i] += Σ_terms c · Bᵀ (A x[i])` for rows `x` (`in` wide) and `y` (`out` wide) that all
-    /// share `terms`.
+    /// share `terms`. Ranks go 8 at a time: `A`'s 8 rows against one pass over `x` (8 chains,
+    /// one horizontal sum each), then `y` read and written once for 8 rows of `Bᵀ`.
     pub fn lora_rows(x: &[f32], terms: &[LoraTerm<'_>], y: &mut [f32]) {
         let Some(t0) = terms.first() else { return };
         let (fan_in, fan_out) = (t0.a.len() / t0.rank, t0.b_t.len() / t0.rank);
-        let mut u = [0f32; 64];
         for (xr, yr) in x.chunks_exact(fan_in).zip(y.chunks_exact_mut(fan_out)) {
             for t in terms {
-                for r0 in (0..t.rank).step_by(64) {
-                    let rs = (t.rank - r0).min(64);
-                    for (r, ur) in u.iter_mut().enumerate().take(rs) {
-                        *ur = dot(&t.a[(r0 + r) * fan_in..(r0 + r + 1) * fan_in], xr) * t.coef;
+                for r0 in (0..t.rank).step_by(8) {
+                    let rs = (t.rank - r0).min(8);
+                    let a = &t.a[r0 * fan_in..(r0 + rs) * fan_in];
+                    let b = &t.b_t[r0 * fan_out..(r0 + rs) * fan_out];
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::simd_level() == 2 {
+                        // SAFETY: AVX-512 F detected; `a` and `b` hold `rs` rows of `in` / `out`.
+                        unsafe {
+                            match rs {
+                                1 => crate::x86::lora_group_avx512::<1>(xr, a, b, t.coef, yr),
+                                2 => crate::x86::lora_group_avx512::<2>(xr, a, b, t.coef, yr),
+                                3 => crate::x86::lora_group_avx512::<3>(xr, a, b, t.coef, yr),
+                                4 => crate::x86::lora_group_avx512::<4>(xr, a, b, t.coef, yr),
+                                5 => crate::x86::lora_group_avx512::<5>(xr, a, b, t.coef, yr),
+                                6 => crate::x86::lora_group_avx512::<6>(xr, a, b, t.coef, yr),
+                                7 => crate::x86::lora_group_avx512::<7>(xr, a, b, t.coef, yr),
+                                _ => crate::x86::lora_group_avx512::<8>(xr, a, b, t.coef, yr),
+                            }
+                        }
+                        continue;
                     }
-                    for (r, &ur) in u.iter().enumerate().take(rs) {
-                        axpy(ur, &t.b_t[(r0 + r) * fan_out..(r0 + r + 1) * fan_out], yr);
+                    match rs {
+                        1 => lora_rank_group::<1>(xr, a, b, t.coef, yr),
+                        2 => lora_rank_group::<2>(xr, a, b, t.coef, yr),
+                        3 => lora_rank_group::<3>(xr, a, b, t.coef, yr),
+                        4 => lora_rank_group::<4>(xr, a, b, t.coef, yr),
+                        5 => lora_rank_group::<5>(xr, a, b, t.coef, yr),
+                        6 => lora_rank_group::<6>(xr, a, b, t.coef, yr),
+                        7 => lora_rank_group::<7>(xr, a, b, t.coef, yr),
+                        _ => lora_rank_group::<8>(xr, a, b, t.coef, yr),
                     }
                 }
             }
+        }
+    }
+}
+
+/// `y += c · Σ_r (a_r · x) b_r` for `R` rows `a_r` of `A` and `b_r` of `Bᵀ`. Rows are taken
+/// as whole-vector chunks checked once up front, so the inner loops carry no bounds checks
+/// (a possible panic between updates would force every accumulator back to memory).
+#[inline(always)]
+fn lora_rank_group<const R: usize>(x: &[f32], a: &[f32], b: &[f32], coef: f32, y: &mut [f32]) {
+    let (fan_in, fan_out) = (x.len(), y.len());
+    let (xc, xt) = x.as_chunks::<L>();
+    let a_rows: [(&[[f32; L]], &[f32]); R] = std::array::from_fn(|r| a[r * fan_in..(r + 1) * fan_in].as_chunks::<L>());
+    let b_rows: [(&[[f32; L]], &[f32]); R] = std::array::from_fn(|r| b[r * fan_out..(r + 1) * fan_out].as_chunks::<L>());
+    let n = xc.len();
+    if a_rows.iter().any(|(c, _)| c.len() != n) {
+        return;
+    }
+    let mut acc = [[0f32; L]; R];
+    for (c, xv) in xc.iter().enumerate() {
+        for r in 0..R {
+            let av = &a_rows[r].0[c];
+            for l in 0..L {
+                acc[r][l] = av[l].mul_add(xv[l], acc[r][l]);
+            }
+        }
+    }
+    let mut u = [0f32; R];
+    for r in 0..R {
+        let mut s = hsum(&acc[r]);
+        for (av, xv) in a_rows[r].1.iter().zip(xt) {
+            s = av.mul_add(*xv, s);
+        }
+        u[r] = s * coef;
+    }
+    let (yc, yt) = y.as_chunks_mut::<L>();
+    let m = yc.len();
+    if b_rows.iter().any(|(c, t)| c.len() != m || t.len() != yt.len()) {
+        return;
+    }
+    for (c, yv) in yc.iter_mut().enumerate() {
+        let mut v = *yv;
+        for r in 0..R {
+            let bv = &b_rows[r].0[c];
+            for l in 0..L {
+                v[l] = u[r].mul_add(bv[l], v[l]);
+            }
+        }
+        *yv = v;
+    }
+    for (i, yv) in yt.iter_mut().enumerate() {
+        for r in 0..R {
+            *yv = u[r].mul_add(b_rows[r].1[i], *yv);
         }
     }
 }
@@ -184,9 +259,32 @@ pub struct AttnDims {
     pub scale: f32,
 }
 
-/// One sequence's part of an attention call: its cached keys and values (token-major
-/// `(len, kv_heads, head_dim)`, this step's tokens included, last), and where its `t` query
-/// rows start in the batch.
+/// Tokens per key tile of a host KV cache.
+pub const KV_TILE: usize = 16;
+
+/// Appends `rows` (token-major `(n, kv_heads · head_dim)`) to keys kept in tiles of
+/// [`KV_TILE`] tokens, each tile `(kv_heads, head_dim, 16)`: the 16 keys of one dimension are
+/// adjacent, so a score tile is one vector per dimension with no transpose. `len` is the
+/// number of keys already stored; the last tile is zero-padded.
+pub fn append_key_tiles(k: &mut Vec<f32>, len: usize, rows: &[f32], kv_heads: usize, head_dim: usize) {
+    let width = kv_heads * head_dim;
+    let tile = width * KV_TILE;
+    for (i, row) in rows.chunks_exact(width).enumerate() {
+        let u = len + i;
+        if u % KV_TILE == 0 {
+            k.resize((u / KV_TILE + 1) * tile, 0.0);
+        }
+        let base = (u / KV_TILE) * tile + u % KV_TILE;
+        for (c, &x) in row.iter().enumerate() {
+            // Column c = head · hd + d sits at (head · hd + d) · 16 within the tile.
+            k[base + c * KV_TILE] = x;
+        }
+    }
+}
+
+/// One sequence's part of an attention call: its keys in tiles ([`append_key_tiles`]) and its
+/// values token-major `(len, kv_heads, head_dim)`, this step's tokens included, last; and
+/// where its `t` query rows start in the batch.
 #[derive(Debug, Clone, Copy)]
 pub struct SeqKv<'a> {
     pub k: &'a [f32],
@@ -311,7 +409,7 @@ impl<'a> AttnBlock<'a> {
     fn run(&mut self) {
         let (nq, hd, kvh, kvw) = (self.nq(), self.dims.head_dim, self.kvh, self.dims.kv_heads * self.dims.head_dim);
         let pos: Vec<usize> = (0..nq).map(|qi| self.pos(qi)).collect();
-        block_scores(&self.q, hd, self.seq.k, kvw, kvh * hd, self.keys, self.keys_padded, &pos, &mut self.p);
+        block_scores(&self.q, hd, self.seq.k, kvw * KV_TILE, kvh * hd * KV_TILE, self.keys, self.keys_padded, &pos, &mut self.p);
         block_softmax(&mut self.p, self.keys_padded, &pos);
         block_values(&self.p, self.keys_padded, self.seq.v, kvw, kvh * hd, hd, &pos, &mut self.o);
     }
@@ -322,42 +420,65 @@ impl<'a> AttnBlock<'a> {
 }
 
 multiversion! {
-    /// `p[qi, u] = q[qi] · k[u]` for keys `u ≤ pos[qi]` (others −∞), keys taken 16 at a time
-    /// and transposed so the 16 scores of a tile accumulate in one register, 8 query rows
-    /// (8 independent chains) at a time.
+    /// `p[qi, u] = q[qi] · k[u]` for keys `u ≤ pos[qi]` (others −∞): per key tile, each query
+    /// row's 16 scores accumulate in one register, up to 8 rows at once (independent chains),
+    /// each over even and odd dimensions separately to halve the dependency chain.
     #[allow(clippy::too_many_arguments)] // one kernel's operands; private
-    fn block_scores(q: &[f32], hd: usize, k: &[f32], kvw: usize, koff: usize, keys: usize, keys_padded: usize, pos: &[usize], p: &mut [f32]) {
+    fn block_scores(q: &[f32], hd: usize, k: &[f32], tile_stride: usize, koff: usize, keys: usize, keys_padded: usize, pos: &[usize], p: &mut [f32]) {
         let nq = q.len() / hd;
-        let mut kt = vec![0f32; hd * KT];
-        for u0 in (0..keys).step_by(KT) {
-            let n = (keys - u0).min(KT);
-            for l in 0..KT {
-                for d in 0..hd {
-                    kt[d * KT + l] = if l < n { k[(u0 + l) * kvw + koff + d] } else { 0.0 };
-                }
-            }
+        for t in 0..keys.div_ceil(KT) {
+            let kt = &k[t * tile_stride + koff..t * tile_stride + koff + hd * KT];
             let mut qi0 = 0;
             while qi0 < nq {
                 let m = (nq - qi0).min(QT);
-                let mut acc = [[0f32; KT]; QT];
-                for d in 0..hd {
-                    let kv = &kt[d * KT..(d + 1) * KT];
-                    for (r, a) in acc.iter_mut().enumerate().take(m) {
-                        let qv = q[(qi0 + r) * hd + d];
-                        for l in 0..KT {
-                            a[l] = qv.mul_add(kv[l], a[l]);
-                        }
-                    }
-                }
-                for (r, a) in acc.iter().enumerate().take(m) {
-                    let qi = qi0 + r;
-                    let row = &mut p[qi * keys_padded + u0..qi * keys_padded + u0 + KT];
-                    for l in 0..KT {
-                        row[l] = if u0 + l <= pos[qi] { a[l] } else { f32::NEG_INFINITY };
-                    }
+                let rows = &q[qi0 * hd..(qi0 + m) * hd];
+                let out = &mut p[qi0 * keys_padded..(qi0 + m) * keys_padded];
+                match m {
+                    1 => score_tile::<1>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                    2 => score_tile::<2>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                    3 => score_tile::<3>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                    4 => score_tile::<4>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                    5 => score_tile::<5>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                    6 => score_tile::<6>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                    7 => score_tile::<7>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                    _ => score_tile::<8>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
                 }
                 qi0 += m;
             }
+        }
+    }
+}
+
+#[inline(always)]
+fn score_tile<const M: usize>(q: &[f32], hd: usize, kt: &[f32], t: usize, keys_padded: usize, pos: &[usize], p: &mut [f32]) {
+    let mut even = [[0f32; KT]; M];
+    let mut odd = [[0f32; KT]; M];
+    let (kc, _) = kt.as_chunks::<KT>();
+    let mut d = 0;
+    while d + 1 < hd {
+        let (k0, k1) = (&kc[d], &kc[d + 1]);
+        for r in 0..M {
+            let (q0, q1) = (q[r * hd + d], q[r * hd + d + 1]);
+            for l in 0..KT {
+                even[r][l] = q0.mul_add(k0[l], even[r][l]);
+                odd[r][l] = q1.mul_add(k1[l], odd[r][l]);
+            }
+        }
+        d += 2;
+    }
+    if d < hd {
+        for r in 0..M {
+            let q0 = q[r * hd + d];
+            for l in 0..KT {
+                even[r][l] = q0.mul_add(kc[d][l], even[r][l]);
+            }
+        }
+    }
+    let u0 = t * KT;
+    for r in 0..M {
+        let row = &mut p[r * keys_padded + u0..r * keys_padded + u0 + KT];
+        for l in 0..KT {
+            row[l] = if u0 + l <= pos[r] { even[r][l] + odd[r][l] } else { f32::NEG_INFINITY };
         }
     }
 }
@@ -390,8 +511,8 @@ multiversion! {
 }
 
 multiversion! {
-    /// `o[qi] = Σ_u p[qi, u] · v[u]`, 4 query rows × 64 floats of the head in registers while
-    /// the keys stream past.
+    /// `o[qi] = Σ_u p[qi, u] · v[u]`: up to 4 query rows × 64 floats of the head in registers
+    /// while the keys stream past.
     #[allow(clippy::too_many_arguments)] // one kernel's operands; private
     fn block_values(p: &[f32], keys_padded: usize, v: &[f32], kvw: usize, voff: usize, hd: usize, pos: &[usize], o: &mut [f32]) {
         let nq = o.len() / hd;
@@ -399,29 +520,52 @@ multiversion! {
         while qi0 < nq {
             let m = (nq - qi0).min(VT);
             let keys = (qi0..qi0 + m).map(|qi| pos[qi] + 1).max().unwrap_or(0);
+            let prow = &p[qi0 * keys_padded..(qi0 + m) * keys_padded];
+            let orow = &mut o[qi0 * hd..(qi0 + m) * hd];
             for d0 in (0..hd).step_by(VD) {
                 let w = (hd - d0).min(VD);
-                let mut acc = [[0f32; VD]; VT];
-                for u in 0..keys {
-                    let vrow = &v[u * kvw + voff + d0..u * kvw + voff + d0 + w];
-                    for (r, a) in acc.iter_mut().enumerate().take(m) {
-                        let pu = p[(qi0 + r) * keys_padded + u];
-                        if w == VD {
-                            for l in 0..VD {
-                                a[l] = pu.mul_add(vrow[l], a[l]);
-                            }
-                        } else {
-                            for l in 0..w {
-                                a[l] = pu.mul_add(vrow[l], a[l]);
-                            }
-                        }
-                    }
-                }
-                for (r, a) in acc.iter().enumerate().take(m) {
-                    o[(qi0 + r) * hd + d0..(qi0 + r) * hd + d0 + w].copy_from_slice(&a[..w]);
+                match (m, w == VD) {
+                    (1, true) => value_tile::<1, VD>(prow, keys_padded, v, kvw, voff + d0, keys, orow, hd, d0),
+                    (2, true) => value_tile::<2, VD>(prow, keys_padded, v, kvw, voff + d0, keys, orow, hd, d0),
+                    (3, true) => value_tile::<3, VD>(prow, keys_padded, v, kvw, voff + d0, keys, orow, hd, d0),
+                    (_, true) => value_tile::<4, VD>(prow, keys_padded, v, kvw, voff + d0, keys, orow, hd, d0),
+                    _ => value_tile_any(prow, m, keys_padded, v, kvw, voff + d0, w, keys, orow, hd, d0),
                 }
             }
             qi0 += m;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one micro-kernel's operands; private
+#[inline(always)]
+fn value_tile<const M: usize, const W: usize>(p: &[f32], keys_padded: usize, v: &[f32], kvw: usize, voff: usize, keys: usize, o: &mut [f32], hd: usize, d0: usize) {
+    let mut acc = [[0f32; W]; M];
+    for u in 0..keys {
+        let vrow: &[f32; W] = match v[u * kvw + voff..u * kvw + voff + W].try_into() {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        for r in 0..M {
+            let pu = p[r * keys_padded + u];
+            for l in 0..W {
+                acc[r][l] = pu.mul_add(vrow[l], acc[r][l]);
+            }
+        }
+    }
+    for r in 0..M {
+        o[r * hd + d0..r * hd + d0 + W].copy_from_slice(&acc[r]);
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one micro-kernel's operands; private
+#[inline(always)]
+fn value_tile_any(p: &[f32], m: usize, keys_padded: usize, v: &[f32], kvw: usize, voff: usize, w: usize, keys: usize, o: &mut [f32], hd: usize, d0: usize) {
+    for r in 0..m {
+        let acc = &mut o[r * hd + d0..r * hd + d0 + w];
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for u in 0..keys {
+            axpy(p[r * keys_padded + u], &v[u * kvw + voff..u * kvw + voff + w], acc);
         }
     }
 }

@@ -47,7 +47,7 @@ pub mod matmul;
 pub mod packed;
 pub mod pool;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 pub use acts::QuantActs;
 pub use packed::{Kind, PackedMatrix};

@@ -322,3 +322,81 @@ unsafe fn split_dot4(w: &[__m256i], nibble: __m256i, xg: &impl Fn(usize) -> __m2
     }
 }
 
+
+/// [`super::acts`]'s block quantization with AVX-512: the same exact operations on each value
+/// (abs, max, one multiply by `1 / dx`, the `1.5 · 2²³` rounding, clamping), so the codes,
+/// scales and sums equal the portable version's for finite inputs.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW; `x.len()` must be a multiple of 32, with `q`, `d`, `s`
+/// sized for its blocks.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn quantize_blocks_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [[f32; 3]]) {
+    let magic = _mm512_set1_ps(12_582_912.0);
+    let (lo_lim, hi_lim) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    for (blk, ((db, sb), qb)) in d.iter_mut().zip(s.iter_mut()).zip(q.chunks_exact_mut(32)).enumerate() {
+        let v = &x[blk * 32..blk * 32 + 32];
+        // SAFETY: `v` has 32 floats: two unaligned 16-float loads.
+        let (a, b) = unsafe { (_mm512_loadu_ps(v.as_ptr()), _mm512_loadu_ps(v.as_ptr().add(16))) };
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        let dx = amax / 127.0;
+        let id = _mm512_set1_ps(if dx > 0.0 { 1.0 / dx } else { 0.0 });
+        let round = |t: __m512| {
+            let r = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(t, id), magic), magic);
+            _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo_lim), hi_lim))
+        };
+        let (qa, qb32) = (round(a), round(b));
+        let (lo, hi) = (_mm512_reduce_add_epi32(qa), _mm512_reduce_add_epi32(qb32));
+        // SAFETY: `qb` is this block's 32 codes: two 16-byte stores.
+        unsafe {
+            _mm_storeu_si128(qb.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(qa));
+            _mm_storeu_si128(qb.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi8(qb32));
+        }
+        *db = dx;
+        *sb = [dx * (lo + hi) as f32, dx * lo as f32, dx * hi as f32];
+    }
+}
+
+/// [`super::fused`]'s LoRA rank group with AVX-512: `y += c · Σ_r (a_r · x) b_r` for `r < R`,
+/// `a` `(R, in)` and `b` `(R, out)` row-major. `A`'s rows stream against one pass over `x`
+/// (R independent chains), then `y` is read and written once per 16 columns for all `R` rows
+/// of `Bᵀ`. Tails use masked loads and stores.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `a.len() >= R · x.len()` and `b.len() >= R · y.len()`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn lora_group_avx512<const R: usize>(x: &[f32], a: &[f32], b: &[f32], coef: f32, y: &mut [f32]) {
+    let (fan_in, fan_out) = (x.len(), y.len());
+    let (xp, ap, bp, yp) = (x.as_ptr(), a.as_ptr(), b.as_ptr(), y.as_mut_ptr());
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut c = 0;
+    while c < fan_in {
+        let mask: __mmask16 = if fan_in - c >= 16 { 0xFFFF } else { (1u16 << (fan_in - c)) - 1 };
+        // SAFETY: lanes under `mask` are inside `x` (and row `r` of `a`, which holds `R` rows
+        // of `fan_in`); masked-off lanes are not read.
+        unsafe {
+            let xv = _mm512_maskz_loadu_ps(mask, xp.add(c));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                *acc_r = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, ap.add(r * fan_in + c)), xv, *acc_r);
+            }
+        }
+        c += 16;
+    }
+    let mut u = [_mm512_setzero_ps(); R];
+    for r in 0..R {
+        u[r] = _mm512_set1_ps(_mm512_reduce_add_ps(acc[r]) * coef);
+    }
+    let mut c = 0;
+    while c < fan_out {
+        let mask: __mmask16 = if fan_out - c >= 16 { 0xFFFF } else { (1u16 << (fan_out - c)) - 1 };
+        // SAFETY: lanes under `mask` are inside `y` and row `r` of `b` (`R` rows of `fan_out`).
+        unsafe {
+            let mut yv = _mm512_maskz_loadu_ps(mask, yp.add(c));
+            for (r, ur) in u.iter().enumerate() {
+                yv = _mm512_fmadd_ps(*ur, _mm512_maskz_loadu_ps(mask, bp.add(r * fan_out + c)), yv);
+            }
+            _mm512_mask_storeu_ps(yp.add(c), mask, yv);
+        }
+        c += 16;
+    }
+}
