@@ -1,7 +1,9 @@
 //! Step times of the real model without HTTP or batching logic: load, a 512-token prefill at
 //! batch 1, and decode steps at batch 1, 8 and 32 (base, and each row with its own rank-8 q/v
-//! adapter), with the LM head. `cargo run --release --example step_times [DTYPE]` (default
-//! `auto`); `LORAPLEX_STEPS` sets the decode steps timed per row (default 32).
+//! adapter, alternating step by step with the base so noise hits both; medians), with the LM
+//! head. `cargo run --release --example step_times [DTYPE]` (default
+//! `auto`); `LORAPLEX_STEPS` sets the decode steps timed per row (default 32), `LORAPLEX_ONLY=32` one
+//! batch size, `LORAPLEX_RANK` the adapters' rank.
 
 use candle_core::Device;
 use loraplex::adapters::synth::random_adapter;
@@ -32,37 +34,54 @@ fn main() -> anyhow::Result<()> {
         let s = t.elapsed().as_secs_f64();
         println!("prefill 512 at batch 1: {:.1} ms ({:.0} tok/s)", s * 1e3, 512.0 / s);
     }
+    let rank: usize = std::env::var("LORAPLEX_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(8);
     let adapters: Vec<AdapterMix> = (0..32)
-        .map(|i| Ok(AdapterMix::single(Arc::new(random_adapter(&format!("qv{i}"), &model.cfg, 8, &["q_proj", "v_proj"], i as u64, &dev)?), 1.0)))
+        .map(|i| Ok(AdapterMix::single(Arc::new(random_adapter(&format!("qv{i}"), &model.cfg, rank, &["q_proj", "v_proj"], i as u64, &dev)?), 1.0)))
         .collect::<anyhow::Result<_>>()?;
     let base = AdapterMix::default();
-    // `LORAPLEX_ONLY=32:lora` (or `8:base`, …) times one row only, for profiling.
-    let only = std::env::var("LORAPLEX_ONLY").ok();
+    // Base and LoRA steps alternate, so a noisy neighbour hits both alike; medians reported.
+    // `LORAPLEX_SAME_ADAPTER=1` gives every row the same adapter instead of its own.
+    let only: Option<usize> = std::env::var("LORAPLEX_ONLY").ok().and_then(|s| s.parse().ok());
+    let same = std::env::var_os("LORAPLEX_SAME_ADAPTER").is_some();
     for batch in [1usize, 8, 32] {
+        if only.is_some_and(|o| o != batch) {
+            continue;
+        }
+        let mut runs = Vec::new();
         for lora_on in [false, true] {
-            if only.as_deref().is_some_and(|o| o != format!("{batch}:{}", if lora_on { "lora" } else { "base" })) {
-                continue;
-            }
-            let mixes: Vec<&AdapterMix> = (0..batch).map(|i| if lora_on { &adapters[i] } else { &base }).collect();
+            let mixes: Vec<&AdapterMix> = (0..batch).map(|i| if lora_on { &adapters[if same { 0 } else { i }] } else { &base }).collect();
             let lora = StepLora::batched(&mixes, model.cfg.num_layers, model.dtype(), &dev)?;
             let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new(model.cfg.num_layers, 64 + steps)).collect();
             let mut input = BatchInput::default();
             (0..batch).for_each(|i| input.push(&prompt[i..i + 32]));
-            {
-                let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-                model.forward(&input, Some(&mut refs), &lora)?;
-            }
-            let mut step = BatchInput::default();
-            (0..batch).for_each(|i| step.push(&[(500 + i) as u32]));
-            let t = Instant::now();
-            for _ in 0..steps {
-                let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-                let h = model.forward(&step, Some(&mut refs), &lora)?;
-                model.logits(&h)?;
-            }
-            let ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
-            println!("decode batch {batch:>2} {:<24}: {ms:6.2} ms/step, {:7.1} tok/s", if lora_on { "32 distinct r8 q/v" } else { "base" }, batch as f64 * 1e3 / ms);
+            let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
+            model.forward(&input, Some(&mut refs), &lora)?;
+            runs.push((lora, caches, Vec::with_capacity(steps)));
         }
+        let mut step = BatchInput::default();
+        (0..batch).for_each(|i| step.push(&[(500 + i) as u32]));
+        for _ in 0..steps {
+            for (lora, caches, times) in runs.iter_mut() {
+                let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
+                let t = Instant::now();
+                let h = model.forward(&step, Some(&mut refs), lora)?;
+                model.logits(&h)?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let base_ms = med(&mut runs[0].2);
+        let lora_ms = med(&mut runs[1].2);
+        println!(
+            "decode batch {batch:>2}: base {base_ms:6.2} ms/step ({:6.1} tok/s), {} r{rank} q/v {lora_ms:6.2} ms/step ({:6.1} tok/s), LoRA overhead {:+.1} %",
+            batch as f64 * 1e3 / base_ms,
+            if same { "1 shared" } else { "distinct" },
+            batch as f64 * 1e3 / lora_ms,
+            (lora_ms / base_ms - 1.0) * 100.0
+        );
     }
     Ok(())
 }

@@ -18,7 +18,7 @@ fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 fn every_source_file_has_a_module_header() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
-    for d in ["src", "tests", "benches"] {
+    for d in ["src", "tests", "benches", "examples", "crates/loraplex-kernels/src"] {
         rust_files(&root.join(d), &mut files);
     }
     let missing: Vec<_> = files
@@ -31,7 +31,9 @@ fn every_source_file_has_a_module_header() {
 #[test]
 fn library_code_has_no_unwrap_or_dbg() {
     let mut files = Vec::new();
-    rust_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    rust_files(&root.join("src"), &mut files);
+    rust_files(&root.join("crates/loraplex-kernels/src"), &mut files);
     let mut bad = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
@@ -44,4 +46,44 @@ fn library_code_has_no_unwrap_or_dbg() {
         }
     }
     assert!(bad.is_empty(), "unwrap()/dbg! in library code: {bad:?}");
+}
+
+/// `unsafe` lives only in the kernels crate, and every `unsafe` block there says why it is
+/// sound on the lines just above it (`// SAFETY:`), or is inside a function whose safety
+/// contract (`# Safety`) it forwards.
+#[test]
+fn unsafe_is_confined_to_the_kernels_and_justified() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut outside = Vec::new();
+    for d in ["src", "tests", "benches", "examples"] {
+        rust_files(&root.join(d), &mut outside);
+    }
+    let leaks: Vec<_> = outside
+        .iter()
+        .filter(|f| {
+            let text = std::fs::read_to_string(f).unwrap();
+            text.lines().any(|l| !l.trim_start().starts_with("//") && (l.contains("unsafe {") || l.contains("unsafe fn") || l.contains("unsafe impl")))
+        })
+        .filter(|f| !f.ends_with("tidy.rs"))
+        .collect();
+    assert!(leaks.is_empty(), "unsafe outside crates/loraplex-kernels: {leaks:?}");
+    let mut kernels = Vec::new();
+    rust_files(&root.join("crates/loraplex-kernels/src"), &mut kernels);
+    let mut unjustified = Vec::new();
+    for f in kernels {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let code = line.split("//").next().unwrap_or_default();
+            if !(code.contains("unsafe {") || code.contains("unsafe impl")) {
+                continue;
+            }
+            // The justification: a `SAFETY:` comment within the 8 lines above.
+            let window = &lines[i.saturating_sub(8)..=i];
+            if !window.iter().any(|l| l.contains("SAFETY:")) {
+                unjustified.push(format!("{}:{}", f.display(), i + 1));
+            }
+        }
+    }
+    assert!(unjustified.is_empty(), "unsafe blocks without a `// SAFETY:` line just above: {unjustified:?}");
 }
