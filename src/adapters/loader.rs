@@ -47,7 +47,6 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
     let st = SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Weights(format!("unreadable safetensors: {e}")))?;
     let mut expected = BTreeSet::new();
     let mut modules = vec![None; ModuleId::count(cfg.num_layers)];
-    let mut size_bytes = 0;
     for id in ModuleId::all(cfg.num_layers).filter(|id| config.targets(*id)) {
         let (r, alpha) = config.rank_alpha(id);
         let (fan_in, fan_out) = cfg.proj_dims(id.target);
@@ -55,8 +54,7 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
         let b = tensor(&st, &peft_key(id, "B"), (fan_out, r), device)?;
         expected.insert(peft_key(id, "A"));
         expected.insert(peft_key(id, "B"));
-        size_bytes += (a.elem_count() + b.elem_count()) * 4;
-        modules[id.index()] = Some(LoraWeights::new(a, b, alpha, config.use_rslora)?);
+                modules[id.index()] = Some(LoraWeights::new(a, b, alpha, config.use_rslora)?);
     }
     if expected.is_empty() {
         return Err(AdapterError::Unsupported("`target_modules` selects no linear layer of the base model".into()));
@@ -67,6 +65,7 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
             "tensors not described by the config (or not supported, e.g. embedding/lm_head LoRA): {extra:?}"
         )));
     }
+    let size_bytes = modules.iter().flatten().map(LoraWeights::resident_bytes).sum();
     Ok(LoraAdapter { name: name.to_string(), path: dir.to_path_buf(), config, modules, size_bytes, version: 0 })
 }
 

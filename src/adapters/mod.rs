@@ -54,6 +54,16 @@ pub struct LoraWeights {
     pub rank: usize,
     pub alpha: f64,
     pub scaling: f64,
+    /// On the CPU: `A` `(r, in)` and `Bᵀ` `(r, out)` as plain shared slices, which the fused
+    /// host LoRA kernel reads with no tensor locks (a batch composition only clones the `Arc`s).
+    pub host: Option<HostLoraWeights>,
+}
+
+/// Host copies of one module's `A` and `Bᵀ`, row-major f32.
+#[derive(Debug, Clone)]
+pub struct HostLoraWeights {
+    pub a: Arc<[f32]>,
+    pub b_t: Arc<[f32]>,
 }
 
 impl LoraWeights {
@@ -62,7 +72,18 @@ impl LoraWeights {
         let scaling = if use_rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
         let a_t = a.t()?.contiguous()?;
         let b_t = b.t()?.contiguous()?;
-        Ok(Self { a, b, a_t, b_t, rank, alpha, scaling })
+        let host = if a.device().is_cpu() && a.dtype() == candle_core::DType::F32 && !a.is_variable() {
+            Some(HostLoraWeights { a: a.flatten_all()?.to_vec1::<f32>()?.into(), b_t: b_t.flatten_all()?.to_vec1::<f32>()?.into() })
+        } else {
+            None
+        };
+        Ok(Self { a, b, a_t, b_t, rank, alpha, scaling, host })
+    }
+
+    /// Bytes this module keeps resident: `A`, `B`, their transposes and the host copies.
+    pub fn resident_bytes(&self) -> usize {
+        let host = self.host.as_ref().map_or(0, |h| h.a.len() + h.b_t.len());
+        (self.a.elem_count() + self.b.elem_count() + self.a_t.elem_count() + self.b_t.elem_count() + host) * 4
     }
 }
 

@@ -12,14 +12,13 @@ pub fn random_adapter(name: &str, cfg: &LlamaConfig, r: usize, targets: &[&str],
     let config = PeftConfig::from_json(&json.to_string())?;
     let mut src = RandomSource::new(cfg.clone(), seed, device.clone());
     let mut modules = vec![None; ModuleId::count(cfg.num_layers)];
-    let mut size_bytes = 0;
     for id in ModuleId::all(cfg.num_layers).filter(|id| config.targets(*id)) {
         let (fan_in, fan_out) = cfg.proj_dims(id.target);
         let to_err = |e: crate::model::ModelError| AdapterError::Weights(e.to_string());
         let a = src.uniform((r, fan_in), 1.0 / (fan_in as f32).sqrt()).map_err(to_err)?;
         let b = src.uniform((fan_out, r), 0.01).map_err(to_err)?;
-        size_bytes += (a.elem_count() + b.elem_count()) * 4;
-        modules[id.index()] = Some(LoraWeights::new(a, b, config.lora_alpha, false)?);
+                modules[id.index()] = Some(LoraWeights::new(a, b, config.lora_alpha, false)?);
     }
+    let size_bytes = modules.iter().flatten().map(LoraWeights::resident_bytes).sum();
     Ok(LoraAdapter { name: name.to_string(), path: Default::default(), config, modules, size_bytes, version: 0 })
 }

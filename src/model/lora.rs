@@ -7,7 +7,7 @@
 use super::ops::HostF32;
 use super::{ModuleId, Result};
 use crate::adapters::AdapterMix;
-use crate::kernels::fused::{lora_rows, LoraTerm};
+use crate::kernels::fused::{lora_batch, LoraRun, LoraTerm};
 use crate::kernels::Pool;
 use candle_core::{DType, Device, Tensor, D};
 
@@ -44,10 +44,7 @@ struct HostLora {
 
 #[derive(Debug, Clone)]
 struct HostTerm {
-    /// `(r, in)`, contiguous.
-    a: Tensor,
-    /// `(r, out)`, contiguous.
-    b_t: Tensor,
+    weights: crate::adapters::HostLoraWeights,
     rank: usize,
     coef: f32,
 }
@@ -75,7 +72,9 @@ impl StepLora {
     pub fn batched(mixes: &[&AdapterMix], num_layers: usize, dtype: DType, device: &Device) -> Result<Self> {
         Self::build(mixes, num_layers, |id| {
             if device.is_cpu() && dtype == DType::F32 {
-                return HostLora::build(id, mixes).map(|m| m.map(ModuleLora::Host));
+                if let Some(h) = HostLora::build(id, mixes) {
+                    return Ok(Some(ModuleLora::Host(h)));
+                }
             }
             StackedLora::build(id, mixes, dtype, device).map(|m| m.map(ModuleLora::Stacked))
         })
@@ -116,7 +115,8 @@ impl StepLora {
                     let Some(xh) = HostF32::of(&xs) else {
                         return Err(super::ModelError::Generation("host LoRA operands with a non-host input; this is a bug".into()));
                     };
-                    m.add_into(xh.slice(), seq_lens, &mut y, None)?;
+                    // The caller has no pool here: run on this thread (a 1-thread pool spawns none).
+                    m.add_into(xh.slice(), seq_lens, &mut y, &Pool::new(1));
                     Ok(Some(super::ops::host_tensor(y, (n, m.fan_out))?))
                 }
                 None => Ok(None),
@@ -139,7 +139,10 @@ impl StepLora {
             StepLora::None => Ok(true),
             StepLora::Batched(b) => match b.modules.get(id.index()).and_then(Option::as_ref) {
                 None => Ok(true),
-                Some(ModuleLora::Host(m)) => m.add_into(x, seq_lens, y, Some(pool)).map(|_| true),
+                Some(ModuleLora::Host(m)) => {
+                    m.add_into(x, seq_lens, y, pool);
+                    Ok(true)
+                }
                 Some(ModuleLora::Stacked(_)) => Ok(false),
             },
             _ => Ok(false),
@@ -156,76 +159,36 @@ impl StepLora {
     }
 }
 
-/// Rows per work item of the host LoRA kernel: big prompts split, decode rows stay whole.
-const LORA_ROWS_PER_ITEM: usize = 16;
-
 impl HostLora {
-    fn build(id: ModuleId, mixes: &[&AdapterMix]) -> Result<Option<Self>> {
+    /// `None` when no sequence has a term for `id`, or some term has no host copy (then the
+    /// stacked path serves the step).
+    fn build(id: ModuleId, mixes: &[&AdapterMix]) -> Option<Self> {
         let mut dims = None;
         let mut per_seq = Vec::with_capacity(mixes.len());
         for m in mixes {
             let mut terms = Vec::new();
             for (w, c) in m.terms(id) {
-                dims = Some((w.a.dim(1)?, w.b_t.dim(1)?));
-                terms.push(HostTerm { a: w.a.contiguous()?, b_t: w.b_t.contiguous()?, rank: w.rank, coef: c as f32 });
+                let (fan_in, fan_out) = (w.a.dims().get(1).copied()?, w.b_t.dims().get(1).copied()?);
+                dims = Some((fan_in, fan_out));
+                terms.push(HostTerm { weights: w.host.clone()?, rank: w.rank, coef: c as f32 });
             }
             per_seq.push(terms);
         }
-        Ok(dims.map(|(fan_in, fan_out)| Self { per_seq, fan_in, fan_out }))
+        dims.map(|(fan_in, fan_out)| Self { per_seq, fan_in, fan_out })
     }
 
-    /// `y += Σ c · Bᵀ(A x)` per row, each sequence's rows with its own terms; split over the
-    /// pool when there is enough work.
-    fn add_into(&self, x: &[f32], seq_lens: &[usize], y: &mut [f32], pool: Option<&Pool>) -> Result<()> {
-        let bug = || super::ModelError::Generation("LoRA operands not on the host; this is a bug".into());
-        let views: Vec<Vec<(HostF32<'_>, HostF32<'_>, &HostTerm)>> = self
-            .per_seq
-            .iter()
-            .map(|ts| ts.iter().map(|t| Some((HostF32::of(&t.a)?, HostF32::of(&t.b_t)?, t))).collect::<Option<Vec<_>>>())
-            .collect::<Option<_>>()
-            .ok_or_else(bug)?;
-        let terms: Vec<Vec<LoraTerm<'_>>> = views
-            .iter()
-            .map(|ts| ts.iter().map(|(a, b, t)| LoraTerm { a: a.slice(), b_t: b.slice(), rank: t.rank, coef: t.coef }).collect())
-            .collect();
-        // Work items: (sequence, rows), each a disjoint slice of `y`, in row order.
-        let mut items: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+    /// `y += Σ c · Bᵀ(A x)` per row, each sequence's rows with its own terms.
+    fn add_into(&self, x: &[f32], seq_lens: &[usize], y: &mut [f32], pool: &Pool) {
+        let mut runs = Vec::with_capacity(seq_lens.len());
         let mut row = 0;
-        for (s, &len) in seq_lens.iter().enumerate() {
-            if terms.get(s).is_some_and(|t| !t.is_empty()) {
-                let mut r = row;
-                while r < row + len {
-                    let end = (r + LORA_ROWS_PER_ITEM).min(row + len);
-                    items.push((s, r..end));
-                    r = end;
-                }
+        for (terms, &len) in self.per_seq.iter().zip(seq_lens) {
+            if !terms.is_empty() {
+                let terms = terms.iter().map(|t| LoraTerm { a: &t.weights.a, b_t: &t.weights.b_t, rank: t.rank, coef: t.coef }).collect();
+                runs.push(LoraRun { rows: row..row + len, terms });
             }
             row += len;
         }
-        let (fi, fo) = (self.fan_in, self.fan_out);
-        let work: usize = items.iter().map(|(s, r)| r.len() * terms[*s].iter().map(|t| t.rank).sum::<usize>()).sum::<usize>() * (fi + fo);
-        let mut parts: Vec<std::sync::Mutex<&mut [f32]>> = Vec::with_capacity(items.len());
-        let mut rest: &mut [f32] = y;
-        let mut at = 0;
-        for (_, r) in &items {
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut((r.start - at) * fo);
-            let (part, tail) = tail.split_at_mut(r.len() * fo);
-            parts.push(std::sync::Mutex::new(part));
-            rest = tail;
-            at = r.end;
-        }
-        let run = |i: usize| {
-            let (s, r) = &items[i];
-            if let Ok(mut yp) = parts[i].lock() {
-                lora_rows(&x[r.start * fi..r.end * fi], &terms[*s], &mut yp);
-            }
-        };
-        match pool {
-            // Below ~64k multiply-adds a parallel call costs more than it saves.
-            Some(p) if work > 1 << 16 && items.len() > 1 => p.run(items.len(), run),
-            _ => (0..items.len()).for_each(run),
-        }
-        Ok(())
+        lora_batch(pool, x, self.fan_in, y, self.fan_out, &runs);
     }
 }
 

@@ -47,18 +47,17 @@ impl LoraParams {
 
     fn snapshot(&self, cfg: &LlamaConfig, name: &str, detach: bool) -> std::result::Result<LoraAdapter, AdapterError> {
         let mut modules = vec![None; ModuleId::count(cfg.num_layers)];
-        let mut size_bytes = 0;
-        for (id, a, b) in &self.modules {
+            for (id, a, b) in &self.modules {
             let (a, b): (Tensor, Tensor) = if detach {
                 (a.as_tensor().detach().copy()?, b.as_tensor().detach().copy()?)
             } else {
                 (a.as_tensor().clone(), b.as_tensor().clone())
             };
-            size_bytes += (a.elem_count() + b.elem_count()) * 4;
-            let (_, alpha) = self.config.rank_alpha(*id);
+                        let (_, alpha) = self.config.rank_alpha(*id);
             modules[id.index()] = Some(LoraWeights::new(a, b, alpha, self.config.use_rslora)?);
         }
-        Ok(LoraAdapter { name: name.into(), path: Default::default(), config: self.config.clone(), modules, size_bytes, version: 0 })
+        let size_bytes = modules.iter().flatten().map(LoraWeights::resident_bytes).sum();
+    Ok(LoraAdapter { name: name.into(), path: Default::default(), config: self.config.clone(), modules, size_bytes, version: 0 })
     }
 
     /// `(module, A, B)` detached, for writing the PEFT file.

@@ -241,6 +241,52 @@ fn lora_rank_group<const R: usize>(x: &[f32], a: &[f32], b: &[f32], coef: f32, y
     }
 }
 
+/// A run of consecutive rows that share one list of LoRA terms (one sequence's rows).
+#[derive(Debug, Clone)]
+pub struct LoraRun<'a> {
+    pub rows: std::ops::Range<usize>,
+    pub terms: Vec<LoraTerm<'a>>,
+}
+
+/// Rows per work item of [`lora_batch`]: a prompt's rows split, decode rows stay whole.
+const LORA_ROWS_PER_ITEM: usize = 16;
+
+/// `y[i] += Σ c · Bᵀ (A x[i])` for every row of every run (`x` `(n, in)`, `y` `(n, out)`),
+/// split over the pool when there is enough work.
+pub fn lora_batch(pool: &Pool, x: &[f32], fan_in: usize, y: &mut [f32], fan_out: usize, runs: &[LoraRun<'_>]) {
+    let mut items: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+    let mut work = 0usize;
+    for (k, run) in runs.iter().enumerate() {
+        if run.terms.is_empty() {
+            continue;
+        }
+        work += run.rows.len() * run.terms.iter().map(|t| t.rank).sum::<usize>() * (fan_in + fan_out);
+        let mut r = run.rows.start;
+        while r < run.rows.end {
+            let end = (r + LORA_ROWS_PER_ITEM).min(run.rows.end);
+            items.push((k, r..end));
+            r = end;
+        }
+    }
+    assert!(items.last().is_none_or(|(_, r)| r.end * fan_out <= y.len() && r.end * fan_in <= x.len()), "LoRA rows outside the batch; this is a bug");
+    let dst = Shared(y.as_mut_ptr());
+    let run_item = |i: usize| {
+        let (k, rows) = &items[i];
+        let d = dst;
+        // SAFETY: items cover disjoint row ranges (runs do not overlap and are split without
+        // overlap), inside `y` (asserted above); the pool joins every item before `y`'s borrow
+        // ends.
+        let yr = unsafe { std::slice::from_raw_parts_mut(d.0.add(rows.start * fan_out), rows.len() * fan_out) };
+        lora_rows(&x[rows.start * fan_in..rows.end * fan_in], &runs[*k].terms, yr);
+    };
+    // Below ~64k multiply-adds a parallel call costs more than it saves.
+    if work > 1 << 16 && items.len() > 1 {
+        pool.run(items.len(), run_item);
+    } else {
+        (0..items.len()).for_each(run_item);
+    }
+}
+
 /// A raw pointer shared by chunks that write disjoint parts of one output.
 #[derive(Clone, Copy)]
 struct Shared(*mut f32);
