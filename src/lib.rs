@@ -1,15 +1,36 @@
 //! loraplex: one frozen base LLM, many LoRA adapters mixed per request.
 //!
-//! Architecture map:
-//! - [`model`]: the base model (GGUF or Hugging Face folder), the LoRA-aware linear layer,
-//!   the ragged-batch Llama forward, KV caches, tokenizer/chat template, sampling.
-//! - [`adapters`]: PEFT adapter folders → immutable, validated [`adapters::LoraAdapter`]s and
-//!   per-request [`adapters::AdapterMix`]es.
-//! - [`generate`]: batched prefill + decode with stop conditions and log-probabilities.
-//! - [`cli`]: the command line (`generate`, …).
+//! Architecture map (request path first):
+//! - [`api`]: the HTTP edge (actix-web) — OpenAI-style routes, auth, JSON parsed and validated
+//!   once into typed requests, errors converted once into OpenAI's error shape.
+//! - [`engine`]: one OS thread owns the model, the KV caches and the running batch (continuous
+//!   batching: prefills join decodes in one ragged step); the HTTP side talks to it through a
+//!   bounded queue and per-sequence channels.
+//! - [`adapters`]: PEFT adapter folders → immutable, validated [`adapters::LoraAdapter`]s, the
+//!   hot-loading registry (watcher, LRU budget, versions), per-request
+//!   [`adapters::AdapterMix`]es, writing PEFT folders, export to llama.cpp's GGUF LoRA.
+//! - [`model`]: the base model (GGUF or Hugging Face folder) — the one LoRA-aware linear over
+//!   dense, candle-quantized or packed weights, the ragged-batch Llama forward whose ops run
+//!   fused on the CPU or composed in candle elsewhere, KV caches, tokenizer and chat template,
+//!   sampling.
+//! - [`kernels`] (the `loraplex-kernels` crate, the only one with `unsafe`): the packed integer
+//!   matmul (GGUF blocks decoded without loss; AVX-512 VNNI / AVX-VNNI / AVX2 / scalar), the
+//!   fused f32 ops (norms, rope, SiLU·mul, attention, LoRA), the dense f32 matmul, and the
+//!   chunked thread pool they share.
+//! - [`generate`]: batched generation on the caller's thread (CLI, tests, eval).
+//! - [`train`]: `loraplex train` (LoRA on SQuAD against the frozen base, PEFT output) and
+//!   `loraplex eval` (SQuAD EM/F1).
+//! - [`serve`]: `loraplex serve` — bind, load in the background, drain on SIGTERM.
+//! - [`config`]: serve options from flags, `LORAPLEX_*` variables and TOML, validated once.
+//! - [`cli`]: the command line (`serve`, `generate`, `bench`, `train`, `eval`, `export-lora`).
+//! - [`bench`]: the load generator (loraplex's and llama.cpp's request shapes).
+//! - [`metrics`]: Prometheus series (names as constants, bounded adapter labels, gateway series).
+//! - [`runtime`]: process-wide settings fixed before any thread starts.
 //!
 //! Invariant: base weights never change after load; a LoRA delta is computed beside them.
 //! Invariant: an adapter is immutable once loaded and shared by `Arc`.
+//! Invariant: every fast path (fused CPU ops, packed matmul, batched LoRA) has a reference
+//! path and a test that they agree; a row's output never depends on the rest of its batch.
 #![deny(unsafe_code)]
 
 pub mod adapters;

@@ -52,12 +52,14 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 
 const MAGIC: f32 = 12_582_912.0;
 
-/// `eˣ` to about 2 ulp (Cephes' polynomial after a range reduction by ln 2), branch-free so it
-/// vectorises; inputs are clamped to where the result is a normal float.
+/// `eˣ` to about 2 ulp (Cephes' polynomial after a range reduction by ln 2), branch-free and
+/// with integer steps on the float's bits only, so it vectorises; inputs are clamped to where
+/// the result is a normal float.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let n = x.mul_add(std::f32::consts::LOG2_E, MAGIC) - MAGIC;
+    let x = if x < -87.0 { -87.0 } else if x > 88.0 { 88.0 } else { x };
+    let t = x.mul_add(std::f32::consts::LOG2_E, MAGIC);
+    let n = t - MAGIC;
     let r = n.mul_add(-0.693_359_4, x);
     let r = n.mul_add(2.121_944_4e-4, r);
     let mut p = 1.987_569_1e-4f32;
@@ -67,7 +69,9 @@ fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 1.666_666_5e-1);
     p = p.mul_add(r, 5.000_000_1e-1);
     let e = (p * r).mul_add(r, r) + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `t`'s low mantissa bits hold n (two's complement): 2ⁿ from the bits, no float→int cast.
+    let two_n = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
+    e * two_n
 }
 
 multiversion! {
