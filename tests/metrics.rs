@@ -35,9 +35,15 @@ async fn scrape(app: &impl actix_web::dev::Service<actix_http::Request, Response
 
 #[actix_web::test]
 async fn counters_and_histograms_match_known_traffic() {
-    // A budget that holds qa-r8 (1.84 MB) or rslora-r4 (1.50 MB), not both.
-    let c = ctx_with(|o| o.adapter_budget_bytes = Some(2_000_000));
+    // A budget that holds qa-r8 (3.69 MB resident: A, B and their host copies) or rslora-r4
+    // (3.00 MB), not both.
+    const BUDGET: usize = 4_000_000;
+    let c = ctx_with(|o| o.adapter_budget_bytes = Some(BUDGET));
     let (state, app) = (&c.state, app(&c).await);
+    let registry = &state.backend().unwrap().registry;
+    let size = |name: &str| registry.info(name).and_then(|i| i.size_bytes).unwrap();
+    let (qa, rs) = (size("qa-r8"), size("rslora-r4"));
+    assert!(qa.max(rs) <= BUDGET && qa + rs > BUDGET, "the budget no longer forces evictions: {qa} + {rs} bytes");
     let before = scrape(&app).await;
     let complete = |model: &str, n: u64| test::TestRequest::post().uri("/v1/completions").set_json(json!({"model": model, "prompt": "The capital of France is", "max_tokens": n, "temperature": 0, "ignore_eos": true}));
     let engine = &state.backend().unwrap().engine;
@@ -84,7 +90,7 @@ async fn counters_and_histograms_match_known_traffic() {
     assert_eq!(delta("loraplex_queue_wait_seconds_count"), 4.0);
     assert!(after.contains("loraplex_build_info{"));
     assert!(after.contains("process_resident_memory_bytes"));
-    assert_eq!(value(&after, "loraplex_adapter_budget_bytes"), 2_000_000.0);
+    assert_eq!(value(&after, "loraplex_adapter_budget_bytes"), BUDGET as f64);
     let problems = promtool(c.dir.path(), &after);
     assert!(problems.is_empty(), "promtool: {problems:?}");
 }

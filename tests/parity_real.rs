@@ -189,6 +189,25 @@ fn every_case_in_one_mixed_batch_matches_peft() {
     }
 }
 
+/// Top-1 agreement with the reference over every prompt position (`(agree, total)`) and the
+/// max last-position logit difference, for `names`' prompts prefilled together with `mix`.
+fn top1_agreement(m: &LoadedModel, rf: &RefFile, names: &[&str], mix: &AdapterMix) -> (usize, usize, f32) {
+    let prompts: Vec<Vec<u32>> = names.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
+    let logits = prefill_logits(&m.model, &prompts, mix, LoraPath::Batched);
+    let (mut agree, mut total, mut max_diff) = (0, 0, 0f32);
+    for (p, ours) in names.iter().zip(&logits) {
+        let last = Tensor::new(rf.floats(&format!("{p}.last_logits")), &Device::Cpu).unwrap();
+        max_diff = max_diff.max(max_abs_diff(&ours.get(ours.dim(0).unwrap() - 1).unwrap(), &last));
+        let top1: Vec<u32> = ours.argmax(1).unwrap().to_vec1().unwrap();
+        let want = rf.ints(&format!("{p}.topk_ids"));
+        for (i, t) in top1.iter().enumerate() {
+            agree += usize::from(*t == want[i * 20]);
+            total += 1;
+        }
+    }
+    (agree, total, max_diff)
+}
+
 /// The quantized path (Q4_1 as stored) drifts, since candle quantizes activations too; this
 /// measures how far (numbers in the README) and guards against it getting worse.
 #[test]
@@ -200,20 +219,7 @@ fn quantized_path_drift_is_bounded() {
         let case = &cases["cases"][index];
         let rf = RefFile::open(case["file"].as_str().unwrap());
         let mix = mix_for(case, &m);
-        let names = ["short", "chat", "single", "multilingual"];
-        let prompts: Vec<Vec<u32>> = names.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
-        let logits = prefill_logits(&m.model, &prompts, &mix, LoraPath::Batched);
-        let (mut agree, mut total, mut max_diff) = (0, 0, 0f32);
-        for (p, ours) in names.iter().zip(&logits) {
-            let last = Tensor::new(rf.floats(&format!("{p}.last_logits")), &Device::Cpu).unwrap();
-            max_diff = max_diff.max(max_abs_diff(&ours.get(ours.dim(0).unwrap() - 1).unwrap(), &last));
-            let top1: Vec<u32> = ours.argmax(1).unwrap().to_vec1().unwrap();
-            let want = rf.ints(&format!("{p}.topk_ids"));
-            for (i, t) in top1.iter().enumerate() {
-                agree += usize::from(*t == want[i * 20]);
-                total += 1;
-            }
-        }
+        let (agree, total, max_diff) = top1_agreement(&m, &rf, &["short", "chat", "single", "multilingual"], &mix);
         let rate = agree as f64 / total as f64;
         report.push(format!("case {}: top-1 agreement {agree}/{total} ({rate:.3}), max last-logit diff {max_diff:.3}", case["id"]));
         assert!(rate >= 0.85 && max_diff < 3.0, "{}", report.join("; "));
@@ -233,19 +239,8 @@ fn packed_path_agreement_is_bounded() {
     for case in cases["cases"].as_array().unwrap() {
         let rf = RefFile::open(case["file"].as_str().unwrap());
         let mix = mix_for(case, &m);
+        let (agree, total, max_diff) = top1_agreement(&m, &rf, &PROMPTS, &mix);
         let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
-        let logits = prefill_logits(&m.model, &prompts, &mix, LoraPath::Batched);
-        let (mut agree, mut total, mut max_diff) = (0, 0, 0f32);
-        for (p, ours) in PROMPTS.iter().zip(&logits) {
-            let last = Tensor::new(rf.floats(&format!("{p}.last_logits")), &Device::Cpu).unwrap();
-            max_diff = max_diff.max(max_abs_diff(&ours.get(ours.dim(0).unwrap() - 1).unwrap(), &last));
-            let top1: Vec<u32> = ours.argmax(1).unwrap().to_vec1().unwrap();
-            let want = rf.ints(&format!("{p}.topk_ids"));
-            for (i, t) in top1.iter().enumerate() {
-                agree += usize::from(*t == want[i * 20]);
-                total += 1;
-            }
-        }
         let got = greedy(&m, &prompts, &mix, LoraPath::Batched, 24);
         let (mut g_agree, mut first_div) = (0, Vec::new());
         for (p, ids) in PROMPTS.iter().zip(&got) {

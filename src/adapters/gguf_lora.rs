@@ -15,20 +15,6 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use std::path::Path;
 
-/// The llama.cpp tensor name of a projection's weight.
-pub fn gguf_tensor_name(id: ModuleId) -> String {
-    let t = match id.target {
-        Target::Q => "attn_q",
-        Target::K => "attn_k",
-        Target::V => "attn_v",
-        Target::O => "attn_output",
-        Target::Gate => "ffn_gate",
-        Target::Up => "ffn_up",
-        Target::Down => "ffn_down",
-    };
-    format!("blk.{}.{t}.weight", id.layer)
-}
-
 /// The Hugging Face row that GGUF row `g` of a Q/K weight holds (heads of `head_dim` rows,
 /// llama.cpp interleaving the two rotary halves).
 pub fn hf_row_of_gguf_row(g: usize, head_dim: usize) -> usize {
@@ -50,7 +36,7 @@ pub fn write_gguf_lora(adapter: &LoraAdapter, cfg: &LlamaConfig, arch: &str, pat
             }
             _ => b,
         };
-        let name = gguf_tensor_name(id);
+        let name = crate::model::gguf::tensor_name(id);
         tensors.push((format!("{name}.lora_a"), QTensor::quantize(&w.a.to_device(&Device::Cpu)?.contiguous()?, GgmlDType::F32)?));
         tensors.push((format!("{name}.lora_b"), QTensor::quantize(&b.contiguous()?, GgmlDType::F32)?));
     }

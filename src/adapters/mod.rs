@@ -47,10 +47,10 @@ pub struct LoraWeights {
     pub a: Tensor,
     /// `(out, r)`.
     pub b: Tensor,
-    /// `Aᵀ`, contiguous `(in, r)`: what the batched path stacks.
-    pub a_t: Tensor,
-    /// `Bᵀ`, contiguous `(r, out)`.
-    pub b_t: Tensor,
+    /// `Aᵀ` `(in, r)` and `Bᵀ` `(r, out)`, contiguous: what the stacked path stacks. Kept only
+    /// where there is no host copy (a device, or trainable weights); read them through
+    /// [`LoraWeights::transposes`].
+    stacked: Option<(Tensor, Tensor)>,
     pub rank: usize,
     pub alpha: f64,
     pub scaling: f64,
@@ -70,20 +70,34 @@ impl LoraWeights {
     pub fn new(a: Tensor, b: Tensor, alpha: f64, use_rslora: bool) -> candle_core::Result<Self> {
         let rank = a.dim(0)?;
         let scaling = if use_rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
-        let a_t = a.t()?.contiguous()?;
         let b_t = b.t()?.contiguous()?;
-        let host = if a.device().is_cpu() && a.dtype() == candle_core::DType::F32 && !a.is_variable() {
-            Some(HostLoraWeights { a: a.flatten_all()?.to_vec1::<f32>()?.into(), b_t: b_t.flatten_all()?.to_vec1::<f32>()?.into() })
+        let (host, stacked) = if a.device().is_cpu() && a.dtype() == candle_core::DType::F32 && !a.is_variable() {
+            (Some(HostLoraWeights { a: a.flatten_all()?.to_vec1::<f32>()?.into(), b_t: b_t.flatten_all()?.to_vec1::<f32>()?.into() }), None)
         } else {
-            None
+            (None, Some((a.t()?.contiguous()?, b_t)))
         };
-        Ok(Self { a, b, a_t, b_t, rank, alpha, scaling, host })
+        Ok(Self { a, b, stacked, rank, alpha, scaling, host })
     }
 
-    /// Bytes this module keeps resident: `A`, `B`, their transposes and the host copies.
+    /// `(Aᵀ, Bᵀ)`, contiguous; computed on demand when only the host copy is kept (the stacked
+    /// path then serves only as the reference).
+    pub fn transposes(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        match &self.stacked {
+            Some(t) => Ok(t.clone()),
+            None => Ok((self.a.t()?.contiguous()?, self.b.t()?.contiguous()?)),
+        }
+    }
+
+    /// `(in, out)` of the adapted projection.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        Ok((self.a.dim(1)?, self.b.dim(0)?))
+    }
+
+    /// Bytes this module keeps resident: `A`, `B`, and either their transposes or the host copies.
     pub fn resident_bytes(&self) -> usize {
         let host = self.host.as_ref().map_or(0, |h| h.a.len() + h.b_t.len());
-        (self.a.elem_count() + self.b.elem_count() + self.a_t.elem_count() + self.b_t.elem_count() + host) * 4
+        let stacked = self.stacked.as_ref().map_or(0, |(a_t, b_t)| a_t.elem_count() + b_t.elem_count());
+        (self.a.elem_count() + self.b.elem_count() + stacked + host) * 4
     }
 }
 
@@ -94,7 +108,7 @@ pub struct LoraAdapter {
     pub path: PathBuf,
     pub config: PeftConfig,
     pub modules: Vec<Option<LoraWeights>>,
-    /// Bytes of A and B on the device.
+    /// Bytes this adapter keeps resident ([`LoraWeights::resident_bytes`]): what the budget counts.
     pub size_bytes: usize,
     /// Set by the registry: bumped each time the folder changes (0 outside a registry).
     pub version: u64,

@@ -14,7 +14,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Longest adapter name accepted.
 pub const MAX_NAME_LEN: usize = 128;
@@ -62,6 +62,33 @@ pub struct AdapterInfo {
 /// Files' sizes and modification times: a change means a new version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fingerprint(Vec<(u64, Option<SystemTime>)>);
+
+/// How long a folder's files must stay untouched before a first use loads a changed version:
+/// a folder copied file by file passes through half-written states that must not become
+/// versions of their own.
+pub const SETTLE: Duration = Duration::from_millis(100);
+
+/// How long ago the newest change to the adapter files in `dir` was (`None`: no files, or a
+/// clock that runs backwards). The inode change time counts too, since a copy that preserves
+/// modification times (`cp -p`, `rsync -a`) still sets it.
+fn quiet_for(dir: &Path) -> Option<Duration> {
+    let newest = [super::loader::CONFIG_FILE, super::loader::WEIGHTS_FILE]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .flat_map(|m| {
+            #[cfg(unix)]
+            let changed = {
+                use std::os::unix::fs::MetadataExt;
+                u64::try_from(m.ctime()).ok().map(|s| SystemTime::UNIX_EPOCH + Duration::new(s, m.ctime_nsec().clamp(0, 999_999_999) as u32))
+            };
+            #[cfg(not(unix))]
+            let changed = None;
+            [m.modified().ok(), changed]
+        })
+        .flatten()
+        .max()?;
+    SystemTime::now().duration_since(newest).ok()
+}
 
 fn fingerprint(dir: &Path) -> Option<Fingerprint> {
     let files = [super::loader::CONFIG_FILE, super::loader::WEIGHTS_FILE];
@@ -294,7 +321,7 @@ impl Registry {
         // Not loaded: make sure we know the folder's current state (it may be brand new).
         let path = self.root.join(name);
         let dir = self.inside_root(&path);
-        let fp = dir.as_deref().and_then(fingerprint);
+        let fp = self.settled_fingerprint(name, dir.as_deref());
         match (dir, fp) {
             (Some(dir), Some(fp)) => {
                 self.observe(name, dir, fp);
@@ -309,6 +336,21 @@ impl Registry {
             return Err(RegistryError::LoadFailed { name: name.to_string(), error });
         }
         self.load(name, now)
+    }
+
+    /// The fingerprint of `dir`, waiting (a few [`SETTLE`]s at most) for files that changed
+    /// since the registry last looked to stop changing.
+    fn settled_fingerprint(&self, name: &str, dir: Option<&Path>) -> Option<Fingerprint> {
+        let dir = dir?;
+        let deadline = Instant::now() + 20 * SETTLE;
+        loop {
+            let fp = fingerprint(dir)?;
+            let known = self.entries.get(name).is_some_and(|e| e.fingerprint.as_ref() == Some(&fp));
+            match quiet_for(dir) {
+                Some(quiet) if !known && quiet < SETTLE && Instant::now() < deadline => std::thread::sleep(SETTLE - quiet),
+                _ => return Some(fp),
+            }
+        }
     }
 
     fn load(&self, name: &str, now: u64) -> Result<Arc<LoraAdapter>, RegistryError> {

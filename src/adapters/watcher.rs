@@ -2,7 +2,7 @@
 //! rescan at once, and a periodic rescan catches whatever events miss (network filesystems,
 //! overflowed queues). Runs on its own thread, never on the engine's or the HTTP workers'.
 
-use super::registry::Registry;
+use super::registry::{Registry, SETTLE};
 use notify::{RecursiveMode, Watcher};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -24,10 +24,12 @@ pub fn spawn(registry: Arc<Registry>, interval: Duration) -> std::io::Result<()>
         let _watcher = watcher; // keep it alive with the thread
         loop {
             match rx.recv_timeout(interval) {
-                // Let a burst of events (a folder being copied) settle before scanning.
+                // Let a burst of events (a folder being copied) go quiet before scanning, so
+                // that half-copied states do not become versions; a folder written without
+                // pause for longer than the cap is scanned anyway.
                 Ok(()) => {
-                    std::thread::sleep(Duration::from_millis(50));
-                    while rx.try_recv().is_ok() {}
+                    let cap = std::time::Instant::now() + 20 * SETTLE;
+                    while rx.recv_timeout(SETTLE).is_ok() && std::time::Instant::now() < cap {}
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,

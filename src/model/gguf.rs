@@ -90,7 +90,8 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
     })
 }
 
-fn gguf_name(id: ModuleId) -> String {
+/// The GGUF (llama.cpp) tensor name of a projection's weight.
+pub fn tensor_name(id: ModuleId) -> String {
     let t = match id.target {
         Target::Q => "attn_q",
         Target::K => "attn_k",
@@ -214,7 +215,7 @@ impl WeightSource for GgufSource {
             Target::K => Some(self.cfg.num_kv_heads),
             _ => None,
         };
-        let q = self.qtensor(&gguf_name(id))?;
+        let q = self.qtensor(&tensor_name(id))?;
         if format == WeightFormat::Packed {
             let rows = q.shape().dims2()?.0;
             return packed_from_qtensor(&q, |r| heads.map_or(r, |h| unpermute_src(r, rows / h)));

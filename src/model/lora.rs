@@ -168,8 +168,7 @@ impl HostLora {
         for m in mixes {
             let mut terms = Vec::new();
             for (w, c) in m.terms(id) {
-                let (fan_in, fan_out) = (w.a.dims().get(1).copied()?, w.b_t.dims().get(1).copied()?);
-                dims = Some((fan_in, fan_out));
+                dims = Some(w.dims().ok()?);
                 terms.push(HostTerm { weights: w.host.clone()?, rank: w.rank, coef: c as f32 });
             }
             per_seq.push(terms);
@@ -200,12 +199,11 @@ impl StackedLora {
         let Some((w0, _)) = terms.iter().flatten().next() else {
             return Ok(None);
         };
-        let (fan_in, fan_out) = (w0.a_t.dim(0)?, w0.b_t.dim(1)?);
+        let (fan_in, fan_out) = w0.dims()?;
         let (mut a_rows, mut b_rows, mut coef) = (Vec::new(), Vec::new(), Vec::new());
         for ts in &terms {
             let pad = max_rank - rank_of(ts);
-            let mut a_parts: Vec<Tensor> = ts.iter().map(|(w, _)| w.a_t.clone()).collect();
-            let mut b_parts: Vec<Tensor> = ts.iter().map(|(w, _)| w.b_t.clone()).collect();
+            let (mut a_parts, mut b_parts): (Vec<Tensor>, Vec<Tensor>) = ts.iter().map(|(w, _)| w.transposes()).collect::<candle_core::Result<Vec<_>>>()?.into_iter().unzip();
             if pad > 0 {
                 a_parts.push(Tensor::zeros((fan_in, pad), DType::F32, device)?);
                 b_parts.push(Tensor::zeros((pad, fan_out), DType::F32, device)?);
