@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # loraplex against llama.cpp's llama-server on the same GGUF, both with 2 threads, in one run,
-# alternating: the table of docs/BENCHMARKS.md (g).
+# alternating: the table of docs/BENCHMARKS.md (f).
 #
 #   scripts/bench-vs-llamacpp.sh [SECONDS_PER_ROW] [ROUNDS]      (defaults: 20, 2)
 #

@@ -6,14 +6,14 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::reference::{greedy, prefill_logits, RefFile};
 use common::*;
 use loraplex::adapters::{load_adapter, AdapterMix, MixEntry};
 use loraplex::engine::{LoraPath, Request};
 use loraplex::generate::generate;
 use loraplex::model::load::{load_model, LoadedModel};
 use loraplex::model::tokenizer::ChatMessage;
-use loraplex::model::{BatchInput, Llama, SeqCache, StepLora, WeightFormat};
-use safetensors::SafeTensors;
+use loraplex::model::WeightFormat;
 use std::sync::Arc;
 
 const PROMPTS: [&str; 6] = ["short", "squad", "chat", "multilingual", "single", "long"];
@@ -25,22 +25,6 @@ fn cases() -> serde_json::Value {
 
 fn load(format: WeightFormat) -> LoadedModel {
     load_model(real_model_path().to_str().unwrap(), format, &Device::Cpu).unwrap()
-}
-
-struct RefFile(Vec<u8>);
-
-impl RefFile {
-    fn open(name: &str) -> Self {
-        Self(std::fs::read(shared_dir().join("reference").join(name)).unwrap())
-    }
-    fn floats(&self, key: &str) -> Vec<f32> {
-        let st = SafeTensors::deserialize(&self.0).unwrap();
-        st.tensor(key).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-    }
-    fn ints(&self, key: &str) -> Vec<u32> {
-        let st = SafeTensors::deserialize(&self.0).unwrap();
-        st.tensor(key).unwrap().data().chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32).collect()
-    }
 }
 
 fn mix_for(case: &serde_json::Value, m: &LoadedModel) -> AdapterMix {
@@ -58,41 +42,12 @@ fn mix_for(case: &serde_json::Value, m: &LoadedModel) -> AdapterMix {
     AdapterMix::new(entries)
 }
 
-/// All-position logits of every prompt, prefilled together in one ragged batch.
-fn prefill_logits(model: &Llama, prompts: &[Vec<u32>], mix: &AdapterMix, path: LoraPath) -> Vec<Tensor> {
-    let mixes: Vec<&AdapterMix> = prompts.iter().map(|_| mix).collect();
-    let lora = match path {
-        LoraPath::Batched => StepLora::batched(&mixes, model.cfg.num_layers, model.dtype(), model.device()).unwrap(),
-        LoraPath::PerRow => StepLora::per_row(&mixes),
-    };
-    let mut input = BatchInput::default();
-    prompts.iter().for_each(|p| input.push(p));
-    let mut caches: Vec<SeqCache> = prompts.iter().map(|p| SeqCache::new(model.cfg.num_layers, p.len())).collect();
-    let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-    let logits = model.logits(&model.forward(&input, Some(&mut refs), &lora).unwrap()).unwrap();
-    let mut out = Vec::new();
-    let mut offset = 0;
-    for p in prompts {
-        out.push(logits.narrow(0, offset, p.len()).unwrap());
-        offset += p.len();
-    }
-    out
-}
-
-fn greedy(m: &LoadedModel, prompts: &[Vec<u32>], mix: &AdapterMix, path: LoraPath, n: usize) -> Vec<Vec<u32>> {
-    let reqs: Vec<Request> = prompts
-        .iter()
-        .map(|p| Request { stop_at_eos: false, ..Request::greedy(p.clone(), mix.clone(), n) })
-        .collect();
-    generate(&m.model, &m.tokenizer, &reqs, path).unwrap().into_iter().map(|o| o.ids).collect()
-}
-
 /// Checks one reference case: logits at every prompt position (the reference's top-20 ids) and
 /// the full last-position logits within 1e-3, and identical 24-token greedy continuations.
 fn check_case(index: usize, path: LoraPath) {
     let m = load(WeightFormat::Dense(DType::F32));
     let case = &cases()["cases"][index];
-    let rf = RefFile::open(case["file"].as_str().unwrap());
+    let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
     let mix = mix_for(case, &m);
     let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
     let logits = prefill_logits(&m.model, &prompts, &mix, path);
@@ -176,7 +131,7 @@ fn every_case_in_one_mixed_batch_matches_peft() {
     let mut reqs = Vec::new();
     let mut want = Vec::new();
     for case in cases["cases"].as_array().unwrap() {
-        let rf = RefFile::open(case["file"].as_str().unwrap());
+        let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
         let mix = mix_for(case, &m);
         for p in ["short", "chat", "multilingual", "single"] {
             reqs.push(Request { stop_at_eos: false, ..Request::greedy(rf.ints(&format!("{p}.input_ids")), mix.clone(), 24) });
@@ -217,7 +172,7 @@ fn quantized_path_drift_is_bounded() {
     let mut report = Vec::new();
     for index in [0usize, 6] {
         let case = &cases["cases"][index];
-        let rf = RefFile::open(case["file"].as_str().unwrap());
+        let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
         let mix = mix_for(case, &m);
         let (agree, total, max_diff) = top1_agreement(&m, &rf, &["short", "chat", "single", "multilingual"], &mix);
         let rate = agree as f64 / total as f64;
@@ -237,7 +192,7 @@ fn packed_path_agreement_is_bounded() {
     let cases = cases();
     let mut report = Vec::new();
     for case in cases["cases"].as_array().unwrap() {
-        let rf = RefFile::open(case["file"].as_str().unwrap());
+        let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
         let mix = mix_for(case, &m);
         let (agree, total, max_diff) = top1_agreement(&m, &rf, &PROMPTS, &mix);
         let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
@@ -263,7 +218,7 @@ fn packed_rows_in_one_mixed_batch_equal_each_alone() {
     let cases = cases();
     let mut reqs = Vec::new();
     for case in cases["cases"].as_array().unwrap() {
-        let rf = RefFile::open(case["file"].as_str().unwrap());
+        let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
         let mix = mix_for(case, &m);
         for p in ["short", "chat", "multilingual", "single"] {
             reqs.push(Request { stop_at_eos: false, logprobs: Some(1), ..Request::greedy(rf.ints(&format!("{p}.input_ids")), mix.clone(), 16) });

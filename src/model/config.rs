@@ -15,11 +15,53 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
 }
 
+/// How the rotary frequencies `θ^(-2i/d)` are rescaled: a field that changes every position's
+/// encoding, so each variant is computed exactly or refused by the loaders, never dropped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Llama 3.x (`rope_type: "llama3"`): wavelengths longer than `original / low_freq_factor`
+    /// are stretched by `factor`, those shorter than `original / high_freq_factor` kept, and the
+    /// band between interpolated.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// One divisor per frequency, as GGUF files store Llama 3.x scaling (`rope_freqs.weight`).
+    Divisors(Vec<f32>),
+}
+
 impl LlamaConfig {
+    /// The `head_dim / 2` inverse frequencies of the rotary encoding, scaling applied.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let half = self.head_dim / 2;
+        // f32 throughout, as transformers computes them.
+        let base: Vec<f32> = (0..half).map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / self.head_dim as f32)).collect();
+        match &self.rope_scaling {
+            RopeScaling::None => base,
+            RopeScaling::Divisors(d) => base.iter().zip(d.iter().chain(std::iter::repeat(&1.0))).map(|(f, d)| f / d).collect(),
+            &RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+                let (factor, low, high, old) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, old as f32);
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
     /// The smallest config that still exercises GQA, several layers and every projection;
     /// used by the invariant tests and benches on a random model.
     pub fn tiny() -> Self {
@@ -33,6 +75,7 @@ impl LlamaConfig {
             head_dim: 4,
             rms_norm_eps: 1e-5,
             rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::None,
             max_position_embeddings: 256,
             tie_word_embeddings: true,
         }
@@ -72,29 +115,24 @@ pub struct HfConfigJson {
     pub head_dim: Option<usize>,
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
-    pub rope_theta: f64,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    pub rope_scaling: Option<serde_json::Value>,
 }
 
 fn default_eps() -> f64 {
     1e-6
 }
-fn default_theta() -> f64 {
-    10_000.0
-}
 fn default_max_pos() -> usize {
     4096
 }
 
-impl From<HfConfigJson> for LlamaConfig {
-    fn from(c: HfConfigJson) -> Self {
+impl HfConfigJson {
+    pub fn into_config(self, rope_theta: f64, rope_scaling: RopeScaling) -> LlamaConfig {
+        let c = self;
         let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-        Self {
+        LlamaConfig {
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
@@ -103,9 +141,52 @@ impl From<HfConfigJson> for LlamaConfig {
             num_kv_heads,
             head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
             rms_norm_eps: c.rms_norm_eps,
-            rope_theta: c.rope_theta,
+            rope_theta,
+            rope_scaling,
             max_position_embeddings: c.max_position_embeddings,
             tie_word_embeddings: c.tie_word_embeddings,
         }
     }
+}
+
+/// The rotary settings of a Hugging Face `config.json`, in either layout: transformers 5's
+/// `rope_parameters: {rope_type, rope_theta, …}` or transformers 4's top-level `rope_theta` and
+/// `rope_scaling: {rope_type | type, …}`. A type this decoder does not compute is refused by name.
+pub fn rope_from_hf(raw: &serde_json::Value) -> Result<(f64, RopeScaling), String> {
+    let (key, p) = match (raw.get("rope_parameters").filter(|v| !v.is_null()), raw.get("rope_scaling").filter(|v| !v.is_null())) {
+        (Some(p), _) => ("rope_parameters", p),
+        (None, Some(s)) => ("rope_scaling", s),
+        (None, None) => ("rope_parameters", &serde_json::Value::Null),
+    };
+    if !p.is_null() && !p.is_object() {
+        return Err(format!("`{key}` must be an object, got {p}"));
+    }
+    let theta = match p.get("rope_theta").or_else(|| raw.get("rope_theta")) {
+        None => 10_000.0,
+        Some(v) => v.as_f64().filter(|t| *t > 0.0).ok_or_else(|| format!("`rope_theta` must be a positive number, got {v}"))?,
+    };
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+    let num = |field: &str| -> Result<f64, String> {
+        p.get(field)
+            .and_then(|v| v.as_f64())
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .ok_or_else(|| format!("`{key}.{field}` must be a positive number for rope type `{kind}`"))
+    };
+    if let Some(f) = p.get("partial_rotary_factor").or_else(|| raw.get("partial_rotary_factor")) {
+        if f.as_f64() != Some(1.0) {
+            return Err(format!("`partial_rotary_factor` {f} is not supported (only 1.0)"));
+        }
+    }
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "llama3" => {
+            let (low_freq_factor, high_freq_factor) = (num("low_freq_factor")?, num("high_freq_factor")?);
+            if high_freq_factor <= low_freq_factor {
+                return Err(format!("`{key}.high_freq_factor` must exceed `low_freq_factor`"));
+            }
+            RopeScaling::Llama3 { factor: num("factor")?, low_freq_factor, high_freq_factor, original_max_position_embeddings: num("original_max_position_embeddings")? }
+        }
+        other => return Err(format!("rope type `{other}` (`{key}`) is not supported; supported: default, llama3")),
+    };
+    Ok((theta, scaling))
 }

@@ -34,7 +34,16 @@ impl GgufSource {
             reason: e.to_string(),
         })?;
         let cfg = config_from_metadata(&content)?;
-        Ok(Self { path: path.to_path_buf(), content, cfg, file, device: device.clone() })
+        let mut src = Self { path: path.to_path_buf(), content, cfg, file, device: device.clone() };
+        // Llama 3.x GGUFs carry their rope scaling as per-frequency divisors.
+        if src.content.tensor_infos.contains_key("rope_freqs.weight") {
+            let d = src.dense("rope_freqs.weight")?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            if d.len() != src.cfg.head_dim / 2 || d.iter().any(|x| !x.is_finite() || *x <= 0.0) {
+                return Err(ModelError::Invalid { path: path.display().to_string(), reason: format!("`rope_freqs.weight` must hold {} positive values", src.cfg.head_dim / 2) });
+            }
+            src.cfg.rope_scaling = super::RopeScaling::Divisors(d);
+        }
+        Ok(src)
     }
 
     pub fn meta(&self, key: &str) -> Option<&Value> {
@@ -75,6 +84,12 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
             None => return Err(ModelError::Missing { key: format!("{arch}.vocab_size"), what: "GGUF metadata".into() }),
         },
     };
+    if let Ok(kind) = get("rope.scaling.type") {
+        let kind = kind.to_string()?;
+        if kind != "none" {
+            return Err(ModelError::Unsupported(format!("GGUF `{arch}.rope.scaling.type` `{kind}` is not supported")));
+        }
+    }
     Ok(LlamaConfig {
         vocab_size,
         hidden_size,
@@ -85,6 +100,7 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
         head_dim: get("rope.dimension_count").map_or(Ok((hidden_size / num_heads) as u32), |v| v.to_u32())? as usize,
         rms_norm_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
         rope_theta: get("rope.freq_base").map_or(Ok(10_000.0), |v| v.to_f32())? as f64,
+        rope_scaling: super::RopeScaling::None,
         max_position_embeddings: get("context_length").map_or(Ok(4096), |v| v.to_u32())? as usize,
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
     })

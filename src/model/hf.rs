@@ -30,12 +30,32 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     if !matches!(arch, "llama" | "mistral") {
         return Err(ModelError::Unsupported(format!("model_type `{arch}`; only Llama-family models are supported")));
     }
-    if raw.get("rope_scaling").is_some_and(|v| !v.is_null()) {
-        return Err(ModelError::Unsupported("`rope_scaling` is not supported yet".into()));
-    }
+    let (theta, scaling) = super::config::rope_from_hf(&raw).map_err(ModelError::Unsupported)?;
+    refuse_unsupported_fields(&raw)?;
     let cfg: super::config::HfConfigJson = serde_json::from_value(raw)
         .map_err(|e| ModelError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
-    Ok(cfg.into())
+    Ok(cfg.into_config(theta, scaling))
+}
+
+/// Fields of a Llama-family `config.json` that change what the model computes and that this
+/// decoder does not implement: refused by name rather than ignored.
+fn refuse_unsupported_fields(raw: &serde_json::Value) -> Result<()> {
+    let truthy = |k: &str| raw.get(k).is_some_and(|v| v.as_bool() == Some(true));
+    for k in ["attention_bias", "mlp_bias"] {
+        if truthy(k) {
+            return Err(ModelError::Unsupported(format!("`{k}: true` is not supported for model_type llama")));
+        }
+    }
+    if let Some(act) = raw.get("hidden_act").and_then(|v| v.as_str()).filter(|a| *a != "silu") {
+        return Err(ModelError::Unsupported(format!("`hidden_act` `{act}` is not supported (only silu)")));
+    }
+    let max_pos = raw.get("max_position_embeddings").and_then(|v| v.as_u64());
+    if let Some(w) = raw.get("sliding_window").and_then(|v| v.as_u64()) {
+        if max_pos.is_none_or(|m| w < m) {
+            return Err(ModelError::Unsupported(format!("`sliding_window` {w} (shorter than the context) is not supported")));
+        }
+    }
+    Ok(())
 }
 
 impl HfSource {

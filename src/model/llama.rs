@@ -403,9 +403,7 @@ impl Llama {
 
 fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64) as f32)
-        .collect();
+    let inv_freq = cfg.inv_freq();
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
     let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
         .to_dtype(DType::F32)?

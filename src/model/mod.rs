@@ -21,7 +21,7 @@ pub mod random;
 pub mod sampling;
 pub mod tokenizer;
 
-pub use config::LlamaConfig;
+pub use config::{LlamaConfig, RopeScaling};
 pub use device::{parse_device, WeightFormat};
 pub use kv_cache::SeqCache;
 pub use linear::{BaseWeight, LoraLinear, Pass};

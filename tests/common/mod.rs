@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod reference;
 pub mod server;
 
 use candle_core::{Device, Tensor};

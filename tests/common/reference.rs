@@ -1,0 +1,58 @@
+//! Reading the reference outputs (`case_NN.safetensors` of `../shared/reference` and
+//! `../shared/reference/archs/*`) and computing what they are compared with: all-position
+//! logits of a ragged prefill, and greedy continuations through the engine's generate loop.
+
+use candle_core::Tensor;
+use loraplex::adapters::AdapterMix;
+use loraplex::engine::{LoraPath, Request};
+use loraplex::generate::generate;
+use loraplex::model::load::LoadedModel;
+use loraplex::model::{BatchInput, Llama, SeqCache, StepLora};
+use safetensors::SafeTensors;
+use std::path::Path;
+
+pub struct RefFile(Vec<u8>);
+
+impl RefFile {
+    pub fn open(path: &Path) -> Self {
+        Self(std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    }
+    pub fn floats(&self, key: &str) -> Vec<f32> {
+        let st = SafeTensors::deserialize(&self.0).unwrap();
+        st.tensor(key).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+    pub fn ints(&self, key: &str) -> Vec<u32> {
+        let st = SafeTensors::deserialize(&self.0).unwrap();
+        st.tensor(key).unwrap().data().chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32).collect()
+    }
+}
+
+/// All-position logits of every prompt, prefilled together in one ragged batch.
+pub fn prefill_logits(model: &Llama, prompts: &[Vec<u32>], mix: &AdapterMix, path: LoraPath) -> Vec<Tensor> {
+    let mixes: Vec<&AdapterMix> = prompts.iter().map(|_| mix).collect();
+    let lora = match path {
+        LoraPath::Batched => StepLora::batched(&mixes, model.cfg.num_layers, model.dtype(), model.device()).unwrap(),
+        LoraPath::PerRow => StepLora::per_row(&mixes),
+    };
+    let mut input = BatchInput::default();
+    prompts.iter().for_each(|p| input.push(p));
+    let mut caches: Vec<SeqCache> = prompts.iter().map(|p| SeqCache::new(model.cfg.num_layers, p.len())).collect();
+    let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
+    let logits = model.logits(&model.forward(&input, Some(&mut refs), &lora).unwrap()).unwrap();
+    let mut out = Vec::new();
+    let mut offset = 0;
+    for p in prompts {
+        out.push(logits.narrow(0, offset, p.len()).unwrap());
+        offset += p.len();
+    }
+    out
+}
+
+pub fn greedy(m: &LoadedModel, prompts: &[Vec<u32>], mix: &AdapterMix, path: LoraPath, n: usize) -> Vec<Vec<u32>> {
+    let reqs: Vec<Request> = prompts
+        .iter()
+        .map(|p| Request { stop_at_eos: false, ..Request::greedy(p.clone(), mix.clone(), n) })
+        .collect();
+    generate(&m.model, &m.tokenizer, &reqs, path).unwrap().into_iter().map(|o| o.ids).collect()
+}
+

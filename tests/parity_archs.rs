@@ -1,0 +1,112 @@
+//! Parity with transformers + PEFT on the tiny random models of `../shared/reference/archs`
+//! (one Hugging Face folder per base family, its own PEFT adapters, and what transformers 5.24 +
+//! PEFT 0.21.2 compute; see that folder's README). Required per supported family: the
+//! reference's token ids, identical 16-token greedy continuations, and logits within 1e-3 at
+//! every prompt position. Families not supported yet must be refused by name.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::reference::{greedy, prefill_logits, RefFile};
+use common::*;
+use loraplex::adapters::{load_adapter, AdapterMix, MixEntry};
+use loraplex::engine::LoraPath;
+use loraplex::model::load::{load_model, LoadedModel};
+use loraplex::model::WeightFormat;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const LOGIT_TOL: f32 = 1e-3;
+
+fn arch_dir(arch: &str) -> PathBuf {
+    shared_dir().join("reference/archs").join(arch)
+}
+
+fn cases(arch: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(arch_dir(arch).join("cases.json")).unwrap()).unwrap()
+}
+
+fn load(arch: &str) -> LoadedModel {
+    load_model(arch_dir(arch).join("model").to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu).unwrap()
+}
+
+fn mix_for(arch: &str, case: &Value, m: &LoadedModel) -> AdapterMix {
+    let entries = case["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let name = a["name"].as_str().unwrap();
+            let adapter = load_adapter(&arch_dir(arch).join("adapters").join(name), name, &m.model.cfg, &Device::Cpu).unwrap();
+            MixEntry { adapter: Arc::new(adapter), scale: a["weight"].as_f64().unwrap() }
+        })
+        .collect();
+    AdapterMix::new(entries)
+}
+
+/// Every case of `arch`: tokenization of every prompt, logits at every prompt position (the
+/// reference's top-20 ids) and the whole last-position row, and the greedy continuation.
+fn check_arch(arch: &str) {
+    let m = load(arch);
+    let cases = cases(arch);
+    let prompts: Vec<(&str, Vec<u32>)> = cases["prompts"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, p)| {
+            let want: Vec<u32> = p["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            assert_eq!(m.tokenizer.encode(p["text"].as_str().unwrap()).unwrap(), want, "{arch}: tokenization of prompt {name}");
+            (name.as_str(), want)
+        })
+        .collect();
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|(_, ids)| ids.clone()).collect();
+    let n_new = cases["generation"]["n_new"].as_u64().unwrap() as usize;
+    for case in cases["cases"].as_array().unwrap() {
+        let rf = RefFile::open(&arch_dir(arch).join(case["file"].as_str().unwrap()));
+        let mix = mix_for(arch, case, &m);
+        let logits = prefill_logits(&m.model, &ids, &mix, LoraPath::Batched);
+        for ((p, _), ours) in prompts.iter().zip(&logits) {
+            let t = ours.dim(0).unwrap();
+            let last = Tensor::new(rf.floats(&format!("{p}.last_logits")), &Device::Cpu).unwrap();
+            let d_last = max_abs_diff(&ours.get(t - 1).unwrap(), &last);
+            let top_ids = rf.ints(&format!("{p}.topk_ids"));
+            let want = rf.floats(&format!("{p}.topk_logits"));
+            let k = top_ids.len() / t;
+            let ours = ours.to_vec2::<f32>().unwrap();
+            let d_all = top_ids.iter().zip(&want).enumerate().map(|(i, (&id, &w))| (ours[i / k][id as usize] - w).abs()).fold(0f32, f32::max);
+            println!("{arch} case {} prompt {p}: max |Δlogit| last {d_last:.2e}, all positions {d_all:.2e}", case["id"]);
+            assert!(d_last <= LOGIT_TOL && d_all <= LOGIT_TOL, "{arch} case {} prompt {p}: last {d_last}, all positions {d_all}", case["id"]);
+        }
+        let got = greedy(&m, &ids, &mix, LoraPath::Batched, n_new);
+        for ((p, _), got) in prompts.iter().zip(&got) {
+            assert_eq!(got, &rf.ints(&format!("{p}.greedy_ids")), "{arch} case {} prompt {p}: greedy continuation differs", case["id"]);
+        }
+    }
+}
+
+/// A family this decoder does not describe yet: loading must fail with an error that names it.
+fn check_refused(arch: &str) {
+    let model_type = {
+        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(arch_dir(arch).join("model/config.json")).unwrap()).unwrap();
+        cfg["model_type"].as_str().unwrap().to_string()
+    };
+    let err = match load_model(arch_dir(arch).join("model").to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu) {
+        Ok(_) => panic!("{arch} loaded, but its parity test is not enabled: add it to the supported families"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&format!("`{model_type}`")), "{arch}: the error does not name model_type `{model_type}`: {err}");
+}
+
+/// Llama 3.x: untied head, `rope_parameters` with `rope_type: llama3` (transformers 5's layout).
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    check_arch("llama");
+}
+
+#[test]
+fn families_not_yet_described_are_refused_by_name() {
+    for arch in ["qwen2", "qwen3", "gemma3", "phi3", "bloom"] {
+        check_refused(arch);
+    }
+}
