@@ -23,7 +23,7 @@ fn bench(c: &mut Criterion) {
         .collect();
     let refs: Vec<&AdapterMix> = mixes.iter().collect();
     let w = Tensor::randn(0f32, 0.05, (576, 576), &dev).unwrap();
-    let layer = LoraLinear { id, base: BaseWeight::Dense(w.clone()) };
+    let layer = LoraLinear { id, base: BaseWeight::Dense(w.clone()), bias: None };
     let x = Tensor::randn(0f32, 1.0, (rows, 576), &dev).unwrap();
     let lens = vec![1; rows];
     let batched = StepLora::batched(&refs, 1, DType::F32, &dev).unwrap();
@@ -39,7 +39,7 @@ fn bench(c: &mut Criterion) {
     let stacked = StepLora::stacked(&refs, 1, DType::F32, &dev).unwrap();
     let kernels = Kernels::new(loraplex::kernels::Pool::default_threads(), true);
     let pass = |lora| Pass { seq_lens: &lens, lora, kernels: &kernels, differentiable: false };
-    let packed = LoraLinear { id, base: loraplex::model::gguf::packed_from_dense(&w).unwrap() };
+    let packed = LoraLinear { id, base: loraplex::model::gguf::packed_from_dense(&w).unwrap(), bias: None };
     let mut g = c.benchmark_group("lora_linear_b32_r8_distinct");
     g.bench_function("base_only", |b| b.iter(|| layer.forward(&x, &pass(&StepLora::None)).unwrap()));
     g.bench_function("batched_fast_path", |b| b.iter(|| layer.forward(&x, &pass(&batched)).unwrap()));

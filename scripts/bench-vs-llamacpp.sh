@@ -10,7 +10,7 @@
 # only, 32 slots, since it cannot batch different LoRA sets); then prefill of a 512-token
 # prompt at batch 1 (prompt tokens / time to first token). Each system's best round is
 # reported. llama.cpp is built, when missing, from the source vendored in the PyPI sdist
-# llama-cpp-python==0.3.36 (CMake Release, native) into target/llama.cpp (git-ignored; set
+# llama-cpp-python==0.3.36 (CMake Release, every ISA extension of the CPU but AMX) into target/llama.cpp (git-ignored; set
 # LLAMA_CPP_DIR to use another build). The synthetic adapters are converted to llama.cpp's
 # GGUF LoRA format with `loraplex export-lora` (Q/K rows permuted as llama.cpp's converter
 # permutes the base weights). Measure on an otherwise idle machine: the load average is printed
@@ -42,7 +42,17 @@ build_llama() {
   fi
   tar -xzf "$tgz" -C "$llama"
   local src="$llama/llama_cpp_python-$sdist_version/vendor/llama.cpp"
-  cmake -S "$src" -B "$llama/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+  # Native, except AMX: some VMs advertise AMX in cpuid without enabling its register state,
+  # and ggml's AMX kernels then die with SIGILL. Every other extension the CPU has is on.
+  local isa=()
+  local flags
+  flags=$(grep -m1 '^flags' /proc/cpuinfo)
+  for f in avx avx2 fma f16c avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+    local flag="${f%%:*}" opt="${f#*:}"
+    [ "$opt" = "$f" ] && opt=$(echo "$flag" | tr a-z A-Z)
+    if grep -qw "$flag" <<<"$flags"; then isa+=("-DGGML_$opt=ON"); else isa+=("-DGGML_$opt=OFF"); fi
+  done
+  cmake -S "$src" -B "$llama/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF "${isa[@]}" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >/dev/null
   cmake --build "$llama/build" --target llama-server llama-bench -j"$(nproc)" >/dev/null
 }

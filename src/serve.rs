@@ -31,7 +31,7 @@ pub fn load_backend(cfg: &ServeConfig, metrics: Option<Arc<crate::metrics::Metri
     tracing::info!(root = %registry.root().display(), adapters = registry.list().len(), "adapter registry ready");
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine, metrics)?;
-    Ok(Backend { engine, tokenizer, registry, model_id: loaded.id, context_len: model_cfg.max_position_embeddings })
+    Ok(Backend { engine, tokenizer, registry, model_id: loaded.id, architecture: model_cfg.arch.name.clone(), context_len: model_cfg.max_position_embeddings })
 }
 
 /// The metrics registry of a server with this configuration.

@@ -104,9 +104,21 @@ fn llama3_rope_scaling_matches_transformers() {
     check_arch("llama");
 }
 
+/// Qwen2: biases on q, k and v; rope θ 1e6; tied head.
+#[test]
+fn qwen2_matches_transformers() {
+    check_arch("qwen2");
+}
+
+/// Qwen3: per-head RMS norms on q and k before rope.
+#[test]
+fn qwen3_matches_transformers() {
+    check_arch("qwen3");
+}
+
 #[test]
 fn families_not_yet_described_are_refused_by_name() {
-    for arch in ["qwen2", "qwen3", "gemma3", "phi3", "bloom"] {
+    for arch in ["gemma3", "phi3", "bloom"] {
         check_refused(arch);
     }
 }

@@ -1,6 +1,7 @@
 //! LoRA invariants on a tiny random model built in code (no files but temporary adapters):
 //! zero scale = base, B = 0 = base, linearity in the scales, merged = unmerged, the batched
-//! fast path = the per-row reference, batch invariance across mixes, ranks and lengths.
+//! fast path = the per-row reference, batch invariance across mixes, ranks and lengths — for
+//! every architecture description (`LlamaConfig::tiny_families`).
 
 mod common;
 
@@ -32,42 +33,44 @@ fn prompts() -> Vec<Vec<u32>> {
 
 #[test]
 fn zero_scale_is_bit_for_bit_the_base() {
-    let (model, cfg) = tiny();
-    let dir = tempfile::tempdir().unwrap();
-    let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "v_proj", "down_proj"]), 1);
-    let prompt = &prompts()[0];
-    let base = logits_alone(&model, prompt, &AdapterMix::default(), true);
-    for batched in [true, false] {
-        let zero = logits_alone(&model, prompt, &AdapterMix::single(a.clone(), 0.0), batched);
-        assert_eq!(base.to_vec2::<f32>().unwrap(), zero.to_vec2::<f32>().unwrap(), "batched={batched}");
-        let one = logits_alone(&model, prompt, &AdapterMix::single(a.clone(), 1.0), batched);
-        assert!(max_abs_diff(&base, &one) > 1e-3, "the adapter must visibly change the output");
+    for (model, cfg) in tiny_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "v_proj", "down_proj"]), 1);
+        let prompt = &prompts()[0];
+        let base = logits_alone(&model, prompt, &AdapterMix::default(), true);
+        for batched in [true, false] {
+            let zero = logits_alone(&model, prompt, &AdapterMix::single(a.clone(), 0.0), batched);
+            assert_eq!(base.to_vec2::<f32>().unwrap(), zero.to_vec2::<f32>().unwrap(), "batched={batched}");
+            let one = logits_alone(&model, prompt, &AdapterMix::single(a.clone(), 1.0), batched);
+            assert!(max_abs_diff(&base, &one) > 1e-3, "the adapter must visibly change the output");
+        }
     }
 }
 
 #[test]
 fn zero_b_is_bit_for_bit_the_base() {
-    let (model, cfg) = tiny();
-    let dir = tempfile::tempdir().unwrap();
-    let json = lora_config(4, 8.0, &["q_proj", "o_proj", "up_proj"]);
-    let config = loraplex::adapters::PeftConfig::from_json(&json.to_string()).unwrap();
-    let weights: Vec<_> = ModuleId::all(cfg.num_layers)
-        .filter(|id| config.targets(*id))
-        .map(|id| {
-            let (fan_in, fan_out) = cfg.proj_dims(id.target);
-            let a = Tensor::ones((4, fan_in), candle_core::DType::F32, &Device::Cpu).unwrap();
-            let b = Tensor::zeros((fan_out, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
-            (id, a, b)
-        })
-        .collect();
-    let path = dir.path().join("zero-b");
-    loraplex::adapters::writer::save_adapter(&path, &config, &weights).unwrap();
-    let adapter = std::sync::Arc::new(loraplex::adapters::load_adapter(&path, "zero-b", &cfg, &Device::Cpu).unwrap());
-    let prompt = &prompts()[2];
-    let base = logits_alone(&model, prompt, &AdapterMix::default(), true);
-    for batched in [true, false] {
-        let with = logits_alone(&model, prompt, &AdapterMix::single(adapter.clone(), 1.0), batched);
-        assert_eq!(base.to_vec2::<f32>().unwrap(), with.to_vec2::<f32>().unwrap(), "batched={batched}");
+    for (model, cfg) in tiny_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = lora_config(4, 8.0, &["q_proj", "o_proj", "up_proj"]);
+        let config = loraplex::adapters::PeftConfig::from_json(&json.to_string()).unwrap();
+        let weights: Vec<_> = ModuleId::all(cfg.num_layers)
+            .filter(|id| config.targets(*id))
+            .map(|id| {
+                let (fan_in, fan_out) = cfg.proj_dims(id.target);
+                let a = Tensor::ones((4, fan_in), candle_core::DType::F32, &Device::Cpu).unwrap();
+                let b = Tensor::zeros((fan_out, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+                (id, a, b)
+            })
+            .collect();
+        let path = dir.path().join("zero-b");
+        loraplex::adapters::writer::save_adapter(&path, &config, &weights).unwrap();
+        let adapter = std::sync::Arc::new(loraplex::adapters::load_adapter(&path, "zero-b", &cfg, &Device::Cpu).unwrap());
+        let prompt = &prompts()[2];
+        let base = logits_alone(&model, prompt, &AdapterMix::default(), true);
+        for batched in [true, false] {
+            let with = logits_alone(&model, prompt, &AdapterMix::single(adapter.clone(), 1.0), batched);
+            assert_eq!(base.to_vec2::<f32>().unwrap(), with.to_vec2::<f32>().unwrap(), "batched={batched}");
+        }
     }
 }
 
@@ -102,17 +105,18 @@ fn layer_deltas_are_linear_in_the_scales() {
 
 #[test]
 fn merged_weights_equal_the_unmerged_paths() {
-    let (model, cfg) = tiny();
-    let dir = tempfile::tempdir().unwrap();
-    let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "v_proj", "gate_proj"]), 1);
-    let b = tiny_adapter(dir.path(), "b", &cfg, serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_rslora": true, "target_modules": "all-linear"}), 2);
-    let mix = AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.6 }, MixEntry { adapter: b, scale: -0.4 }]);
-    let prompt = &prompts()[2];
-    let merged = model.merged(&mix).unwrap();
-    let want = logits_alone(&merged, prompt, &AdapterMix::default(), true);
-    for batched in [true, false] {
-        let got = logits_alone(&model, prompt, &mix, batched);
-        assert!(max_abs_diff(&want, &got) < 1e-4, "batched={batched}: {}", max_abs_diff(&want, &got));
+    for (model, cfg) in tiny_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "v_proj", "gate_proj"]), 1);
+        let b = tiny_adapter(dir.path(), "b", &cfg, serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_rslora": true, "target_modules": "all-linear"}), 2);
+        let mix = AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.6 }, MixEntry { adapter: b, scale: -0.4 }]);
+        let prompt = &prompts()[2];
+        let merged = model.merged(&mix).unwrap();
+        let want = logits_alone(&merged, prompt, &AdapterMix::default(), true);
+        for batched in [true, false] {
+            let got = logits_alone(&model, prompt, &mix, batched);
+            assert!(max_abs_diff(&want, &got) < 1e-4, "batched={batched}: {}", max_abs_diff(&want, &got));
+        }
     }
 }
 
@@ -120,59 +124,61 @@ fn merged_weights_equal_the_unmerged_paths() {
 /// decoded together with caches, give the same logits as each sequence run alone.
 #[test]
 fn a_row_in_a_mixed_batch_equals_the_row_alone() {
-    let (model, cfg) = tiny();
-    let dir = tempfile::tempdir().unwrap();
-    let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "v_proj"]), 1);
-    let b = tiny_adapter(dir.path(), "b", &cfg, lora_config(8, 4.0, &["o_proj", "up_proj", "down_proj"]), 2);
-    let c = tiny_adapter(dir.path(), "c", &cfg, serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "use_rslora": true, "target_modules": "all-linear"}), 3);
-    let mixes = [
-        AdapterMix::single(a.clone(), 1.0),
-        AdapterMix::default(),
-        AdapterMix::new(vec![MixEntry { adapter: b.clone(), scale: 0.5 }, MixEntry { adapter: c.clone(), scale: -2.0 }]),
-        AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.3 }, MixEntry { adapter: b, scale: 0.3 }, MixEntry { adapter: c, scale: 0.3 }]),
-    ];
-    let prompts = prompts();
-    let next_tokens = [3u32, 17, 29, 63];
-    for batched in [true, false] {
-        // Batched: prefill all, then one decode step for all.
-        let mut caches: Vec<SeqCache> = prompts.iter().map(|_| SeqCache::new(cfg.num_layers, 16)).collect();
-        let mix_refs: Vec<&AdapterMix> = mixes.iter().collect();
-        let lora = step(&model, &mix_refs, batched);
-        let mut input = BatchInput::default();
-        prompts.iter().for_each(|p| input.push(p));
-        let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-        let prefill = model.logits(&model.forward(&input, Some(&mut refs), &lora).unwrap()).unwrap();
-        let mut dec = BatchInput::default();
-        next_tokens.iter().for_each(|t| dec.push(&[*t]));
-        let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-        let decode = model.logits(&model.forward(&dec, Some(&mut refs), &lora).unwrap()).unwrap();
-        let mut offset = 0;
-        for (i, p) in prompts.iter().enumerate() {
-            let mut full = p.clone();
-            full.push(next_tokens[i]);
-            let alone = logits_alone(&model, &full, &mixes[i], batched);
-            let got_prefill = prefill.narrow(0, offset, p.len()).unwrap();
-            let d1 = max_abs_diff(&alone.narrow(0, 0, p.len()).unwrap(), &got_prefill);
-            let d2 = max_abs_diff(&alone.narrow(0, p.len(), 1).unwrap(), &decode.narrow(0, i, 1).unwrap());
-            assert!(d1 < 1e-4 && d2 < 1e-4, "row {i} batched={batched}: prefill {d1}, decode {d2}");
-            offset += p.len();
+    for (model, cfg) in tiny_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "v_proj"]), 1);
+        let b = tiny_adapter(dir.path(), "b", &cfg, lora_config(8, 4.0, &["o_proj", "up_proj", "down_proj"]), 2);
+        let c = tiny_adapter(dir.path(), "c", &cfg, serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "use_rslora": true, "target_modules": "all-linear"}), 3);
+        let mixes = [
+            AdapterMix::single(a.clone(), 1.0),
+            AdapterMix::default(),
+            AdapterMix::new(vec![MixEntry { adapter: b.clone(), scale: 0.5 }, MixEntry { adapter: c.clone(), scale: -2.0 }]),
+            AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.3 }, MixEntry { adapter: b, scale: 0.3 }, MixEntry { adapter: c, scale: 0.3 }]),
+        ];
+        let prompts = prompts();
+        let next_tokens = [3u32, 17, 29, 63];
+        for batched in [true, false] {
+            // Batched: prefill all, then one decode step for all.
+            let mut caches: Vec<SeqCache> = prompts.iter().map(|_| SeqCache::new(cfg.num_layers, 16)).collect();
+            let mix_refs: Vec<&AdapterMix> = mixes.iter().collect();
+            let lora = step(&model, &mix_refs, batched);
+            let mut input = BatchInput::default();
+            prompts.iter().for_each(|p| input.push(p));
+            let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
+            let prefill = model.logits(&model.forward(&input, Some(&mut refs), &lora).unwrap()).unwrap();
+            let mut dec = BatchInput::default();
+            next_tokens.iter().for_each(|t| dec.push(&[*t]));
+            let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
+            let decode = model.logits(&model.forward(&dec, Some(&mut refs), &lora).unwrap()).unwrap();
+            let mut offset = 0;
+            for (i, p) in prompts.iter().enumerate() {
+                let mut full = p.clone();
+                full.push(next_tokens[i]);
+                let alone = logits_alone(&model, &full, &mixes[i], batched);
+                let got_prefill = prefill.narrow(0, offset, p.len()).unwrap();
+                let d1 = max_abs_diff(&alone.narrow(0, 0, p.len()).unwrap(), &got_prefill);
+                let d2 = max_abs_diff(&alone.narrow(0, p.len(), 1).unwrap(), &decode.narrow(0, i, 1).unwrap());
+                assert!(d1 < 1e-4 && d2 < 1e-4, "row {i} batched={batched}: prefill {d1}, decode {d2}");
+                offset += p.len();
+            }
         }
     }
 }
 
 #[test]
 fn batched_fast_path_agrees_with_the_per_row_reference() {
-    let (model, cfg) = tiny();
-    let dir = tempfile::tempdir().unwrap();
-    let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "k_proj", "v_proj", "o_proj"]), 1);
-    let b = tiny_adapter(dir.path(), "b", &cfg, lora_config(16, 16.0, &["gate_proj", "up_proj", "down_proj", "q_proj"]), 2);
-    let mixes = [AdapterMix::single(a.clone(), 2.0), AdapterMix::single(b.clone(), -1.0), AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.5 }, MixEntry { adapter: b, scale: 0.5 }]), AdapterMix::default()];
-    let refs: Vec<&AdapterMix> = mixes.iter().collect();
-    let mut input = BatchInput::default();
-    prompts().iter().for_each(|p| input.push(p));
-    let fast = model.forward(&input, None, &step(&model, &refs, true)).unwrap();
-    let slow = model.forward(&input, None, &step(&model, &refs, false)).unwrap();
-    assert!(max_abs_diff(&fast, &slow) < 1e-5);
+    for (model, cfg) in tiny_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "k_proj", "v_proj", "o_proj"]), 1);
+        let b = tiny_adapter(dir.path(), "b", &cfg, lora_config(16, 16.0, &["gate_proj", "up_proj", "down_proj", "q_proj"]), 2);
+        let mixes = [AdapterMix::single(a.clone(), 2.0), AdapterMix::single(b.clone(), -1.0), AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.5 }, MixEntry { adapter: b, scale: 0.5 }]), AdapterMix::default()];
+        let refs: Vec<&AdapterMix> = mixes.iter().collect();
+        let mut input = BatchInput::default();
+        prompts().iter().for_each(|p| input.push(p));
+        let fast = model.forward(&input, None, &step(&model, &refs, true)).unwrap();
+        let slow = model.forward(&input, None, &step(&model, &refs, false)).unwrap();
+        assert!(max_abs_diff(&fast, &slow) < 1e-5);
+    }
 }
 
 #[test]

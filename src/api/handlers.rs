@@ -235,7 +235,8 @@ pub async fn ready(state: Data) -> Result<HttpResponse, ApiError> {
 pub async fn models(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Inference)?;
     let b = state.backend()?;
-    let mut data = vec![serde_json::json!({"id": b.model_id, "object": "model", "created": 0, "owned_by": "loraplex"})];
+    let base = serde_json::json!({"architecture": b.architecture, "context_length": b.context_len});
+    let mut data = vec![serde_json::json!({"id": b.model_id, "object": "model", "created": 0, "owned_by": "loraplex", "loraplex": base})];
     for a in b.registry.list() {
         data.push(serde_json::json!({
             "id": a.name, "object": "model", "created": 0, "owned_by": "loraplex", "parent": b.model_id,

@@ -23,6 +23,8 @@ pub struct Backend {
     pub tokenizer: Arc<TextTokenizer>,
     pub registry: Arc<Registry>,
     pub model_id: String,
+    /// The base model's family (`llama`, `qwen2`, …), as `/v1/models` reports it.
+    pub architecture: String,
     pub context_len: usize,
 }
 

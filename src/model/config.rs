@@ -1,5 +1,6 @@
-//! The Llama-family architecture description shared by every loader (GGUF and Hugging Face
-//! folders) and by the forward pass. Invariant: once built, it is never mutated.
+//! The decoder's architecture description shared by every loader (GGUF and Hugging Face
+//! folders) and by the forward pass: sizes, rope, and the per-family differences ([`Arch`])
+//! as data, so that one forward serves every family. Invariant: once built, never mutated.
 
 use serde::Deserialize;
 
@@ -18,6 +19,29 @@ pub struct LlamaConfig {
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    pub arch: Arch,
+}
+
+/// What distinguishes one decoder family from Llama, as values the forward reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Arch {
+    /// The family as its files name it (`model_type` / `general.architecture`): reported by
+    /// `/v1/models`.
+    pub name: String,
+    /// Projections with an additive bias (Qwen2: q, k, v; Llama's `attention_bias`: q, k, v, o).
+    pub biased: Vec<super::Target>,
+    /// Per-head RMS norms on q and k before rope (Qwen3).
+    pub qk_norm: bool,
+}
+
+impl Arch {
+    pub fn llama() -> Self {
+        Self { name: "llama".into(), biased: Vec::new(), qk_norm: false }
+    }
+
+    pub fn has_bias(&self, t: super::Target) -> bool {
+        self.biased.contains(&t)
+    }
 }
 
 /// How the rotary frequencies `θ^(-2i/d)` are rescaled: a field that changes every position's
@@ -78,6 +102,7 @@ impl LlamaConfig {
             rope_scaling: RopeScaling::None,
             max_position_embeddings: 256,
             tie_word_embeddings: true,
+            arch: Arch::llama(),
         }
     }
 
@@ -85,6 +110,20 @@ impl LlamaConfig {
     /// kernels need): the tiny model of the packed path's invariant tests.
     pub fn tiny_packable() -> Self {
         Self { vocab_size: 96, hidden_size: 64, intermediate_size: 96, num_heads: 4, num_kv_heads: 2, head_dim: 16, ..Self::tiny() }
+    }
+
+    /// [`LlamaConfig::tiny`] once per architecture description the decoder supports (Llama;
+    /// Qwen2's q/k/v biases; Qwen3's q/k norms; Llama with every bias): what the invariant tests
+    /// run over, so that each description keeps them.
+    pub fn tiny_families() -> Vec<Self> {
+        use super::Target::*;
+        let with = |name: &str, biased: Vec<super::Target>, qk_norm: bool| Self { arch: Arch { name: name.into(), biased, qk_norm }, ..Self::tiny() };
+        vec![
+            Self::tiny(),
+            with("qwen2", vec![Q, K, V], false),
+            with("qwen3", Vec::new(), true),
+            with("llama", super::Target::ALL.to_vec(), false),
+        ]
     }
 
     /// Input and output width of a projection, as `(in, out)`.
@@ -129,7 +168,7 @@ fn default_max_pos() -> usize {
 }
 
 impl HfConfigJson {
-    pub fn into_config(self, rope_theta: f64, rope_scaling: RopeScaling) -> LlamaConfig {
+    pub fn into_config(self, rope_theta: f64, rope_scaling: RopeScaling, arch: Arch) -> LlamaConfig {
         let c = self;
         let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
         LlamaConfig {
@@ -145,6 +184,7 @@ impl HfConfigJson {
             rope_scaling,
             max_position_embeddings: c.max_position_embeddings,
             tie_word_embeddings: c.tie_word_embeddings,
+            arch,
         }
     }
 }

@@ -103,6 +103,8 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
         rope_scaling: super::RopeScaling::None,
         max_position_embeddings: get("context_length").map_or(Ok(4096), |v| v.to_u32())? as usize,
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
+        // Llama GGUFs carry no bias or q/k-norm flags: their tensors would show them.
+        arch: super::config::Arch { name: arch.clone(), biased: Vec::new(), qk_norm: false },
     })
 }
 
@@ -214,7 +216,7 @@ impl WeightSource for GgufSource {
         Ok(self.dense("token_embd.weight")?.to_device(&self.device)?)
     }
 
-    fn norm(&mut self, name: &str) -> Result<Tensor> {
+    fn norm(&mut self, name: &str, len: usize) -> Result<Tensor> {
         let gguf = match name {
             "model.norm.weight" => "output_norm.weight".to_string(),
             n => n
@@ -222,7 +224,16 @@ impl WeightSource for GgufSource {
                 .replace(".input_layernorm.", ".attn_norm.")
                 .replace(".post_attention_layernorm.", ".ffn_norm."),
         };
-        Ok(self.dense(&gguf)?.to_dtype(DType::F32)?.to_device(&self.device)?)
+        let w = self.dense(&gguf)?.to_dtype(DType::F32)?;
+        if w.dims() != [len] {
+            return Err(ModelError::Invalid { path: self.path.display().to_string(), reason: format!("`{gguf}` has shape {:?}, expected [{len}]", w.dims()) });
+        }
+        Ok(w.to_device(&self.device)?)
+    }
+
+    fn bias(&mut self, id: ModuleId) -> Result<Tensor> {
+        let name = tensor_name(id).replace(".weight", ".bias");
+        Err(ModelError::Unsupported(format!("GGUF projection biases (`{name}`) are not supported yet")))
     }
 
     fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight> {

@@ -4,7 +4,8 @@
 use super::gguf::dense_to_base;
 use super::linear::BaseWeight;
 use super::llama::WeightSource;
-use super::{LlamaConfig, ModelError, ModuleId, Result, WeightFormat};
+use super::config::Arch;
+use super::{LlamaConfig, ModelError, ModuleId, Result, Target, WeightFormat};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,38 +21,65 @@ fn read_to_string(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })
 }
 
-/// Reads `config.json` of a Llama-family folder.
+/// Reads `config.json`: the family from `model_type`, and every field that changes the forward
+/// honoured or refused by name.
 pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     let path = dir.join("config.json");
     let text = read_to_string(&path)?;
     let raw: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| ModelError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
-    let arch = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
-    if !matches!(arch, "llama" | "mistral") {
-        return Err(ModelError::Unsupported(format!("model_type `{arch}`; only Llama-family models are supported")));
-    }
+    let arch = arch_from_hf(&raw)?;
     let (theta, scaling) = super::config::rope_from_hf(&raw).map_err(ModelError::Unsupported)?;
-    refuse_unsupported_fields(&raw)?;
     let cfg: super::config::HfConfigJson = serde_json::from_value(raw)
         .map_err(|e| ModelError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
-    Ok(cfg.into_config(theta, scaling))
+    Ok(cfg.into_config(theta, scaling, arch))
 }
 
-/// Fields of a Llama-family `config.json` that change what the model computes and that this
-/// decoder does not implement: refused by name rather than ignored.
-fn refuse_unsupported_fields(raw: &serde_json::Value) -> Result<()> {
-    let truthy = |k: &str| raw.get(k).is_some_and(|v| v.as_bool() == Some(true));
-    for k in ["attention_bias", "mlp_bias"] {
-        if truthy(k) {
-            return Err(ModelError::Unsupported(format!("`{k}: true` is not supported for model_type llama")));
+/// The family's description from `model_type` and the flags that vary within a family.
+fn arch_from_hf(raw: &serde_json::Value) -> Result<Arch> {
+    use Target::*;
+    let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
+    let flag = |k: &str| raw.get(k).is_some_and(|v| v.as_bool() == Some(true));
+    let mut biased = Vec::new();
+    if flag("attention_bias") {
+        biased.extend([Q, K, V, O]);
+    }
+    let qk_norm = match model_type {
+        "llama" | "mistral" => {
+            if flag("mlp_bias") {
+                biased.extend([Gate, Up, Down]);
+            }
+            false
+        }
+        "qwen2" => {
+            biased = vec![Q, K, V];
+            false
+        }
+        "qwen3" => true,
+        other => return Err(ModelError::Unsupported(format!("model_type `{other}`; supported: llama, mistral, qwen2, qwen3"))),
+    };
+    if let Some(act) = raw.get("hidden_act").and_then(|v| v.as_str()).filter(|a| *a != "silu") {
+        return Err(ModelError::Unsupported(format!("`hidden_act` `{act}` is not supported for model_type `{model_type}` (only silu)")));
+    }
+    refuse_sliding_windows(raw, model_type)?;
+    Ok(Arch { name: model_type.to_string(), biased, qk_norm })
+}
+
+/// Sliding-window attention is not computed yet: a config whose window can take effect is
+/// refused by name (Qwen's `sliding_window` applies only with `use_sliding_window`).
+fn refuse_sliding_windows(raw: &serde_json::Value, model_type: &str) -> Result<()> {
+    if let Some(types) = raw.get("layer_types").and_then(|v| v.as_array()) {
+        if let Some(t) = types.iter().filter_map(|t| t.as_str()).find(|t| *t != "full_attention") {
+            return Err(ModelError::Unsupported(format!("`layer_types` entry `{t}` is not supported for model_type `{model_type}`")));
         }
     }
-    if let Some(act) = raw.get("hidden_act").and_then(|v| v.as_str()).filter(|a| *a != "silu") {
-        return Err(ModelError::Unsupported(format!("`hidden_act` `{act}` is not supported (only silu)")));
-    }
+    let applies = match model_type {
+        "qwen2" | "qwen3" => raw.get("use_sliding_window").is_some_and(|v| v.as_bool() == Some(true)),
+        _ => true,
+    };
     let max_pos = raw.get("max_position_embeddings").and_then(|v| v.as_u64());
     if let Some(w) = raw.get("sliding_window").and_then(|v| v.as_u64()) {
-        if max_pos.is_none_or(|m| w < m) {
+        if applies && max_pos.is_none_or(|m| w < m) {
             return Err(ModelError::Unsupported(format!("`sliding_window` {w} (shorter than the context) is not supported")));
         }
     }
@@ -90,8 +118,22 @@ impl WeightSource for HfSource {
         Ok(self.get("model.embed_tokens.weight")?.to_device(&self.device)?)
     }
 
-    fn norm(&mut self, name: &str) -> Result<Tensor> {
-        Ok(self.get(name)?.to_device(&self.device)?)
+    fn norm(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        let w = self.get(name)?;
+        if w.dims() != [len] {
+            return Err(ModelError::Invalid { path: self.dir.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{len}]", w.dims()) });
+        }
+        Ok(w.to_device(&self.device)?)
+    }
+
+    fn bias(&mut self, id: ModuleId) -> Result<Tensor> {
+        let name = format!("{id}.bias");
+        let b = self.get(&name)?;
+        let out = self.cfg.proj_dims(id.target).1;
+        if b.dims() != [out] {
+            return Err(ModelError::Invalid { path: self.dir.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{out}]", b.dims()) });
+        }
+        Ok(b.to_device(&self.device)?)
     }
 
     fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight> {

@@ -109,12 +109,14 @@ impl BaseWeight {
     }
 }
 
-/// A targetable projection: `y = W x + Σ_i c_i · B_i (A_i x)` per row, where the terms come
-/// from the step's [`StepLora`].
+/// A targetable projection: `y = W x + b + Σ_i c_i · B_i (A_i x)` per row, where the terms
+/// come from the step's [`StepLora`] and the bias `b` exists where the architecture has one.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
     pub id: ModuleId,
     pub base: BaseWeight,
+    /// `(out)`, in the activation dtype.
+    pub bias: Option<Tensor>,
 }
 
 impl LoraLinear {
@@ -125,18 +127,31 @@ impl LoraLinear {
                 BaseWeight::Dense(w) => super::frozen::frozen_matmul(x, w)?,
                 _ => self.base.forward(x, pass.kernels)?,
             };
-            return self.add_delta(y, x, pass);
+            return self.add_delta(self.add_bias(y)?, x, pass);
         }
-        // Host path: the base product as a vector, the LoRA delta added into it in place.
+        // Host path: the base product as a vector, bias and LoRA delta added into it in place.
         if let Some(mut y) = self.base.host_vec(x, pass.kernels)? {
             let shape = (x.dim(0)?, self.base.dims()?.0);
+            if let Some(b) = &self.bias {
+                match HostF32::of(b) {
+                    Some(b) => y.chunks_exact_mut(shape.1).for_each(|row| row.iter_mut().zip(b.slice()).for_each(|(y, b)| *y += b)),
+                    None => return self.add_delta(self.add_bias(host_tensor(y, shape)?)?, x, pass),
+                }
+            }
             if self.add_host_delta(x, &mut y, pass)? {
                 return host_tensor(y, shape);
             }
             return self.add_delta(host_tensor(y, shape)?, x, pass);
         }
         let y = self.base.forward(x, pass.kernels)?;
-        self.add_delta(y, x, pass)
+        self.add_delta(self.add_bias(y)?, x, pass)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
     }
 
     /// The fused host LoRA kernel, when the step's operands and `x` are host ones.

@@ -16,8 +16,10 @@ use candle_core::{DType, Device, Tensor};
 pub trait WeightSource {
     /// `(vocab, hidden)`, f32.
     fn embed(&mut self) -> Result<Tensor>;
-    /// Norm weight by Hugging Face name, f32.
-    fn norm(&mut self, name: &str) -> Result<Tensor>;
+    /// Norm weight by Hugging Face name, f32, checked to hold `len` values.
+    fn norm(&mut self, name: &str, len: usize) -> Result<Tensor>;
+    /// The additive bias `(out)` of a projection the architecture gives one, f32.
+    fn bias(&mut self, id: ModuleId) -> Result<Tensor>;
     fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight>;
     /// The output head; tied models return the embedding in `format`.
     fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight>;
@@ -29,6 +31,8 @@ struct Block {
     mlp_norm: Tensor,
     /// q, k, v, o, gate, up, down in [`Target::ALL`] order.
     proj: Vec<LoraLinear>,
+    /// Per-head RMS-norm weights `(head_dim)` on q and k before rope (Qwen3).
+    qk_norm: Option<(Tensor, Tensor)>,
 }
 
 /// A batch of token runs, one per sequence: `seq_lens[i]` tokens of sequence `i`, flattened
@@ -83,16 +87,25 @@ impl Llama {
                 .into_iter()
                 .map(|target| {
                     let id = ModuleId { layer, target };
-                    Ok(LoraLinear { id, base: src.linear(id, format)? })
+                    let bias = if cfg.arch.has_bias(target) { Some(src.bias(id)?.to_dtype(dtype)?) } else { None };
+                    Ok(LoraLinear { id, base: src.linear(id, format)?, bias })
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let h = cfg.hidden_size;
+            let qk_norm = if cfg.arch.qk_norm {
+                let norm = |src: &mut dyn WeightSource, p: &str| -> Result<Tensor> { Ok(src.norm(&format!("model.layers.{layer}.self_attn.{p}.weight"), cfg.head_dim)?.to_dtype(dtype)?) };
+                Some((norm(src, "q_norm")?, norm(src, "k_norm")?))
+            } else {
+                None
+            };
             blocks.push(Block {
-                attn_norm: src.norm(&format!("model.layers.{layer}.input_layernorm.weight"))?.to_dtype(dtype)?,
-                mlp_norm: src.norm(&format!("model.layers.{layer}.post_attention_layernorm.weight"))?.to_dtype(dtype)?,
+                attn_norm: src.norm(&format!("model.layers.{layer}.input_layernorm.weight"), h)?.to_dtype(dtype)?,
+                mlp_norm: src.norm(&format!("model.layers.{layer}.post_attention_layernorm.weight"), h)?.to_dtype(dtype)?,
                 proj,
+                qk_norm,
             });
         }
-        let norm = src.norm("model.norm.weight")?.to_dtype(dtype)?;
+        let norm = src.norm("model.norm.weight", cfg.hidden_size)?.to_dtype(dtype)?;
         let lm_head = src.lm_head(format)?;
         let (cos, sin) = rope_tables(&cfg, dtype, device)?;
         let kernels = Kernels::new(crate::kernels::Pool::default_threads(), device.is_cpu());
@@ -181,6 +194,13 @@ impl Llama {
         self.kernels.rms_norm(x, w, eps)
     }
 
+    /// RMS norm over each head's `head_dim` values of `(n, heads · head_dim)`.
+    fn head_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let (n, width) = x.dims2()?;
+        let hd = self.cfg.head_dim;
+        Ok(self.rms_norm(&x.reshape((n * width / hd, hd))?, w)?.reshape((n, width))?)
+    }
+
     fn add_rms_norm(&self, x: &Tensor, y: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
         if self.differentiable {
             let sum = (x + y)?;
@@ -201,9 +221,13 @@ impl Llama {
         caches: Option<&mut [&mut SeqCache]>,
         pass: &Pass<'_>,
     ) -> Result<Tensor> {
-        let q = block.proj[0].forward(h, pass)?;
-        let k = block.proj[1].forward(h, pass)?;
+        let mut q = block.proj[0].forward(h, pass)?;
+        let mut k = block.proj[1].forward(h, pass)?;
         let v = block.proj[2].forward(h, pass)?;
+        if let Some((qn, kn)) = &block.qk_norm {
+            q = self.head_norm(&q, qn)?;
+            k = self.head_norm(&k, kn)?;
+        }
         let o = match &positions.rows {
             None => self.fused_attention(layer, &q, &k, &v, &positions.pos, input, caches)?,
             Some((cos, sin)) => self.composed_attention(layer, q, k, v, cos, sin, input, caches)?,

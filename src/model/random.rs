@@ -29,9 +29,13 @@ impl WeightSource for RandomSource {
         self.uniform((self.cfg.vocab_size, self.cfg.hidden_size), 1.0)
     }
 
-    fn norm(&mut self, _name: &str) -> Result<Tensor> {
-        let h = self.cfg.hidden_size;
-        Ok((self.uniform((1, h), 0.2)? + 1.0)?.reshape(h)?)
+    fn norm(&mut self, _name: &str, len: usize) -> Result<Tensor> {
+        Ok((self.uniform((1, len), 0.2)? + 1.0)?.reshape(len)?)
+    }
+
+    fn bias(&mut self, id: ModuleId) -> Result<Tensor> {
+        let out = self.cfg.proj_dims(id.target).1;
+        Ok(self.uniform((1, out), 0.5)?.reshape(out)?)
     }
 
     fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight> {

@@ -18,6 +18,11 @@ pub fn tiny() -> (Llama, LlamaConfig) {
     (Llama::random(cfg.clone(), 7, &Device::Cpu).unwrap(), cfg)
 }
 
+/// A tiny random model per architecture description ([`LlamaConfig::tiny_families`]).
+pub fn tiny_all() -> Vec<(Llama, LlamaConfig)> {
+    LlamaConfig::tiny_families().into_iter().map(|cfg| (Llama::random(cfg.clone(), 7, &Device::Cpu).unwrap(), cfg)).collect()
+}
+
 /// Writes a PEFT folder with random non-zero A and B for the modules `config_json` selects.
 pub fn write_random_adapter(dir: &Path, cfg: &LlamaConfig, config_json: &serde_json::Value, seed: u64) {
     let config = PeftConfig::from_json(&config_json.to_string()).unwrap();
