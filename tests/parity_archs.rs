@@ -2,7 +2,8 @@
 //! (one Hugging Face folder per base family, its own PEFT adapters, and what transformers 5.24 +
 //! PEFT 0.21.2 compute; see that folder's README). Required per supported family: the
 //! reference's token ids, identical 16-token greedy continuations, and logits within 1e-3 at
-//! every prompt position. Families not supported yet must be refused by name.
+//! every prompt position, from the folder and from the same weights written as GGUF. Families
+//! not supported yet must be refused by name.
 
 mod common;
 
@@ -48,7 +49,22 @@ fn mix_for(arch: &str, case: &Value, m: &LoadedModel) -> AdapterMix {
 /// Every case of `arch`: tokenization of every prompt, logits at every prompt position (the
 /// reference's top-20 ids) and the whole last-position row, and the greedy continuation.
 fn check_arch(arch: &str) {
-    let m = load(arch);
+    check_model(arch, &load(arch));
+}
+
+/// [`check_arch`] on the same model written as an f32 GGUF by `gguf_export` and loaded back:
+/// the GGUF conventions (names, Llama's interleaved Q/K rows, rope_freqs, the BPE vocabulary in
+/// metadata) must give the same outputs.
+fn check_arch_via_gguf(arch: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(format!("{arch}.gguf"));
+    loraplex::model::gguf_export::write_gguf(&arch_dir(arch).join("model"), &path, "gpt2").unwrap();
+    let m = load_model(path.to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu).unwrap();
+    assert_eq!(m.model.cfg.arch, load(arch).model.cfg.arch, "{arch}: the GGUF's architecture description");
+    check_model(arch, &m);
+}
+
+fn check_model(arch: &str, m: &LoadedModel) {
     let cases = cases(arch);
     let prompts: Vec<(&str, Vec<u32>)> = cases["prompts"]
         .as_object()
@@ -64,7 +80,7 @@ fn check_arch(arch: &str) {
     let n_new = cases["generation"]["n_new"].as_u64().unwrap() as usize;
     for case in cases["cases"].as_array().unwrap() {
         let rf = RefFile::open(&arch_dir(arch).join(case["file"].as_str().unwrap()));
-        let mix = mix_for(arch, case, &m);
+        let mix = mix_for(arch, case, m);
         let logits = prefill_logits(&m.model, &ids, &mix, LoraPath::Batched);
         for ((p, _), ours) in prompts.iter().zip(&logits) {
             let t = ours.dim(0).unwrap();
@@ -78,7 +94,7 @@ fn check_arch(arch: &str) {
             println!("{arch} case {} prompt {p}: max |Δlogit| last {d_last:.2e}, all positions {d_all:.2e}", case["id"]);
             assert!(d_last <= LOGIT_TOL && d_all <= LOGIT_TOL, "{arch} case {} prompt {p}: last {d_last}, all positions {d_all}", case["id"]);
         }
-        let got = greedy(&m, &ids, &mix, LoraPath::Batched, n_new);
+        let got = greedy(m, &ids, &mix, LoraPath::Batched, n_new);
         for ((p, _), got) in prompts.iter().zip(&got) {
             assert_eq!(got, &rf.ints(&format!("{p}.greedy_ids")), "{arch} case {} prompt {p}: greedy continuation differs", case["id"]);
         }
@@ -114,6 +130,21 @@ fn qwen2_matches_transformers() {
 #[test]
 fn qwen3_matches_transformers() {
     check_arch("qwen3");
+}
+
+#[test]
+fn llama3_from_gguf_matches_transformers() {
+    check_arch_via_gguf("llama");
+}
+
+#[test]
+fn qwen2_from_gguf_matches_transformers() {
+    check_arch_via_gguf("qwen2");
+}
+
+#[test]
+fn qwen3_from_gguf_matches_transformers() {
+    check_arch_via_gguf("qwen3");
 }
 
 #[test]

@@ -68,8 +68,8 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
         Some(v) => v.to_string()?.clone(),
         None => return Err(ModelError::Missing { key: "general.architecture".into(), what: "GGUF metadata".into() }),
     };
-    if !matches!(arch.as_str(), "llama" | "mistral") {
-        return Err(ModelError::Unsupported(format!("GGUF architecture `{arch}`; only Llama-family models are supported")));
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3") {
+        return Err(ModelError::Unsupported(format!("GGUF architecture `{arch}`; supported: llama, mistral, qwen2, qwen3")));
     }
     let get = |k: &str| -> Result<&Value> {
         let key = format!("{arch}.{k}");
@@ -103,8 +103,12 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
         rope_scaling: super::RopeScaling::None,
         max_position_embeddings: get("context_length").map_or(Ok(4096), |v| v.to_u32())? as usize,
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
-        // Llama GGUFs carry no bias or q/k-norm flags: their tensors would show them.
-        arch: super::config::Arch { name: arch.clone(), biased: Vec::new(), qk_norm: false },
+        // GGUF has no flags for biases or q/k norms: the tensors of the first block show them.
+        arch: super::config::Arch {
+            name: arch.clone(),
+            biased: Target::ALL.into_iter().filter(|&t| c.tensor_infos.contains_key(&tensor_name(ModuleId { layer: 0, target: t }).replace(".weight", ".bias"))).collect(),
+            qk_norm: c.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
+        },
     })
 }
 
@@ -202,6 +206,19 @@ pub fn packed_from_qtensor(q: &QTensor, src_row: impl Fn(usize) -> usize) -> Res
 }
 
 impl GgufSource {
+    /// The head count whose rows llama.cpp interleaved in this Q/K weight: its converter does
+    /// that for Llama-family files only (Qwen's rope pairs the halves as Hugging Face does).
+    fn qk_heads(&self, target: Target) -> Option<usize> {
+        if !matches!(self.cfg.arch.name.as_str(), "llama" | "mistral") {
+            return None;
+        }
+        match target {
+            Target::Q => Some(self.cfg.num_heads),
+            Target::K => Some(self.cfg.num_kv_heads),
+            _ => None,
+        }
+    }
+
     fn quantized_onto(&self, q: QTensor) -> Result<BaseWeight> {
         if self.device.is_cpu() {
             return BaseWeight::quantized(q);
@@ -222,7 +239,9 @@ impl WeightSource for GgufSource {
             n => n
                 .replace("model.layers.", "blk.")
                 .replace(".input_layernorm.", ".attn_norm.")
-                .replace(".post_attention_layernorm.", ".ffn_norm."),
+                .replace(".post_attention_layernorm.", ".ffn_norm.")
+                .replace(".self_attn.q_norm.", ".attn_q_norm.")
+                .replace(".self_attn.k_norm.", ".attn_k_norm."),
         };
         let w = self.dense(&gguf)?.to_dtype(DType::F32)?;
         if w.dims() != [len] {
@@ -233,15 +252,20 @@ impl WeightSource for GgufSource {
 
     fn bias(&mut self, id: ModuleId) -> Result<Tensor> {
         let name = tensor_name(id).replace(".weight", ".bias");
-        Err(ModelError::Unsupported(format!("GGUF projection biases (`{name}`) are not supported yet")))
+        let b = self.dense(&name)?.to_dtype(DType::F32)?;
+        let out = self.cfg.proj_dims(id.target).1;
+        if b.dims() != [out] {
+            return Err(ModelError::Invalid { path: self.path.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{out}]", b.dims()) });
+        }
+        let b = match self.qk_heads(id.target) {
+            Some(h) => unpermute_dense(&b.reshape((out, 1))?, h)?.reshape(out)?,
+            None => b,
+        };
+        Ok(b.to_device(&self.device)?)
     }
 
     fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight> {
-        let heads = match id.target {
-            Target::Q => Some(self.cfg.num_heads),
-            Target::K => Some(self.cfg.num_kv_heads),
-            _ => None,
-        };
+        let heads = self.qk_heads(id.target);
         let q = self.qtensor(&tensor_name(id))?;
         if format == WeightFormat::Packed {
             let rows = q.shape().dims2()?.0;

@@ -10,6 +10,7 @@ pub mod device;
 pub mod diffops;
 pub mod frozen;
 pub mod gguf;
+pub mod gguf_export;
 pub mod hf;
 pub mod kv_cache;
 pub mod linear;

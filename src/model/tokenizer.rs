@@ -17,6 +17,8 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokeni
 const TOKEN_TYPE_CONTROL: i32 = 3;
 /// The split regex of the Llama 3 family (`tokenizer.ggml.pre = llama-bpe`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split: Llama 3's with every digit its own piece.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A chat message as templates see it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -192,12 +194,15 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
             PreTokenizerWrapper::Digits(Digits::new(true)),
             byte_level(true),
         ])),
-        "llama-bpe" | "llama3" | "llama-v3" => {
-            let split = Split::new(SplitPattern::Regex(LLAMA3_SPLIT.into()), SplitDelimiterBehavior::Isolated, false)
+        "llama-bpe" | "llama3" | "llama-v3" | "qwen2" => {
+            let pattern = if pre == "qwen2" { QWEN2_SPLIT } else { LLAMA3_SPLIT };
+            let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
                 .map_err(tok_err)?;
             PreTokenizerWrapper::Sequence(Sequence::new(vec![PreTokenizerWrapper::Split(split), byte_level(false)]))
         }
         // GPT-2's own regex, which ByteLevel applies itself.
-        _ => byte_level(true),
+        "default" | "gpt2" => byte_level(true),
+        // Another split would tokenize differently: refused rather than guessed.
+        other => return Err(ModelError::Unsupported(format!("GGUF pre-tokenizer `tokenizer.ggml.pre` = `{other}`; supported: default, gpt2, smollm, llama-bpe, llama3, qwen2"))),
     })
 }

@@ -1,0 +1,173 @@
+//! Writes a Hugging Face folder as an f32 GGUF file in llama.cpp's conventions (its tensor names,
+//! Llama's Q/K rows interleaved per head, Llama 3 rope scaling as `rope_freqs.weight`, the
+//! byte-level BPE vocabulary as `tokenizer.ggml.*`): so that the GGUF loader is tested against
+//! the same reference outputs as the folder it came from, and users can convert a folder.
+
+use super::config::{LlamaConfig, RopeScaling};
+use super::{ModelError, ModuleId, Result, Target};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+fn invalid(path: &Path, reason: impl Into<String>) -> ModelError {
+    ModelError::Invalid { path: path.display().to_string(), reason: reason.into() }
+}
+
+/// The GGUF name of a projection's tensor (`weight` or `bias`).
+fn proj_name(id: ModuleId, what: &str) -> String {
+    super::gguf::tensor_name(id).replace(".weight", &format!(".{what}"))
+}
+
+/// HF rows of a Q/K weight (or bias) in llama.cpp's order: GGUF row `2i + j` of a head is HF
+/// row `j · hd/2 + i` (the inverse of the loader's un-permutation).
+fn permute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let (out, rest) = (dims[0], w.elem_count() / dims[0]);
+    let hd = out / heads;
+    Ok(w.reshape((heads, 2, hd / 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+/// `tokenizer.json`'s byte-level BPE as GGUF metadata, with the pre-tokenizer named `pre`.
+fn tokenizer_metadata(dir: &Path, pre: &str) -> Result<Vec<(String, Value)>> {
+    let path = dir.join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
+    let tok: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(&path, e.to_string()))?;
+    if tok["model"]["type"] != "BPE" {
+        return Err(ModelError::Unsupported(format!("tokenizer model `{}`; only byte-level BPE converts", tok["model"]["type"])));
+    }
+    let vocab = tok["model"]["vocab"].as_object().ok_or_else(|| invalid(&path, "no model.vocab"))?;
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (t, id) in vocab {
+        let id = id.as_u64().map(|i| i as usize).filter(|&i| i < tokens.len()).ok_or_else(|| invalid(&path, format!("bad id for `{t}`")))?;
+        tokens[id] = t.clone();
+    }
+    let mut types = vec![1i32; tokens.len()];
+    for added in tok["added_tokens"].as_array().into_iter().flatten() {
+        if let (Some(id), true) = (added["id"].as_u64(), added["special"].as_bool() == Some(true)) {
+            if let Some(t) = types.get_mut(id as usize) {
+                *t = 3; // control
+            }
+        }
+    }
+    let merges: Vec<Value> = tok["model"]["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Ok(Value::String(s.clone())),
+            serde_json::Value::Array(p) if p.len() == 2 => Ok(Value::String(format!("{} {}", p[0].as_str().unwrap_or_default(), p[1].as_str().unwrap_or_default()))),
+            other => Err(invalid(&path, format!("bad merge {other}"))),
+        })
+        .collect::<Result<_>>()?;
+    let tcfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    let id_of = |key: &str| -> Option<u32> {
+        let name = match &tcfg[key] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Object(o) => o.get("content")?.as_str()?.to_string(),
+            _ => return None,
+        };
+        vocab.get(&name).and_then(|v| v.as_u64()).map(|v| v as u32)
+    };
+    let mut meta = vec![
+        ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".to_string(), Value::String(pre.into())),
+        ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type".to_string(), Value::Array(types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+        ("tokenizer.ggml.add_bos_token".to_string(), Value::Bool(tcfg["add_bos_token"].as_bool().unwrap_or(false))),
+    ];
+    for (key, gguf) in [("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")] {
+        if let Some(id) = id_of(key) {
+            meta.push((gguf.to_string(), Value::U32(id)));
+        }
+    }
+    if let Some(t) = tcfg["chat_template"].as_str() {
+        meta.push(("tokenizer.chat_template".to_string(), Value::String(t.into())));
+    }
+    Ok(meta)
+}
+
+/// Writes the folder `dir` as an f32 GGUF at `out`; `pre` names its pre-tokenizer
+/// (`tokenizer.ggml.pre`, e.g. `gpt2`, `qwen2`, `llama-bpe`).
+pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
+    let cfg = super::hf::read_config(dir)?;
+    let arch = cfg.arch.name.clone();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|source| ModelError::Io { path: dir.display().to_string(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    for f in &files {
+        tensors.extend(candle_core::safetensors::load(f, &Device::Cpu)?);
+    }
+    let mut take = |name: &str| -> Result<Tensor> {
+        Ok(tensors.remove(name).ok_or_else(|| ModelError::Missing { key: name.into(), what: dir.display().to_string() })?.to_dtype(DType::F32)?)
+    };
+    let interleave = matches!(arch.as_str(), "llama" | "mistral");
+    let mut out_tensors: Vec<(String, Tensor)> = vec![("token_embd.weight".into(), take("model.embed_tokens.weight")?), ("output_norm.weight".into(), take("model.norm.weight")?)];
+    if !cfg.tie_word_embeddings {
+        out_tensors.push(("output.weight".into(), take("lm_head.weight")?));
+    }
+    for layer in 0..cfg.num_layers {
+        let p = format!("model.layers.{layer}");
+        out_tensors.push((format!("blk.{layer}.attn_norm.weight"), take(&format!("{p}.input_layernorm.weight"))?));
+        out_tensors.push((format!("blk.{layer}.ffn_norm.weight"), take(&format!("{p}.post_attention_layernorm.weight"))?));
+        if cfg.arch.qk_norm {
+            out_tensors.push((format!("blk.{layer}.attn_q_norm.weight"), take(&format!("{p}.self_attn.q_norm.weight"))?));
+            out_tensors.push((format!("blk.{layer}.attn_k_norm.weight"), take(&format!("{p}.self_attn.k_norm.weight"))?));
+        }
+        for target in Target::ALL {
+            let id = ModuleId { layer, target };
+            let heads = match target {
+                Target::Q if interleave => Some(cfg.num_heads),
+                Target::K if interleave => Some(cfg.num_kv_heads),
+                _ => None,
+            };
+            let mut parts = vec![("weight", take(&format!("{id}.weight"))?)];
+            if cfg.arch.has_bias(target) {
+                parts.push(("bias", take(&format!("{id}.bias"))?));
+            }
+            for (what, t) in parts {
+                let t = match heads {
+                    Some(h) => permute_rows(&t, h)?,
+                    None => t,
+                };
+                out_tensors.push((proj_name(id, what), t));
+            }
+        }
+    }
+    if cfg.rope_scaling != RopeScaling::None {
+        let plain = LlamaConfig { rope_scaling: RopeScaling::None, ..cfg.clone() }.inv_freq();
+        let divisors: Vec<f32> = plain.iter().zip(cfg.inv_freq()).map(|(p, s)| p / s).collect();
+        let n = divisors.len();
+        out_tensors.push(("rope_freqs.weight".into(), Tensor::from_vec(divisors, n, &Device::Cpu)?));
+    }
+    let u32v = |v: usize| Value::U32(v as u32);
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.clone())),
+        ("general.name".into(), Value::String(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())),
+        (format!("{arch}.block_count"), u32v(cfg.num_layers)),
+        (format!("{arch}.context_length"), u32v(cfg.max_position_embeddings)),
+        (format!("{arch}.embedding_length"), u32v(cfg.hidden_size)),
+        (format!("{arch}.feed_forward_length"), u32v(cfg.intermediate_size)),
+        (format!("{arch}.attention.head_count"), u32v(cfg.num_heads)),
+        (format!("{arch}.attention.head_count_kv"), u32v(cfg.num_kv_heads)),
+        (format!("{arch}.attention.key_length"), u32v(cfg.head_dim)),
+        (format!("{arch}.attention.value_length"), u32v(cfg.head_dim)),
+        (format!("{arch}.rope.dimension_count"), u32v(cfg.head_dim)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
+        (format!("{arch}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
+        (format!("{arch}.vocab_size"), u32v(cfg.vocab_size)),
+    ];
+    meta.extend(tokenizer_metadata(dir, pre)?);
+    let q: Vec<(String, QTensor)> = out_tensors.into_iter().map(|(n, t)| Ok((n, QTensor::quantize(&t, GgmlDType::F32)?))).collect::<Result<_>>()?;
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(out).map_err(|source| ModelError::Io { path: out.display().to_string(), source })?;
+    candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
+    Ok(())
+}
