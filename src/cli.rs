@@ -245,6 +245,10 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         bail!("training needs dense base weights (--dtype f32 or bf16)");
     }
     let mut loaded = load_model(&cfg.model, format, &device).with_context(|| format!("loading `{}`", cfg.model))?;
+    if loaded.model.cfg.arch.fused {
+        // The trainer writes one PEFT module per projection; a fused module needs one A.
+        bail!("training on `{}` (fused projections) is not supported yet; serving is", loaded.model.cfg.arch.name);
+    }
     let o = crate::train::trainer::train(&mut loaded.model, &loaded.tokenizer, &cfg, !args.quiet)?;
     let tokens: usize = o.log.iter().map(|l| l.tokens).sum();
     println!(

@@ -50,8 +50,8 @@ fn norms_and_silu_mul_equal_their_compositions() {
 fn the_fused_forward_equals_the_composed_forward() {
     for (model, cfg) in tiny_all() {
         let dir = tempfile::tempdir().unwrap();
-        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "v_proj", "down_proj"]), 1);
-        let b = tiny_adapter(dir.path(), "b", &cfg, lora_config(8, 4.0, &["o_proj", "gate_proj", "k_proj"]), 2);
+        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj", "down_proj"]), 1);
+        let b = tiny_adapter(dir.path(), "b", &cfg, lora_config_for(&cfg, 8, 4.0, &["o_proj", "gate_proj", "k_proj"]), 2);
         let mixes = [AdapterMix::single(a.clone(), 1.0), AdapterMix::default(), AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.5 }, MixEntry { adapter: b, scale: -1.5 }])];
         let prompts: Vec<Vec<u32>> = vec![(0..37).map(|i| (i * 7 % 64) as u32).collect(), vec![5], vec![9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12, 13, 14, 15, 16, 17, 18]];
         let refs: Vec<&AdapterMix> = mixes.iter().collect();

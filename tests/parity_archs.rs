@@ -132,6 +132,12 @@ fn qwen3_matches_transformers() {
     check_arch("qwen3");
 }
 
+/// Phi-3: fused `qkv_proj` and `gate_up_proj`, whose PEFT B rows span the fused output.
+#[test]
+fn phi3_matches_transformers() {
+    check_arch("phi3");
+}
+
 #[test]
 fn llama3_from_gguf_matches_transformers() {
     check_arch_via_gguf("llama");
@@ -149,7 +155,7 @@ fn qwen3_from_gguf_matches_transformers() {
 
 #[test]
 fn families_not_yet_described_are_refused_by_name() {
-    for arch in ["gemma3", "phi3", "bloom"] {
+    for arch in ["gemma3", "bloom"] {
         check_refused(arch);
     }
 }

@@ -35,7 +35,7 @@ fn prompts() -> Vec<Vec<u32>> {
 fn zero_scale_is_bit_for_bit_the_base() {
     for (model, cfg) in tiny_all() {
         let dir = tempfile::tempdir().unwrap();
-        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "v_proj", "down_proj"]), 1);
+        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj", "down_proj"]), 1);
         let prompt = &prompts()[0];
         let base = logits_alone(&model, prompt, &AdapterMix::default(), true);
         for batched in [true, false] {
@@ -51,19 +51,19 @@ fn zero_scale_is_bit_for_bit_the_base() {
 fn zero_b_is_bit_for_bit_the_base() {
     for (model, cfg) in tiny_all() {
         let dir = tempfile::tempdir().unwrap();
-        let json = lora_config(4, 8.0, &["q_proj", "o_proj", "up_proj"]);
+        let json = lora_config_for(&cfg, 4, 8.0, &["q_proj", "o_proj", "up_proj"]);
         let config = loraplex::adapters::PeftConfig::from_json(&json.to_string()).unwrap();
-        let weights: Vec<_> = ModuleId::all(cfg.num_layers)
-            .filter(|id| config.targets(*id))
-            .map(|id| {
-                let (fan_in, fan_out) = cfg.proj_dims(id.target);
+        let weights: Vec<_> = stored_modules(&cfg)
+            .into_iter()
+            .filter(|(path, layer, _, _)| config.targets_module(path, *layer))
+            .map(|(path, _, fan_in, fan_out)| {
                 let a = Tensor::ones((4, fan_in), candle_core::DType::F32, &Device::Cpu).unwrap();
                 let b = Tensor::zeros((fan_out, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
-                (id, a, b)
+                (path, a, b)
             })
             .collect();
         let path = dir.path().join("zero-b");
-        loraplex::adapters::writer::save_adapter(&path, &config, &weights).unwrap();
+        loraplex::adapters::writer::save_modules(&path, &config, &weights, &[]).unwrap();
         let adapter = std::sync::Arc::new(loraplex::adapters::load_adapter(&path, "zero-b", &cfg, &Device::Cpu).unwrap());
         let prompt = &prompts()[2];
         let base = logits_alone(&model, prompt, &AdapterMix::default(), true);
@@ -78,8 +78,8 @@ fn zero_b_is_bit_for_bit_the_base() {
 fn layer_deltas_are_linear_in_the_scales() {
     let (_, cfg) = tiny();
     let dir = tempfile::tempdir().unwrap();
-    let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj"]), 1);
-    let b = tiny_adapter(dir.path(), "b", &cfg, lora_config(2, 3.0, &["q_proj", "k_proj"]), 2);
+    let a = tiny_adapter(dir.path(), "a", &cfg, lora_config_for(&cfg, 4, 8.0, &["q_proj"]), 1);
+    let b = tiny_adapter(dir.path(), "b", &cfg, lora_config_for(&cfg, 2, 3.0, &["q_proj", "k_proj"]), 2);
     let x = Tensor::randn(0f32, 1.0, (3, cfg.hidden_size), &Device::Cpu).unwrap();
     let id = ModuleId { layer: 1, target: Target::Q };
     let delta = |mix: AdapterMix, batched: bool| {
@@ -107,7 +107,7 @@ fn layer_deltas_are_linear_in_the_scales() {
 fn merged_weights_equal_the_unmerged_paths() {
     for (model, cfg) in tiny_all() {
         let dir = tempfile::tempdir().unwrap();
-        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "v_proj", "gate_proj"]), 1);
+        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj", "gate_proj"]), 1);
         let b = tiny_adapter(dir.path(), "b", &cfg, serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_rslora": true, "target_modules": "all-linear"}), 2);
         let mix = AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.6 }, MixEntry { adapter: b, scale: -0.4 }]);
         let prompt = &prompts()[2];
@@ -126,8 +126,8 @@ fn merged_weights_equal_the_unmerged_paths() {
 fn a_row_in_a_mixed_batch_equals_the_row_alone() {
     for (model, cfg) in tiny_all() {
         let dir = tempfile::tempdir().unwrap();
-        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "v_proj"]), 1);
-        let b = tiny_adapter(dir.path(), "b", &cfg, lora_config(8, 4.0, &["o_proj", "up_proj", "down_proj"]), 2);
+        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj"]), 1);
+        let b = tiny_adapter(dir.path(), "b", &cfg, lora_config_for(&cfg, 8, 4.0, &["o_proj", "up_proj", "down_proj"]), 2);
         let c = tiny_adapter(dir.path(), "c", &cfg, serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "use_rslora": true, "target_modules": "all-linear"}), 3);
         let mixes = [
             AdapterMix::single(a.clone(), 1.0),
@@ -169,8 +169,8 @@ fn a_row_in_a_mixed_batch_equals_the_row_alone() {
 fn batched_fast_path_agrees_with_the_per_row_reference() {
     for (model, cfg) in tiny_all() {
         let dir = tempfile::tempdir().unwrap();
-        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "k_proj", "v_proj", "o_proj"]), 1);
-        let b = tiny_adapter(dir.path(), "b", &cfg, lora_config(16, 16.0, &["gate_proj", "up_proj", "down_proj", "q_proj"]), 2);
+        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config_for(&cfg, 4, 8.0, &["q_proj", "k_proj", "v_proj", "o_proj"]), 1);
+        let b = tiny_adapter(dir.path(), "b", &cfg, lora_config_for(&cfg, 16, 16.0, &["gate_proj", "up_proj", "down_proj", "q_proj"]), 2);
         let mixes = [AdapterMix::single(a.clone(), 2.0), AdapterMix::single(b.clone(), -1.0), AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.5 }, MixEntry { adapter: b, scale: 0.5 }]), AdapterMix::default()];
         let refs: Vec<&AdapterMix> = mixes.iter().collect();
         let mut input = BatchInput::default();

@@ -269,27 +269,40 @@ impl PeftConfig {
 
     /// Whether the adapter targets this module (target list/regex, exclusions, layer filter).
     pub fn targets(&self, id: ModuleId) -> bool {
-        let name = id.to_string();
-        self.target_modules.matches(&name)
-            && !self.exclude_modules.as_ref().is_some_and(|e| e.matches(&name))
-            && self.layers_to_transform.as_ref().is_none_or(|ls| ls.contains(&id.layer))
+        self.targets_module(&id.to_string(), id.layer)
+    }
+
+    /// Whether the module at full path `name` (in layer `layer`) is adapted.
+    pub fn targets_module(&self, name: &str, layer: usize) -> bool {
+        self.target_modules.matches(name)
+            && !self.exclude_modules.as_ref().is_some_and(|e| e.matches(name))
+            && self.layers_to_transform.as_ref().is_none_or(|ls| ls.contains(&layer))
     }
 
     /// `(r, alpha)` for a module after `rank_pattern` / `alpha_pattern` (first match wins).
     pub fn rank_alpha(&self, id: ModuleId) -> (usize, f64) {
-        let name = id.to_string();
-        let r = self.rank_pattern.iter().find(|(k, _)| k.is_match(&name)).map_or(self.r, |p| p.1);
-        let alpha = self.alpha_pattern.iter().find(|(k, _)| k.is_match(&name)).map_or(self.lora_alpha, |p| p.1);
+        self.rank_alpha_module(&id.to_string())
+    }
+
+    /// [`PeftConfig::rank_alpha`] by the module's full path.
+    pub fn rank_alpha_module(&self, name: &str) -> (usize, f64) {
+        let r = self.rank_pattern.iter().find(|(k, _)| k.is_match(name)).map_or(self.r, |p| p.1);
+        let alpha = self.alpha_pattern.iter().find(|(k, _)| k.is_match(name)).map_or(self.lora_alpha, |p| p.1);
         (r, alpha)
     }
 
     /// List entries that name no projection of a model with `num_layers` layers (PEFT refuses
     /// a config whose targets match nothing, and a typo would otherwise load as a no-op).
     pub fn unknown_list_targets(&self, num_layers: usize) -> Vec<String> {
+        let names: Vec<String> = ModuleId::all(num_layers).map(|m| m.to_string()).collect();
+        self.unknown_among(&names)
+    }
+
+    /// List entries that match none of the module paths `names`.
+    pub fn unknown_among(&self, names: &[String]) -> Vec<String> {
         let ModuleSelector::List(items) = &self.target_modules else {
             return Vec::new();
         };
-        let names: Vec<String> = ModuleId::all(num_layers).map(|m| m.to_string()).collect();
         items
             .iter()
             .filter(|t| !names.iter().any(|n| ModuleSelector::List(vec![(*t).clone()]).matches(n)))

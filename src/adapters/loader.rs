@@ -26,7 +26,13 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
     let text = read(&dir.join(CONFIG_FILE))?;
     let text = String::from_utf8(text).map_err(|_| AdapterError::ConfigJson("not valid UTF-8".into()))?;
     let config = PeftConfig::from_json(&text)?;
-    let unknown = config.unknown_list_targets(cfg.num_layers);
+    // PEFT names a fused projection by its stored module (`qkv_proj`): target and scale by that.
+    let module_paths: Vec<String> = {
+        let mut v: Vec<String> = ModuleId::all(cfg.num_layers).map(|id| cfg.stored_module(id).path).collect();
+        v.dedup();
+        v
+    };
+    let unknown = config.unknown_among(&module_paths);
     if !unknown.is_empty() {
         return Err(AdapterError::Unsupported(format!(
             "`target_modules` entries {unknown:?} name no linear layer of the base model"
@@ -34,12 +40,14 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
     }
     // The most tensor data this config can need (every tensor in f64): anything larger is
     // refused from its header, before the file is read.
+    let targeted = |id: &ModuleId| config.targets_module(&cfg.stored_module(*id).path, id.layer);
     let max_data: u64 = ModuleId::all(cfg.num_layers)
-        .filter(|id| config.targets(*id))
+        .filter(targeted)
         .map(|id| {
-            let (r, _) = config.rank_alpha(id);
-            let (fan_in, fan_out) = cfg.proj_dims(id.target);
-            ((r * fan_in + fan_out * r) * 8) as u64
+            let m = cfg.stored_module(id);
+            let (r, _) = config.rank_alpha_module(&m.path);
+            let fan_in = cfg.proj_dims(id.target).0;
+            ((r * fan_in + m.out * r) * 8) as u64
         })
         .sum();
     super::header::check_file(&dir.join(WEIGHTS_FILE), max_data)?;
@@ -47,13 +55,18 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
     let st = SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Weights(format!("unreadable safetensors: {e}")))?;
     let mut expected = BTreeSet::new();
     let mut modules = vec![None; ModuleId::count(cfg.num_layers)];
-    for id in ModuleId::all(cfg.num_layers).filter(|id| config.targets(*id)) {
-        let (r, alpha) = config.rank_alpha(id);
-        let (fan_in, fan_out) = cfg.proj_dims(id.target);
-        let a = tensor(&st, &peft_key(id, "A"), (r, fan_in), device)?;
-        let b = tensor(&st, &peft_key(id, "B"), (fan_out, r), device)?;
-        expected.insert(peft_key(id, "A"));
-        expected.insert(peft_key(id, "B"));
+    for id in ModuleId::all(cfg.num_layers).filter(targeted) {
+        let m = cfg.stored_module(id);
+        let (r, alpha) = config.rank_alpha_module(&m.path);
+        let fan_in = cfg.proj_dims(id.target).0;
+        let key = |which: &str| format!("base_model.model.{}.lora_{which}.weight", m.path);
+        let a = tensor(&st, &key("A"), (r, fan_in), device)?;
+        // A fused module's B spans the whole stored output: this projection takes its rows,
+        // and shares A with the module's other parts, as PEFT computes B (A x) over all rows.
+        let b = tensor(&st, &key("B"), (m.out, r), device)?;
+        let b = if m.rows.len() == m.out { b } else { b.narrow(0, m.rows.start, m.rows.len())?.contiguous()? };
+        expected.insert(key("A"));
+        expected.insert(key("B"));
                 modules[id.index()] = Some(LoraWeights::new(a, b, alpha, config.use_rslora)?);
     }
     if expected.is_empty() {

@@ -2,7 +2,7 @@
 //! PEFT's key names, written into a temporary sibling folder and renamed into place so that a
 //! watcher never sees a half-written adapter.
 
-use super::loader::{peft_key, CONFIG_FILE, WEIGHTS_FILE};
+use super::loader::{CONFIG_FILE, WEIGHTS_FILE};
 use super::{AdapterError, PeftConfig};
 use crate::model::ModuleId;
 use candle_core::Tensor;
@@ -21,6 +21,13 @@ pub fn save_adapter(dir: &Path, config: &PeftConfig, weights: &[(ModuleId, Tenso
 
 /// [`save_adapter`] plus extra files (model card, logs, plots) written before the rename.
 pub fn save_adapter_with(dir: &Path, config: &PeftConfig, weights: &[(ModuleId, Tensor, Tensor)], extra: &[(&str, Vec<u8>)]) -> Result<(), AdapterError> {
+    let by_path: Vec<(String, Tensor, Tensor)> = weights.iter().map(|(id, a, b)| (id.to_string(), a.clone(), b.clone())).collect();
+    save_modules(dir, config, &by_path, extra)
+}
+
+/// [`save_adapter_with`] keyed by stored module path (`model.layers.0.self_attn.qkv_proj`), for
+/// models whose PEFT modules are fused projections.
+pub fn save_modules(dir: &Path, config: &PeftConfig, weights: &[(String, Tensor, Tensor)], extra: &[(&str, Vec<u8>)]) -> Result<(), AdapterError> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
@@ -30,9 +37,9 @@ pub fn save_adapter_with(dir: &Path, config: &PeftConfig, weights: &[(ModuleId, 
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (id, a, b) in weights {
-        tensors.insert(peft_key(*id, "A"), a.contiguous()?);
-        tensors.insert(peft_key(*id, "B"), b.contiguous()?);
+    for (path, a, b) in weights {
+        tensors.insert(format!("base_model.model.{path}.lora_A.weight"), a.contiguous()?);
+        tensors.insert(format!("base_model.model.{path}.lora_B.weight"), b.contiguous()?);
     }
     candle_core::safetensors::save(&tensors, tmp.join(WEIGHTS_FILE))?;
     let json = serde_json::to_string_pretty(&config.to_peft_json()).map_err(|e| AdapterError::ConfigJson(e.to_string()))?;

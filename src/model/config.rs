@@ -32,11 +32,25 @@ pub struct Arch {
     pub biased: Vec<super::Target>,
     /// Per-head RMS norms on q and k before rope (Qwen3).
     pub qk_norm: bool,
+    /// q, k and v stored as one `qkv_proj` (rows `[q | k | v]`), and gate and up as one
+    /// `gate_up_proj` (rows `[gate | up]`), as Phi-3 does: the model splits the weights into
+    /// its seven projections, and a PEFT adapter on a fused module is split the same way.
+    pub fused: bool,
+}
+
+/// Where a projection lives in the checkpoint and in PEFT: its module path and, for a fused
+/// module, which of its output rows are this projection's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredModule {
+    pub path: String,
+    pub rows: std::ops::Range<usize>,
+    /// Rows of the whole stored module.
+    pub out: usize,
 }
 
 impl Arch {
     pub fn llama() -> Self {
-        Self { name: "llama".into(), biased: Vec::new(), qk_norm: false }
+        Self { name: "llama".into(), biased: Vec::new(), qk_norm: false, fused: false }
     }
 
     pub fn has_bias(&self, t: super::Target) -> bool {
@@ -117,13 +131,30 @@ impl LlamaConfig {
     /// run over, so that each description keeps them.
     pub fn tiny_families() -> Vec<Self> {
         use super::Target::*;
-        let with = |name: &str, biased: Vec<super::Target>, qk_norm: bool| Self { arch: Arch { name: name.into(), biased, qk_norm }, ..Self::tiny() };
+        let with = |name: &str, biased: Vec<super::Target>, qk_norm: bool, fused: bool| Self { arch: Arch { name: name.into(), biased, qk_norm, fused }, ..Self::tiny() };
         vec![
             Self::tiny(),
-            with("qwen2", vec![Q, K, V], false),
-            with("qwen3", Vec::new(), true),
-            with("llama", super::Target::ALL.to_vec(), false),
+            with("qwen2", vec![Q, K, V], false, false),
+            with("qwen3", Vec::new(), true, false),
+            with("phi3", Vec::new(), false, true),
+            with("llama", super::Target::ALL.to_vec(), false, false),
         ]
+    }
+
+    /// The stored (and PEFT) module that holds projection `id`.
+    pub fn stored_module(&self, id: super::ModuleId) -> StoredModule {
+        use super::Target::*;
+        let (q, kv, ff) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size);
+        let out = self.proj_dims(id.target).1;
+        let fused = |name: &str, rows: std::ops::Range<usize>, out: usize| StoredModule { path: format!("model.layers.{}.{}.{name}", id.layer, id.target.parent()), rows, out };
+        match id.target {
+            Q if self.arch.fused => fused("qkv_proj", 0..q, q + 2 * kv),
+            K if self.arch.fused => fused("qkv_proj", q..q + kv, q + 2 * kv),
+            V if self.arch.fused => fused("qkv_proj", q + kv..q + 2 * kv, q + 2 * kv),
+            Gate if self.arch.fused => fused("gate_up_proj", 0..ff, 2 * ff),
+            Up if self.arch.fused => fused("gate_up_proj", ff..2 * ff, 2 * ff),
+            _ => StoredModule { path: id.to_string(), rows: 0..out, out },
+        }
     }
 
     /// Input and output width of a projection, as `(in, out)`.

@@ -56,13 +56,14 @@ fn arch_from_hf(raw: &serde_json::Value) -> Result<Arch> {
             false
         }
         "qwen3" => true,
-        other => return Err(ModelError::Unsupported(format!("model_type `{other}`; supported: llama, mistral, qwen2, qwen3"))),
+        "phi3" => false,
+        other => return Err(ModelError::Unsupported(format!("model_type `{other}`; supported: llama, mistral, qwen2, qwen3, phi3"))),
     };
     if let Some(act) = raw.get("hidden_act").and_then(|v| v.as_str()).filter(|a| *a != "silu") {
         return Err(ModelError::Unsupported(format!("`hidden_act` `{act}` is not supported for model_type `{model_type}` (only silu)")));
     }
     refuse_sliding_windows(raw, model_type)?;
-    Ok(Arch { name: model_type.to_string(), biased, qk_norm })
+    Ok(Arch { name: model_type.to_string(), biased, qk_norm, fused: model_type == "phi3" })
 }
 
 /// Sliding-window attention is not computed yet: a config whose window can take effect is
@@ -137,7 +138,14 @@ impl WeightSource for HfSource {
     }
 
     fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight> {
-        dense_to_base(self.get(&format!("{id}.weight"))?, format, &self.device)
+        let m = self.cfg.stored_module(id);
+        let name = format!("{}.weight", m.path);
+        let w = self.get(&name)?;
+        let fan_in = self.cfg.proj_dims(id.target).0;
+        if w.dims() != [m.out, fan_in] {
+            return Err(ModelError::Invalid { path: self.dir.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{}, {fan_in}]", w.dims(), m.out) });
+        }
+        dense_to_base(w.narrow(0, m.rows.start, m.rows.len())?.contiguous()?, format, &self.device)
     }
 
     fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight> {

@@ -23,19 +23,53 @@ pub fn tiny_all() -> Vec<(Llama, LlamaConfig)> {
     LlamaConfig::tiny_families().into_iter().map(|cfg| (Llama::random(cfg.clone(), 7, &Device::Cpu).unwrap(), cfg)).collect()
 }
 
+/// The stored (PEFT) modules of `cfg` as `(path, layer, in, out)`: a fused module once.
+pub fn stored_modules(cfg: &LlamaConfig) -> Vec<(String, usize, usize, usize)> {
+    let mut out: Vec<(String, usize, usize, usize)> = Vec::new();
+    for id in ModuleId::all(cfg.num_layers) {
+        let m = cfg.stored_module(id);
+        if out.last().is_none_or(|l| l.0 != m.path) {
+            out.push((m.path, id.layer, cfg.proj_dims(id.target).0, m.out));
+        }
+    }
+    out
+}
+
+/// Projection names as `cfg`'s checkpoint spells them (`q_proj` → `qkv_proj` where fused).
+pub fn targets_for(cfg: &LlamaConfig, names: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for n in names {
+        let n = match (*n, cfg.arch.fused) {
+            ("q_proj" | "k_proj" | "v_proj", true) => "qkv_proj",
+            ("gate_proj" | "up_proj", true) => "gate_up_proj",
+            (n, _) => n,
+        };
+        if !out.iter().any(|o| o == n) {
+            out.push(n.to_string());
+        }
+    }
+    out
+}
+
+/// [`lora_config`] with the targets spelled for `cfg`.
+pub fn lora_config_for(cfg: &LlamaConfig, r: usize, alpha: f64, targets: &[&str]) -> serde_json::Value {
+    serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets_for(cfg, targets), "bias": "none"})
+}
+
 /// Writes a PEFT folder with random non-zero A and B for the modules `config_json` selects.
 pub fn write_random_adapter(dir: &Path, cfg: &LlamaConfig, config_json: &serde_json::Value, seed: u64) {
     let config = PeftConfig::from_json(&config_json.to_string()).unwrap();
     let mut src = RandomSource::new(cfg.clone(), seed, Device::Cpu);
-    let weights: Vec<(ModuleId, Tensor, Tensor)> = ModuleId::all(cfg.num_layers)
-        .filter(|id| config.targets(*id))
-        .map(|id| {
-            let (r, _) = config.rank_alpha(id);
-            let (fan_in, fan_out) = cfg.proj_dims(id.target);
-            (id, src.uniform((r, fan_in), 0.5).unwrap(), src.uniform((fan_out, r), 0.5).unwrap())
+    let weights: Vec<(String, Tensor, Tensor)> = stored_modules(cfg)
+        .into_iter()
+        .filter(|(path, layer, _, _)| config.targets_module(path, *layer))
+        .map(|(path, _, fan_in, fan_out)| {
+            let (r, _) = config.rank_alpha_module(&path);
+            let (a, b) = (src.uniform((r, fan_in), 0.5).unwrap(), src.uniform((fan_out, r), 0.5).unwrap());
+            (path, a, b)
         })
         .collect();
-    loraplex::adapters::writer::save_adapter(dir, &config, &weights).unwrap();
+    loraplex::adapters::writer::save_modules(dir, &config, &weights, &[]).unwrap();
     // Keep the caller's exact JSON (it may carry fields the writer does not emit).
     std::fs::write(dir.join("adapter_config.json"), config_json.to_string()).unwrap();
 }
