@@ -36,6 +36,35 @@ pub struct Arch {
     /// `gate_up_proj` (rows `[gate | up]`), as Phi-3 does: the model splits the weights into
     /// its seven projections, and a PEFT adapter on a fused module is split the same way.
     pub fused: bool,
+    /// Norms on the attention and MLP outputs before their residual adds (Gemma 3's
+    /// `post_attention_layernorm` / `post_feedforward_layernorm`).
+    pub sandwich_norms: bool,
+    /// Embeddings multiplied by √hidden (Gemma).
+    pub embed_scale: bool,
+    /// The gated MLP's activation: `down(act(gate) · up)`.
+    pub activation: Activation,
+    /// Attention scores scaled by `query_pre_attn_scalar^-1/2` instead of `head_dim^-1/2`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Per layer: the sliding window (keys a query sees, itself included) or `None` for full
+    /// attention.
+    pub windows: Vec<Option<usize>>,
+    /// The rope base of sliding-window layers, where it differs from the global one (Gemma 3).
+    pub local_rope_theta: Option<f64>,
+}
+
+/// The activation of a gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl Arch {
+    /// The window of `layer` (`None`: full causal attention).
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.windows.get(layer).copied().flatten()
+    }
 }
 
 /// Where a projection lives in the checkpoint and in PEFT: its module path and, for a fused
@@ -50,7 +79,18 @@ pub struct StoredModule {
 
 impl Arch {
     pub fn llama() -> Self {
-        Self { name: "llama".into(), biased: Vec::new(), qk_norm: false, fused: false }
+        Self {
+            name: "llama".into(),
+            biased: Vec::new(),
+            qk_norm: false,
+            fused: false,
+            sandwich_norms: false,
+            embed_scale: false,
+            activation: Activation::Silu,
+            query_pre_attn_scalar: None,
+            windows: Vec::new(),
+            local_rope_theta: None,
+        }
     }
 
     pub fn has_bias(&self, t: super::Target) -> bool {
@@ -69,6 +109,8 @@ pub enum RopeScaling {
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
     /// One divisor per frequency, as GGUF files store Llama 3.x scaling (`rope_freqs.weight`).
     Divisors(Vec<f32>),
+    /// Every frequency divided by `factor` (`rope_type: "linear"`, position interpolation).
+    Linear(f64),
 }
 
 impl LlamaConfig {
@@ -80,6 +122,7 @@ impl LlamaConfig {
         match &self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Divisors(d) => base.iter().zip(d.iter().chain(std::iter::repeat(&1.0))).map(|(f, d)| f / d).collect(),
+            &RopeScaling::Linear(factor) => base.iter().map(|f| f / factor as f32).collect(),
             &RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
                 let (factor, low, high, old) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, old as f32);
                 let (low_wavelen, high_wavelen) = (old / low, old / high);
@@ -131,13 +174,25 @@ impl LlamaConfig {
     /// run over, so that each description keeps them.
     pub fn tiny_families() -> Vec<Self> {
         use super::Target::*;
-        let with = |name: &str, biased: Vec<super::Target>, qk_norm: bool, fused: bool| Self { arch: Arch { name: name.into(), biased, qk_norm, fused }, ..Self::tiny() };
+        let with = |name: &str, biased: Vec<super::Target>, qk_norm: bool, fused: bool| Self { arch: Arch { name: name.into(), biased, qk_norm, fused, ..Arch::llama() }, ..Self::tiny() };
+        let gemma = Arch {
+            name: "gemma3_text".into(),
+            qk_norm: true,
+            sandwich_norms: true,
+            embed_scale: true,
+            activation: Activation::GeluTanh,
+            query_pre_attn_scalar: Some(6.0),
+            windows: vec![Some(3), None],
+            local_rope_theta: Some(100.0),
+            ..Arch::llama()
+        };
         vec![
             Self::tiny(),
             with("qwen2", vec![Q, K, V], false, false),
             with("qwen3", Vec::new(), true, false),
             with("phi3", Vec::new(), false, true),
             with("llama", super::Target::ALL.to_vec(), false, false),
+            Self { arch: gemma, ..Self::tiny() },
         ]
     }
 
@@ -224,6 +279,15 @@ impl HfConfigJson {
 /// `rope_parameters: {rope_type, rope_theta, …}` or transformers 4's top-level `rope_theta` and
 /// `rope_scaling: {rope_type | type, …}`. A type this decoder does not compute is refused by name.
 pub fn rope_from_hf(raw: &serde_json::Value) -> Result<(f64, RopeScaling), String> {
+    // transformers 5 writes one dict per attention type for models that have two (Gemma 3):
+    // the global settings are `full_attention`'s.
+    if let Some(full) = raw.get("rope_parameters").and_then(|p| p.get("full_attention")) {
+        let mut flat = raw.clone();
+        if let Some(o) = flat.as_object_mut() {
+            o.insert("rope_parameters".into(), full.clone());
+        }
+        return rope_from_hf(&flat);
+    }
     let (key, p) = match (raw.get("rope_parameters").filter(|v| !v.is_null()), raw.get("rope_scaling").filter(|v| !v.is_null())) {
         (Some(p), _) => ("rope_parameters", p),
         (None, Some(s)) => ("rope_scaling", s),
@@ -257,7 +321,21 @@ pub fn rope_from_hf(raw: &serde_json::Value) -> Result<(f64, RopeScaling), Strin
             }
             RopeScaling::Llama3 { factor: num("factor")?, low_freq_factor, high_freq_factor, original_max_position_embeddings: num("original_max_position_embeddings")? }
         }
-        other => return Err(format!("rope type `{other}` (`{key}`) is not supported; supported: default, llama3")),
+        "linear" => RopeScaling::Linear(num("factor")?),
+        other => return Err(format!("rope type `{other}` (`{key}`) is not supported; supported: default, linear, llama3")),
     };
     Ok((theta, scaling))
+}
+
+/// The rope base of sliding-window layers, where the config gives one of its own: transformers
+/// 5's `rope_parameters.sliding_attention` (default type only) or 4's `rope_local_base_freq`.
+pub fn local_rope_theta_from_hf(raw: &serde_json::Value) -> Result<Option<f64>, String> {
+    if let Some(p) = raw.get("rope_parameters").and_then(|p| p.get("sliding_attention")) {
+        let kind = p.get("rope_type").and_then(|v| v.as_str()).unwrap_or("default");
+        if kind != "default" {
+            return Err(format!("rope type `{kind}` for sliding-window layers is not supported"));
+        }
+        return p.get("rope_theta").and_then(|v| v.as_f64()).filter(|t| *t > 0.0).map(Some).ok_or_else(|| "`rope_parameters.sliding_attention.rope_theta` must be a positive number".to_string());
+    }
+    Ok(raw.get("rope_local_base_freq").and_then(|v| v.as_f64()))
 }

@@ -243,6 +243,18 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, t: usize) -> Result<Tensor> {
 /// Scores `(b, rows, total)` whose rows are groups of `t` queries (the last `t` positions)
 /// with `-inf` where a query would see a later key; unchanged for `t = 1` (a decode step sees
 /// every key). The composition the fused softmax replaces, and the inference path's mask.
+/// [`add_causal_mask`] for a sliding window: the query at position `i` sees keys `j` with
+/// `i − window < j ≤ i` (so `window` keys, itself included).
+pub fn add_window_mask(scores: &Tensor, t: usize, window: usize) -> Result<Tensor> {
+    let (b, rows, total) = scores.dims3()?;
+    let past = total - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| if j <= past + i && j + window > past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, total), scores.device())?.to_dtype(scores.dtype())?;
+    scores.reshape((b, rows / t, t, total))?.broadcast_add(&mask)?.reshape((b, rows, total))
+}
+
 pub fn add_causal_mask(scores: &Tensor, t: usize) -> Result<Tensor> {
     if t == 1 {
         return Ok(scores.clone());

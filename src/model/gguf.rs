@@ -108,7 +108,7 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
             name: arch.clone(),
             biased: Target::ALL.into_iter().filter(|&t| c.tensor_infos.contains_key(&tensor_name(ModuleId { layer: 0, target: t }).replace(".weight", ".bias"))).collect(),
             qk_norm: c.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
-            fused: false,
+            ..super::config::Arch::llama()
         },
     })
 }

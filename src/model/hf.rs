@@ -57,17 +57,75 @@ fn arch_from_hf(raw: &serde_json::Value) -> Result<Arch> {
         }
         "qwen3" => true,
         "phi3" => false,
-        other => return Err(ModelError::Unsupported(format!("model_type `{other}`; supported: llama, mistral, qwen2, qwen3, phi3"))),
+        "gemma3_text" => return gemma3_arch(raw),
+        "gemma3" => return Err(ModelError::Unsupported("model_type `gemma3` (the multimodal checkpoint); use its text model (`gemma3_text`)".into())),
+        other => return Err(ModelError::Unsupported(format!("model_type `{other}`; supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text"))),
     };
     if let Some(act) = raw.get("hidden_act").and_then(|v| v.as_str()).filter(|a| *a != "silu") {
         return Err(ModelError::Unsupported(format!("`hidden_act` `{act}` is not supported for model_type `{model_type}` (only silu)")));
     }
     refuse_sliding_windows(raw, model_type)?;
-    Ok(Arch { name: model_type.to_string(), biased, qk_norm, fused: model_type == "phi3" })
+    Ok(Arch { name: model_type.to_string(), biased, qk_norm, fused: model_type == "phi3", ..Arch::llama() })
 }
 
-/// Sliding-window attention is not computed yet: a config whose window can take effect is
-/// refused by name (Qwen's `sliding_window` applies only with `use_sliding_window`).
+/// Gemma 3's text decoder: sandwich norms, q/k norms, √hidden embeddings, GELU-tanh, the
+/// `query_pre_attn_scalar` score scale, and sliding-window layers named by `layer_types` (or,
+/// in older configs, every `sliding_window_pattern`-th layer global).
+fn gemma3_arch(raw: &serde_json::Value) -> Result<Arch> {
+    let unsupported = |m: String| Err(ModelError::Unsupported(m));
+    for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        if raw.get(k).is_some_and(|v| !v.is_null()) {
+            return unsupported(format!("`{k}` is not supported for model_type `gemma3_text`"));
+        }
+    }
+    if raw.get("use_bidirectional_attention").is_some_and(|v| v.as_bool() == Some(true)) {
+        return unsupported("`use_bidirectional_attention: true` is not supported".into());
+    }
+    if raw.get("attention_bias").is_some_and(|v| v.as_bool() == Some(true)) {
+        return unsupported("`attention_bias: true` is not supported for model_type `gemma3_text`".into());
+    }
+    match raw.get("hidden_activation").or_else(|| raw.get("hidden_act")).and_then(|v| v.as_str()) {
+        Some("gelu_pytorch_tanh") | None => {}
+        Some(other) => return unsupported(format!("`hidden_activation` `{other}` is not supported (only gelu_pytorch_tanh)")),
+    }
+    let layers = raw.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let window = raw.get("sliding_window").and_then(|v| v.as_u64()).map(|w| w as usize);
+    let sliding: Vec<bool> = match raw.get("layer_types").and_then(|v| v.as_array()) {
+        Some(types) => types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                other => Err(ModelError::Unsupported(format!("`layer_types` entry {other:?} is not supported"))),
+            })
+            .collect::<Result<_>>()?,
+        None => {
+            let pattern = raw.get("sliding_window_pattern").and_then(|v| v.as_u64()).unwrap_or(6) as usize;
+            (0..layers).map(|l| (l + 1) % pattern.max(1) != 0).collect()
+        }
+    };
+    if sliding.len() != layers {
+        return unsupported(format!("`layer_types` has {} entries for {layers} layers", sliding.len()));
+    }
+    if sliding.iter().any(|&s| s) && window.is_none() {
+        return unsupported("sliding-window layers without a `sliding_window`".into());
+    }
+    let local = super::config::local_rope_theta_from_hf(raw).map_err(ModelError::Unsupported)?.unwrap_or(10_000.0);
+    Ok(Arch {
+        name: "gemma3_text".into(),
+        qk_norm: true,
+        sandwich_norms: true,
+        embed_scale: true,
+        activation: super::config::Activation::GeluTanh,
+        query_pre_attn_scalar: Some(raw.get("query_pre_attn_scalar").and_then(|v| v.as_f64()).unwrap_or(256.0)),
+        windows: sliding.iter().map(|&s| if s { window } else { None }).collect(),
+        local_rope_theta: Some(local),
+        ..Arch::llama()
+    })
+}
+
+/// Sliding-window attention outside Gemma 3 is not wired yet: a config whose window can take
+/// effect is refused by name (Qwen's `sliding_window` applies only with `use_sliding_window`).
 fn refuse_sliding_windows(raw: &serde_json::Value, model_type: &str) -> Result<()> {
     if let Some(types) = raw.get("layer_types").and_then(|v| v.as_array()) {
         if let Some(t) = types.iter().filter_map(|t| t.as_str()).find(|t| *t != "full_attention") {
@@ -124,6 +182,8 @@ impl WeightSource for HfSource {
         if w.dims() != [len] {
             return Err(ModelError::Invalid { path: self.dir.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{len}]", w.dims()) });
         }
+        // Gemma's norms multiply by (1 + w): folded once here (in f32, as transformers adds).
+        let w = if self.cfg.arch.name == "gemma3_text" { (w + 1.0)? } else { w };
         Ok(w.to_device(&self.device)?)
     }
 

@@ -29,6 +29,8 @@ pub trait WeightSource {
 struct Block {
     attn_norm: Tensor,
     mlp_norm: Tensor,
+    /// Norms of the attention and MLP outputs before their residual adds (Gemma 3).
+    out_norms: Option<(Tensor, Tensor)>,
     /// q, k, v, o, gate, up, down in [`Target::ALL`] order.
     proj: Vec<LoraLinear>,
     /// Per-head RMS-norm weights `(head_dim)` on q and k before rope (Qwen3).
@@ -65,16 +67,18 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: BaseWeight,
-    /// `(max_positions, head_dim / 2)` in the activation dtype.
-    cos: Tensor,
-    sin: Tensor,
+    /// Rope tables `(max_positions, head_dim / 2)` in the activation dtype: the global one,
+    /// and the sliding-window layers' own where their base differs.
+    ropes: Vec<(Tensor, Tensor)>,
+    /// Which of `ropes` each layer uses.
+    rope_of: Vec<usize>,
 }
 
 /// One forward's per-token positions (absolute, per sequence) and their rope rows.
 struct Positions {
     pos: Vec<u32>,
-    /// `(n, head_dim / 2)` rows of the tables, for the composed path only.
-    rows: Option<(Tensor, Tensor)>,
+    /// `(n, head_dim / 2)` rows of each rope table, for the composed path only.
+    rows: Option<Vec<(Tensor, Tensor)>>,
 }
 
 impl Llama {
@@ -98,18 +102,30 @@ impl Llama {
             } else {
                 None
             };
-            blocks.push(Block {
-                attn_norm: src.norm(&format!("model.layers.{layer}.input_layernorm.weight"), h)?.to_dtype(dtype)?,
-                mlp_norm: src.norm(&format!("model.layers.{layer}.post_attention_layernorm.weight"), h)?.to_dtype(dtype)?,
-                proj,
-                qk_norm,
-            });
+            let norm = |src: &mut dyn WeightSource, name: &str| -> Result<Tensor> { Ok(src.norm(&format!("model.layers.{layer}.{name}.weight"), h)?.to_dtype(dtype)?) };
+            let attn_norm = norm(src, "input_layernorm")?;
+            // Gemma's `post_attention_layernorm` normalises the attention output; Llama's is
+            // the MLP's input norm, which Gemma calls `pre_feedforward_layernorm`.
+            let (mlp_norm, out_norms) = if cfg.arch.sandwich_norms {
+                let attn_out = norm(src, "post_attention_layernorm")?;
+                let mlp_in = norm(src, "pre_feedforward_layernorm")?;
+                (mlp_in, Some((attn_out, norm(src, "post_feedforward_layernorm")?)))
+            } else {
+                (norm(src, "post_attention_layernorm")?, None)
+            };
+            blocks.push(Block { attn_norm, mlp_norm, out_norms, proj, qk_norm });
         }
         let norm = src.norm("model.norm.weight", cfg.hidden_size)?.to_dtype(dtype)?;
         let lm_head = src.lm_head(format)?;
-        let (cos, sin) = rope_tables(&cfg, dtype, device)?;
+        let mut ropes = vec![rope_tables(&cfg, dtype, device)?];
+        let local = cfg.arch.local_rope_theta.filter(|t| *t != cfg.rope_theta);
+        if let Some(theta) = local {
+            let local_cfg = LlamaConfig { rope_theta: theta, rope_scaling: super::RopeScaling::None, ..cfg.clone() };
+            ropes.push(rope_tables(&local_cfg, dtype, device)?);
+        }
+        let rope_of = (0..cfg.num_layers).map(|l| usize::from(local.is_some() && cfg.arch.window(l).is_some())).collect();
         let kernels = Kernels::new(crate::kernels::Pool::default_threads(), device.is_cpu());
-        Ok(Self { cfg, format, differentiable: false, kernels, dtype, device: device.clone(), embed, blocks, norm, lm_head, cos, sin })
+        Ok(Self { cfg, format, differentiable: false, kernels, dtype, device: device.clone(), embed, blocks, norm, lm_head, ropes, rope_of })
     }
 
     pub fn device(&self) -> &Device {
@@ -127,15 +143,26 @@ impl Llama {
         let n = input.tokens.len();
         let ids = Tensor::from_slice(&input.tokens, n, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
+        if self.cfg.arch.embed_scale {
+            // √hidden rounded to the activation dtype first, as transformers multiplies.
+            let scale = Tensor::new(&[(self.cfg.hidden_size as f64).sqrt() as f32], &self.device)?.to_dtype(self.dtype)?;
+            x = x.broadcast_mul(&scale)?;
+        }
         let positions = self.positions(input, caches.as_deref())?;
         let pass = Pass { seq_lens: &input.seq_lens, lora, kernels: &self.kernels, differentiable: self.differentiable };
         // Each residual add is fused with the norm after it: the attention norm of the next
         // block, or the final norm after the last.
         let mut h = self.rms_norm(&x, &self.blocks[0].attn_norm)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let attn = self.attention(layer, block, &h, &positions, input, caches.as_deref_mut(), &pass)?;
+            let mut attn = self.attention(layer, block, &h, &positions, input, caches.as_deref_mut(), &pass)?;
+            if let Some((attn_out, _)) = &block.out_norms {
+                attn = self.rms_norm(&attn, attn_out)?;
+            }
             let (x1, h1) = self.add_rms_norm(&x, &attn, &block.mlp_norm)?;
-            let mlp = self.mlp(block, &h1, &pass)?;
+            let mut mlp = self.mlp(block, &h1, &pass)?;
+            if let Some((_, mlp_out)) = &block.out_norms {
+                mlp = self.rms_norm(&mlp, mlp_out)?;
+            }
             let next = self.blocks.get(layer + 1).map_or(&self.norm, |b| &b.attn_norm);
             (x, h) = self.add_rms_norm(&x1, &mlp, next)?;
         }
@@ -160,7 +187,7 @@ impl Llama {
             None
         } else {
             let p = Tensor::from_slice(&pos, n, &self.device)?;
-            Some((self.cos.index_select(&p, 0)?, self.sin.index_select(&p, 0)?))
+            Some(self.ropes.iter().map(|(cos, sin)| Ok((cos.index_select(&p, 0)?, sin.index_select(&p, 0)?))).collect::<Result<Vec<_>>>()?)
         };
         Ok(Positions { pos, rows })
     }
@@ -192,6 +219,11 @@ impl Llama {
             return Ok(super::diffops::rms_norm(x, w, eps)?);
         }
         self.kernels.rms_norm(x, w, eps)
+    }
+
+    /// The attention score scale: `query_pre_attn_scalar^-1/2` where the architecture sets one.
+    fn attn_scale(&self) -> f64 {
+        1.0 / self.cfg.arch.query_pre_attn_scalar.unwrap_or(self.cfg.head_dim as f64).sqrt()
     }
 
     /// RMS norm over each head's `head_dim` values of `(n, heads · head_dim)`.
@@ -230,7 +262,10 @@ impl Llama {
         }
         let o = match &positions.rows {
             None => self.fused_attention(layer, &q, &k, &v, &positions.pos, input, caches)?,
-            Some((cos, sin)) => self.composed_attention(layer, q, k, v, cos, sin, input, caches)?,
+            Some(rows) => {
+                let (cos, sin) = &rows[self.rope_of[layer]];
+                self.composed_attention(layer, q, k, v, cos, sin, input, caches)?
+            }
         };
         block.proj[3].forward(&o, pass)
     }
@@ -242,14 +277,15 @@ impl Llama {
         use crate::kernels::fused;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let bug = || super::ModelError::Generation("fused attention on non-host tensors; this is a bug".into());
-        let (cos, sin) = (HostF32::of(&self.cos).ok_or_else(bug)?, HostF32::of(&self.sin).ok_or_else(bug)?);
+        let (cos, sin) = &self.ropes[self.rope_of[layer]];
+        let (cos, sin) = (HostF32::of(cos).ok_or_else(bug)?, HostF32::of(sin).ok_or_else(bug)?);
         let mut qv = HostF32::of(q).ok_or_else(bug)?.slice().to_vec();
         let mut kv = HostF32::of(k).ok_or_else(bug)?.slice().to_vec();
         let vh = HostF32::of(v).ok_or_else(bug)?;
         fused::rope(&mut qv, nh, pos, cos.slice(), sin.slice());
         fused::rope(&mut kv, nkv, pos, cos.slice(), sin.slice());
         let width = nkv * hd;
-        let dims = fused::AttnDims { heads: nh, kv_heads: nkv, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
+        let dims = fused::AttnDims { heads: nh, kv_heads: nkv, head_dim: hd, scale: self.attn_scale() as f32, window: self.cfg.arch.window(layer).unwrap_or(usize::MAX) };
         let mut out = vec![0f32; qv.len()];
         let mut row0 = 0;
         match caches {
@@ -308,7 +344,8 @@ impl Llama {
         let k = self.rope(&k.reshape((n, nkv, hd))?, cos, sin)?;
         let v = v.reshape((n, nkv, hd))?;
         let groups = nh / nkv;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = self.attn_scale();
+        let window = self.cfg.arch.window(layer);
         let mut outs = Vec::with_capacity(lens.len());
         let mut offset = 0;
         for (i, &t) in lens.iter().enumerate() {
@@ -329,11 +366,17 @@ impl Llama {
             };
             let k_heads = k_all.transpose(0, 1)?; // (nkv, T, hd), strided view
             let v_heads = v_all.transpose(0, 1)?;
-            let att = if self.differentiable {
-                super::diffops::causal_softmax(&qg.matmul(&k_heads.t()?)?, scale, t)?
-            } else {
-                let att = (qg.matmul(&k_heads.t()?)? * scale)?.to_dtype(DType::F32)?;
-                candle_nn::ops::softmax_last_dim(&super::diffops::add_causal_mask(&att, t)?)?
+            let att = match (self.differentiable, window) {
+                (true, None) => super::diffops::causal_softmax(&qg.matmul(&k_heads.t()?)?, scale, t)?,
+                (true, Some(_)) => return Err(super::ModelError::Unsupported("training with sliding-window attention".into())),
+                (false, _) => {
+                    let att = (qg.matmul(&k_heads.t()?)? * scale)?.to_dtype(DType::F32)?;
+                    let masked = match window {
+                        None => super::diffops::add_causal_mask(&att, t)?,
+                        Some(w) => super::diffops::add_window_mask(&att, t, w)?,
+                    };
+                    candle_nn::ops::softmax_last_dim(&masked)?
+                }
             };
             let o = att.to_dtype(self.dtype)?.matmul(&v_heads)?; // (nkv, groups·t, hd)
             outs.push(if t == 1 {
@@ -358,7 +401,11 @@ impl Llama {
     fn mlp(&self, block: &Block, h: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
         let gate = block.proj[4].forward(h, pass)?;
         let up = block.proj[5].forward(h, pass)?;
-        let act = if self.differentiable { (candle_nn::ops::silu(&gate)? * up)? } else { self.kernels.silu_mul(&gate, &up)? };
+        let act = match (self.cfg.arch.activation, self.differentiable) {
+            (super::Activation::Silu, true) => (candle_nn::ops::silu(&gate)? * up)?,
+            (super::Activation::Silu, false) => self.kernels.silu_mul(&gate, &up)?,
+            (super::Activation::GeluTanh, _) => (gate.gelu()? * up)?,
+        };
         block.proj[6].forward(&act, pass)
     }
 

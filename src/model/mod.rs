@@ -22,7 +22,7 @@ pub mod random;
 pub mod sampling;
 pub mod tokenizer;
 
-pub use config::{Arch, LlamaConfig, RopeScaling, StoredModule};
+pub use config::{Activation, Arch, LlamaConfig, RopeScaling, StoredModule};
 pub use device::{parse_device, WeightFormat};
 pub use kv_cache::SeqCache;
 pub use linear::{BaseWeight, LoraLinear, Pass};

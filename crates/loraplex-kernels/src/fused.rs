@@ -307,6 +307,9 @@ pub struct AttnDims {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// Keys a query sees, itself included (a sliding window: the query at `i` sees keys
+    /// `j` with `i − window < j ≤ i`); `usize::MAX` for full causal attention.
+    pub window: usize,
 }
 
 /// Tokens per key tile of a host KV cache.
@@ -460,7 +463,8 @@ impl<'a> AttnBlock<'a> {
         let (nq, hd, kvh, kvw) = (self.nq(), self.dims.head_dim, self.kvh, self.dims.kv_heads * self.dims.head_dim);
         let pos: Vec<usize> = (0..nq).map(|qi| self.pos(qi)).collect();
         block_scores(&self.q, hd, self.seq.k, kvw * KV_TILE, kvh * hd * KV_TILE, self.keys, self.keys_padded, &pos, &mut self.p);
-        block_softmax(&mut self.p, self.keys_padded, &pos);
+        let first: Vec<usize> = pos.iter().map(|&p| (p + 1).saturating_sub(self.dims.window)).collect();
+        block_softmax(&mut self.p, self.keys_padded, &first, &pos);
         block_values(&self.p, self.keys_padded, self.seq.v, kvw, kvh * hd, hd, &pos, &mut self.o);
     }
 
@@ -534,11 +538,14 @@ fn score_tile<const M: usize>(q: &[f32], hd: usize, kt: &[f32], t: usize, keys_p
 }
 
 multiversion! {
-    /// Rows of `p` become probabilities over keys `0 ..= pos[qi]`, exact zeros after.
-    fn block_softmax(p: &mut [f32], keys_padded: usize, pos: &[usize]) {
+    /// Rows of `p` become probabilities over keys `first[qi] ..= pos[qi]`, exact zeros
+    /// elsewhere (before the window and after the query).
+    fn block_softmax(p: &mut [f32], keys_padded: usize, first: &[usize], pos: &[usize]) {
         for (qi, row) in p.chunks_exact_mut(keys_padded).enumerate() {
             let visible = pos[qi] + 1;
-            let (live, dead) = row.split_at_mut(visible);
+            let (row, dead) = row.split_at_mut(visible);
+            let (early, live) = row.split_at_mut(first[qi].min(visible - 1));
+            early.iter_mut().for_each(|x| *x = 0.0);
             let m = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut sum = [0f32; L];
             let (chunks, tail) = live.as_chunks_mut::<L>();
