@@ -2,8 +2,8 @@
 //! (one Hugging Face folder per base family, its own PEFT adapters, and what transformers 5.24 +
 //! PEFT 0.21.2 compute; see that folder's README). Required per supported family: the
 //! reference's token ids, identical 16-token greedy continuations, and logits within 1e-3 at
-//! every prompt position, from the folder and from the same weights written as GGUF. Families
-//! not supported yet must be refused by name.
+//! every prompt position (from the folder, and for Llama and Qwen from the same weights written
+//! as GGUF). A family not described must be refused by name.
 
 mod common;
 
@@ -101,17 +101,17 @@ fn check_model(arch: &str, m: &LoadedModel) {
     }
 }
 
-/// A family this decoder does not describe yet: loading must fail with an error that names it.
-fn check_refused(arch: &str) {
-    let model_type = {
-        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(arch_dir(arch).join("model/config.json")).unwrap()).unwrap();
-        cfg["model_type"].as_str().unwrap().to_string()
-    };
-    let err = match load_model(arch_dir(arch).join("model").to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu) {
-        Ok(_) => panic!("{arch} loaded, but its parity test is not enabled: add it to the supported families"),
+/// A family this decoder does not describe: loading must fail with an error that names it.
+fn check_refused(model_type: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(arch_dir("qwen2").join("model/config.json")).unwrap()).unwrap();
+    cfg["model_type"] = Value::from(model_type);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = match load_model(dir.path().to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu) {
+        Ok(_) => panic!("model_type `{model_type}` loaded"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains(&format!("`{model_type}`")), "{arch}: the error does not name model_type `{model_type}`: {err}");
+    assert!(err.contains(&format!("`{model_type}`")), "the error does not name model_type `{model_type}`: {err}");
 }
 
 /// Llama 3.x: untied head, `rope_parameters` with `rope_type: llama3` (transformers 5's layout).
@@ -146,6 +146,12 @@ fn gemma3_matches_transformers() {
     check_arch("gemma3");
 }
 
+/// BLOOM: ALiBi, LayerNorms with biases, per-head interleaved `query_key_value`, gateless MLP.
+#[test]
+fn bloom_matches_transformers() {
+    check_arch("bloom");
+}
+
 #[test]
 fn llama3_from_gguf_matches_transformers() {
     check_arch_via_gguf("llama");
@@ -162,8 +168,8 @@ fn qwen3_from_gguf_matches_transformers() {
 }
 
 #[test]
-fn families_not_yet_described_are_refused_by_name() {
-    for arch in ["bloom"] {
-        check_refused(arch);
+fn families_not_described_are_refused_by_name() {
+    for model_type in ["gpt_neox", "falcon", "gemma3"] {
+        check_refused(model_type);
     }
 }

@@ -133,8 +133,8 @@ fn gradients_match_finite_differences_and_the_base_gets_none() {
     let (loss, _) = batch_loss(&model, &lora, &batch).unwrap();
     let grads = loss.backward().unwrap();
     let q = ModuleId { layer: 1, target: loraplex::model::Target::Q };
-    assert!(grads.get(model.base_weight(q).to_dense_f32().as_ref().unwrap()).is_none());
-    let before = model.base_weight(q).to_dense_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(grads.get(model.base_weight(q).unwrap().to_dense_f32().as_ref().unwrap()).is_none());
+    let before = model.base_weight(q).unwrap().to_dense_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let mut checked = 0;
     for (_, a, b) in params.modules.iter().take(3) {
         for var in [a, b] {
@@ -155,14 +155,14 @@ fn gradients_match_finite_differences_and_the_base_gets_none() {
         }
     }
     assert_eq!(checked, 6);
-    let after = model.base_weight(q).to_dense_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let after = model.base_weight(q).unwrap().to_dense_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(before, after, "the base never changes");
 }
 
 #[test]
 fn a_few_steps_drive_the_loss_down_and_leave_the_base_unchanged() {
     let (mut model, _) = tiny();
-    let base_before = model.base_weight(ModuleId { layer: 0, target: loraplex::model::Target::Down }).to_dense_f32().unwrap().to_vec2::<f32>().unwrap();
+    let base_before = model.base_weight(ModuleId { layer: 0, target: loraplex::model::Target::Down }).unwrap().to_dense_f32().unwrap().to_vec2::<f32>().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = tiny_config(dir.path(), 30);
     cfg.dropout = 0.0;
@@ -174,7 +174,7 @@ fn a_few_steps_drive_the_loss_down_and_leave_the_base_unchanged() {
     let first = o.log.first().unwrap().loss;
     let last = o.log.last().unwrap().loss;
     assert!(last < 0.5 * first, "loss {first} → {last}");
-    let base_after = model.base_weight(ModuleId { layer: 0, target: loraplex::model::Target::Down }).to_dense_f32().unwrap().to_vec2::<f32>().unwrap();
+    let base_after = model.base_weight(ModuleId { layer: 0, target: loraplex::model::Target::Down }).unwrap().to_dense_f32().unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(base_before, base_after);
 }
 

@@ -28,7 +28,7 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
     let config = PeftConfig::from_json(&text)?;
     // PEFT names a fused projection by its stored module (`qkv_proj`): target and scale by that.
     let module_paths: Vec<String> = {
-        let mut v: Vec<String> = ModuleId::all(cfg.num_layers).map(|id| cfg.stored_module(id).path).collect();
+        let mut v: Vec<String> = cfg.projections().map(|id| cfg.stored_module(id).path).collect();
         v.dedup();
         v
     };
@@ -41,7 +41,8 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
     // The most tensor data this config can need (every tensor in f64): anything larger is
     // refused from its header, before the file is read.
     let targeted = |id: &ModuleId| config.targets_module(&cfg.stored_module(*id).path, id.layer);
-    let max_data: u64 = ModuleId::all(cfg.num_layers)
+    let max_data: u64 = cfg
+        .projections()
         .filter(targeted)
         .map(|id| {
             let m = cfg.stored_module(id);
@@ -55,7 +56,7 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
     let st = SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Weights(format!("unreadable safetensors: {e}")))?;
     let mut expected = BTreeSet::new();
     let mut modules = vec![None; ModuleId::count(cfg.num_layers)];
-    for id in ModuleId::all(cfg.num_layers).filter(targeted) {
+    for id in cfg.projections().filter(targeted) {
         let m = cfg.stored_module(id);
         let (r, alpha) = config.rank_alpha_module(&m.path);
         let fan_in = cfg.proj_dims(id.target).0;
@@ -64,7 +65,7 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
         // A fused module's B spans the whole stored output: this projection takes its rows,
         // and shares A with the module's other parts, as PEFT computes B (A x) over all rows.
         let b = tensor(&st, &key("B"), (m.out, r), device)?;
-        let b = if m.rows.len() == m.out { b } else { b.narrow(0, m.rows.start, m.rows.len())?.contiguous()? };
+        let b = crate::model::select_rows(&b, &m.rows)?;
         expected.insert(key("A"));
         expected.insert(key("B"));
                 modules[id.index()] = Some(LoraWeights::new(a, b, alpha, config.use_rslora)?);

@@ -50,6 +50,36 @@ pub struct Arch {
     pub windows: Vec<Option<usize>>,
     /// The rope base of sliding-window layers, where it differs from the global one (Gemma 3).
     pub local_rope_theta: Option<f64>,
+    /// RMS norms (`x̂ · w`), or LayerNorms with a bias (BLOOM).
+    pub norm: NormKind,
+    /// A norm right after the embeddings (BLOOM's `word_embeddings_layernorm`).
+    pub embed_norm: bool,
+    /// `down(act(gate) · up)`; without a gate (BLOOM) the MLP is `down(act(up))`.
+    pub gated: bool,
+    /// How positions enter attention.
+    pub position: PositionKind,
+    /// Checkpoint tensor names: Llama's `model.layers.N…` or BLOOM's `transformer.h.N…`.
+    pub naming: Naming,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    Rms,
+    /// Mean-centred, with a bias.
+    Layer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PositionKind {
+    Rope,
+    /// A per-head linear bias on the scores (`slope_h · key position`), no rope.
+    Alibi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    Llama,
+    Bloom,
 }
 
 /// The activation of a gated MLP.
@@ -61,6 +91,21 @@ pub enum Activation {
 }
 
 impl Arch {
+    /// Whether the model has projection `t` (a gateless MLP has no `gate_proj`).
+    pub fn has_target(&self, t: super::Target) -> bool {
+        t != super::Target::Gate || self.gated
+    }
+
+    /// ALiBi slopes per head: `2^(-8(h+1)/n)` for a power-of-two `n`, otherwise those of the
+    /// nearest lower power of two followed by every other slope of the next one.
+    pub fn alibi_slopes(heads: usize) -> Vec<f32> {
+        let pow2 = 1usize << (usize::BITS - 1 - heads.max(1).leading_zeros());
+        let base = |n: usize, i: usize| 2f64.powf(-8.0 * (i + 1) as f64 / n as f64);
+        let mut s: Vec<f32> = (0..pow2).map(|i| base(pow2, i) as f32).collect();
+        s.extend((0..heads - pow2).map(|i| base(2 * pow2, 2 * i) as f32));
+        s
+    }
+
     /// The window of `layer` (`None`: full causal attention).
     pub fn window(&self, layer: usize) -> Option<usize> {
         self.windows.get(layer).copied().flatten()
@@ -72,7 +117,8 @@ impl Arch {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredModule {
     pub path: String,
-    pub rows: std::ops::Range<usize>,
+    /// This projection's rows of the stored module, in order.
+    pub rows: Vec<usize>,
     /// Rows of the whole stored module.
     pub out: usize,
 }
@@ -90,6 +136,11 @@ impl Arch {
             query_pre_attn_scalar: None,
             windows: Vec::new(),
             local_rope_theta: None,
+            norm: NormKind::Rms,
+            embed_norm: false,
+            gated: true,
+            position: PositionKind::Rope,
+            naming: Naming::Llama,
         }
     }
 
@@ -186,7 +237,20 @@ impl LlamaConfig {
             local_rope_theta: Some(100.0),
             ..Arch::llama()
         };
+        let bloom = Arch {
+            name: "bloom".into(),
+            biased: super::Target::ALL.to_vec(),
+            fused: true,
+            activation: Activation::GeluTanh,
+            norm: NormKind::Layer,
+            embed_norm: true,
+            gated: false,
+            position: PositionKind::Alibi,
+            naming: Naming::Bloom,
+            ..Arch::llama()
+        };
         vec![
+            Self { arch: bloom, num_kv_heads: 4, ..Self::tiny() },
             Self::tiny(),
             with("qwen2", vec![Q, K, V], false, false),
             with("qwen3", Vec::new(), true, false),
@@ -199,17 +263,38 @@ impl LlamaConfig {
     /// The stored (and PEFT) module that holds projection `id`.
     pub fn stored_module(&self, id: super::ModuleId) -> StoredModule {
         use super::Target::*;
-        let (q, kv, ff) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size);
+        let (q, kv, ff, hd) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size, self.head_dim);
         let out = self.proj_dims(id.target).1;
-        let fused = |name: &str, rows: std::ops::Range<usize>, out: usize| StoredModule { path: format!("model.layers.{}.{}.{name}", id.layer, id.target.parent()), rows, out };
+        let l = id.layer;
+        if self.arch.naming == Naming::Bloom {
+            // One `query_key_value` whose rows are grouped per head: `[h][q, k, v][head_dim]`.
+            let part = |which: usize| (0..self.num_heads).flat_map(|h| (3 * h + which) * hd..(3 * h + which + 1) * hd).collect();
+            let module = |name: &str, rows: Vec<usize>, out: usize| StoredModule { path: format!("transformer.h.{l}.{name}"), rows, out };
+            return match id.target {
+                Q => module("self_attention.query_key_value", part(0), 3 * q),
+                K => module("self_attention.query_key_value", part(1), 3 * q),
+                V => module("self_attention.query_key_value", part(2), 3 * q),
+                O => module("self_attention.dense", (0..out).collect(), out),
+                Up => module("mlp.dense_h_to_4h", (0..out).collect(), out),
+                Down => module("mlp.dense_4h_to_h", (0..out).collect(), out),
+                // No such module: a path no selector can name.
+                Gate => module("mlp.<no gate>", Vec::new(), 0),
+            };
+        }
+        let fused = |name: &str, rows: std::ops::Range<usize>, out: usize| StoredModule { path: format!("model.layers.{l}.{}.{name}", id.target.parent()), rows: rows.collect(), out };
         match id.target {
             Q if self.arch.fused => fused("qkv_proj", 0..q, q + 2 * kv),
             K if self.arch.fused => fused("qkv_proj", q..q + kv, q + 2 * kv),
             V if self.arch.fused => fused("qkv_proj", q + kv..q + 2 * kv, q + 2 * kv),
             Gate if self.arch.fused => fused("gate_up_proj", 0..ff, 2 * ff),
             Up if self.arch.fused => fused("gate_up_proj", ff..2 * ff, 2 * ff),
-            _ => StoredModule { path: id.to_string(), rows: 0..out, out },
+            _ => StoredModule { path: id.to_string(), rows: (0..out).collect(), out },
         }
+    }
+
+    /// The projections this model has, in [`ModuleId::all`] order.
+    pub fn projections(&self) -> impl Iterator<Item = super::ModuleId> + '_ {
+        super::ModuleId::all(self.num_layers).filter(|id| self.arch.has_target(id.target))
     }
 
     /// Input and output width of a projection, as `(in, out)`.
@@ -233,12 +318,15 @@ impl LlamaConfig {
 pub struct HfConfigJson {
     pub vocab_size: usize,
     pub hidden_size: usize,
-    pub intermediate_size: usize,
+    /// BLOOM has none: its MLP is 4 · hidden.
+    pub intermediate_size: Option<usize>,
+    #[serde(alias = "n_layer")]
     pub num_hidden_layers: usize,
+    #[serde(alias = "n_head")]
     pub num_attention_heads: usize,
     pub num_key_value_heads: Option<usize>,
     pub head_dim: Option<usize>,
-    #[serde(default = "default_eps")]
+    #[serde(default = "default_eps", alias = "layer_norm_epsilon")]
     pub rms_norm_eps: f64,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
@@ -260,7 +348,7 @@ impl HfConfigJson {
         LlamaConfig {
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
-            intermediate_size: c.intermediate_size,
+            intermediate_size: c.intermediate_size.unwrap_or(4 * c.hidden_size),
             num_layers: c.num_hidden_layers,
             num_heads: c.num_attention_heads,
             num_kv_heads,

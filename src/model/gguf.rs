@@ -251,6 +251,10 @@ impl WeightSource for GgufSource {
         Ok(w.to_device(&self.device)?)
     }
 
+    fn norm_bias(&mut self, name: &str, _len: usize) -> Result<Tensor> {
+        Err(ModelError::Unsupported(format!("GGUF LayerNorm biases (for `{name}`) are not supported yet")))
+    }
+
     fn bias(&mut self, id: ModuleId) -> Result<Tensor> {
         let name = tensor_name(id).replace(".weight", ".bias");
         let b = self.dense(&name)?.to_dtype(DType::F32)?;

@@ -58,14 +58,36 @@ fn arch_from_hf(raw: &serde_json::Value) -> Result<Arch> {
         "qwen3" => true,
         "phi3" => false,
         "gemma3_text" => return gemma3_arch(raw),
+        "bloom" => return bloom_arch(raw),
         "gemma3" => return Err(ModelError::Unsupported("model_type `gemma3` (the multimodal checkpoint); use its text model (`gemma3_text`)".into())),
-        other => return Err(ModelError::Unsupported(format!("model_type `{other}`; supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text"))),
+        other => return Err(ModelError::Unsupported(format!("model_type `{other}`; supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text, bloom"))),
     };
     if let Some(act) = raw.get("hidden_act").and_then(|v| v.as_str()).filter(|a| *a != "silu") {
         return Err(ModelError::Unsupported(format!("`hidden_act` `{act}` is not supported for model_type `{model_type}` (only silu)")));
     }
     refuse_sliding_windows(raw, model_type)?;
     Ok(Arch { name: model_type.to_string(), biased, qk_norm, fused: model_type == "phi3", ..Arch::llama() })
+}
+
+/// BLOOM: ALiBi instead of rope, LayerNorms with biases (one after the embeddings), biases on
+/// every linear, a per-head interleaved `query_key_value`, a gateless GELU-tanh MLP of 4h.
+fn bloom_arch(raw: &serde_json::Value) -> Result<Arch> {
+    use super::config::{Activation, Naming, NormKind, PositionKind};
+    if raw.get("apply_residual_connection_post_layernorm").is_some_and(|v| v.as_bool() == Some(true)) {
+        return Err(ModelError::Unsupported("`apply_residual_connection_post_layernorm: true` is not supported for model_type `bloom`".into()));
+    }
+    Ok(Arch {
+        name: "bloom".into(),
+        biased: Target::ALL.to_vec(),
+        fused: true,
+        activation: Activation::GeluTanh,
+        norm: NormKind::Layer,
+        embed_norm: true,
+        gated: false,
+        position: PositionKind::Alibi,
+        naming: Naming::Bloom,
+        ..Arch::llama()
+    })
 }
 
 /// Gemma 3's text decoder: sandwich norms, q/k norms, √hidden embeddings, GELU-tanh, the
@@ -164,7 +186,22 @@ impl HfSource {
         Ok(Self { dir: dir.to_path_buf(), cfg, tensors, device: device.clone() })
     }
 
+    /// A Llama-style tensor name (`model.layers.N.input_layernorm.weight`) as this checkpoint
+    /// spells it.
+    fn stored_name(&self, name: &str) -> String {
+        match self.cfg.arch.naming {
+            super::config::Naming::Llama => name.to_string(),
+            super::config::Naming::Bloom => match name {
+                "model.embed_tokens.weight" => "transformer.word_embeddings.weight".into(),
+                n if n.starts_with("model.embed_norm.") => n.replace("model.embed_norm.", "transformer.word_embeddings_layernorm."),
+                n if n.starts_with("model.norm.") => n.replace("model.norm.", "transformer.ln_f."),
+                n => n.replace("model.layers.", "transformer.h."),
+            },
+        }
+    }
+
     fn get(&self, name: &str) -> Result<Tensor> {
+        let name = &self.stored_name(name);
         match self.tensors.get(name) {
             Some(t) => Ok(t.to_dtype(DType::F32)?),
             None => Err(ModelError::Missing { key: name.to_string(), what: self.dir.display().to_string() }),
@@ -187,14 +224,23 @@ impl WeightSource for HfSource {
         Ok(w.to_device(&self.device)?)
     }
 
-    fn bias(&mut self, id: ModuleId) -> Result<Tensor> {
-        let name = format!("{id}.bias");
-        let b = self.get(&name)?;
-        let out = self.cfg.proj_dims(id.target).1;
-        if b.dims() != [out] {
-            return Err(ModelError::Invalid { path: self.dir.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{out}]", b.dims()) });
+    fn norm_bias(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        let bias = name.replace(".weight", ".bias");
+        let b = self.get(&bias)?;
+        if b.dims() != [len] {
+            return Err(ModelError::Invalid { path: self.dir.display().to_string(), reason: format!("`{bias}` has shape {:?}, expected [{len}]", b.dims()) });
         }
         Ok(b.to_device(&self.device)?)
+    }
+
+    fn bias(&mut self, id: ModuleId) -> Result<Tensor> {
+        let m = self.cfg.stored_module(id);
+        let name = format!("{}.bias", m.path);
+        let b = self.get(&name)?;
+        if b.dims() != [m.out] {
+            return Err(ModelError::Invalid { path: self.dir.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{}]", b.dims(), m.out) });
+        }
+        Ok(super::select_rows(&b, &m.rows)?.to_device(&self.device)?)
     }
 
     fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight> {
@@ -205,11 +251,11 @@ impl WeightSource for HfSource {
         if w.dims() != [m.out, fan_in] {
             return Err(ModelError::Invalid { path: self.dir.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{}, {fan_in}]", w.dims(), m.out) });
         }
-        dense_to_base(w.narrow(0, m.rows.start, m.rows.len())?.contiguous()?, format, &self.device)
+        dense_to_base(super::select_rows(&w, &m.rows)?, format, &self.device)
     }
 
     fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight> {
-        let name = if self.cfg.tie_word_embeddings || !self.tensors.contains_key("lm_head.weight") {
+        let name = if self.cfg.tie_word_embeddings || !self.tensors.contains_key("lm_head.weight") || self.cfg.arch.naming == super::config::Naming::Bloom {
             "model.embed_tokens.weight"
         } else {
             "lm_head.weight"

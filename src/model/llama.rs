@@ -18,6 +18,8 @@ pub trait WeightSource {
     fn embed(&mut self) -> Result<Tensor>;
     /// Norm weight by Hugging Face name, f32, checked to hold `len` values.
     fn norm(&mut self, name: &str, len: usize) -> Result<Tensor>;
+    /// The bias of a LayerNorm, by its weight's Hugging Face name.
+    fn norm_bias(&mut self, name: &str, len: usize) -> Result<Tensor>;
     /// The additive bias `(out)` of a projection the architecture gives one, f32.
     fn bias(&mut self, id: ModuleId) -> Result<Tensor>;
     fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight>;
@@ -25,16 +27,41 @@ pub trait WeightSource {
     fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight>;
 }
 
+/// A norm's weight, and its bias for a LayerNorm (an RMS norm has none).
+#[derive(Debug, Clone)]
+struct Norm {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
 #[derive(Debug, Clone)]
 struct Block {
-    attn_norm: Tensor,
-    mlp_norm: Tensor,
+    attn_norm: Norm,
+    mlp_norm: Norm,
     /// Norms of the attention and MLP outputs before their residual adds (Gemma 3).
-    out_norms: Option<(Tensor, Tensor)>,
-    /// q, k, v, o, gate, up, down in [`Target::ALL`] order.
-    proj: Vec<LoraLinear>,
+    out_norms: Option<(Norm, Norm)>,
+    /// q, k, v, o, gate, up, down in [`Target::ALL`] order; `None` where the architecture
+    /// has no such projection (a gateless MLP).
+    proj: Vec<Option<LoraLinear>>,
     /// Per-head RMS-norm weights `(head_dim)` on q and k before rope (Qwen3).
     qk_norm: Option<(Tensor, Tensor)>,
+}
+
+impl Block {
+    fn proj(&self, t: Target) -> Result<&LoraLinear> {
+        self.proj[t as usize].as_ref().ok_or_else(|| super::ModelError::Generation(format!("the model has no `{}`; this is a bug", t.name())))
+    }
+}
+
+/// A norm by its Hugging Face weight name, with its bias where the architecture's norms have one.
+fn load_norm(src: &mut dyn WeightSource, cfg: &LlamaConfig, name: &str, dtype: DType) -> Result<Norm> {
+    let len = cfg.hidden_size;
+    let w = src.norm(name, len)?.to_dtype(dtype)?;
+    let b = match cfg.arch.norm {
+        super::config::NormKind::Rms => None,
+        super::config::NormKind::Layer => Some(src.norm_bias(name, len)?.to_dtype(dtype)?),
+    };
+    Ok(Norm { w, b })
 }
 
 /// A batch of token runs, one per sequence: `seq_lens[i]` tokens of sequence `i`, flattened
@@ -64,8 +91,10 @@ pub struct Llama {
     dtype: DType,
     device: Device,
     embed: Tensor,
+    /// The norm right after the embeddings (BLOOM).
+    embed_norm: Option<Norm>,
     blocks: Vec<Block>,
-    norm: Tensor,
+    norm: Norm,
     lm_head: BaseWeight,
     /// Rope tables `(max_positions, head_dim / 2)` in the activation dtype: the global one,
     /// and the sliding-window layers' own where their base differs.
@@ -90,19 +119,21 @@ impl Llama {
             let proj = Target::ALL
                 .into_iter()
                 .map(|target| {
+                    if !cfg.arch.has_target(target) {
+                        return Ok(None);
+                    }
                     let id = ModuleId { layer, target };
                     let bias = if cfg.arch.has_bias(target) { Some(src.bias(id)?.to_dtype(dtype)?) } else { None };
-                    Ok(LoraLinear { id, base: src.linear(id, format)?, bias })
+                    Ok(Some(LoraLinear { id, base: src.linear(id, format)?, bias }))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let h = cfg.hidden_size;
             let qk_norm = if cfg.arch.qk_norm {
                 let norm = |src: &mut dyn WeightSource, p: &str| -> Result<Tensor> { Ok(src.norm(&format!("model.layers.{layer}.self_attn.{p}.weight"), cfg.head_dim)?.to_dtype(dtype)?) };
                 Some((norm(src, "q_norm")?, norm(src, "k_norm")?))
             } else {
                 None
             };
-            let norm = |src: &mut dyn WeightSource, name: &str| -> Result<Tensor> { Ok(src.norm(&format!("model.layers.{layer}.{name}.weight"), h)?.to_dtype(dtype)?) };
+            let norm = |src: &mut dyn WeightSource, name: &str| load_norm(src, &cfg, &format!("model.layers.{layer}.{name}.weight"), dtype);
             let attn_norm = norm(src, "input_layernorm")?;
             // Gemma's `post_attention_layernorm` normalises the attention output; Llama's is
             // the MLP's input norm, which Gemma calls `pre_feedforward_layernorm`.
@@ -115,7 +146,8 @@ impl Llama {
             };
             blocks.push(Block { attn_norm, mlp_norm, out_norms, proj, qk_norm });
         }
-        let norm = src.norm("model.norm.weight", cfg.hidden_size)?.to_dtype(dtype)?;
+        let norm = load_norm(src, &cfg, "model.norm.weight", dtype)?;
+        let embed_norm = if cfg.arch.embed_norm { Some(load_norm(src, &cfg, "model.embed_norm.weight", dtype)?) } else { None };
         let lm_head = src.lm_head(format)?;
         let mut ropes = vec![rope_tables(&cfg, dtype, device)?];
         let local = cfg.arch.local_rope_theta.filter(|t| *t != cfg.rope_theta);
@@ -125,7 +157,7 @@ impl Llama {
         }
         let rope_of = (0..cfg.num_layers).map(|l| usize::from(local.is_some() && cfg.arch.window(l).is_some())).collect();
         let kernels = Kernels::new(crate::kernels::Pool::default_threads(), device.is_cpu());
-        Ok(Self { cfg, format, differentiable: false, kernels, dtype, device: device.clone(), embed, blocks, norm, lm_head, ropes, rope_of })
+        Ok(Self { cfg, format, differentiable: false, kernels, dtype, device: device.clone(), embed, embed_norm, blocks, norm, lm_head, ropes, rope_of })
     }
 
     pub fn device(&self) -> &Device {
@@ -147,6 +179,9 @@ impl Llama {
             // √hidden rounded to the activation dtype first, as transformers multiplies.
             let scale = Tensor::new(&[(self.cfg.hidden_size as f64).sqrt() as f32], &self.device)?.to_dtype(self.dtype)?;
             x = x.broadcast_mul(&scale)?;
+        }
+        if let Some(n) = &self.embed_norm {
+            x = self.rms_norm(&x, n)?;
         }
         let positions = self.positions(input, caches.as_deref())?;
         let pass = Pass { seq_lens: &input.seq_lens, lora, kernels: &self.kernels, differentiable: self.differentiable };
@@ -182,7 +217,9 @@ impl Llama {
                 self.cfg.max_position_embeddings
             )));
         }
-        let fused = !self.differentiable && self.kernels.fused_attention(&self.embed, caches);
+        // ALiBi's bias has no fused kernel yet: such models attend through the composed path.
+        let alibi = self.cfg.arch.position == super::config::PositionKind::Alibi;
+        let fused = !self.differentiable && !alibi && self.kernels.fused_attention(&self.embed, caches);
         let rows = if fused {
             None
         } else {
@@ -213,12 +250,16 @@ impl Llama {
         Ok(hidden.index_select(&idx, 0)?)
     }
 
-    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    /// The model's norm (RMS, or LayerNorm where `n` has a bias) of `x`.
+    fn rms_norm(&self, x: &Tensor, n: &Norm) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
-        if self.differentiable {
-            return Ok(super::diffops::rms_norm(x, w, eps)?);
+        if let Some(b) = &n.b {
+            return Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &n.w, b, eps)?);
         }
-        self.kernels.rms_norm(x, w, eps)
+        if self.differentiable {
+            return Ok(super::diffops::rms_norm(x, &n.w, eps)?);
+        }
+        self.kernels.rms_norm(x, &n.w, eps)
     }
 
     /// The attention score scale: `query_pre_attn_scalar^-1/2` where the architecture sets one.
@@ -230,16 +271,16 @@ impl Llama {
     fn head_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let (n, width) = x.dims2()?;
         let hd = self.cfg.head_dim;
-        Ok(self.rms_norm(&x.reshape((n * width / hd, hd))?, w)?.reshape((n, width))?)
+        Ok(self.rms_norm(&x.reshape((n * width / hd, hd))?, &Norm { w: w.clone(), b: None })?.reshape((n, width))?)
     }
 
-    fn add_rms_norm(&self, x: &Tensor, y: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
-        if self.differentiable {
+    fn add_rms_norm(&self, x: &Tensor, y: &Tensor, n: &Norm) -> Result<(Tensor, Tensor)> {
+        if self.differentiable || n.b.is_some() {
             let sum = (x + y)?;
-            let normed = self.rms_norm(&sum, w)?;
+            let normed = self.rms_norm(&sum, n)?;
             return Ok((sum, normed));
         }
-        self.kernels.add_rms_norm(x, y, w, self.cfg.rms_norm_eps as f32)
+        self.kernels.add_rms_norm(x, y, &n.w, self.cfg.rms_norm_eps as f32)
     }
 
     #[allow(clippy::too_many_arguments)] // private hot path; the arguments are one step's state
@@ -253,9 +294,9 @@ impl Llama {
         caches: Option<&mut [&mut SeqCache]>,
         pass: &Pass<'_>,
     ) -> Result<Tensor> {
-        let mut q = block.proj[0].forward(h, pass)?;
-        let mut k = block.proj[1].forward(h, pass)?;
-        let v = block.proj[2].forward(h, pass)?;
+        let mut q = block.proj(Target::Q)?.forward(h, pass)?;
+        let mut k = block.proj(Target::K)?.forward(h, pass)?;
+        let v = block.proj(Target::V)?.forward(h, pass)?;
         if let Some((qn, kn)) = &block.qk_norm {
             q = self.head_norm(&q, qn)?;
             k = self.head_norm(&k, kn)?;
@@ -267,7 +308,7 @@ impl Llama {
                 self.composed_attention(layer, q, k, v, cos, sin, input, caches)?
             }
         };
-        block.proj[3].forward(&o, pass)
+        block.proj(Target::O)?.forward(&o, pass)
     }
 
     /// Rope, KV append and causal attention of every sequence in one kernel call over the
@@ -340,8 +381,12 @@ impl Llama {
         let lens = &input.seq_lens;
         // Token-major `(1, n, heads, hd)`: a sequence's rows are one contiguous slice, so
         // decode needs no per-sequence copies; rope uses per-token cos/sin rows.
-        let q = self.rope(&q.reshape((n, nh, hd))?, cos, sin)?;
-        let k = self.rope(&k.reshape((n, nkv, hd))?, cos, sin)?;
+        let alibi = self.cfg.arch.position == super::config::PositionKind::Alibi;
+        let (q, k) = if alibi {
+            (q.reshape((n, nh, hd))?, k.reshape((n, nkv, hd))?)
+        } else {
+            (self.rope(&q.reshape((n, nh, hd))?, cos, sin)?, self.rope(&k.reshape((n, nkv, hd))?, cos, sin)?)
+        };
         let v = v.reshape((n, nkv, hd))?;
         let groups = nh / nkv;
         let scale = self.attn_scale();
@@ -367,10 +412,14 @@ impl Llama {
             let k_heads = k_all.transpose(0, 1)?; // (nkv, T, hd), strided view
             let v_heads = v_all.transpose(0, 1)?;
             let att = match (self.differentiable, window) {
+                (true, _) if alibi => return Err(super::ModelError::Unsupported("training with ALiBi attention".into())),
                 (true, None) => super::diffops::causal_softmax(&qg.matmul(&k_heads.t()?)?, scale, t)?,
                 (true, Some(_)) => return Err(super::ModelError::Unsupported("training with sliding-window attention".into())),
                 (false, _) => {
-                    let att = (qg.matmul(&k_heads.t()?)? * scale)?.to_dtype(DType::F32)?;
+                    let mut att = (qg.matmul(&k_heads.t()?)? * scale)?.to_dtype(DType::F32)?;
+                    if alibi {
+                        att = att.broadcast_add(&alibi_bias(nkv, groups, t, k_heads.dim(1)?, att.device())?)?;
+                    }
                     let masked = match window {
                         None => super::diffops::add_causal_mask(&att, t)?,
                         Some(w) => super::diffops::add_window_mask(&att, t, w)?,
@@ -399,14 +448,20 @@ impl Llama {
     }
 
     fn mlp(&self, block: &Block, h: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
-        let gate = block.proj[4].forward(h, pass)?;
-        let up = block.proj[5].forward(h, pass)?;
-        let act = match (self.cfg.arch.activation, self.differentiable) {
-            (super::Activation::Silu, true) => (candle_nn::ops::silu(&gate)? * up)?,
-            (super::Activation::Silu, false) => self.kernels.silu_mul(&gate, &up)?,
-            (super::Activation::GeluTanh, _) => (gate.gelu()? * up)?,
+        let up = block.proj(Target::Up)?.forward(h, pass)?;
+        let act = match (block.proj[Target::Gate as usize].as_ref(), self.cfg.arch.activation, self.differentiable) {
+            (None, super::Activation::Silu, _) => candle_nn::ops::silu(&up)?,
+            (None, super::Activation::GeluTanh, _) => up.gelu()?,
+            (Some(g), act, differentiable) => {
+                let gate = g.forward(h, pass)?;
+                match (act, differentiable) {
+                    (super::Activation::Silu, true) => (candle_nn::ops::silu(&gate)? * up)?,
+                    (super::Activation::Silu, false) => self.kernels.silu_mul(&gate, &up)?,
+                    (super::Activation::GeluTanh, _) => (gate.gelu()? * up)?,
+                }
+            }
         };
-        block.proj[6].forward(&act, pass)
+        block.proj(Target::Down)?.forward(&act, pass)
     }
 
     /// A copy whose weights are `W + Σ c_i B_i A_i` for `mix` (dense f32): the merged path that
@@ -414,7 +469,7 @@ impl Llama {
     pub fn merged(&self, mix: &AdapterMix) -> Result<Llama> {
         let mut out = self.clone();
         for block in out.blocks.iter_mut() {
-            for p in block.proj.iter_mut() {
+            for p in block.proj.iter_mut().flatten() {
                 let mut w = p.base.to_dense_f32()?;
                 for (lw, c) in mix.terms(p.id) {
                     w = (w + (lw.b.matmul(&lw.a)? * c)?)?;
@@ -430,7 +485,7 @@ impl Llama {
     pub fn dense_f32(&self) -> Result<Llama> {
         let mut out = self.clone();
         for block in out.blocks.iter_mut() {
-            for p in block.proj.iter_mut() {
+            for p in block.proj.iter_mut().flatten() {
                 p.base = BaseWeight::Dense(p.base.to_dense_f32()?);
             }
         }
@@ -444,12 +499,13 @@ impl Llama {
         let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         t(&self.embed)
             + self.lm_head.size_in_bytes()
-            + self.blocks.iter().map(|b| b.proj.iter().map(|p| p.base.size_in_bytes()).sum::<usize>()).sum::<usize>()
+            + self.blocks.iter().map(|b| b.proj.iter().flatten().map(|p| p.base.size_in_bytes()).sum::<usize>()).sum::<usize>()
     }
 
-    /// The projection `id`'s frozen base weight (for training and tests).
-    pub fn base_weight(&self, id: ModuleId) -> &BaseWeight {
-        &self.blocks[id.layer].proj[id.target as usize].base
+    /// The projection `id`'s frozen base weight (for training and tests); `None` where the
+    /// architecture has no such projection.
+    pub fn base_weight(&self, id: ModuleId) -> Option<&BaseWeight> {
+        self.blocks.get(id.layer)?.proj.get(id.target as usize)?.as_ref().map(|p| &p.base)
     }
 
     /// A model with random weights (seeded), for invariant tests and benches.
@@ -470,6 +526,20 @@ impl Llama {
         m.kernels.fused = fused;
         m
     }
+}
+
+/// ALiBi's score bias `(kv_heads, groups · t, keys)`: `slope_h · j` for key position `j` (equal,
+/// under softmax, to `−slope_h · (i − j)`); row `g · t + i` is query `i` of head `kvh · groups + g`.
+fn alibi_bias(kv_heads: usize, groups: usize, t: usize, keys: usize, device: &Device) -> Result<Tensor> {
+    let slopes = super::config::Arch::alibi_slopes(kv_heads * groups);
+    let mut v = Vec::with_capacity(kv_heads * groups * t * keys);
+    for kvh in 0..kv_heads {
+        for r in 0..groups * t {
+            let slope = slopes[kvh * groups + r / t];
+            v.extend((0..keys).map(|j| slope * j as f32));
+        }
+    }
+    Ok(Tensor::from_vec(v, (kv_heads, groups * t, keys), device)?)
 }
 
 fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {

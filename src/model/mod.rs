@@ -63,6 +63,21 @@ pub enum ModelError {
 
 pub type Result<T> = std::result::Result<T, ModelError>;
 
+/// Rows `rows` of `t` (a projection's part of a fused stored module): the tensor itself when
+/// they are all of it in order, a narrow view when contiguous, a gather otherwise.
+pub fn select_rows(t: &candle_core::Tensor, rows: &[usize]) -> candle_core::Result<candle_core::Tensor> {
+    let n = t.dim(0)?;
+    let contiguous = rows.windows(2).all(|w| w[1] == w[0] + 1);
+    match rows.first() {
+        Some(&0) if contiguous && rows.len() == n => Ok(t.clone()),
+        Some(&start) if contiguous => t.narrow(0, start, rows.len())?.contiguous(),
+        _ => {
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            t.index_select(&candle_core::Tensor::from_vec(idx, rows.len(), t.device())?, 0)
+        }
+    }
+}
+
 /// The seven linear projections of a Llama block that LoRA can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Target {

@@ -33,6 +33,10 @@ impl WeightSource for RandomSource {
         Ok((self.uniform((1, len), 0.2)? + 1.0)?.reshape(len)?)
     }
 
+    fn norm_bias(&mut self, _name: &str, len: usize) -> Result<Tensor> {
+        Ok(self.uniform((1, len), 0.2)?.reshape(len)?)
+    }
+
     fn bias(&mut self, id: ModuleId) -> Result<Tensor> {
         let out = self.cfg.proj_dims(id.target).1;
         Ok(self.uniform((1, out), 0.5)?.reshape(out)?)

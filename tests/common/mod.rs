@@ -9,7 +9,7 @@ pub mod server;
 use candle_core::{Device, Tensor};
 use loraplex::adapters::{load_adapter, LoraAdapter, PeftConfig};
 use loraplex::model::random::RandomSource;
-use loraplex::model::{Llama, LlamaConfig, ModuleId};
+use loraplex::model::{Llama, LlamaConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,7 +26,7 @@ pub fn tiny_all() -> Vec<(Llama, LlamaConfig)> {
 /// The stored (PEFT) modules of `cfg` as `(path, layer, in, out)`: a fused module once.
 pub fn stored_modules(cfg: &LlamaConfig) -> Vec<(String, usize, usize, usize)> {
     let mut out: Vec<(String, usize, usize, usize)> = Vec::new();
-    for id in ModuleId::all(cfg.num_layers) {
+    for id in cfg.projections() {
         let m = cfg.stored_module(id);
         if out.last().is_none_or(|l| l.0 != m.path) {
             out.push((m.path, id.layer, cfg.proj_dims(id.target).0, m.out));
@@ -38,8 +38,14 @@ pub fn stored_modules(cfg: &LlamaConfig) -> Vec<(String, usize, usize, usize)> {
 /// Projection names as `cfg`'s checkpoint spells them (`q_proj` → `qkv_proj` where fused).
 pub fn targets_for(cfg: &LlamaConfig, names: &[&str]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
+    let bloom = cfg.arch.naming == loraplex::model::config::Naming::Bloom;
     for n in names {
         let n = match (*n, cfg.arch.fused) {
+            ("q_proj" | "k_proj" | "v_proj", true) if bloom => "query_key_value",
+            ("o_proj", true) if bloom => "dense",
+            ("up_proj", true) if bloom => "dense_h_to_4h",
+            ("down_proj", true) if bloom => "dense_4h_to_h",
+            ("gate_proj", true) if bloom => continue,
             ("q_proj" | "k_proj" | "v_proj", true) => "qkv_proj",
             ("gate_proj" | "up_proj", true) => "gate_up_proj",
             (n, _) => n,
