@@ -8,15 +8,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::reference::{greedy, prefill_logits, RefFile};
+use common::reference::{greedy, mix_for, prefill_logits, RefFile};
 use common::*;
-use loraplex::adapters::{load_adapter, AdapterMix, MixEntry};
 use loraplex::engine::LoraPath;
 use loraplex::model::load::{load_model, LoadedModel};
 use loraplex::model::WeightFormat;
 use serde_json::Value;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 const LOGIT_TOL: f32 = 1e-3;
 
@@ -30,20 +28,6 @@ fn cases(arch: &str) -> Value {
 
 fn load(arch: &str) -> LoadedModel {
     load_model(arch_dir(arch).join("model").to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu).unwrap()
-}
-
-fn mix_for(arch: &str, case: &Value, m: &LoadedModel) -> AdapterMix {
-    let entries = case["adapters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| {
-            let name = a["name"].as_str().unwrap();
-            let adapter = load_adapter(&arch_dir(arch).join("adapters").join(name), name, &m.model.cfg, &Device::Cpu).unwrap();
-            MixEntry { adapter: Arc::new(adapter), scale: a["weight"].as_f64().unwrap() }
-        })
-        .collect();
-    AdapterMix::new(entries)
 }
 
 /// Every case of `arch`: tokenization of every prompt, logits at every prompt position (the
@@ -80,7 +64,7 @@ fn check_model(arch: &str, m: &LoadedModel) {
     let n_new = cases["generation"]["n_new"].as_u64().unwrap() as usize;
     for case in cases["cases"].as_array().unwrap() {
         let rf = RefFile::open(&arch_dir(arch).join(case["file"].as_str().unwrap()));
-        let mix = mix_for(arch, case, m);
+        let mix = mix_for(case, &arch_dir(arch).join("adapters"), m);
         let logits = prefill_logits(&m.model, &ids, &mix, LoraPath::Batched);
         for ((p, _), ours) in prompts.iter().zip(&logits) {
             let t = ours.dim(0).unwrap();

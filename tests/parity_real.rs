@@ -6,15 +6,14 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::reference::{greedy, prefill_logits, RefFile};
+use common::reference::{greedy, mix_for, prefill_logits, RefFile};
 use common::*;
-use loraplex::adapters::{load_adapter, AdapterMix, MixEntry};
+use loraplex::adapters::AdapterMix;
 use loraplex::engine::{LoraPath, Request};
 use loraplex::generate::generate;
 use loraplex::model::load::{load_model, LoadedModel};
 use loraplex::model::tokenizer::ChatMessage;
 use loraplex::model::WeightFormat;
-use std::sync::Arc;
 
 const PROMPTS: [&str; 6] = ["short", "squad", "chat", "multilingual", "single", "long"];
 const LOGIT_TOL: f32 = 1e-3;
@@ -27,28 +26,13 @@ fn load(format: WeightFormat) -> LoadedModel {
     load_model(real_model_path().to_str().unwrap(), format, &Device::Cpu).unwrap()
 }
 
-fn mix_for(case: &serde_json::Value, m: &LoadedModel) -> AdapterMix {
-    let entries = case["adapters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| {
-            let name = a["name"].as_str().unwrap();
-            let dir = shared_dir().join("adapters").join(name);
-            let adapter = load_adapter(&dir, name, &m.model.cfg, &Device::Cpu).unwrap();
-            MixEntry { adapter: Arc::new(adapter), scale: a["weight"].as_f64().unwrap() }
-        })
-        .collect();
-    AdapterMix::new(entries)
-}
-
 /// Checks one reference case: logits at every prompt position (the reference's top-20 ids) and
 /// the full last-position logits within 1e-3, and identical 24-token greedy continuations.
 fn check_case(index: usize, path: LoraPath) {
     let m = load(WeightFormat::Dense(DType::F32));
     let case = &cases()["cases"][index];
     let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
-    let mix = mix_for(case, &m);
+    let mix = mix_for(case, &shared_dir().join("adapters"), &m);
     let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
     let logits = prefill_logits(&m.model, &prompts, &mix, path);
     for (p, ours) in PROMPTS.iter().zip(&logits) {
@@ -132,7 +116,7 @@ fn every_case_in_one_mixed_batch_matches_peft() {
     let mut want = Vec::new();
     for case in cases["cases"].as_array().unwrap() {
         let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
-        let mix = mix_for(case, &m);
+        let mix = mix_for(case, &shared_dir().join("adapters"), &m);
         for p in ["short", "chat", "multilingual", "single"] {
             reqs.push(Request { stop_at_eos: false, ..Request::greedy(rf.ints(&format!("{p}.input_ids")), mix.clone(), 24) });
             want.push((case["id"].as_str().unwrap().to_string(), p, rf.ints(&format!("{p}.greedy_ids"))));
@@ -173,7 +157,7 @@ fn quantized_path_drift_is_bounded() {
     for index in [0usize, 6] {
         let case = &cases["cases"][index];
         let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
-        let mix = mix_for(case, &m);
+        let mix = mix_for(case, &shared_dir().join("adapters"), &m);
         let (agree, total, max_diff) = top1_agreement(&m, &rf, &["short", "chat", "single", "multilingual"], &mix);
         let rate = agree as f64 / total as f64;
         report.push(format!("case {}: top-1 agreement {agree}/{total} ({rate:.3}), max last-logit diff {max_diff:.3}", case["id"]));
@@ -193,7 +177,7 @@ fn packed_path_agreement_is_bounded() {
     let mut report = Vec::new();
     for case in cases["cases"].as_array().unwrap() {
         let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
-        let mix = mix_for(case, &m);
+        let mix = mix_for(case, &shared_dir().join("adapters"), &m);
         let (agree, total, max_diff) = top1_agreement(&m, &rf, &PROMPTS, &mix);
         let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
         let got = greedy(&m, &prompts, &mix, LoraPath::Batched, 24);
@@ -219,7 +203,7 @@ fn packed_rows_in_one_mixed_batch_equal_each_alone() {
     let mut reqs = Vec::new();
     for case in cases["cases"].as_array().unwrap() {
         let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
-        let mix = mix_for(case, &m);
+        let mix = mix_for(case, &shared_dir().join("adapters"), &m);
         for p in ["short", "chat", "multilingual", "single"] {
             reqs.push(Request { stop_at_eos: false, logprobs: Some(1), ..Request::greedy(rf.ints(&format!("{p}.input_ids")), mix.clone(), 16) });
         }

@@ -91,6 +91,23 @@ pub enum Activation {
 }
 
 impl Arch {
+    /// BLOOM: ALiBi instead of rope, LayerNorms with biases (one after the embeddings), biases
+    /// on every linear, a per-head interleaved `query_key_value`, a gateless GELU-tanh MLP.
+    pub fn bloom() -> Self {
+        Self {
+            name: "bloom".into(),
+            biased: super::Target::ALL.to_vec(),
+            fused: true,
+            activation: Activation::GeluTanh,
+            norm: NormKind::Layer,
+            embed_norm: true,
+            gated: false,
+            position: PositionKind::Alibi,
+            naming: Naming::Bloom,
+            ..Self::llama()
+        }
+    }
+
     /// Whether the model has projection `t` (a gateless MLP has no `gate_proj`).
     pub fn has_target(&self, t: super::Target) -> bool {
         t != super::Target::Gate || self.gated
@@ -237,20 +254,8 @@ impl LlamaConfig {
             local_rope_theta: Some(100.0),
             ..Arch::llama()
         };
-        let bloom = Arch {
-            name: "bloom".into(),
-            biased: super::Target::ALL.to_vec(),
-            fused: true,
-            activation: Activation::GeluTanh,
-            norm: NormKind::Layer,
-            embed_norm: true,
-            gated: false,
-            position: PositionKind::Alibi,
-            naming: Naming::Bloom,
-            ..Arch::llama()
-        };
         vec![
-            Self { arch: bloom, num_kv_heads: 4, ..Self::tiny() },
+            Self { arch: Arch::bloom(), num_kv_heads: 4, ..Self::tiny() },
             Self::tiny(),
             with("qwen2", vec![Q, K, V], false, false),
             with("qwen3", Vec::new(), true, false),

@@ -69,25 +69,12 @@ fn arch_from_hf(raw: &serde_json::Value) -> Result<Arch> {
     Ok(Arch { name: model_type.to_string(), biased, qk_norm, fused: model_type == "phi3", ..Arch::llama() })
 }
 
-/// BLOOM: ALiBi instead of rope, LayerNorms with biases (one after the embeddings), biases on
-/// every linear, a per-head interleaved `query_key_value`, a gateless GELU-tanh MLP of 4h.
+/// BLOOM ([`Arch::bloom`]), refusing the residual variant it does not compute.
 fn bloom_arch(raw: &serde_json::Value) -> Result<Arch> {
-    use super::config::{Activation, Naming, NormKind, PositionKind};
     if raw.get("apply_residual_connection_post_layernorm").is_some_and(|v| v.as_bool() == Some(true)) {
         return Err(ModelError::Unsupported("`apply_residual_connection_post_layernorm: true` is not supported for model_type `bloom`".into()));
     }
-    Ok(Arch {
-        name: "bloom".into(),
-        biased: Target::ALL.to_vec(),
-        fused: true,
-        activation: Activation::GeluTanh,
-        norm: NormKind::Layer,
-        embed_norm: true,
-        gated: false,
-        position: PositionKind::Alibi,
-        naming: Naming::Bloom,
-        ..Arch::llama()
-    })
+    Ok(Arch::bloom())
 }
 
 /// Gemma 3's text decoder: sandwich norms, q/k norms, √hidden embeddings, GELU-tanh, the

@@ -2,14 +2,31 @@
 //! `../shared/reference/archs/*`) and computing what they are compared with: all-position
 //! logits of a ragged prefill, and greedy continuations through the engine's generate loop.
 
-use candle_core::Tensor;
-use loraplex::adapters::AdapterMix;
+use candle_core::{Device, Tensor};
+use loraplex::adapters::{load_adapter, AdapterMix, MixEntry};
 use loraplex::engine::{LoraPath, Request};
 use loraplex::generate::generate;
 use loraplex::model::load::LoadedModel;
 use loraplex::model::{BatchInput, Llama, SeqCache, StepLora};
 use safetensors::SafeTensors;
 use std::path::Path;
+use std::sync::Arc;
+
+/// A reference case's mix (`case["adapters"]`: names and weights), its adapters loaded from
+/// `adapters_dir` for `m`.
+pub fn mix_for(case: &serde_json::Value, adapters_dir: &Path, m: &LoadedModel) -> AdapterMix {
+    let entries = case["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let name = a["name"].as_str().unwrap();
+            let adapter = load_adapter(&adapters_dir.join(name), name, &m.model.cfg, &Device::Cpu).unwrap();
+            MixEntry { adapter: Arc::new(adapter), scale: a["weight"].as_f64().unwrap() }
+        })
+        .collect();
+    AdapterMix::new(entries)
+}
 
 pub struct RefFile(Vec<u8>);
 
