@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The test command: fetches the default model if needed, then runs every test with nextest.
+# The test command: fetches the default model and Gemma-3-270m (tests/gemma_real.rs) if needed,
+# then runs every test with nextest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh
+scripts/fetch-gemma.sh
 cargo nextest run --no-fail-fast "$@"
 # Benches are not run here (they are measurements), but they must keep compiling.
 cargo test --benches --no-run --quiet

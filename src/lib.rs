@@ -9,12 +9,13 @@
 //! - [`adapters`]: PEFT adapter folders → immutable, validated [`adapters::LoraAdapter`]s, the
 //!   hot-loading registry (watcher, LRU budget, versions), per-request
 //!   [`adapters::AdapterMix`]es, writing PEFT folders, export to llama.cpp's GGUF LoRA.
-//! - [`model`]: the base model (GGUF or Hugging Face folder; Llama, Mistral, Qwen2, Qwen3) —
+//! - [`model`]: the base model (GGUF or Hugging Face folder; Llama, Mistral, Qwen2, Qwen3,
+//!   Phi-3, Gemma 3, BLOOM) —
 //!   the architecture description (`config`: rope and its scaling, biases, q/k norms as data),
 //!   the one LoRA-aware linear over dense, candle-quantized or packed weights, the one
 //!   ragged-batch decoder forward whose ops run fused on the CPU or composed in candle
-//!   elsewhere, KV caches, tokenizer and chat template, sampling, and an f32 GGUF writer for
-//!   Hugging Face folders (`gguf_export`).
+//!   elsewhere, KV caches, tokenizers (byte-level BPE; SentencePiece from GGUF) and chat
+//!   template, sampling, and converters between GGUF and Hugging Face folders (`gguf_export`).
 //! - [`kernels`] (the `loraplex-kernels` crate, the only one with `unsafe`): the packed integer
 //!   matmul (GGUF blocks decoded without loss; AVX-512 VNNI / AVX-VNNI / AVX2 / scalar), the
 //!   fused f32 ops (norms, rope, SiLU·mul, attention, LoRA), the dense f32 matmul, and the

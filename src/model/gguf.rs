@@ -68,8 +68,8 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
         Some(v) => v.to_string()?.clone(),
         None => return Err(ModelError::Missing { key: "general.architecture".into(), what: "GGUF metadata".into() }),
     };
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3") {
-        return Err(ModelError::Unsupported(format!("GGUF architecture `{arch}`; supported: llama, mistral, qwen2, qwen3")));
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3") {
+        return Err(ModelError::Unsupported(format!("GGUF architecture `{arch}`; supported: llama, mistral, qwen2, qwen3, gemma3")));
     }
     let get = |k: &str| -> Result<&Value> {
         let key = format!("{arch}.{k}");
@@ -90,27 +90,50 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
             return Err(ModelError::Unsupported(format!("GGUF `{arch}.rope.scaling.type` `{kind}` is not supported")));
         }
     }
+    let num_layers = get("block_count")?.to_u32()? as usize;
     Ok(LlamaConfig {
         vocab_size,
         hidden_size,
         intermediate_size: get("feed_forward_length")?.to_u32()? as usize,
-        num_layers: get("block_count")?.to_u32()? as usize,
+        num_layers,
         num_heads,
         num_kv_heads: get("attention.head_count_kv").map_or(Ok(num_heads as u32), |v| v.to_u32())? as usize,
-        head_dim: get("rope.dimension_count").map_or(Ok((hidden_size / num_heads) as u32), |v| v.to_u32())? as usize,
+        head_dim: get("rope.dimension_count").or_else(|_| get("attention.key_length")).map_or(Ok((hidden_size / num_heads) as u32), |v| v.to_u32())? as usize,
         rms_norm_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
         rope_theta: get("rope.freq_base").map_or(Ok(10_000.0), |v| v.to_f32())? as f64,
         rope_scaling: super::RopeScaling::None,
         max_position_embeddings: get("context_length").map_or(Ok(4096), |v| v.to_u32())? as usize,
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
-        // GGUF has no flags for biases or q/k norms: the tensors of the first block show them.
-        arch: super::config::Arch {
-            name: arch.clone(),
-            biased: Target::ALL.into_iter().filter(|&t| c.tensor_infos.contains_key(&tensor_name(ModuleId { layer: 0, target: t }).replace(".weight", ".bias"))).collect(),
-            qk_norm: c.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
-            ..super::config::Arch::llama()
-        },
+        arch: arch_from_metadata(c, &arch, num_layers)?,
     })
+}
+
+/// The family's description. GGUF has no flags for biases or q/k norms (the tensors of the first
+/// block show them), nor for Gemma 3's layer pattern, score scale or local rope base, which take
+/// the values transformers falls back to (every 6th layer global, scale 256^-1/2, local base 10,000).
+fn arch_from_metadata(c: &Content, arch: &str, num_layers: usize) -> Result<super::config::Arch> {
+    let has = |name: &str| c.tensor_infos.contains_key(name);
+    let mut a = super::config::Arch {
+        name: arch.to_string(),
+        biased: Target::ALL.into_iter().filter(|&t| has(&tensor_name(ModuleId { layer: 0, target: t }).replace(".weight", ".bias"))).collect(),
+        qk_norm: has("blk.0.attn_q_norm.weight"),
+        ..super::config::Arch::llama()
+    };
+    if arch == "gemma3" {
+        let window = c.metadata.get("gemma3.attention.sliding_window").ok_or(ModelError::Missing { key: "gemma3.attention.sliding_window".into(), what: "GGUF metadata".into() })?.to_u32()? as usize;
+        for k in ["gemma3.attn_logit_softcapping", "gemma3.final_logit_softcapping"] {
+            if c.metadata.contains_key(k) {
+                return Err(ModelError::Unsupported(format!("GGUF `{k}` is not supported")));
+            }
+        }
+        a.sandwich_norms = true;
+        a.embed_scale = true;
+        a.activation = super::config::Activation::GeluTanh;
+        a.query_pre_attn_scalar = Some(256.0);
+        a.windows = (0..num_layers).map(|l| if (l + 1) % 6 == 0 { None } else { Some(window) }).collect();
+        a.local_rope_theta = Some(10_000.0);
+    }
+    Ok(a)
 }
 
 /// The GGUF (llama.cpp) tensor name of a projection's weight.
@@ -235,8 +258,19 @@ impl WeightSource for GgufSource {
     }
 
     fn norm(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        // Gemma's GGUF norms already hold (1 + w); its `post_attention_layernorm` is the
+        // attention output's norm, where Llama's is the MLP input's (`ffn_norm`).
+        let sandwich = self.cfg.arch.sandwich_norms;
         let gguf = match name {
             "model.norm.weight" => "output_norm.weight".to_string(),
+            n if sandwich => n
+                .replace("model.layers.", "blk.")
+                .replace(".input_layernorm.", ".attn_norm.")
+                .replace(".post_attention_layernorm.", ".post_attention_norm.")
+                .replace(".pre_feedforward_layernorm.", ".ffn_norm.")
+                .replace(".post_feedforward_layernorm.", ".post_ffw_norm.")
+                .replace(".self_attn.q_norm.", ".attn_q_norm.")
+                .replace(".self_attn.k_norm.", ".attn_k_norm."),
             n => n
                 .replace("model.layers.", "blk.")
                 .replace(".input_layernorm.", ".attn_norm.")

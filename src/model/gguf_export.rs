@@ -171,3 +171,95 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
     candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
     Ok(())
 }
+
+/// Writes a GGUF model (Llama, Qwen2, Qwen3 or Gemma 3) as a Hugging Face folder with its
+/// weights dequantized to f32: `config.json`, `model.safetensors`, `tokenizer.json`,
+/// `tokenizer_config.json`. Weights are read through the GGUF loader, so they arrive in
+/// Hugging Face layout; Gemma's norms are written as `w` (the GGUF stores `1 + w`).
+pub fn write_hf_from_gguf(gguf: &Path, out: &Path) -> Result<()> {
+    use super::llama::WeightSource;
+    use super::WeightFormat;
+    let mut src = super::gguf::GgufSource::open(gguf, &Device::Cpu)?;
+    let cfg = src.cfg.clone();
+    let arch = cfg.arch.clone();
+    if arch.fused || arch.naming != super::config::Naming::Llama || !arch.biased.is_empty() && arch.name != "qwen2" {
+        return Err(ModelError::Unsupported(format!("writing `{}` as a Hugging Face folder", arch.name)));
+    }
+    let tokenizer = super::tokenizer::TextTokenizer::from_gguf(&src.content)?;
+    std::fs::create_dir_all(out).map_err(|source| ModelError::Io { path: out.display().to_string(), source })?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let gemma = arch.name == "gemma3";
+    let norm = |src: &mut super::gguf::GgufSource, name: &str, len: usize| -> Result<Tensor> {
+        let w = src.norm(name, len)?;
+        Ok(if gemma { (w - 1.0)? } else { w })
+    };
+    tensors.insert("model.embed_tokens.weight".into(), src.embed()?);
+    tensors.insert("model.norm.weight".into(), norm(&mut src, "model.norm.weight", cfg.hidden_size)?);
+    if !cfg.tie_word_embeddings {
+        tensors.insert("lm_head.weight".into(), src.lm_head(WeightFormat::Dense(DType::F32))?.to_dense_f32()?);
+    }
+    for layer in 0..cfg.num_layers {
+        let mut norms = vec!["input_layernorm".to_string(), "post_attention_layernorm".to_string()];
+        if arch.sandwich_norms {
+            norms.extend(["pre_feedforward_layernorm".to_string(), "post_feedforward_layernorm".to_string()]);
+        }
+        for n in norms {
+            let name = format!("model.layers.{layer}.{n}.weight");
+            tensors.insert(name.clone(), norm(&mut src, &name, cfg.hidden_size)?);
+        }
+        if arch.qk_norm {
+            for n in ["q_norm", "k_norm"] {
+                let name = format!("model.layers.{layer}.self_attn.{n}.weight");
+                tensors.insert(name.clone(), norm(&mut src, &name, cfg.head_dim)?);
+            }
+        }
+        for target in Target::ALL {
+            let id = ModuleId { layer, target };
+            tensors.insert(format!("{id}.weight"), src.linear(id, WeightFormat::Dense(DType::F32))?.to_dense_f32()?);
+            if arch.has_bias(target) {
+                tensors.insert(format!("{id}.bias"), src.bias(id)?);
+            }
+        }
+    }
+    candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
+    let model_type = if gemma { "gemma3_text" } else { arch.name.as_str() };
+    let mut config = serde_json::json!({
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+    });
+    if cfg.rope_scaling != RopeScaling::None {
+        return Err(ModelError::Unsupported("writing rope scaling into a Hugging Face config".into()));
+    }
+    if gemma {
+        let window = arch.windows.iter().flatten().next().copied();
+        config["sliding_window"] = serde_json::json!(window);
+        config["layer_types"] = serde_json::json!(arch.windows.iter().map(|w| if w.is_some() { "sliding_attention" } else { "full_attention" }).collect::<Vec<_>>());
+        config["query_pre_attn_scalar"] = serde_json::json!(arch.query_pre_attn_scalar);
+        config["hidden_activation"] = serde_json::json!("gelu_pytorch_tanh");
+        config["rope_parameters"] = serde_json::json!({
+            "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": arch.local_rope_theta.unwrap_or(10_000.0)},
+        });
+    }
+    let write = |name: &str, text: String| std::fs::write(out.join(name), text).map_err(|source| ModelError::Io { path: out.join(name).display().to_string(), source });
+    write("config.json", serde_json::to_string_pretty(&config).map_err(|e| invalid(out, e.to_string()))?)?;
+    tokenizer.inner.save(out.join("tokenizer.json"), false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let tcfg = serde_json::json!({
+        "add_bos_token": tokenizer.add_bos,
+        "bos_token": tokenizer.bos_id.and_then(|i| tokenizer.inner.id_to_token(i)),
+        "eos_token": tokenizer.eos_ids.first().and_then(|&i| tokenizer.inner.id_to_token(i)),
+        "chat_template": tokenizer.chat_template,
+    });
+    write("tokenizer_config.json", serde_json::to_string_pretty(&tcfg).map_err(|e| invalid(out, e.to_string()))?)?;
+    Ok(())
+}

@@ -52,7 +52,9 @@ pub fn load_model(spec: &str, format: WeightFormat, device: &Device) -> Result<L
 pub fn read_config(spec: &str) -> Result<(super::LlamaConfig, String)> {
     let path = PathBuf::from(spec);
     if path.is_dir() {
-        return Ok((super::hf::read_config(&path)?, "llama".into()));
+        let cfg = super::hf::read_config(&path)?;
+        let arch = cfg.arch.name.clone();
+        return Ok((cfg, arch));
     }
     let src = gguf::GgufSource::open(&path, &Device::Cpu)?;
     let arch = match src.meta("general.architecture") {

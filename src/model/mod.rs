@@ -1,6 +1,7 @@
-//! The frozen base model: architecture config, weight loading (GGUF or Hugging Face folder),
-//! the one LoRA-aware linear layer, the Llama forward over ragged batches, KV caches, the
-//! tokenizer and chat template, and sampling.
+//! The frozen base model: the architecture description (`config`), weight loading (GGUF or
+//! Hugging Face folder) and writing (`gguf_export`), the one LoRA-aware linear layer, the one
+//! decoder forward over ragged batches (`llama`), KV caches, the tokenizer (byte-level BPE, or
+//! SentencePiece from GGUF in `spm`) and chat template, and sampling.
 //!
 //! Invariant: base weights are created once by a loader and never written afterwards; every
 //! per-request change (LoRA deltas) is computed beside them, never into them.
@@ -20,6 +21,7 @@ pub mod lora;
 pub mod ops;
 pub mod random;
 pub mod sampling;
+pub mod spm;
 pub mod tokenizer;
 
 pub use config::{Activation, Arch, LlamaConfig, RopeScaling, StoredModule};

@@ -13,8 +13,9 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
-/// llama.cpp's GGUF token type for control (special) tokens.
+/// llama.cpp's GGUF token types for control (special) and user-defined tokens.
 const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 /// The split regex of the Llama 3 family (`tokenizer.ggml.pre = llama-bpe`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's split: Llama 3's with every digit its own piece.
@@ -53,15 +54,18 @@ fn meta_u32(c: &Content, key: &str) -> Option<u32> {
 impl TextTokenizer {
     /// Rebuilds the Hugging Face tokenizer from GGUF metadata.
     pub fn from_gguf(c: &Content) -> Result<Self> {
-        let model = meta(c, "tokenizer.ggml.model")?.to_string()?;
-        if model != "gpt2" {
-            return Err(ModelError::Unsupported(format!("GGUF tokenizer model `{model}`; only byte-level BPE (`gpt2`) is supported")));
+        let model = meta(c, "tokenizer.ggml.model")?.to_string()?.clone();
+        if model != "gpt2" && model != "llama" {
+            return Err(ModelError::Unsupported(format!("GGUF tokenizer model `{model}`; supported: gpt2 (byte-level BPE), llama (SentencePiece)")));
         }
         let tokens: Vec<String> = meta(c, "tokenizer.ggml.tokens")?
             .to_vec()?
             .iter()
             .map(|v| v.to_string().cloned())
             .collect::<candle_core::Result<_>>()?;
+        if model == "llama" {
+            return Self::spm_from_gguf(c, tokens);
+        }
         let merges: Vec<(String, String)> = meta(c, "tokenizer.ggml.merges")?
             .to_vec()?
             .iter()
@@ -89,10 +93,34 @@ impl TextTokenizer {
             .map(|(i, _)| AddedToken::from(tokens[i].clone(), true))
             .collect();
         inner.add_special_tokens(specials).map_err(tok_err)?;
+        Ok(Self::with_gguf_specials(c, inner, &tokens))
+    }
+
+    /// A SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`): pieces with scores.
+    fn spm_from_gguf(c: &Content, tokens: Vec<String>) -> Result<Self> {
+        let scores: Vec<f32> = meta(c, "tokenizer.ggml.scores")?.to_vec()?.iter().map(|v| v.to_f32()).collect::<candle_core::Result<_>>()?;
+        let types: Vec<i32> = match c.metadata.get("tokenizer.ggml.token_type") {
+            Some(v) => v.to_vec()?.iter().map(|t| t.to_i32()).collect::<candle_core::Result<_>>()?,
+            None => vec![],
+        };
+        let prefix = c.metadata.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
+        let mut inner = super::spm::tokenizer(&tokens, &scores, &types, meta_u32(c, "tokenizer.ggml.unknown_token_id"), prefix)?;
+        // Control pieces (`<start_of_turn>`, …) match whole and are special; user-defined ones
+        // (Gemma's runs of spaces, tabs and newlines) match whole too but are text when decoded.
+        let pick = |kind: i32, special: bool| -> Vec<AddedToken> {
+            types.iter().enumerate().filter(|(_, &t)| t == kind).map(|(i, _)| AddedToken::from(tokens[i].clone(), special)).collect()
+        };
+        inner.add_special_tokens(pick(TOKEN_TYPE_CONTROL, true)).map_err(tok_err)?;
+        inner.add_tokens(pick(TOKEN_TYPE_USER_DEFINED, false)).map_err(tok_err)?;
+        Ok(Self::with_gguf_specials(c, inner, &tokens))
+    }
+
+    /// BOS/EOS, the BOS rule and the chat template from GGUF metadata around `inner`.
+    fn with_gguf_specials(c: &Content, inner: Tokenizer, tokens: &[String]) -> Self {
         let bos_id = meta_u32(c, "tokenizer.ggml.bos_token_id");
         let eos_id = meta_u32(c, "tokenizer.ggml.eos_token_id");
         let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();
-        Ok(Self {
+        Self {
             bos_token: name(bos_id),
             eos_token: name(eos_id),
             bos_id,
@@ -100,7 +128,7 @@ impl TextTokenizer {
             eos_ids: eos_id.into_iter().collect(),
             chat_template: c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
             inner,
-        })
+        }
     }
 
     /// Loads `tokenizer.json` and, if present, `tokenizer_config.json` from a model folder.
