@@ -1,6 +1,6 @@
 //! The packed integer path (`--dtype auto` on CPU) on a tiny random model whose weights went
 //! through Q4_1, as a GGUF's do: a row's logits are bit for bit the same whatever else shares
-//! its batch (mixes, ranks, lengths, prefill or decode), zero scale is bit for bit the base,
+//! its batch (mixes, ranks, lengths, prefill or decode; for every architecture description), zero scale is bit for bit the base,
 //! deltas stay linear in the scales, and the packed model tracks the same weights in f32.
 
 mod common;
@@ -13,6 +13,18 @@ use loraplex::model::{BatchInput, Llama, LlamaConfig, SeqCache, StepLora, Weight
 fn packed() -> (Llama, LlamaConfig) {
     let cfg = LlamaConfig::tiny_packable();
     (Llama::random_with(cfg.clone(), 11, &Device::Cpu, WeightFormat::Packed).unwrap(), cfg)
+}
+
+/// [`packed`] once per architecture description (`LlamaConfig::tiny_families`).
+fn packed_families() -> Vec<(Llama, LlamaConfig)> {
+    LlamaConfig::tiny_families()
+        .into_iter()
+        .map(|f| {
+            let kv = if f.num_kv_heads == f.num_heads { 4 } else { 2 };
+            let cfg = LlamaConfig { arch: f.arch, num_kv_heads: kv, ..LlamaConfig::tiny_packable() };
+            (Llama::random_with(cfg.clone(), 11, &Device::Cpu, WeightFormat::Packed).unwrap(), cfg)
+        })
+        .collect()
 }
 
 fn lora(model: &Llama, mixes: &[&AdapterMix]) -> StepLora {
@@ -28,36 +40,37 @@ fn alone(model: &Llama, prompt: &[u32], mix: &AdapterMix) -> Vec<Vec<f32>> {
 
 #[test]
 fn a_row_in_a_mixed_batch_is_bit_identical_to_the_row_alone() {
-    let (model, cfg) = packed();
-    let dir = tempfile::tempdir().unwrap();
-    let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "v_proj"]), 1);
-    let b = tiny_adapter(dir.path(), "b", &cfg, lora_config(8, 4.0, &["o_proj", "up_proj", "down_proj"]), 2);
-    let mixes = [
-        AdapterMix::single(a.clone(), 1.0),
-        AdapterMix::default(),
-        AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.3 }, MixEntry { adapter: b, scale: -0.7 }]),
-    ];
-    let prompts: Vec<Vec<u32>> = vec![(0..21).map(|i| (i * 5 % 96) as u32).collect(), vec![4, 8], (0..40).map(|i| (i * 3 % 96) as u32).collect()];
-    let next = [7u32, 19, 88];
-    let refs: Vec<&AdapterMix> = mixes.iter().collect();
-    let step_lora = lora(&model, &refs);
-    let mut caches: Vec<SeqCache> = prompts.iter().map(|p| SeqCache::new(cfg.num_layers, p.len() + 1)).collect();
-    let mut input = BatchInput::default();
-    prompts.iter().for_each(|p| input.push(p));
-    let mut cache_refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-    let prefill: Vec<Vec<f32>> = model.logits(&model.forward(&input, Some(&mut cache_refs), &step_lora).unwrap()).unwrap().to_vec2().unwrap();
-    let mut step = BatchInput::default();
-    next.iter().for_each(|t| step.push(&[*t]));
-    let mut cache_refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-    let decode: Vec<Vec<f32>> = model.logits(&model.forward(&step, Some(&mut cache_refs), &step_lora).unwrap()).unwrap().to_vec2().unwrap();
-    let mut offset = 0;
-    for (i, p) in prompts.iter().enumerate() {
-        let mut full = p.clone();
-        full.push(next[i]);
-        let want = alone(&model, &full, &mixes[i]);
-        assert_eq!(&prefill[offset..offset + p.len()], &want[..p.len()], "row {i}: prefill");
-        assert_eq!(decode[i], want[p.len()], "row {i}: decode");
-        offset += p.len();
+    for (model, cfg) in packed_families() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj"]), 1);
+        let b = tiny_adapter(dir.path(), "b", &cfg, lora_config_for(&cfg, 8, 4.0, &["o_proj", "up_proj", "down_proj"]), 2);
+        let mixes = [
+            AdapterMix::single(a.clone(), 1.0),
+            AdapterMix::default(),
+            AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.3 }, MixEntry { adapter: b, scale: -0.7 }]),
+        ];
+        let prompts: Vec<Vec<u32>> = vec![(0..21).map(|i| (i * 5 % 96) as u32).collect(), vec![4, 8], (0..40).map(|i| (i * 3 % 96) as u32).collect()];
+        let next = [7u32, 19, 88];
+        let refs: Vec<&AdapterMix> = mixes.iter().collect();
+        let step_lora = lora(&model, &refs);
+        let mut caches: Vec<SeqCache> = prompts.iter().map(|p| SeqCache::new(cfg.num_layers, p.len() + 1)).collect();
+        let mut input = BatchInput::default();
+        prompts.iter().for_each(|p| input.push(p));
+        let mut cache_refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
+        let prefill: Vec<Vec<f32>> = model.logits(&model.forward(&input, Some(&mut cache_refs), &step_lora).unwrap()).unwrap().to_vec2().unwrap();
+        let mut step = BatchInput::default();
+        next.iter().for_each(|t| step.push(&[*t]));
+        let mut cache_refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
+        let decode: Vec<Vec<f32>> = model.logits(&model.forward(&step, Some(&mut cache_refs), &step_lora).unwrap()).unwrap().to_vec2().unwrap();
+        let mut offset = 0;
+        for (i, p) in prompts.iter().enumerate() {
+            let mut full = p.clone();
+            full.push(next[i]);
+            let want = alone(&model, &full, &mixes[i]);
+            assert_eq!(&prefill[offset..offset + p.len()], &want[..p.len()], "{}: row {i}: prefill", cfg.arch.name);
+            assert_eq!(decode[i], want[p.len()], "{}: row {i}: decode", cfg.arch.name);
+            offset += p.len();
+        }
     }
 }
 

@@ -113,14 +113,9 @@ impl Arch {
         t != super::Target::Gate || self.gated
     }
 
-    /// ALiBi slopes per head: `2^(-8(h+1)/n)` for a power-of-two `n`, otherwise those of the
-    /// nearest lower power of two followed by every other slope of the next one.
+    /// ALiBi slopes per head (the kernel crate's, shared by both attention paths).
     pub fn alibi_slopes(heads: usize) -> Vec<f32> {
-        let pow2 = 1usize << (usize::BITS - 1 - heads.max(1).leading_zeros());
-        let base = |n: usize, i: usize| 2f64.powf(-8.0 * (i + 1) as f64 / n as f64);
-        let mut s: Vec<f32> = (0..pow2).map(|i| base(pow2, i) as f32).collect();
-        s.extend((0..heads - pow2).map(|i| base(2 * pow2, 2 * i) as f32));
-        s
+        crate::kernels::fused::alibi_slopes(heads)
     }
 
     /// The window of `layer` (`None`: full causal attention).

@@ -217,9 +217,7 @@ impl Llama {
                 self.cfg.max_position_embeddings
             )));
         }
-        // ALiBi's bias has no fused kernel yet: such models attend through the composed path.
-        let alibi = self.cfg.arch.position == super::config::PositionKind::Alibi;
-        let fused = !self.differentiable && !alibi && self.kernels.fused_attention(&self.embed, caches);
+        let fused = !self.differentiable && self.kernels.fused_attention(&self.embed, caches);
         let rows = if fused {
             None
         } else {
@@ -323,10 +321,13 @@ impl Llama {
         let mut qv = HostF32::of(q).ok_or_else(bug)?.slice().to_vec();
         let mut kv = HostF32::of(k).ok_or_else(bug)?.slice().to_vec();
         let vh = HostF32::of(v).ok_or_else(bug)?;
-        fused::rope(&mut qv, nh, pos, cos.slice(), sin.slice());
-        fused::rope(&mut kv, nkv, pos, cos.slice(), sin.slice());
+        let alibi = self.cfg.arch.position == super::config::PositionKind::Alibi;
+        if !alibi {
+            fused::rope(&mut qv, nh, pos, cos.slice(), sin.slice());
+            fused::rope(&mut kv, nkv, pos, cos.slice(), sin.slice());
+        }
         let width = nkv * hd;
-        let dims = fused::AttnDims { heads: nh, kv_heads: nkv, head_dim: hd, scale: self.attn_scale() as f32, window: self.cfg.arch.window(layer).unwrap_or(usize::MAX) };
+        let dims = fused::AttnDims { heads: nh, kv_heads: nkv, head_dim: hd, scale: self.attn_scale() as f32, window: self.cfg.arch.window(layer).unwrap_or(usize::MAX), alibi };
         let mut out = vec![0f32; qv.len()];
         let mut row0 = 0;
         match caches {

@@ -310,6 +310,19 @@ pub struct AttnDims {
     /// Keys a query sees, itself included (a sliding window: the query at `i` sees keys
     /// `j` with `i − window < j ≤ i`); `usize::MAX` for full causal attention.
     pub window: usize,
+    /// ALiBi: `slope_h · j` added to the scaled score of key position `j` (slopes as
+    /// [`alibi_slopes`]).
+    pub alibi: bool,
+}
+
+/// ALiBi slopes per head: `2^(-8(h+1)/n)` for a power-of-two `n`, otherwise those of the nearest
+/// lower power of two followed by every other slope of the next one.
+pub fn alibi_slopes(heads: usize) -> Vec<f32> {
+    let pow2 = 1usize << (usize::BITS - 1 - heads.max(1).leading_zeros());
+    let base = |n: usize, i: usize| 2f64.powf(-8.0 * (i + 1) as f64 / n as f64);
+    let mut s: Vec<f32> = (0..pow2).map(|i| base(pow2, i) as f32).collect();
+    s.extend((0..heads - pow2).map(|i| base(2 * pow2, 2 * i) as f32));
+    s
 }
 
 /// Tokens per key tile of a host KV cache.
@@ -462,7 +475,14 @@ impl<'a> AttnBlock<'a> {
     fn run(&mut self) {
         let (nq, hd, kvh, kvw) = (self.nq(), self.dims.head_dim, self.kvh, self.dims.kv_heads * self.dims.head_dim);
         let pos: Vec<usize> = (0..nq).map(|qi| self.pos(qi)).collect();
-        block_scores(&self.q, hd, self.seq.k, kvw * KV_TILE, kvh * hd * KV_TILE, self.keys, self.keys_padded, &pos, &mut self.p);
+        let groups = self.dims.heads / self.dims.kv_heads;
+        let slopes: Vec<f32> = if self.dims.alibi {
+            let all = alibi_slopes(self.dims.heads);
+            (0..nq).map(|qi| all[kvh * groups + qi % groups]).collect()
+        } else {
+            Vec::new()
+        };
+        block_scores(&self.q, hd, self.seq.k, kvw * KV_TILE, kvh * hd * KV_TILE, self.keys, self.keys_padded, &pos, &slopes, &mut self.p);
         let first: Vec<usize> = pos.iter().map(|&p| (p + 1).saturating_sub(self.dims.window)).collect();
         block_softmax(&mut self.p, self.keys_padded, &first, &pos);
         block_values(&self.p, self.keys_padded, self.seq.v, kvw, kvh * hd, hd, &pos, &mut self.o);
@@ -478,7 +498,7 @@ multiversion! {
     /// row's 16 scores accumulate in one register, up to 8 rows at once (independent chains),
     /// each over even and odd dimensions separately to halve the dependency chain.
     #[allow(clippy::too_many_arguments)] // one kernel's operands; private
-    fn block_scores(q: &[f32], hd: usize, k: &[f32], tile_stride: usize, koff: usize, keys: usize, keys_padded: usize, pos: &[usize], p: &mut [f32]) {
+    fn block_scores(q: &[f32], hd: usize, k: &[f32], tile_stride: usize, koff: usize, keys: usize, keys_padded: usize, pos: &[usize], slopes: &[f32], p: &mut [f32]) {
         let nq = q.len() / hd;
         for t in 0..keys.div_ceil(KT) {
             let kt = &k[t * tile_stride + koff..t * tile_stride + koff + hd * KT];
@@ -496,6 +516,14 @@ multiversion! {
                     6 => score_tile::<6>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
                     7 => score_tile::<7>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
                     _ => score_tile::<8>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                }
+                if !slopes.is_empty() {
+                    for r in 0..m {
+                        let row = &mut out[r * keys_padded + t * KT..r * keys_padded + (t + 1) * KT];
+                        for (l, x) in row.iter_mut().enumerate() {
+                            *x += slopes[qi0 + r] * (t * KT + l) as f32;
+                        }
+                    }
                 }
                 qi0 += m;
             }
