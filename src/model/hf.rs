@@ -65,8 +65,8 @@ fn arch_from_hf(raw: &serde_json::Value) -> Result<Arch> {
     if let Some(act) = raw.get("hidden_act").and_then(|v| v.as_str()).filter(|a| *a != "silu") {
         return Err(ModelError::Unsupported(format!("`hidden_act` `{act}` is not supported for model_type `{model_type}` (only silu)")));
     }
-    refuse_sliding_windows(raw, model_type)?;
-    Ok(Arch { name: model_type.to_string(), biased, qk_norm, fused: model_type == "phi3", ..Arch::llama() })
+    let windows = sliding_windows(raw, model_type)?;
+    Ok(Arch { name: model_type.to_string(), biased, qk_norm, fused: model_type == "phi3", windows, ..Arch::llama() })
 }
 
 /// BLOOM ([`Arch::bloom`]), refusing the residual variant it does not compute.
@@ -97,28 +97,18 @@ fn gemma3_arch(raw: &serde_json::Value) -> Result<Arch> {
         Some("gelu_pytorch_tanh") | None => {}
         Some(other) => return unsupported(format!("`hidden_activation` `{other}` is not supported (only gelu_pytorch_tanh)")),
     }
-    let layers = raw.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-    let window = raw.get("sliding_window").and_then(|v| v.as_u64()).map(|w| w as usize);
-    let sliding: Vec<bool> = match raw.get("layer_types").and_then(|v| v.as_array()) {
-        Some(types) => types
-            .iter()
-            .map(|t| match t.as_str() {
-                Some("sliding_attention") => Ok(true),
-                Some("full_attention") => Ok(false),
-                other => Err(ModelError::Unsupported(format!("`layer_types` entry {other:?} is not supported"))),
-            })
-            .collect::<Result<_>>()?,
-        None => {
-            let pattern = raw.get("sliding_window_pattern").and_then(|v| v.as_u64()).unwrap_or(6) as usize;
-            (0..layers).map(|l| (l + 1) % pattern.max(1) != 0).collect()
+    // Older Gemma 3 configs name no `layer_types`: every `sliding_window_pattern`-th layer is global.
+    let windows = if raw.get("layer_types").is_some() {
+        sliding_windows(raw, "gemma3_text")?
+    } else {
+        let layers = raw.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+        let pattern = raw.get("sliding_window_pattern").and_then(|v| v.as_u64()).unwrap_or(6).max(1) as usize;
+        let window = raw.get("sliding_window").and_then(|v| v.as_u64()).map(|w| w as usize);
+        if window.is_none() {
+            return unsupported("Gemma 3 without a `sliding_window`".into());
         }
+        (0..layers).map(|l| if (l + 1) % pattern != 0 { window } else { None }).collect()
     };
-    if sliding.len() != layers {
-        return unsupported(format!("`layer_types` has {} entries for {layers} layers", sliding.len()));
-    }
-    if sliding.iter().any(|&s| s) && window.is_none() {
-        return unsupported("sliding-window layers without a `sliding_window`".into());
-    }
     let local = super::config::local_rope_theta_from_hf(raw).map_err(ModelError::Unsupported)?.unwrap_or(10_000.0);
     Ok(Arch {
         name: "gemma3_text".into(),
@@ -127,31 +117,46 @@ fn gemma3_arch(raw: &serde_json::Value) -> Result<Arch> {
         embed_scale: true,
         activation: super::config::Activation::GeluTanh,
         query_pre_attn_scalar: Some(raw.get("query_pre_attn_scalar").and_then(|v| v.as_f64()).unwrap_or(256.0)),
-        windows: sliding.iter().map(|&s| if s { window } else { None }).collect(),
+        windows,
         local_rope_theta: Some(local),
         ..Arch::llama()
     })
 }
 
-/// Sliding-window attention outside Gemma 3 is not wired yet: a config whose window can take
-/// effect is refused by name (Qwen's `sliding_window` applies only with `use_sliding_window`).
-fn refuse_sliding_windows(raw: &serde_json::Value, model_type: &str) -> Result<()> {
-    if let Some(types) = raw.get("layer_types").and_then(|v| v.as_array()) {
-        if let Some(t) = types.iter().filter_map(|t| t.as_str()).find(|t| *t != "full_attention") {
-            return Err(ModelError::Unsupported(format!("`layer_types` entry `{t}` is not supported for model_type `{model_type}`")));
-        }
-    }
-    let applies = match model_type {
-        "qwen2" | "qwen3" => raw.get("use_sliding_window").is_some_and(|v| v.as_bool() == Some(true)),
-        _ => true,
+/// Each layer's attention window: transformers 5's `layer_types` where written, else (older
+/// configs) `sliding_window` on every layer — for Qwen only with `use_sliding_window`, and only
+/// from layer `max_window_layers` on, as transformers applies it.
+fn sliding_windows(raw: &serde_json::Value, model_type: &str) -> Result<Vec<Option<usize>>> {
+    let layers = raw.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let window = raw.get("sliding_window").and_then(|v| v.as_u64()).map(|w| w as usize);
+    let sliding: Vec<bool> = match raw.get("layer_types").and_then(|v| v.as_array()) {
+        Some(types) => types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                other => Err(ModelError::Unsupported(format!("`layer_types` entry {other:?} is not supported for model_type `{model_type}`"))),
+            })
+            .collect::<Result<_>>()?,
+        None => match model_type {
+            "qwen2" | "qwen3" => {
+                let on = raw.get("use_sliding_window").is_some_and(|v| v.as_bool() == Some(true));
+                let from = raw.get("max_window_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+                (0..layers).map(|l| on && l >= from).collect()
+            }
+            _ => vec![window.is_some(); layers],
+        },
     };
-    let max_pos = raw.get("max_position_embeddings").and_then(|v| v.as_u64());
-    if let Some(w) = raw.get("sliding_window").and_then(|v| v.as_u64()) {
-        if applies && max_pos.is_none_or(|m| w < m) {
-            return Err(ModelError::Unsupported(format!("`sliding_window` {w} (shorter than the context) is not supported")));
-        }
+    if sliding.len() != layers {
+        return Err(ModelError::Unsupported(format!("`layer_types` has {} entries for {layers} layers", sliding.len())));
     }
-    Ok(())
+    if sliding.iter().any(|&s| s) && window.is_none() {
+        return Err(ModelError::Unsupported("sliding-window layers without a `sliding_window`".into()));
+    }
+    if sliding.iter().all(|&s| !s) {
+        return Ok(Vec::new());
+    }
+    Ok(sliding.iter().map(|&s| if s { window } else { None }).collect())
 }
 
 impl HfSource {
@@ -275,4 +280,31 @@ pub fn fetch_from_hub(repo: &str) -> Result<PathBuf> {
         }
     }
     config.parent().map(Path::to_path_buf).ok_or_else(|| ModelError::Download("no snapshot folder".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn windows(cfg: serde_json::Value) -> std::result::Result<Vec<Option<usize>>, String> {
+        arch_from_hf(&cfg).map(|a| a.windows).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn sliding_windows_follow_transformers() {
+        // Mistral / Phi-3 (older configs): the window on every layer.
+        assert_eq!(windows(json!({"model_type": "mistral", "num_hidden_layers": 2, "sliding_window": 4096})), Ok(vec![Some(4096); 2]));
+        // Qwen: only with `use_sliding_window`, from `max_window_layers` on.
+        assert_eq!(windows(json!({"model_type": "qwen2", "num_hidden_layers": 3, "sliding_window": 8})), Ok(vec![]));
+        let qwen = json!({"model_type": "qwen2", "num_hidden_layers": 3, "sliding_window": 8, "use_sliding_window": true, "max_window_layers": 1});
+        assert_eq!(windows(qwen), Ok(vec![None, Some(8), Some(8)]));
+        // transformers 5's `layer_types` wins; an unknown type is refused by name.
+        let typed = json!({"model_type": "llama", "num_hidden_layers": 2, "sliding_window": 4, "layer_types": ["full_attention", "sliding_attention"]});
+        assert_eq!(windows(typed), Ok(vec![None, Some(4)]));
+        let bad = json!({"model_type": "llama", "num_hidden_layers": 1, "layer_types": ["chunked_attention"]});
+        assert!(windows(bad).is_err_and(|e| e.contains("chunked_attention")));
+        let no_window = json!({"model_type": "llama", "num_hidden_layers": 1, "layer_types": ["sliding_attention"]});
+        assert!(windows(no_window).is_err());
+    }
 }
