@@ -2,14 +2,15 @@
 //! (one Hugging Face folder per base family, its own PEFT adapters, and what transformers 5.24 +
 //! PEFT 0.21.2 compute; see that folder's README). Required per supported family: the
 //! reference's token ids, identical 16-token greedy continuations, and logits within 1e-3 at
-//! every prompt position (from the folder, and for Llama and Qwen from the same weights written
-//! as GGUF). A family not described must be refused by name.
+//! every prompt position (from the folder, and for Llama, Qwen and Phi-3 from the same weights
+//! written as GGUF). A family not described must be refused by name.
 
 mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::reference::{greedy, mix_for, prefill_logits, RefFile};
 use common::*;
+use loraplex::adapters::AdapterMix;
 use loraplex::engine::LoraPath;
 use loraplex::model::load::{load_model, LoadedModel};
 use loraplex::model::WeightFormat;
@@ -46,6 +47,27 @@ fn check_arch_via_gguf(arch: &str) {
     let m = load_model(path.to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu).unwrap();
     assert_eq!(m.model.cfg.arch, load(arch).model.cfg.arch, "{arch}: the GGUF's architecture description");
     check_model(arch, &m);
+    check_packed_tracks_f32(arch, &path);
+}
+
+/// The packed path (`--dtype auto`) on the GGUF tracks the f32 one: the rows each projection
+/// takes from a fused or interleaved tensor are the same in both (8-bit rounding aside).
+fn check_packed_tracks_f32(arch: &str, path: &std::path::Path) {
+    let f32m = load_model(path.to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu).unwrap();
+    let packed = load_model(path.to_str().unwrap(), WeightFormat::Packed, &Device::Cpu).unwrap();
+    let ids: Vec<Vec<u32>> = cases(arch)["prompts"].as_object().unwrap().values().map(|p| p["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()).collect();
+    let (a, b) = (prefill_logits(&f32m.model, &ids, &AdapterMix::default(), LoraPath::Batched), prefill_logits(&packed.model, &ids, &AdapterMix::default(), LoraPath::Batched));
+    // Relative RMS error over every position and vocabulary entry: 8-bit rounding gives a few
+    // per cent; a projection reading the wrong rows gives the order of 100 %.
+    let (mut err, mut norm) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(&b) {
+        let (x, y) = (x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        err += x.iter().zip(&y).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>();
+        norm += x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>();
+    }
+    let rel = (err / norm).sqrt();
+    println!("{arch}: packed vs f32 GGUF, relative RMS error {rel:.4}");
+    assert!(rel < 0.2, "{arch}: packed vs f32 relative error {rel}");
 }
 
 fn check_model(arch: &str, m: &LoadedModel) {
@@ -149,6 +171,11 @@ fn qwen2_from_gguf_matches_transformers() {
 #[test]
 fn qwen3_from_gguf_matches_transformers() {
     check_arch_via_gguf("qwen3");
+}
+
+#[test]
+fn phi3_from_gguf_matches_transformers() {
+    check_arch_via_gguf("phi3");
 }
 
 #[test]

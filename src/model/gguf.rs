@@ -68,8 +68,8 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
         Some(v) => v.to_string()?.clone(),
         None => return Err(ModelError::Missing { key: "general.architecture".into(), what: "GGUF metadata".into() }),
     };
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3") {
-        return Err(ModelError::Unsupported(format!("GGUF architecture `{arch}`; supported: llama, mistral, qwen2, qwen3, gemma3")));
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3" | "phi3") {
+        return Err(ModelError::Unsupported(format!("GGUF architecture `{arch}`; supported: llama, mistral, qwen2, qwen3, gemma3, phi3")));
     }
     let get = |k: &str| -> Result<&Value> {
         let key = format!("{arch}.{k}");
@@ -119,6 +119,15 @@ fn arch_from_metadata(c: &Content, arch: &str, num_layers: usize) -> Result<supe
         qk_norm: has("blk.0.attn_q_norm.weight"),
         ..super::config::Arch::llama()
     };
+    if arch == "phi3" {
+        if has("rope_factors_long.weight") || has("rope_factors_short.weight") {
+            return Err(ModelError::Unsupported("GGUF `rope_factors_long/short` (Phi-3 LongRoPE) are not supported".into()));
+        }
+        a.fused = true;
+    }
+    if let Some(w) = c.metadata.get(&format!("{arch}.attention.sliding_window")).filter(|_| arch != "gemma3") {
+        a.windows = vec![Some(w.to_u32()? as usize); num_layers];
+    }
     if arch == "gemma3" {
         let window = c.metadata.get("gemma3.attention.sliding_window").ok_or(ModelError::Missing { key: "gemma3.attention.sliding_window".into(), what: "GGUF metadata".into() })?.to_u32()? as usize;
         for k in ["gemma3.attn_logit_softcapping", "gemma3.final_logit_softcapping"] {
@@ -166,20 +175,19 @@ fn unpermute_dense(w: &Tensor, heads: usize) -> Result<Tensor> {
     Ok(w.reshape((heads, hd / 2, 2, fan_in))?.transpose(1, 2)?.contiguous()?.reshape((out, fan_in))?)
 }
 
-/// The same row permutation on quantized bytes: blocks run along rows, so moving whole rows is
-/// exact (no re-quantization).
-fn unpermute_quantized(q: &QTensor, heads: usize) -> Result<QTensor> {
-    let (out, fan_in) = q.shape().dims2()?;
+/// Rows `rows` of a quantized tensor, in that order: blocks run along rows, so moving whole
+/// rows is exact (no re-quantization). Serves the Q/K un-permutation and fused-tensor parts.
+fn gather_quantized_rows(q: &QTensor, rows: &[usize]) -> Result<QTensor> {
+    let fan_in = q.shape().dims2()?.1;
     let dt = q.dtype();
     let row_bytes = fan_in / dt.block_size() * dt.type_size();
     let data = q.data()?;
-    let mut moved = Vec::with_capacity(data.len());
-    for r in 0..out {
-        let src = unpermute_src(r, out / heads);
+    let mut moved = Vec::with_capacity(rows.len() * row_bytes);
+    for &src in rows {
         moved.extend_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
     }
     let storage = QStorage::from_data(Cow::Owned(moved), &Device::Cpu, dt)?;
-    Ok(QTensor::new(storage, (out, fan_in))?)
+    Ok(QTensor::new(storage, (rows.len(), fan_in))?)
 }
 
 /// A dense f32 weight (HF layout, on CPU) as a [`BaseWeight`] of `format` on `device`.
@@ -215,7 +223,12 @@ fn check_packable(cols: usize) -> Result<()> {
 /// A GGUF tensor in the packed layout without loss (its blocks decoded as stored), rows taken
 /// in the order `src_row(r)` gives (the Q/K un-permutation).
 pub fn packed_from_qtensor(q: &QTensor, src_row: impl Fn(usize) -> usize) -> Result<BaseWeight> {
-    let (rows, cols) = q.shape().dims2()?;
+    packed_rows_from_qtensor(q, q.shape().dims2()?.0, src_row)
+}
+
+/// [`packed_from_qtensor`] for `rows` rows (a part of a fused tensor).
+fn packed_rows_from_qtensor(q: &QTensor, rows: usize, src_row: impl Fn(usize) -> usize) -> Result<BaseWeight> {
+    let cols = q.shape().dims2()?.1;
     check_packable(cols)?;
     let dt = q.dtype();
     if ggml::code_bits(dt).is_none() && !matches!(dt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
@@ -230,6 +243,27 @@ pub fn packed_from_qtensor(q: &QTensor, src_row: impl Fn(usize) -> usize) -> Res
 }
 
 impl GgufSource {
+    /// The GGUF tensor holding projection `id` and which of its rows are the projection's, in
+    /// Hugging Face order: Llama's Q/K rows un-interleaved, Phi-3's fused `attn_qkv` (`[q|k|v]`)
+    /// and `ffn_up` (`[gate|up]`, llama.cpp's name for `gate_up_proj`) split.
+    fn stored_rows(&self, id: ModuleId) -> (String, Vec<usize>) {
+        let out = self.cfg.proj_dims(id.target).1;
+        if self.cfg.arch.fused {
+            let m = self.cfg.stored_module(id);
+            let name = match id.target {
+                Target::Q | Target::K | Target::V => format!("blk.{}.attn_qkv.weight", id.layer),
+                Target::Gate | Target::Up => format!("blk.{}.ffn_up.weight", id.layer),
+                _ => tensor_name(id),
+            };
+            return (name, m.rows);
+        }
+        let rows = match self.qk_heads(id.target) {
+            Some(h) => (0..out).map(|r| unpermute_src(r, out / h)).collect(),
+            None => (0..out).collect(),
+        };
+        (tensor_name(id), rows)
+    }
+
     /// The head count whose rows llama.cpp interleaved in this Q/K weight: its converter does
     /// that for Llama-family files only (Qwen's rope pairs the halves as Hugging Face does).
     fn qk_heads(&self, target: Target) -> Option<usize> {
@@ -304,25 +338,23 @@ impl WeightSource for GgufSource {
     }
 
     fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight> {
-        let heads = self.qk_heads(id.target);
-        let q = self.qtensor(&tensor_name(id))?;
+        let (name, rows) = self.stored_rows(id);
+        let q = self.qtensor(&name)?;
+        let (stored, fan_in) = q.shape().dims2()?;
+        if fan_in != self.cfg.proj_dims(id.target).0 || rows.iter().any(|&r| r >= stored) {
+            return Err(ModelError::Invalid { path: self.path.display().to_string(), reason: format!("`{name}` has shape {:?}", q.shape().dims()) });
+        }
+        let whole = rows.len() == stored && rows.iter().enumerate().all(|(i, &r)| i == r);
         if format == WeightFormat::Packed {
-            let rows = q.shape().dims2()?.0;
-            return packed_from_qtensor(&q, |r| heads.map_or(r, |h| unpermute_src(r, rows / h)));
+            return packed_rows_from_qtensor(&q, rows.len(), |r| rows[r]);
         }
         let stored_quantized = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if matches!(format, WeightFormat::Quantized(None)) && stored_quantized {
-            let q = match heads {
-                Some(h) => unpermute_quantized(&q, h)?,
-                None => q,
-            };
+            let q = if whole { q } else { gather_quantized_rows(&q, &rows)? };
             return self.quantized_onto(q);
         }
         let w = q.dequantize(&Device::Cpu)?;
-        let w = match heads {
-            Some(h) => unpermute_dense(&w, h)?,
-            None => w,
-        };
+        let w = if whole { w } else { super::select_rows(&w, &rows)? };
         dense_to_base(w, format, &self.device)
     }
 

@@ -94,6 +94,12 @@ fn tokenizer_metadata(dir: &Path, pre: &str) -> Result<Vec<(String, Value)>> {
 pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
     let cfg = super::hf::read_config(dir)?;
     let arch = cfg.arch.name.clone();
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
+        return Err(ModelError::Unsupported(format!("writing model_type `{arch}` as GGUF")));
+    }
+    if cfg.arch.windows.iter().any(Option::is_some) {
+        return Err(ModelError::Unsupported("writing sliding windows into GGUF metadata".into()));
+    }
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map_err(|source| ModelError::Io { path: dir.display().to_string(), source })?
@@ -120,7 +126,16 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
             out_tensors.push((format!("blk.{layer}.attn_q_norm.weight"), take(&format!("{p}.self_attn.q_norm.weight"))?));
             out_tensors.push((format!("blk.{layer}.attn_k_norm.weight"), take(&format!("{p}.self_attn.k_norm.weight"))?));
         }
+        if cfg.arch.fused {
+            // Phi-3: llama.cpp keeps the fused modules whole (`attn_qkv`, and `ffn_up` for
+            // `gate_up_proj`), rows in the checkpoint's own order.
+            out_tensors.push((format!("blk.{layer}.attn_qkv.weight"), take(&format!("{p}.self_attn.qkv_proj.weight"))?));
+            out_tensors.push((format!("blk.{layer}.ffn_up.weight"), take(&format!("{p}.mlp.gate_up_proj.weight"))?));
+        }
         for target in Target::ALL {
+            if cfg.arch.fused && !matches!(target, Target::O | Target::Down) {
+                continue;
+            }
             let id = ModuleId { layer, target };
             let heads = match target {
                 Target::Q if interleave => Some(cfg.num_heads),
