@@ -2,8 +2,8 @@
 //! (one Hugging Face folder per base family, its own PEFT adapters, and what transformers 5.24 +
 //! PEFT 0.21.2 compute; see that folder's README). Required per supported family: the
 //! reference's token ids, identical 16-token greedy continuations, and logits within 1e-3 at
-//! every prompt position (from the folder, and for Llama, Qwen and Phi-3 from the same weights
-//! written as GGUF). A family not described must be refused by name.
+//! every prompt position (from the folder, and for all but Gemma 3 also from the same weights
+//! written as GGUF; Gemma 3's GGUF is tested on the real Gemma-3-270m). A family not described must be refused by name.
 
 mod common;
 
@@ -176,6 +176,11 @@ fn qwen3_from_gguf_matches_transformers() {
 #[test]
 fn phi3_from_gguf_matches_transformers() {
     check_arch_via_gguf("phi3");
+}
+
+#[test]
+fn bloom_from_gguf_matches_transformers() {
+    check_arch_via_gguf("bloom");
 }
 
 #[test]

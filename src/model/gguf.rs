@@ -68,8 +68,8 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
         Some(v) => v.to_string()?.clone(),
         None => return Err(ModelError::Missing { key: "general.architecture".into(), what: "GGUF metadata".into() }),
     };
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3" | "phi3") {
-        return Err(ModelError::Unsupported(format!("GGUF architecture `{arch}`; supported: llama, mistral, qwen2, qwen3, gemma3, phi3")));
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3" | "phi3" | "bloom") {
+        return Err(ModelError::Unsupported(format!("GGUF architecture `{arch}`; supported: llama, mistral, qwen2, qwen3, gemma3, phi3, bloom")));
     }
     let get = |k: &str| -> Result<&Value> {
         let key = format!("{arch}.{k}");
@@ -99,7 +99,8 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
         num_heads,
         num_kv_heads: get("attention.head_count_kv").map_or(Ok(num_heads as u32), |v| v.to_u32())? as usize,
         head_dim: get("rope.dimension_count").or_else(|_| get("attention.key_length")).map_or(Ok((hidden_size / num_heads) as u32), |v| v.to_u32())? as usize,
-        rms_norm_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+        // BLOOM's LayerNorms have their own key.
+        rms_norm_eps: get("attention.layer_norm_rms_epsilon").or_else(|_| get("attention.layer_norm_epsilon"))?.to_f32()? as f64,
         rope_theta: get("rope.freq_base").map_or(Ok(10_000.0), |v| v.to_f32())? as f64,
         rope_scaling: super::RopeScaling::None,
         max_position_embeddings: get("context_length").map_or(Ok(4096), |v| v.to_u32())? as usize,
@@ -119,6 +120,9 @@ fn arch_from_metadata(c: &Content, arch: &str, num_layers: usize) -> Result<supe
         qk_norm: has("blk.0.attn_q_norm.weight"),
         ..super::config::Arch::llama()
     };
+    if arch == "bloom" {
+        a = super::config::Arch::bloom();
+    }
     if arch == "phi3" {
         if has("rope_factors_long.weight") || has("rope_factors_short.weight") {
             return Err(ModelError::Unsupported("GGUF `rope_factors_long/short` (Phi-3 LongRoPE) are not supported".into()));
@@ -168,12 +172,6 @@ fn unpermute_src(r: usize, head_dim: usize) -> usize {
     head * head_dim + 2 * i + j
 }
 
-/// Un-permutes a dense `(heads·hd, in)` weight from GGUF to Hugging Face row order.
-fn unpermute_dense(w: &Tensor, heads: usize) -> Result<Tensor> {
-    let (out, fan_in) = w.dims2()?;
-    let hd = out / heads;
-    Ok(w.reshape((heads, hd / 2, 2, fan_in))?.transpose(1, 2)?.contiguous()?.reshape((out, fan_in))?)
-}
 
 /// Rows `rows` of a quantized tensor, in that order: blocks run along rows, so moving whole
 /// rows is exact (no re-quantization). Serves the Q/K un-permutation and fused-tensor parts.
@@ -243,11 +241,33 @@ fn packed_rows_from_qtensor(q: &QTensor, rows: usize, src_row: impl Fn(usize) ->
 }
 
 impl GgufSource {
+    /// A 1-D f32 tensor of `len` values.
+    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        let w = self.dense(name)?.to_dtype(DType::F32)?;
+        if w.dims() != [len] {
+            return Err(ModelError::Invalid { path: self.path.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{len}]", w.dims()) });
+        }
+        Ok(w.to_device(&self.device)?)
+    }
+
     /// The GGUF tensor holding projection `id` and which of its rows are the projection's, in
     /// Hugging Face order: Llama's Q/K rows un-interleaved, Phi-3's fused `attn_qkv` (`[q|k|v]`)
     /// and `ffn_up` (`[gate|up]`, llama.cpp's name for `gate_up_proj`) split.
     fn stored_rows(&self, id: ModuleId) -> (String, Vec<usize>) {
         let out = self.cfg.proj_dims(id.target).1;
+        if self.cfg.arch.naming == super::config::Naming::Bloom {
+            // llama.cpp's converter turns BLOOM's per-head interleaved `query_key_value` into
+            // `[q | k | v]` blocks (bias likewise).
+            let q = self.cfg.num_heads * self.cfg.head_dim;
+            let part = |i: usize| (i * q..(i + 1) * q).collect();
+            let qkv = format!("blk.{}.attn_qkv.weight", id.layer);
+            return match id.target {
+                Target::Q => (qkv, part(0)),
+                Target::K => (qkv, part(1)),
+                Target::V => (qkv, part(2)),
+                _ => (tensor_name(id), (0..out).collect()),
+            };
+        }
         if self.cfg.arch.fused {
             let m = self.cfg.stored_module(id);
             let name = match id.target {
@@ -312,29 +332,28 @@ impl WeightSource for GgufSource {
                 .replace(".self_attn.q_norm.", ".attn_q_norm.")
                 .replace(".self_attn.k_norm.", ".attn_k_norm."),
         };
-        let w = self.dense(&gguf)?.to_dtype(DType::F32)?;
-        if w.dims() != [len] {
-            return Err(ModelError::Invalid { path: self.path.display().to_string(), reason: format!("`{gguf}` has shape {:?}, expected [{len}]", w.dims()) });
-        }
-        Ok(w.to_device(&self.device)?)
+        let gguf = if name == "model.embed_norm.weight" { "token_embd_norm.weight".to_string() } else { gguf };
+        self.vector(&gguf, len)
     }
 
-    fn norm_bias(&mut self, name: &str, _len: usize) -> Result<Tensor> {
-        Err(ModelError::Unsupported(format!("GGUF LayerNorm biases (for `{name}`) are not supported yet")))
+    fn norm_bias(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        // The weight's GGUF name with `.bias`: every mapping above keeps the suffix.
+        let w = match name {
+            "model.norm.weight" => "output_norm.weight".to_string(),
+            "model.embed_norm.weight" => "token_embd_norm.weight".to_string(),
+            n => n.replace("model.layers.", "blk.").replace(".input_layernorm.", ".attn_norm.").replace(".post_attention_layernorm.", ".ffn_norm."),
+        };
+        self.vector(&w.replace(".weight", ".bias"), len)
     }
 
     fn bias(&mut self, id: ModuleId) -> Result<Tensor> {
-        let name = tensor_name(id).replace(".weight", ".bias");
+        let (name, rows) = self.stored_rows(id);
+        let name = name.replace(".weight", ".bias");
         let b = self.dense(&name)?.to_dtype(DType::F32)?;
-        let out = self.cfg.proj_dims(id.target).1;
-        if b.dims() != [out] {
-            return Err(ModelError::Invalid { path: self.path.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{out}]", b.dims()) });
+        if b.rank() != 1 || rows.iter().any(|&r| r >= b.dim(0).unwrap_or(0)) {
+            return Err(ModelError::Invalid { path: self.path.display().to_string(), reason: format!("`{name}` has shape {:?}", b.dims()) });
         }
-        let b = match self.qk_heads(id.target) {
-            Some(h) => unpermute_dense(&b.reshape((out, 1))?, h)?.reshape(out)?,
-            None => b,
-        };
-        Ok(b.to_device(&self.device)?)
+        Ok(super::select_rows(&b, &rows)?.to_device(&self.device)?)
     }
 
     fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight> {
@@ -383,6 +402,13 @@ pub fn load(path: &Path, format: WeightFormat, device: &Device) -> Result<(super
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The un-permutation as a reshape: the reference the row map is checked against.
+fn unpermute_dense(w: &Tensor, heads: usize) -> Result<Tensor> {
+        let (out, fan_in) = w.dims2()?;
+        let hd = out / heads;
+        Ok(w.reshape((heads, hd / 2, 2, fan_in))?.transpose(1, 2)?.contiguous()?.reshape((out, fan_in))?)
+    }
 
     #[test]
     fn unpermute_indices_match_the_dense_reshape() {

@@ -94,7 +94,7 @@ fn tokenizer_metadata(dir: &Path, pre: &str) -> Result<Vec<(String, Value)>> {
 pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
     let cfg = super::hf::read_config(dir)?;
     let arch = cfg.arch.name.clone();
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "bloom") {
         return Err(ModelError::Unsupported(format!("writing model_type `{arch}` as GGUF")));
     }
     if cfg.arch.windows.iter().any(Option::is_some) {
@@ -110,11 +110,33 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
     for f in &files {
         tensors.extend(candle_core::safetensors::load(f, &Device::Cpu)?);
     }
+    if arch == "bloom" {
+        // BLOOM's names and its per-head interleaved qkv map onto llama.cpp's by table.
+        let renamed: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, v)| {
+                let k = match k.as_str() {
+                    "transformer.word_embeddings.weight" => "model.embed_tokens.weight".to_string(),
+                    n if n.starts_with("transformer.word_embeddings_layernorm.") => n.replace("transformer.word_embeddings_layernorm.", "model.embed_norm."),
+                    n if n.starts_with("transformer.ln_f.") => n.replace("transformer.ln_f.", "model.norm."),
+                    n => n.replace("transformer.h.", "model.layers."),
+                };
+                (k, v)
+            })
+            .collect();
+        tensors = renamed;
+    }
     let mut take = |name: &str| -> Result<Tensor> {
         Ok(tensors.remove(name).ok_or_else(|| ModelError::Missing { key: name.into(), what: dir.display().to_string() })?.to_dtype(DType::F32)?)
     };
     let interleave = matches!(arch.as_str(), "llama" | "mistral");
     let mut out_tensors: Vec<(String, Tensor)> = vec![("token_embd.weight".into(), take("model.embed_tokens.weight")?), ("output_norm.weight".into(), take("model.norm.weight")?)];
+    let bloom = arch == "bloom";
+    if bloom {
+        out_tensors.push(("output_norm.bias".into(), take("model.norm.bias")?));
+        out_tensors.push(("token_embd_norm.weight".into(), take("model.embed_norm.weight")?));
+        out_tensors.push(("token_embd_norm.bias".into(), take("model.embed_norm.bias")?));
+    }
     if !cfg.tie_word_embeddings {
         out_tensors.push(("output.weight".into(), take("lm_head.weight")?));
     }
@@ -125,6 +147,23 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
         if cfg.arch.qk_norm {
             out_tensors.push((format!("blk.{layer}.attn_q_norm.weight"), take(&format!("{p}.self_attn.q_norm.weight"))?));
             out_tensors.push((format!("blk.{layer}.attn_k_norm.weight"), take(&format!("{p}.self_attn.k_norm.weight"))?));
+        }
+        if bloom {
+            for (hf, gguf) in [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")] {
+                out_tensors.push((format!("blk.{layer}.{gguf}.bias"), take(&format!("{p}.{hf}.bias"))?));
+            }
+            // `[q | k | v]` blocks out of the per-head interleaved rows.
+            let order: Vec<usize> = [Target::Q, Target::K, Target::V].into_iter().flat_map(|t| cfg.stored_module(ModuleId { layer, target: t }).rows).collect();
+            for what in ["weight", "bias"] {
+                let t = take(&format!("{p}.self_attention.query_key_value.{what}"))?;
+                out_tensors.push((format!("blk.{layer}.attn_qkv.{what}"), super::select_rows(&t, &order)?));
+            }
+            for (target, hf) in [(Target::O, "self_attention.dense"), (Target::Up, "mlp.dense_h_to_4h"), (Target::Down, "mlp.dense_4h_to_h")] {
+                for what in ["weight", "bias"] {
+                    out_tensors.push((proj_name(ModuleId { layer, target }, what), take(&format!("{p}.{hf}.{what}"))?));
+                }
+            }
+            continue;
         }
         if cfg.arch.fused {
             // Phi-3: llama.cpp keeps the fused modules whole (`attn_qkv`, and `ffn_up` for
@@ -174,7 +213,7 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
         (format!("{arch}.attention.key_length"), u32v(cfg.head_dim)),
         (format!("{arch}.attention.value_length"), u32v(cfg.head_dim)),
         (format!("{arch}.rope.dimension_count"), u32v(cfg.head_dim)),
-        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
+        (format!("{arch}.attention.{}", if bloom { "layer_norm_epsilon" } else { "layer_norm_rms_epsilon" }), Value::F32(cfg.rms_norm_eps as f32)),
         (format!("{arch}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
         (format!("{arch}.vocab_size"), u32v(cfg.vocab_size)),
     ];
