@@ -189,3 +189,27 @@ fn families_not_described_are_refused_by_name() {
         check_refused(model_type);
     }
 }
+
+/// PEFT names a fused projection by its stored module: on Phi-3 `q_proj` names nothing and is
+/// refused by name, and so is `gate_proj` on BLOOM (no gate); `qkv_proj` loads.
+#[test]
+fn targets_the_architecture_lacks_are_refused_by_name() {
+    for (arch, missing, present) in [("phi3", "q_proj", "qkv_proj"), ("bloom", "gate_proj", "query_key_value")] {
+        let m = load(arch);
+        let dir = tempfile::tempdir().unwrap();
+        let src = arch_dir(arch).join("adapters/attn-r4");
+        std::fs::copy(src.join("adapter_model.safetensors"), dir.path().join("adapter_model.safetensors")).unwrap();
+        let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+        cfg["target_modules"] = serde_json::json!([missing]);
+        std::fs::write(dir.path().join("adapter_config.json"), cfg.to_string()).unwrap();
+        let err = loraplex::adapters::load_adapter(dir.path(), "x", &m.model.cfg, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains(missing), "{arch}: {err}");
+        cfg["target_modules"] = serde_json::json!([present]);
+        cfg["rank_pattern"] = serde_json::json!({});
+        std::fs::write(dir.path().join("adapter_config.json"), cfg.to_string()).unwrap();
+        // The file holds more modules than this config names: refused as undescribed tensors,
+        // which shows the fused name itself was accepted.
+        let err = loraplex::adapters::load_adapter(dir.path(), "x", &m.model.cfg, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("not described by the config"), "{arch}: {err}");
+    }
+}
