@@ -1,5 +1,7 @@
 //! One forward step over the running sequences: new sequences prefill while the others decode,
-//! in the same ragged batch. Owned by the worker thread (or by a caller, for `generate`).
+//! in the same ragged batch. A prompt longer than the step's prefill budget is fed in chunks
+//! over several steps (chunked prefill), so one long prompt never stalls the others' decode.
+//! Owned by the worker thread (or by a caller, for `generate`).
 
 use super::sequence::Sequence;
 use crate::adapters::AdapterMix;
@@ -33,11 +35,13 @@ pub struct Batcher<'m> {
     pub running: Vec<Sequence>,
     /// The LoRA operands and the sequence ids (in batch order) they were built for.
     lora: Option<(Vec<u64>, StepLora)>,
+    /// Prompt tokens fed per step, over all prefilling sequences (each gets at least one).
+    pub prefill_chunk: usize,
 }
 
 impl<'m> Batcher<'m> {
     pub fn new(model: &'m Llama, tok: &'m TextTokenizer, path: LoraPath) -> Self {
-        Self { metrics: None, model, tok, path, running: Vec::new(), lora: None }
+        Self { metrics: None, model, tok, path, running: Vec::new(), lora: None, prefill_chunk: usize::MAX }
     }
 
     pub fn add(&mut self, seq: Sequence) {
@@ -63,14 +67,29 @@ impl<'m> Batcher<'m> {
         if self.running.is_empty() {
             return report;
         }
+        // Decoding sequences feed their one token; prefilling ones share the chunk budget in
+        // batch order, each at least one token so every prompt makes progress.
+        let mut budget = self.prefill_chunk;
+        let feeds: Vec<usize> = self
+            .running
+            .iter()
+            .map(|s| {
+                if !s.is_prompt() {
+                    return s.pending.len();
+                }
+                let take = s.pending.len().min(budget.max(1));
+                budget = budget.saturating_sub(take);
+                take
+            })
+            .collect();
         let mut input = BatchInput::default();
-        for s in &self.running {
-            if s.is_prefill() {
-                report.prefill_tokens += s.pending.len();
+        for (s, &feed) in self.running.iter().zip(&feeds) {
+            if s.is_prompt() {
+                report.prefill_tokens += feed;
             } else {
-                report.decode_tokens += s.pending.len();
+                report.decode_tokens += feed;
             }
-            input.push(&s.pending);
+            input.push(&s.pending[..feed]);
         }
         report.sequences = self.running.len();
         let span = tracing::debug_span!("engine_step", sequences = report.sequences, prefill_tokens = report.prefill_tokens, decode_tokens = report.decode_tokens);
@@ -78,7 +97,7 @@ impl<'m> Batcher<'m> {
             span.follows_from(&s.req.span);
         }
         let _entered = span.enter();
-        if let Err(e) = self.forward_and_sample(&input) {
+        if let Err(e) = self.forward_and_sample(&input, &feeds) {
             tracing::error!(error = %e, "forward step failed; failing its sequences");
             for s in self.running.iter_mut() {
                 s.fail(format!("internal error: {e}"));
@@ -105,7 +124,7 @@ impl<'m> Batcher<'m> {
         }
     }
 
-    fn forward_and_sample(&mut self, input: &BatchInput) -> Result<()> {
+    fn forward_and_sample(&mut self, input: &BatchInput, feeds: &[usize]) -> Result<()> {
         let ids: Vec<u64> = self.running.iter().map(|s| s.id).collect();
         if self.lora.as_ref().is_none_or(|(key, _)| *key != ids) {
             let mixes: Vec<&AdapterMix> = self.running.iter().map(|s| &s.req.mix).collect();
@@ -125,7 +144,12 @@ impl<'m> Batcher<'m> {
             self.model.logits(&Llama::last_rows(&hidden, &input.seq_lens)?)?
         };
         let now = std::time::Instant::now();
-        for (row, s) in self.running.iter_mut().enumerate() {
+        for (row, (s, &feed)) in self.running.iter_mut().zip(feeds).enumerate() {
+            if feed < s.pending.len() {
+                // Mid-prompt: the rest of the prompt goes in later steps; nothing is sampled.
+                s.pending.drain(..feed);
+                continue;
+            }
             s.accept(&logits.get(row)?, self.tok)?;
             if let Some(m) = &self.metrics {
                 match s.last_token_at {

@@ -62,6 +62,11 @@ impl Sequence {
         self.cache.is_empty()
     }
 
+    /// Still feeding its prompt (no token generated yet): the chunked-prefill budget applies.
+    pub fn is_prompt(&self) -> bool {
+        self.generated.is_empty()
+    }
+
     /// Reports a failure to the client and marks the sequence finished.
     pub fn fail(&mut self, message: String) {
         self.final_event = Some(TokenEvent::Error(message));

@@ -104,6 +104,7 @@ impl Engine {
 
 fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, rx: mpsc::Receiver<Submission>, stats: Arc<EngineStats>, metrics: Option<Arc<crate::metrics::Metrics>>) {
     let mut batcher = Batcher::new(&model, &tok, LoraPath::Batched);
+    batcher.prefill_chunk = cfg.max_prefill_tokens;
     batcher.metrics = metrics.clone();
     let mut waiting: VecDeque<Submission> = VecDeque::new();
     loop {
