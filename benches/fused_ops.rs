@@ -62,7 +62,7 @@ fn forwards(c: &mut Criterion) {
         prompt.push(&(0..512).map(|t| (t % 1000) as u32).collect::<Vec<_>>());
         grp.bench_function(format!("prefill_512/{name}"), |b| {
             b.iter(|| {
-                let mut cs = vec![SeqCache::new(cfg.num_layers, 512)];
+                let mut cs = [SeqCache::new(cfg.num_layers, 512)];
                 let mut refs: Vec<&mut SeqCache> = cs.iter_mut().collect();
                 m.forward(&prompt, Some(&mut refs), &StepLora::None).unwrap()
             })

@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     let model = &m.model;
     let prompt: Vec<u32> = (0..512).map(|i| 100 + (i * 37 % 9000) as u32).collect();
     for _ in 0..2 {
-        let mut cache = vec![SeqCache::new(model.cfg.num_layers, 600)];
+        let mut cache = [SeqCache::new(model.cfg.num_layers, 600)];
         let mut refs: Vec<&mut SeqCache> = cache.iter_mut().collect();
         let mut input = BatchInput::default();
         input.push(&prompt);

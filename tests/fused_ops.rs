@@ -95,7 +95,7 @@ fn fused_attention_handles_long_and_chunked_prompts() {
         let mut outs = Vec::new();
         for m in [&model, &composed] {
             // The prompt in two chunks (prefill continuing from a cache), then one decode step.
-            let mut cache = vec![SeqCache::new(cfg.num_layers, 100)];
+            let mut cache = [SeqCache::new(cfg.num_layers, 100)];
             let mut logits = Vec::new();
             for part in [&prompt[..50], &prompt[50..], &[3u32][..]] {
                 let mut input = BatchInput::default();

@@ -32,7 +32,7 @@ impl QuantActs {
 
     /// Sizes the buffers for `n × k` (keeps their allocations).
     pub fn resize(&mut self, n: usize, k: usize) {
-        assert!(k % BLOCK == 0, "activation width must be whole 32-blocks; this is a bug");
+        assert!(k.is_multiple_of(BLOCK), "activation width must be whole 32-blocks; this is a bug");
         let nb = k / BLOCK;
         self.n = n;
         self.k = k;

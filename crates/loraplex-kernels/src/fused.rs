@@ -67,7 +67,7 @@ fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 8.333_452e-3);
     p = p.mul_add(r, 4.166_579_6e-2);
     p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
+    p = p.mul_add(r, 5e-1);
     let e = (p * r).mul_add(r, r) + 1.0;
     // `t`'s low mantissa bits hold n (two's complement): 2ⁿ from the bits, no float→int cast.
     let two_n = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
@@ -337,7 +337,7 @@ pub fn append_key_tiles(k: &mut Vec<f32>, len: usize, rows: &[f32], kv_heads: us
     let tile = width * KV_TILE;
     for (i, row) in rows.chunks_exact(width).enumerate() {
         let u = len + i;
-        if u % KV_TILE == 0 {
+        if u.is_multiple_of(KV_TILE) {
             k.resize((u / KV_TILE + 1) * tile, 0.0);
         }
         let base = (u / KV_TILE) * tile + u % KV_TILE;

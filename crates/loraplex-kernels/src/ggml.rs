@@ -82,7 +82,7 @@ fn h(b: &[u8], at: usize) -> f32 {
 /// Decodes row `row` of a `(rows, cols)` matrix stored as `dtype` blocks in `data`.
 pub fn decode_row(dtype: GgmlDType, data: &[u8], cols: usize, row: usize, out: &mut RowCodes) -> Result<(), DecodeError> {
     let (bs, ts) = (dtype.block_size(), dtype.type_size());
-    if cols % bs != 0 || cols % 32 != 0 {
+    if !cols.is_multiple_of(bs) || !cols.is_multiple_of(32) {
         return Err(DecodeError::Shape { dtype, cols });
     }
     let row_bytes = cols / bs * ts;

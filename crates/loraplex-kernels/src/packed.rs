@@ -93,7 +93,7 @@ impl std::fmt::Debug for PackedMatrix {
 impl PackedMatrix {
     /// Packs `rows` rows of `cols` columns; `row(r, &mut codes)` decodes row `r`.
     pub fn pack<E>(rows: usize, cols: usize, kind: Kind, mut row: impl FnMut(usize, &mut RowCodes) -> Result<(), E>) -> Result<Self, E> {
-        assert!(cols % BLOCK == 0, "packed matrices need whole 32-column blocks; this is a bug");
+        assert!(cols.is_multiple_of(BLOCK), "packed matrices need whole 32-column blocks; this is a bug");
         let groups = rows.div_ceil(GROUP);
         let blocks = cols / BLOCK;
         let lines_per_record = kind.record_bytes() / 64;

@@ -225,7 +225,7 @@ fn wait_for_job(s: &Shared, seen: u64) -> Option<u64> {
             return Some(e);
         }
         round = round.wrapping_add(1);
-        if round % 64 != 0 || start.elapsed() < s.spin {
+        if !round.is_multiple_of(64) || start.elapsed() < s.spin {
             std::hint::spin_loop();
             continue;
         }
