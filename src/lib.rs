@@ -4,8 +4,8 @@
 //! - [`api`]: the HTTP edge (actix-web) — OpenAI-style routes, auth, JSON parsed and validated
 //!   once into typed requests, errors converted once into OpenAI's error shape.
 //! - [`engine`]: one OS thread owns the model, the KV caches and the running batch (continuous
-//!   batching: prefills join decodes in one ragged step); the HTTP side talks to it through a
-//!   bounded queue and per-sequence channels.
+//!   batching: prefills join decodes in one ragged step, long prompts in chunks); the HTTP side
+//!   talks to it through a bounded queue and per-sequence channels.
 //! - [`adapters`]: PEFT adapter folders → immutable, validated [`adapters::LoraAdapter`]s, the
 //!   hot-loading registry (watcher, LRU budget, versions), per-request
 //!   [`adapters::AdapterMix`]es, writing PEFT folders, export to llama.cpp's GGUF LoRA.
