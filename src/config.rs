@@ -43,7 +43,7 @@ pub struct ServeOptions {
     /// Sequences waiting for a batch slot at most; more get 429. [default: 256]
     #[arg(long, env = "LORAPLEX_MAX_WAITING")]
     pub max_waiting: Option<usize>,
-    /// Prompt tokens prefilled per engine step at most. [default: 2048]
+    /// Prompt tokens prefilled per engine step at most. [default: 512]
     #[arg(long, env = "LORAPLEX_MAX_PREFILL_TOKENS")]
     pub max_prefill_tokens: Option<usize>,
     /// Prompt tokens per sequence at most. [default: 4096, capped by the model's context]

@@ -130,6 +130,6 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch_size: 32, max_waiting: 256, max_prefill_tokens: 2048 }
+        Self { max_batch_size: 32, max_waiting: 256, max_prefill_tokens: 512 }
     }
 }
