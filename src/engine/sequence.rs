@@ -58,10 +58,6 @@ impl Sequence {
         self.events.is_closed()
     }
 
-    pub fn is_prefill(&self) -> bool {
-        self.cache.is_empty()
-    }
-
     /// Still feeding its prompt (no token generated yet): the chunked-prefill budget applies.
     pub fn is_prompt(&self) -> bool {
         self.generated.is_empty()

@@ -241,6 +241,31 @@ fn packed_rows_from_qtensor(q: &QTensor, rows: usize, src_row: impl Fn(usize) ->
 }
 
 impl GgufSource {
+    /// The GGUF name of a norm weight given by its Hugging Face name. Gemma's GGUF norms already
+    /// hold (1 + w); its `post_attention_layernorm` is the attention output's norm, where
+    /// Llama's is the MLP input's (`ffn_norm`).
+    fn norm_name(&self, name: &str) -> String {
+        let sandwich = self.cfg.arch.sandwich_norms;
+        match name {
+            "model.norm.weight" => "output_norm.weight".to_string(),
+            "model.embed_norm.weight" => "token_embd_norm.weight".to_string(),
+            n if sandwich => n
+                .replace("model.layers.", "blk.")
+                .replace(".input_layernorm.", ".attn_norm.")
+                .replace(".post_attention_layernorm.", ".post_attention_norm.")
+                .replace(".pre_feedforward_layernorm.", ".ffn_norm.")
+                .replace(".post_feedforward_layernorm.", ".post_ffw_norm.")
+                .replace(".self_attn.q_norm.", ".attn_q_norm.")
+                .replace(".self_attn.k_norm.", ".attn_k_norm."),
+            n => n
+                .replace("model.layers.", "blk.")
+                .replace(".input_layernorm.", ".attn_norm.")
+                .replace(".post_attention_layernorm.", ".ffn_norm.")
+                .replace(".self_attn.q_norm.", ".attn_q_norm.")
+                .replace(".self_attn.k_norm.", ".attn_k_norm."),
+        }
+    }
+
     /// A 1-D f32 tensor of `len` values.
     fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
         let w = self.dense(name)?.to_dtype(DType::F32)?;
@@ -312,38 +337,13 @@ impl WeightSource for GgufSource {
     }
 
     fn norm(&mut self, name: &str, len: usize) -> Result<Tensor> {
-        // Gemma's GGUF norms already hold (1 + w); its `post_attention_layernorm` is the
-        // attention output's norm, where Llama's is the MLP input's (`ffn_norm`).
-        let sandwich = self.cfg.arch.sandwich_norms;
-        let gguf = match name {
-            "model.norm.weight" => "output_norm.weight".to_string(),
-            n if sandwich => n
-                .replace("model.layers.", "blk.")
-                .replace(".input_layernorm.", ".attn_norm.")
-                .replace(".post_attention_layernorm.", ".post_attention_norm.")
-                .replace(".pre_feedforward_layernorm.", ".ffn_norm.")
-                .replace(".post_feedforward_layernorm.", ".post_ffw_norm.")
-                .replace(".self_attn.q_norm.", ".attn_q_norm.")
-                .replace(".self_attn.k_norm.", ".attn_k_norm."),
-            n => n
-                .replace("model.layers.", "blk.")
-                .replace(".input_layernorm.", ".attn_norm.")
-                .replace(".post_attention_layernorm.", ".ffn_norm.")
-                .replace(".self_attn.q_norm.", ".attn_q_norm.")
-                .replace(".self_attn.k_norm.", ".attn_k_norm."),
-        };
-        let gguf = if name == "model.embed_norm.weight" { "token_embd_norm.weight".to_string() } else { gguf };
+        let gguf = self.norm_name(name);
         self.vector(&gguf, len)
     }
 
     fn norm_bias(&mut self, name: &str, len: usize) -> Result<Tensor> {
-        // The weight's GGUF name with `.bias`: every mapping above keeps the suffix.
-        let w = match name {
-            "model.norm.weight" => "output_norm.weight".to_string(),
-            "model.embed_norm.weight" => "token_embd_norm.weight".to_string(),
-            n => n.replace("model.layers.", "blk.").replace(".input_layernorm.", ".attn_norm.").replace(".post_attention_layernorm.", ".ffn_norm."),
-        };
-        self.vector(&w.replace(".weight", ".bias"), len)
+        let gguf = self.norm_name(name).replace(".weight", ".bias");
+        self.vector(&gguf, len)
     }
 
     fn bias(&mut self, id: ModuleId) -> Result<Tensor> {

@@ -43,8 +43,8 @@ struct Block {
     /// q, k, v, o, gate, up, down in [`Target::ALL`] order; `None` where the architecture
     /// has no such projection (a gateless MLP).
     proj: Vec<Option<LoraLinear>>,
-    /// Per-head RMS-norm weights `(head_dim)` on q and k before rope (Qwen3).
-    qk_norm: Option<(Tensor, Tensor)>,
+    /// Per-head RMS norms `(head_dim)` on q and k before rope (Qwen3, Gemma 3).
+    qk_norm: Option<(Norm, Norm)>,
 }
 
 impl Block {
@@ -93,6 +93,8 @@ pub struct Llama {
     embed: Tensor,
     /// The norm right after the embeddings (BLOOM).
     embed_norm: Option<Norm>,
+    /// √hidden as a one-element tensor in the activation dtype, where embeddings are scaled (Gemma).
+    embed_scale: Option<Tensor>,
     blocks: Vec<Block>,
     norm: Norm,
     lm_head: BaseWeight,
@@ -128,7 +130,7 @@ impl Llama {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let qk_norm = if cfg.arch.qk_norm {
-                let norm = |src: &mut dyn WeightSource, p: &str| -> Result<Tensor> { Ok(src.norm(&format!("model.layers.{layer}.self_attn.{p}.weight"), cfg.head_dim)?.to_dtype(dtype)?) };
+                let norm = |src: &mut dyn WeightSource, p: &str| -> Result<Norm> { Ok(Norm { w: src.norm(&format!("model.layers.{layer}.self_attn.{p}.weight"), cfg.head_dim)?.to_dtype(dtype)?, b: None }) };
                 Some((norm(src, "q_norm")?, norm(src, "k_norm")?))
             } else {
                 None
@@ -157,7 +159,9 @@ impl Llama {
         }
         let rope_of = (0..cfg.num_layers).map(|l| usize::from(local.is_some() && cfg.arch.window(l).is_some())).collect();
         let kernels = Kernels::new(crate::kernels::Pool::default_threads(), device.is_cpu());
-        Ok(Self { cfg, format, differentiable: false, kernels, dtype, device: device.clone(), embed, embed_norm, blocks, norm, lm_head, ropes, rope_of })
+        // √hidden rounded to the activation dtype first, as transformers multiplies.
+        let embed_scale = if cfg.arch.embed_scale { Some(Tensor::new(&[(cfg.hidden_size as f64).sqrt() as f32], device)?.to_dtype(dtype)?) } else { None };
+        Ok(Self { cfg, format, differentiable: false, kernels, dtype, device: device.clone(), embed, embed_norm, embed_scale, blocks, norm, lm_head, ropes, rope_of })
     }
 
     pub fn device(&self) -> &Device {
@@ -175,31 +179,29 @@ impl Llama {
         let n = input.tokens.len();
         let ids = Tensor::from_slice(&input.tokens, n, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        if self.cfg.arch.embed_scale {
-            // √hidden rounded to the activation dtype first, as transformers multiplies.
-            let scale = Tensor::new(&[(self.cfg.hidden_size as f64).sqrt() as f32], &self.device)?.to_dtype(self.dtype)?;
-            x = x.broadcast_mul(&scale)?;
+        if let Some(scale) = &self.embed_scale {
+            x = x.broadcast_mul(scale)?;
         }
         if let Some(n) = &self.embed_norm {
-            x = self.rms_norm(&x, n)?;
+            x = self.apply_norm(&x, n)?;
         }
         let positions = self.positions(input, caches.as_deref())?;
         let pass = Pass { seq_lens: &input.seq_lens, lora, kernels: &self.kernels, differentiable: self.differentiable };
         // Each residual add is fused with the norm after it: the attention norm of the next
         // block, or the final norm after the last.
-        let mut h = self.rms_norm(&x, &self.blocks[0].attn_norm)?;
+        let mut h = self.apply_norm(&x, &self.blocks[0].attn_norm)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let mut attn = self.attention(layer, block, &h, &positions, input, caches.as_deref_mut(), &pass)?;
             if let Some((attn_out, _)) = &block.out_norms {
-                attn = self.rms_norm(&attn, attn_out)?;
+                attn = self.apply_norm(&attn, attn_out)?;
             }
-            let (x1, h1) = self.add_rms_norm(&x, &attn, &block.mlp_norm)?;
+            let (x1, h1) = self.add_and_norm(&x, &attn, &block.mlp_norm)?;
             let mut mlp = self.mlp(block, &h1, &pass)?;
             if let Some((_, mlp_out)) = &block.out_norms {
-                mlp = self.rms_norm(&mlp, mlp_out)?;
+                mlp = self.apply_norm(&mlp, mlp_out)?;
             }
             let next = self.blocks.get(layer + 1).map_or(&self.norm, |b| &b.attn_norm);
-            (x, h) = self.add_rms_norm(&x1, &mlp, next)?;
+            (x, h) = self.add_and_norm(&x1, &mlp, next)?;
         }
         Ok(h)
     }
@@ -249,7 +251,7 @@ impl Llama {
     }
 
     /// The model's norm (RMS, or LayerNorm where `n` has a bias) of `x`.
-    fn rms_norm(&self, x: &Tensor, n: &Norm) -> Result<Tensor> {
+    fn apply_norm(&self, x: &Tensor, n: &Norm) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
         if let Some(b) = &n.b {
             return Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &n.w, b, eps)?);
@@ -266,16 +268,16 @@ impl Llama {
     }
 
     /// RMS norm over each head's `head_dim` values of `(n, heads · head_dim)`.
-    fn head_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    fn head_norm(&self, x: &Tensor, w: &Norm) -> Result<Tensor> {
         let (n, width) = x.dims2()?;
         let hd = self.cfg.head_dim;
-        Ok(self.rms_norm(&x.reshape((n * width / hd, hd))?, &Norm { w: w.clone(), b: None })?.reshape((n, width))?)
+        Ok(self.apply_norm(&x.reshape((n * width / hd, hd))?, w)?.reshape((n, width))?)
     }
 
-    fn add_rms_norm(&self, x: &Tensor, y: &Tensor, n: &Norm) -> Result<(Tensor, Tensor)> {
+    fn add_and_norm(&self, x: &Tensor, y: &Tensor, n: &Norm) -> Result<(Tensor, Tensor)> {
         if self.differentiable || n.b.is_some() {
             let sum = (x + y)?;
-            let normed = self.rms_norm(&sum, n)?;
+            let normed = self.apply_norm(&sum, n)?;
             return Ok((sum, normed));
         }
         self.kernels.add_rms_norm(x, y, &n.w, self.cfg.rms_norm_eps as f32)
