@@ -1,41 +1,101 @@
-//! Per-sequence KV caches: one growable K/V buffer per layer, so sequences of different
-//! lengths can share a batch (ragged) and join or leave it at any step.
+//! Per-sequence KV caches, so sequences of different lengths can share a batch (ragged) and
+//! join or leave it at any step.
 //!
-//! Two storages, chosen at the first append by the attention path that uses the cache: plain
-//! host `Vec<f32>`s that the fused CPU attention reads and appends to in place, or candle
-//! tensors (any device and dtype) for the composed reference path.
+//! The host storage (what the fused CPU attention reads) is paged: a table of fixed-size
+//! [`KvBlock`]s of [`BLOCK_TOKENS`] tokens, each holding every layer's keys and values for its
+//! tokens. Blocks are reference-counted: a full block can be shared read-only by several
+//! sequences (a cached prefix, [`crate::engine::kv_pool`]); a sequence only ever writes into
+//! its own tail block, which nobody else holds. A block taken from a pool carries a [`Lease`]
+//! that counts it as used there until the last reference drops, so the pool's accounting
+//! cannot leak whichever way a sequence ends.
+//!
+//! The device storage (candle tensors, any device and dtype; the composed reference path)
+//! grows one buffer per layer; its block table, if any, is accounting only.
 
 use super::{ModelError, Result};
 use candle_core::Tensor;
 use candle_nn::kv_cache::KvCache;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Tokens per KV block: one key tile of the attention kernel.
+pub const BLOCK_TOKENS: usize = crate::kernels::fused::KV_TILE;
 
 /// Growth step of the device buffers, in tokens: buffers grow by copying, so not every token.
 const GROW_BY: usize = 128;
 
-/// One layer's host K and V, f32: keys in tiles of 16 tokens laid out for the attention
-/// kernel ([`crate::kernels::fused::append_key_tiles`]), values token-major
-/// `(len, n_kv_heads, head_dim)`.
-#[derive(Debug, Clone, Default)]
-pub struct HostKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub len: usize,
+/// Blocks needed for `tokens` tokens.
+pub fn blocks_for(tokens: usize) -> usize {
+    tokens.div_ceil(BLOCK_TOKENS)
 }
 
-impl HostKv {
-    /// Appends this step's rows (token-major, `kv_heads · head_dim` wide).
-    pub fn append(&mut self, k: &[f32], v: &[f32], kv_heads: usize, head_dim: usize) {
-        crate::kernels::fused::append_key_tiles(&mut self.k, self.len, k, kv_heads, head_dim);
-        self.v.extend_from_slice(v);
-        self.len += k.len() / (kv_heads * head_dim);
+/// One used block counted in a pool's `live` counter; released when the block is dropped.
+#[derive(Debug)]
+pub struct Lease(Arc<AtomicUsize>);
+
+impl Lease {
+    /// Counts one more block as used in `live`.
+    pub fn take(live: &Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::SeqCst);
+        Lease(live.clone())
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// [`BLOCK_TOKENS`] tokens of keys and values for every layer: per layer one key tile
+/// `(width, 16)` and 16 value rows `(16, width)`, `width = n_kv_heads · head_dim`. An
+/// accounting-only block (device storage) holds no data.
+#[derive(Debug)]
+pub struct KvBlock {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    width: usize,
+    _lease: Option<Lease>,
+}
+
+impl KvBlock {
+    pub fn new(layers: usize, width: usize, host: bool, lease: Option<Lease>) -> Self {
+        let n = if host { layers * width * BLOCK_TOKENS } else { 0 };
+        Self { k: vec![0.0; n], v: vec![0.0; n], width, _lease: lease }
+    }
+
+    /// Bytes of one host block.
+    pub fn bytes(layers: usize, width: usize) -> usize {
+        2 * layers * width * BLOCK_TOKENS * std::mem::size_of::<f32>()
+    }
+
+    fn span(&self, layer: usize) -> std::ops::Range<usize> {
+        let n = self.width * BLOCK_TOKENS;
+        layer * n..(layer + 1) * n
+    }
+
+    pub fn key_tile(&self, layer: usize) -> &[f32] {
+        &self.k[self.span(layer)]
+    }
+
+    pub fn value_rows(&self, layer: usize) -> &[f32] {
+        &self.v[self.span(layer)]
+    }
+
+    /// Writes token-major rows `k`, `v` of `layer` at slots `at..`.
+    pub fn write(&mut self, layer: usize, at: usize, k: &[f32], v: &[f32]) {
+        let span = self.span(layer);
+        crate::kernels::fused::write_block(&mut self.k[span.clone()], &mut self.v[span], at, k, v, self.width);
     }
 }
 
 #[derive(Debug, Clone)]
-enum Layers {
+enum Storage {
     /// Nothing appended yet.
     Empty,
-    Host { layers: Vec<HostKv>, width: usize },
+    /// The block table holds the data; `lens[l]` tokens of layer `l` are written (a forward
+    /// writes layer by layer, so they differ only inside a step).
+    Host { lens: Vec<usize>, width: usize },
     Device(Vec<KvCache>),
 }
 
@@ -44,21 +104,30 @@ enum Layers {
 pub struct SeqCache {
     num_layers: usize,
     capacity_hint: usize,
-    layers: Layers,
+    storage: Storage,
+    blocks: Vec<Arc<KvBlock>>,
+    /// Blocks come from a pool, reserved before each step ([`SeqCache::push_block`]); the
+    /// forward never allocates. Unpooled caches (tests, tools) allocate their own.
+    pooled: bool,
 }
 
 impl SeqCache {
-    /// `capacity_hint`: expected total tokens (prompt + generation), to avoid regrowth.
+    /// An unpooled cache. `capacity_hint`: expected total tokens (prompt + generation).
     pub fn new(num_layers: usize, capacity_hint: usize) -> Self {
-        Self { num_layers, capacity_hint, layers: Layers::Empty }
+        Self { num_layers, capacity_hint, storage: Storage::Empty, blocks: Vec::new(), pooled: false }
+    }
+
+    /// A cache whose blocks are reserved from a pool by the scheduler.
+    pub fn pooled(num_layers: usize, capacity_hint: usize) -> Self {
+        Self { pooled: true, ..Self::new(num_layers, capacity_hint) }
     }
 
     /// Tokens already cached (the position of the next token).
     pub fn len(&self) -> usize {
-        match &self.layers {
-            Layers::Empty => 0,
-            Layers::Host { layers, .. } => layers.first().map_or(0, |l| l.len),
-            Layers::Device(l) => l.first().map_or(0, |l| l.current_seq_len()),
+        match &self.storage {
+            Storage::Empty => 0,
+            Storage::Host { lens, .. } => lens.first().copied().unwrap_or(0),
+            Storage::Device(l) => l.first().map_or(0, |l| l.current_seq_len()),
         }
     }
 
@@ -68,51 +137,109 @@ impl SeqCache {
 
     /// Whether the cache can take host appends (it is empty or already host).
     pub fn is_host_or_empty(&self) -> bool {
-        matches!(self.layers, Layers::Empty | Layers::Host { .. })
+        matches!(self.storage, Storage::Empty | Storage::Host { .. })
+    }
+
+    /// The block table.
+    pub fn blocks(&self) -> &[Arc<KvBlock>] {
+        &self.blocks
+    }
+
+    /// Tokens the block table has room for.
+    pub fn reserved_tokens(&self) -> usize {
+        self.blocks.len() * BLOCK_TOKENS
+    }
+
+    /// Adds a reserved block at the end of the table.
+    pub fn push_block(&mut self, block: Arc<KvBlock>) {
+        self.blocks.push(block);
+    }
+
+    /// Starts an empty cache from cached full blocks of the same prefix (host storage): the
+    /// sequence continues at position `blocks.len() · 16`.
+    pub fn attach_prefix(&mut self, blocks: Vec<Arc<KvBlock>>, width: usize) -> Result<()> {
+        if !self.blocks.is_empty() || !matches!(self.storage, Storage::Empty) {
+            return Err(ModelError::Generation("a prefix attached to a non-empty KV cache; this is a bug".into()));
+        }
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let len = blocks.len() * BLOCK_TOKENS;
+        self.blocks = blocks;
+        self.storage = Storage::Host { lens: vec![len; self.num_layers], width };
+        Ok(())
+    }
+
+    /// Drops everything (blocks go back to their pool, or to its prefix cache).
+    pub fn clear(&mut self) {
+        self.blocks.clear();
+        self.storage = Storage::Empty;
     }
 
     /// Appends this step's `k`, `v` for `layer` (device storage) and returns the whole cached K
     /// and V, `(T, n_kv_heads, head_dim)` contiguous prefixes of the buffers.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        if matches!(self.layers, Layers::Empty) {
+        if matches!(self.storage, Storage::Empty) {
             let cap = self.capacity_hint.div_ceil(GROW_BY).max(1) * GROW_BY;
-            self.layers = Layers::Device((0..self.num_layers).map(|_| KvCache::new(0, cap)).collect());
+            self.storage = Storage::Device((0..self.num_layers).map(|_| KvCache::new(0, cap)).collect());
         }
-        match &mut self.layers {
-            Layers::Device(layers) => Ok(layers[layer].append(&k.contiguous()?, &v.contiguous()?)?),
+        match &mut self.storage {
+            Storage::Device(layers) => Ok(layers[layer].append(&k.contiguous()?, &v.contiguous()?)?),
             _ => Err(ModelError::Generation("a host KV cache used by the reference attention; this is a bug".into())),
         }
     }
 
-    /// The host buffers of `layer` (`width` = `n_kv_heads · head_dim` floats per token),
-    /// created on first use.
-    pub fn host_layer(&mut self, layer: usize, width: usize) -> Result<&mut HostKv> {
-        if matches!(self.layers, Layers::Empty) {
-            let reserve = self.capacity_hint * width;
-            let tiled = self.capacity_hint.div_ceil(crate::kernels::fused::KV_TILE) * crate::kernels::fused::KV_TILE * width;
-            let layers = (0..self.num_layers).map(|_| HostKv { k: Vec::with_capacity(tiled), v: Vec::with_capacity(reserve), len: 0 }).collect();
-            self.layers = Layers::Host { layers, width };
+    /// Appends this step's token-major rows of `layer` (`width` = `n_kv_heads · head_dim`
+    /// floats per token) to the host blocks.
+    pub fn host_append(&mut self, layer: usize, width: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let bug = |what: &str| ModelError::Generation(format!("{what}; this is a bug"));
+        if matches!(self.storage, Storage::Empty) {
+            if !self.pooled {
+                self.blocks.reserve(blocks_for(self.capacity_hint));
+            }
+            self.storage = Storage::Host { lens: vec![0; self.num_layers], width };
         }
-        match &mut self.layers {
-            Layers::Host { layers, width: w } if *w == width => Ok(&mut layers[layer]),
-            _ => Err(ModelError::Generation("a device KV cache used by the fused attention; this is a bug".into())),
+        let Storage::Host { lens, width: w } = &mut self.storage else {
+            return Err(bug("a device KV cache used by the fused attention"));
+        };
+        if *w != width || layer >= lens.len() {
+            return Err(bug("a host KV cache of another shape"));
         }
+        let n = k.len() / width.max(1);
+        let (mut len, mut i) = (lens[layer], 0);
+        while i < n {
+            let (b, at) = (len / BLOCK_TOKENS, len % BLOCK_TOKENS);
+            let m = (BLOCK_TOKENS - at).min(n - i);
+            if b == self.blocks.len() {
+                if self.pooled {
+                    return Err(bug("a KV block used before the scheduler reserved it"));
+                }
+                self.blocks.push(Arc::new(KvBlock::new(self.num_layers, width, true, None)));
+            }
+            let block = Arc::get_mut(&mut self.blocks[b]).ok_or_else(|| bug("a shared KV block written"))?;
+            block.write(layer, at, &k[i * width..(i + m) * width], &v[i * width..(i + m) * width]);
+            len += m;
+            i += m;
+        }
+        lens[layer] = len;
+        Ok(())
     }
 
-    /// The host buffers of `layer`, if the cache is a host one.
-    pub fn host_layer_ref(&self, layer: usize) -> Option<&HostKv> {
-        match &self.layers {
-            Layers::Host { layers, .. } => layers.get(layer),
-            _ => None,
-        }
+    /// `layer`'s key tiles and value rows, one per block, and the tokens written, if the cache
+    /// is a host one.
+    pub fn host_view(&self, layer: usize) -> Option<(Vec<&[f32]>, Vec<&[f32]>, usize)> {
+        let Storage::Host { lens, .. } = &self.storage else { return None };
+        let len = *lens.get(layer)?;
+        let used = &self.blocks[..blocks_for(len)];
+        Some((used.iter().map(|b| b.key_tile(layer)).collect(), used.iter().map(|b| b.value_rows(layer)).collect(), len))
     }
 
     /// Bytes held by the buffers (capacity, not length).
     pub fn size_in_bytes(&self) -> usize {
-        match &self.layers {
-            Layers::Empty => 0,
-            Layers::Host { layers, .. } => layers.iter().map(|l| (l.k.capacity() + l.v.capacity()) * 4).sum(),
-            Layers::Device(layers) => layers
+        match &self.storage {
+            Storage::Empty => 0,
+            Storage::Host { width, .. } => self.blocks.len() * KvBlock::bytes(self.num_layers, *width),
+            Storage::Device(layers) => layers
                 .iter()
                 .map(|l| {
                     [l.k_cache(), l.v_cache()]

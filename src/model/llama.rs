@@ -336,29 +336,30 @@ impl Llama {
             Some(caches) => {
                 for (c, &t) in caches.iter_mut().zip(&input.seq_lens) {
                     let rows = row0 * width..(row0 + t) * width;
-                    c.host_layer(layer, width)?.append(&kv[rows.clone()], &vh.slice()[rows], nkv, hd);
+                    c.host_append(layer, width, &kv[rows.clone()], &vh.slice()[rows])?;
                     row0 += t;
                 }
-                row0 = 0;
-                let mut seqs = Vec::with_capacity(caches.len());
-                for (c, &t) in caches.iter().zip(&input.seq_lens) {
-                    let l = c.host_layer_ref(layer).ok_or_else(bug)?;
-                    seqs.push(fused::SeqKv { k: &l.k, v: &l.v, len: l.len, t, row0 });
-                    row0 += t;
-                }
+                let views = caches.iter().map(|c| c.host_view(layer).ok_or_else(bug)).collect::<Result<Vec<_>>>()?;
+                let seqs = kv_seqs(views.iter().map(|(k, v, len)| (k.as_slice(), v.as_slice(), *len)), &input.seq_lens);
                 fused::attention(&self.kernels.pool, dims, &qv, &seqs, &mut out);
             }
             None => {
-                // Each sequence attends to its own new keys only: tile them as a cache would.
+                // Each sequence attends to its own new keys only: block them as a cache would.
                 let mut owned = Vec::with_capacity(input.seq_lens.len());
                 for &t in &input.seq_lens {
-                    let mut l = super::kv_cache::HostKv::default();
-                    let rows = row0 * width..(row0 + t) * width;
-                    l.append(&kv[rows.clone()], &vh.slice()[rows], nkv, hd);
-                    owned.push((l, t, row0));
+                    let mut blocks = Vec::with_capacity(t.div_ceil(super::kv_cache::BLOCK_TOKENS));
+                    for j0 in (0..t).step_by(super::kv_cache::BLOCK_TOKENS) {
+                        let n = (t - j0).min(super::kv_cache::BLOCK_TOKENS);
+                        let rows = (row0 + j0) * width..(row0 + j0 + n) * width;
+                        let mut b = super::kv_cache::KvBlock::new(1, width, true, None);
+                        b.write(0, 0, &kv[rows.clone()], &vh.slice()[rows]);
+                        blocks.push(b);
+                    }
+                    owned.push(blocks);
                     row0 += t;
                 }
-                let seqs: Vec<fused::SeqKv<'_>> = owned.iter().map(|(l, t, r0)| fused::SeqKv { k: &l.k, v: &l.v, len: l.len, t: *t, row0: *r0 }).collect();
+                let views: Vec<(Vec<&[f32]>, Vec<&[f32]>)> = owned.iter().map(|bs| (bs.iter().map(|b| b.key_tile(0)).collect(), bs.iter().map(|b| b.value_rows(0)).collect())).collect();
+                let seqs = kv_seqs(views.iter().zip(&input.seq_lens).map(|((k, v), &t)| (k.as_slice(), v.as_slice(), t)), &input.seq_lens);
                 fused::attention(&self.kernels.pool, dims, &qv, &seqs, &mut out);
             }
         }
@@ -554,4 +555,18 @@ fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tens
         .reshape((cfg.max_position_embeddings, 1))?;
     let freqs = pos.broadcast_mul(&inv_freq)?;
     Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+}
+
+/// The attention kernel's per-sequence operands: each sequence's blocks and length, its
+/// `t` query rows placed after the previous sequences'.
+fn kv_seqs<'a>(views: impl Iterator<Item = (&'a [&'a [f32]], &'a [&'a [f32]], usize)>, seq_lens: &[usize]) -> Vec<crate::kernels::fused::SeqKv<'a>> {
+    let mut row0 = 0;
+    views
+        .zip(seq_lens)
+        .map(|((k, v, len), &t)| {
+            let s = crate::kernels::fused::SeqKv { k, v, len, t, row0 };
+            row0 += t;
+            s
+        })
+        .collect()
 }

@@ -328,33 +328,32 @@ pub fn alibi_slopes(heads: usize) -> Vec<f32> {
 /// Tokens per key tile of a host KV cache.
 pub const KV_TILE: usize = 16;
 
-/// Appends `rows` (token-major `(n, kv_heads · head_dim)`) to keys kept in tiles of
-/// [`KV_TILE`] tokens, each tile `(kv_heads, head_dim, 16)`: the 16 keys of one dimension are
-/// adjacent, so a score tile is one vector per dimension with no transpose. `len` is the
-/// number of keys already stored; the last tile is zero-padded.
-pub fn append_key_tiles(k: &mut Vec<f32>, len: usize, rows: &[f32], kv_heads: usize, head_dim: usize) {
-    let width = kv_heads * head_dim;
-    let tile = width * KV_TILE;
-    for (i, row) in rows.chunks_exact(width).enumerate() {
-        let u = len + i;
-        if u.is_multiple_of(KV_TILE) {
-            k.resize((u / KV_TILE + 1) * tile, 0.0);
-        }
-        let base = (u / KV_TILE) * tile + u % KV_TILE;
+/// Writes `rows` (token-major `(n, kv_heads · head_dim)`) into one block of [`KV_TILE`] tokens
+/// at slots `at..at + n`: keys as one tile `(kv_heads, head_dim, 16)` (the 16 keys of one
+/// dimension are adjacent, so a score tile is one vector per dimension with no transpose),
+/// values token-major `(16, kv_heads · head_dim)`. Unwritten slots stay as they were (zero in
+/// a new block) and are never read.
+pub fn write_block(k_tile: &mut [f32], v_rows: &mut [f32], at: usize, k: &[f32], v: &[f32], width: usize) {
+    debug_assert!(at + k.len() / width.max(1) <= KV_TILE);
+    for (i, row) in k.chunks_exact(width).enumerate() {
         for (c, &x) in row.iter().enumerate() {
             // Column c = head · hd + d sits at (head · hd + d) · 16 within the tile.
-            k[base + c * KV_TILE] = x;
+            k_tile[c * KV_TILE + at + i] = x;
         }
     }
+    v_rows[at * width..at * width + v.len()].copy_from_slice(v);
 }
 
-/// One sequence's part of an attention call: its keys in tiles ([`append_key_tiles`]) and its
-/// values token-major `(len, kv_heads, head_dim)`, this step's tokens included, last; and
-/// where its `t` query rows start in the batch.
+/// One sequence's part of an attention call: its KV cache as blocks of [`KV_TILE`] tokens
+/// ([`write_block`]; block `b` holds positions `16b .. 16b + 16`), this step's tokens
+/// included, last; and where its `t` query rows start in the batch. Blocks may be shared
+/// with other sequences (a cached prefix): the kernel only reads them.
 #[derive(Debug, Clone, Copy)]
 pub struct SeqKv<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    /// Key tiles, `kv_heads · head_dim · 16` floats each.
+    pub k: &'a [&'a [f32]],
+    /// Value rows, `16 · kv_heads · head_dim` floats each.
+    pub v: &'a [&'a [f32]],
     pub len: usize,
     pub t: usize,
     pub row0: usize,
@@ -482,7 +481,7 @@ impl<'a> AttnBlock<'a> {
         } else {
             Vec::new()
         };
-        block_scores(&self.q, hd, self.seq.k, kvw * KV_TILE, kvh * hd * KV_TILE, self.keys, self.keys_padded, &pos, &slopes, &mut self.p);
+        block_scores(&self.q, hd, self.seq.k, kvh * hd * KV_TILE, self.keys, self.keys_padded, &pos, &slopes, &mut self.p);
         let first: Vec<usize> = pos.iter().map(|&p| (p + 1).saturating_sub(self.dims.window)).collect();
         block_softmax(&mut self.p, self.keys_padded, &first, &pos);
         block_values(&self.p, self.keys_padded, self.seq.v, kvw, kvh * hd, hd, &pos, &mut self.o);
@@ -498,10 +497,10 @@ multiversion! {
     /// row's 16 scores accumulate in one register, up to 8 rows at once (independent chains),
     /// each over even and odd dimensions separately to halve the dependency chain.
     #[allow(clippy::too_many_arguments)] // one kernel's operands; private
-    fn block_scores(q: &[f32], hd: usize, k: &[f32], tile_stride: usize, koff: usize, keys: usize, keys_padded: usize, pos: &[usize], slopes: &[f32], p: &mut [f32]) {
+    fn block_scores(q: &[f32], hd: usize, k: &[&[f32]], koff: usize, keys: usize, keys_padded: usize, pos: &[usize], slopes: &[f32], p: &mut [f32]) {
         let nq = q.len() / hd;
         for t in 0..keys.div_ceil(KT) {
-            let kt = &k[t * tile_stride + koff..t * tile_stride + koff + hd * KT];
+            let kt = &k[t][koff..koff + hd * KT];
             let mut qi0 = 0;
             while qi0 < nq {
                 let m = (nq - qi0).min(QT);
@@ -599,7 +598,7 @@ multiversion! {
     /// `o[qi] = Σ_u p[qi, u] · v[u]`: up to 4 query rows × 64 floats of the head in registers
     /// while the keys stream past.
     #[allow(clippy::too_many_arguments)] // one kernel's operands; private
-    fn block_values(p: &[f32], keys_padded: usize, v: &[f32], kvw: usize, voff: usize, hd: usize, pos: &[usize], o: &mut [f32]) {
+    fn block_values(p: &[f32], keys_padded: usize, v: &[&[f32]], kvw: usize, voff: usize, hd: usize, pos: &[usize], o: &mut [f32]) {
         let nq = o.len() / hd;
         let mut qi0 = 0;
         while qi0 < nq {
@@ -624,17 +623,21 @@ multiversion! {
 
 #[allow(clippy::too_many_arguments)] // one micro-kernel's operands; private
 #[inline(always)]
-fn value_tile<const M: usize, const W: usize>(p: &[f32], keys_padded: usize, v: &[f32], kvw: usize, voff: usize, keys: usize, o: &mut [f32], hd: usize, d0: usize) {
+fn value_tile<const M: usize, const W: usize>(p: &[f32], keys_padded: usize, v: &[&[f32]], kvw: usize, voff: usize, keys: usize, o: &mut [f32], hd: usize, d0: usize) {
     let mut acc = [[0f32; W]; M];
-    for u in 0..keys {
-        let vrow: &[f32; W] = match v[u * kvw + voff..u * kvw + voff + W].try_into() {
-            Ok(r) => r,
-            Err(_) => return,
-        };
-        for r in 0..M {
-            let pu = p[r * keys_padded + u];
-            for l in 0..W {
-                acc[r][l] = pu.mul_add(vrow[l], acc[r][l]);
+    for (b, block) in v.iter().take(keys.div_ceil(KV_TILE)).enumerate() {
+        let u0 = b * KV_TILE;
+        for i in 0..(keys - u0).min(KV_TILE) {
+            let at = i * kvw + voff;
+            let vrow: &[f32; W] = match block[at..at + W].try_into() {
+                Ok(r) => r,
+                Err(_) => return,
+            };
+            for r in 0..M {
+                let pu = p[r * keys_padded + u0 + i];
+                for l in 0..W {
+                    acc[r][l] = pu.mul_add(vrow[l], acc[r][l]);
+                }
             }
         }
     }
@@ -645,12 +648,13 @@ fn value_tile<const M: usize, const W: usize>(p: &[f32], keys_padded: usize, v: 
 
 #[allow(clippy::too_many_arguments)] // one micro-kernel's operands; private
 #[inline(always)]
-fn value_tile_any(p: &[f32], m: usize, keys_padded: usize, v: &[f32], kvw: usize, voff: usize, w: usize, keys: usize, o: &mut [f32], hd: usize, d0: usize) {
+fn value_tile_any(p: &[f32], m: usize, keys_padded: usize, v: &[&[f32]], kvw: usize, voff: usize, w: usize, keys: usize, o: &mut [f32], hd: usize, d0: usize) {
     for r in 0..m {
         let acc = &mut o[r * hd + d0..r * hd + d0 + w];
         acc.iter_mut().for_each(|a| *a = 0.0);
         for u in 0..keys {
-            axpy(p[r * keys_padded + u], &v[u * kvw + voff..u * kvw + voff + w], acc);
+            let at = (u % KV_TILE) * kvw + voff;
+            axpy(p[r * keys_padded + u], &v[u / KV_TILE][at..at + w], acc);
         }
     }
 }
