@@ -46,6 +46,14 @@ pub struct ServeOptions {
     /// Prompt tokens prefilled per engine step at most. [default: 512]
     #[arg(long, env = "LORAPLEX_MAX_PREFILL_TOKENS")]
     pub max_prefill_tokens: Option<usize>,
+    /// Bytes of the KV cache block pool (e.g. `2GiB`, `512MiB`, or plain bytes). [default:
+    /// a full batch of full-context sequences, capped at 40% of available memory]
+    #[arg(long, env = "LORAPLEX_KV_CACHE_BYTES")]
+    pub kv_cache_bytes: Option<ByteSize>,
+    /// Reuse cached KV blocks of equal prompt prefixes under the same adapter mix
+    /// (`--prefix-cache=false` turns it off). [default: true]
+    #[arg(long, env = "LORAPLEX_PREFIX_CACHE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub prefix_cache: Option<bool>,
     /// Prompt tokens per sequence at most. [default: 4096, capped by the model's context]
     #[arg(long, env = "LORAPLEX_MAX_PROMPT_TOKENS")]
     pub max_prompt_tokens: Option<usize>,
@@ -78,11 +86,11 @@ pub struct ServeOptions {
     pub log_format: Option<String>,
     /// Also export the series the Gateway API Inference Extension's endpoint picker reads
     /// (vLLM's names: `vllm:num_requests_waiting`, …). [default: false]
-    #[arg(long, env = "LORAPLEX_GATEWAY_METRICS")]
+    #[arg(long, env = "LORAPLEX_GATEWAY_METRICS", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub gateway_metrics: Option<bool>,
     /// Collect metrics (false: `/metrics` serves only build info and live gauges; for measuring
-    /// the overhead). [default: true]
-    #[arg(long, env = "LORAPLEX_METRICS")]
+    /// the overhead; `--metrics=false`). [default: true]
+    #[arg(long, env = "LORAPLEX_METRICS", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub metrics: Option<bool>,
     /// Distinct adapter label values in metrics; later adapters count as `adapter="other"`. [default: 100]
     #[arg(long, env = "LORAPLEX_METRICS_ADAPTER_CAP")]
@@ -97,7 +105,7 @@ impl ServeOptions {
     /// `self` (command line / environment) over `lower` (the TOML file).
     pub fn over(self, lower: ServeOptions) -> ServeOptions {
         merge_fields!(self, lower, model, adapters, host, port, device, dtype, api_key, admin_key,
-            max_batch_size, max_waiting, max_prefill_tokens, max_prompt_tokens, max_total_tokens,
+            max_batch_size, max_waiting, max_prefill_tokens, kv_cache_bytes, prefix_cache, max_prompt_tokens, max_total_tokens,
             default_max_tokens, max_adapters_per_request, adapter_budget_bytes, max_body_bytes, max_n,
             rescan_interval_ms, drain_timeout_secs, log_format, gateway_metrics, metrics, metrics_adapter_cap)
     }
@@ -105,6 +113,51 @@ impl ServeOptions {
     pub fn from_toml_file(path: &Path) -> anyhow::Result<ServeOptions> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config `{}`", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config `{}`", path.display()))
+    }
+}
+
+/// A size in bytes: plain digits, or a number with `K`/`M`/`G`/`T` (powers of 1000) or
+/// `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024); from the command line, the environment, or the
+/// TOML file (an integer or such a string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (num, unit) = (t[..split].trim(), t[split..].trim());
+        let value: f64 = num.parse().map_err(|_| format!("`{text}` is not a size (e.g. 2GiB, 512MiB, 1000000)"))?;
+        let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "k" | "kb" => 1e3,
+            "m" | "mb" => 1e6,
+            "g" | "gb" => 1e9,
+            "t" | "tb" => 1e12,
+            "kib" => 1024.0,
+            "mib" => 1024.0 * 1024.0,
+            "gib" => 1024.0 * 1024.0 * 1024.0,
+            "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+            _ => return Err(format!("`{text}`: unknown size unit `{unit}` (use K, M, G, T, KiB, MiB, GiB or TiB)")),
+        };
+        Ok(ByteSize((value * scale).round() as usize))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n as usize)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -182,6 +235,8 @@ impl TryFrom<ServeOptions> for ServeConfig {
                 max_batch_size: o.max_batch_size.unwrap_or(engine_default.max_batch_size),
                 max_waiting: o.max_waiting.unwrap_or(engine_default.max_waiting),
                 max_prefill_tokens: o.max_prefill_tokens.unwrap_or(engine_default.max_prefill_tokens),
+                kv_cache_bytes: o.kv_cache_bytes.map(|b| b.0),
+                prefix_cache: o.prefix_cache.unwrap_or(engine_default.prefix_cache),
             },
             limits: Limits {
                 max_prompt_tokens: o.max_prompt_tokens.unwrap_or(limits_default.max_prompt_tokens),
@@ -218,6 +273,9 @@ impl TryFrom<ServeOptions> for ServeConfig {
             if v == 0 {
                 bail!("`{name}` must be at least 1");
             }
+        }
+        if cfg.engine.kv_cache_bytes == Some(0) {
+            bail!("`kv_cache_bytes` must be at least 1");
         }
         if cfg.rescan_interval.is_zero() {
             bail!("`rescan_interval_ms` must be at least 1");

@@ -26,6 +26,11 @@ pub const SEQUENCES_RUNNING: &str = "loraplex_sequences_running";
 pub const SEQUENCES_WAITING: &str = "loraplex_sequences_waiting";
 pub const KV_CACHE_TOKENS: &str = "loraplex_kv_cache_tokens";
 pub const KV_CACHE_CAPACITY_TOKENS: &str = "loraplex_kv_cache_capacity_tokens";
+pub const KV_BLOCKS: &str = "loraplex_kv_cache_blocks";
+pub const KV_CACHE_BYTES: &str = "loraplex_kv_cache_bytes";
+pub const PREFIX_CACHE_QUERIES: &str = "loraplex_prefix_cache_queries_total";
+pub const PREFIX_CACHE_HITS: &str = "loraplex_prefix_cache_hits_total";
+pub const PREEMPTIONS: &str = "loraplex_preemptions_total";
 pub const ADAPTERS: &str = "loraplex_adapters";
 pub const ADAPTER_RESIDENT_BYTES: &str = "loraplex_adapter_resident_bytes";
 pub const ADAPTER_BUDGET_BYTES: &str = "loraplex_adapter_budget_bytes";
@@ -81,6 +86,11 @@ pub struct Snapshot {
     pub waiting: usize,
     pub kv_tokens: usize,
     pub kv_capacity: usize,
+    /// KV blocks held by running sequences, idle in the prefix cache, and in the pool.
+    pub kv_blocks_used: usize,
+    pub kv_blocks_cached: usize,
+    pub kv_blocks_total: usize,
+    pub kv_cache_bytes: usize,
     pub adapters_known: usize,
     pub adapters_resident: usize,
     pub adapters_failed: usize,
@@ -113,6 +123,11 @@ pub struct Metrics {
     pub adapter_load_duration: Histogram,
     pub adapter_evictions: IntCounter,
     pub adapter_reloads: IntCounter,
+    prefix_queries: IntCounter,
+    prefix_hits: IntCounter,
+    preemptions: IntCounter,
+    kv_blocks: IntGaugeVec,
+    kv_bytes: IntGauge,
     running: IntGauge,
     waiting: IntGauge,
     kv_tokens: IntGauge,
@@ -133,6 +148,11 @@ struct Gateway {
     waiting: Gauge,
     running: Gauge,
     cache_usage: Gauge,
+    /// The KV gauge's former name, still read by older endpoint pickers.
+    cache_usage_old: Gauge,
+    prefix_queries: IntCounter,
+    prefix_hits: IntCounter,
+    preemptions: IntCounter,
     lora_info: GaugeVec,
 }
 
@@ -164,10 +184,15 @@ impl Metrics {
             adapter_load_duration: hist(ADAPTER_LOAD_DURATION, "Time to load and validate an adapter.", vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])?,
             adapter_evictions: IntCounter::new(ADAPTER_EVICTIONS_TOTAL, "Adapters evicted from memory (LRU, budget).")?,
             adapter_reloads: IntCounter::new(ADAPTER_RELOADS_TOTAL, "Loaded adapters replaced by a new version of their folder.")?,
+            prefix_queries: IntCounter::new(PREFIX_CACHE_QUERIES, "Prompt tokens looked up in the prefix cache.")?,
+            prefix_hits: IntCounter::new(PREFIX_CACHE_HITS, "Prompt tokens served from the prefix cache.")?,
+            preemptions: IntCounter::new(PREEMPTIONS, "Running sequences preempted for lack of KV blocks (recomputed later).")?,
+            kv_blocks: IntGaugeVec::new(Opts::new(KV_BLOCKS, "KV cache blocks (16 tokens each) by state: used by sequences, cached (idle prefix blocks, evictable), total."), &["state"])?,
+            kv_bytes: IntGauge::new(KV_CACHE_BYTES, "Configured KV cache pool size in bytes.")?,
             running: IntGauge::new(SEQUENCES_RUNNING, "Sequences in the running batch.")?,
             waiting: IntGauge::new(SEQUENCES_WAITING, "Sequences waiting for a batch slot.")?,
             kv_tokens: IntGauge::new(KV_CACHE_TOKENS, "Tokens held in KV caches.")?,
-            kv_capacity: IntGauge::new(KV_CACHE_CAPACITY_TOKENS, "KV cache tokens the batch may hold (max batch × max tokens per sequence).")?,
+            kv_capacity: IntGauge::new(KV_CACHE_CAPACITY_TOKENS, "KV cache tokens the pool holds.")?,
             adapters: IntGaugeVec::new(Opts::new(ADAPTERS, "Adapters by state."), &["state"])?,
             resident_bytes: IntGauge::new(ADAPTER_RESIDENT_BYTES, "Bytes of loaded adapter weights.")?,
             budget_bytes: IntGauge::new(ADAPTER_BUDGET_BYTES, "Adapter memory budget.")?,
@@ -175,7 +200,11 @@ impl Metrics {
                 Some(Gateway {
                     waiting: Gauge::new("vllm:num_requests_waiting", "Requests waiting (Gateway API Inference Extension protocol).")?,
                     running: Gauge::new("vllm:num_requests_running", "Requests running (Gateway API Inference Extension protocol).")?,
-                    cache_usage: Gauge::new("vllm:gpu_cache_usage_perc", "KV cache utilisation, 0 to 1 (Gateway API Inference Extension protocol).")?,
+                    cache_usage: Gauge::new("vllm:kv_cache_usage_perc", "KV cache utilisation, 0 to 1 (Gateway API Inference Extension protocol).")?,
+                    cache_usage_old: Gauge::new("vllm:gpu_cache_usage_perc", "KV cache utilisation, 0 to 1 (the gauge's former name).")?,
+                    prefix_queries: IntCounter::new("vllm:prefix_cache_queries_total", "Prefix cache queries, in queried tokens (vLLM's name).")?,
+                    prefix_hits: IntCounter::new("vllm:prefix_cache_hits_total", "Prefix cache hits, in cached tokens (vLLM's name).")?,
+                    preemptions: IntCounter::new("vllm:num_preemptions_total", "Cumulative preemptions (vLLM's name).")?,
                     lora_info: GaugeVec::new(
                         Opts::new("vllm:lora_requests_info", "Last update time; labels list running and waiting adapters."),
                         &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
@@ -198,13 +227,21 @@ impl Metrics {
         m.registry.register(Box::new(m.request_duration.clone()))?;
         m.registry.register(Box::new(m.adapter_evictions.clone()))?;
         m.registry.register(Box::new(m.adapter_reloads.clone()))?;
+        for c in [&m.prefix_queries, &m.prefix_hits, &m.preemptions] {
+            m.registry.register(Box::new(c.clone()))?;
+        }
+        m.registry.register(Box::new(m.kv_blocks.clone()))?;
+        m.registry.register(Box::new(m.kv_bytes.clone()))?;
         for g in [&m.running, &m.waiting, &m.kv_tokens, &m.kv_capacity, &m.resident_bytes, &m.budget_bytes] {
             m.registry.register(Box::new(g.clone()))?;
         }
         m.registry.register(Box::new(m.adapters.clone()))?;
         if let Some(g) = &m.gateway {
-            for x in [&g.waiting, &g.running, &g.cache_usage] {
+            for x in [&g.waiting, &g.running, &g.cache_usage, &g.cache_usage_old] {
                 m.registry.register(Box::new(x.clone()))?;
+            }
+            for c in [&g.prefix_queries, &g.prefix_hits, &g.preemptions] {
+                m.registry.register(Box::new(c.clone()))?;
             }
             m.registry.register(Box::new(g.lora_info.clone()))?;
         }
@@ -266,6 +303,23 @@ impl Metrics {
         }
     }
 
+    /// Counts an admitted sequence's prefix-cache lookup, in tokens.
+    pub fn count_prefix_lookup(&self, queried: usize, hit: usize) {
+        self.prefix_queries.inc_by(queried as u64);
+        self.prefix_hits.inc_by(hit as u64);
+        if let Some(g) = &self.gateway {
+            g.prefix_queries.inc_by(queried as u64);
+            g.prefix_hits.inc_by(hit as u64);
+        }
+    }
+
+    pub fn count_preemption(&self) {
+        self.preemptions.inc();
+        if let Some(g) = &self.gateway {
+            g.preemptions.inc();
+        }
+    }
+
     /// Labels for a mix (`base` when empty).
     pub fn mix_labels(&self, names: &[String]) -> Vec<String> {
         if names.is_empty() {
@@ -292,6 +346,10 @@ impl Metrics {
         self.waiting.set(s.waiting as i64);
         self.kv_tokens.set(s.kv_tokens as i64);
         self.kv_capacity.set(s.kv_capacity as i64);
+        self.kv_blocks.with_label_values(&["used"]).set(s.kv_blocks_used as i64);
+        self.kv_blocks.with_label_values(&["cached"]).set(s.kv_blocks_cached as i64);
+        self.kv_blocks.with_label_values(&["total"]).set(s.kv_blocks_total as i64);
+        self.kv_bytes.set(s.kv_cache_bytes as i64);
         self.adapters.with_label_values(&["known"]).set(s.adapters_known as i64);
         self.adapters.with_label_values(&["resident"]).set(s.adapters_resident as i64);
         self.adapters.with_label_values(&["failed"]).set(s.adapters_failed as i64);
@@ -300,7 +358,9 @@ impl Metrics {
         if let Some(g) = &self.gateway {
             g.waiting.set(s.waiting as f64);
             g.running.set(s.running as f64);
-            g.cache_usage.set(if s.kv_capacity == 0 { 0.0 } else { (s.kv_tokens as f64 / s.kv_capacity as f64).min(1.0) });
+            let usage = if s.kv_blocks_total == 0 { 0.0 } else { (s.kv_blocks_used as f64 / s.kv_blocks_total as f64).min(1.0) };
+            g.cache_usage.set(usage);
+            g.cache_usage_old.set(usage);
             g.lora_info.reset();
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
             g.lora_info

@@ -48,7 +48,7 @@ fn a_dropped_receiver_cancels_the_sequence() {
 
 #[test]
 fn the_waiting_queue_is_bounded() {
-    let (e, _) = engine(EngineConfig { max_batch_size: 1, max_waiting: 2, max_prefill_tokens: 2048 });
+    let (e, _) = engine(EngineConfig { max_batch_size: 1, max_waiting: 2, max_prefill_tokens: 2048, ..Default::default() });
     let mut receivers = Vec::new();
     let mut refused = 0;
     for _ in 0..6 {

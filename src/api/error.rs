@@ -115,6 +115,7 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::QueueFull { .. } => ApiError::overloaded(e.to_string()),
             EngineError::ShuttingDown => ApiError::unavailable(e.to_string()).with_code("shutting_down"),
+            EngineError::TooLarge { .. } => ApiError::invalid_value("max_tokens", e.to_string()).with_code("kv_cache_exceeded"),
         }
     }
 }

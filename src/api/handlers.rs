@@ -199,14 +199,17 @@ pub async fn metrics(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiE
     if let Some(b) = state.backend.get() {
         use std::sync::atomic::Ordering;
         let st = b.engine.stats();
-        let cfg = b.engine.config();
-        let max_seq = state.limits.max_total_tokens.map_or(b.context_len, |t| t.min(b.context_len));
+        let kv = b.engine.kv();
         let (known, resident, failed) = b.registry.counts();
         snap = crate::metrics::Snapshot {
             running: st.running.load(Ordering::SeqCst),
             waiting: st.waiting.load(Ordering::SeqCst),
             kv_tokens: st.kv_tokens.load(Ordering::Relaxed),
-            kv_capacity: cfg.max_batch_size * max_seq,
+            kv_capacity: kv.blocks * crate::model::kv_cache::BLOCK_TOKENS,
+            kv_blocks_used: st.kv_blocks_used.load(Ordering::Relaxed),
+            kv_blocks_cached: st.kv_blocks_cached.load(Ordering::Relaxed),
+            kv_blocks_total: kv.blocks,
+            kv_cache_bytes: kv.bytes,
             adapters_known: known,
             adapters_resident: resident,
             adapters_failed: failed,

@@ -1,10 +1,18 @@
 //! One forward step over the running sequences: new sequences prefill while the others decode,
 //! in the same ragged batch. A prompt longer than the step's prefill budget is fed in chunks
 //! over several steps (chunked prefill), so one long prompt never stalls the others' decode.
-//! Owned by the worker thread (or by a caller, for `generate`).
+//!
+//! The batcher also schedules against the KV block pool: a waiting sequence is admitted (in
+//! arrival order) only when its prompt's blocks fit, after taking what the prefix cache
+//! already holds; when a decoding sequence needs a block and none is free, the most recently
+//! admitted running sequence is preempted (its blocks freed, recomputed later from the front
+//! of the queue). Owned by the worker thread (or by a caller, for `generate`).
 
+use super::kv_pool::KvPool;
 use super::sequence::Sequence;
 use crate::adapters::AdapterMix;
+use crate::model::kv_cache::{blocks_for, BLOCK_TOKENS};
+use std::collections::VecDeque;
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::{BatchInput, Llama, Result, SeqCache, StepLora};
 
@@ -25,6 +33,12 @@ pub struct StepReport {
     pub decode_tokens: usize,
     pub finished: usize,
     pub cancelled: usize,
+    /// Sequences that left the queue for the batch this step.
+    pub admitted: usize,
+    /// Queued sequences dropped because their client went away.
+    pub cancelled_waiting: usize,
+    /// Running sequences sent back to the queue for lack of KV blocks.
+    pub preempted: usize,
 }
 
 pub struct Batcher<'m> {
@@ -32,24 +46,129 @@ pub struct Batcher<'m> {
     model: &'m Llama,
     tok: &'m TextTokenizer,
     path: LoraPath,
+    /// In admission order: the last is the first to be preempted.
     pub running: Vec<Sequence>,
+    /// In arrival order; preempted sequences go back to the front.
+    pub waiting: VecDeque<Sequence>,
+    pub pool: KvPool,
     /// The LoRA operands and the sequence ids (in batch order) they were built for.
     lora: Option<(Vec<u64>, StepLora)>,
     /// Prompt tokens fed per step, over all prefilling sequences (each gets at least one).
     pub prefill_chunk: usize,
+    /// Running sequences at most.
+    pub max_batch: usize,
 }
 
 impl<'m> Batcher<'m> {
+    /// A batcher over an unbounded pool without prefix caching.
     pub fn new(model: &'m Llama, tok: &'m TextTokenizer, path: LoraPath) -> Self {
-        Self { metrics: None, model, tok, path, running: Vec::new(), lora: None, prefill_chunk: usize::MAX }
+        let pool = KvPool::unbounded(model.cfg.num_layers, model.kv_width(), model.host_kv());
+        Self::with_pool(model, tok, path, pool)
     }
 
+    pub fn with_pool(model: &'m Llama, tok: &'m TextTokenizer, path: LoraPath, pool: KvPool) -> Self {
+        Self {
+            metrics: None,
+            model,
+            tok,
+            path,
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            pool,
+            lora: None,
+            prefill_chunk: usize::MAX,
+            max_batch: usize::MAX,
+        }
+    }
+
+    /// Queues a sequence; it joins the batch when its blocks fit.
     pub fn add(&mut self, seq: Sequence) {
-        self.running.push(seq);
+        self.waiting.push_back(seq);
     }
 
+    /// Nothing running and nothing waiting.
     pub fn is_empty(&self) -> bool {
-        self.running.is_empty()
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Admits waiting sequences in arrival order while the batch, the step's prefill budget
+    /// and the pool allow (at least one when the batch has room and its blocks fit).
+    fn admit(&mut self, report: &mut StepReport) {
+        let mut tokens = 0;
+        while self.running.len() < self.max_batch {
+            let Some(front) = self.waiting.front() else { break };
+            let all = front.pending.len();
+            if blocks_for(front.max_len()) > self.pool.capacity() {
+                // Refused up front by the engine; a direct caller gets the error here.
+                let Some(mut s) = self.waiting.pop_front() else { break };
+                s.fail(format!("the request needs {} KV blocks of {BLOCK_TOKENS} tokens; the pool holds {}", blocks_for(s.max_len()), self.pool.capacity()));
+                self.retire(s);
+                continue;
+            }
+            // The last prompt token is always computed: its logits are the first sample.
+            let (hits, chain) = self.pool.lookup(&front.pending, &front.mix_key, (all - 1) / BLOCK_TOKENS);
+            let todo = all - hits.len() * BLOCK_TOKENS;
+            let need = blocks_for(all) - hits.len();
+            if (report.admitted > 0 && tokens + todo > self.prefill_chunk) || need > self.pool.available() {
+                break;
+            }
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            let hit_tokens = hits.len() * BLOCK_TOKENS;
+            self.pool.count_lookup(all, hit_tokens);
+            if let (Some(m), true) = (&self.metrics, self.pool.prefix_caching()) {
+                m.count_prefix_lookup(all, hit_tokens);
+            }
+            if let Err(e) = s.cache.attach_prefix(hits, self.model.kv_width()) {
+                s.fail(e.to_string());
+                self.retire(s);
+                continue;
+            }
+            for _ in 0..need {
+                match self.pool.allocate() {
+                    Some(b) => s.cache.push_block(b),
+                    None => break,
+                }
+            }
+            s.pending.drain(..hit_tokens);
+            s.chain = chain;
+            tokens += todo;
+            if let Some(m) = &self.metrics {
+                if s.last_token_at.is_none() {
+                    m.queue_wait.observe(s.submitted_at.elapsed().as_secs_f64());
+                    m.adapters_per_request.observe(s.req.mix.entries.len() as f64);
+                }
+            }
+            self.running.push(s);
+            report.admitted += 1;
+        }
+    }
+
+    /// Reserves every running sequence's blocks for this step's tokens, oldest first,
+    /// preempting the most recently admitted sequence while the pool has none to give.
+    fn reserve(&mut self, report: &mut StepReport) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            let need = blocks_for(s.cache.len() + s.pending.len()).saturating_sub(s.cache.blocks().len());
+            let mut got = 0;
+            while got < need && i < self.running.len() {
+                if let Some(b) = self.pool.allocate() {
+                    self.running[i].cache.push_block(b);
+                    got += 1;
+                    continue;
+                }
+                // The victim may be sequence `i` itself; then `i` now points past the batch.
+                let Some(mut victim) = self.running.pop() else { break };
+                victim.preempt();
+                self.pool.counters.preemptions += 1;
+                report.preempted += 1;
+                if let Some(m) = &self.metrics {
+                    m.count_preemption();
+                }
+                self.waiting.push_front(victim);
+            }
+            i += 1;
+        }
     }
 
     /// KV tokens held by the running sequences.
@@ -57,13 +176,19 @@ impl<'m> Batcher<'m> {
         self.running.iter().map(|s| s.cache.len()).sum()
     }
 
-    /// Runs one forward for every running sequence and retires the finished ones.
+    /// Admits what fits, runs one forward for every running sequence, and retires the
+    /// finished ones.
     pub fn step(&mut self) -> StepReport {
         let before = self.running.len();
         let (cancelled, running): (Vec<Sequence>, Vec<Sequence>) = std::mem::take(&mut self.running).into_iter().partition(|s| s.is_cancelled());
         self.running = running;
         cancelled.iter().for_each(|s| self.count_tokens(s));
         let mut report = StepReport { cancelled: before - self.running.len(), ..Default::default() };
+        let queued = self.waiting.len();
+        self.waiting.retain(|s| !s.is_cancelled());
+        report.cancelled_waiting = queued - self.waiting.len();
+        self.reserve(&mut report);
+        self.admit(&mut report);
         if self.running.is_empty() {
             return report;
         }
@@ -97,10 +222,18 @@ impl<'m> Batcher<'m> {
             span.follows_from(&s.req.span);
         }
         let _entered = span.enter();
-        if let Err(e) = self.forward_and_sample(&input, &feeds) {
+        let result = self.forward_and_sample(&input, &feeds);
+        if let Err(e) = &result {
             tracing::error!(error = %e, "forward step failed; failing its sequences");
             for s in self.running.iter_mut() {
                 s.fail(format!("internal error: {e}"));
+            }
+        }
+        // After a failed step the caches may hold half-written layers: nothing is shared.
+        if result.is_ok() && self.pool.prefix_caching() {
+            for s in self.running.iter_mut().filter(|s| s.cache.len() / BLOCK_TOKENS > s.chain.hashes.len()) {
+                let tokens = s.tokens();
+                self.pool.register(&s.cache, &tokens[..s.cache.len().min(tokens.len())], &s.mix_key, &mut s.chain);
             }
         }
         let before = self.running.len();
@@ -108,10 +241,14 @@ impl<'m> Batcher<'m> {
         self.running = running;
         report.finished = before - self.running.len();
         for s in done {
-            self.count_tokens(&s);
-            s.retire();
+            self.retire(s);
         }
         report
+    }
+
+    fn retire(&self, s: Sequence) {
+        self.count_tokens(&s);
+        s.retire();
     }
 
     /// Adds a retiring sequence's prompt and generated tokens to the per-adapter counters.

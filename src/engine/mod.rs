@@ -5,7 +5,7 @@
 //! Invariant: no model work runs outside the worker thread (or a caller-owned [`Batcher`]).
 
 pub mod batcher;
-pub mod scheduler;
+pub mod kv_pool;
 pub mod sequence;
 pub mod worker;
 
@@ -115,6 +115,8 @@ pub enum EngineError {
     QueueFull { waiting: usize, limit: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("prompt ({prompt} tokens) + max_tokens ({max_tokens}) needs {blocks} KV cache blocks of 16 tokens; the whole pool holds {capacity} (set --kv-cache-bytes to raise it)")]
+    TooLarge { prompt: usize, max_tokens: usize, blocks: usize, capacity: usize },
 }
 
 /// Batch and queue limits of the engine.
@@ -124,12 +126,34 @@ pub struct EngineConfig {
     pub max_batch_size: usize,
     /// Sequences waiting for a batch slot at most (more are refused: HTTP 429).
     pub max_waiting: usize,
-    /// Prompt tokens prefilled in one step at most (a longer prompt still runs alone).
+    /// Prompt tokens prefilled in one step at most (a longer prompt is fed in chunks).
     pub max_prefill_tokens: usize,
+    /// Bytes of the KV block pool; `None`: derived from the model and the machine
+    /// ([`default_kv_cache_bytes`]).
+    pub kv_cache_bytes: Option<usize>,
+    /// Keep full KV blocks for reuse by later requests with the same prefix and adapter mix.
+    pub prefix_cache: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch_size: 32, max_waiting: 256, max_prefill_tokens: 512 }
+        Self { max_batch_size: 32, max_waiting: 256, max_prefill_tokens: 512, kv_cache_bytes: None, prefix_cache: true }
     }
+}
+
+/// The default KV pool: room for a full batch of full-context sequences, but at most 40 % of
+/// the memory the machine has available now, and at least one full-context sequence.
+pub fn default_kv_cache_bytes(bytes_per_token: usize, context: usize, max_batch: usize) -> usize {
+    let want = bytes_per_token.saturating_mul(context).saturating_mul(max_batch);
+    let floor = bytes_per_token.saturating_mul(context);
+    let avail = available_memory().unwrap_or(4 << 30);
+    want.min(avail / 5 * 2).max(floor)
+}
+
+/// `MemAvailable` from `/proc/meminfo` (Linux), in bytes.
+fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -2,17 +2,24 @@
 //! row, applies stop conditions (EOS, stop strings, token limit), and streams text deltas that
 //! never include (part of) a stop string or half a UTF-8 character.
 
+use super::kv_pool::{MixKey, PrefixChain};
 use super::{FinishReason, Request, TokenEvent, Usage};
 use crate::model::sampling::{logprobs, Sampler};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::{Result, SeqCache};
 use candle_core::Tensor;
+use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
 pub struct Sequence {
     pub id: u64,
     pub req: Request,
+    /// Blocks reserved by the batcher from its pool.
     pub cache: SeqCache,
+    /// The prefix-cache identity of the request's adapter mix.
+    pub mix_key: Arc<MixKey>,
+    /// The leading full blocks of `cache` the prefix cache knows.
+    pub chain: PrefixChain,
     sampler: Sampler,
     /// Tokens to feed at the next step: the prompt first, then the last sampled token.
     pub pending: Vec<u32>,
@@ -31,9 +38,11 @@ pub struct Sequence {
 
 impl Sequence {
     pub fn new(id: u64, req: Request, num_layers: usize, events: UnboundedSender<TokenEvent>) -> Self {
-        let cache = SeqCache::new(num_layers, req.prompt_ids.len() + req.max_tokens);
+        let cache = SeqCache::pooled(num_layers, req.prompt_ids.len() + req.max_tokens);
         Self {
             id,
+            mix_key: Arc::new(MixKey::of(&req.mix)),
+            chain: PrefixChain::default(),
             sampler: Sampler::new(&req.sampling),
             pending: req.prompt_ids.clone(),
             cache,
@@ -58,9 +67,29 @@ impl Sequence {
         self.events.is_closed()
     }
 
-    /// Still feeding its prompt (no token generated yet): the chunked-prefill budget applies.
+    /// Still feeding its prompt (or recomputing it after a preemption): the chunked-prefill
+    /// budget applies.
     pub fn is_prompt(&self) -> bool {
-        self.generated.is_empty()
+        self.generated.is_empty() || self.pending.len() > 1
+    }
+
+    /// Every token of the sequence so far: the prompt, then the generated ones.
+    pub fn tokens(&self) -> Vec<u32> {
+        [&self.req.prompt_ids[..], &self.generated[..]].concat()
+    }
+
+    /// Total tokens the sequence may reach (prompt + `max_tokens`).
+    pub fn max_len(&self) -> usize {
+        self.req.prompt_ids.len() + self.req.max_tokens
+    }
+
+    /// Gives up the KV cache (its blocks return to the pool or its prefix cache): the
+    /// sequence will recompute everything it has — prompt and generated tokens — when it is
+    /// admitted again, and then sample its next token as if nothing had happened.
+    pub fn preempt(&mut self) {
+        self.cache.clear();
+        self.chain = PrefixChain::default();
+        self.pending = self.tokens();
     }
 
     /// Reports a failure to the client and marks the sequence finished.

@@ -2,12 +2,11 @@
 //! sees: `submit` either queues a request (bounded: 429 past the limit) or refuses it.
 
 use super::batcher::{Batcher, LoraPath};
-use super::scheduler::admit;
+use super::kv_pool::KvPool;
 use super::sequence::Sequence;
 use super::{EngineConfig, EngineError, Request, TokenEvent};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::Llama;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -20,6 +19,9 @@ pub struct EngineStats {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
     pub kv_tokens: AtomicUsize,
+    /// KV blocks held by sequences, and idle ones kept by the prefix cache.
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_cached: AtomicUsize,
     pub steps: AtomicU64,
     pub draining: AtomicBool,
     /// Adapter names in the running batch and in the queue (for the gateway's LoRA gauge).
@@ -41,12 +43,23 @@ struct Submission {
     submitted_at: std::time::Instant,
 }
 
+/// The KV pool's fixed shape, as the engine sized it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvInfo {
+    pub blocks: usize,
+    pub block_bytes: usize,
+    /// The pool in bytes (`blocks · block_bytes`).
+    pub bytes: usize,
+    pub prefix_cache: bool,
+}
+
 /// Handle to the engine thread.
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::Sender<Submission>,
     stats: Arc<EngineStats>,
     cfg: EngineConfig,
+    kv: KvInfo,
     next_id: Arc<AtomicU64>,
 }
 
@@ -56,10 +69,29 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let worker_stats = stats.clone();
+        let block_bytes = crate::model::kv_cache::KvBlock::bytes(model.cfg.num_layers, model.kv_width());
+        let per_token = block_bytes / crate::model::kv_cache::BLOCK_TOKENS;
+        let bytes = cfg.kv_cache_bytes.unwrap_or_else(|| super::default_kv_cache_bytes(per_token, model.cfg.max_position_embeddings, cfg.max_batch_size));
+        let blocks = (bytes / block_bytes).max(1);
+        let kv = KvInfo { blocks, block_bytes, bytes: blocks * block_bytes, prefix_cache: cfg.prefix_cache && model.host_kv() };
+        tracing::info!(
+            kv_cache_bytes = kv.bytes,
+            blocks,
+            tokens = blocks * crate::model::kv_cache::BLOCK_TOKENS,
+            block_bytes,
+            prefix_cache = kv.prefix_cache,
+            configured = cfg.kv_cache_bytes.is_some(),
+            "KV cache pool"
+        );
         std::thread::Builder::new()
             .name("loraplex-engine".into())
-            .spawn(move || run(model, tok, cfg, rx, worker_stats, metrics))?;
-        Ok(Engine { tx, stats, cfg, next_id: Arc::new(AtomicU64::new(1)) })
+            .spawn(move || run(model, tok, cfg, kv, rx, worker_stats, metrics))?;
+        Ok(Engine { tx, stats, cfg, kv, next_id: Arc::new(AtomicU64::new(1)) })
+    }
+
+    /// The KV pool's shape.
+    pub fn kv(&self) -> KvInfo {
+        self.kv
     }
 
     /// Queues one sequence; its events arrive on the returned receiver. Dropping the receiver
@@ -67,6 +99,10 @@ impl Engine {
     pub fn submit(&self, req: Request) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
         if self.stats.draining.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
+        }
+        let blocks = crate::model::kv_cache::blocks_for(req.prompt_ids.len() + req.max_tokens);
+        if blocks > self.kv.blocks {
+            return Err(EngineError::TooLarge { prompt: req.prompt_ids.len(), max_tokens: req.max_tokens, blocks, capacity: self.kv.blocks });
         }
         let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.cfg.max_waiting {
@@ -102,40 +138,22 @@ impl Engine {
     }
 }
 
-fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, rx: mpsc::Receiver<Submission>, stats: Arc<EngineStats>, metrics: Option<Arc<crate::metrics::Metrics>>) {
-    let mut batcher = Batcher::new(&model, &tok, LoraPath::Batched);
+#[allow(clippy::too_many_arguments)] // the thread's whole state, moved in once
+fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, kv: KvInfo, rx: mpsc::Receiver<Submission>, stats: Arc<EngineStats>, metrics: Option<Arc<crate::metrics::Metrics>>) {
+    let pool = KvPool::new(kv.blocks, model.cfg.num_layers, model.kv_width(), model.host_kv(), kv.prefix_cache);
+    let mut batcher = Batcher::with_pool(&model, &tok, LoraPath::Batched, pool);
     batcher.prefill_chunk = cfg.max_prefill_tokens;
+    batcher.max_batch = cfg.max_batch_size;
     batcher.metrics = metrics.clone();
-    let mut waiting: VecDeque<Submission> = VecDeque::new();
     loop {
-        if batcher.is_empty() && waiting.is_empty() {
+        if batcher.is_empty() {
             match rx.recv() {
-                Ok(s) => waiting.push_back(s),
+                Ok(s) => batcher.add(sequence(s, &model)),
                 Err(_) => return, // every handle is gone
             }
         }
-        waiting.extend(rx.try_iter());
-        let before = waiting.len();
-        waiting.retain(|s| !s.events.is_closed());
-        let cancelled = before - waiting.len();
-        let lens: Vec<usize> = waiting.iter().map(|s| s.req.prompt_ids.len()).collect();
-        let n = admit(&lens, batcher.running.len(), cfg.max_batch_size, cfg.max_prefill_tokens);
-        // Count the admitted ones as running before they leave `waiting`, so the engine never
-        // looks idle while it holds a sequence.
-        stats.running.fetch_add(n, Ordering::SeqCst);
-        for s in waiting.drain(..n) {
-            if let Some(m) = &metrics {
-                m.queue_wait.observe(s.submitted_at.elapsed().as_secs_f64());
-                m.adapters_per_request.observe(s.req.mix.entries.len() as f64);
-            }
-            let mut seq = Sequence::new(s.id, s.req, model.cfg.num_layers, s.events);
-            seq.submitted_at = s.submitted_at;
-            batcher.add(seq);
-        }
-        stats.waiting.fetch_sub(n + cancelled, Ordering::SeqCst);
-        if metrics.is_some() {
-            *stats.adapters_running.lock().unwrap_or_else(|p| p.into_inner()) = adapter_names(batcher.running.iter().map(|s| &s.req));
-            *stats.adapters_waiting.lock().unwrap_or_else(|p| p.into_inner()) = adapter_names(waiting.iter().map(|s| &s.req));
+        for s in rx.try_iter() {
+            batcher.add(sequence(s, &model));
         }
         let started = std::time::Instant::now();
         let report = batcher.step();
@@ -150,9 +168,26 @@ fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, rx: mpsc::Recei
                 m.batch_size.observe(report.sequences as f64);
             }
         }
-        stats.steps.fetch_add(1, Ordering::Relaxed);
+        // Every sequence is counted as waiting or running at every moment (so the engine never
+        // looks idle while it holds one): preempted ones join `waiting` before they leave
+        // `running`, admitted ones join `running` before they leave `waiting`.
+        stats.waiting.fetch_add(report.preempted, Ordering::SeqCst);
         stats.running.store(batcher.running.len(), Ordering::SeqCst);
+        stats.waiting.fetch_sub(report.admitted + report.cancelled_waiting, Ordering::SeqCst);
+        stats.steps.fetch_add(1, Ordering::Relaxed);
         stats.kv_tokens.store(batcher.kv_tokens(), Ordering::Relaxed);
+        stats.kv_blocks_used.store(batcher.pool.used(), Ordering::Relaxed);
+        stats.kv_blocks_cached.store(batcher.pool.idle_cached(), Ordering::Relaxed);
+        if metrics.is_some() {
+            *stats.adapters_running.lock().unwrap_or_else(|p| p.into_inner()) = adapter_names(batcher.running.iter().map(|s| &s.req));
+            *stats.adapters_waiting.lock().unwrap_or_else(|p| p.into_inner()) = adapter_names(batcher.waiting.iter().map(|s| &s.req));
+        }
         tracing::trace!(?report, "engine step");
     }
+}
+
+fn sequence(s: Submission, model: &Llama) -> Sequence {
+    let mut seq = Sequence::new(s.id, s.req, model.cfg.num_layers, s.events);
+    seq.submitted_at = s.submitted_at;
+    seq
 }

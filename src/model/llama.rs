@@ -206,6 +206,17 @@ impl Llama {
         Ok(h)
     }
 
+    /// Whether the engine's KV caches are host blocks (the fused attention) rather than device
+    /// tensors (the composed path).
+    pub fn host_kv(&self) -> bool {
+        !self.differentiable && self.kernels.fused_attention(&self.embed, None)
+    }
+
+    /// Floats per token per layer in K (and in V): `n_kv_heads · head_dim`.
+    pub fn kv_width(&self) -> usize {
+        self.cfg.num_kv_heads * self.cfg.head_dim
+    }
+
     fn positions(&self, input: &BatchInput, caches: Option<&[&mut SeqCache]>) -> Result<Positions> {
         let n = input.tokens.len();
         let starts: Vec<usize> = match caches {
