@@ -18,12 +18,19 @@ pub fn generate(model: &Llama, tok: &TextTokenizer, reqs: &[Request], path: Lora
 pub fn generate_chunked(model: &Llama, tok: &TextTokenizer, reqs: &[Request], path: LoraPath, prefill_chunk: usize) -> Result<Vec<GenOutput>> {
     let mut batcher = Batcher::new(model, tok, path);
     batcher.prefill_chunk = prefill_chunk;
+    run_all(&mut batcher, reqs)
+}
+
+/// Queues every request on `batcher` (with its pool, budget and prefix cache), steps until
+/// all are done, and collects the results in request order.
+pub fn run_all(batcher: &mut Batcher<'_>, reqs: &[Request]) -> Result<Vec<GenOutput>> {
     let mut receivers = Vec::with_capacity(reqs.len());
-    for (i, r) in reqs.iter().enumerate() {
+    for r in reqs {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let mut r = r.clone();
         r.max_tokens = r.max_tokens.max(1);
-        batcher.add(Sequence::new(i as u64, r, model.cfg.num_layers, tx));
+        let id = batcher.fresh_id();
+        batcher.add(Sequence::new(id, r, batcher.num_layers(), tx));
         receivers.push(rx);
     }
     while !batcher.is_empty() {

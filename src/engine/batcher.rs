@@ -57,6 +57,8 @@ pub struct Batcher<'m> {
     pub prefill_chunk: usize,
     /// Running sequences at most.
     pub max_batch: usize,
+    /// Ids handed out by [`Batcher::fresh_id`] (callers that queue their own sequences).
+    issued: u64,
 }
 
 impl<'m> Batcher<'m> {
@@ -78,7 +80,18 @@ impl<'m> Batcher<'m> {
             lora: None,
             prefill_chunk: usize::MAX,
             max_batch: usize::MAX,
+            issued: 0,
         }
+    }
+
+    /// An id no other sequence of this batcher has had (the LoRA operands are keyed by ids).
+    pub fn fresh_id(&mut self) -> u64 {
+        self.issued += 1;
+        self.issued
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.model.cfg.num_layers
     }
 
     /// Queues a sequence; it joins the batch when its blocks fit.
