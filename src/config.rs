@@ -54,6 +54,11 @@ pub struct ServeOptions {
     /// (`--prefix-cache=false` turns it off). [default: true]
     #[arg(long, env = "LORAPLEX_PREFIX_CACHE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub prefix_cache: Option<bool>,
+    /// While other sequences decode, keep a step that prefills to about this many times a
+    /// decode step (their inter-token latency) by shrinking its prompt chunk; 0 = off (chunks
+    /// of `max_prefill_tokens`). [default: 2]
+    #[arg(long, env = "LORAPLEX_STEP_LATENCY_RATIO")]
+    pub step_latency_ratio: Option<f64>,
     /// Prompt tokens per sequence at most. [default: 4096, capped by the model's context]
     #[arg(long, env = "LORAPLEX_MAX_PROMPT_TOKENS")]
     pub max_prompt_tokens: Option<usize>,
@@ -105,7 +110,7 @@ impl ServeOptions {
     /// `self` (command line / environment) over `lower` (the TOML file).
     pub fn over(self, lower: ServeOptions) -> ServeOptions {
         merge_fields!(self, lower, model, adapters, host, port, device, dtype, api_key, admin_key,
-            max_batch_size, max_waiting, max_prefill_tokens, kv_cache_bytes, prefix_cache, max_prompt_tokens, max_total_tokens,
+            max_batch_size, max_waiting, max_prefill_tokens, kv_cache_bytes, prefix_cache, step_latency_ratio, max_prompt_tokens, max_total_tokens,
             default_max_tokens, max_adapters_per_request, adapter_budget_bytes, max_body_bytes, max_n,
             rescan_interval_ms, drain_timeout_secs, log_format, gateway_metrics, metrics, metrics_adapter_cap)
     }
@@ -237,6 +242,7 @@ impl TryFrom<ServeOptions> for ServeConfig {
                 max_prefill_tokens: o.max_prefill_tokens.unwrap_or(engine_default.max_prefill_tokens),
                 kv_cache_bytes: o.kv_cache_bytes.map(|b| b.0),
                 prefix_cache: o.prefix_cache.unwrap_or(engine_default.prefix_cache),
+                step_latency_ratio: o.step_latency_ratio.unwrap_or(engine_default.step_latency_ratio),
             },
             limits: Limits {
                 max_prompt_tokens: o.max_prompt_tokens.unwrap_or(limits_default.max_prompt_tokens),
@@ -273,6 +279,10 @@ impl TryFrom<ServeOptions> for ServeConfig {
             if v == 0 {
                 bail!("`{name}` must be at least 1");
             }
+        }
+        let ratio = cfg.engine.step_latency_ratio;
+        if !(ratio == 0.0 || (ratio > 1.0 && ratio.is_finite())) {
+            bail!("`step_latency_ratio` must be 0 (off) or above 1, got {ratio}");
         }
         if cfg.engine.kv_cache_bytes == Some(0) {
             bail!("`kv_cache_bytes` must be at least 1");

@@ -59,6 +59,48 @@ pub struct Batcher<'m> {
     pub max_batch: usize,
     /// Ids handed out by [`Batcher::fresh_id`] (callers that queue their own sequences).
     issued: u64,
+    /// While sequences decode, steps that carry prompt tokens are kept to about this many
+    /// times a decode-only step (their inter-token latency), by shrinking the prompt chunk
+    /// below `prefill_chunk`; 0 turns it off. The engine uses [`STEP_LATENCY_RATIO`].
+    pub step_latency_ratio: f64,
+    pacer: Pacer,
+}
+
+/// The engine's step latency ratio: a prefilling step at most about twice a decode step.
+pub const STEP_LATENCY_RATIO: f64 = 2.0;
+
+/// What the chunk size is chosen from: recent decode-only step time and the marginal cost of
+/// a prompt token (measured on the last step that had any, so it follows the growing
+/// attention cost of a long prompt's later chunks).
+#[derive(Debug, Default, Clone, Copy)]
+struct Pacer {
+    decode_s: Option<f64>,
+    token_s: Option<f64>,
+}
+
+impl Pacer {
+    /// Prompt tokens for the next step, at most `cap`.
+    fn budget(&self, ratio: f64, decoding: bool, cap: usize) -> usize {
+        if ratio <= 0.0 || !decoding {
+            return cap;
+        }
+        match (self.decode_s, self.token_s) {
+            (Some(d), Some(t)) if t > 0.0 => (((ratio - 1.0) * d / t) as usize).clamp(1, cap),
+            // No measurement yet: a small probe chunk.
+            _ => cap.min(BLOCK_TOKENS),
+        }
+    }
+
+    fn observe(&mut self, secs: f64, prefill_tokens: usize, decode_tokens: usize) {
+        if prefill_tokens == 0 {
+            if decode_tokens > 0 {
+                self.decode_s = Some(self.decode_s.map_or(secs, |d| 0.8 * d + 0.2 * secs));
+            }
+            return;
+        }
+        let base = if decode_tokens > 0 { self.decode_s.unwrap_or(0.0) } else { 0.0 };
+        self.token_s = Some(((secs - base) / prefill_tokens as f64).max(secs / prefill_tokens as f64 / 8.0));
+    }
 }
 
 impl<'m> Batcher<'m> {
@@ -81,6 +123,8 @@ impl<'m> Batcher<'m> {
             prefill_chunk: usize::MAX,
             max_batch: usize::MAX,
             issued: 0,
+            step_latency_ratio: 0.0,
+            pacer: Pacer::default(),
         }
     }
 
@@ -207,7 +251,8 @@ impl<'m> Batcher<'m> {
         }
         // Decoding sequences feed their one token; prefilling ones share the chunk budget in
         // batch order, each at least one token so every prompt makes progress.
-        let mut budget = self.prefill_chunk;
+        let decoding = self.running.iter().any(|s| !s.is_prompt());
+        let mut budget = self.pacer.budget(self.step_latency_ratio, decoding, self.prefill_chunk);
         let feeds: Vec<usize> = self
             .running
             .iter()
@@ -235,7 +280,9 @@ impl<'m> Batcher<'m> {
             span.follows_from(&s.req.span);
         }
         let _entered = span.enter();
+        let started = std::time::Instant::now();
         let result = self.forward_and_sample(&input, &feeds);
+        self.pacer.observe(started.elapsed().as_secs_f64(), report.prefill_tokens, report.decode_tokens);
         if let Err(e) = &result {
             tracing::error!(error = %e, "forward step failed; failing its sequences");
             for s in self.running.iter_mut() {

@@ -120,7 +120,7 @@ pub enum EngineError {
 }
 
 /// Batch and queue limits of the engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EngineConfig {
     /// Sequences decoded together at most.
     pub max_batch_size: usize,
@@ -133,11 +133,14 @@ pub struct EngineConfig {
     pub kv_cache_bytes: Option<usize>,
     /// Keep full KV blocks for reuse by later requests with the same prefix and adapter mix.
     pub prefix_cache: bool,
+    /// While sequences decode, a step that carries prompt tokens is kept to about this many
+    /// times a decode-only step, by shrinking the prompt chunk; 0 = only `max_prefill_tokens`.
+    pub step_latency_ratio: f64,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch_size: 32, max_waiting: 256, max_prefill_tokens: 512, kv_cache_bytes: None, prefix_cache: true }
+        Self { max_batch_size: 32, max_waiting: 256, max_prefill_tokens: 512, kv_cache_bytes: None, prefix_cache: true, step_latency_ratio: batcher::STEP_LATENCY_RATIO }
     }
 }
 

@@ -144,6 +144,7 @@ fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, kv: KvInfo, rx:
     let mut batcher = Batcher::with_pool(&model, &tok, LoraPath::Batched, pool);
     batcher.prefill_chunk = cfg.max_prefill_tokens;
     batcher.max_batch = cfg.max_batch_size;
+    batcher.step_latency_ratio = cfg.step_latency_ratio;
     batcher.metrics = metrics.clone();
     loop {
         if batcher.is_empty() {

@@ -492,40 +492,47 @@ impl<'a> AttnBlock<'a> {
     }
 }
 
+/// `p[qi, u] = q[qi] · k[u]` for keys `u ≤ pos[qi]` (others −∞), one key tile at a time.
+#[allow(clippy::too_many_arguments)] // one kernel's operands; private
+fn block_scores(q: &[f32], hd: usize, k: &[&[f32]], koff: usize, keys: usize, keys_padded: usize, pos: &[usize], slopes: &[f32], p: &mut [f32]) {
+    for t in 0..keys.div_ceil(KT) {
+        // The tile goes in as a parameter: a slice loaded from the block table carries no
+        // aliasing facts, and without them the compiler keeps the accumulators in memory.
+        tile_scores(q, hd, &k[t][koff..koff + hd * KT], t, keys_padded, pos, slopes, p);
+    }
+}
+
 multiversion! {
-    /// `p[qi, u] = q[qi] · k[u]` for keys `u ≤ pos[qi]` (others −∞): per key tile, each query
-    /// row's 16 scores accumulate in one register, up to 8 rows at once (independent chains),
-    /// each over even and odd dimensions separately to halve the dependency chain.
+    /// One key tile's scores: each query row's 16 scores accumulate in one register, up to 8
+    /// rows at once (independent chains), each over even and odd dimensions separately to
+    /// halve the dependency chain.
     #[allow(clippy::too_many_arguments)] // one kernel's operands; private
-    fn block_scores(q: &[f32], hd: usize, k: &[&[f32]], koff: usize, keys: usize, keys_padded: usize, pos: &[usize], slopes: &[f32], p: &mut [f32]) {
+    fn tile_scores(q: &[f32], hd: usize, kt: &[f32], t: usize, keys_padded: usize, pos: &[usize], slopes: &[f32], p: &mut [f32]) {
         let nq = q.len() / hd;
-        for t in 0..keys.div_ceil(KT) {
-            let kt = &k[t][koff..koff + hd * KT];
-            let mut qi0 = 0;
-            while qi0 < nq {
-                let m = (nq - qi0).min(QT);
-                let rows = &q[qi0 * hd..(qi0 + m) * hd];
-                let out = &mut p[qi0 * keys_padded..(qi0 + m) * keys_padded];
-                match m {
-                    1 => score_tile::<1>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
-                    2 => score_tile::<2>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
-                    3 => score_tile::<3>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
-                    4 => score_tile::<4>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
-                    5 => score_tile::<5>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
-                    6 => score_tile::<6>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
-                    7 => score_tile::<7>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
-                    _ => score_tile::<8>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
-                }
-                if !slopes.is_empty() {
-                    for r in 0..m {
-                        let row = &mut out[r * keys_padded + t * KT..r * keys_padded + (t + 1) * KT];
-                        for (l, x) in row.iter_mut().enumerate() {
-                            *x += slopes[qi0 + r] * (t * KT + l) as f32;
-                        }
+        let mut qi0 = 0;
+        while qi0 < nq {
+            let m = (nq - qi0).min(QT);
+            let rows = &q[qi0 * hd..(qi0 + m) * hd];
+            let out = &mut p[qi0 * keys_padded..(qi0 + m) * keys_padded];
+            match m {
+                1 => score_tile::<1>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                2 => score_tile::<2>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                3 => score_tile::<3>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                4 => score_tile::<4>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                5 => score_tile::<5>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                6 => score_tile::<6>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                7 => score_tile::<7>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+                _ => score_tile::<8>(rows, hd, kt, t, keys_padded, &pos[qi0..], out),
+            }
+            if !slopes.is_empty() {
+                for r in 0..m {
+                    let row = &mut out[r * keys_padded + t * KT..r * keys_padded + (t + 1) * KT];
+                    for (l, x) in row.iter_mut().enumerate() {
+                        *x += slopes[qi0 + r] * (t * KT + l) as f32;
                     }
                 }
-                qi0 += m;
             }
+            qi0 += m;
         }
     }
 }
@@ -625,19 +632,16 @@ multiversion! {
 #[inline(always)]
 fn value_tile<const M: usize, const W: usize>(p: &[f32], keys_padded: usize, v: &[&[f32]], kvw: usize, voff: usize, keys: usize, o: &mut [f32], hd: usize, d0: usize) {
     let mut acc = [[0f32; W]; M];
-    for (b, block) in v.iter().take(keys.div_ceil(KV_TILE)).enumerate() {
-        let u0 = b * KV_TILE;
-        for i in 0..(keys - u0).min(KV_TILE) {
-            let at = i * kvw + voff;
-            let vrow: &[f32; W] = match block[at..at + W].try_into() {
-                Ok(r) => r,
-                Err(_) => return,
-            };
-            for r in 0..M {
-                let pu = p[r * keys_padded + u0 + i];
-                for l in 0..W {
-                    acc[r][l] = pu.mul_add(vrow[l], acc[r][l]);
-                }
+    for u in 0..keys {
+        let at = (u % KV_TILE) * kvw + voff;
+        let vrow: &[f32; W] = match v[u / KV_TILE][at..at + W].try_into() {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        for r in 0..M {
+            let pu = p[r * keys_padded + u];
+            for l in 0..W {
+                acc[r][l] = pu.mul_add(vrow[l], acc[r][l]);
             }
         }
     }
