@@ -21,7 +21,7 @@ until curl -sf "http://127.0.0.1:$port/ready" >/dev/null; do sleep 0.2; done
 run() { "$bin" bench --url "http://127.0.0.1:$port" --duration-secs "$secs" --json-out "$out/results.jsonl" --max-tokens "$tokens" "$@" | tail -1; }
 # Warm-up (first allocations, adapter loads).
 "$bin" bench --url "http://127.0.0.1:$port" --duration-secs 3 --concurrency 8 --adapter-count 128 >/dev/null
-printf '%s\n' "| run | clients | adapters (pool/per req) | req/s | output tok/s | TTFT p50/p95/p99 ms | ITL p50/p95/p99 ms | errors |" "|---|---|---|---|---|---|---|---|" > "$out/results.md"
+printf "%s\n" "| run | clients | adapters (pool/per req) | req/s | output tok/s | TTFT p50/p95/p99 ms | ITL p50/p95/p99 ms | errors | peak RSS MiB |" "|---|---|---|---|---|---|---|---|---|" > "$out/results.md"
 for c in 1 8 32; do
   run --concurrency "$c" --label "base c=$c" --adapter-count 0 >> "$out/results.md"
   run --concurrency "$c" --label "1 adapter c=$c" --adapter-count 1 >> "$out/results.md"

@@ -3,6 +3,12 @@
 //! the run reports requests/s, output tokens/s, time to first token and inter-token latency
 //! percentiles as JSON and as a markdown table row. `--make-adapters` writes synthetic PEFT
 //! adapters for the pool. Traffic goes only to the given URL (loopback in our scripts).
+//!
+//! Two more scenarios measure the scheduler ([`Scenario`]): `prefix-reuse` (one long context,
+//! many questions in turn: time to first token with and without the prefix cache) and
+//! `long-prefill` (one long prompt arriving while other streams decode: their inter-token
+//! latency during its prefill against their median). Every run can sample the server's
+//! resident memory from `/metrics`.
 
 use crate::adapters::writer::save_adapter;
 use crate::model::{LlamaConfig, ModuleId};
@@ -35,8 +41,29 @@ pub enum Api {
     Llamacpp,
 }
 
+/// What the run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// N clients in closed loop (throughput, TTFT, ITL).
+    Load,
+    /// One `--context-tokens` context and `--questions` different questions after it, one at a
+    /// time: TTFT of the first against the rest.
+    PrefixReuse,
+    /// `--concurrency` streams decoding `--max-tokens`; after 2 s one `--prompt-tokens` prompt:
+    /// the streams' inter-token gaps during its prefill against their median outside it.
+    LongPrefill,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = Scenario::Load)]
+    pub scenario: Scenario,
+    /// `prefix-reuse`: approximate context length in tokens.
+    #[arg(long, default_value_t = 1000)]
+    pub context_tokens: usize,
+    /// `prefix-reuse`: questions asked after the context.
+    #[arg(long, default_value_t = 16)]
+    pub questions: usize,
     /// Server base URL.
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     pub url: String,
@@ -103,18 +130,21 @@ pub struct BenchReport {
     pub output_tokens_per_s: f64,
     pub ttft_ms: Percentiles,
     pub itl_ms: Percentiles,
+    /// The server's peak resident memory during the run (sampled from `/metrics`).
+    pub peak_rss_mib: Option<f64>,
 }
 
 impl BenchReport {
     pub fn markdown_header() -> &'static str {
-        "| run | clients | adapters (pool/per req) | req/s | output tok/s | TTFT p50/p95/p99 ms | ITL p50/p95/p99 ms | errors |\n|---|---|---|---|---|---|---|---|"
+        "| run | clients | adapters (pool/per req) | req/s | output tok/s | TTFT p50/p95/p99 ms | ITL p50/p95/p99 ms | errors | peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|"
     }
 
     pub fn markdown_row(&self) -> String {
         format!(
-            "| {} | {} | {}/{} | {:.2} | {:.1} | {:.0}/{:.0}/{:.0} | {:.1}/{:.1}/{:.1} | {} |",
+            "| {} | {} | {}/{} | {:.2} | {:.1} | {:.0}/{:.0}/{:.0} | {:.1}/{:.1}/{:.1} | {} | {} |",
             self.label, self.concurrency, self.adapter_count, self.adapters_per_request, self.requests_per_s, self.output_tokens_per_s,
-            self.ttft_ms.p50, self.ttft_ms.p95, self.ttft_ms.p99, self.itl_ms.p50, self.itl_ms.p95, self.itl_ms.p99, self.errors
+            self.ttft_ms.p50, self.ttft_ms.p95, self.ttft_ms.p99, self.itl_ms.p50, self.itl_ms.p95, self.itl_ms.p99, self.errors,
+            self.peak_rss_mib.map_or("-".to_string(), |m| format!("{m:.0}"))
         )
     }
 }
@@ -203,10 +233,12 @@ fn draw(rng: &mut rand::rngs::StdRng, args: &BenchArgs, client: usize) -> Vec<se
 async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
     let http = awc::Client::builder().timeout(Duration::from_secs(600)).connector(awc::Connector::new().timeout(Duration::from_secs(600)).conn_lifetime(Duration::ZERO)).finish();
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed.wrapping_add(id as u64));
-    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(args.prompt_tokens.div_ceil(10).max(1));
+    let filler = "The quick brown fox jumps over the lazy dog. ".repeat(args.prompt_tokens.div_ceil(10).max(1));
     let url = format!("{}/v1/completions", args.url.trim_end_matches('/'));
     let mut st = ClientStats::default();
     while Instant::now() < deadline {
+        // A distinct start per request: no request reuses another's cached prompt blocks.
+        let prompt = format!("Request {}-{}-{}: {filler}", args.seed, id, st.requests);
         let mut body = serde_json::json!({
             "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "stream": true, "ignore_eos": true,
             "stream_options": {"include_usage": true},
@@ -317,6 +349,173 @@ fn make_adapters(dir: &std::path::Path, args: &BenchArgs) -> anyhow::Result<()> 
     Ok(())
 }
 
+fn http_client() -> awc::Client {
+    awc::Client::builder().timeout(Duration::from_secs(600)).connector(awc::Connector::new().timeout(Duration::from_secs(600)).conn_lifetime(Duration::ZERO)).finish()
+}
+
+/// Sends one streaming completion and returns when each token event arrived (after `sent`).
+async fn token_times(http: &awc::Client, url: &str, mut body: serde_json::Value) -> anyhow::Result<(Instant, Vec<Instant>)> {
+    body["stream"] = serde_json::Value::Bool(true);
+    let sent = Instant::now();
+    let mut resp = http.post(url).insert_header(("connection", "close")).send_json(&body).await.map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
+    if !resp.status().is_success() {
+        let text = resp.body().await.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        bail!("HTTP {}: {text}", resp.status());
+    }
+    let (mut buf, mut times, mut done) = (Vec::new(), Vec::new(), false);
+    while let Some(chunk) = resp.next().await {
+        buf.extend_from_slice(&chunk.map_err(|e| anyhow::anyhow!("stream broke: {e}"))?);
+        while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..pos + 2).collect();
+            let text = String::from_utf8_lossy(&event);
+            if text.starts_with("data: [DONE]") {
+                done = true;
+            } else if let Some(v) = text.strip_prefix("data: ").and_then(|j| serde_json::from_str::<serde_json::Value>(j.trim()).ok()) {
+                if v.get("error").is_some() {
+                    bail!("stream error: {v}");
+                }
+                if v["choices"][0].is_object() {
+                    times.push(Instant::now());
+                }
+            }
+        }
+    }
+    if !done {
+        bail!("the stream ended without [DONE]");
+    }
+    Ok((sent, times))
+}
+
+/// Samples the server's `process_resident_memory_bytes` every 250 ms until `stop`; the peak.
+async fn peak_rss(base: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Option<f64> {
+    let http = http_client();
+    let url = format!("{}/metrics", base.trim_end_matches('/'));
+    let mut peak: Option<f64> = None;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        if let Ok(mut r) = http.get(&url).send().await {
+            if let Ok(body) = r.body().limit(1 << 24).await {
+                let text = String::from_utf8_lossy(&body);
+                if let Some(v) = text.lines().find(|l| l.starts_with("process_resident_memory_bytes ")).and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok()) {
+                    peak = Some(peak.map_or(v, |p: f64| p.max(v)));
+                }
+            }
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(250)).await;
+    }
+    peak
+}
+
+/// Text of about `tokens` tokens, distinct per `seed` from its first words on.
+fn passage(seed: u64, tokens: usize) -> String {
+    let words = ["river", "castle", "merchant", "winter", "harbour", "council", "bridge", "library", "valley", "engine", "market", "scholar"];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut text = format!("Passage {seed}.");
+    // Each word is one token, each twelfth word also carries a period.
+    for i in 0..(tokens.saturating_sub(4) * 12 / 13) {
+        text.push(' ');
+        text.push_str(words[rng.random_range(0..words.len())]);
+        if i % 12 == 11 {
+            text.push('.');
+        }
+    }
+    text
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefixReuseReport {
+    pub label: String,
+    pub context_tokens: usize,
+    pub questions: usize,
+    pub first_ttft_ms: f64,
+    /// TTFT of questions 2.., median and worst.
+    pub rest_ttft_ms: Percentiles,
+    pub rest_max_ms: f64,
+    /// Median TTFT of the rest over the first's.
+    pub ratio: f64,
+}
+
+async fn prefix_reuse(args: &BenchArgs) -> anyhow::Result<PrefixReuseReport> {
+    let http = http_client();
+    let url = format!("{}/v1/completions", args.url.trim_end_matches('/'));
+    let context = passage(args.seed, args.context_tokens);
+    let mut ttfts = Vec::new();
+    for q in 0..args.questions.max(2) {
+        let prompt = format!("{context}\nQuestion {q}: what does the passage say about item number {q}?\nAnswer:");
+        let body = serde_json::json!({"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": true, "adapters": draw(&mut rand::rngs::StdRng::seed_from_u64(args.seed), args, 0)});
+        let (sent, times) = token_times(&http, &url, body).await?;
+        let first = times.first().ok_or_else(|| anyhow::anyhow!("no token streamed"))?;
+        ttfts.push((*first - sent).as_secs_f64() * 1e3);
+    }
+    let rest = ttfts[1..].to_vec();
+    let rest_max = rest.iter().copied().fold(0.0, f64::max);
+    let p = percentiles(rest);
+    Ok(PrefixReuseReport { label: args.label.clone(), context_tokens: args.context_tokens, questions: ttfts.len(), first_ttft_ms: ttfts[0], ratio: p.p50 / ttfts[0], rest_ttft_ms: p, rest_max_ms: rest_max })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LongPrefillReport {
+    pub label: String,
+    pub streams: usize,
+    pub prompt_tokens: usize,
+    /// The long prompt's time to its (only) token.
+    pub long_ttft_ms: f64,
+    /// The streams' gaps outside the prefill (median) and during it.
+    pub itl_median_ms: f64,
+    pub during_ms: Percentiles,
+    pub during_max_ms: f64,
+    /// p99 during the prefill over the median outside it.
+    pub ratio: f64,
+}
+
+async fn long_prefill(args: &BenchArgs) -> anyhow::Result<LongPrefillReport> {
+    let url = format!("{}/v1/completions", args.url.trim_end_matches('/'));
+    let streams: Vec<_> = (0..args.concurrency)
+        .map(|i| {
+            let (url, args) = (url.clone(), args.clone());
+            actix_web::rt::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed + i as u64);
+                let body = serde_json::json!({"prompt": format!("Stream {i}: once upon a time"), "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": true, "adapters": draw(&mut rng, &args, i)});
+                token_times(&http_client(), &url, body).await
+            })
+        })
+        .collect();
+    actix_web::rt::time::sleep(Duration::from_secs(2)).await;
+    let body = serde_json::json!({"prompt": passage(args.seed + 1000, args.prompt_tokens), "max_tokens": 1, "temperature": 0});
+    let (t0, long) = token_times(&http_client(), &url, body).await?;
+    let t1 = *long.first().ok_or_else(|| anyhow::anyhow!("the long prompt streamed no token"))?;
+    let (mut outside, mut during) = (Vec::new(), Vec::new());
+    for s in streams {
+        let (_, times) = s.await.context("stream task panicked")??;
+        for w in times.windows(2) {
+            let gap = (w[1] - w[0]).as_secs_f64() * 1e3;
+            // A gap that overlaps the prefill window is a gap "during" it.
+            if w[1] > t0 && w[0] < t1 {
+                during.push(gap);
+            } else {
+                outside.push(gap);
+            }
+        }
+    }
+    if during.is_empty() {
+        bail!("no stream was decoding during the long prefill: raise --max-tokens");
+    }
+    let median = percentiles(outside).p50;
+    let during_max = during.iter().copied().fold(0.0, f64::max);
+    let d = percentiles(during);
+    Ok(LongPrefillReport { label: args.label.clone(), streams: args.concurrency, prompt_tokens: args.prompt_tokens, long_ttft_ms: (t1 - t0).as_secs_f64() * 1e3, itl_median_ms: median, ratio: d.p99 / median, during_ms: d, during_max_ms: during_max })
+}
+
+fn emit(json: String, row: String, header: &str, out: &Option<PathBuf>) -> anyhow::Result<()> {
+    println!("{json}");
+    println!("{header}\n{row}");
+    if let Some(path) = out {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        writeln!(f, "{json}")?;
+    }
+    Ok(())
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.make_adapters {
         return make_adapters(dir, &args);
@@ -324,7 +523,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
+    match args.scenario {
+        Scenario::Load => {}
+        Scenario::PrefixReuse => {
+            let r = actix_web::rt::System::new().block_on(prefix_reuse(&args))?;
+            let row = format!("| {} | {} | {} | {:.0} | {:.0} / {:.0} | {:.3} |", r.label, r.context_tokens, r.questions, r.first_ttft_ms, r.rest_ttft_ms.p50, r.rest_max_ms, r.ratio);
+            return emit(serde_json::to_string(&r)?, row, "| run | context tokens | questions | TTFT q1 ms | TTFT q2.. median / max ms | ratio |\n|---|---|---|---|---|---|", &args.json_out);
+        }
+        Scenario::LongPrefill => {
+            let r = actix_web::rt::System::new().block_on(long_prefill(&args))?;
+            let row = format!("| {} | {} | {} | {:.0} | {:.1} | {:.0} / {:.0} | {:.2} |", r.label, r.streams, r.prompt_tokens, r.long_ttft_ms, r.itl_median_ms, r.during_ms.p99, r.during_max_ms, r.ratio);
+            return emit(serde_json::to_string(&r)?, row, "| run | streams | long prompt tokens | its TTFT ms | ITL median ms | ITL during prefill p99 / max ms | p99 / median |\n|---|---|---|---|---|---|---|", &args.json_out);
+        }
+    }
     let report = actix_web::rt::System::new().block_on(async {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = actix_web::rt::spawn(peak_rss(args.url.clone(), stop.clone()));
         let started = Instant::now();
         let deadline = started + Duration::from_secs(args.duration_secs);
         let tasks: Vec<_> = (0..args.concurrency).map(|i| actix_web::rt::spawn(client(args.clone(), i, deadline))).collect();
@@ -338,7 +552,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             all.itl.extend(s.itl);
         }
         let secs = started.elapsed().as_secs_f64();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let peak = sampler.await.ok().flatten();
         anyhow::Ok(BenchReport {
+            peak_rss_mib: peak.map(|b| b / (1024.0 * 1024.0)),
             label: args.label.clone(),
             concurrency: args.concurrency,
             adapter_count: args.adapter_count,
@@ -353,13 +570,5 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             itl_ms: percentiles(all.itl),
         })
     })?;
-    let json = serde_json::to_string(&report)?;
-    println!("{json}");
-    println!("{}\n{}", BenchReport::markdown_header(), report.markdown_row());
-    if let Some(path) = &args.json_out {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        writeln!(f, "{json}")?;
-    }
-    Ok(())
+    emit(serde_json::to_string(&report)?, report.markdown_row(), BenchReport::markdown_header(), &args.json_out)
 }

@@ -81,6 +81,9 @@ pub struct EvalArgs {
     /// Questions decoded together.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Reuse a passage's KV blocks across its questions (`--prefix-cache=false` to compare).
+    #[arg(long, env = "LORAPLEX_PREFIX_CACHE", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = true)]
+    pub prefix_cache: bool,
     /// Write the JSON report (with every prediction) here.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
@@ -268,9 +271,13 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     if let Some(n) = args.limit {
         examples.truncate(n);
     }
-    let report = crate::train::eval::evaluate(&loaded.model, &loaded.tokenizer, &examples, &mix, args.batch_size)?;
+    let report = crate::train::eval::evaluate(&loaded.model, &loaded.tokenizer, &examples, &mix, args.batch_size, args.prefix_cache)?;
     let label = if described.is_empty() { "base".to_string() } else { args.adapters.join(" + ") };
-    println!("| model | questions | EM | F1 | seconds |\n|---|---|---|---|---|\n| {label} | {} | {:.1} | {:.1} | {:.0} |", report.n, report.exact_match, report.f1, report.seconds);
+    let cached = 100.0 * report.cached_prompt_tokens as f64 / report.prompt_tokens.max(1) as f64;
+    println!(
+        "| model | questions | EM | F1 | seconds | prefix cache | prompt tokens from cache |\n|---|---|---|---|---|---|---|\n| {label} | {} | {:.1} | {:.1} | {:.0} | {} | {cached:.1}% |",
+        report.n, report.exact_match, report.f1, report.seconds, if args.prefix_cache { "on" } else { "off" }
+    );
     if let Some(path) = &args.json_out {
         let json = serde_json::json!({"data": args.data.display().to_string(), "adapters": described, "report": report});
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;

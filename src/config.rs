@@ -56,7 +56,7 @@ pub struct ServeOptions {
     pub prefix_cache: Option<bool>,
     /// While other sequences decode, keep a step that prefills to about this many times a
     /// decode step (their inter-token latency) by shrinking its prompt chunk; 0 = off (chunks
-    /// of `max_prefill_tokens`). [default: 2]
+    /// of `max_prefill_tokens`). [default: 1.5]
     #[arg(long, env = "LORAPLEX_STEP_LATENCY_RATIO")]
     pub step_latency_ratio: Option<f64>,
     /// Prompt tokens per sequence at most. [default: 4096, capped by the model's context]

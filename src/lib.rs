@@ -3,9 +3,11 @@
 //! Architecture map (request path first):
 //! - [`api`]: the HTTP edge (actix-web) — OpenAI-style routes, auth, JSON parsed and validated
 //!   once into typed requests, errors converted once into OpenAI's error shape.
-//! - [`engine`]: one OS thread owns the model, the KV caches and the running batch (continuous
-//!   batching: prefills join decodes in one ragged step, long prompts in chunks); the HTTP side
-//!   talks to it through a bounded queue and per-sequence channels.
+//! - [`engine`]: one OS thread owns the model, the KV block pool and the running batch
+//!   (continuous batching: prefills join decodes in one ragged step, long prompts in paced
+//!   chunks; admission by blocks, preemption, the prefix cache per adapter mix in
+//!   `engine::kv_pool`); the HTTP side talks to it through a bounded queue and per-sequence
+//!   channels.
 //! - [`adapters`]: PEFT adapter folders → immutable, validated [`adapters::LoraAdapter`]s, the
 //!   hot-loading registry (watcher, LRU budget, versions), per-request
 //!   [`adapters::AdapterMix`]es, writing PEFT folders, export to llama.cpp's GGUF LoRA.
@@ -14,7 +16,7 @@
 //!   the architecture description (`config`: rope and its scaling, biases, q/k norms as data),
 //!   the one LoRA-aware linear over dense, candle-quantized or packed weights, the one
 //!   ragged-batch decoder forward whose ops run fused on the CPU or composed in candle
-//!   elsewhere, KV caches, tokenizers (byte-level BPE; SentencePiece from GGUF) and chat
+//!   elsewhere, paged KV caches (16-token blocks, shared read-only when cached), tokenizers (byte-level BPE; SentencePiece from GGUF) and chat
 //!   template, sampling, and converters between GGUF and Hugging Face folders (`gguf_export`).
 //! - [`kernels`] (the `loraplex-kernels` crate, the only one with `unsafe`): the packed integer
 //!   matmul (GGUF blocks decoded without loss; AVX-512 VNNI / AVX-VNNI / AVX2 / scalar), the

@@ -66,8 +66,9 @@ pub struct Batcher<'m> {
     pacer: Pacer,
 }
 
-/// The engine's step latency ratio: a prefilling step at most about twice a decode step.
-pub const STEP_LATENCY_RATIO: f64 = 2.0;
+/// The engine's step latency ratio: a prefilling step about 1.5 decode steps (the attention
+/// cost of a long prompt grows from one chunk to the next, so the measured step overshoots).
+pub const STEP_LATENCY_RATIO: f64 = 1.5;
 
 /// What the chunk size is chosen from: recent decode-only step time and the marginal cost of
 /// a prompt token (measured on the last step that had any, so it follows the growing

@@ -6,7 +6,10 @@ use super::params::LoraParams;
 use super::squad::{self, QaExample};
 use crate::adapters::AdapterMix;
 use crate::engine::{LoraPath, Request};
-use crate::generate::generate;
+use crate::engine::kv_pool::KvPool;
+use crate::engine::Batcher;
+use crate::generate::run_all;
+use crate::model::kv_cache::blocks_for;
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::Llama;
 use serde::Serialize;
@@ -33,27 +36,36 @@ pub struct EvalReport {
     pub exact_match: f64,
     pub f1: f64,
     pub seconds: f64,
+    /// Prompt tokens looked up in the prefix cache, and those found there (0 with it off).
+    pub prompt_tokens: u64,
+    pub cached_prompt_tokens: u64,
     pub predictions: Vec<Prediction>,
 }
 
-/// Answers and scores `examples` with `mix`, `batch` questions at a time.
-pub fn evaluate(model: &Llama, tok: &TextTokenizer, examples: &[QaExample], mix: &AdapterMix, batch: usize) -> anyhow::Result<EvalReport> {
+/// Answers and scores `examples` with `mix`, `batch` questions decoding at a time
+/// (continuous batching, in order). With `prefix_cache`, a question reuses the KV blocks of
+/// its passage computed for an earlier question of the same passage.
+pub fn evaluate(model: &Llama, tok: &TextTokenizer, examples: &[QaExample], mix: &AdapterMix, batch: usize, prefix_cache: bool) -> anyhow::Result<EvalReport> {
     let started = std::time::Instant::now();
+    let reqs: Vec<Request> = examples
+        .iter()
+        .map(|ex| {
+            let ids = tok.encode(&squad::prompt(ex))?;
+            Ok(Request { stop: STOPS.iter().map(|s| s.to_string()).collect(), ..Request::greedy(ids, mix.clone(), MAX_NEW_TOKENS) })
+        })
+        .collect::<crate::model::Result<_>>()?;
+    // Room for the batch and, as much again, for cached passages (LRU beyond that).
+    let longest = reqs.iter().map(|r| r.prompt_ids.len() + r.max_tokens).max().unwrap_or(1);
+    let blocks = 2 * batch.max(1) * blocks_for(longest);
+    let pool = KvPool::new(blocks, model.cfg.num_layers, model.kv_width(), model.host_kv(), prefix_cache);
+    let mut batcher = Batcher::with_pool(model, tok, LoraPath::Batched, pool);
+    batcher.max_batch = batch.max(1);
+    let outs = run_all(&mut batcher, &reqs)?;
     let mut predictions = Vec::with_capacity(examples.len());
-    for chunk in examples.chunks(batch.max(1)) {
-        let reqs: Vec<Request> = chunk
-            .iter()
-            .map(|ex| {
-                let ids = tok.encode(&squad::prompt(ex))?;
-                Ok(Request { stop: STOPS.iter().map(|s| s.to_string()).collect(), ..Request::greedy(ids, mix.clone(), MAX_NEW_TOKENS) })
-            })
-            .collect::<crate::model::Result<_>>()?;
-        let outs = generate(model, tok, &reqs, LoraPath::Batched)?;
-        for (ex, out) in chunk.iter().zip(outs) {
-            let prediction = out.text.trim().to_string();
-            let (em, f1) = score(&prediction, &ex.answers);
-            predictions.push(Prediction { id: ex.id.clone(), prediction, answers: ex.answers.clone(), exact_match: em, f1 });
-        }
+    for (ex, out) in examples.iter().zip(outs) {
+        let prediction = out.text.trim().to_string();
+        let (em, f1) = score(&prediction, &ex.answers);
+        predictions.push(Prediction { id: ex.id.clone(), prediction, answers: ex.answers.clone(), exact_match: em, f1 });
     }
     let n = predictions.len().max(1) as f64;
     Ok(EvalReport {
@@ -61,6 +73,8 @@ pub fn evaluate(model: &Llama, tok: &TextTokenizer, examples: &[QaExample], mix:
         exact_match: 100.0 * predictions.iter().map(|p| p.exact_match).sum::<f64>() / n,
         f1: 100.0 * predictions.iter().map(|p| p.f1).sum::<f64>() / n,
         seconds: started.elapsed().as_secs_f64(),
+        prompt_tokens: reqs.iter().map(|r| r.prompt_ids.len() as u64).sum(),
+        cached_prompt_tokens: batcher.pool.counters.hit_tokens,
         predictions,
     })
 }
@@ -71,5 +85,5 @@ pub fn evaluate_params(model: &Llama, tok: &TextTokenizer, params: &LoraParams, 
     let mut inference = model.clone();
     inference.differentiable = false;
     let adapter = Arc::new(params.detached_adapter(&model.cfg, "in-training")?);
-    evaluate(&inference, tok, &examples, &AdapterMix::single(adapter, 1.0), 16)
+    evaluate(&inference, tok, &examples, &AdapterMix::single(adapter, 1.0), 16, true)
 }
