@@ -293,3 +293,41 @@ impl TryFrom<ServeOptions> for ServeConfig {
         Ok(cfg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        o: ServeOptions,
+    }
+
+    #[test]
+    fn sizes_parse_with_units_and_name_a_bad_value() {
+        assert_eq!("2GiB".parse::<ByteSize>(), Ok(ByteSize(2 << 30)));
+        assert_eq!("512 MiB".parse::<ByteSize>(), Ok(ByteSize(512 << 20)));
+        assert_eq!("1.5G".parse::<ByteSize>(), Ok(ByteSize(1_500_000_000)));
+        assert_eq!("1000000".parse::<ByteSize>(), Ok(ByteSize(1_000_000)));
+        assert!("2 parsecs".parse::<ByteSize>().unwrap_err().contains("parsecs"));
+        assert!("lots".parse::<ByteSize>().unwrap_err().contains("lots"));
+        let t: ServeOptions = toml::from_str("kv_cache_bytes = \"1GiB\"\nprefix_cache = false").unwrap();
+        assert_eq!((t.kv_cache_bytes, t.prefix_cache), (Some(ByteSize(1 << 30)), Some(false)));
+        let t: ServeOptions = toml::from_str("kv_cache_bytes = 4096").unwrap();
+        assert_eq!(t.kv_cache_bytes, Some(ByteSize(4096)));
+    }
+
+    #[test]
+    fn boolean_options_are_switches() {
+        let c = Cli::try_parse_from(["x", "--prefix-cache=false", "--gateway-metrics", "--kv-cache-bytes", "2GiB"]).unwrap();
+        assert_eq!((c.o.prefix_cache, c.o.gateway_metrics, c.o.kv_cache_bytes), (Some(false), Some(true), Some(ByteSize(2 << 30))));
+        let c = Cli::try_parse_from(["x", "--prefix-cache", "--metrics=false"]).unwrap();
+        assert_eq!((c.o.prefix_cache, c.o.metrics), (Some(true), Some(false)));
+        let e = Cli::try_parse_from(["x", "--kv-cache-bytes", "big"]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("big"), "{e}");
+        let cfg = ServeConfig::try_from(ServeOptions { step_latency_ratio: Some(0.5), ..Default::default() }).unwrap_err().to_string();
+        assert!(cfg.contains("step_latency_ratio"), "{cfg}");
+    }
+}

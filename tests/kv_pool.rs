@@ -191,4 +191,21 @@ async fn a_request_that_cannot_fit_the_pool_gets_422_and_serving_goes_on() {
     let (status, body) = call(&app, post("/v1/completions", json!({"model": "qa-r8", "prompt": "Hello there", "max_tokens": 20}))).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["usage"]["completion_tokens"], 20);
+    // The finished request's blocks are no longer used, only kept for reuse (the engine
+    // publishes its counts after the step that retired it: poll briefly).
+    let mut text = String::new();
+    for _ in 0..100 {
+        let resp = actix_web::test::call_service(&app, actix_web::test::TestRequest::get().uri("/metrics").to_request()).await;
+        text = String::from_utf8(actix_web::test::read_body(resp).await.to_vec()).unwrap();
+        if text.contains("loraplex_kv_cache_blocks{state=\"used\"} 0\n") {
+            break;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let series = |name: &str| text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(series("loraplex_kv_cache_blocks{state=\"total\"}"), Some(8.0), "{text}");
+    assert_eq!(series("loraplex_kv_cache_blocks{state=\"used\"}"), Some(0.0), "{text}");
+    assert!(series("loraplex_kv_cache_blocks{state=\"cached\"}").is_some_and(|c| c >= 1.0), "{text}");
+    assert_eq!(series("loraplex_kv_cache_capacity_tokens"), Some(128.0));
+    assert!(series("loraplex_prefix_cache_queries_total").is_some_and(|q| q >= 2.0), "{text}");
 }

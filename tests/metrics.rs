@@ -114,8 +114,13 @@ async fn gateway_series_follow_the_load_and_pass_promtool() {
     }
     let busy = scrape(&app).await;
     assert_eq!(value(&busy, "vllm:num_requests_running"), 1.0);
-    let usage = value(&busy, "vllm:gpu_cache_usage_perc");
-    assert!(usage > 0.0 && usage < 0.01, "a few tokens of 4 × 8192: {usage}");
+    let usage = value(&busy, "vllm:kv_cache_usage_perc");
+    assert!(usage > 0.0 && usage < 0.01, "one block of a pool for 4 × 8192 tokens: {usage}");
+    assert_eq!(value(&busy, "vllm:gpu_cache_usage_perc"), usage, "the former name carries the same value");
+    assert_eq!(usage, value(&busy, "loraplex_kv_cache_blocks{state=\"used\"}") / value(&busy, "loraplex_kv_cache_blocks{state=\"total\"}"));
+    assert!(value(&busy, "vllm:prefix_cache_queries_total") >= 1.0);
+    assert_eq!(value(&busy, "vllm:prefix_cache_hits_total"), 0.0);
+    assert_eq!(value(&busy, "vllm:num_preemptions_total"), 0.0);
     let info = busy.lines().find(|l| l.starts_with("vllm:lora_requests_info{")).unwrap();
     assert!(info.contains("max_lora=\"8\"") && info.contains("running_lora_adapters=\"qa-r8\"") && info.contains("waiting_lora_adapters=\"\""), "{info}");
     drop(body);

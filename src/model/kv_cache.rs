@@ -99,6 +99,10 @@ enum Storage {
     Device(Vec<KvCache>),
 }
 
+/// One layer of a host cache as the attention kernel reads it: key tiles and value rows, one
+/// per block, and the tokens written.
+pub type HostView<'a> = (Vec<&'a [f32]>, Vec<&'a [f32]>, usize);
+
 /// The KV cache of one sequence across all layers.
 #[derive(Debug, Clone)]
 pub struct SeqCache {
@@ -227,7 +231,7 @@ impl SeqCache {
 
     /// `layer`'s key tiles and value rows, one per block, and the tokens written, if the cache
     /// is a host one.
-    pub fn host_view(&self, layer: usize) -> Option<(Vec<&[f32]>, Vec<&[f32]>, usize)> {
+    pub fn host_view(&self, layer: usize) -> Option<HostView<'_>> {
         let Storage::Host { lens, .. } = &self.storage else { return None };
         let len = *lens.get(layer)?;
         let used = &self.blocks[..blocks_for(len)];

@@ -369,8 +369,9 @@ impl Llama {
                     owned.push(blocks);
                     row0 += t;
                 }
-                let views: Vec<(Vec<&[f32]>, Vec<&[f32]>)> = owned.iter().map(|bs| (bs.iter().map(|b| b.key_tile(0)).collect(), bs.iter().map(|b| b.value_rows(0)).collect())).collect();
-                let seqs = kv_seqs(views.iter().zip(&input.seq_lens).map(|((k, v), &t)| (k.as_slice(), v.as_slice(), t)), &input.seq_lens);
+                let views: Vec<super::kv_cache::HostView<'_>> =
+                    owned.iter().zip(&input.seq_lens).map(|(bs, &t)| (bs.iter().map(|b| b.key_tile(0)).collect(), bs.iter().map(|b| b.value_rows(0)).collect(), t)).collect();
+                let seqs = kv_seqs(views.iter().map(|(k, v, len)| (k.as_slice(), v.as_slice(), *len)), &input.seq_lens);
                 fused::attention(&self.kernels.pool, dims, &qv, &seqs, &mut out);
             }
         }

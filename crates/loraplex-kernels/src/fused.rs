@@ -495,10 +495,10 @@ impl<'a> AttnBlock<'a> {
 /// `p[qi, u] = q[qi] · k[u]` for keys `u ≤ pos[qi]` (others −∞), one key tile at a time.
 #[allow(clippy::too_many_arguments)] // one kernel's operands; private
 fn block_scores(q: &[f32], hd: usize, k: &[&[f32]], koff: usize, keys: usize, keys_padded: usize, pos: &[usize], slopes: &[f32], p: &mut [f32]) {
-    for t in 0..keys.div_ceil(KT) {
+    for (t, tile) in k.iter().enumerate().take(keys.div_ceil(KT)) {
         // The tile goes in as a parameter: a slice loaded from the block table carries no
         // aliasing facts, and without them the compiler keeps the accumulators in memory.
-        tile_scores(q, hd, &k[t][koff..koff + hd * KT], t, keys_padded, pos, slopes, p);
+        tile_scores(q, hd, &tile[koff..koff + hd * KT], t, keys_padded, pos, slopes, p);
     }
 }
 
