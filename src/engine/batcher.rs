@@ -156,10 +156,12 @@ impl<'m> Batcher<'m> {
         while self.running.len() < self.max_batch {
             let Some(front) = self.waiting.front() else { break };
             let all = front.pending.len();
-            if blocks_for(front.max_len()) > self.pool.capacity() {
-                // Refused up front by the engine; a direct caller gets the error here.
+            let blocks = blocks_for(front.max_len());
+            if blocks > self.pool.capacity() {
+                // Refused up front by the engine; a direct caller gets the same error here.
                 let Some(mut s) = self.waiting.pop_front() else { break };
-                s.fail(format!("the request needs {} KV blocks of {BLOCK_TOKENS} tokens; the pool holds {}", blocks_for(s.max_len()), self.pool.capacity()));
+                let e = super::EngineError::TooLarge { prompt: s.req.prompt_ids.len(), max_tokens: s.req.max_tokens, blocks, capacity: self.pool.capacity() };
+                s.fail(e.to_string());
                 self.retire(s);
                 continue;
             }
@@ -168,6 +170,12 @@ impl<'m> Batcher<'m> {
             let todo = all - hits.len() * BLOCK_TOKENS;
             let need = blocks_for(all) - hits.len();
             if (report.admitted > 0 && tokens + todo > self.prefill_chunk) || need > self.pool.available() {
+                break;
+            }
+            // `need` fits `available()`, so every allocation succeeds; should one not, the
+            // sequence stays queued rather than run with a short block table.
+            let fresh: Vec<_> = std::iter::from_fn(|| self.pool.allocate()).take(need).collect();
+            if fresh.len() < need {
                 break;
             }
             let Some(mut s) = self.waiting.pop_front() else { break };
@@ -181,12 +189,7 @@ impl<'m> Batcher<'m> {
                 self.retire(s);
                 continue;
             }
-            for _ in 0..need {
-                match self.pool.allocate() {
-                    Some(b) => s.cache.push_block(b),
-                    None => break,
-                }
-            }
+            fresh.into_iter().for_each(|b| s.cache.push_block(b));
             s.pending.drain(..hit_tokens);
             s.chain = chain;
             tokens += todo;

@@ -9,7 +9,7 @@
 //! no sequence holds them.
 
 use crate::adapters::{AdapterMix, LoraAdapter};
-use crate::model::kv_cache::{blocks_for, KvBlock, Lease, SeqCache, BLOCK_TOKENS};
+use crate::model::kv_cache::{KvBlock, Lease, SeqCache, BLOCK_TOKENS};
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -125,9 +125,15 @@ impl KvPool {
         self.cache.as_ref().map_or(0, |c| c.values().filter(|e| Arc::strong_count(&e.block) == 1).count())
     }
 
-    /// Blocks in use by sequences (idle cached ones count as free, as vLLM counts them).
+    /// Blocks in use by sequences (idle cached ones count as free, as vLLM counts them), and
+    /// the idle cached ones: one pass over the cache.
+    pub fn used_and_idle(&self) -> (usize, usize) {
+        let idle = self.idle_cached();
+        (self.live() - idle, idle)
+    }
+
     pub fn used(&self) -> usize {
-        self.live() - self.idle_cached()
+        self.used_and_idle().0
     }
 
     /// Blocks an allocation could get now, evicting idle cached ones.
@@ -196,16 +202,6 @@ impl KvPool {
             e.last_used = self.tick;
             chain.hashes.push(h);
         }
-    }
-
-    /// Blocks for `tokens` tokens (admission and the up-front size check).
-    pub fn blocks_for(tokens: usize) -> usize {
-        blocks_for(tokens)
-    }
-
-    /// Bytes of one block of this pool's shape.
-    pub fn block_bytes(&self) -> usize {
-        KvBlock::bytes(self.layers, self.width)
     }
 
     /// Drops every idle cached block (tests: the pool must then be empty).

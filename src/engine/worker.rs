@@ -177,8 +177,9 @@ fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, kv: KvInfo, rx:
         stats.waiting.fetch_sub(report.admitted + report.cancelled_waiting, Ordering::SeqCst);
         stats.steps.fetch_add(1, Ordering::Relaxed);
         stats.kv_tokens.store(batcher.kv_tokens(), Ordering::Relaxed);
-        stats.kv_blocks_used.store(batcher.pool.used(), Ordering::Relaxed);
-        stats.kv_blocks_cached.store(batcher.pool.idle_cached(), Ordering::Relaxed);
+        let (used, idle) = batcher.pool.used_and_idle();
+        stats.kv_blocks_used.store(used, Ordering::Relaxed);
+        stats.kv_blocks_cached.store(idle, Ordering::Relaxed);
         if metrics.is_some() {
             *stats.adapters_running.lock().unwrap_or_else(|p| p.into_inner()) = adapter_names(batcher.running.iter().map(|s| &s.req));
             *stats.adapters_waiting.lock().unwrap_or_else(|p| p.into_inner()) = adapter_names(batcher.waiting.iter().map(|s| &s.req));

@@ -149,11 +149,6 @@ impl SeqCache {
         &self.blocks
     }
 
-    /// Tokens the block table has room for.
-    pub fn reserved_tokens(&self) -> usize {
-        self.blocks.len() * BLOCK_TOKENS
-    }
-
     /// Adds a reserved block at the end of the table.
     pub fn push_block(&mut self, block: Arc<KvBlock>) {
         self.blocks.push(block);
