@@ -308,6 +308,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         stop: args.stop.clone(),
         logprobs: Some(args.logprobs),
         stop_at_eos: !args.ignore_eos,
+        model: None,
         span: tracing::Span::none(),
     };
     let path = if args.reference_lora { LoraPath::PerRow } else { LoraPath::Batched };

@@ -71,6 +71,11 @@ pub struct ServeOptions {
     /// Adapters in one request's mix at most. [default: 8]
     #[arg(long, env = "LORAPLEX_MAX_ADAPTERS_PER_REQUEST")]
     pub max_adapters_per_request: Option<usize>,
+    /// A named mix, addressable as `model`: `name=adapter:scale,adapter:scale` (repeat the flag
+    /// for more; `;` separates them in the variable; a TOML list). Mixes can also be defined in
+    /// `mixes.toml` in the adapters folder, which is reread while serving.
+    #[arg(long = "mix", env = "LORAPLEX_MIX", value_delimiter = ';')]
+    pub mix: Option<Vec<String>>,
     /// Bytes of adapter weights kept loaded at most (LRU eviction). [default: 1073741824]
     #[arg(long, env = "LORAPLEX_ADAPTER_BUDGET_BYTES")]
     pub adapter_budget_bytes: Option<usize>,
@@ -111,7 +116,7 @@ impl ServeOptions {
     pub fn over(self, lower: ServeOptions) -> ServeOptions {
         merge_fields!(self, lower, model, adapters, host, port, device, dtype, api_key, admin_key,
             max_batch_size, max_waiting, max_prefill_tokens, kv_cache_bytes, prefix_cache, step_latency_ratio, max_prompt_tokens, max_total_tokens,
-            default_max_tokens, max_adapters_per_request, adapter_budget_bytes, max_body_bytes, max_n,
+            default_max_tokens, max_adapters_per_request, mix, adapter_budget_bytes, max_body_bytes, max_n,
             rescan_interval_ms, drain_timeout_secs, log_format, gateway_metrics, metrics, metrics_adapter_cap)
     }
 
@@ -213,6 +218,8 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     pub limits: Limits,
     pub adapter_budget_bytes: usize,
+    /// Named mixes from the `mix` option.
+    pub mixes: Vec<(String, Vec<crate::adapters::mixes::MixMember>)>,
     pub rescan_interval: Duration,
     pub drain_timeout: Duration,
     pub log_json: bool,
@@ -254,6 +261,7 @@ impl TryFrom<ServeOptions> for ServeConfig {
                 ..limits_default
             },
             adapter_budget_bytes: o.adapter_budget_bytes.unwrap_or(1 << 30),
+            mixes: parse_mixes(o.mix.as_deref().unwrap_or_default())?,
             rescan_interval: Duration::from_millis(o.rescan_interval_ms.unwrap_or(2000)),
             drain_timeout: Duration::from_secs(o.drain_timeout_secs.unwrap_or(30)),
             log_json: match o.log_format.as_deref() {
@@ -292,6 +300,18 @@ impl TryFrom<ServeOptions> for ServeConfig {
         }
         Ok(cfg)
     }
+}
+
+fn parse_mixes(specs: &[String]) -> anyhow::Result<Vec<(String, Vec<crate::adapters::mixes::MixMember>)>> {
+    let mut out: Vec<(String, Vec<crate::adapters::mixes::MixMember>)> = Vec::new();
+    for spec in specs.iter().filter(|s| !s.trim().is_empty()) {
+        let (name, members) = crate::adapters::mixes::parse_named(spec).context("`mix`")?;
+        if out.iter().any(|(n, _)| *n == name) {
+            bail!("`mix`: mix `{name}` is defined twice");
+        }
+        out.push((name, members));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

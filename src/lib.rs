@@ -10,7 +10,8 @@
 //!   channels.
 //! - [`adapters`]: PEFT adapter folders → immutable, validated [`adapters::LoraAdapter`]s, the
 //!   hot-loading registry (watcher, LRU budget, versions), per-request
-//!   [`adapters::AdapterMix`]es, writing PEFT folders, export to llama.cpp's GGUF LoRA.
+//!   [`adapters::AdapterMix`]es, named mixes served as models (`adapters::mixes`), writing
+//!   PEFT folders, export to llama.cpp's GGUF LoRA.
 //! - [`model`]: the base model (GGUF or Hugging Face folder; Llama, Mistral, Qwen2, Qwen3,
 //!   Phi-3, Gemma 3, BLOOM) —
 //!   the architecture description (`config`: rope and its scaling, biases, q/k norms as data),

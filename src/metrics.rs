@@ -96,9 +96,14 @@ pub struct Snapshot {
     pub adapters_failed: usize,
     pub resident_bytes: usize,
     pub budget_bytes: usize,
+    /// Adapters that can be resident at once (the protocol's `max_lora`).
     pub max_lora: usize,
+    /// Resident adapters and mixes, ready to serve with no load (`running_lora_adapters`: the
+    /// endpoint picker's LoRA affinity prefers endpoints that list the request's model).
     pub running_adapters: Vec<String>,
+    /// Models (adapters and mixes) of queued requests (`waiting_lora_adapters`).
     pub waiting_adapters: Vec<String>,
+    pub prefix_cache: bool,
 }
 
 pub struct Metrics {
@@ -154,6 +159,7 @@ struct Gateway {
     prefix_hits: IntCounter,
     preemptions: IntCounter,
     lora_info: GaugeVec,
+    cache_config: GaugeVec,
 }
 
 fn hist(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<Histogram> {
@@ -209,6 +215,10 @@ impl Metrics {
                         Opts::new("vllm:lora_requests_info", "Last update time; labels list running and waiting adapters."),
                         &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
                     )?,
+                    cache_config: GaugeVec::new(
+                        Opts::new("vllm:cache_config_info", "KV cache configuration in labels (value 1)."),
+                        &["block_size", "num_gpu_blocks", "enable_prefix_caching", "kv_cache_memory_bytes"],
+                    )?,
                 })
             } else {
                 None
@@ -244,6 +254,7 @@ impl Metrics {
                 m.registry.register(Box::new(c.clone()))?;
             }
             m.registry.register(Box::new(g.lora_info.clone()))?;
+            m.registry.register(Box::new(g.cache_config.clone()))?;
         }
         #[cfg(target_os = "linux")]
         m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
@@ -366,6 +377,11 @@ impl Metrics {
             g.lora_info
                 .with_label_values(&[&s.max_lora.to_string(), &s.running_adapters.join(","), &s.waiting_adapters.join(",")])
                 .set(now);
+            g.cache_config.reset();
+            if s.kv_blocks_total > 0 {
+                let labels = [crate::model::kv_cache::BLOCK_TOKENS.to_string(), s.kv_blocks_total.to_string(), s.prefix_cache.to_string(), s.kv_cache_bytes.to_string()];
+                g.cache_config.with_label_values(&labels.each_ref().map(String::as_str)).set(1.0);
+            }
         }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

@@ -22,7 +22,8 @@ pub fn load_backend(cfg: &ServeConfig, metrics: Option<Arc<crate::metrics::Metri
     let model_cfg = loaded.model.cfg.clone();
     tracing::info!(model = %loaded.id, %format, secs = started.elapsed().as_secs_f32(), "model loaded");
     let mut registry = Registry::new(&cfg.adapters, model_cfg.clone(), device, cfg.adapter_budget_bytes)
-        .with_context(|| format!("opening adapters folder `{}`", cfg.adapters.display()))?;
+        .with_context(|| format!("opening adapters folder `{}`", cfg.adapters.display()))?
+        .with_mixes(&cfg.mixes);
     if let Some(m) = &metrics {
         registry = registry.with_metrics(m.clone());
     }

@@ -99,31 +99,56 @@ async fn counters_and_histograms_match_known_traffic() {
 async fn gateway_series_follow_the_load_and_pass_promtool() {
     let c = ctx_with(|o| {
         o.gateway_metrics = Some(true);
-        o.max_batch_size = Some(4);
+        o.max_batch_size = Some(2);
     });
     let app = app(&c).await;
+    let registry = &c.state.backend().unwrap().registry;
     let idle = scrape(&app).await;
     assert_eq!(value(&idle, "vllm:num_requests_running"), 0.0);
     assert_eq!(value(&idle, "vllm:num_requests_waiting"), 0.0);
-    let stream = test::TestRequest::post().uri("/v1/completions").set_json(json!({"model": "qa-r8", "prompt": "Once", "max_tokens": 200, "stream": true, "ignore_eos": true}));
-    let resp = test::call_service(&app, stream.to_request()).await;
-    let mut body = resp.into_body();
-    // Two chunks: the engine has published its state after at least one full step.
-    for _ in 0..2 {
-        futures_util::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_next(cx)).await;
+    let info = |text: &str| text.lines().find(|l| l.starts_with("vllm:lora_requests_info{")).unwrap().to_string();
+    assert!(info(&idle).contains("running_lora_adapters=\"\""), "nothing resident yet: {}", info(&idle));
+    // Two streams fill the batch (max 2); a third, on another adapter, waits.
+    let stream = |model: &str| test::TestRequest::post().uri("/v1/completions").set_json(json!({"model": model, "prompt": "Once", "max_tokens": 200, "stream": true, "ignore_eos": true}));
+    let mut bodies = Vec::new();
+    for model in ["qa-r8", "qa-r8", "rslora-r4"] {
+        let resp = test::call_service(&app, stream(model).to_request()).await;
+        assert!(resp.status().is_success());
+        bodies.push(resp.into_body());
     }
-    let busy = scrape(&app).await;
-    assert_eq!(value(&busy, "vllm:num_requests_running"), 1.0);
+    // Read the first stream until the engine has published a step with both running (the
+    // second joins at a later step than the first).
+    let mut busy = String::new();
+    for _ in 0..50 {
+        futures_util::future::poll_fn(|cx| std::pin::Pin::new(&mut bodies[0]).poll_next(cx)).await;
+        busy = scrape(&app).await;
+        if value(&busy, "vllm:num_requests_running") == 2.0 {
+            break;
+        }
+    }
+    assert_eq!(value(&busy, "vllm:num_requests_running"), 2.0);
+    assert_eq!(value(&busy, "vllm:num_requests_waiting"), 1.0);
+    assert_eq!(value(&busy, "vllm:num_requests_running"), value(&busy, "loraplex_sequences_running"));
     let usage = value(&busy, "vllm:kv_cache_usage_perc");
-    assert!(usage > 0.0 && usage < 0.01, "one block of a pool for 4 × 8192 tokens: {usage}");
+    assert!(usage > 0.0 && usage < 0.01, "two blocks of a pool for 2 × 8192 tokens: {usage}");
     assert_eq!(value(&busy, "vllm:gpu_cache_usage_perc"), usage, "the former name carries the same value");
     assert_eq!(usage, value(&busy, "loraplex_kv_cache_blocks{state=\"used\"}") / value(&busy, "loraplex_kv_cache_blocks{state=\"total\"}"));
     assert!(value(&busy, "vllm:prefix_cache_queries_total") >= 1.0);
-    assert_eq!(value(&busy, "vllm:prefix_cache_hits_total"), 0.0);
     assert_eq!(value(&busy, "vllm:num_preemptions_total"), 0.0);
-    let info = busy.lines().find(|l| l.starts_with("vllm:lora_requests_info{")).unwrap();
-    assert!(info.contains("max_lora=\"8\"") && info.contains("running_lora_adapters=\"qa-r8\"") && info.contains("waiting_lora_adapters=\"\""), "{info}");
-    drop(body);
+    // Resident adapters (both were loaded on admission), the queued request's model, and how
+    // many adapters fit the budget at the largest one's size.
+    let largest = ["qa-r8", "rslora-r4", "all-r16"].iter().filter_map(|n| registry.info(n).and_then(|i| i.size_bytes)).max().unwrap();
+    let max_lora = registry.budget_bytes() / largest;
+    let busy_info = info(&busy);
+    assert!(busy_info.contains(&format!("max_lora=\"{max_lora}\"")), "{busy_info}");
+    assert!(busy_info.contains("running_lora_adapters=\"qa-r8,rslora-r4\"") && busy_info.contains("waiting_lora_adapters=\"rslora-r4\""), "{busy_info}");
+    let stamp: f64 = busy_info.rsplit(' ').next().unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!((now - stamp).abs() < 60.0, "the value is the update time: {stamp} vs {now}");
+    let blocks = value(&busy, "loraplex_kv_cache_blocks{state=\"total\"}");
+    let cache = busy.lines().find(|l| l.starts_with("vllm:cache_config_info{")).unwrap();
+    assert!(cache.contains("block_size=\"16\"") && cache.contains(&format!("num_gpu_blocks=\"{blocks}\"")), "{cache}");
+    drop(bodies);
     // The protocol fixes vLLM's names; promtool's only complaint may be their `:` (a naming
     // lint meant for recording rules).
     let problems = promtool(c.dir.path(), &busy);

@@ -8,6 +8,7 @@ pub mod config;
 pub mod gguf_lora;
 pub mod header;
 pub mod loader;
+pub mod mixes;
 pub mod registry;
 pub mod watcher;
 pub mod synth;

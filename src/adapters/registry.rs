@@ -151,6 +151,8 @@ pub struct Registry {
     rescan_lock: Mutex<()>,
     pub stats: RegistryStats,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Named mixes over these adapters (`mixes.toml` in the root is reread by [`Registry::rescan`]).
+    mixes: super::mixes::MixTable,
 }
 
 /// A plain folder name: no separators, no `..`, no NUL, not hidden.
@@ -171,6 +173,7 @@ impl Registry {
     pub fn new(root: &Path, cfg: LlamaConfig, device: Device, budget_bytes: usize) -> std::io::Result<Self> {
         std::fs::create_dir_all(root)?;
         let root = root.canonicalize()?;
+        let mixes = super::mixes::MixTable::new(&root, &[]);
         let reg = Self {
             root,
             entries: DashMap::new(),
@@ -182,9 +185,46 @@ impl Registry {
             rescan_lock: Mutex::new(()),
             stats: RegistryStats::default(),
             metrics: None,
+            mixes,
         };
         reg.rescan();
         Ok(reg)
+    }
+
+    /// Adds the configured mixes (`name → members`), fixed for the registry's life.
+    pub fn with_mixes(mut self, configured: &[(String, Vec<super::mixes::MixMember>)]) -> Self {
+        self.mixes = super::mixes::MixTable::new(&self.root, configured);
+        self.rescan();
+        self
+    }
+
+    pub fn mixes(&self) -> &super::mixes::MixTable {
+        &self.mixes
+    }
+
+    /// Names a router may find resident here: every loaded adapter, and every valid mix
+    /// whose adapters are all loaded. Sorted.
+    pub fn resident_models(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.entries.iter().filter(|e| e.loaded.is_some()).map(|e| e.key().clone()).collect();
+        let loaded = |n: &str| self.entries.get(n).is_some_and(|e| e.loaded.is_some());
+        for m in self.mixes.list() {
+            if m.error.is_none() && !m.adapters.is_empty() && m.adapters.iter().all(|a| loaded(&a.name)) {
+                names.push(m.name);
+            }
+        }
+        names.sort();
+        names
+    }
+
+    /// How many adapters fit the budget together at the size of the largest one seen (at least
+    /// 1): what the gateway protocol's `max_lora` means here, since the budget is in bytes.
+    pub fn max_resident(&self) -> usize {
+        let largest = self.entries.iter().filter_map(|e| e.size_bytes).max().unwrap_or(0);
+        if largest == 0 {
+            self.entries.len().max(1)
+        } else {
+            (self.budget_bytes / largest).max(1)
+        }
     }
 
     /// Reports lifecycle events (loads, evictions, reloads) to `metrics` too.
@@ -251,6 +291,7 @@ impl Registry {
                 changed.push(name);
             }
         }
+        changed.extend(self.mixes.rescan(&|n: &str| self.entries.contains_key(n)));
         changed
     }
 

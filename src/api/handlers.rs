@@ -86,7 +86,7 @@ fn submit_all(b: &Backend, d: &Draft, mix: &AdapterMix, mv: &ModelView<'_>) -> R
 }
 
 fn view<'a>(b: &'a Backend, state: &'a AppState) -> ModelView<'a> {
-    ModelView { id: &b.model_id, context_len: b.context_len, tokenizer: &b.tokenizer, limits: &state.limits }
+    ModelView { id: &b.model_id, context_len: b.context_len, tokenizer: &b.tokenizer, limits: &state.limits, mixes: Some(b.registry.mixes()) }
 }
 
 /// Resolves the mix, submits every sequence, and describes the response to come.
@@ -215,8 +215,9 @@ pub async fn metrics(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiE
             adapters_failed: failed,
             resident_bytes: b.registry.resident_bytes(),
             budget_bytes: b.registry.budget_bytes(),
-            max_lora: state.limits.max_adapters_per_request,
-            running_adapters: st.adapters_running.lock().map(|v| v.clone()).unwrap_or_default(),
+            max_lora: b.registry.max_resident(),
+            running_adapters: b.registry.resident_models(),
+            prefix_cache: kv.prefix_cache,
             waiting_adapters: st.adapters_waiting.lock().map(|v| v.clone()).unwrap_or_default(),
         };
     }
@@ -244,6 +245,13 @@ pub async fn models(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiEr
         data.push(serde_json::json!({
             "id": a.name, "object": "model", "created": 0, "owned_by": "loraplex", "parent": b.model_id,
             "loraplex": a,
+        }));
+    }
+    for m in b.registry.mixes().list() {
+        let state = if m.error.is_some() { "failed" } else { "available" };
+        data.push(serde_json::json!({
+            "id": m.name, "object": "model", "created": 0, "owned_by": "loraplex", "parent": b.model_id,
+            "loraplex": {"kind": "mix", "state": state, "version": m.version, "source": m.source, "adapters": m.adapters, "error": m.error},
         }));
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})))

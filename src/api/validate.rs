@@ -37,6 +37,8 @@ pub struct ModelView<'a> {
     pub context_len: usize,
     pub tokenizer: &'a crate::model::tokenizer::TextTokenizer,
     pub limits: &'a Limits,
+    /// Named mixes a `model` may name (none in tools that have no registry).
+    pub mixes: Option<&'a crate::adapters::mixes::MixTable>,
 }
 
 fn check_extra(extra: &Map<String, Value>) -> Result<(), ApiError> {
@@ -61,11 +63,25 @@ fn in_range(param: &str, v: Option<f64>, lo: f64, hi: f64, default: f64) -> Resu
     }
 }
 
-fn adapter_refs(common: &CommonParams, model_id: &str, limits: &Limits) -> Result<Vec<(String, f64)>, ApiError> {
+fn adapter_refs(common: &CommonParams, mv: &ModelView<'_>) -> Result<Vec<(String, f64)>, ApiError> {
+    let limits = mv.limits;
     let mut out: Vec<(String, f64)> = Vec::new();
-    if let Some(m) = common.model.as_deref().filter(|m| *m != model_id) {
+    if let Some(m) = common.model.as_deref().filter(|m| *m != mv.id) {
         crate::adapters::registry::validate_name(m).map_err(|e| ApiError::not_found(format!("model `{}` does not exist: {e}", m.escape_debug())).with_param("model").with_code("model_not_found"))?;
-        out.push((m.to_string(), 1.0));
+        match mv.mixes.and_then(|t| t.get(m)) {
+            Some(mix) => {
+                if let Some(e) = mix.error {
+                    return Err(ApiError::invalid_value("model", format!("mix `{m}` is unavailable: {e}")).with_code("mix_unavailable"));
+                }
+                for member in mix.adapters {
+                    if member.scale.abs() > limits.max_abs_scale {
+                        return Err(ApiError::invalid_value("model", format!("mix `{m}` gives `{}` scale {}, beyond ±{}", member.name, member.scale, limits.max_abs_scale)).with_code("mix_unavailable"));
+                    }
+                    out.push((member.name, member.scale));
+                }
+            }
+            None => out.push((m.to_string(), 1.0)),
+        }
     }
     for (i, AdapterRef { name, scale }) in common.adapters.iter().flatten().enumerate() {
         let param = format!("adapters[{i}]");
@@ -132,7 +148,7 @@ fn common_draft(c: &CommonParams, mv: &ModelView<'_>, max_tokens: Option<i64>) -
         n,
         stream,
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
-        adapters: adapter_refs(c, mv.id, l)?,
+        adapters: adapter_refs(c, mv)?,
         template: Request {
             prompt_ids: vec![],
             mix: Default::default(),
@@ -142,6 +158,7 @@ fn common_draft(c: &CommonParams, mv: &ModelView<'_>, max_tokens: Option<i64>) -
             stop,
             logprobs: None,
             stop_at_eos: !c.ignore_eos.unwrap_or(false),
+            model: c.model.as_deref().filter(|m| *m != mv.id).map(std::sync::Arc::from),
             span: tracing::Span::current(),
         },
         max_tokens,

@@ -29,6 +29,9 @@ pub struct Request {
     /// Top alternatives to report per token; `None` = no log-probabilities.
     pub logprobs: Option<usize>,
     pub stop_at_eos: bool,
+    /// The adapter or named mix the client gave as `model` (routers see this name; the
+    /// gateway metrics list it while the request waits).
+    pub model: Option<std::sync::Arc<str>>,
     /// The request's tracing span; the engine steps that serve it link to it (`follows_from`).
     pub span: tracing::Span,
 }
@@ -45,6 +48,7 @@ impl Request {
             stop: Vec::new(),
             logprobs: None,
             stop_at_eos: true,
+            model: None,
             span: tracing::Span::none(),
         }
     }

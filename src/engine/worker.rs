@@ -24,13 +24,13 @@ pub struct EngineStats {
     pub kv_blocks_cached: AtomicUsize,
     pub steps: AtomicU64,
     pub draining: AtomicBool,
-    /// Adapter names in the running batch and in the queue (for the gateway's LoRA gauge).
-    pub adapters_running: std::sync::Mutex<Vec<String>>,
+    /// The models (adapter or mix names, and the adapters in them) of queued requests, for the
+    /// gateway's LoRA gauge.
     pub adapters_waiting: std::sync::Mutex<Vec<String>>,
 }
 
 fn adapter_names<'a>(reqs: impl Iterator<Item = &'a Request>) -> Vec<String> {
-    let mut names: Vec<String> = reqs.flat_map(|r| r.mix.entries.iter().map(|e| e.adapter.name.clone())).collect();
+    let mut names: Vec<String> = reqs.flat_map(|r| r.model.iter().map(|m| m.to_string()).chain(r.mix.entries.iter().map(|e| e.adapter.name.clone()))).collect();
     names.sort();
     names.dedup();
     names
@@ -181,7 +181,6 @@ fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, kv: KvInfo, rx:
         stats.kv_blocks_used.store(used, Ordering::Relaxed);
         stats.kv_blocks_cached.store(idle, Ordering::Relaxed);
         if metrics.is_some() {
-            *stats.adapters_running.lock().unwrap_or_else(|p| p.into_inner()) = adapter_names(batcher.running.iter().map(|s| &s.req));
             *stats.adapters_waiting.lock().unwrap_or_else(|p| p.into_inner()) = adapter_names(batcher.waiting.iter().map(|s| &s.req));
         }
         tracing::trace!(?report, "engine step");
