@@ -6,5 +6,9 @@ cd "$(dirname "$0")/.."
 scripts/fetch-model.sh
 scripts/fetch-gemma.sh
 cargo nextest run --no-fail-fast "$@"
+# The one-host fleet behind HAProxy (3 replicas, 30 adapters: affinity, drain, crash); it
+# drives the release binary.
+[ -x "${LORAPLEX_BIN:-target/release/loraplex}" ] || cargo build --release --quiet
+python3 scripts/fleet-check.py
 # Benches are not run here (they are measurements), but they must keep compiling.
 cargo test --benches --no-run --quiet
