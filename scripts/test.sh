@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/fetch-model.sh
 scripts/fetch-gemma.sh
 cargo nextest run --no-fail-fast "$@"
+# The Kubernetes manifests, against the published schemas (no cluster here).
+scripts/check-k8s.sh
 # The one-host fleet behind HAProxy (3 replicas, 30 adapters: affinity, drain, crash); it
 # drives the release binary.
 [ -x "${LORAPLEX_BIN:-target/release/loraplex}" ] || cargo build --release --quiet
