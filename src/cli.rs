@@ -33,6 +33,19 @@ pub enum Command {
     Eval(EvalArgs),
     /// Convert PEFT adapter folders to llama.cpp's GGUF LoRA files (for serving them there too).
     ExportLora(ExportLoraArgs),
+    /// Write the model's tokenizer as a Hugging Face folder (tokenizer.json and
+    /// tokenizer_config.json), for tools that count tokens offline (aiperf's `--tokenizer`).
+    ExportTokenizer(ExportTokenizerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportTokenizerArgs {
+    /// A `.gguf` file or a Hugging Face folder.
+    #[arg(long, env = "LORAPLEX_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Folder to write (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -178,7 +191,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => run_train(args),
         Command::Eval(args) => run_eval(args),
         Command::ExportLora(args) => run_export_lora(args),
+        Command::ExportTokenizer(args) => run_export_tokenizer(args),
     }
+}
+
+fn run_export_tokenizer(args: ExportTokenizerArgs) -> anyhow::Result<()> {
+    use crate::model::tokenizer::TextTokenizer;
+    let path = std::path::Path::new(&args.model);
+    let tok = if path.is_dir() {
+        TextTokenizer::from_dir(path)?
+    } else {
+        let mut f = std::fs::File::open(path).with_context(|| format!("opening `{}`", path.display()))?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f).with_context(|| format!("reading `{}` as GGUF", path.display()))?;
+        TextTokenizer::from_gguf(&content)?
+    };
+    tok.save_dir(&args.out)?;
+    println!("{}", args.out.display());
+    Ok(())
 }
 
 fn run_export_lora(args: ExportLoraArgs) -> anyhow::Result<()> {

@@ -73,3 +73,21 @@ fn a_broken_adapter_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("adapter_config.json"));
 }
+
+#[test]
+fn export_tokenizer_writes_a_folder_that_encodes_the_same() {
+    use loraplex::model::tokenizer::TextTokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_loraplex"))
+        .args(["export-tokenizer", "--model", common::real_model_path().to_str().unwrap(), "--out", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut f = std::fs::File::open(common::real_model_path()).unwrap();
+    let gguf = TextTokenizer::from_gguf(&candle_core::quantized::gguf_file::Content::read(&mut f).unwrap()).unwrap();
+    let hf = TextTokenizer::from_dir(dir.path()).unwrap();
+    let text = "Hello, world! <|im_start|>user\nCafé 123  spaces\t\ttabs";
+    assert_eq!(hf.encode(text).unwrap(), gguf.encode(text).unwrap());
+    assert_eq!((hf.bos_id, hf.add_bos, &hf.eos_ids, &hf.chat_template), (gguf.bos_id, gguf.add_bos, &gguf.eos_ids, &gguf.chat_template));
+    assert!(hf.eos_ids.first().is_some(), "the EOS survives the round trip");
+}

@@ -307,13 +307,5 @@ pub fn write_hf_from_gguf(gguf: &Path, out: &Path) -> Result<()> {
     }
     let write = |name: &str, text: String| std::fs::write(out.join(name), text).map_err(|source| ModelError::Io { path: out.join(name).display().to_string(), source });
     write("config.json", serde_json::to_string_pretty(&config).map_err(|e| invalid(out, e.to_string()))?)?;
-    tokenizer.inner.save(out.join("tokenizer.json"), false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-    let tcfg = serde_json::json!({
-        "add_bos_token": tokenizer.add_bos,
-        "bos_token": tokenizer.bos_id.and_then(|i| tokenizer.inner.id_to_token(i)),
-        "eos_token": tokenizer.eos_ids.first().and_then(|&i| tokenizer.inner.id_to_token(i)),
-        "chat_template": tokenizer.chat_template,
-    });
-    write("tokenizer_config.json", serde_json::to_string_pretty(&tcfg).map_err(|e| invalid(out, e.to_string()))?)?;
-    Ok(())
+    tokenizer.save_dir(out)
 }

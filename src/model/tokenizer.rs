@@ -165,6 +165,22 @@ impl TextTokenizer {
         })
     }
 
+    /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir` (created if missing), the
+    /// Hugging Face form [`TextTokenizer::from_dir`] reads back: for tools that need the
+    /// tokenizer of a GGUF model offline (load generators counting tokens, for one).
+    pub fn save_dir(&self, dir: &Path) -> Result<()> {
+        let io = |e: std::io::Error| ModelError::Tokenizer(format!("writing to `{}`: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        self.inner.save(dir.join("tokenizer.json"), false).map_err(tok_err)?;
+        let cfg = serde_json::json!({
+            "add_bos_token": self.add_bos,
+            "bos_token": self.bos_id.and_then(|i| self.inner.id_to_token(i)),
+            "eos_token": self.eos_ids.first().and_then(|&i| self.inner.id_to_token(i)),
+            "chat_template": self.chat_template,
+        });
+        std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg).map_err(tok_err)?).map_err(io)
+    }
+
     /// Token ids of raw text: special tokens written in the text are recognised; a BOS is
     /// prepended only when the model's tokenizer config asks for one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
