@@ -350,4 +350,21 @@ mod tests {
         let cfg = ServeConfig::try_from(ServeOptions { step_latency_ratio: Some(0.5), ..Default::default() }).unwrap_err().to_string();
         assert!(cfg.contains("step_latency_ratio"), "{cfg}");
     }
+
+    #[test]
+    fn mixes_come_from_flags_the_environment_form_and_toml_and_bad_ones_are_named() {
+        let c = Cli::try_parse_from(["x", "--mix", "a=qa-r8:0.5,all-r16", "--mix", "b=qa-r8"]).unwrap();
+        let cfg = ServeConfig::try_from(c.o).unwrap();
+        assert_eq!(cfg.mixes.iter().map(|(n, m)| (n.as_str(), m.len())).collect::<Vec<_>>(), [("a", 2), ("b", 1)]);
+        // The variable's form: `;` between mixes.
+        let c = Cli::try_parse_from(["x", "--mix", "a=qa-r8;b=all-r16:2"]).unwrap();
+        assert_eq!(ServeConfig::try_from(c.o).unwrap().mixes[1].1[0].scale, 2.0);
+        let t: ServeOptions = toml::from_str("mix = [\"blend=qa-r8:0.7,all-r16:0.3\"]").unwrap();
+        assert_eq!(ServeConfig::try_from(t).unwrap().mixes[0].0, "blend");
+        for (bad, want) in [("a=x:1;a=y", "defined twice"), ("a=x:big", "big"), ("nameless", "name=adapter")] {
+            let c = Cli::try_parse_from(["x", "--mix", bad]).unwrap();
+            let e = format!("{:#}", ServeConfig::try_from(c.o).unwrap_err());
+            assert!(e.contains("`mix`") && e.contains(want), "{bad}: {e}");
+        }
+    }
 }
