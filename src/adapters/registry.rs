@@ -220,11 +220,7 @@ impl Registry {
     /// 1): what the gateway protocol's `max_lora` means here, since the budget is in bytes.
     pub fn max_resident(&self) -> usize {
         let largest = self.entries.iter().filter_map(|e| e.size_bytes).max().unwrap_or(0);
-        if largest == 0 {
-            self.entries.len().max(1)
-        } else {
-            (self.budget_bytes / largest).max(1)
-        }
+        self.budget_bytes.checked_div(largest).unwrap_or(self.entries.len()).max(1)
     }
 
     /// Reports lifecycle events (loads, evictions, reloads) to `metrics` too.
