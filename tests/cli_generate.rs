@@ -91,3 +91,21 @@ fn export_tokenizer_writes_a_folder_that_encodes_the_same() {
     assert_eq!((hf.bos_id, hf.add_bos, &hf.eos_ids, &hf.chat_template), (gguf.bos_id, gguf.add_bos, &gguf.eos_ids, &gguf.chat_template));
     assert!(!hf.eos_ids.is_empty(), "the EOS survives the round trip");
 }
+
+#[test]
+fn serve_on_a_missing_cuda_device_exits_with_an_error_that_names_cuda() {
+    // On the CPU build candle answers "not compiled with cuda"; on the CUDA build without a
+    // GPU or driver, the driver library fails to load (a panic inside candle, caught). Both
+    // must be one clear error and exit 1, never a panic report.
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = Command::new(env!("CARGO_BIN_EXE_loraplex"))
+        .args(["serve", "--device", "cuda", "--port", &port.to_string(), "--adapters", dir.path().to_str().unwrap()])
+        .args(["--model", real_model_path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("CUDA device 0 is unavailable"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -10,14 +10,34 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     let spec = spec.trim().to_ascii_lowercase();
     let dev = match spec.as_str() {
         "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
+        "cuda" => new_cuda(0)?,
         "metal" => Device::new_metal(0)?,
         s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Device::new_cuda(n)?,
+            Some(Ok(n)) => new_cuda(n)?,
             _ => return Err(ModelError::Device(spec)),
         },
     };
     Ok(dev)
+}
+
+/// CUDA device `n`, or an error that names CUDA. The CUDA driver library is loaded on first
+/// use, and when it is missing (a machine without an NVIDIA driver) candle's CUDA layer panics
+/// instead of answering: that panic is caught here, once at start-up, with the panic message
+/// kept for the error and the default hook's report silenced meanwhile.
+fn new_cuda(n: usize) -> Result<Device> {
+    let unavailable = |reason: String| ModelError::CudaUnavailable { ordinal: n, reason };
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let made = std::panic::catch_unwind(|| Device::new_cuda(n));
+    std::panic::set_hook(hook);
+    match made {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(unavailable(e.to_string())),
+        Err(panic) => {
+            let text = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            Err(unavailable(format!("the CUDA driver could not be loaded (is an NVIDIA driver for CUDA 13 installed?): {text}")))
+        }
+    }
 }
 
 /// How base weights are stored and multiplied.

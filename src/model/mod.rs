@@ -55,6 +55,8 @@ pub enum ModelError {
     Template(String),
     #[error("invalid device `{0}`: expected cpu, cuda[:N] or metal")]
     Device(String),
+    #[error("CUDA device {ordinal} is unavailable: {reason}")]
+    CudaUnavailable { ordinal: usize, reason: String },
     #[error("invalid dtype `{0}`: expected auto, packed, f32, bf16, f16, quantized, q8_0 or q4_0")]
     DType(String),
     #[error("generation failed: {0}")]

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Builds the CUDA binary on a machine without a GPU (or checks that it compiles).
+#
+#   scripts/build-cuda.sh            release build; prints the stripped binary's path last
+#   scripts/build-cuda.sh --check    `cargo check --features cuda` only (what CI runs)
+#
+# NVIDIA's compiler and headers come from PyPI into the git-ignored .cuda/: CUDA 13.0
+# (nvidia-cuda-nvcc, nvidia-cuda-crt, nvidia-cuda-runtime; CUDA 12's PyPI wheels carry no nvcc).
+# Kernels are compiled for CUDA_COMPUTE_CAP (default 90, Hopper: H100/H200; 80 for A100, 89 for
+# L4/L40, 100 for B200). The build goes to target/cuda, apart from the CPU build. The binary
+# loads libcuda, cuBLAS and cuRAND from the GPU machine at run time (dynamic loading) and needs
+# a driver for CUDA 13 (R580 or later); libcudart.so.13 is copied beside it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-build}"
+root="$PWD/.cuda"
+cuda="$root/nvidia/cu13"
+pins=("nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-crt==13.0.88" "nvidia-cuda-runtime==13.0.96")
+if [ ! -x "$cuda/bin/nvcc" ] || [ "$(cat "$root/pins" 2>/dev/null)" != "${pins[*]}" ]; then
+  rm -rf "$root" && mkdir -p "$root/whl"
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$root/whl" "${pins[@]}"
+  python3 - "$root" <<'PY'
+import glob, os, sys, zipfile
+root = sys.argv[1]
+for whl in glob.glob(os.path.join(root, "whl", "*.whl")):
+    with zipfile.ZipFile(whl) as z:
+        for info in z.infolist():
+            if info.filename.startswith("nvidia/"):
+                path = z.extract(info, root)
+                mode = (info.external_attr >> 16) & 0o777
+                if mode:
+                    os.chmod(path, mode)
+PY
+  rm -rf "$root/whl"
+  echo "${pins[*]}" >"$root/pins"
+fi
+ln -sf libcudart.so.13 "$cuda/lib/libcudart.so"
+export CUDA_ROOT="$cuda" CUDA_PATH="$cuda" CUDA_HOME="$cuda" CUDA_TOOLKIT_ROOT_DIR="$cuda" PATH="$cuda/bin:$PATH"
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+export LIBRARY_PATH="$cuda/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+nvcc --version | tail -1 >&2
+if [ "$mode" = --check ]; then
+  cargo check --locked --features cuda --target-dir target/cuda
+  echo "cargo check --features cuda: ok (compute capability $CUDA_COMPUTE_CAP)"
+  exit 0
+fi
+cargo build --release --locked --features cuda --target-dir target/cuda
+out=target/cuda/dist
+mkdir -p "$out"
+strip -o "$out/loraplex" target/cuda/release/loraplex
+cp "$cuda/lib/libcudart.so.13" "$out/"
+echo "$PWD/$out/loraplex"
