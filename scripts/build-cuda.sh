@@ -5,7 +5,8 @@
 #   scripts/build-cuda.sh --check    `cargo check --features cuda` only (what CI runs)
 #
 # NVIDIA's compiler and headers come from PyPI into the git-ignored .cuda/: CUDA 13.0
-# (nvidia-cuda-nvcc, nvidia-cuda-crt, nvidia-cuda-runtime; CUDA 12's PyPI wheels carry no nvcc).
+# (nvidia-cuda-nvcc, -crt, -runtime, -cccl and nvidia-nvvm; CUDA 12's PyPI wheels
+# carry no nvcc).
 # Kernels are compiled for CUDA_COMPUTE_CAP (default 90, Hopper: H100/H200; 80 for A100, 89 for
 # L4/L40, 100 for B200). The build goes to target/cuda, apart from the CPU build. The binary
 # loads libcuda, cuBLAS and cuRAND from the GPU machine at run time (dynamic loading) and needs
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 mode="${1:-build}"
 root="$PWD/.cuda"
 cuda="$root/nvidia/cu13"
-pins=("nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-crt==13.0.88" "nvidia-cuda-runtime==13.0.96")
+pins=("nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-crt==13.0.88" "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85" "nvidia-nvvm==13.0.88")
 if [ ! -x "$cuda/bin/nvcc" ] || [ "$(cat "$root/pins" 2>/dev/null)" != "${pins[*]}" ]; then
   rm -rf "$root" && mkdir -p "$root/whl"
   python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$root/whl" "${pins[@]}"
@@ -49,4 +50,8 @@ out=target/cuda/dist
 mkdir -p "$out"
 strip -o "$out/loraplex" target/cuda/release/loraplex
 cp "$cuda/lib/libcudart.so.13" "$out/"
+# The default model's tokenizer as a Hugging Face folder, for scripts/gpu-check.sh's models.
+scripts/fetch-model.sh >/dev/null
+LD_LIBRARY_PATH="$out" "$out/loraplex" export-tokenizer --out "$out/tokenizer" >/dev/null
+cp scripts/gpu-check.sh scripts/gpu_check.py "$out/"
 echo "$PWD/$out/loraplex"
