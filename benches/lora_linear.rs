@@ -36,7 +36,7 @@ fn bench(c: &mut Criterion) {
             (&w + (lw.b.matmul(&lw.a).unwrap() * coef).unwrap()).unwrap()
         })
         .collect();
-    let stacked = StepLora::stacked(&refs, 1, DType::F32, &dev).unwrap();
+    let stacked = StepLora::stacked(&refs, 1, &dev).unwrap();
     let kernels = Kernels::new(loraplex::kernels::Pool::default_threads(), true);
     let pass = |lora| Pass { seq_lens: &lens, lora, kernels: &kernels, differentiable: false };
     let packed = LoraLinear { id, base: loraplex::model::gguf::packed_from_dense(&w).unwrap(), bias: None };

@@ -72,7 +72,7 @@ fn the_fused_forward_equals_the_composed_forward() {
             out
         };
         let fused_out = run(&model, &StepLora::batched(&refs, cfg.num_layers, DType::F32, &Device::Cpu).unwrap());
-        let composed_out = run(&composed, &StepLora::stacked(&refs, cfg.num_layers, DType::F32, &Device::Cpu).unwrap());
+        let composed_out = run(&composed, &StepLora::stacked(&refs, cfg.num_layers, &Device::Cpu).unwrap());
         for (step, (f, c)) in fused_out.iter().zip(&composed_out).enumerate() {
             assert!(rel(f, c) < 1e-5, "step {step}: {}", rel(f, c));
         }

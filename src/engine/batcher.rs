@@ -344,6 +344,18 @@ impl<'m> Batcher<'m> {
             let hidden = self.model.forward(input, Some(&mut caches), lora)?;
             self.model.logits(&Llama::last_rows(&hidden, &input.seq_lens)?)?
         };
+        // Greedy rows take their argmax in one op on the logits' device and one small copy;
+        // the others read their row from one host copy of the logits (a copy only off the CPU).
+        let sampled = |(s, &feed): (&Sequence, &usize)| feed >= s.pending.len();
+        let rows = || self.running.iter().zip(feeds).filter(|r| sampled(*r));
+        let argmax = match rows().any(|(s, _)| s.is_plain_greedy()) {
+            true => Some(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?),
+            false => None,
+        };
+        let host = match rows().any(|(s, _)| !s.is_plain_greedy()) {
+            true => Some(logits.to_device(&candle_core::Device::Cpu)?),
+            false => None,
+        };
         let now = std::time::Instant::now();
         for (row, (s, &feed)) in self.running.iter_mut().zip(feeds).enumerate() {
             if feed < s.pending.len() {
@@ -351,7 +363,11 @@ impl<'m> Batcher<'m> {
                 s.pending.drain(..feed);
                 continue;
             }
-            s.accept(&logits.get(row)?, self.tok)?;
+            match (&argmax, &host) {
+                (Some(picks), _) if s.is_plain_greedy() => s.accept_greedy(picks[row], self.tok)?,
+                (_, Some(host)) => s.accept(&host.get(row)?, self.tok)?,
+                _ => return Err(crate::model::ModelError::Generation("a sampled row without logits; this is a bug".into())),
+            }
             if let Some(m) = &self.metrics {
                 match s.last_token_at {
                     None => m.ttft.observe((now - s.submitted_at).as_secs_f64()),

@@ -110,6 +110,13 @@ impl Sequence {
         }
     }
 
+    /// Whether the next token is the plain argmax of the logits (greedy, no penalties, no
+    /// log-probabilities), which the batcher takes for all such rows in one device op.
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.req.penalties;
+        self.req.sampling.temperature <= 0.0 && p.presence == 0.0 && p.frequency == 0.0 && self.req.logprobs.is_none()
+    }
+
     /// Consumes this step's logits row: samples, streams, and decides whether to stop.
     pub fn accept(&mut self, logits: &Tensor, tok: &TextTokenizer) -> Result<()> {
         let logits = self.req.penalties.apply(logits, &self.generated)?;
@@ -118,6 +125,15 @@ impl Sequence {
             Some(k) => logprobs(&logits, token, k)?,
             None => (0.0, Vec::new()),
         };
+        self.push_token(token, lp, top, tok)
+    }
+
+    /// Takes `token`, already chosen as this row's argmax (see [`Sequence::is_plain_greedy`]).
+    pub fn accept_greedy(&mut self, token: u32, tok: &TextTokenizer) -> Result<()> {
+        self.push_token(token, 0.0, Vec::new(), tok)
+    }
+
+    fn push_token(&mut self, token: u32, lp: f32, top: Vec<(u32, f32)>, tok: &TextTokenizer) -> Result<()> {
         self.generated.push(token);
         let is_eos = self.req.stop_at_eos && tok.eos_ids.contains(&token);
         let text_ids = if is_eos { &self.generated[..self.generated.len() - 1] } else { &self.generated[..] };

@@ -69,7 +69,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let worker_stats = stats.clone();
-        let block_bytes = crate::model::kv_cache::KvBlock::bytes(model.cfg.num_layers, model.kv_width());
+        let block_bytes = model.kv_block_bytes();
         let per_token = block_bytes / crate::model::kv_cache::BLOCK_TOKENS;
         let bytes = cfg.kv_cache_bytes.unwrap_or_else(|| super::default_kv_cache_bytes(per_token, model.cfg.max_position_embeddings, cfg.max_batch_size));
         let blocks = (bytes / block_bytes).max(1);

@@ -9,8 +9,10 @@
 //! that counts it as used there until the last reference drops, so the pool's accounting
 //! cannot leak whichever way a sequence ends.
 //!
-//! The device storage (candle tensors, any device and dtype; the composed reference path)
-//! grows one buffer per layer; its block table, if any, is accounting only.
+//! The device storage (candle tensors, any device and dtype; the composed path, which is what
+//! CUDA runs) grows one head-major buffer `(n_kv_heads, capacity, head_dim)` per layer, so that
+//! a cached prefix is a strided view cuBLAS multiplies as it is (a token-major buffer's
+//! per-head view has no stride cuBLAS accepts). Its block table, if any, is accounting only.
 
 use super::{ModelError, Result};
 use candle_core::Tensor;
@@ -175,12 +177,12 @@ impl SeqCache {
         self.storage = Storage::Empty;
     }
 
-    /// Appends this step's `k`, `v` for `layer` (device storage) and returns the whole cached K
-    /// and V, `(T, n_kv_heads, head_dim)` contiguous prefixes of the buffers.
+    /// Appends this step's `k`, `v` (`(n_kv_heads, t, head_dim)`) for `layer` (device storage)
+    /// and returns the whole cached K and V, `(n_kv_heads, T, head_dim)` views of the buffers.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         if matches!(self.storage, Storage::Empty) {
             let cap = self.capacity_hint.div_ceil(GROW_BY).max(1) * GROW_BY;
-            self.storage = Storage::Device((0..self.num_layers).map(|_| KvCache::new(0, cap)).collect());
+            self.storage = Storage::Device((0..self.num_layers).map(|_| KvCache::new(1, cap)).collect());
         }
         match &mut self.storage {
             Storage::Device(layers) => Ok(layers[layer].append(&k.contiguous()?, &v.contiguous()?)?),

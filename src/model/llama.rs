@@ -212,6 +212,13 @@ impl Llama {
         !self.differentiable && self.kernels.fused_attention(&self.embed, None)
     }
 
+    /// Bytes of one KV block's worth of cache ([`super::kv_cache::BLOCK_TOKENS`] tokens, every
+    /// layer): f32 host blocks, or device buffers in the activation dtype (bf16 on CUDA).
+    pub fn kv_block_bytes(&self) -> usize {
+        let elem = if self.host_kv() { std::mem::size_of::<f32>() } else { self.dtype.size_in_bytes() };
+        2 * self.cfg.num_layers * self.kv_width() * super::kv_cache::BLOCK_TOKENS * elem
+    }
+
     /// Floats per token per layer in K (and in V): `n_kv_heads · head_dim`.
     pub fn kv_width(&self) -> usize {
         self.cfg.num_kv_heads * self.cfg.head_dim
@@ -411,10 +418,11 @@ impl Llama {
         let mut offset = 0;
         for (i, &t) in lens.iter().enumerate() {
             let q_s = q.narrow(0, offset, t)?;
-            let k_s = k.narrow(0, offset, t)?;
-            let v_s = v.narrow(0, offset, t)?;
-            // `(T, nkv, hd)`, contiguous prefixes of the cache buffers.
-            let (k_all, v_all) = match caches.as_deref_mut() {
+            // Head-major `(nkv, t, hd)` (for t = 1 a free view): the layout of the device
+            // caches, whose per-head views cuBLAS multiplies without copies.
+            let k_s = k.narrow(0, offset, t)?.transpose(0, 1)?.contiguous()?;
+            let v_s = v.narrow(0, offset, t)?.transpose(0, 1)?.contiguous()?;
+            let (k_heads, v_heads) = match caches.as_deref_mut() {
                 Some(c) => c[i].append(layer, &k_s, &v_s)?,
                 None => (k_s, v_s),
             };
@@ -425,8 +433,6 @@ impl Llama {
             } else {
                 q_s.reshape((t, nkv, groups, hd))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((nkv, groups * t, hd))?
             };
-            let k_heads = k_all.transpose(0, 1)?; // (nkv, T, hd), strided view
-            let v_heads = v_all.transpose(0, 1)?;
             let att = match (self.differentiable, window) {
                 (true, _) if alibi => return Err(super::ModelError::Unsupported("training with ALiBi attention".into())),
                 (true, None) => super::diffops::causal_softmax(&qg.matmul(&k_heads.t()?)?, scale, t)?,

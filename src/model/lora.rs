@@ -50,7 +50,9 @@ struct HostTerm {
 }
 
 /// Stacked LoRA operands of one module for `S` sequences, each padded to the largest summed
-/// rank `R` of the batch with zero columns (which contribute exactly zero).
+/// rank `R` of the batch with zero columns (which contribute exactly zero). Always f32 (the
+/// adapters' own precision): with bf16 or f16 activations the delta is computed and summed
+/// over a mix's terms in f32 and rounded once, where it is added to the base output.
 #[derive(Debug, Clone)]
 struct StackedLora {
     /// `(S, in, R)`.
@@ -76,14 +78,14 @@ impl StepLora {
                     return Ok(Some(ModuleLora::Host(h)));
                 }
             }
-            StackedLora::build(id, mixes, dtype, device).map(|m| m.map(ModuleLora::Stacked))
+            StackedLora::build(id, mixes, device).map(|m| m.map(ModuleLora::Stacked))
         })
     }
 
     /// The stacked-operand path (two batched matmuls per module) on any device, CPU included:
     /// what GPUs run, kept testable here.
-    pub fn stacked(mixes: &[&AdapterMix], num_layers: usize, dtype: DType, device: &Device) -> Result<Self> {
-        Self::build(mixes, num_layers, |id| StackedLora::build(id, mixes, dtype, device).map(|m| m.map(ModuleLora::Stacked)))
+    pub fn stacked(mixes: &[&AdapterMix], num_layers: usize, device: &Device) -> Result<Self> {
+        Self::build(mixes, num_layers, |id| StackedLora::build(id, mixes, device).map(|m| m.map(ModuleLora::Stacked)))
     }
 
     fn build(mixes: &[&AdapterMix], num_layers: usize, module: impl Fn(ModuleId) -> Result<Option<ModuleLora>>) -> Result<Self> {
@@ -192,7 +194,7 @@ impl HostLora {
 }
 
 impl StackedLora {
-    fn build(id: ModuleId, mixes: &[&AdapterMix], dtype: DType, device: &Device) -> Result<Option<Self>> {
+    fn build(id: ModuleId, mixes: &[&AdapterMix], device: &Device) -> Result<Option<Self>> {
         let terms: Vec<Vec<_>> = mixes.iter().map(|m| m.terms(id).collect()).collect();
         let rank_of = |ts: &Vec<(&crate::adapters::LoraWeights, f64)>| ts.iter().map(|(w, _)| w.rank).sum::<usize>();
         let max_rank = terms.iter().map(rank_of).max().unwrap_or(0);
@@ -217,9 +219,9 @@ impl StackedLora {
         }
         let s = mixes.len();
         Ok(Some(Self {
-            a_t: Tensor::stack(&a_rows, 0)?.to_dtype(dtype)?,
-            b_t: Tensor::stack(&b_rows, 0)?.to_dtype(dtype)?,
-            coef: Tensor::from_vec(coef, (s, 1, max_rank), device)?.to_dtype(dtype)?,
+            a_t: Tensor::stack(&a_rows, 0)?.to_dtype(DType::F32)?,
+            b_t: Tensor::stack(&b_rows, 0)?.to_dtype(DType::F32)?,
+            coef: Tensor::from_vec(coef, (s, 1, max_rank), device)?,
         }))
     }
 
@@ -228,6 +230,8 @@ impl StackedLora {
     /// over a view of the stacked operands.
     fn delta(&self, x: &Tensor, seq_lens: &[usize]) -> Result<Tensor> {
         let (_, fan_in) = x.dims2()?;
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
         let mut parts = Vec::new();
         let (mut seq, mut row) = (0, 0);
         while seq < seq_lens.len() {
@@ -241,10 +245,8 @@ impl StackedLora {
             seq += run;
             row += run * t;
         }
-        if parts.len() == 1 {
-            return Ok(parts.remove(0));
-        }
-        Ok(Tensor::cat(&parts, 0)?)
+        let d = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? };
+        Ok(d.to_dtype(dtype)?)
     }
 }
 
