@@ -8,9 +8,10 @@
 # (nvidia-cuda-nvcc, -crt, -runtime, -cccl and nvidia-nvvm; CUDA 12's PyPI wheels
 # carry no nvcc).
 # Kernels are compiled for CUDA_COMPUTE_CAP (default 90, Hopper: H100/H200; 80 for A100, 89 for
-# L4/L40, 100 for B200). The build goes to target/cuda, apart from the CPU build. The binary
-# loads libcuda, cuBLAS and cuRAND from the GPU machine at run time (dynamic loading) and needs
-# a driver for CUDA 13 (R580 or later); libcudart.so.13 is copied beside it.
+# L4/L40, 100 for B200). The build goes to target/cuda, apart from the CPU build. The binary is
+# linked against stubs of libcuda, cuBLAS, cuBLASLt, cuRAND and NVRTC (scripts/cuda_stubs.py)
+# and loads the real ones (CUDA 13 sonames) from the GPU machine; it needs a driver for CUDA 13
+# (R580 or later). libcudart.so.13 is copied beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-build}"
@@ -45,13 +46,34 @@ if [ "$mode" = --check ]; then
   echo "cargo check --features cuda: ok (compute capability $CUDA_COMPUTE_CAP)"
   exit 0
 fi
+# Link-time stubs for libcuda, cuBLAS(Lt), cuRAND and NVRTC (see scripts/cuda_stubs.py): the
+# binary names their sonames and finds the real ones on the GPU machine.
+cudarc="$(cargo metadata --locked --format-version 1 --features cuda | python3 -c '
+import json, os, sys
+print(next(os.path.dirname(p["manifest_path"]) for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc"))')"
+python3 scripts/cuda_stubs.py "$cudarc/src" "$root/stubs" 13
+export LIBRARY_PATH="$root/stubs:$LIBRARY_PATH"
 cargo build --release --locked --features cuda --target-dir target/cuda
 out=target/cuda/dist
 mkdir -p "$out"
 strip -o "$out/loraplex" target/cuda/release/loraplex
 cp "$cuda/lib/libcudart.so.13" "$out/"
-# The default model's tokenizer as a Hugging Face folder, for scripts/gpu-check.sh's models.
+rm -rf "$out/stubs" && cp -P -r "$root/stubs" "$out/stubs"
+# This machine has no driver: the stubs let the binary start (they are never on the GPU
+# machine's library path). The default model's tokenizer as a Hugging Face folder, for
+# scripts/gpu-check.sh's models:
 scripts/fetch-model.sh >/dev/null
-LD_LIBRARY_PATH="$out" "$out/loraplex" export-tokenizer --out "$out/tokenizer" >/dev/null
+nogpu=(env LD_LIBRARY_PATH="$out:$out/stubs" "$out/loraplex")
+"${nogpu[@]}" export-tokenizer --out "$out/tokenizer" >/dev/null
+# Without a usable driver or GPU, --device cuda is one error naming CUDA, exit status 1.
+set +e
+err="$("${nogpu[@]}" serve --device cuda --port 0 2>&1 >/dev/null)"
+rc=$?
+set -e
+if [ "$rc" -ne 1 ] || ! grep -q "CUDA device 0 is unavailable" <<<"$err" || grep -qi panick <<<"$err"; then
+  echo "serve --device cuda without a GPU: expected exit 1 and a CUDA error, got $rc: $err" >&2
+  exit 1
+fi
+echo "serve --device cuda without a GPU: exit 1, $(grep -m1 CUDA <<<"$err")" >&2
 cp scripts/gpu-check.sh scripts/gpu_check.py "$out/"
 echo "$PWD/$out/loraplex"

@@ -137,7 +137,9 @@ def serve_bench(model_dir, adapter_root):
     port = 18600
     env = dict(os.environ, LORAPLEX_LOG="warn")
     server = subprocess.Popen([BIN, "serve", "--model", model_dir, "--device", "cuda", "--adapters", adapter_root, "--port", str(port),
-                               "--max-batch-size", "128"], env=env)
+                               "--max-batch-size", "128",
+                               # 128 rank-16 q/v adapters of the 8B are ~7 GB in f32; the default 1 GiB would thrash the LRU.
+                               "--adapter-budget-bytes", str(16 << 30), "--kv-cache-bytes", "16GiB"], env=env)
     try:
         deadline = time.time() + 300
         while True:

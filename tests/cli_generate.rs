@@ -94,9 +94,9 @@ fn export_tokenizer_writes_a_folder_that_encodes_the_same() {
 
 #[test]
 fn serve_on_a_missing_cuda_device_exits_with_an_error_that_names_cuda() {
-    // On the CPU build candle answers "not compiled with cuda"; on the CUDA build without a
-    // GPU or driver, the driver library fails to load (a panic inside candle, caught). Both
-    // must be one clear error and exit 1, never a panic report.
+    // On the CPU build candle answers "not compiled with cuda"; the CUDA build without a GPU
+    // fails cuInit (scripts/build-cuda.sh checks that one with its driver stubs). Both must be
+    // one clear error and exit 1, never a panic report.
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let out = Command::new(env!("CARGO_BIN_EXE_loraplex"))

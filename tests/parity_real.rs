@@ -194,6 +194,31 @@ fn packed_path_agreement_is_bounded() {
     println!("packed agreement:\n{}", report.join("\n"));
 }
 
+/// The GPU's default path (`--dtype auto` on CUDA: bf16 weights, activations and device KV
+/// caches, f32 LoRA deltas), run on the CPU against the reference: base and a two-adapter mix.
+/// bf16 keeps 8 bits of mantissa, so near-ties flip; the bounds are PEFT-in-bf16-class drift
+/// and guard against a layout or accumulation bug, which would break agreement outright.
+#[test]
+fn bf16_path_agreement_is_bounded() {
+    let m = load(WeightFormat::Dense(DType::BF16));
+    assert!(!m.model.host_kv(), "bf16 runs the device-cache attention a GPU runs");
+    let cases = cases();
+    let mut report = Vec::new();
+    for index in [0usize, 6] {
+        let case = &cases["cases"][index];
+        let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
+        let mix = mix_for(case, &shared_dir().join("adapters"), &m);
+        let names = ["short", "chat", "single", "multilingual"];
+        let (agree, total, max_diff) = top1_agreement(&m, &rf, &names, &mix);
+        let prompts: Vec<Vec<u32>> = names.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
+        let got = greedy(&m, &prompts, &mix, LoraPath::Batched, 16);
+        let prefix: Vec<usize> = names.iter().zip(&got).map(|(p, ids)| ids.iter().zip(&rf.ints(&format!("{p}.greedy_ids"))).take_while(|(a, b)| a == b).count()).collect();
+        report.push(format!("case {}: top-1 {agree}/{total}, greedy prefixes {prefix:?} of 16, max last diff {max_diff:.3}", case["id"]));
+        assert!(agree as f64 >= 0.9 * total as f64 && max_diff < 3.0 && prefix.iter().sum::<usize>() >= 16, "{}", report.join("\n"));
+    }
+    println!("bf16 agreement:\n{}", report.join("\n"));
+}
+
 /// Batch invariance on the default path with the real model: every case's prompts in one
 /// batch, each row with its own mix, give token for token what each request gives alone.
 #[test]

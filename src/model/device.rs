@@ -20,10 +20,11 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     Ok(dev)
 }
 
-/// CUDA device `n`, or an error that names CUDA. The CUDA driver library is loaded on first
-/// use, and when it is missing (a machine without an NVIDIA driver) candle's CUDA layer panics
-/// instead of answering: that panic is caught here, once at start-up, with the panic message
-/// kept for the error and the default hook's report silenced meanwhile.
+/// CUDA device `n`, or an error that names CUDA. A driver without a usable GPU (or the link
+/// stubs of `scripts/build-cuda.sh`, on a machine without a driver) fails `cuInit`, which comes
+/// back as an error. Some failures inside candle's CUDA layer panic instead of answering: that
+/// panic is caught here, once at start-up, with its message kept for the error and the default
+/// hook's report silenced meanwhile.
 fn new_cuda(n: usize) -> Result<Device> {
     let unavailable = |reason: String| ModelError::CudaUnavailable { ordinal: n, reason };
     let hook = std::panic::take_hook();
@@ -35,7 +36,7 @@ fn new_cuda(n: usize) -> Result<Device> {
         Ok(Err(e)) => Err(unavailable(e.to_string())),
         Err(panic) => {
             let text = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-            Err(unavailable(format!("the CUDA driver could not be loaded (is an NVIDIA driver for CUDA 13 installed?): {text}")))
+            Err(unavailable(format!("the CUDA driver failed (is an NVIDIA driver for CUDA 13 installed?): {text}")))
         }
     }
 }
