@@ -31,8 +31,7 @@ fn load(format: WeightFormat) -> LoadedModel {
 fn check_case(index: usize, path: LoraPath) {
     let m = load(WeightFormat::Dense(DType::F32));
     let case = &cases()["cases"][index];
-    let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
-    let mix = mix_for(case, &shared_dir().join("adapters"), &m);
+    let (rf, mix) = open_case(&m, case);
     let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
     let logits = prefill_logits(&m.model, &prompts, &mix, path);
     for (p, ours) in PROMPTS.iter().zip(&logits) {
@@ -115,8 +114,7 @@ fn every_case_in_one_mixed_batch_matches_peft() {
     let mut reqs = Vec::new();
     let mut want = Vec::new();
     for case in cases["cases"].as_array().unwrap() {
-        let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
-        let mix = mix_for(case, &shared_dir().join("adapters"), &m);
+        let (rf, mix) = open_case(&m, case);
         for p in ["short", "chat", "multilingual", "single"] {
             reqs.push(Request { stop_at_eos: false, ..Request::greedy(rf.ints(&format!("{p}.input_ids")), mix.clone(), 24) });
             want.push((case["id"].as_str().unwrap().to_string(), p, rf.ints(&format!("{p}.greedy_ids"))));
@@ -126,6 +124,20 @@ fn every_case_in_one_mixed_batch_matches_peft() {
     for (o, (case, p, ids)) in outs.iter().zip(&want) {
         assert_eq!(&o.ids, ids, "case {case} prompt {p}");
     }
+}
+
+/// A reference case's outputs and its adapter mix, for model `m`.
+fn open_case(m: &LoadedModel, case: &serde_json::Value) -> (RefFile, AdapterMix) {
+    let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
+    let mix = mix_for(case, &shared_dir().join("adapters"), m);
+    (rf, mix)
+}
+
+/// How many of the first `n` greedy tokens equal the reference's, per prompt in `names`.
+fn greedy_prefixes(m: &LoadedModel, rf: &RefFile, names: &[&str], mix: &AdapterMix, n: usize) -> Vec<usize> {
+    let prompts: Vec<Vec<u32>> = names.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
+    let got = greedy(m, &prompts, mix, LoraPath::Batched, n);
+    names.iter().zip(&got).map(|(p, ids)| ids.iter().zip(&rf.ints(&format!("{p}.greedy_ids"))).take_while(|(a, b)| a == b).count()).collect()
 }
 
 /// Top-1 agreement with the reference over every prompt position (`(agree, total)`) and the
@@ -156,8 +168,7 @@ fn quantized_path_drift_is_bounded() {
     let mut report = Vec::new();
     for index in [0usize, 6] {
         let case = &cases["cases"][index];
-        let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
-        let mix = mix_for(case, &shared_dir().join("adapters"), &m);
+        let (rf, mix) = open_case(&m, case);
         let (agree, total, max_diff) = top1_agreement(&m, &rf, &["short", "chat", "single", "multilingual"], &mix);
         let rate = agree as f64 / total as f64;
         report.push(format!("case {}: top-1 agreement {agree}/{total} ({rate:.3}), max last-logit diff {max_diff:.3}", case["id"]));
@@ -176,18 +187,10 @@ fn packed_path_agreement_is_bounded() {
     let cases = cases();
     let mut report = Vec::new();
     for case in cases["cases"].as_array().unwrap() {
-        let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
-        let mix = mix_for(case, &shared_dir().join("adapters"), &m);
+        let (rf, mix) = open_case(&m, case);
         let (agree, total, max_diff) = top1_agreement(&m, &rf, &PROMPTS, &mix);
-        let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
-        let got = greedy(&m, &prompts, &mix, LoraPath::Batched, 24);
-        let (mut g_agree, mut first_div) = (0, Vec::new());
-        for (p, ids) in PROMPTS.iter().zip(&got) {
-            let want = rf.ints(&format!("{p}.greedy_ids"));
-            let same = ids.iter().zip(&want).take_while(|(a, b)| a == b).count();
-            g_agree += same;
-            first_div.push(same);
-        }
+        let first_div = greedy_prefixes(&m, &rf, &PROMPTS, &mix, 24);
+        let g_agree: usize = first_div.iter().sum();
         report.push(format!("case {}: top-1 {agree}/{total}, greedy prefix {g_agree}/{} {first_div:?}, max last diff {max_diff:.3}", case["id"], 24 * PROMPTS.len()));
         assert!(agree as f64 >= 0.93 * total as f64 && max_diff < 3.0, "{}", report.join("\n"));
     }
@@ -206,13 +209,10 @@ fn bf16_path_agreement_is_bounded() {
     let mut report = Vec::new();
     for index in [0usize, 6] {
         let case = &cases["cases"][index];
-        let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
-        let mix = mix_for(case, &shared_dir().join("adapters"), &m);
+        let (rf, mix) = open_case(&m, case);
         let names = ["short", "chat", "single", "multilingual"];
         let (agree, total, max_diff) = top1_agreement(&m, &rf, &names, &mix);
-        let prompts: Vec<Vec<u32>> = names.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
-        let got = greedy(&m, &prompts, &mix, LoraPath::Batched, 16);
-        let prefix: Vec<usize> = names.iter().zip(&got).map(|(p, ids)| ids.iter().zip(&rf.ints(&format!("{p}.greedy_ids"))).take_while(|(a, b)| a == b).count()).collect();
+        let prefix = greedy_prefixes(&m, &rf, &names, &mix, 16);
         report.push(format!("case {}: top-1 {agree}/{total}, greedy prefixes {prefix:?} of 16, max last diff {max_diff:.3}", case["id"]));
         assert!(agree as f64 >= 0.9 * total as f64 && max_diff < 3.0 && prefix.iter().sum::<usize>() >= 16, "{}", report.join("\n"));
     }
@@ -227,8 +227,7 @@ fn packed_rows_in_one_mixed_batch_equal_each_alone() {
     let cases = cases();
     let mut reqs = Vec::new();
     for case in cases["cases"].as_array().unwrap() {
-        let rf = RefFile::open(&shared_dir().join("reference").join(case["file"].as_str().unwrap()));
-        let mix = mix_for(case, &shared_dir().join("adapters"), &m);
+        let (rf, mix) = open_case(&m, case);
         for p in ["short", "chat", "multilingual", "single"] {
             reqs.push(Request { stop_at_eos: false, logprobs: Some(1), ..Request::greedy(rf.ints(&format!("{p}.input_ids")), mix.clone(), 16) });
         }
