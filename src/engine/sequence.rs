@@ -113,8 +113,7 @@ impl Sequence {
     /// Whether the next token is the plain argmax of the logits (greedy, no penalties, no
     /// log-probabilities), which the batcher takes for all such rows in one device op.
     pub fn is_plain_greedy(&self) -> bool {
-        let p = &self.req.penalties;
-        self.req.sampling.temperature <= 0.0 && p.presence == 0.0 && p.frequency == 0.0 && self.req.logprobs.is_none()
+        self.req.sampling.is_greedy() && self.req.penalties.is_none() && self.req.logprobs.is_none()
     }
 
     /// Consumes this step's logits row: samples, streams, and decides whether to stop.

@@ -60,6 +60,12 @@ pub struct KvBlock {
     _lease: Option<Lease>,
 }
 
+/// Bytes of [`BLOCK_TOKENS`] tokens of K and V over `layers` layers of `width` values each, at
+/// `elem` bytes per value: a host block (f32), or that much of a device buffer.
+pub fn block_bytes(layers: usize, width: usize, elem: usize) -> usize {
+    2 * layers * width * BLOCK_TOKENS * elem
+}
+
 impl KvBlock {
     pub fn new(layers: usize, width: usize, host: bool, lease: Option<Lease>) -> Self {
         let n = if host { layers * width * BLOCK_TOKENS } else { 0 };
@@ -68,7 +74,7 @@ impl KvBlock {
 
     /// Bytes of one host block.
     pub fn bytes(layers: usize, width: usize) -> usize {
-        2 * layers * width * BLOCK_TOKENS * std::mem::size_of::<f32>()
+        block_bytes(layers, width, std::mem::size_of::<f32>())
     }
 
     fn span(&self, layer: usize) -> std::ops::Range<usize> {

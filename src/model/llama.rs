@@ -216,7 +216,7 @@ impl Llama {
     /// layer): f32 host blocks, or device buffers in the activation dtype (bf16 on CUDA).
     pub fn kv_block_bytes(&self) -> usize {
         let elem = if self.host_kv() { std::mem::size_of::<f32>() } else { self.dtype.size_in_bytes() };
-        2 * self.cfg.num_layers * self.kv_width() * super::kv_cache::BLOCK_TOKENS * elem
+        super::kv_cache::block_bytes(self.cfg.num_layers, self.kv_width(), elem)
     }
 
     /// Floats per token per layer in K (and in V): `n_kv_heads · head_dim`.

@@ -17,6 +17,13 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
+impl SamplingParams {
+    /// Whether the token is the plain argmax of the (penalised) logits.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self { temperature: 0.0, top_p: 1.0, top_k: None, seed: 0 }
@@ -31,7 +38,7 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(p: &SamplingParams) -> Self {
         let t = p.temperature;
-        let sampling = if t <= 0.0 {
+        let sampling = if p.is_greedy() {
             Sampling::ArgMax
         } else {
             match (p.top_k, p.top_p < 1.0) {
@@ -59,9 +66,14 @@ pub struct Penalties {
 }
 
 impl Penalties {
+    /// Whether both penalties are off, so that [`Penalties::apply`] leaves the logits as they are.
+    pub fn is_none(&self) -> bool {
+        self.presence == 0.0 && self.frequency == 0.0
+    }
+
     /// The logits row with penalties applied (the same tensor when both are zero).
     pub fn apply(&self, logits: &Tensor, generated: &[u32]) -> Result<Tensor> {
-        if (self.presence == 0.0 && self.frequency == 0.0) || generated.is_empty() {
+        if self.is_none() || generated.is_empty() {
             return Ok(logits.clone());
         }
         let mut v = logits.to_vec1::<f32>()?;
