@@ -8,6 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use loraplex::adapters::{AdapterMix, MixEntry};
+use loraplex::model::kv_cache::block_bytes;
 use loraplex::model::{BatchInput, Llama, ModuleId, SeqCache, StepLora, WeightFormat};
 
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
@@ -62,6 +63,10 @@ fn the_bf16_device_path_tracks_the_f32_model() {
     for (f32_model, cfg) in tiny_all() {
         let bf16 = Llama::random_with(cfg.clone(), 7, &Device::Cpu, WeightFormat::Dense(DType::BF16)).unwrap();
         assert!(!bf16.host_kv(), "bf16 runs the composed attention over device caches");
+        // The KV pool counts a bf16 device cache at 2 bytes a value, f32 host blocks at 4.
+        assert!(f32_model.host_kv());
+        let (layers, width) = (cfg.num_layers, f32_model.kv_width());
+        assert_eq!((bf16.kv_block_bytes(), f32_model.kv_block_bytes()), (block_bytes(layers, width, 2), block_bytes(layers, width, 4)));
         let dir = tempfile::tempdir().unwrap();
         let a = tiny_adapter(dir.path(), "a", &cfg, lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj", "down_proj"]), 1);
         let b = tiny_adapter(dir.path(), "b", &cfg, lora_config_for(&cfg, 8, 4.0, &["o_proj", "gate_proj", "k_proj"]), 2);
