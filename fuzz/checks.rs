@@ -27,7 +27,7 @@ pub fn tokenizer() -> &'static loraplex::model::tokenizer::TextTokenizer {
 /// Any body either parses and validates into a typed request or yields an OpenAI-shaped error.
 pub fn request(data: &[u8]) {
     let limits = Limits::default();
-    let mv = ModelView { id: "SmolLM2-135M-Instruct", context_len: 8192, tokenizer: tokenizer(), limits: &limits, mixes: None };
+    let mv = ModelView { id: "SmolLM2-135M-Instruct", context_len: 8192, tokenizer: tokenizer(), limits: &limits, registry: None };
     if let Ok(req) = serde_json::from_slice::<CompletionRequest>(data) {
         match validate::completion(&req, &mv) {
             Ok(d) => {

@@ -82,6 +82,24 @@ pub struct ServeOptions {
     /// Request body size limit in bytes; larger bodies get 413. [default: 1048576]
     #[arg(long, env = "LORAPLEX_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Seconds a request body may take to arrive in full; a slower (or never-ending) body gets
+    /// 408 and its connection is closed. [default: 30]
+    #[arg(long, env = "LORAPLEX_BODY_TIMEOUT_SECS")]
+    pub body_timeout_secs: Option<u64>,
+    /// Tokens of work one request may ask for: prompt + `max_tokens` of every sequence
+    /// (prompts × `n`); more get 422. [default: 65536]
+    #[arg(long, env = "LORAPLEX_MAX_REQUEST_TOKENS")]
+    pub max_request_tokens: Option<usize>,
+    /// Browser origins (`https://app.example.com`, or `*`) allowed to call the inference
+    /// routes cross-origin (comma-separated; a TOML list). Admin routes are never reachable
+    /// cross-origin. [default: none]
+    #[arg(long, env = "LORAPLEX_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Option<Vec<String>>,
+    /// Host names answered besides IP addresses, `localhost` and `*.localhost` when the server
+    /// is on loopback without an API key (against DNS rebinding; comma-separated; a TOML list).
+    /// [default: none]
+    #[arg(long, env = "LORAPLEX_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Option<Vec<String>>,
     /// `n` (choices per prompt) at most. [default: 8]
     #[arg(long, env = "LORAPLEX_MAX_N")]
     pub max_n: Option<usize>,
@@ -116,7 +134,8 @@ impl ServeOptions {
     pub fn over(self, lower: ServeOptions) -> ServeOptions {
         merge_fields!(self, lower, model, adapters, host, port, device, dtype, api_key, admin_key,
             max_batch_size, max_waiting, max_prefill_tokens, kv_cache_bytes, prefix_cache, step_latency_ratio, max_prompt_tokens, max_total_tokens,
-            default_max_tokens, max_adapters_per_request, mix, adapter_budget_bytes, max_body_bytes, max_n,
+            default_max_tokens, max_adapters_per_request, mix, adapter_budget_bytes, max_body_bytes, body_timeout_secs,
+            max_request_tokens, cors_origins, allowed_hosts, max_n,
             rescan_interval_ms, drain_timeout_secs, log_format, gateway_metrics, metrics, metrics_adapter_cap)
     }
 
@@ -180,6 +199,10 @@ pub struct Limits {
     pub default_max_tokens: usize,
     pub max_adapters_per_request: usize,
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive (408 beyond).
+    pub body_timeout: Duration,
+    /// Prompt + `max_tokens` tokens over all of a request's sequences (422 beyond).
+    pub max_request_tokens: usize,
     pub max_n: usize,
     pub max_logprobs: usize,
     pub max_stop: usize,
@@ -195,6 +218,8 @@ impl Default for Limits {
             default_max_tokens: 256,
             max_adapters_per_request: 8,
             max_body_bytes: 1 << 20,
+            body_timeout: Duration::from_secs(30),
+            max_request_tokens: 65536,
             max_n: 8,
             max_logprobs: 20,
             max_stop: 4,
@@ -226,6 +251,36 @@ pub struct ServeConfig {
     pub gateway_metrics: bool,
     pub metrics: bool,
     pub metrics_adapter_cap: usize,
+    /// Browser origins allowed on the inference routes.
+    pub cors_origins: Vec<String>,
+    /// Extra host names a keyless loopback server answers.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl ServeConfig {
+    /// Whether the server binds only to the loopback interface.
+    pub fn loopback(&self) -> bool {
+        self.host == "localhost" || self.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// The HTTP policy: CORS origins; and, for a loopback server without an API key (which a
+    /// DNS-rebinding page could otherwise reach through the user's browser), the host names.
+    pub fn http_policy(&self) -> crate::api::guard::HttpPolicy {
+        let guard_hosts = self.loopback() && self.api_key.is_none();
+        crate::api::guard::HttpPolicy { cors_origins: self.cors_origins.clone(), allowed_hosts: guard_hosts.then(|| self.allowed_hosts.clone()) }
+    }
+}
+
+/// Checks `cors_origins` entries: `*` or `scheme://host[:port]` with no path.
+fn check_origins(origins: &[String]) -> anyhow::Result<()> {
+    for o in origins {
+        let ok = o == "*"
+            || o.split_once("://").is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains(['/', '?', '#', ' ']));
+        if !ok {
+            bail!("`cors_origins`: `{}` is not an origin (`*` or `scheme://host[:port]`, e.g. `https://app.example.com`)", o.escape_debug());
+        }
+    }
+    Ok(())
 }
 
 impl TryFrom<ServeOptions> for ServeConfig {
@@ -250,6 +305,7 @@ impl TryFrom<ServeOptions> for ServeConfig {
                 kv_cache_bytes: o.kv_cache_bytes.map(|b| b.0),
                 prefix_cache: o.prefix_cache.unwrap_or(engine_default.prefix_cache),
                 step_latency_ratio: o.step_latency_ratio.unwrap_or(engine_default.step_latency_ratio),
+                faults: None,
             },
             limits: Limits {
                 max_prompt_tokens: o.max_prompt_tokens.unwrap_or(limits_default.max_prompt_tokens),
@@ -257,6 +313,8 @@ impl TryFrom<ServeOptions> for ServeConfig {
                 default_max_tokens: o.default_max_tokens.unwrap_or(limits_default.default_max_tokens),
                 max_adapters_per_request: o.max_adapters_per_request.unwrap_or(limits_default.max_adapters_per_request),
                 max_body_bytes: o.max_body_bytes.unwrap_or(limits_default.max_body_bytes),
+                body_timeout: o.body_timeout_secs.map_or(limits_default.body_timeout, Duration::from_secs),
+                max_request_tokens: o.max_request_tokens.unwrap_or(limits_default.max_request_tokens),
                 max_n: o.max_n.unwrap_or(limits_default.max_n),
                 ..limits_default
             },
@@ -272,7 +330,10 @@ impl TryFrom<ServeOptions> for ServeConfig {
             gateway_metrics: o.gateway_metrics.unwrap_or(false),
             metrics: o.metrics.unwrap_or(true),
             metrics_adapter_cap: o.metrics_adapter_cap.unwrap_or(100),
+            cors_origins: o.cors_origins.unwrap_or_default().into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            allowed_hosts: o.allowed_hosts.unwrap_or_default().into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
         };
+        check_origins(&cfg.cors_origins)?;
         for (name, v) in [
             ("max_batch_size", cfg.engine.max_batch_size),
             ("max_waiting", cfg.engine.max_waiting),
@@ -281,6 +342,8 @@ impl TryFrom<ServeOptions> for ServeConfig {
             ("default_max_tokens", cfg.limits.default_max_tokens),
             ("max_adapters_per_request", cfg.limits.max_adapters_per_request),
             ("max_body_bytes", cfg.limits.max_body_bytes),
+            ("max_request_tokens", cfg.limits.max_request_tokens),
+            ("body_timeout_secs", cfg.limits.body_timeout.as_secs() as usize),
             ("max_n", cfg.limits.max_n),
             ("adapter_budget_bytes", cfg.adapter_budget_bytes),
         ] {

@@ -42,7 +42,7 @@ pub fn run_all(batcher: &mut Batcher<'_>, reqs: &[Request]) -> Result<Vec<GenOut
 fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<TokenEvent>) -> Result<GenOutput> {
     let mut out = Collected::default();
     while let Ok(ev) = rx.try_recv() {
-        out.push(ev).map_err(ModelError::Generation)?;
+        out.push(ev).map_err(|e| ModelError::Generation(e.to_string()))?;
     }
     Ok(out)
 }

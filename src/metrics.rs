@@ -31,6 +31,8 @@ pub const KV_CACHE_BYTES: &str = "loraplex_kv_cache_bytes";
 pub const PREFIX_CACHE_QUERIES: &str = "loraplex_prefix_cache_queries_total";
 pub const PREFIX_CACHE_HITS: &str = "loraplex_prefix_cache_hits_total";
 pub const PREEMPTIONS: &str = "loraplex_preemptions_total";
+pub const PREFILL_TOKENS: &str = "loraplex_prefill_tokens_total";
+pub const ENGINE_FAULTS: &str = "loraplex_engine_faults_total";
 pub const ADAPTERS: &str = "loraplex_adapters";
 pub const ADAPTER_RESIDENT_BYTES: &str = "loraplex_adapter_resident_bytes";
 pub const ADAPTER_BUDGET_BYTES: &str = "loraplex_adapter_budget_bytes";
@@ -131,6 +133,8 @@ pub struct Metrics {
     prefix_queries: IntCounter,
     prefix_hits: IntCounter,
     preemptions: IntCounter,
+    prefill_tokens: IntCounter,
+    faults: IntCounterVec,
     kv_blocks: IntGaugeVec,
     kv_bytes: IntGauge,
     running: IntGauge,
@@ -193,6 +197,11 @@ impl Metrics {
             prefix_queries: IntCounter::new(PREFIX_CACHE_QUERIES, "Prompt tokens looked up in the prefix cache.")?,
             prefix_hits: IntCounter::new(PREFIX_CACHE_HITS, "Prompt tokens served from the prefix cache.")?,
             preemptions: IntCounter::new(PREEMPTIONS, "Running sequences preempted for lack of KV blocks (recomputed later).")?,
+            prefill_tokens: IntCounter::new(PREFILL_TOKENS, "Prompt tokens computed by the model (prefix-cache hits excluded, recomputation included).")?,
+            faults: IntCounterVec::new(
+                Opts::new(ENGINE_FAULTS, "Engine faults: `sequence` (one sequence failed, its batch went on), `step` (a forward failed; its sequences were re-queued)."),
+                &["scope"],
+            )?,
             kv_blocks: IntGaugeVec::new(Opts::new(KV_BLOCKS, "KV cache blocks (16 tokens each) by state: used by sequences, cached (idle prefix blocks, evictable), total."), &["state"])?,
             kv_bytes: IntGauge::new(KV_CACHE_BYTES, "Configured KV cache pool size in bytes.")?,
             running: IntGauge::new(SEQUENCES_RUNNING, "Sequences in the running batch.")?,
@@ -237,9 +246,10 @@ impl Metrics {
         m.registry.register(Box::new(m.request_duration.clone()))?;
         m.registry.register(Box::new(m.adapter_evictions.clone()))?;
         m.registry.register(Box::new(m.adapter_reloads.clone()))?;
-        for c in [&m.prefix_queries, &m.prefix_hits, &m.preemptions] {
+        for c in [&m.prefix_queries, &m.prefix_hits, &m.preemptions, &m.prefill_tokens] {
             m.registry.register(Box::new(c.clone()))?;
         }
+        m.registry.register(Box::new(m.faults.clone()))?;
         m.registry.register(Box::new(m.kv_blocks.clone()))?;
         m.registry.register(Box::new(m.kv_bytes.clone()))?;
         for g in [&m.running, &m.waiting, &m.kv_tokens, &m.kv_capacity, &m.resident_bytes, &m.budget_bytes] {
@@ -321,6 +331,17 @@ impl Metrics {
         if let Some(g) = &self.gateway {
             g.prefix_queries.inc_by(queried as u64);
             g.prefix_hits.inc_by(hit as u64);
+        }
+    }
+
+    /// Counts what one engine step computed and what failed in it.
+    pub fn count_step(&self, r: &crate::engine::batcher::StepReport) {
+        self.prefill_tokens.inc_by(r.prefill_tokens as u64);
+        if r.failed > 0 {
+            self.faults.with_label_values(&["sequence"]).inc_by(r.failed as u64);
+        }
+        if r.step_failed {
+            self.faults.with_label_values(&["step"]).inc();
         }
     }
 

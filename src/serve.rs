@@ -31,7 +31,7 @@ pub fn load_backend(cfg: &ServeConfig, metrics: Option<Arc<crate::metrics::Metri
     crate::adapters::watcher::spawn(registry.clone(), cfg.rescan_interval)?;
     tracing::info!(root = %registry.root().display(), adapters = registry.list().len(), "adapter registry ready");
     let tokenizer = Arc::new(loaded.tokenizer);
-    let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine, metrics)?;
+    let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine.clone(), metrics)?;
     Ok(Backend { engine, tokenizer, registry, model_id: loaded.id, architecture: model_cfg.arch.name.clone(), context_len: model_cfg.max_position_embeddings })
 }
 
@@ -46,16 +46,9 @@ pub fn new_metrics(cfg: &ServeConfig) -> anyhow::Result<Arc<crate::metrics::Metr
 pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let backend: Arc<OnceLock<Backend>> = Arc::new(OnceLock::new());
     let metrics = new_metrics(&cfg)?;
-    let state = web::Data::new(AppState {
-        metrics: metrics.clone(),
-        backend: backend.clone(),
-        limits: cfg.limits.clone(),
-        api_key: cfg.api_key.clone(),
-        admin_key: cfg.admin_key.clone(),
-    });
+    let state = web::Data::new(AppState::new(&cfg, backend.clone(), metrics.clone()));
     if cfg.api_key.is_none() && cfg.admin_key.is_none() {
-        let loopback = cfg.host == "127.0.0.1" || cfg.host == "localhost" || cfg.host == "::1";
-        if loopback {
+        if cfg.loopback() {
             tracing::warn!("no API key set: serving on loopback only ({}); set --api-key to expose it", cfg.host);
         } else {
             tracing::warn!("no API key set and bound to {}: anyone who reaches it can use it", cfg.host);

@@ -205,7 +205,7 @@ async fn auth_keys_are_enforced() {
 async fn not_ready_is_503() {
     let cfg = ServeConfig::try_from(ServeOptions::default()).unwrap();
     let metrics = loraplex::serve::new_metrics(&cfg).unwrap();
-    let state = web::Data::new(AppState { backend: Arc::new(OnceLock::new()), metrics, limits: Default::default(), api_key: None, admin_key: None });
+    let state = web::Data::new(AppState { backend: Arc::new(OnceLock::new()), metrics, limits: Default::default(), api_key: None, admin_key: None, http: Default::default() });
     let app = test::init_service(App::new().app_data(state).configure(api::configure)).await;
     let (s, v) = call(&app, test::TestRequest::get().uri("/ready")).await;
     assert_error(s, &v, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable");

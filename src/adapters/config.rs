@@ -128,10 +128,12 @@ fn positive_int(v: &Value, what: &str) -> Result<usize, AdapterError> {
     }
 }
 
-fn finite_number(v: &Value, what: &str) -> Result<f64, AdapterError> {
+/// A number the LoRA delta computes with in f32 (the scaling `alpha / r` and each request's
+/// `scale · alpha / r`): it must be finite *as an f32*, where `1e300` is infinite.
+fn f32_number(v: &Value, what: &str) -> Result<f64, AdapterError> {
     match v.as_f64() {
-        Some(x) if x.is_finite() => Ok(x),
-        _ => Err(bad(format!("`{what}` must be a finite number, got `{v}`"))),
+        Some(x) if (x as f32).is_finite() => Ok(x),
+        _ => Err(bad(format!("`{what}` must be a finite number within the 32-bit float range (±3.4e38), got `{v}`"))),
     }
 }
 
@@ -204,7 +206,7 @@ impl PeftConfig {
         }
         let r = positive_int(raw.r.as_ref().ok_or_else(|| bad("missing `r`"))?, "r")?;
         let lora_alpha = match &raw.lora_alpha {
-            Some(v) => finite_number(v, "lora_alpha")?,
+            Some(v) => f32_number(v, "lora_alpha")?,
             None => 8.0, // PEFT's default
         };
         let target_modules = selector(raw.target_modules.as_ref().ok_or_else(|| bad("missing `target_modules`"))?, "target_modules")?;
@@ -227,7 +229,7 @@ impl PeftConfig {
             .alpha_pattern
             .unwrap_or_default()
             .iter()
-            .map(|(k, v)| Ok((Pattern::new(k, pattern_key, "pattern key")?, finite_number(v, &format!("alpha_pattern.{k}"))?)))
+            .map(|(k, v)| Ok((Pattern::new(k, pattern_key, "pattern key")?, f32_number(v, &format!("alpha_pattern.{k}"))?)))
             .collect::<Result<Vec<_>, AdapterError>>()?;
         let layers_to_transform = match &raw.layers_to_transform {
             None | Some(Value::Null) => None,

@@ -18,6 +18,9 @@ use std::time::SystemTime;
 /// The mixes file in the adapters folder.
 pub const MIXES_FILE: &str = "mixes.toml";
 
+/// The error of a mix whose name an adapter folder (or a configured mix) holds.
+pub const NAME_TAKEN: &str = "the name is taken by an adapter folder or a configured mix";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MixError {
     #[error("invalid mix `{spec}`: {reason}")]
@@ -130,7 +133,7 @@ impl MixTable {
         };
         for (name, mix) in parsed.iter_mut() {
             let clash = is_adapter(name) || self.config.contains_key(name);
-            let taken = "the name is taken by an adapter folder or a configured mix";
+            let taken = NAME_TAKEN;
             if clash && mix.error.is_none() {
                 mix.error = Some(taken.into());
             } else if !clash && mix.error.as_deref() == Some(taken) {

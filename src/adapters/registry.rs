@@ -51,7 +51,9 @@ pub struct AdapterInfo {
     pub name: String,
     pub version: u64,
     pub state: AdapterState,
-    pub path: String,
+    /// The folder on the server; shown to the admin key only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     pub rank: Option<usize>,
     pub alpha: Option<f64>,
     pub targets: Vec<String>,
@@ -202,12 +204,30 @@ impl Registry {
         &self.mixes
     }
 
+    /// The named mix `name`, unless an adapter folder holds that name: the adapter always
+    /// wins, a mix never shadows it.
+    pub fn mix(&self, name: &str) -> Option<super::mixes::MixInfo> {
+        if self.entries.contains_key(name) {
+            return None;
+        }
+        self.mixes.get(name)
+    }
+
+    /// Every named mix, sorted; one whose name an adapter folder holds is listed as refused.
+    pub fn mix_list(&self) -> Vec<super::mixes::MixInfo> {
+        let mut list = self.mixes.list();
+        for m in list.iter_mut().filter(|m| m.error.is_none() && self.entries.contains_key(&m.name)) {
+            m.error = Some(super::mixes::NAME_TAKEN.into());
+        }
+        list
+    }
+
     /// Names a router may find resident here: every loaded adapter, and every valid mix
     /// whose adapters are all loaded. Sorted.
     pub fn resident_models(&self) -> Vec<String> {
         let mut names: Vec<String> = self.entries.iter().filter(|e| e.loaded.is_some()).map(|e| e.key().clone()).collect();
         let loaded = |n: &str| self.entries.get(n).is_some_and(|e| e.loaded.is_some());
-        for m in self.mixes.list() {
+        for m in self.mix_list() {
             if m.error.is_none() && !m.adapters.is_empty() && m.adapters.iter().all(|a| loaded(&a.name)) {
                 names.push(m.name);
             }
@@ -253,7 +273,13 @@ impl Registry {
                 }
             }
         }
-        load_adapter(dir, name, &self.cfg, device).map_err(|e| e.to_string())
+        load_adapter(dir, name, &self.cfg, device).map_err(|e| self.relative(&e.to_string()))
+    }
+
+    /// `message` with the adapters root left out of the paths it names (errors are shown to
+    /// inference clients, who must not learn the server's file layout).
+    fn relative(&self, message: &str) -> String {
+        message.replace(&format!("{}{}", self.root.display(), std::path::MAIN_SEPARATOR), "")
     }
 
     /// Syncs the registry with the folders under the root: new folders appear, changed ones get
@@ -539,7 +565,7 @@ fn to_info(name: &str, e: &Entry) -> AdapterInfo {
         name: name.to_string(),
         version: e.version,
         state,
-        path: e.dir.display().to_string(),
+        path: Some(e.dir.display().to_string()),
         rank: e.rank,
         alpha: e.alpha,
         targets: e.targets.clone(),

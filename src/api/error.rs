@@ -2,7 +2,7 @@
 //! `{"error": {"message", "type", "param", "code"}}`. Typed errors of the core convert here.
 
 use crate::adapters::registry::RegistryError;
-use crate::engine::EngineError;
+use crate::engine::{EngineError, SequenceError};
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
@@ -42,7 +42,12 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(self.body())
+        let mut res = HttpResponse::build(self.status);
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still be trickling in: the connection cannot be reused.
+            res.force_close();
+        }
+        res.json(self.body())
     }
 }
 
@@ -103,6 +108,27 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
     }
 
+    /// 415: a JSON route called with another `Content-Type` (which is also what keeps a web
+    /// page from driving the API with a preflight-free `text/plain` form post).
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", message).with_code("unsupported_media_type")
+    }
+
+    /// 408: the body did not arrive in time.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", message).with_code("request_timeout")
+    }
+
+    /// 403 for a request the HTTP policy refuses (origin, host).
+    pub fn refused(message: impl Into<String>, code: &'static str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", message).with_code(code)
+    }
+
+    /// 500 with a message of ours that is safe to show (no internal detail).
+    fn server(message: impl Into<String>, code: &'static str) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message).with_code(code)
+    }
+
     /// 500: the detail goes to the log, the client gets a generic message.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!(%detail, "internal error");
@@ -116,6 +142,29 @@ impl From<EngineError> for ApiError {
             EngineError::QueueFull { .. } => ApiError::overloaded(e.to_string()),
             EngineError::ShuttingDown => ApiError::unavailable(e.to_string()).with_code("shutting_down"),
             EngineError::TooLarge { .. } => ApiError::invalid_value("max_tokens", e.to_string()).with_code("kv_cache_exceeded"),
+            EngineError::TooManySequences { .. } => ApiError::invalid_value("n", e.to_string()).with_code("too_many_sequences"),
+        }
+    }
+}
+
+/// One sequence's failure, as its request (or its stream's last event) reports it.
+impl From<SequenceError> for ApiError {
+    fn from(e: SequenceError) -> Self {
+        let msg = e.to_string();
+        match e {
+            SequenceError::NonFiniteLogits { with_adapters: true } => ApiError::invalid_value("adapters", msg).with_code("non_finite_logits"),
+            SequenceError::NonFiniteLogits { with_adapters: false } => ApiError::server(msg, "non_finite_logits"),
+            SequenceError::Token(_) => ApiError::server(msg, "token_choice_failed"),
+            SequenceError::Panic(detail) => {
+                tracing::error!(%detail, "a sequence panicked");
+                ApiError::server("the engine hit a bug while handling this sequence (logged); other requests were not affected", "engine_bug")
+            }
+            SequenceError::StepFailed(detail) => {
+                tracing::error!(%detail, "a sequence failed a recomputed step");
+                ApiError::server("a forward step failed twice with this sequence in it (logged); the other sequences were recomputed", "engine_step_failed")
+            }
+            SequenceError::Refused(inner) => inner.into(),
+            SequenceError::Injected => ApiError::server(msg, "injected_fault"),
         }
     }
 }

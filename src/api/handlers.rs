@@ -20,6 +20,22 @@ pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The JSON body of a POST route as `T`: `Content-Type: application/json` (415 otherwise),
+/// read within the body timeout (408) and the size limit (413), then parsed (400).
+async fn json_body<T: serde::de::DeserializeOwned>(req: &HttpRequest, payload: web::Payload, limits: &crate::config::Limits) -> Result<T, ApiError> {
+    let content_type = req.headers().get(actix_web::http::header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let mime = content_type.as_deref().and_then(|c| c.split(';').next()).map(str::trim).unwrap_or_default();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        let got = content_type.map_or("none".to_string(), |c| format!("`{}`", c.escape_debug()));
+        return Err(ApiError::unsupported_media_type(format!("the body must be JSON with `Content-Type: application/json`; got {got}")));
+    }
+    let timeout = limits.body_timeout;
+    let body = tokio::time::timeout(timeout, read_body(req, payload, limits.max_body_bytes))
+        .await
+        .map_err(|_| ApiError::timeout(format!("the request body did not arrive within {} s", timeout.as_secs_f64())))??;
+    parse(&body)
+}
+
 /// Reads the body, refusing more than `limit` bytes (413) before buffering them.
 async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
     let too_large = || ApiError::too_large(format!("the request body exceeds the limit of {limit} bytes"));
@@ -42,12 +58,15 @@ async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -
 fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
+        // Where the parser stopped: the keys and indices it could name, without the `?` it
+        // writes for a position it cannot (a truncated body) or the `.` of the top level.
+        let full = e.path().to_string();
+        let path = full.split('?').next().unwrap_or_default().trim_end_matches('.').to_string();
         let inner = e.into_inner();
-        if path.is_empty() || path == "." {
-            ApiError::bad_request(format!("invalid JSON body: {inner}"))
-        } else {
-            ApiError::bad_request(format!("invalid `{path}`: {inner}")).with_param(path)
+        match (path.is_empty(), inner.is_syntax() || inner.is_eof()) {
+            (true, _) => ApiError::bad_request(format!("invalid JSON body: {inner}")),
+            (false, true) => ApiError::bad_request(format!("invalid JSON body (in `{path}`): {inner}")).with_param(path),
+            (false, false) => ApiError::bad_request(format!("invalid `{path}`: {inner}")).with_param(path),
         }
     })?;
     de.end().map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
@@ -58,20 +77,25 @@ fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 async fn resolve_mix(b: &Backend, refs: &[(String, f64)]) -> Result<(AdapterMix, Vec<AppliedAdapter>), ApiError> {
     let mut entries = Vec::with_capacity(refs.len());
     let mut applied = Vec::with_capacity(refs.len());
-    for (name, scale) in refs {
+    for (i, (name, scale)) in refs.iter().enumerate() {
         let registry = b.registry.clone();
         let n = name.clone();
         let adapter = web::block(move || registry.acquire(&n)).await.map_err(ApiError::internal)??;
+        // Each term's coefficient `scale · alpha / r` is computed in f32.
+        if let Some(max) = adapter.modules.iter().flatten().map(|w| w.scaling.abs()).reduce(f64::max).filter(|m| !((m * scale) as f32).is_finite()) {
+            let msg = format!("scale {} × the scaling {} of adapter `{name}` overflows 32-bit floats", validate::fmt_num(*scale), validate::fmt_num(max));
+            return Err(ApiError::invalid_value(&format!("adapters[{i}].scale"), msg).with_code("scale_overflow"));
+        }
         applied.push(AppliedAdapter { name: name.clone(), version: adapter.version, scale: *scale });
         entries.push(MixEntry { adapter, scale: *scale });
     }
     Ok((AdapterMix::new(entries), applied))
 }
 
-/// Submits every (prompt × n) sequence; on refusal the already-submitted ones are cancelled
-/// (their receivers are dropped with the error return).
+/// Submits every (prompt × n) sequence, all or none (the `n` choices of a prompt arrive
+/// together and prefill it once).
 fn submit_all(b: &Backend, d: &Draft, mix: &AdapterMix, mv: &ModelView<'_>) -> Result<Vec<UnboundedReceiver<TokenEvent>>, ApiError> {
-    let mut rxs = Vec::with_capacity(d.prompts.len() * d.n);
+    let mut reqs = Vec::with_capacity(d.prompts.len() * d.n);
     for ids in &d.prompts {
         for k in 0..d.n {
             let mut r = d.template.clone();
@@ -79,14 +103,14 @@ fn submit_all(b: &Backend, d: &Draft, mix: &AdapterMix, mv: &ModelView<'_>) -> R
             r.mix = mix.clone();
             r.max_tokens = max_tokens_for(d, ids.len(), mv);
             r.sampling.seed = r.sampling.seed.wrapping_add(k as u64);
-            rxs.push(b.engine.submit(r)?);
+            reqs.push(r);
         }
     }
-    Ok(rxs)
+    Ok(b.engine.submit_all(reqs)?)
 }
 
 fn view<'a>(b: &'a Backend, state: &'a AppState) -> ModelView<'a> {
-    ModelView { id: &b.model_id, context_len: b.context_len, tokenizer: &b.tokenizer, limits: &state.limits, mixes: Some(b.registry.mixes()) }
+    ModelView { id: &b.model_id, context_len: b.context_len, tokenizer: &b.tokenizer, limits: &state.limits, registry: Some(&b.registry) }
 }
 
 /// Resolves the mix, submits every sequence, and describes the response to come.
@@ -96,6 +120,7 @@ async fn start(req: &HttpRequest, state: &AppState, b: &Backend, draft: &Draft, 
     let rxs = submit_all(b, draft, &mix, &view(b, state))?;
     let mut meta = ResponseMeta::new(endpoint, model.unwrap_or_else(|| b.model_id.clone()), applied);
     meta.logprobs = draft.template.logprobs.is_some();
+    meta.prompt_tokens = draft.prompts.iter().map(Vec::len).sum();
     let label = if endpoint == Endpoint::Chat { "chat_completions" } else { "completions" };
     meta.obs = stream_obs(req, state, label);
     Ok((rxs, meta))
@@ -103,8 +128,7 @@ async fn start(req: &HttpRequest, state: &AppState, b: &Backend, draft: &Draft, 
 
 pub async fn completions(req: HttpRequest, state: Data, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Inference)?;
-    let body = read_body(&req, payload, state.limits.max_body_bytes).await?;
-    let wire: CompletionRequest = parse(&body)?;
+    let wire: CompletionRequest = json_body(&req, payload, &state.limits).await?;
     let b = state.backend()?;
     let mv = view(b, &state);
     let draft = validate::completion(&wire, &mv)?;
@@ -139,8 +163,7 @@ pub async fn completions(req: HttpRequest, state: Data, payload: web::Payload) -
 
 pub async fn chat_completions(req: HttpRequest, state: Data, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Inference)?;
-    let body = read_body(&req, payload, state.limits.max_body_bytes).await?;
-    let wire: ChatRequest = parse(&body)?;
+    let wire: ChatRequest = json_body(&req, payload, &state.limits).await?;
     let b = state.backend()?;
     let mv = view(b, &state);
     let draft = validate::chat(&wire, &mv)?;
@@ -236,18 +259,30 @@ pub async fn ready(state: Data) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready", "model": b.model_id})))
 }
 
+/// The registry's adapters as this caller may see them: folder paths for the admin key only.
+fn adapter_infos(req: &HttpRequest, state: &AppState, b: &Backend, name: Option<&str>) -> Vec<crate::adapters::registry::AdapterInfo> {
+    let mut infos = match name {
+        Some(n) => b.registry.info(n).into_iter().collect(),
+        None => b.registry.list(),
+    };
+    if authorize(req, state, Scope::Admin).is_err() {
+        infos.iter_mut().for_each(|a| a.path = None);
+    }
+    infos
+}
+
 pub async fn models(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Inference)?;
     let b = state.backend()?;
     let base = serde_json::json!({"architecture": b.architecture, "context_length": b.context_len});
     let mut data = vec![serde_json::json!({"id": b.model_id, "object": "model", "created": 0, "owned_by": "loraplex", "loraplex": base})];
-    for a in b.registry.list() {
+    for a in adapter_infos(&req, &state, b, None) {
         data.push(serde_json::json!({
             "id": a.name, "object": "model", "created": 0, "owned_by": "loraplex", "parent": b.model_id,
             "loraplex": a,
         }));
     }
-    for m in b.registry.mixes().list() {
+    for m in b.registry.mix_list() {
         let state = if m.error.is_some() { "failed" } else { "available" };
         data.push(serde_json::json!({
             "id": m.name, "object": "model", "created": 0, "owned_by": "loraplex", "parent": b.model_id,
@@ -262,7 +297,7 @@ pub async fn list_adapters(req: HttpRequest, state: Data) -> Result<HttpResponse
     let b = state.backend()?;
     let reg = &b.registry;
     Ok(HttpResponse::Ok().json(serde_json::json!({
-        "object": "list", "data": reg.list(),
+        "object": "list", "data": adapter_infos(&req, &state, b, None),
         "resident_bytes": reg.resident_bytes(), "budget_bytes": reg.budget_bytes(),
     })))
 }
@@ -270,7 +305,7 @@ pub async fn list_adapters(req: HttpRequest, state: Data) -> Result<HttpResponse
 pub async fn get_adapter(req: HttpRequest, state: Data, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Inference)?;
     let b = state.backend()?;
-    match b.registry.info(&name) {
+    match adapter_infos(&req, &state, b, Some(&name)).pop() {
         Some(info) => Ok(HttpResponse::Ok().json(info)),
         None => Err(crate::adapters::registry::RegistryError::NotFound(name.into_inner()).into()),
     }
@@ -286,8 +321,7 @@ struct LoadBody {
 
 pub async fn load_adapter(req: HttpRequest, state: Data, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Admin)?;
-    let body = read_body(&req, payload, state.limits.max_body_bytes).await?;
-    let wire: LoadBody = parse(&body)?;
+    let wire: LoadBody = json_body(&req, payload, &state.limits).await?;
     let b = state.backend()?;
     let registry = b.registry.clone();
     let path = wire.path.clone().unwrap_or_else(|| wire.name.clone());

@@ -2,6 +2,7 @@
 //! `configure` is used by `serve` and by the tests' in-process service alike.
 
 pub mod error;
+pub mod guard;
 pub mod handlers;
 pub mod observe;
 pub mod openai;
@@ -35,9 +36,16 @@ pub struct AppState {
     pub limits: Limits,
     pub api_key: Option<String>,
     pub admin_key: Option<String>,
+    /// Browser origins and host names (CORS, DNS rebinding).
+    pub http: guard::HttpPolicy,
 }
 
 impl AppState {
+    /// The state of a server with this configuration (the backend fills in once loaded).
+    pub fn new(cfg: &crate::config::ServeConfig, backend: Arc<OnceLock<Backend>>, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self { backend, metrics, limits: cfg.limits.clone(), api_key: cfg.api_key.clone(), admin_key: cfg.admin_key.clone(), http: cfg.http_policy() }
+    }
+
     pub fn backend(&self) -> Result<&Backend, ApiError> {
         self.backend.get().ok_or_else(|| ApiError::unavailable("the model is still loading").with_code("not_ready"))
     }
@@ -47,6 +55,7 @@ impl AppState {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("")
+            .wrap(actix_web::middleware::from_fn(guard::middleware))
             .wrap(actix_web::middleware::from_fn(observe::middleware))
             .configure(routes),
     );

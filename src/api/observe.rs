@@ -76,23 +76,24 @@ impl std::fmt::Debug for StreamObs {
     }
 }
 
-/// Records the stream on drop: `server_error` if the engine failed it, `ok` if it reached its
-/// end, else `cancelled`.
+/// Records the stream on drop: by the status of its error event if a sequence failed, `ok`
+/// if it reached its end, else `cancelled`; with the tokens streamed until then.
 pub struct StreamGuard {
     pub obs: Option<StreamObs>,
     pub completed: bool,
-    /// The engine failed the stream (a final error event was sent).
-    pub failed: bool,
+    /// A sequence failed: the status its final error event carries.
+    pub error_status: Option<u16>,
+    /// (prompt, completion) tokens so far.
     pub usage: (usize, usize),
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         if let Some(mut o) = self.obs.take() {
-            let outcome = match (self.failed, self.completed) {
-                (true, _) => Outcome::ServerError,
-                (false, true) => Outcome::Ok,
-                (false, false) => Outcome::Cancelled,
+            let outcome = match (self.error_status, self.completed) {
+                (Some(status), _) => Outcome::from_status(status),
+                (None, true) => Outcome::Ok,
+                (None, false) => Outcome::Cancelled,
             };
             (o.facts.prompt_tokens, o.facts.completion_tokens) = self.usage;
             record(&o.metrics, o.endpoint, &o.facts, outcome, o.started, &o.request_id, 200);

@@ -31,13 +31,16 @@ pub struct ResponseMeta {
     pub logprobs: bool,
     /// How a stream records itself when it ends.
     pub obs: Option<super::observe::StreamObs>,
+    /// Prompt tokens of the request (each prompt once), for the access log of a stream that
+    /// ends early.
+    pub prompt_tokens: usize,
 }
 
 impl ResponseMeta {
     pub fn new(endpoint: Endpoint, model: String, adapters: Vec<AppliedAdapter>) -> Self {
         let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
         let id = format!("{prefix}-{:016x}", rand::random::<u64>());
-        Self { endpoint, id, created: super::handlers::now_secs(), model, adapters, logprobs: false, obs: None }
+        Self { endpoint, id, created: super::handlers::now_secs(), model, adapters, logprobs: false, obs: None, prompt_tokens: 0 }
     }
 
     pub fn envelope<C>(&self, object: &'static str, choices: Vec<C>, usage: Option<UsageOut>) -> Envelope<C> {
@@ -118,14 +121,15 @@ fn chat_token(tok: &TextTokenizer, id: u32, lp: f32, top: &[(u32, f32)]) -> Chat
     }
 }
 
-/// Waits for every sequence to finish. An engine error becomes a 500.
+/// Waits for every sequence to finish. A sequence's failure fails the request with that
+/// sequence's error (its other sequences are cancelled as their receivers drop).
 pub async fn collect(rxs: Vec<UnboundedReceiver<TokenEvent>>) -> Result<Vec<ChoiceResult>, ApiError> {
     let mut out = Vec::with_capacity(rxs.len());
     for mut rx in rxs {
         let mut r = ChoiceResult::default();
         while r.finish_reason.is_none() {
             match rx.recv().await {
-                Some(ev) => r.push(ev).map_err(ApiError::internal)?,
+                Some(ev) => r.push(ev).map_err(ApiError::from)?,
                 None => return Err(ApiError::internal("the engine dropped a sequence")),
             }
         }
@@ -178,7 +182,7 @@ pub fn sse_response(rxs: Vec<UnboundedReceiver<TokenEvent>>, meta: ResponseMeta,
         tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| (i, ev))
     });
     let events = stream::select_all(tagged);
-    let guard = super::observe::StreamGuard { obs: meta.obs.clone(), completed: false, failed: false, usage: (0, 0) };
+    let guard = super::observe::StreamGuard { obs: meta.obs.clone(), completed: false, error_status: None, usage: (meta.prompt_tokens, 0) };
     let state = (events, vec![true; n], 0usize, Usage::default(), false, guard);
     let body = stream::unfold(state, move |(mut events, mut first, mut done, mut usage, ended, mut guard)| {
         let meta = meta.clone();
@@ -190,12 +194,15 @@ pub fn sse_response(rxs: Vec<UnboundedReceiver<TokenEvent>>, meta: ResponseMeta,
             loop {
                 match events.next().await {
                     Some((i, ev)) => {
-                        if let TokenEvent::Error(msg) = &ev {
-                            let err = ApiError::internal(msg);
+                        if let TokenEvent::Error(e) = &ev {
+                            let err = ApiError::from(e.clone());
                             let mut out = sse(&err.body()).to_vec();
                             out.extend_from_slice(b"data: [DONE]\n\n");
-                            guard.failed = true;
+                            guard.error_status = Some(err.status.as_u16());
                             return Some((Ok::<_, actix_web::Error>(Bytes::from(out)), (events, first, done, usage, true, guard)));
+                        }
+                        if let TokenEvent::Token { .. } = &ev {
+                            guard.usage.1 += 1;
                         }
                         if let TokenEvent::Done { usage: u, .. } = &ev {
                             done += 1;

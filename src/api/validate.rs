@@ -37,8 +37,23 @@ pub struct ModelView<'a> {
     pub context_len: usize,
     pub tokenizer: &'a crate::model::tokenizer::TextTokenizer,
     pub limits: &'a Limits,
-    /// Named mixes a `model` may name (none in tools that have no registry).
-    pub mixes: Option<&'a crate::adapters::mixes::MixTable>,
+    /// The registry whose named mixes a `model` may name (none in tools that have no
+    /// registry).
+    pub registry: Option<&'a crate::adapters::registry::Registry>,
+}
+
+/// The smallest non-zero `temperature`: below it, dividing logits by the temperature leaves
+/// the range of the 32-bit floats the sampler computes in (0 is greedy).
+pub const MIN_TEMPERATURE: f64 = 1e-5;
+
+/// `x` as people write it: plain decimals for ordinary magnitudes, exponent notation for tiny
+/// or huge ones (Rust's `Display` writes `1e-300` as 300 digits).
+pub fn fmt_num(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() || (1e-4..1e15).contains(&x.abs()) {
+        format!("{x}")
+    } else {
+        format!("{x:e}")
+    }
 }
 
 fn check_extra(extra: &Map<String, Value>) -> Result<(), ApiError> {
@@ -59,8 +74,28 @@ fn in_range(param: &str, v: Option<f64>, lo: f64, hi: f64, default: f64) -> Resu
     match v {
         None => Ok(default),
         Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x),
-        Some(x) => Err(ApiError::invalid_value(param, format!("`{param}` must be between {lo} and {hi}, got {x}"))),
+        Some(x) => Err(ApiError::invalid_value(param, format!("`{param}` must be between {} and {}, got {}", fmt_num(lo), fmt_num(hi), fmt_num(x)))),
     }
+}
+
+/// `temperature`: 0 (greedy) or within [`MIN_TEMPERATURE`, 2].
+fn temperature(v: Option<f64>) -> Result<f64, ApiError> {
+    let t = in_range("temperature", v, 0.0, 2.0, 1.0)?;
+    if t > 0.0 && t < MIN_TEMPERATURE {
+        let msg = format!("`temperature` must be 0 (greedy) or at least {}, got {}", fmt_num(MIN_TEMPERATURE), fmt_num(t));
+        return Err(ApiError::invalid_value("temperature", msg));
+    }
+    Ok(t)
+}
+
+/// `top_p` in (0, 1], as the 32-bit float the sampler compares with: a value that rounds to 0
+/// there would keep no token at all.
+fn top_p(v: Option<f64>) -> Result<f64, ApiError> {
+    let p = in_range("top_p", v, 0.0, 1.0, 1.0)?;
+    if p as f32 <= 0.0 {
+        return Err(ApiError::invalid_value("top_p", format!("`top_p` must be above 0 (as a 32-bit float) and at most 1, got {}", fmt_num(p))));
+    }
+    Ok(p)
 }
 
 fn adapter_refs(common: &CommonParams, mv: &ModelView<'_>) -> Result<Vec<(String, f64)>, ApiError> {
@@ -68,14 +103,16 @@ fn adapter_refs(common: &CommonParams, mv: &ModelView<'_>) -> Result<Vec<(String
     let mut out: Vec<(String, f64)> = Vec::new();
     if let Some(m) = common.model.as_deref().filter(|m| *m != mv.id) {
         crate::adapters::registry::validate_name(m).map_err(|e| ApiError::not_found(format!("model `{}` does not exist: {e}", m.escape_debug())).with_param("model").with_code("model_not_found"))?;
-        match mv.mixes.and_then(|t| t.get(m)) {
+        // An adapter folder of that name wins: a mix never shadows an adapter.
+        match mv.registry.and_then(|r| r.mix(m)) {
             Some(mix) => {
                 if let Some(e) = mix.error {
                     return Err(ApiError::invalid_value("model", format!("mix `{m}` is unavailable: {e}")).with_code("mix_unavailable"));
                 }
                 for member in mix.adapters {
                     if member.scale.abs() > limits.max_abs_scale {
-                        return Err(ApiError::invalid_value("model", format!("mix `{m}` gives `{}` scale {}, beyond ±{}", member.name, member.scale, limits.max_abs_scale)).with_code("mix_unavailable"));
+                        let msg = format!("mix `{m}` gives `{}` scale {}, beyond ±{}", member.name, fmt_num(member.scale), fmt_num(limits.max_abs_scale));
+                        return Err(ApiError::invalid_value("model", msg).with_code("mix_unavailable"));
                     }
                     out.push((member.name, member.scale));
                 }
@@ -88,7 +125,8 @@ fn adapter_refs(common: &CommonParams, mv: &ModelView<'_>) -> Result<Vec<(String
         crate::adapters::registry::validate_name(name).map_err(|e| ApiError::invalid_value(&param, e.to_string()).with_code("invalid_adapter_name"))?;
         let scale = scale.unwrap_or(1.0);
         if !scale.is_finite() || scale.abs() > limits.max_abs_scale {
-            return Err(ApiError::invalid_value(&format!("{param}.scale"), format!("adapter scale must be finite and within ±{}, got {scale}", limits.max_abs_scale)));
+            let msg = format!("adapter scale must be finite and within ±{}, got {}", fmt_num(limits.max_abs_scale), fmt_num(scale));
+            return Err(ApiError::invalid_value(&format!("{param}.scale"), msg));
         }
         if out.iter().any(|(n, _)| n == name) {
             return Err(ApiError::invalid_value(&param, format!("adapter `{name}` appears twice in the request")).with_code("duplicate_adapter"));
@@ -104,8 +142,8 @@ fn adapter_refs(common: &CommonParams, mv: &ModelView<'_>) -> Result<Vec<(String
 /// The sampling/stopping part shared by both endpoints.
 fn common_draft(c: &CommonParams, mv: &ModelView<'_>, max_tokens: Option<i64>) -> Result<Draft, ApiError> {
     let l = mv.limits;
-    let temperature = in_range("temperature", c.temperature, 0.0, 2.0, 1.0)?;
-    let top_p = in_range("top_p", c.top_p, f64::MIN_POSITIVE, 1.0, 1.0)?;
+    let temperature = temperature(c.temperature)?;
+    let top_p = top_p(c.top_p)?;
     let top_k = match c.top_k {
         None | Some(-1) | Some(0) => None,
         Some(k) if k >= 1 => Some(k as usize),
@@ -195,6 +233,19 @@ pub fn max_tokens_for(d: &Draft, prompt_len: usize, mv: &ModelView<'_>) -> usize
     d.max_tokens.unwrap_or_else(|| mv.limits.default_max_tokens.min(max_total - prompt_len)).max(1)
 }
 
+/// The request's work budget: every sequence's prompt and `max_tokens` (prompts × `n`), which
+/// bounds what one body can ask the engine to compute.
+fn check_work(d: &Draft, mv: &ModelView<'_>) -> Result<(), ApiError> {
+    let per_choice: usize = d.prompts.iter().map(|p| p.len() + max_tokens_for(d, p.len(), mv)).sum();
+    let work = per_choice.saturating_mul(d.n);
+    let limit = mv.limits.max_request_tokens;
+    if work > limit {
+        let msg = format!("the request asks for {work} tokens of work (prompt + max_tokens for each of {} prompts × n = {}); the limit is {limit}", d.prompts.len(), d.n);
+        return Err(ApiError::invalid_value(if d.n > 1 { "n" } else { "max_tokens" }, msg).with_code("request_too_large"));
+    }
+    Ok(())
+}
+
 pub fn completion(req: &CompletionRequest, mv: &ModelView<'_>) -> Result<Draft, ApiError> {
     check_extra(&req.extra)?;
     let mut d = common_draft(&req.common, mv, req.common.max_tokens)?;
@@ -214,6 +265,7 @@ pub fn completion(req: &CompletionRequest, mv: &ModelView<'_>) -> Result<Draft, 
         Some(StringOrList::Many(v)) => v.clone(),
     };
     add_prompts(&mut d, texts, mv, "prompt")?;
+    check_work(&d, mv)?;
     Ok(d)
 }
 
@@ -261,5 +313,6 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Draft, ApiError> {
     }
     let text = mv.tokenizer.apply_chat_template(&messages).map_err(|e| ApiError::invalid_value("messages", e.to_string()))?;
     add_prompts(&mut d, vec![text], mv, "messages")?;
+    check_work(&d, mv)?;
     Ok(d)
 }

@@ -4,17 +4,22 @@
 //!
 //! The batcher also schedules against the KV block pool: a waiting sequence is admitted (in
 //! arrival order) only when its prompt's blocks fit, after taking what the prefix cache
-//! already holds; when a decoding sequence needs a block and none is free, the most recently
-//! admitted running sequence is preempted (its blocks freed, recomputed later from the front
-//! of the queue). Owned by the worker thread (or by a caller, for `generate`).
+//! already holds (and after waiting for a running sequence that is computing the same prefix);
+//! when a decoding sequence needs a block and none is free, the most recently admitted running
+//! sequence is preempted (its blocks freed, recomputed later from the front of the queue).
+//! A fault in one row fails that sequence alone; a failed forward re-queues the step's
+//! sequences (`engine::fault`). Owned by the worker thread (or by a caller, for `generate`).
 
-use super::kv_pool::KvPool;
+use super::fault::{FaultInjection, FaultKind, SequenceError};
+use super::kv_pool::{block_hash, chain_hashes, KvPool};
 use super::sequence::Sequence;
 use crate::adapters::AdapterMix;
 use crate::model::kv_cache::{blocks_for, BLOCK_TOKENS};
-use std::collections::VecDeque;
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::{BatchInput, Llama, Result, SeqCache, StepLora};
+use candle_core::{DType, Tensor, D};
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 
 /// Which LoRA implementation the batch uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +44,17 @@ pub struct StepReport {
     pub cancelled_waiting: usize,
     /// Running sequences sent back to the queue for lack of KV blocks.
     pub preempted: usize,
+    /// Queued sequences ended at admission (a request that can never fit).
+    pub refused: usize,
+    /// Sequences that failed on their own this step (error sent, blocks freed); the rest of
+    /// the batch went on.
+    pub failed: usize,
+    /// The forward itself failed; its sequences went back to the queue.
+    pub step_failed: bool,
+    /// Sequences a failed step sent back to the queue (recomputed on probation).
+    pub requeued: usize,
+    /// Admissions postponed because a running sequence is computing the same prefix.
+    pub deferred: usize,
 }
 
 pub struct Batcher<'m> {
@@ -64,6 +80,8 @@ pub struct Batcher<'m> {
     /// below `prefill_chunk`; 0 turns it off. The engine uses [`STEP_LATENCY_RATIO`].
     pub step_latency_ratio: f64,
     pacer: Pacer,
+    /// Test-only fault injection ([`FaultInjection`]).
+    pub faults: Option<Arc<FaultInjection>>,
 }
 
 /// The engine's step latency ratio: a prefilling step about 1.5 decode steps (the attention
@@ -126,6 +144,7 @@ impl<'m> Batcher<'m> {
             issued: 0,
             step_latency_ratio: 0.0,
             pacer: Pacer::default(),
+            faults: None,
         }
     }
 
@@ -151,24 +170,46 @@ impl<'m> Batcher<'m> {
 
     /// Admits waiting sequences in arrival order while the batch, the step's prefill budget
     /// and the pool allow (at least one when the batch has room and its blocks fit).
+    ///
+    /// Two exceptions to plain arrival order: a sequence whose next uncached prefix block a
+    /// running sequence is computing right now waits for it (it stays in its place and later
+    /// ones may pass it), so the `n` choices of one prompt, or identical prompts arriving
+    /// together, prefill their shared blocks once; and a sequence on probation is admitted
+    /// only while no other one runs (a step that fails again then has one suspect).
     fn admit(&mut self, report: &mut StepReport) {
         let mut tokens = 0;
-        while self.running.len() < self.max_batch {
-            let Some(front) = self.waiting.front() else { break };
-            let all = front.pending.len();
-            let blocks = blocks_for(front.max_len());
+        let mut computing = self.blocks_in_flight();
+        let mut i = 0;
+        while self.running.len() < self.max_batch && i < self.waiting.len() {
+            let cand = &self.waiting[i];
+            let all = cand.pending.len();
+            let blocks = blocks_for(cand.max_len());
             if blocks > self.pool.capacity() {
                 // Refused up front by the engine; a direct caller gets the same error here.
-                let Some(mut s) = self.waiting.pop_front() else { break };
+                let Some(mut s) = self.waiting.remove(i) else { break };
                 let e = super::EngineError::TooLarge { prompt: s.req.prompt_ids.len(), max_tokens: s.req.max_tokens, blocks, capacity: self.pool.capacity() };
-                s.fail(e.to_string());
+                s.fail(SequenceError::Refused(e));
+                report.refused += 1;
                 self.retire(s);
                 continue;
             }
+            if cand.suspect && self.running.iter().any(|s| s.suspect) {
+                break;
+            }
             // The last prompt token is always computed: its logits are the first sample.
-            let (hits, chain) = self.pool.lookup(&front.pending, &front.mix_key, (all - 1) / BLOCK_TOKENS);
-            let todo = all - hits.len() * BLOCK_TOKENS;
-            let need = blocks_for(all) - hits.len();
+            let want = (all - 1) / BLOCK_TOKENS;
+            let (hits, chain) = self.pool.lookup(&cand.pending, &cand.mix_key, want);
+            let k = hits.len();
+            if k < want && !computing.is_empty() {
+                let parent = chain.hashes.last().copied().unwrap_or(0);
+                if computing.contains(&block_hash(parent, &cand.mix_key, &cand.pending[k * BLOCK_TOKENS..(k + 1) * BLOCK_TOKENS])) {
+                    report.deferred += 1;
+                    i += 1;
+                    continue;
+                }
+            }
+            let todo = all - k * BLOCK_TOKENS;
+            let need = blocks_for(all) - k;
             if (report.admitted > 0 && tokens + todo > self.prefill_chunk) || need > self.pool.available() {
                 break;
             }
@@ -178,18 +219,23 @@ impl<'m> Batcher<'m> {
             if fresh.len() < need {
                 break;
             }
-            let Some(mut s) = self.waiting.pop_front() else { break };
-            let hit_tokens = hits.len() * BLOCK_TOKENS;
+            let Some(mut s) = self.waiting.remove(i) else { break };
+            let hit_tokens = k * BLOCK_TOKENS;
             self.pool.count_lookup(all, hit_tokens);
             if let (Some(m), true) = (&self.metrics, self.pool.prefix_caching()) {
                 m.count_prefix_lookup(all, hit_tokens);
             }
             if let Err(e) = s.cache.attach_prefix(hits, self.model.kv_width()) {
-                s.fail(e.to_string());
+                s.fail(SequenceError::Token(e.to_string()));
+                report.refused += 1;
                 self.retire(s);
                 continue;
             }
             fresh.into_iter().for_each(|b| s.cache.push_block(b));
+            if self.pool.prefix_caching() {
+                s.prompt_chain = chain_hashes(&s.pending, &s.mix_key);
+                computing.extend(s.prompt_chain.iter().skip(k));
+            }
             s.pending.drain(..hit_tokens);
             s.chain = chain;
             tokens += todo;
@@ -202,6 +248,12 @@ impl<'m> Batcher<'m> {
             self.running.push(s);
             report.admitted += 1;
         }
+    }
+
+    /// Chain hashes of the prefix blocks running sequences are computing and have not yet
+    /// registered in the prefix cache.
+    fn blocks_in_flight(&self) -> HashSet<u64> {
+        self.running.iter().filter(|s| s.is_prompt()).flat_map(|s| s.prompt_chain.iter().skip(s.chain.hashes.len()).copied()).collect()
     }
 
     /// Reserves every running sequence's blocks for this step's tokens, oldest first,
@@ -239,6 +291,11 @@ impl<'m> Batcher<'m> {
 
     /// Admits what fits, runs one forward for every running sequence, and retires the
     /// finished ones.
+    ///
+    /// A failure that belongs to one row (non-finite logits, choosing its token, a panic
+    /// there) fails that sequence only. A failure of the forward itself sends every sequence
+    /// of the step back to the front of the queue, to be recomputed on probation; one that was
+    /// already on probation fails instead (it failed twice).
     pub fn step(&mut self) -> StepReport {
         let before = self.running.len();
         let (cancelled, running): (Vec<Sequence>, Vec<Sequence>) = std::mem::take(&mut self.running).into_iter().partition(|s| s.is_cancelled());
@@ -285,20 +342,14 @@ impl<'m> Batcher<'m> {
         }
         let _entered = span.enter();
         let started = std::time::Instant::now();
-        let result = self.forward_and_sample(&input, &feeds);
+        let outcome = self.forward(&input);
         self.pacer.observe(started.elapsed().as_secs_f64(), report.prefill_tokens, report.decode_tokens);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "forward step failed; failing its sequences");
-            for s in self.running.iter_mut() {
-                s.fail(format!("internal error: {e}"));
+        match outcome {
+            Ok(out) => {
+                self.take_tokens(&out, &feeds, &mut report);
+                self.register_prefixes();
             }
-        }
-        // After a failed step the caches may hold half-written layers: nothing is shared.
-        if result.is_ok() && self.pool.prefix_caching() {
-            for s in self.running.iter_mut().filter(|s| s.cache.len() / BLOCK_TOKENS > s.chain.hashes.len()) {
-                let tokens = s.tokens();
-                self.pool.register(&s.cache, &tokens[..s.cache.len().min(tokens.len())], &s.mix_key, &mut s.chain);
-            }
+            Err(e) => self.requeue_failed_step(&e, &mut report),
         }
         let before = self.running.len();
         let (done, running): (Vec<Sequence>, Vec<Sequence>) = std::mem::take(&mut self.running).into_iter().partition(|s| s.finished.is_some());
@@ -308,6 +359,41 @@ impl<'m> Batcher<'m> {
             self.retire(s);
         }
         report
+    }
+
+    /// Puts the running sequences' newly completed full blocks into the prefix cache (not a
+    /// failed sequence's: its values may be what failed it).
+    fn register_prefixes(&mut self) {
+        if !self.pool.prefix_caching() {
+            return;
+        }
+        for s in self.running.iter_mut().filter(|s| !s.has_failed() && s.cache.len() / BLOCK_TOKENS > s.chain.hashes.len()) {
+            let tokens = s.tokens();
+            self.pool.register(&s.cache, &tokens[..s.cache.len().min(tokens.len())], &s.mix_key, &mut s.chain);
+        }
+    }
+
+    /// After a failed forward: every sequence of the step goes back to the front of the queue
+    /// (in order, caches dropped, to be recomputed), on probation; one already on probation
+    /// fails. Nothing of the step was sampled, so a recomputed sequence continues exactly
+    /// where it was.
+    fn requeue_failed_step(&mut self, error: &str, report: &mut StepReport) {
+        tracing::error!(error, sequences = self.running.len(), "forward step failed; re-queueing its sequences");
+        report.step_failed = true;
+        let mut failed = Vec::new();
+        for mut s in std::mem::take(&mut self.running).into_iter().rev() {
+            if s.suspect {
+                s.fail(SequenceError::StepFailed(error.to_string()));
+                report.failed += 1;
+                failed.push(s);
+            } else {
+                s.suspect = true;
+                s.preempt();
+                report.requeued += 1;
+                self.waiting.push_front(s);
+            }
+        }
+        self.running = failed;
     }
 
     fn retire(&self, s: Sequence) {
@@ -325,7 +411,25 @@ impl<'m> Batcher<'m> {
         }
     }
 
-    fn forward_and_sample(&mut self, input: &BatchInput, feeds: &[usize]) -> Result<()> {
+    /// The step's forward and the logits of each sequence's last fed position; a panic
+    /// inside is caught and becomes the step's error.
+    fn forward(&mut self, input: &BatchInput) -> std::result::Result<StepLogits, String> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.forward_logits(input))) {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(panic) => Err(SequenceError::from_panic(panic).to_string()),
+        }
+    }
+
+    fn forward_logits(&mut self, input: &BatchInput) -> Result<StepLogits> {
+        if let Some(f) = &self.faults {
+            if self.running.iter().any(|s| f.fault_for(&s.req.prompt_ids).is_some()) && f.step_fails() {
+                if f.kind == FaultKind::StepPanic {
+                    panic!("injected step panic");
+                }
+                return Err(crate::model::ModelError::Generation("injected step fault".into()));
+            }
+        }
         let ids: Vec<u64> = self.running.iter().map(|s| s.id).collect();
         if self.lora.as_ref().is_none_or(|(key, _)| *key != ids) {
             let mixes: Vec<&AdapterMix> = self.running.iter().map(|s| &s.req.mix).collect();
@@ -344,31 +448,46 @@ impl<'m> Batcher<'m> {
             let hidden = self.model.forward(input, Some(&mut caches), lora)?;
             self.model.logits(&Llama::last_rows(&hidden, &input.seq_lens)?)?
         };
+        // A row's sum is finite exactly when all its values are (logits are far below the
+        // f32 range): one reduction and one small copy for the whole batch.
+        let finite = logits.sum(D::Minus1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().map(f32::is_finite).collect();
         // Greedy rows take their argmax in one op on the logits' device and one small copy;
         // the others read their row from one host copy of the logits (a copy only off the CPU).
         let sampled = |(s, &feed): (&Sequence, &usize)| feed >= s.pending.len();
-        let rows = || self.running.iter().zip(feeds).filter(|r| sampled(*r));
+        let rows = || self.running.iter().zip(&input.seq_lens).filter(|r| sampled(*r));
         let argmax = match rows().any(|(s, _)| s.is_plain_greedy()) {
-            true => Some(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?),
+            true => Some(logits.argmax(D::Minus1)?.to_vec1::<u32>()?),
             false => None,
         };
         let host = match rows().any(|(s, _)| !s.is_plain_greedy()) {
             true => Some(logits.to_device(&candle_core::Device::Cpu)?),
             false => None,
         };
+        Ok(StepLogits { finite, argmax, host })
+    }
+
+    /// Each sequence that fed its last pending token takes its next token from its own row;
+    /// whatever goes wrong there fails that sequence alone.
+    fn take_tokens(&mut self, out: &StepLogits, feeds: &[usize], report: &mut StepReport) {
         let now = std::time::Instant::now();
+        let (tok, faults, metrics) = (self.tok, self.faults.as_deref(), self.metrics.as_deref());
         for (row, (s, &feed)) in self.running.iter_mut().zip(feeds).enumerate() {
             if feed < s.pending.len() {
                 // Mid-prompt: the rest of the prompt goes in later steps; nothing is sampled.
                 s.pending.drain(..feed);
                 continue;
             }
-            match (&argmax, &host) {
-                (Some(picks), _) if s.is_plain_greedy() => s.accept_greedy(picks[row], self.tok)?,
-                (_, Some(host)) => s.accept(&host.get(row)?, self.tok)?,
-                _ => return Err(crate::model::ModelError::Generation("a sampled row without logits; this is a bug".into())),
+            let fault = faults.and_then(|f| f.fault_for(&s.req.prompt_ids));
+            let chosen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| out.choose(s, row, fault, tok)));
+            if let Err(e) = chosen.unwrap_or_else(|panic| Err(SequenceError::from_panic(panic))) {
+                tracing::warn!(parent: &s.req.span, error = %e, "sequence failed; its batch continues");
+                s.fail(e);
+                report.failed += 1;
+                continue;
             }
-            if let Some(m) = &self.metrics {
+            // A sequence on probation that samples again has been recomputed successfully.
+            s.suspect = false;
+            if let Some(m) = metrics {
                 match s.last_token_at {
                     None => m.ttft.observe((now - s.submitted_at).as_secs_f64()),
                     Some(prev) => m.itl.observe((now - prev).as_secs_f64()),
@@ -376,6 +495,35 @@ impl<'m> Batcher<'m> {
             }
             s.last_token_at = Some(now);
         }
-        Ok(())
+    }
+}
+
+/// What one successful forward leaves for choosing tokens: per row (sequence), whether its
+/// logits are all finite, and its logits as the rows that sample need them.
+struct StepLogits {
+    finite: Vec<bool>,
+    /// Each row's argmax, when some row takes its plain argmax.
+    argmax: Option<Vec<u32>>,
+    /// The logits on the host, when some row samples or penalises.
+    host: Option<Tensor>,
+}
+
+impl StepLogits {
+    /// Row `row`'s next token for `s`.
+    fn choose(&self, s: &mut Sequence, row: usize, fault: Option<FaultKind>, tok: &TextTokenizer) -> std::result::Result<(), SequenceError> {
+        if fault == Some(FaultKind::RowNan) || !self.finite.get(row).copied().unwrap_or(false) {
+            return Err(SequenceError::NonFiniteLogits { with_adapters: !s.req.mix.is_empty() });
+        }
+        match fault {
+            Some(FaultKind::RowError) => return Err(SequenceError::Injected),
+            Some(FaultKind::RowPanic) => panic!("injected row panic"),
+            _ => {}
+        }
+        let bug = || SequenceError::Token("a sampled row without logits; this is a bug".into());
+        match (&self.argmax, &self.host) {
+            (Some(picks), _) if s.is_plain_greedy() => s.accept_greedy(*picks.get(row).ok_or_else(bug)?, tok),
+            (_, Some(host)) => s.accept(&host.get(row).map_err(|e| SequenceError::Token(e.to_string()))?, tok),
+            _ => Err(bug()),
+        }
     }
 }

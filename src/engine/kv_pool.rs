@@ -41,11 +41,25 @@ impl MixKey {
     }
 }
 
-/// Chain hash of a full block: the previous block's hash, the mix and the block's tokens.
-fn block_hash(parent: u64, mix: &MixKey, tokens: &[u32]) -> u64 {
+/// Chain hash of a full block: the previous block's hash (0 for the first), the mix and the
+/// block's tokens.
+pub fn block_hash(parent: u64, mix: &MixKey, tokens: &[u32]) -> u64 {
     let mut h = DefaultHasher::new();
     (parent, mix.hash, tokens).hash(&mut h);
     h.finish()
+}
+
+/// Chain hashes of every full block of `tokens` under `mix`, from the start: the keys
+/// [`KvPool::register`] gives those blocks once they are computed.
+pub fn chain_hashes(tokens: &[u32], mix: &MixKey) -> Vec<u64> {
+    let mut parent = 0;
+    tokens
+        .chunks_exact(BLOCK_TOKENS)
+        .map(|chunk| {
+            parent = block_hash(parent, mix, chunk);
+            parent
+        })
+        .collect()
 }
 
 struct Entry {

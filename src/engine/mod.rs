@@ -3,13 +3,16 @@
 //! from its own channel. Dropping that channel cancels the sequence at the next step.
 //!
 //! Invariant: no model work runs outside the worker thread (or a caller-owned [`Batcher`]).
+//! Invariant: a fault in one sequence fails that sequence only (`engine::fault`).
 
 pub mod batcher;
+pub mod fault;
 pub mod kv_pool;
 pub mod sequence;
 pub mod worker;
 
 pub use batcher::{Batcher, LoraPath};
+pub use fault::{FaultInjection, FaultKind, SequenceError};
 pub use worker::{Engine, EngineStats};
 
 use crate::adapters::AdapterMix;
@@ -74,7 +77,7 @@ pub enum TokenEvent {
     /// character is incomplete); `top` is empty unless log-probabilities were asked for.
     Token { id: u32, text: String, logprob: f32, top: Vec<(u32, f32)> },
     Done { reason: FinishReason, usage: Usage },
-    Error(String),
+    Error(SequenceError),
 }
 
 /// Everything one sequence streamed, gathered (the non-streaming responses and `generate`).
@@ -93,8 +96,8 @@ pub struct Collected {
 }
 
 impl Collected {
-    /// Adds one event; `Err` carries an engine failure.
-    pub fn push(&mut self, ev: TokenEvent) -> Result<(), String> {
+    /// Adds one event; `Err` carries the sequence's failure.
+    pub fn push(&mut self, ev: TokenEvent) -> Result<(), SequenceError> {
         match ev {
             TokenEvent::Token { id, text, logprob, top } => {
                 self.ids.push(id);
@@ -115,8 +118,11 @@ impl Collected {
 /// Why the engine did not take a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
-    #[error("the server is overloaded: {waiting} requests are waiting (limit {limit})")]
-    QueueFull { waiting: usize, limit: usize },
+    #[error("the server is overloaded: {waiting} sequences are waiting and this request adds {adding} (limit {limit}); retry later")]
+    QueueFull { waiting: usize, adding: usize, limit: usize },
+    /// More sequences (prompts × `n`) than the queue can ever hold: never retryable.
+    #[error("the request needs {sequences} sequences (prompts × n); the queue holds at most {limit}")]
+    TooManySequences { sequences: usize, limit: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("prompt ({prompt} tokens) + max_tokens ({max_tokens}) needs {blocks} KV cache blocks of 16 tokens; the whole pool holds {capacity} (set --kv-cache-bytes to raise it)")]
@@ -124,7 +130,7 @@ pub enum EngineError {
 }
 
 /// Batch and queue limits of the engine.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Sequences decoded together at most.
     pub max_batch_size: usize,
@@ -140,11 +146,21 @@ pub struct EngineConfig {
     /// While sequences decode, a step that carries prompt tokens is kept to about this many
     /// times a decode-only step, by shrinking the prompt chunk; 0 = only `max_prefill_tokens`.
     pub step_latency_ratio: f64,
+    /// Test-only fault injection ([`FaultInjection`]); `None` in every real configuration.
+    pub faults: Option<std::sync::Arc<FaultInjection>>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch_size: 32, max_waiting: 256, max_prefill_tokens: 512, kv_cache_bytes: None, prefix_cache: true, step_latency_ratio: batcher::STEP_LATENCY_RATIO }
+        Self {
+            max_batch_size: 32,
+            max_waiting: 256,
+            max_prefill_tokens: 512,
+            kv_cache_bytes: None,
+            prefix_cache: true,
+            step_latency_ratio: batcher::STEP_LATENCY_RATIO,
+            faults: None,
+        }
     }
 }
 

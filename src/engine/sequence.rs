@@ -3,10 +3,10 @@
 //! never include (part of) a stop string or half a UTF-8 character.
 
 use super::kv_pool::{MixKey, PrefixChain};
-use super::{FinishReason, Request, TokenEvent, Usage};
+use super::{FinishReason, Request, SequenceError, TokenEvent, Usage};
 use crate::model::sampling::{logprobs, Sampler};
 use crate::model::tokenizer::TextTokenizer;
-use crate::model::{Result, SeqCache};
+use crate::model::SeqCache;
 use candle_core::Tensor;
 use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
@@ -20,6 +20,13 @@ pub struct Sequence {
     pub mix_key: Arc<MixKey>,
     /// The leading full blocks of `cache` the prefix cache knows.
     pub chain: PrefixChain,
+    /// Chain hashes of every full block of the tokens fed since admission (cached ones
+    /// included): the blocks past `chain` are the ones this sequence is still computing, which
+    /// a waiting sequence with the same prefix waits for instead of computing them again.
+    pub prompt_chain: Vec<u64>,
+    /// On probation: a forward step failed with this sequence in it, and it has not sampled a
+    /// token since. A step that fails again while it runs fails it (see `Batcher`).
+    pub suspect: bool,
     sampler: Sampler,
     /// Tokens to feed at the next step: the prompt first, then the last sampled token.
     pub pending: Vec<u32>,
@@ -43,6 +50,8 @@ impl Sequence {
             id,
             mix_key: Arc::new(MixKey::of(&req.mix)),
             chain: PrefixChain::default(),
+            prompt_chain: Vec::new(),
+            suspect: false,
             sampler: Sampler::new(&req.sampling),
             pending: req.prompt_ids.clone(),
             cache,
@@ -89,13 +98,20 @@ impl Sequence {
     pub fn preempt(&mut self) {
         self.cache.clear();
         self.chain = PrefixChain::default();
+        self.prompt_chain.clear();
         self.pending = self.tokens();
     }
 
-    /// Reports a failure to the client and marks the sequence finished.
-    pub fn fail(&mut self, message: String) {
-        self.final_event = Some(TokenEvent::Error(message));
+    /// Ends this sequence (only this one) with `error`: the client gets it as the final event
+    /// when the sequence retires, after its blocks are freed.
+    pub fn fail(&mut self, error: SequenceError) {
+        self.final_event = Some(TokenEvent::Error(error));
         self.finished = Some(FinishReason::Stop);
+    }
+
+    /// Ended by [`Sequence::fail`].
+    pub fn has_failed(&self) -> bool {
+        matches!(self.final_event, Some(TokenEvent::Error(_)))
     }
 
     /// Ends a finished sequence: its KV cache and adapter references are dropped before the
@@ -116,27 +132,29 @@ impl Sequence {
         self.req.sampling.is_greedy() && self.req.penalties.is_none() && self.req.logprobs.is_none()
     }
 
-    /// Consumes this step's logits row: samples, streams, and decides whether to stop.
-    pub fn accept(&mut self, logits: &Tensor, tok: &TextTokenizer) -> Result<()> {
-        let logits = self.req.penalties.apply(logits, &self.generated)?;
-        let token = self.sampler.sample(&logits)?;
+    /// Consumes this step's logits row (finite: the batcher checked): samples, streams, and
+    /// decides whether to stop. An error is this sequence's alone.
+    pub fn accept(&mut self, logits: &Tensor, tok: &TextTokenizer) -> Result<(), SequenceError> {
+        let token_err = |e: crate::model::ModelError| SequenceError::Token(e.to_string());
+        let logits = self.req.penalties.apply(logits, &self.generated).map_err(token_err)?;
+        let token = self.sampler.sample(&logits).map_err(token_err)?;
         let (lp, top) = match self.req.logprobs {
-            Some(k) => logprobs(&logits, token, k)?,
+            Some(k) => logprobs(&logits, token, k).map_err(token_err)?,
             None => (0.0, Vec::new()),
         };
         self.push_token(token, lp, top, tok)
     }
 
     /// Takes `token`, already chosen as this row's argmax (see [`Sequence::is_plain_greedy`]).
-    pub fn accept_greedy(&mut self, token: u32, tok: &TextTokenizer) -> Result<()> {
+    pub fn accept_greedy(&mut self, token: u32, tok: &TextTokenizer) -> Result<(), SequenceError> {
         self.push_token(token, 0.0, Vec::new(), tok)
     }
 
-    fn push_token(&mut self, token: u32, lp: f32, top: Vec<(u32, f32)>, tok: &TextTokenizer) -> Result<()> {
+    fn push_token(&mut self, token: u32, lp: f32, top: Vec<(u32, f32)>, tok: &TextTokenizer) -> Result<(), SequenceError> {
         self.generated.push(token);
         let is_eos = self.req.stop_at_eos && tok.eos_ids.contains(&token);
         let text_ids = if is_eos { &self.generated[..self.generated.len() - 1] } else { &self.generated[..] };
-        let text = tok.decode(text_ids)?;
+        let text = tok.decode(text_ids).map_err(|e| SequenceError::Token(e.to_string()))?;
         let mut finish = None;
         let mut end = safe_prefix_len(&text, &self.req.stop);
         if is_eos {

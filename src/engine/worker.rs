@@ -36,10 +36,10 @@ fn adapter_names<'a>(reqs: impl Iterator<Item = &'a Request>) -> Vec<String> {
     names
 }
 
+/// The sequences of one request, queued together (so the `n` choices of a prompt arrive in the
+/// same step and share its prefill).
 struct Submission {
-    id: u64,
-    req: Request,
-    events: UnboundedSender<TokenEvent>,
+    sequences: Vec<(u64, Request, UnboundedSender<TokenEvent>)>,
     submitted_at: std::time::Instant,
 }
 
@@ -85,7 +85,10 @@ impl Engine {
         );
         std::thread::Builder::new()
             .name("loraplex-engine".into())
-            .spawn(move || run(model, tok, cfg, kv, rx, worker_stats, metrics))?;
+            .spawn({
+                let cfg = cfg.clone();
+                move || run(model, tok, cfg, kv, rx, worker_stats, metrics)
+            })?;
         Ok(Engine { tx, stats, cfg, kv, next_id: Arc::new(AtomicU64::new(1)) })
     }
 
@@ -97,33 +100,52 @@ impl Engine {
     /// Queues one sequence; its events arrive on the returned receiver. Dropping the receiver
     /// cancels the sequence.
     pub fn submit(&self, req: Request) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
+        let mut rxs = self.submit_all(vec![req])?;
+        rxs.pop().ok_or(EngineError::ShuttingDown)
+    }
+
+    /// Queues the sequences of one request together, or none of them: a request with more
+    /// sequences than the queue can ever hold is refused for good
+    /// ([`EngineError::TooManySequences`]), one that does not fit the queue now is refused
+    /// until later ([`EngineError::QueueFull`]).
+    pub fn submit_all(&self, reqs: Vec<Request>) -> Result<Vec<UnboundedReceiver<TokenEvent>>, EngineError> {
         if self.stats.draining.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }
-        let blocks = crate::model::kv_cache::blocks_for(req.prompt_ids.len() + req.max_tokens);
-        if blocks > self.kv.blocks {
-            return Err(EngineError::TooLarge { prompt: req.prompt_ids.len(), max_tokens: req.max_tokens, blocks, capacity: self.kv.blocks });
+        for req in &reqs {
+            let blocks = crate::model::kv_cache::blocks_for(req.prompt_ids.len() + req.max_tokens);
+            if blocks > self.kv.blocks {
+                return Err(EngineError::TooLarge { prompt: req.prompt_ids.len(), max_tokens: req.max_tokens, blocks, capacity: self.kv.blocks });
+            }
         }
-        let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
-        if waiting >= self.cfg.max_waiting {
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(EngineError::QueueFull { waiting, limit: self.cfg.max_waiting });
+        let (adding, limit) = (reqs.len(), self.cfg.max_waiting);
+        if adding > limit {
+            return Err(EngineError::TooManySequences { sequences: adding, limit });
         }
-        let (events, rx) = unbounded_channel();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Submission { id, req, events, submitted_at: std::time::Instant::now() }).is_err() {
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        let reserved = self.stats.waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w + adding <= limit).then_some(w + adding));
+        if let Err(waiting) = reserved {
+            return Err(EngineError::QueueFull { waiting, adding, limit });
+        }
+        let mut sequences = Vec::with_capacity(adding);
+        let mut rxs = Vec::with_capacity(adding);
+        for req in reqs {
+            let (events, rx) = unbounded_channel();
+            sequences.push((self.next_id.fetch_add(1, Ordering::Relaxed), req, events));
+            rxs.push(rx);
+        }
+        if self.tx.send(Submission { sequences, submitted_at: std::time::Instant::now() }).is_err() {
+            self.stats.waiting.fetch_sub(adding, Ordering::SeqCst);
             return Err(EngineError::ShuttingDown);
         }
-        Ok(rx)
+        Ok(rxs)
     }
 
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }
 
-    pub fn config(&self) -> EngineConfig {
-        self.cfg
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
     }
 
     /// Stops intake: later submissions get [`EngineError::ShuttingDown`]; running and waiting
@@ -146,15 +168,16 @@ fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, kv: KvInfo, rx:
     batcher.max_batch = cfg.max_batch_size;
     batcher.step_latency_ratio = cfg.step_latency_ratio;
     batcher.metrics = metrics.clone();
+    batcher.faults = cfg.faults.clone();
     loop {
         if batcher.is_empty() {
             match rx.recv() {
-                Ok(s) => batcher.add(sequence(s, &model)),
+                Ok(s) => add(&mut batcher, s, &model),
                 Err(_) => return, // every handle is gone
             }
         }
         for s in rx.try_iter() {
-            batcher.add(sequence(s, &model));
+            add(&mut batcher, s, &model);
         }
         let started = std::time::Instant::now();
         let report = batcher.step();
@@ -168,13 +191,14 @@ fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, kv: KvInfo, rx:
             if report.sequences > 0 {
                 m.batch_size.observe(report.sequences as f64);
             }
+            m.count_step(&report);
         }
         // Every sequence is counted as waiting or running at every moment (so the engine never
-        // looks idle while it holds one): preempted ones join `waiting` before they leave
-        // `running`, admitted ones join `running` before they leave `waiting`.
-        stats.waiting.fetch_add(report.preempted, Ordering::SeqCst);
+        // looks idle while it holds one): preempted and re-queued ones join `waiting` before
+        // they leave `running`, admitted ones join `running` before they leave `waiting`.
+        stats.waiting.fetch_add(report.preempted + report.requeued, Ordering::SeqCst);
         stats.running.store(batcher.running.len(), Ordering::SeqCst);
-        stats.waiting.fetch_sub(report.admitted + report.cancelled_waiting, Ordering::SeqCst);
+        stats.waiting.fetch_sub(report.admitted + report.cancelled_waiting + report.refused, Ordering::SeqCst);
         stats.steps.fetch_add(1, Ordering::Relaxed);
         stats.kv_tokens.store(batcher.kv_tokens(), Ordering::Relaxed);
         let (used, idle) = batcher.pool.used_and_idle();
@@ -187,8 +211,10 @@ fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, kv: KvInfo, rx:
     }
 }
 
-fn sequence(s: Submission, model: &Llama) -> Sequence {
-    let mut seq = Sequence::new(s.id, s.req, model.cfg.num_layers, s.events);
-    seq.submitted_at = s.submitted_at;
-    seq
+fn add(batcher: &mut Batcher<'_>, s: Submission, model: &Llama) {
+    for (id, req, events) in s.sequences {
+        let mut seq = Sequence::new(id, req, model.cfg.num_layers, events);
+        seq.submitted_at = s.submitted_at;
+        batcher.add(seq);
+    }
 }

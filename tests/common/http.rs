@@ -15,14 +15,21 @@ pub struct Ctx {
 }
 
 pub fn ctx_with(edit: impl FnOnce(&mut ServeOptions)) -> Ctx {
+    ctx_with_config(edit, |_| {})
+}
+
+/// [`ctx_with`], with a last edit of the validated configuration (what no option sets, such as
+/// the engine's test-only fault injection).
+pub fn ctx_with_config(edit: impl FnOnce(&mut ServeOptions), edit_cfg: impl FnOnce(&mut ServeConfig)) -> Ctx {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = serve_options(dir.path());
     edit(&mut opts);
-    let cfg = ServeConfig::try_from(opts).unwrap();
+    let mut cfg = ServeConfig::try_from(opts).unwrap();
+    edit_cfg(&mut cfg);
     let backend = Arc::new(OnceLock::new());
     let metrics = loraplex::serve::new_metrics(&cfg).unwrap();
     let _ = backend.set(loraplex::serve::load_backend(&cfg, Some(metrics.clone())).unwrap());
-    let state = web::Data::new(AppState { backend, metrics, limits: cfg.limits.clone(), api_key: cfg.api_key.clone(), admin_key: cfg.admin_key.clone() });
+    let state = web::Data::new(AppState::new(&cfg, backend, metrics));
     Ctx { state, dir }
 }
 
