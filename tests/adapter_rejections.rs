@@ -138,3 +138,13 @@ fn a_missing_config_is_an_io_error() {
     let e = load_adapter(Path::new("/nonexistent/adapter"), "x", &cfg, &Device::Cpu).unwrap_err();
     assert!(e.to_string().contains("adapter_config.json"), "{e}");
 }
+
+#[test]
+fn alphas_beyond_the_f32_range_are_rejected_by_name() {
+    // Finite as f64, infinite as the f32 the delta is computed in.
+    let e = err_text(load_with(|c| c["lora_alpha"] = serde_json::json!(1e300)));
+    assert!(e.contains("lora_alpha") && e.contains("32-bit"), "{e}");
+    let e = err_text(load_with(|c| c["alpha_pattern"] = serde_json::json!({"q_proj": -1e39})));
+    assert!(e.contains("alpha_pattern.q_proj"), "{e}");
+    load_with(|c| c["lora_alpha"] = serde_json::json!(3e38)).unwrap();
+}

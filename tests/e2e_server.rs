@@ -204,3 +204,36 @@ fn api_keys_are_enforced_and_never_logged() {
     assert!(text.contains("loraplex::access") && text.contains("status=401") && text.contains("status=200"), "the log has the requests: {text}");
     assert!(!text.contains(user) && !text.contains(admin), "a key reached the log");
 }
+
+#[test]
+fn a_cancelled_stream_logs_the_tokens_it_streamed() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    copy_adapter(&shared_dir().join("adapters/qa-r8"), &dir.path().join("qa-r8"));
+    let log = logs.path().join("server.log");
+    let server = Server::start_with_log(dir.path(), &[], Some(&log), &[("LORAPLEX_LOG", "info")]);
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let body = json!({"model": "qa-r8", "prompt": "Write a long story about a lighthouse.", "max_tokens": 400, "stream": true, "ignore_eos": true}).to_string();
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    // Read four token chunks, then hang up.
+    let (mut seen, mut buf) = (String::new(), [0u8; 4096]);
+    while seen.matches("data: ").count() < 4 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("loraplex::access") && l.contains("outcome=\"cancelled\"")) {
+            break l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no access line for the cancelled stream: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let field = |name: &str| line.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse::<usize>().ok());
+    assert!(field("prompt_tokens").is_some_and(|n| n > 5), "{line}");
+    assert!(field("completion_tokens").is_some_and(|n| (4..400).contains(&n)), "{line}");
+}

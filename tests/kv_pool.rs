@@ -209,3 +209,51 @@ async fn a_request_that_cannot_fit_the_pool_gets_422_and_serving_goes_on() {
     assert_eq!(series("loraplex_kv_cache_capacity_tokens"), Some(128.0));
     assert!(series("loraplex_prefix_cache_queries_total").is_some_and(|q| q >= 2.0), "{text}");
 }
+
+#[test]
+fn the_n_choices_of_a_long_prompt_prefill_it_once() {
+    let m = model(WeightFormat::Packed);
+    let qa = adapter(&m, "qa-r8");
+    let prompt = format!("{}{}", PASSAGE.repeat(14), QUESTIONS[0]);
+    let base = request(&m, &prompt, AdapterMix::single(qa, 0.7), 6);
+    let len = base.prompt_ids.len();
+    assert!(len > 1500, "{len} tokens");
+    // `n: 8` as the API submits it: eight sequences of one prompt, seeds k, queued together.
+    let reqs: Vec<Request> = (0..8u64)
+        .map(|k| Request { sampling: loraplex::model::sampling::SamplingParams { temperature: 0.8, top_p: 1.0, top_k: None, seed: 5 + k }, ..base.clone() })
+        .collect();
+    let mut b = Batcher::with_pool(&m.model, &m.tokenizer, LoraPath::Batched, pool(&m, 4096, true));
+    b.prefill_chunk = 512;
+    let mut rxs = Vec::new();
+    for r in &reqs {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let id = b.fresh_id();
+        b.add(loraplex::engine::sequence::Sequence::new(id, r.clone(), b.num_layers(), tx));
+        rxs.push(rx);
+    }
+    let (mut computed, mut deferred) = (0, 0);
+    while !b.is_empty() {
+        let r = b.step();
+        computed += r.prefill_tokens;
+        deferred += r.deferred;
+    }
+    // The first choice computes the prompt; each other one only its last, partial block.
+    assert!(computed <= len + 7 * 16, "{computed} prompt tokens computed for a {len}-token prompt × 8");
+    assert!(deferred > 0);
+    assert_pool_full(&mut b.pool);
+    let shared: Vec<GenOutput> = rxs
+        .into_iter()
+        .map(|mut rx| {
+            let mut o = GenOutput::default();
+            while let Ok(ev) = rx.try_recv() {
+                o.push(ev).unwrap();
+            }
+            o
+        })
+        .collect();
+    // A choice that took its prompt from the first one's blocks equals it computed on its own,
+    // without the prefix cache.
+    let alone = generate(&m.model, &m.tokenizer, &[reqs[7].clone()], LoraPath::Batched).unwrap();
+    assert_same(&[shared[7].clone()], &alone, "shared prefill");
+    assert_ne!(shared[0].ids, shared[7].ids, "different seeds, different choices");
+}

@@ -94,3 +94,28 @@ async fn a_named_mix_is_a_model_that_computes_its_adapters() {
     let (s, body) = call(&app, post("/v1/completions", completion("blend", json!([{"name": "qa-r8"}])))).await;
     assert_eq!((s.as_u16(), body["error"]["code"].as_str()), (422, Some("duplicate_adapter")), "{body}");
 }
+
+#[actix_web::test]
+async fn a_mix_never_shadows_an_adapter_of_the_same_name() {
+    // One mix named like an adapter folder in `mixes.toml`, one in the `mix` option.
+    let c = ctx_with(|o| o.mix = Some(vec!["all-r16=qa-r8:0.5".into()]));
+    std::fs::write(c.dir.path().join("mixes.toml"), "qa-r8 = \"all-r16:0.3\"\n").unwrap();
+    c.state.backend().unwrap().registry.rescan();
+    let app = app(&c).await;
+    let base = call(&app, actix_web::test::TestRequest::get().uri("/v1/models")).await.1["data"][0]["id"].as_str().unwrap().to_string();
+    for name in ["qa-r8", "all-r16"] {
+        let (s, by_name) = call(&app, post("/v1/completions", completion(name, json!(null)))).await;
+        assert_eq!(s, 200, "{name}: {by_name}");
+        assert_eq!(by_name["adapters"], json!([{"name": name, "version": 1, "scale": 1.0}]), "{name} is the adapter");
+        let (_, adapter) = call(&app, post("/v1/completions", completion(&base, json!([{"name": name}])))).await;
+        assert_eq!(output(&by_name), output(&adapter), "{name}");
+    }
+    // Both mixes are listed as refused, with the reason.
+    let models = call(&app, actix_web::test::TestRequest::get().uri("/v1/models")).await.1;
+    for name in ["qa-r8", "all-r16"] {
+        let listed: Vec<&Value> = models["data"].as_array().unwrap().iter().filter(|m| m["id"] == name && m["loraplex"]["kind"] == "mix").collect();
+        assert_eq!(listed.len(), 1, "{name}: {models}");
+        assert_eq!(listed[0]["loraplex"]["state"], "failed");
+        assert!(listed[0]["loraplex"]["error"].as_str().unwrap().contains("taken"), "{}", listed[0]);
+    }
+}

@@ -152,8 +152,8 @@ impl From<SequenceError> for ApiError {
     fn from(e: SequenceError) -> Self {
         let msg = e.to_string();
         match e {
-            SequenceError::NonFiniteLogits { with_adapters: true } => ApiError::invalid_value("adapters", msg).with_code("non_finite_logits"),
-            SequenceError::NonFiniteLogits { with_adapters: false } => ApiError::server(msg, "non_finite_logits"),
+            SequenceError::NonFinite { with_adapters: true } => ApiError::invalid_value("adapters", msg).with_code("non_finite_output"),
+            SequenceError::NonFinite { with_adapters: false } => ApiError::server(msg, "non_finite_output"),
             SequenceError::Token(_) => ApiError::server(msg, "token_choice_failed"),
             SequenceError::Panic(detail) => {
                 tracing::error!(%detail, "a sequence panicked");

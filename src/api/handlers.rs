@@ -6,11 +6,11 @@ use super::openai::*;
 use super::stream::{collect, sse_response, ChoiceExt, ChoiceResult, Endpoint, ResponseMeta};
 use super::validate::{self, max_tokens_for, Draft, ModelView};
 use super::observe::{RequestFacts, RequestId, StreamObs};
+use super::body::json_body;
 use super::{authorize, AppState, Backend, Scope};
 use crate::adapters::{AdapterMix, MixEntry};
 use crate::engine::TokenEvent;
 use actix_web::{web, HttpRequest, HttpResponse};
-use futures_util::StreamExt;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -18,59 +18,6 @@ type Data = web::Data<AppState>;
 
 pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// The JSON body of a POST route as `T`: `Content-Type: application/json` (415 otherwise),
-/// read within the body timeout (408) and the size limit (413), then parsed (400).
-async fn json_body<T: serde::de::DeserializeOwned>(req: &HttpRequest, payload: web::Payload, limits: &crate::config::Limits) -> Result<T, ApiError> {
-    let content_type = req.headers().get(actix_web::http::header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let mime = content_type.as_deref().and_then(|c| c.split(';').next()).map(str::trim).unwrap_or_default();
-    if !mime.eq_ignore_ascii_case("application/json") {
-        let got = content_type.map_or("none".to_string(), |c| format!("`{}`", c.escape_debug()));
-        return Err(ApiError::unsupported_media_type(format!("the body must be JSON with `Content-Type: application/json`; got {got}")));
-    }
-    let timeout = limits.body_timeout;
-    let body = tokio::time::timeout(timeout, read_body(req, payload, limits.max_body_bytes))
-        .await
-        .map_err(|_| ApiError::timeout(format!("the request body did not arrive within {} s", timeout.as_secs_f64())))??;
-    parse(&body)
-}
-
-/// Reads the body, refusing more than `limit` bytes (413) before buffering them.
-async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
-    let too_large = || ApiError::too_large(format!("the request body exceeds the limit of {limit} bytes"));
-    let declared = req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(too_large());
-    }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
-}
-
-/// The body as `T`; an error names the field it is about (`param`), e.g. `messages[0].content`.
-fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        // Where the parser stopped: the keys and indices it could name, without the `?` it
-        // writes for a position it cannot (a truncated body) or the `.` of the top level.
-        let full = e.path().to_string();
-        let path = full.split('?').next().unwrap_or_default().trim_end_matches('.').to_string();
-        let inner = e.into_inner();
-        match (path.is_empty(), inner.is_syntax() || inner.is_eof()) {
-            (true, _) => ApiError::bad_request(format!("invalid JSON body: {inner}")),
-            (false, true) => ApiError::bad_request(format!("invalid JSON body (in `{path}`): {inner}")).with_param(path),
-            (false, false) => ApiError::bad_request(format!("invalid `{path}`: {inner}")).with_param(path),
-        }
-    })?;
-    de.end().map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
-    Ok(value)
 }
 
 /// Looks up (and loads, off the async workers) every adapter of the request.

@@ -1,6 +1,7 @@
 //! The HTTP edge (actix-web): OpenAI-style routes, auth, and the shared application state.
 //! `configure` is used by `serve` and by the tests' in-process service alike.
 
+pub mod body;
 pub mod error;
 pub mod guard;
 pub mod handlers;
@@ -55,6 +56,7 @@ impl AppState {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("")
+            .wrap(actix_web::middleware::from_fn(body::middleware))
             .wrap(actix_web::middleware::from_fn(guard::middleware))
             .wrap(actix_web::middleware::from_fn(observe::middleware))
             .configure(routes),

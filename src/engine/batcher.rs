@@ -443,14 +443,17 @@ impl<'m> Batcher<'m> {
             Some((_, l)) => l,
             None => &StepLora::None,
         };
-        let logits = {
+        let (logits, finite) = {
             let mut caches: Vec<&mut SeqCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
-            let hidden = self.model.forward(input, Some(&mut caches), lora)?;
-            self.model.logits(&Llama::last_rows(&hidden, &input.seq_lens)?)?
+            let (hidden, residual) = self.model.forward_with_residual(input, Some(&mut caches), lora)?;
+            let logits = self.model.logits(&Llama::last_rows(&hidden, &input.seq_lens)?)?;
+            // A row is finite when its logits are and its residual stream's sum of squares
+            // (the final norm's statistic) is: an overflowed residual normalises to zeros and
+            // would pass for finite logits. Both sums in one small copy for the batch.
+            let norm = Llama::last_rows(&residual, &input.seq_lens)?.to_dtype(DType::F32)?.sqr()?.sum(D::Minus1)?;
+            let finite = (logits.sum(D::Minus1)? + norm)?.to_vec1::<f32>()?.into_iter().map(f32::is_finite).collect::<Vec<_>>();
+            (logits, finite)
         };
-        // A row's sum is finite exactly when all its values are (logits are far below the
-        // f32 range): one reduction and one small copy for the whole batch.
-        let finite = logits.sum(D::Minus1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().map(f32::is_finite).collect();
         // Greedy rows take their argmax in one op on the logits' device and one small copy;
         // the others read their row from one host copy of the logits (a copy only off the CPU).
         let sampled = |(s, &feed): (&Sequence, &usize)| feed >= s.pending.len();
@@ -499,7 +502,7 @@ impl<'m> Batcher<'m> {
 }
 
 /// What one successful forward leaves for choosing tokens: per row (sequence), whether its
-/// logits are all finite, and its logits as the rows that sample need them.
+/// values stayed finite, and its logits as the rows that sample need them.
 struct StepLogits {
     finite: Vec<bool>,
     /// Each row's argmax, when some row takes its plain argmax.
@@ -512,7 +515,7 @@ impl StepLogits {
     /// Row `row`'s next token for `s`.
     fn choose(&self, s: &mut Sequence, row: usize, fault: Option<FaultKind>, tok: &TextTokenizer) -> std::result::Result<(), SequenceError> {
         if fault == Some(FaultKind::RowNan) || !self.finite.get(row).copied().unwrap_or(false) {
-            return Err(SequenceError::NonFiniteLogits { with_adapters: !s.req.mix.is_empty() });
+            return Err(SequenceError::NonFinite { with_adapters: !s.req.mix.is_empty() });
         }
         match fault {
             Some(FaultKind::RowError) => return Err(SequenceError::Injected),

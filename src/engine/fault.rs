@@ -3,7 +3,7 @@
 //! ([`FaultInjection`]).
 //!
 //! The isolation rule (docs/RELIABILITY.md): anything that goes wrong for one row — non-finite
-//! logits, a sampler or stop-string error, a panic while handling its token — ends that
+//! values, a sampler or stop-string error, a panic while handling its token — ends that
 //! sequence with its error and frees its blocks; the other rows of the step keep exactly the
 //! tokens they would have had. A failure of the step itself (the forward, the logits) re-queues
 //! every sequence in it for recomputation; a sequence fails only if a step fails again while it
@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// OpenAI error shape (status, type, code).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SequenceError {
-    /// The logits row held NaN or infinity: what this sequence's adapter mix (or, without one,
-    /// the base model) computed overflowed f32.
-    #[error("the model produced non-finite logits for this sequence{}", if *.with_adapters { " (its adapter mix overflows 32-bit floats)" } else { "" })]
-    NonFiniteLogits { with_adapters: bool },
+    /// The row's logits, or the residual stream they come from, held NaN or infinity: what
+    /// this sequence's adapter mix (or, without one, the base model) computed overflowed f32.
+    #[error("the model's values for this sequence overflowed 32-bit floats{}", if *.with_adapters { " (its adapter mix computes values beyond their range)" } else { "" })]
+    NonFinite { with_adapters: bool },
     /// Choosing or reporting this row's token failed (penalties, sampler, log-probabilities,
     /// detokenization, stop strings).
     #[error("choosing the next token failed: {0}")]

@@ -175,7 +175,14 @@ impl Llama {
     /// Runs the batch and returns the final-normed hidden states `(n_tokens, hidden)`.
     /// With `caches`, sequence `i` continues from `caches[i]` and appends to it; without, every
     /// sequence starts at position 0 and nothing is cached (training).
-    pub fn forward(&self, input: &BatchInput, mut caches: Option<&mut [&mut SeqCache]>, lora: &StepLora) -> Result<Tensor> {
+    pub fn forward(&self, input: &BatchInput, caches: Option<&mut [&mut SeqCache]>, lora: &StepLora) -> Result<Tensor> {
+        Ok(self.forward_with_residual(input, caches, lora)?.0)
+    }
+
+    /// [`Llama::forward`], also returning the residual stream before the final norm. A row
+    /// whose residual overflowed f32 normalises to zeros (its norm statistic is infinite), so
+    /// its logits look finite: the engine checks the residual to tell.
+    pub fn forward_with_residual(&self, input: &BatchInput, mut caches: Option<&mut [&mut SeqCache]>, lora: &StepLora) -> Result<(Tensor, Tensor)> {
         let n = input.tokens.len();
         let ids = Tensor::from_slice(&input.tokens, n, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
@@ -203,7 +210,7 @@ impl Llama {
             let next = self.blocks.get(layer + 1).map_or(&self.norm, |b| &b.attn_norm);
             (x, h) = self.add_and_norm(&x1, &mlp, next)?;
         }
-        Ok(h)
+        Ok((h, x))
     }
 
     /// Whether the engine's KV caches are host blocks (the fused attention) rather than device
