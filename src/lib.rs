@@ -1,13 +1,16 @@
 //! loraplex: one frozen base LLM, many LoRA adapters mixed per request.
 //!
 //! Architecture map (request path first):
-//! - [`api`]: the HTTP edge (actix-web) — OpenAI-style routes, auth, JSON parsed and validated
-//!   once into typed requests, errors converted once into OpenAI's error shape.
+//! - [`api`]: the HTTP edge (actix-web) — OpenAI-style routes, auth, the HTTP policy
+//!   (`api::guard`: browser origins, `Host` names), request bodies (`api::body`: JSON content
+//!   type, size, arrival timeout), JSON parsed and validated into typed requests, errors
+//!   converted once into OpenAI's error shape.
 //! - [`engine`]: one OS thread owns the model, the KV block pool and the running batch
 //!   (continuous batching: prefills join decodes in one ragged step, long prompts in paced
 //!   chunks; admission by blocks, preemption, the prefix cache per adapter mix in
-//!   `engine::kv_pool`); the HTTP side talks to it through a bounded queue and per-sequence
-//!   channels.
+//!   `engine::kv_pool`; sequences admitted together share a prompt's prefill); the HTTP side
+//!   talks to it through a bounded queue and per-sequence channels; `engine::fault` types how
+//!   one sequence fails without its batch.
 //! - [`adapters`]: PEFT adapter folders → immutable, validated [`adapters::LoraAdapter`]s, the
 //!   hot-loading registry (watcher, LRU budget, versions), per-request
 //!   [`adapters::AdapterMix`]es, named mixes served as models (`adapters::mixes`), writing
@@ -37,6 +40,8 @@
 //! Invariant: an adapter is immutable once loaded and shared by `Arc`.
 //! Invariant: every fast path (fused CPU ops, packed matmul, batched LoRA) has a reference
 //! path and a test that they agree; a row's output never depends on the rest of its batch.
+//! Invariant: a fault in one sequence fails that sequence only; a failed step re-queues its
+//! sequences rather than dropping them.
 #![deny(unsafe_code)]
 
 pub mod adapters;

@@ -155,8 +155,8 @@ impl From<SequenceError> for ApiError {
             SequenceError::NonFinite { with_adapters: true } => ApiError::invalid_value("adapters", msg).with_code("non_finite_output"),
             SequenceError::NonFinite { with_adapters: false } => ApiError::server(msg, "non_finite_output"),
             SequenceError::Token(_) => ApiError::server(msg, "token_choice_failed"),
-            SequenceError::Panic(detail) => {
-                tracing::error!(%detail, "a sequence panicked");
+            SequenceError::Panic(detail) | SequenceError::Internal(detail) => {
+                tracing::error!(%detail, "a sequence hit an engine bug");
                 ApiError::server("the engine hit a bug while handling this sequence (logged); other requests were not affected", "engine_bug")
             }
             SequenceError::StepFailed(detail) => {

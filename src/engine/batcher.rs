@@ -226,7 +226,7 @@ impl<'m> Batcher<'m> {
                 m.count_prefix_lookup(all, hit_tokens);
             }
             if let Err(e) = s.cache.attach_prefix(hits, self.model.kv_width()) {
-                s.fail(SequenceError::Token(e.to_string()));
+                s.fail(SequenceError::Internal(e.to_string()));
                 report.refused += 1;
                 self.retire(s);
                 continue;

@@ -31,6 +31,9 @@ pub enum SequenceError {
     /// again while it was in it.
     #[error("a forward step failed twice with this sequence in the batch: {0}")]
     StepFailed(String),
+    /// The engine could not set the sequence up (a bug: e.g. its cached prefix did not fit).
+    #[error("internal engine error for this sequence: {0}")]
+    Internal(String),
     /// Refused at admission (the engine checks this at submission too).
     #[error(transparent)]
     Refused(EngineError),
