@@ -59,8 +59,11 @@ def prompt(tag, words):
 def run(label, binary, args, adapters):
     port = free_port()
     log = open(os.path.join(adapters, f"{label}.log"), "w")
-    proc = subprocess.Popen([binary, "serve", "--port", str(port), "--adapters", adapters], stdout=log, stderr=log,
-                            env=dict(os.environ, LORAPLEX_LOG="warn"), cwd=ROOT)
+    model = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    # Run outside the checkout, so that no binary reads config/loraplex.toml (an older build
+    # refuses the keys it does not know): every setting is its default.
+    proc = subprocess.Popen([os.path.abspath(binary), "serve", "--model", model, "--port", str(port), "--adapters", adapters],
+                            stdout=log, stderr=log, env=dict(os.environ, LORAPLEX_LOG="warn"), cwd=adapters)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -68,6 +71,8 @@ def run(label, binary, args, adapters):
                 get(base + "/ready")
                 break
             except Exception:
+                if proc.poll() is not None:
+                    raise SystemExit(f"{label}: the server exited; see {log.name}")
                 time.sleep(0.1)
         url = base + "/v1/completions"
         # Warm-up: loads the adapter and touches the kernels.
