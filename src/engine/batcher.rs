@@ -376,7 +376,9 @@ impl<'m> Batcher<'m> {
     /// After a failed forward: every sequence of the step goes back to the front of the queue
     /// (in order, caches dropped, to be recomputed), on probation; one already on probation
     /// fails. Nothing of the step was sampled, so a recomputed sequence continues exactly
-    /// where it was.
+    /// where it was. The rule blames the one suspect of a failing step; it can blame wrongly
+    /// only if a sequence that passed its own probation faults in the very step another is on
+    /// probation (two faults at once).
     fn requeue_failed_step(&mut self, error: &str, report: &mut StepReport) {
         tracing::error!(error, sequences = self.running.len(), "forward step failed; re-queueing its sequences");
         report.step_failed = true;
