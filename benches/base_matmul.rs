@@ -13,8 +13,12 @@ use loraplex::kernels::{Isa, PackedMatrix, Pool, QuantActs};
 use std::time::Duration;
 
 fn shapes() -> Vec<(usize, usize)> {
-    let spec = std::env::var("LORAPLEX_BENCH_SHAPES").unwrap_or_else(|_| "576x1536,1536x576".into());
-    spec.split(',').filter_map(|s| s.split_once('x')).filter_map(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))).collect()
+    let spec =
+        std::env::var("LORAPLEX_BENCH_SHAPES").unwrap_or_else(|_| "576x1536,1536x576".into());
+    spec.split(',')
+        .filter_map(|s| s.split_once('x'))
+        .filter_map(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .collect()
 }
 
 fn bench(c: &mut Criterion) {
@@ -28,25 +32,38 @@ fn bench(c: &mut Criterion) {
             g.throughput(Throughput::Elements(n as u64));
             let x = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            g.bench_with_input(BenchmarkId::new("candle_f32", n), &n, |b, _| b.iter(|| x.matmul(&w.t().unwrap()).unwrap()));
+            g.bench_with_input(BenchmarkId::new("candle_f32", n), &n, |b, _| {
+                b.iter(|| x.matmul(&w.t().unwrap()).unwrap())
+            });
             for dt in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q6K] {
                 if k % dt.block_size() != 0 {
                     continue;
                 }
                 let q = QTensor::quantize(&w, dt).unwrap();
                 let data = q.data().unwrap();
-                let packed = PackedMatrix::pack(out, k, kind_for(dt), |r, codes: &mut RowCodes| decode_row(dt, &data, k, r, codes)).unwrap();
+                let packed = PackedMatrix::pack(out, k, kind_for(dt), |r, codes: &mut RowCodes| {
+                    decode_row(dt, &data, k, r, codes)
+                })
+                .unwrap();
                 let qmm = QMatMul::from_qtensor(q).unwrap();
-                g.bench_with_input(BenchmarkId::new(format!("candle_qmatmul_{dt:?}"), n), &n, |b, _| b.iter(|| qmm.forward(&x).unwrap()));
+                g.bench_with_input(
+                    BenchmarkId::new(format!("candle_qmatmul_{dt:?}"), n),
+                    &n,
+                    |b, _| b.iter(|| qmm.forward(&x).unwrap()),
+                );
                 for isa in Isa::available() {
                     let mut acts = QuantActs::default();
                     let mut y = vec![0f32; n * out];
-                    g.bench_with_input(BenchmarkId::new(format!("packed_{:?}_{isa:?}", packed.kind), n), &n, |b, _| {
-                        b.iter(|| {
-                            quantize(&pool, &xv, n, k, &mut acts);
-                            matmul(&pool, isa, &packed, &acts, &mut y);
-                        })
-                    });
+                    g.bench_with_input(
+                        BenchmarkId::new(format!("packed_{:?}_{isa:?}", packed.kind), n),
+                        &n,
+                        |b, _| {
+                            b.iter(|| {
+                                quantize(&pool, &xv, n, k, &mut acts);
+                                matmul(&pool, isa, &packed, &acts, &mut y);
+                            })
+                        },
+                    );
                 }
             }
         }

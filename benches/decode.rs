@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 fn prefilled(model: &Llama, batch: usize, lora: &StepLora) -> Vec<SeqCache> {
     let mut input = BatchInput::default();
-    let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new(model.cfg.num_layers, 256)).collect();
+    let mut caches: Vec<SeqCache> =
+        (0..batch).map(|_| SeqCache::new(model.cfg.num_layers, 256)).collect();
     for i in 0..batch {
         let prompt: Vec<u32> = (0..32).map(|t| 100 + ((i * 31 + t * 7) % 4000) as u32).collect();
         input.push(&prompt);
@@ -28,19 +29,37 @@ fn bench(c: &mut Criterion) {
     loraplex::runtime::init_threads();
     let dev = Device::Cpu;
     let dtype = std::env::var("LORAPLEX_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
-    let path = std::env::var("LORAPLEX_MODEL").unwrap_or_else(|_| format!("{}/{DEFAULT_MODEL}", env!("CARGO_MANIFEST_DIR")));
+    let path = std::env::var("LORAPLEX_MODEL")
+        .unwrap_or_else(|_| format!("{}/{DEFAULT_MODEL}", env!("CARGO_MANIFEST_DIR")));
     let loaded = load_model(&path, WeightFormat::parse(&dtype, &dev).unwrap(), &dev).unwrap();
     let model = &loaded.model;
     let adapters: Vec<AdapterMix> = (0..32)
-        .map(|i| AdapterMix::single(Arc::new(random_adapter(&format!("qv{i}"), &model.cfg, 8, &["q_proj", "v_proj"], i as u64, &dev).unwrap()), 1.0))
+        .map(|i| {
+            AdapterMix::single(
+                Arc::new(
+                    random_adapter(
+                        &format!("qv{i}"),
+                        &model.cfg,
+                        8,
+                        &["q_proj", "v_proj"],
+                        i as u64,
+                        &dev,
+                    )
+                    .unwrap(),
+                ),
+                1.0,
+            )
+        })
         .collect();
     let mut g = c.benchmark_group(format!("decode_{dtype}"));
     for batch in [1usize, 8, 32] {
         g.throughput(Throughput::Elements(batch as u64));
         let base = AdapterMix::default();
         for (label, lora_on) in [("base", false), ("lora_r8_qv_distinct", true)] {
-            let mixes: Vec<&AdapterMix> = (0..batch).map(|i| if lora_on { &adapters[i] } else { &base }).collect();
-            let lora = StepLora::batched(&mixes, model.cfg.num_layers, model.dtype(), &dev).unwrap();
+            let mixes: Vec<&AdapterMix> =
+                (0..batch).map(|i| if lora_on { &adapters[i] } else { &base }).collect();
+            let lora =
+                StepLora::batched(&mixes, model.cfg.num_layers, model.dtype(), &dev).unwrap();
             let snapshot = prefilled(model, batch, &lora);
             let mut step = BatchInput::default();
             (0..batch).for_each(|i| step.push(&[(500 + i) as u32]));

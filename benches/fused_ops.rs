@@ -23,8 +23,12 @@ fn ops(c: &mut Criterion) {
     let u = Tensor::randn(0f32, 1.0, (32, 1536), &dev).unwrap();
     let mut grp = c.benchmark_group("fused_ops_b32");
     for (name, k) in [("fused", &fused), ("composed", &composed)] {
-        grp.bench_function(format!("rms_norm/{name}"), |b| b.iter(|| k.rms_norm(&x, &w, 1e-5).unwrap()));
-        grp.bench_function(format!("add_rms_norm/{name}"), |b| b.iter(|| k.add_rms_norm(&x, &y, &w, 1e-5).unwrap()));
+        grp.bench_function(format!("rms_norm/{name}"), |b| {
+            b.iter(|| k.rms_norm(&x, &w, 1e-5).unwrap())
+        });
+        grp.bench_function(format!("add_rms_norm/{name}"), |b| {
+            b.iter(|| k.add_rms_norm(&x, &y, &w, 1e-5).unwrap())
+        });
         grp.bench_function(format!("silu_mul/{name}"), |b| b.iter(|| k.silu_mul(&g, &u).unwrap()));
     }
     grp.finish();
@@ -32,15 +36,28 @@ fn ops(c: &mut Criterion) {
 
 fn forwards(c: &mut Criterion) {
     let dev = Device::Cpu;
-    let cfg = LlamaConfig { vocab_size: 1024, hidden_size: 576, intermediate_size: 1536, num_layers: 4, num_heads: 9, num_kv_heads: 3, head_dim: 64, max_position_embeddings: 2048, ..LlamaConfig::tiny() };
+    let cfg = LlamaConfig {
+        vocab_size: 1024,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_layers: 4,
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        max_position_embeddings: 2048,
+        ..LlamaConfig::tiny()
+    };
     let fused = Llama::random(cfg.clone(), 1, &dev).unwrap();
     let composed = fused.with_fused(false);
     let mut grp = c.benchmark_group("attention_heavy_forward_4_layers");
     for (name, m) in [("fused", &fused), ("composed", &composed)] {
         // Decode at batch 32 after 128 tokens each (caches restored before every timed step).
-        let mut caches: Vec<SeqCache> = (0..32).map(|_| SeqCache::new(cfg.num_layers, 160)).collect();
+        let mut caches: Vec<SeqCache> =
+            (0..32).map(|_| SeqCache::new(cfg.num_layers, 160)).collect();
         let mut input = BatchInput::default();
-        (0..32).for_each(|i| input.push(&(0..128).map(|t| ((i * 7 + t) % 1000) as u32).collect::<Vec<_>>()));
+        (0..32).for_each(|i| {
+            input.push(&(0..128).map(|t| ((i * 7 + t) % 1000) as u32).collect::<Vec<_>>())
+        });
         let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
         m.forward(&input, Some(&mut refs), &StepLora::None).unwrap();
         let mut step = BatchInput::default();

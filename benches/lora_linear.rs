@@ -15,11 +15,19 @@ fn bench(c: &mut Criterion) {
     loraplex::runtime::init_threads();
     let dev = Device::Cpu;
     let mut cfg = LlamaConfig::tiny();
-    (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers) = (576, 9, 3, 64, 1);
+    (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers) =
+        (576, 9, 3, 64, 1);
     let rows = 32;
     let id = ModuleId { layer: 0, target: Target::Q };
     let mixes: Vec<AdapterMix> = (0..rows)
-        .map(|i| AdapterMix::single(Arc::new(random_adapter(&format!("a{i}"), &cfg, 8, &["q_proj"], i as u64, &dev).unwrap()), 1.0))
+        .map(|i| {
+            AdapterMix::single(
+                Arc::new(
+                    random_adapter(&format!("a{i}"), &cfg, 8, &["q_proj"], i as u64, &dev).unwrap(),
+                ),
+                1.0,
+            )
+        })
         .collect();
     let refs: Vec<&AdapterMix> = mixes.iter().collect();
     let w = Tensor::randn(0f32, 0.05, (576, 576), &dev).unwrap();
@@ -39,21 +47,40 @@ fn bench(c: &mut Criterion) {
     let stacked = StepLora::stacked(&refs, 1, &dev).unwrap();
     let kernels = Kernels::new(loraplex::kernels::Pool::default_threads(), true);
     let pass = |lora| Pass { seq_lens: &lens, lora, kernels: &kernels, differentiable: false };
-    let packed = LoraLinear { id, base: loraplex::model::gguf::packed_from_dense(&w).unwrap(), bias: None };
+    let packed =
+        LoraLinear { id, base: loraplex::model::gguf::packed_from_dense(&w).unwrap(), bias: None };
     let mut g = c.benchmark_group("lora_linear_b32_r8_distinct");
-    g.bench_function("base_only", |b| b.iter(|| layer.forward(&x, &pass(&StepLora::None)).unwrap()));
-    g.bench_function("batched_fast_path", |b| b.iter(|| layer.forward(&x, &pass(&batched)).unwrap()));
-    g.bench_function("stacked_bmm_path", |b| b.iter(|| layer.forward(&x, &pass(&stacked)).unwrap()));
-    g.bench_function("per_row_reference", |b| b.iter(|| layer.forward(&x, &pass(&per_row)).unwrap()));
-    g.bench_function("packed_base_only", |b| b.iter(|| packed.forward(&x, &pass(&StepLora::None)).unwrap()));
-    g.bench_function("packed_batched_fast_path", |b| b.iter(|| packed.forward(&x, &pass(&batched)).unwrap()));
+    g.bench_function("base_only", |b| {
+        b.iter(|| layer.forward(&x, &pass(&StepLora::None)).unwrap())
+    });
+    g.bench_function("batched_fast_path", |b| {
+        b.iter(|| layer.forward(&x, &pass(&batched)).unwrap())
+    });
+    g.bench_function("stacked_bmm_path", |b| {
+        b.iter(|| layer.forward(&x, &pass(&stacked)).unwrap())
+    });
+    g.bench_function("per_row_reference", |b| {
+        b.iter(|| layer.forward(&x, &pass(&per_row)).unwrap())
+    });
+    g.bench_function("packed_base_only", |b| {
+        b.iter(|| packed.forward(&x, &pass(&StepLora::None)).unwrap())
+    });
+    g.bench_function("packed_batched_fast_path", |b| {
+        b.iter(|| packed.forward(&x, &pass(&batched)).unwrap())
+    });
     g.bench_function("merged_per_row", |b| {
         b.iter(|| {
-            let outs: Vec<Tensor> = merged.iter().enumerate().map(|(i, m)| x.narrow(0, i, 1).unwrap().matmul(&m.t().unwrap()).unwrap()).collect();
+            let outs: Vec<Tensor> = merged
+                .iter()
+                .enumerate()
+                .map(|(i, m)| x.narrow(0, i, 1).unwrap().matmul(&m.t().unwrap()).unwrap())
+                .collect();
             Tensor::cat(&outs, 0).unwrap()
         })
     });
-    g.bench_function("build_batched_operands", |b| b.iter(|| StepLora::batched(&refs, 1, DType::F32, &dev).unwrap()));
+    g.bench_function("build_batched_operands", |b| {
+        b.iter(|| StepLora::batched(&refs, 1, DType::F32, &dev).unwrap())
+    });
     g.finish();
 }
 

@@ -15,10 +15,15 @@ use std::time::{Duration, Instant};
 fn bench(c: &mut Criterion) {
     loraplex::runtime::init_threads();
     loraplex::runtime::training_spin_limit();
-    let path = std::env::var("LORAPLEX_MODEL").unwrap_or_else(|_| format!("{}/{DEFAULT_MODEL}", env!("CARGO_MANIFEST_DIR")));
-    let mut loaded = load_model(&path, WeightFormat::parse("f32", &Device::Cpu).unwrap(), &Device::Cpu).unwrap();
+    let path = std::env::var("LORAPLEX_MODEL")
+        .unwrap_or_else(|_| format!("{}/{DEFAULT_MODEL}", env!("CARGO_MANIFEST_DIR")));
+    let mut loaded =
+        load_model(&path, WeightFormat::parse("f32", &Device::Cpu).unwrap(), &Device::Cpu).unwrap();
     let examples: Vec<TrainExample> = (0..8u32)
-        .map(|i| TrainExample { input: (0..255).map(|t| 100 + (t * 13 + i * 7) % 4000).collect(), targets: (0..8).map(|t| 200 + t + i).collect() })
+        .map(|i| TrainExample {
+            input: (0..255).map(|t| 100 + (t * 13 + i * 7) % 4000).collect(),
+            targets: (0..8).map(|t| 200 + t + i).collect(),
+        })
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let cfg = TrainConfig::try_from(TrainOptions {

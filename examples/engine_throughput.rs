@@ -14,12 +14,20 @@ fn main() -> anyhow::Result<()> {
     let prompt = m.tokenizer.encode(&"The quick brown fox jumps over the lazy dog. ".repeat(4))?;
     for batch in [1usize, 32] {
         let reqs: Vec<Request> = (0..batch)
-            .map(|_| Request { stop_at_eos: false, ..Request::greedy(prompt.clone(), Default::default(), 32) })
+            .map(|_| Request {
+                stop_at_eos: false,
+                ..Request::greedy(prompt.clone(), Default::default(), 32)
+            })
             .collect();
         let t = Instant::now();
         generate(&m.model, &m.tokenizer, &reqs, LoraPath::Batched)?;
         let secs = t.elapsed().as_secs_f64();
-        println!("batch {batch}: prompt {} tokens, {:.2} s, {:.1} output tok/s", prompt.len(), secs, (batch * 32) as f64 / secs);
+        println!(
+            "batch {batch}: prompt {} tokens, {:.2} s, {:.1} output tok/s",
+            prompt.len(),
+            secs,
+            (batch * 32) as f64 / secs
+        );
     }
     // Prefill alone, then decode steps alone, at batch 32.
     use loraplex::model::{BatchInput, SeqCache, StepLora};

@@ -16,11 +16,17 @@ use std::time::Instant;
 fn main() -> anyhow::Result<()> {
     loraplex::runtime::init_threads();
     let dtype = std::env::args().nth(1).unwrap_or_else(|| "auto".into());
-    let steps: usize = std::env::var("LORAPLEX_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(32);
+    let steps: usize =
+        std::env::var("LORAPLEX_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(32);
     let dev = Device::Cpu;
     let t = Instant::now();
     let m = load_model(DEFAULT_MODEL, WeightFormat::parse(&dtype, &dev)?, &dev)?;
-    println!("dtype {dtype} ({}): load {:.2} s, {} MB of weights", m.model.format, t.elapsed().as_secs_f64(), m.model.size_in_bytes() >> 20);
+    println!(
+        "dtype {dtype} ({}): load {:.2} s, {} MB of weights",
+        m.model.format,
+        t.elapsed().as_secs_f64(),
+        m.model.size_in_bytes() >> 20
+    );
     let model = &m.model;
     let prompt: Vec<u32> = (0..512).map(|i| 100 + (i * 37 % 9000) as u32).collect();
     for _ in 0..2 {
@@ -36,7 +42,19 @@ fn main() -> anyhow::Result<()> {
     }
     let rank: usize = std::env::var("LORAPLEX_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(8);
     let adapters: Vec<AdapterMix> = (0..32)
-        .map(|i| Ok(AdapterMix::single(Arc::new(random_adapter(&format!("qv{i}"), &model.cfg, rank, &["q_proj", "v_proj"], i as u64, &dev)?), 1.0)))
+        .map(|i| {
+            Ok(AdapterMix::single(
+                Arc::new(random_adapter(
+                    &format!("qv{i}"),
+                    &model.cfg,
+                    rank,
+                    &["q_proj", "v_proj"],
+                    i as u64,
+                    &dev,
+                )?),
+                1.0,
+            ))
+        })
         .collect::<anyhow::Result<_>>()?;
     let base = AdapterMix::default();
     // Base and LoRA steps alternate, so a noisy neighbour hits both alike; medians reported.
@@ -49,9 +67,12 @@ fn main() -> anyhow::Result<()> {
         }
         let mut runs = Vec::new();
         for lora_on in [false, true] {
-            let mixes: Vec<&AdapterMix> = (0..batch).map(|i| if lora_on { &adapters[if same { 0 } else { i }] } else { &base }).collect();
+            let mixes: Vec<&AdapterMix> = (0..batch)
+                .map(|i| if lora_on { &adapters[if same { 0 } else { i }] } else { &base })
+                .collect();
             let lora = StepLora::batched(&mixes, model.cfg.num_layers, model.dtype(), &dev)?;
-            let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new(model.cfg.num_layers, 64 + steps)).collect();
+            let mut caches: Vec<SeqCache> =
+                (0..batch).map(|_| SeqCache::new(model.cfg.num_layers, 64 + steps)).collect();
             let mut input = BatchInput::default();
             (0..batch).for_each(|i| input.push(&prompt[i..i + 32]));
             let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();

@@ -142,8 +142,19 @@ impl BenchReport {
     pub fn markdown_row(&self) -> String {
         format!(
             "| {} | {} | {}/{} | {:.2} | {:.1} | {:.0}/{:.0}/{:.0} | {:.1}/{:.1}/{:.1} | {} | {} |",
-            self.label, self.concurrency, self.adapter_count, self.adapters_per_request, self.requests_per_s, self.output_tokens_per_s,
-            self.ttft_ms.p50, self.ttft_ms.p95, self.ttft_ms.p99, self.itl_ms.p50, self.itl_ms.p95, self.itl_ms.p99, self.errors,
+            self.label,
+            self.concurrency,
+            self.adapter_count,
+            self.adapters_per_request,
+            self.requests_per_s,
+            self.output_tokens_per_s,
+            self.ttft_ms.p50,
+            self.ttft_ms.p95,
+            self.ttft_ms.p99,
+            self.itl_ms.p50,
+            self.itl_ms.p95,
+            self.itl_ms.p99,
+            self.errors,
             self.peak_rss_mib.map_or("-".to_string(), |m| format!("{m:.0}"))
         )
     }
@@ -191,7 +202,11 @@ impl Outcomes {
     }
 
     fn failed(&self) -> usize {
-        self.rejected.values().sum::<usize>() + self.server_errors + self.stream_errors + self.lost + self.connect_errors
+        self.rejected.values().sum::<usize>()
+            + self.server_errors
+            + self.stream_errors
+            + self.lost
+            + self.connect_errors
     }
 }
 
@@ -214,10 +229,12 @@ fn draw(rng: &mut rand::rngs::StdRng, args: &BenchArgs, client: usize) -> Vec<se
             Distribution::PowerLaw => {
                 let total: f64 = (1..=args.adapter_count).map(|i| 1.0 / i as f64).sum();
                 let mut x = rng.random_range(0.0..total);
-                (0..args.adapter_count).find(|&i| {
-                    x -= 1.0 / (i + 1) as f64;
-                    x <= 0.0
-                }).unwrap_or(args.adapter_count - 1)
+                (0..args.adapter_count)
+                    .find(|&i| {
+                        x -= 1.0 / (i + 1) as f64;
+                        x <= 0.0
+                    })
+                    .unwrap_or(args.adapter_count - 1)
             }
         };
         if !picked.contains(&i) {
@@ -231,9 +248,15 @@ fn draw(rng: &mut rand::rngs::StdRng, args: &BenchArgs, client: usize) -> Vec<se
 }
 
 async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
-    let http = awc::Client::builder().timeout(Duration::from_secs(600)).connector(awc::Connector::new().timeout(Duration::from_secs(600)).conn_lifetime(Duration::ZERO)).finish();
+    let http = awc::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .connector(
+            awc::Connector::new().timeout(Duration::from_secs(600)).conn_lifetime(Duration::ZERO),
+        )
+        .finish();
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed.wrapping_add(id as u64));
-    let filler = "The quick brown fox jumps over the lazy dog. ".repeat(args.prompt_tokens.div_ceil(10).max(1));
+    let filler = "The quick brown fox jumps over the lazy dog. "
+        .repeat(args.prompt_tokens.div_ceil(10).max(1));
     let url = format!("{}/v1/completions", args.url.trim_end_matches('/'));
     let mut st = ClientStats::default();
     while Instant::now() < deadline {
@@ -254,28 +277,31 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
             body["cache_prompt"] = serde_json::Value::Bool(false);
         }
         let started = Instant::now();
-        let hang_up = args.disconnect_fraction > 0.0 && rng.random::<f64>() < args.disconnect_fraction;
+        let hang_up =
+            args.disconnect_fraction > 0.0 && rng.random::<f64>() < args.disconnect_fraction;
         st.requests += 1;
-        let mut resp = match http.post(&url).insert_header(("connection", "close")).send_json(&body).await {
-            Ok(r) if r.status().is_success() => r,
-            Ok(r) if r.status().is_server_error() => {
-                st.outcomes.server_errors += 1;
-                continue;
-            }
-            Ok(r) => {
-                *st.outcomes.rejected.entry(r.status().as_u16()).or_default() += 1;
-                continue;
-            }
-            Err(e) => {
-                if st.outcomes.connect_errors == 0 {
-                    eprintln!("client {id}: request failed before a response: {e}");
+        let mut resp =
+            match http.post(&url).insert_header(("connection", "close")).send_json(&body).await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) if r.status().is_server_error() => {
+                    st.outcomes.server_errors += 1;
+                    continue;
                 }
-                st.outcomes.connect_errors += 1;
-                continue;
-            }
-        };
+                Ok(r) => {
+                    *st.outcomes.rejected.entry(r.status().as_u16()).or_default() += 1;
+                    continue;
+                }
+                Err(e) => {
+                    if st.outcomes.connect_errors == 0 {
+                        eprintln!("client {id}: request failed before a response: {e}");
+                    }
+                    st.outcomes.connect_errors += 1;
+                    continue;
+                }
+            };
         let (mut buf, mut last, mut first) = (Vec::new(), started, true);
-        let (mut done, mut errored, mut broke, mut events, mut tokens) = (false, false, false, 0usize, 0usize);
+        let (mut done, mut errored, mut broke, mut events, mut tokens) =
+            (false, false, false, 0usize, 0usize);
         'stream: while let Some(chunk) = resp.next().await {
             let Ok(chunk) = chunk else {
                 broke = true;
@@ -289,7 +315,12 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
                     done = true;
                     continue;
                 }
-                let Some(v) = text.strip_prefix("data: ").and_then(|j| serde_json::from_str::<serde_json::Value>(j.trim()).ok()) else { continue };
+                let Some(v) = text
+                    .strip_prefix("data: ")
+                    .and_then(|j| serde_json::from_str::<serde_json::Value>(j.trim()).ok())
+                else {
+                    continue;
+                };
                 if v.get("error").is_some() {
                     errored = true;
                     continue;
@@ -299,7 +330,10 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
                 }
                 // A token event: a choice still running, or a last choice that carries text.
                 let choice = &v["choices"][0];
-                let has_text = choice["text"].as_str().or(choice["delta"]["content"].as_str()).is_some_and(|t| !t.is_empty());
+                let has_text = choice["text"]
+                    .as_str()
+                    .or(choice["delta"]["content"].as_str())
+                    .is_some_and(|t| !t.is_empty());
                 if choice.is_object() && (choice["finish_reason"].is_null() || has_text) {
                     let now = Instant::now();
                     if first {
@@ -335,11 +369,27 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
 
 /// Writes `count` synthetic rank-8 q/v adapters for SmolLM2-135M's shapes into `dir`.
 fn make_adapters(dir: &std::path::Path, args: &BenchArgs) -> anyhow::Result<()> {
-    let cfg = LlamaConfig { vocab_size: 49152, hidden_size: 576, intermediate_size: 1536, num_layers: 30, num_heads: 9, num_kv_heads: 3, head_dim: 64, ..LlamaConfig::tiny() };
+    let cfg = LlamaConfig {
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_layers: 30,
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        ..LlamaConfig::tiny()
+    };
     let dev = candle_core::Device::Cpu;
     for i in 0..args.adapter_count {
         let name = format!("{}{i}", args.adapter_prefix);
-        let a = crate::adapters::synth::random_adapter(&name, &cfg, 8, &["q_proj", "v_proj"], args.seed + i as u64, &dev)?;
+        let a = crate::adapters::synth::random_adapter(
+            &name,
+            &cfg,
+            8,
+            &["q_proj", "v_proj"],
+            args.seed + i as u64,
+            &dev,
+        )?;
         let weights: Vec<_> = ModuleId::all(cfg.num_layers)
             .filter_map(|id| a.module(id).map(|w| (id, w.a.clone(), w.b.clone())))
             .collect();
@@ -350,16 +400,31 @@ fn make_adapters(dir: &std::path::Path, args: &BenchArgs) -> anyhow::Result<()> 
 }
 
 fn http_client() -> awc::Client {
-    awc::Client::builder().timeout(Duration::from_secs(600)).connector(awc::Connector::new().timeout(Duration::from_secs(600)).conn_lifetime(Duration::ZERO)).finish()
+    awc::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .connector(
+            awc::Connector::new().timeout(Duration::from_secs(600)).conn_lifetime(Duration::ZERO),
+        )
+        .finish()
 }
 
 /// Sends one streaming completion and returns when each token event arrived (after `sent`).
-async fn token_times(http: &awc::Client, url: &str, mut body: serde_json::Value) -> anyhow::Result<(Instant, Vec<Instant>)> {
+async fn token_times(
+    http: &awc::Client,
+    url: &str,
+    mut body: serde_json::Value,
+) -> anyhow::Result<(Instant, Vec<Instant>)> {
     body["stream"] = serde_json::Value::Bool(true);
     let sent = Instant::now();
-    let mut resp = http.post(url).insert_header(("connection", "close")).send_json(&body).await.map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
+    let mut resp = http
+        .post(url)
+        .insert_header(("connection", "close"))
+        .send_json(&body)
+        .await
+        .map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
     if !resp.status().is_success() {
-        let text = resp.body().await.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        let text =
+            resp.body().await.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
         bail!("HTTP {}: {text}", resp.status());
     }
     let (mut buf, mut times, mut done) = (Vec::new(), Vec::new(), false);
@@ -370,7 +435,10 @@ async fn token_times(http: &awc::Client, url: &str, mut body: serde_json::Value)
             let text = String::from_utf8_lossy(&event);
             if text.starts_with("data: [DONE]") {
                 done = true;
-            } else if let Some(v) = text.strip_prefix("data: ").and_then(|j| serde_json::from_str::<serde_json::Value>(j.trim()).ok()) {
+            } else if let Some(v) = text
+                .strip_prefix("data: ")
+                .and_then(|j| serde_json::from_str::<serde_json::Value>(j.trim()).ok())
+            {
                 if v.get("error").is_some() {
                     bail!("stream error: {v}");
                 }
@@ -387,7 +455,10 @@ async fn token_times(http: &awc::Client, url: &str, mut body: serde_json::Value)
 }
 
 /// Samples the server's `process_resident_memory_bytes` every 250 ms until `stop`; the peak.
-async fn peak_rss(base: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Option<f64> {
+async fn peak_rss(
+    base: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Option<f64> {
     let http = http_client();
     let url = format!("{}/metrics", base.trim_end_matches('/'));
     let mut peak: Option<f64> = None;
@@ -395,7 +466,11 @@ async fn peak_rss(base: String, stop: std::sync::Arc<std::sync::atomic::AtomicBo
         if let Ok(mut r) = http.get(&url).send().await {
             if let Ok(body) = r.body().limit(1 << 24).await {
                 let text = String::from_utf8_lossy(&body);
-                if let Some(v) = text.lines().find(|l| l.starts_with("process_resident_memory_bytes ")).and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok()) {
+                if let Some(v) = text
+                    .lines()
+                    .find(|l| l.starts_with("process_resident_memory_bytes "))
+                    .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
+                {
                     peak = Some(peak.map_or(v, |p: f64| p.max(v)));
                 }
             }
@@ -407,7 +482,10 @@ async fn peak_rss(base: String, stop: std::sync::Arc<std::sync::atomic::AtomicBo
 
 /// Text of about `tokens` tokens, distinct per `seed` from its first words on.
 fn passage(seed: u64, tokens: usize) -> String {
-    let words = ["river", "castle", "merchant", "winter", "harbour", "council", "bridge", "library", "valley", "engine", "market", "scholar"];
+    let words = [
+        "river", "castle", "merchant", "winter", "harbour", "council", "bridge", "library",
+        "valley", "engine", "market", "scholar",
+    ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut text = format!("Passage {seed}.");
     // Each word is one token, each twelfth word also carries a period.
@@ -440,7 +518,9 @@ async fn prefix_reuse(args: &BenchArgs) -> anyhow::Result<PrefixReuseReport> {
     let context = passage(args.seed, args.context_tokens);
     let mut ttfts = Vec::new();
     for q in 0..args.questions.max(2) {
-        let prompt = format!("{context}\nQuestion {q}: what does the passage say about item number {q}?\nAnswer:");
+        let prompt = format!(
+            "{context}\nQuestion {q}: what does the passage say about item number {q}?\nAnswer:"
+        );
         let body = serde_json::json!({"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": true, "adapters": draw(&mut rand::rngs::StdRng::seed_from_u64(args.seed), args, 0)});
         let (sent, times) = token_times(&http, &url, body).await?;
         let first = times.first().ok_or_else(|| anyhow::anyhow!("no token streamed"))?;
@@ -449,7 +529,15 @@ async fn prefix_reuse(args: &BenchArgs) -> anyhow::Result<PrefixReuseReport> {
     let rest = ttfts[1..].to_vec();
     let rest_max = rest.iter().copied().fold(0.0, f64::max);
     let p = percentiles(rest);
-    Ok(PrefixReuseReport { label: args.label.clone(), context_tokens: args.context_tokens, questions: ttfts.len(), first_ttft_ms: ttfts[0], ratio: p.p50 / ttfts[0], rest_ttft_ms: p, rest_max_ms: rest_max })
+    Ok(PrefixReuseReport {
+        label: args.label.clone(),
+        context_tokens: args.context_tokens,
+        questions: ttfts.len(),
+        first_ttft_ms: ttfts[0],
+        ratio: p.p50 / ttfts[0],
+        rest_ttft_ms: p,
+        rest_max_ms: rest_max,
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -502,7 +590,16 @@ async fn long_prefill(args: &BenchArgs) -> anyhow::Result<LongPrefillReport> {
     let median = percentiles(outside).p50;
     let during_max = during.iter().copied().fold(0.0, f64::max);
     let d = percentiles(during);
-    Ok(LongPrefillReport { label: args.label.clone(), streams: args.concurrency, prompt_tokens: args.prompt_tokens, long_ttft_ms: (t1 - t0).as_secs_f64() * 1e3, itl_median_ms: median, ratio: d.p99 / median, during_ms: d, during_max_ms: during_max })
+    Ok(LongPrefillReport {
+        label: args.label.clone(),
+        streams: args.concurrency,
+        prompt_tokens: args.prompt_tokens,
+        long_ttft_ms: (t1 - t0).as_secs_f64() * 1e3,
+        itl_median_ms: median,
+        ratio: d.p99 / median,
+        during_ms: d,
+        during_max_ms: during_max,
+    })
 }
 
 fn emit(json: String, row: String, header: &str, out: &Option<PathBuf>) -> anyhow::Result<()> {
@@ -527,12 +624,31 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Load => {}
         Scenario::PrefixReuse => {
             let r = actix_web::rt::System::new().block_on(prefix_reuse(&args))?;
-            let row = format!("| {} | {} | {} | {:.0} | {:.0} / {:.0} | {:.3} |", r.label, r.context_tokens, r.questions, r.first_ttft_ms, r.rest_ttft_ms.p50, r.rest_max_ms, r.ratio);
+            let row = format!(
+                "| {} | {} | {} | {:.0} | {:.0} / {:.0} | {:.3} |",
+                r.label,
+                r.context_tokens,
+                r.questions,
+                r.first_ttft_ms,
+                r.rest_ttft_ms.p50,
+                r.rest_max_ms,
+                r.ratio
+            );
             return emit(serde_json::to_string(&r)?, row, "| run | context tokens | questions | TTFT q1 ms | TTFT q2.. median / max ms | ratio |\n|---|---|---|---|---|---|", &args.json_out);
         }
         Scenario::LongPrefill => {
             let r = actix_web::rt::System::new().block_on(long_prefill(&args))?;
-            let row = format!("| {} | {} | {} | {:.0} | {:.1} | {:.0} / {:.0} | {:.2} |", r.label, r.streams, r.prompt_tokens, r.long_ttft_ms, r.itl_median_ms, r.during_ms.p99, r.during_max_ms, r.ratio);
+            let row = format!(
+                "| {} | {} | {} | {:.0} | {:.1} | {:.0} / {:.0} | {:.2} |",
+                r.label,
+                r.streams,
+                r.prompt_tokens,
+                r.long_ttft_ms,
+                r.itl_median_ms,
+                r.during_ms.p99,
+                r.during_max_ms,
+                r.ratio
+            );
             return emit(serde_json::to_string(&r)?, row, "| run | streams | long prompt tokens | its TTFT ms | ITL median ms | ITL during prefill p99 / max ms | p99 / median |\n|---|---|---|---|---|---|---|", &args.json_out);
         }
     }
@@ -541,7 +657,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let sampler = actix_web::rt::spawn(peak_rss(args.url.clone(), stop.clone()));
         let started = Instant::now();
         let deadline = started + Duration::from_secs(args.duration_secs);
-        let tasks: Vec<_> = (0..args.concurrency).map(|i| actix_web::rt::spawn(client(args.clone(), i, deadline))).collect();
+        let tasks: Vec<_> = (0..args.concurrency)
+            .map(|i| actix_web::rt::spawn(client(args.clone(), i, deadline)))
+            .collect();
         let mut all = ClientStats::default();
         for t in tasks {
             let s = t.await.context("bench client panicked")?;
@@ -570,5 +688,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             itl_ms: percentiles(all.itl),
         })
     })?;
-    emit(serde_json::to_string(&report)?, report.markdown_row(), BenchReport::markdown_header(), &args.json_out)
+    emit(
+        serde_json::to_string(&report)?,
+        report.markdown_row(),
+        BenchReport::markdown_header(),
+        &args.json_out,
+    )
 }

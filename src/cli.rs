@@ -13,7 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Debug, Parser)]
-#[command(name = "loraplex", version, about = "One frozen base LLM, many LoRA adapters mixed per request")]
+#[command(
+    name = "loraplex",
+    version,
+    about = "One frozen base LLM, many LoRA adapters mixed per request"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -175,8 +179,12 @@ pub struct GenerateArgs {
 /// Colours only on a terminal: a log file or collector gets plain text.
 pub fn init_logging(json: bool) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LORAPLEX_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LORAPLEX_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
@@ -201,8 +209,10 @@ fn run_export_tokenizer(args: ExportTokenizerArgs) -> anyhow::Result<()> {
     let tok = if path.is_dir() {
         TextTokenizer::from_dir(path)?
     } else {
-        let mut f = std::fs::File::open(path).with_context(|| format!("opening `{}`", path.display()))?;
-        let content = candle_core::quantized::gguf_file::Content::read(&mut f).with_context(|| format!("reading `{}` as GGUF", path.display()))?;
+        let mut f =
+            std::fs::File::open(path).with_context(|| format!("opening `{}`", path.display()))?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f)
+            .with_context(|| format!("reading `{}` as GGUF", path.display()))?;
         TextTokenizer::from_gguf(&content)?
     };
     tok.save_dir(&args.out)?;
@@ -211,11 +221,17 @@ fn run_export_tokenizer(args: ExportTokenizerArgs) -> anyhow::Result<()> {
 }
 
 fn run_export_lora(args: ExportLoraArgs) -> anyhow::Result<()> {
-    let (cfg, arch) = crate::model::load::read_config(&args.model).with_context(|| format!("reading `{}`", args.model))?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating `{}`", args.out.display()))?;
+    let (cfg, arch) = crate::model::load::read_config(&args.model)
+        .with_context(|| format!("reading `{}`", args.model))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating `{}`", args.out.display()))?;
     for dir in &args.adapters {
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
-        let adapter = load_adapter(dir, &name, &cfg, &candle_core::Device::Cpu).with_context(|| format!("loading `{}`", dir.display()))?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "adapter".into());
+        let adapter = load_adapter(dir, &name, &cfg, &candle_core::Device::Cpu)
+            .with_context(|| format!("loading `{}`", dir.display()))?;
         let path = args.out.join(format!("{name}.gguf"));
         crate::adapters::gguf_lora::write_gguf_lora(&adapter, &cfg, &arch, &path)?;
         println!("{}", path.display());
@@ -246,15 +262,23 @@ pub fn resolve_adapter_dir(spec: &str, adapters_dir: &Path) -> PathBuf {
 }
 
 /// Loads `DIR_OR_NAME=SCALE` specs into a mix, with a JSON description of each entry.
-fn load_mix(specs: &[String], adapters_dir: &Path, cfg: &crate::model::LlamaConfig, device: &candle_core::Device) -> anyhow::Result<(AdapterMix, Vec<serde_json::Value>)> {
+fn load_mix(
+    specs: &[String],
+    adapters_dir: &Path,
+    cfg: &crate::model::LlamaConfig,
+    device: &candle_core::Device,
+) -> anyhow::Result<(AdapterMix, Vec<serde_json::Value>)> {
     let mut entries = Vec::new();
     let mut described = Vec::new();
     for spec in specs {
         let (name_or_dir, scale) = parse_adapter_spec(spec)?;
         let dir = resolve_adapter_dir(&name_or_dir, adapters_dir);
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(name_or_dir);
-        let adapter = load_adapter(&dir, &name, cfg, device).with_context(|| format!("adapter `{}`", dir.display()))?;
-        described.push(serde_json::json!({"name": name, "scale": scale, "path": dir.display().to_string()}));
+        let adapter = load_adapter(&dir, &name, cfg, device)
+            .with_context(|| format!("adapter `{}`", dir.display()))?;
+        described.push(
+            serde_json::json!({"name": name, "scale": scale, "path": dir.display().to_string()}),
+        );
         entries.push(MixEntry { adapter: Arc::new(adapter), scale });
     }
     Ok((AdapterMix::new(entries), described))
@@ -264,7 +288,8 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     crate::runtime::training_spin_limit();
     let file = match &args.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading `{}`", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading `{}`", p.display()))?;
             toml::from_str(&text).with_context(|| format!("parsing `{}`", p.display()))?
         }
         None => crate::train::TrainOptions::default(),
@@ -276,10 +301,14 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     if !matches!(format, WeightFormat::Dense(_)) {
         bail!("training needs dense base weights (--dtype f32 or bf16)");
     }
-    let mut loaded = load_model(&cfg.model, format, &device).with_context(|| format!("loading `{}`", cfg.model))?;
+    let mut loaded = load_model(&cfg.model, format, &device)
+        .with_context(|| format!("loading `{}`", cfg.model))?;
     if loaded.model.cfg.arch.fused {
         // The trainer writes one PEFT module per projection; a fused module needs one A.
-        bail!("training on `{}` (fused projections) is not supported yet; serving is", loaded.model.cfg.arch.name);
+        bail!(
+            "training on `{}` (fused projections) is not supported yet; serving is",
+            loaded.model.cfg.arch.name
+        );
     }
     let o = crate::train::trainer::train(&mut loaded.model, &loaded.tokenizer, &cfg, !args.quiet)?;
     let tokens: usize = o.log.iter().map(|l| l.tokens).sum();
@@ -294,13 +323,22 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.model.device)?;
     let format = WeightFormat::parse(&args.model.dtype, &device)?;
-    let loaded = load_model(&args.model.model, format, &device).with_context(|| format!("loading `{}`", args.model.model))?;
-    let (mix, described) = load_mix(&args.adapters, &args.adapters_dir, &loaded.model.cfg, &device)?;
+    let loaded = load_model(&args.model.model, format, &device)
+        .with_context(|| format!("loading `{}`", args.model.model))?;
+    let (mix, described) =
+        load_mix(&args.adapters, &args.adapters_dir, &loaded.model.cfg, &device)?;
     let mut examples = crate::train::squad::load(&args.data)?;
     if let Some(n) = args.limit {
         examples.truncate(n);
     }
-    let report = crate::train::eval::evaluate(&loaded.model, &loaded.tokenizer, &examples, &mix, args.batch_size, args.prefix_cache)?;
+    let report = crate::train::eval::evaluate(
+        &loaded.model,
+        &loaded.tokenizer,
+        &examples,
+        &mix,
+        args.batch_size,
+        args.prefix_cache,
+    )?;
     let label = if described.is_empty() { "base".to_string() } else { args.adapters.join(" + ") };
     let cached = 100.0 * report.cached_prompt_tokens as f64 / report.prompt_tokens.max(1) as f64;
     println!(
@@ -317,10 +355,15 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.model.device)?;
     let format = WeightFormat::parse(&args.model.dtype, &device)?;
-    let loaded = load_model(&args.model.model, format, &device).with_context(|| format!("loading `{}`", args.model.model))?;
-    let (mix, described) = load_mix(&args.adapters, &args.adapters_dir, &loaded.model.cfg, &device)?;
+    let loaded = load_model(&args.model.model, format, &device)
+        .with_context(|| format!("loading `{}`", args.model.model))?;
+    let (mix, described) =
+        load_mix(&args.adapters, &args.adapters_dir, &loaded.model.cfg, &device)?;
     let text = if args.chat {
-        loaded.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: args.prompt.clone() }])?
+        loaded.tokenizer.apply_chat_template(&[ChatMessage {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        }])?
     } else {
         args.prompt.clone()
     };
@@ -332,7 +375,12 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         prompt_ids: prompt_ids.clone(),
         mix,
         max_tokens: args.max_tokens.max(1),
-        sampling: SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed },
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+        },
         penalties: Penalties::default(),
         stop: args.stop.clone(),
         logprobs: Some(args.logprobs),
@@ -366,7 +414,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let default_file = PathBuf::from("config/loraplex.toml");
     let file = match &args.config {
         Some(p) => crate::config::ServeOptions::from_toml_file(p)?,
-        None if default_file.exists() => crate::config::ServeOptions::from_toml_file(&default_file)?,
+        None if default_file.exists() => {
+            crate::config::ServeOptions::from_toml_file(&default_file)?
+        }
         None => crate::config::ServeOptions::default(),
     };
     let cfg = crate::config::ServeConfig::try_from(args.options.over(file))?;

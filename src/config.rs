@@ -132,15 +132,47 @@ macro_rules! merge_fields {
 impl ServeOptions {
     /// `self` (command line / environment) over `lower` (the TOML file).
     pub fn over(self, lower: ServeOptions) -> ServeOptions {
-        merge_fields!(self, lower, model, adapters, host, port, device, dtype, api_key, admin_key,
-            max_batch_size, max_waiting, max_prefill_tokens, kv_cache_bytes, prefix_cache, step_latency_ratio, max_prompt_tokens, max_total_tokens,
-            default_max_tokens, max_adapters_per_request, mix, adapter_budget_bytes, max_body_bytes, body_timeout_secs,
-            max_request_tokens, cors_origins, allowed_hosts, max_n,
-            rescan_interval_ms, drain_timeout_secs, log_format, gateway_metrics, metrics, metrics_adapter_cap)
+        merge_fields!(
+            self,
+            lower,
+            model,
+            adapters,
+            host,
+            port,
+            device,
+            dtype,
+            api_key,
+            admin_key,
+            max_batch_size,
+            max_waiting,
+            max_prefill_tokens,
+            kv_cache_bytes,
+            prefix_cache,
+            step_latency_ratio,
+            max_prompt_tokens,
+            max_total_tokens,
+            default_max_tokens,
+            max_adapters_per_request,
+            mix,
+            adapter_budget_bytes,
+            max_body_bytes,
+            body_timeout_secs,
+            max_request_tokens,
+            cors_origins,
+            allowed_hosts,
+            max_n,
+            rescan_interval_ms,
+            drain_timeout_secs,
+            log_format,
+            gateway_metrics,
+            metrics,
+            metrics_adapter_cap
+        )
     }
 
     pub fn from_toml_file(path: &Path) -> anyhow::Result<ServeOptions> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config `{}`", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config `{}`", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config `{}`", path.display()))
     }
 }
@@ -158,7 +190,9 @@ impl std::str::FromStr for ByteSize {
         let t = text.trim();
         let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
         let (num, unit) = (t[..split].trim(), t[split..].trim());
-        let value: f64 = num.parse().map_err(|_| format!("`{text}` is not a size (e.g. 2GiB, 512MiB, 1000000)"))?;
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size (e.g. 2GiB, 512MiB, 1000000)"))?;
         let scale: f64 = match unit.to_ascii_lowercase().as_str() {
             "" | "b" => 1.0,
             "k" | "kb" => 1e3,
@@ -169,7 +203,11 @@ impl std::str::FromStr for ByteSize {
             "mib" => 1024.0 * 1024.0,
             "gib" => 1024.0 * 1024.0 * 1024.0,
             "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-            _ => return Err(format!("`{text}`: unknown size unit `{unit}` (use K, M, G, T, KiB, MiB, GiB or TiB)")),
+            _ => {
+                return Err(format!(
+                    "`{text}`: unknown size unit `{unit}` (use K, M, G, T, KiB, MiB, GiB or TiB)"
+                ))
+            }
         };
         Ok(ByteSize((value * scale).round() as usize))
     }
@@ -260,14 +298,18 @@ pub struct ServeConfig {
 impl ServeConfig {
     /// Whether the server binds only to the loopback interface.
     pub fn loopback(&self) -> bool {
-        self.host == "localhost" || self.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        self.host == "localhost"
+            || self.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 
     /// The HTTP policy: CORS origins; and, for a loopback server without an API key (which a
     /// DNS-rebinding page could otherwise reach through the user's browser), the host names.
     pub fn http_policy(&self) -> crate::api::guard::HttpPolicy {
         let guard_hosts = self.loopback() && self.api_key.is_none();
-        crate::api::guard::HttpPolicy { cors_origins: self.cors_origins.clone(), allowed_hosts: guard_hosts.then(|| self.allowed_hosts.clone()) }
+        crate::api::guard::HttpPolicy {
+            cors_origins: self.cors_origins.clone(),
+            allowed_hosts: guard_hosts.then(|| self.allowed_hosts.clone()),
+        }
     }
 }
 
@@ -275,7 +317,11 @@ impl ServeConfig {
 fn check_origins(origins: &[String]) -> anyhow::Result<()> {
     for o in origins {
         let ok = o == "*"
-            || o.split_once("://").is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains(['/', '?', '#', ' ']));
+            || o.split_once("://").is_some_and(|(scheme, rest)| {
+                matches!(scheme, "http" | "https")
+                    && !rest.is_empty()
+                    && !rest.contains(['/', '?', '#', ' '])
+            });
         if !ok {
             bail!("`cors_origins`: `{}` is not an origin (`*` or `scheme://host[:port]`, e.g. `https://app.example.com`)", o.escape_debug());
         }
@@ -301,20 +347,32 @@ impl TryFrom<ServeOptions> for ServeConfig {
             engine: EngineConfig {
                 max_batch_size: o.max_batch_size.unwrap_or(engine_default.max_batch_size),
                 max_waiting: o.max_waiting.unwrap_or(engine_default.max_waiting),
-                max_prefill_tokens: o.max_prefill_tokens.unwrap_or(engine_default.max_prefill_tokens),
+                max_prefill_tokens: o
+                    .max_prefill_tokens
+                    .unwrap_or(engine_default.max_prefill_tokens),
                 kv_cache_bytes: o.kv_cache_bytes.map(|b| b.0),
                 prefix_cache: o.prefix_cache.unwrap_or(engine_default.prefix_cache),
-                step_latency_ratio: o.step_latency_ratio.unwrap_or(engine_default.step_latency_ratio),
+                step_latency_ratio: o
+                    .step_latency_ratio
+                    .unwrap_or(engine_default.step_latency_ratio),
                 faults: None,
             },
             limits: Limits {
                 max_prompt_tokens: o.max_prompt_tokens.unwrap_or(limits_default.max_prompt_tokens),
                 max_total_tokens: o.max_total_tokens,
-                default_max_tokens: o.default_max_tokens.unwrap_or(limits_default.default_max_tokens),
-                max_adapters_per_request: o.max_adapters_per_request.unwrap_or(limits_default.max_adapters_per_request),
+                default_max_tokens: o
+                    .default_max_tokens
+                    .unwrap_or(limits_default.default_max_tokens),
+                max_adapters_per_request: o
+                    .max_adapters_per_request
+                    .unwrap_or(limits_default.max_adapters_per_request),
                 max_body_bytes: o.max_body_bytes.unwrap_or(limits_default.max_body_bytes),
-                body_timeout: o.body_timeout_secs.map_or(limits_default.body_timeout, Duration::from_secs),
-                max_request_tokens: o.max_request_tokens.unwrap_or(limits_default.max_request_tokens),
+                body_timeout: o
+                    .body_timeout_secs
+                    .map_or(limits_default.body_timeout, Duration::from_secs),
+                max_request_tokens: o
+                    .max_request_tokens
+                    .unwrap_or(limits_default.max_request_tokens),
                 max_n: o.max_n.unwrap_or(limits_default.max_n),
                 ..limits_default
             },
@@ -330,8 +388,20 @@ impl TryFrom<ServeOptions> for ServeConfig {
             gateway_metrics: o.gateway_metrics.unwrap_or(false),
             metrics: o.metrics.unwrap_or(true),
             metrics_adapter_cap: o.metrics_adapter_cap.unwrap_or(100),
-            cors_origins: o.cors_origins.unwrap_or_default().into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
-            allowed_hosts: o.allowed_hosts.unwrap_or_default().into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            cors_origins: o
+                .cors_origins
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            allowed_hosts: o
+                .allowed_hosts
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
         };
         check_origins(&cfg.cors_origins)?;
         for (name, v) in [
@@ -365,7 +435,9 @@ impl TryFrom<ServeOptions> for ServeConfig {
     }
 }
 
-fn parse_mixes(specs: &[String]) -> anyhow::Result<Vec<(String, Vec<crate::adapters::mixes::MixMember>)>> {
+fn parse_mixes(
+    specs: &[String],
+) -> anyhow::Result<Vec<(String, Vec<crate::adapters::mixes::MixMember>)>> {
     let mut out: Vec<(String, Vec<crate::adapters::mixes::MixMember>)> = Vec::new();
     for spec in specs.iter().filter(|s| !s.trim().is_empty()) {
         let (name, members) = crate::adapters::mixes::parse_named(spec).context("`mix`")?;
@@ -396,7 +468,8 @@ mod tests {
         assert_eq!("1000000".parse::<ByteSize>(), Ok(ByteSize(1_000_000)));
         assert!("2 parsecs".parse::<ByteSize>().unwrap_err().contains("parsecs"));
         assert!("lots".parse::<ByteSize>().unwrap_err().contains("lots"));
-        let t: ServeOptions = toml::from_str("kv_cache_bytes = \"1GiB\"\nprefix_cache = false").unwrap();
+        let t: ServeOptions =
+            toml::from_str("kv_cache_bytes = \"1GiB\"\nprefix_cache = false").unwrap();
         assert_eq!((t.kv_cache_bytes, t.prefix_cache), (Some(ByteSize(1 << 30)), Some(false)));
         let t: ServeOptions = toml::from_str("kv_cache_bytes = 4096").unwrap();
         assert_eq!(t.kv_cache_bytes, Some(ByteSize(4096)));
@@ -404,27 +477,51 @@ mod tests {
 
     #[test]
     fn boolean_options_are_switches() {
-        let c = Cli::try_parse_from(["x", "--prefix-cache=false", "--gateway-metrics", "--kv-cache-bytes", "2GiB"]).unwrap();
-        assert_eq!((c.o.prefix_cache, c.o.gateway_metrics, c.o.kv_cache_bytes), (Some(false), Some(true), Some(ByteSize(2 << 30))));
+        let c = Cli::try_parse_from([
+            "x",
+            "--prefix-cache=false",
+            "--gateway-metrics",
+            "--kv-cache-bytes",
+            "2GiB",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.o.prefix_cache, c.o.gateway_metrics, c.o.kv_cache_bytes),
+            (Some(false), Some(true), Some(ByteSize(2 << 30)))
+        );
         let c = Cli::try_parse_from(["x", "--prefix-cache", "--metrics=false"]).unwrap();
         assert_eq!((c.o.prefix_cache, c.o.metrics), (Some(true), Some(false)));
-        let e = Cli::try_parse_from(["x", "--kv-cache-bytes", "big"]).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = Cli::try_parse_from(["x", "--kv-cache-bytes", "big"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("big"), "{e}");
-        let cfg = ServeConfig::try_from(ServeOptions { step_latency_ratio: Some(0.5), ..Default::default() }).unwrap_err().to_string();
+        let cfg = ServeConfig::try_from(ServeOptions {
+            step_latency_ratio: Some(0.5),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
         assert!(cfg.contains("step_latency_ratio"), "{cfg}");
     }
 
     #[test]
     fn mixes_come_from_flags_the_environment_form_and_toml_and_bad_ones_are_named() {
-        let c = Cli::try_parse_from(["x", "--mix", "a=qa-r8:0.5,all-r16", "--mix", "b=qa-r8"]).unwrap();
+        let c =
+            Cli::try_parse_from(["x", "--mix", "a=qa-r8:0.5,all-r16", "--mix", "b=qa-r8"]).unwrap();
         let cfg = ServeConfig::try_from(c.o).unwrap();
-        assert_eq!(cfg.mixes.iter().map(|(n, m)| (n.as_str(), m.len())).collect::<Vec<_>>(), [("a", 2), ("b", 1)]);
+        assert_eq!(
+            cfg.mixes.iter().map(|(n, m)| (n.as_str(), m.len())).collect::<Vec<_>>(),
+            [("a", 2), ("b", 1)]
+        );
         // The variable's form: `;` between mixes.
         let c = Cli::try_parse_from(["x", "--mix", "a=qa-r8;b=all-r16:2"]).unwrap();
         assert_eq!(ServeConfig::try_from(c.o).unwrap().mixes[1].1[0].scale, 2.0);
         let t: ServeOptions = toml::from_str("mix = [\"blend=qa-r8:0.7,all-r16:0.3\"]").unwrap();
         assert_eq!(ServeConfig::try_from(t).unwrap().mixes[0].0, "blend");
-        for (bad, want) in [("a=x:1;a=y", "defined twice"), ("a=x:big", "big"), ("nameless", "name=adapter")] {
+        for (bad, want) in
+            [("a=x:1;a=y", "defined twice"), ("a=x:big", "big"), ("nameless", "name=adapter")]
+        {
             let c = Cli::try_parse_from(["x", "--mix", bad]).unwrap();
             let e = format!("{:#}", ServeConfig::try_from(c.o).unwrap_err());
             assert!(e.contains("`mix`") && e.contains(want), "{bad}: {e}");

@@ -10,12 +10,23 @@ use crate::model::{Llama, ModelError, Result};
 pub type GenOutput = Collected;
 
 /// Generates for every request in one batch; outputs come back in request order.
-pub fn generate(model: &Llama, tok: &TextTokenizer, reqs: &[Request], path: LoraPath) -> Result<Vec<GenOutput>> {
+pub fn generate(
+    model: &Llama,
+    tok: &TextTokenizer,
+    reqs: &[Request],
+    path: LoraPath,
+) -> Result<Vec<GenOutput>> {
     generate_chunked(model, tok, reqs, path, usize::MAX)
 }
 
 /// [`generate`] with prompts fed at most `prefill_chunk` tokens per step (chunked prefill).
-pub fn generate_chunked(model: &Llama, tok: &TextTokenizer, reqs: &[Request], path: LoraPath, prefill_chunk: usize) -> Result<Vec<GenOutput>> {
+pub fn generate_chunked(
+    model: &Llama,
+    tok: &TextTokenizer,
+    reqs: &[Request],
+    path: LoraPath,
+    prefill_chunk: usize,
+) -> Result<Vec<GenOutput>> {
     let mut batcher = Batcher::new(model, tok, path);
     batcher.prefill_chunk = prefill_chunk;
     run_all(&mut batcher, reqs)

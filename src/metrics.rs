@@ -5,8 +5,8 @@
 //! reads (vLLM's names) are exported too.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -47,7 +47,8 @@ pub const BASE_LABEL: &str = "base";
 pub const OTHER_LABEL: &str = "other";
 
 /// Latency buckets from 5 ms (GPU decode) to 2 minutes (long CPU prefills).
-const LATENCY_BUCKETS: [f64; 16] = [0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0];
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0];
 
 /// Request outcome label values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +173,11 @@ fn hist(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<Histogr
 
 impl Metrics {
     /// Registers every series. `build` = (version, git commit, device, dtype, base model).
-    pub fn new(label_cap: usize, gateway_metrics: bool, build: [&str; 5]) -> prometheus::Result<Self> {
+    pub fn new(
+        label_cap: usize,
+        gateway_metrics: bool,
+        build: [&str; 5],
+    ) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let lat = LATENCY_BUCKETS.to_vec();
         let m = Metrics {
@@ -234,13 +239,25 @@ impl Metrics {
             },
             registry,
         };
-        let build_info = IntGaugeVec::new(Opts::new(BUILD_INFO, "Build and configuration."), &["version", "commit", "device", "dtype", "model"])?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(BUILD_INFO, "Build and configuration."),
+            &["version", "commit", "device", "dtype", "model"],
+        )?;
         build_info.with_label_values(&build).set(1);
         m.registry.register(Box::new(build_info))?;
         for c in [&m.requests, &m.prompt_tokens, &m.generated_tokens, &m.adapter_loads] {
             m.registry.register(Box::new(c.clone()))?;
         }
-        for h in [&m.ttft, &m.itl, &m.queue_wait, &m.prefill_step, &m.decode_step, &m.batch_size, &m.adapters_per_request, &m.adapter_load_duration] {
+        for h in [
+            &m.ttft,
+            &m.itl,
+            &m.queue_wait,
+            &m.prefill_step,
+            &m.decode_step,
+            &m.batch_size,
+            &m.adapters_per_request,
+            &m.adapter_load_duration,
+        ] {
             m.registry.register(Box::new(h.clone()))?;
         }
         m.registry.register(Box::new(m.request_duration.clone()))?;
@@ -252,7 +269,14 @@ impl Metrics {
         m.registry.register(Box::new(m.faults.clone()))?;
         m.registry.register(Box::new(m.kv_blocks.clone()))?;
         m.registry.register(Box::new(m.kv_bytes.clone()))?;
-        for g in [&m.running, &m.waiting, &m.kv_tokens, &m.kv_capacity, &m.resident_bytes, &m.budget_bytes] {
+        for g in [
+            &m.running,
+            &m.waiting,
+            &m.kv_tokens,
+            &m.kv_capacity,
+            &m.resident_bytes,
+            &m.budget_bytes,
+        ] {
             m.registry.register(Box::new(g.clone()))?;
         }
         m.registry.register(Box::new(m.adapters.clone()))?;
@@ -267,7 +291,8 @@ impl Metrics {
             m.registry.register(Box::new(g.cache_config.clone()))?;
         }
         #[cfg(target_os = "linux")]
-        m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        m.registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(m)
     }
 
@@ -293,10 +318,22 @@ impl Metrics {
     pub fn rebalance(&self) {
         let mut l = self.labels.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let least = l.own.iter().filter(|n| *n != BASE_LABEL).min_by_key(|n| (l.uses.get(*n).copied().unwrap_or(0), (*n).clone())).cloned();
-            let best = l.uses.iter().filter(|(n, _)| !l.own.contains(*n)).max_by_key(|(n, u)| (**u, std::cmp::Reverse((*n).clone()))).map(|(n, u)| (n.clone(), *u));
+            let least = l
+                .own
+                .iter()
+                .filter(|n| *n != BASE_LABEL)
+                .min_by_key(|n| (l.uses.get(*n).copied().unwrap_or(0), (*n).clone()))
+                .cloned();
+            let best = l
+                .uses
+                .iter()
+                .filter(|(n, _)| !l.own.contains(*n))
+                .max_by_key(|(n, u)| (**u, std::cmp::Reverse((*n).clone())))
+                .map(|(n, u)| (n.clone(), *u));
             match (least, best) {
-                (Some(least), Some((best, uses))) if uses > l.uses.get(&least).copied().unwrap_or(0) => {
+                (Some(least), Some((best, uses)))
+                    if uses > l.uses.get(&least).copied().unwrap_or(0) =>
+                {
                     self.fold_into_other(&least);
                     l.own.remove(&least);
                     l.own.insert(best);
@@ -310,12 +347,16 @@ impl Metrics {
         for vec in [&self.requests, &self.prompt_tokens, &self.generated_tokens] {
             for family in prometheus::core::Collector::collect(vec) {
                 for m in family.get_metric() {
-                    let labels: Vec<(&str, &str)> = m.get_label().iter().map(|p| (p.name(), p.value())).collect();
+                    let labels: Vec<(&str, &str)> =
+                        m.get_label().iter().map(|p| (p.name(), p.value())).collect();
                     if !labels.iter().any(|(k, v)| *k == "adapter" && *v == adapter) {
                         continue;
                     }
                     let value = m.get_counter().value() as u64;
-                    let with_other: HashMap<&str, &str> = labels.iter().map(|(k, v)| (*k, if *k == "adapter" { OTHER_LABEL } else { *v })).collect();
+                    let with_other: HashMap<&str, &str> = labels
+                        .iter()
+                        .map(|(k, v)| (*k, if *k == "adapter" { OTHER_LABEL } else { *v }))
+                        .collect();
                     let original: HashMap<&str, &str> = labels.iter().copied().collect();
                     vec.with(&with_other).inc_by(value);
                     let _ = vec.remove(&original);
@@ -390,17 +431,32 @@ impl Metrics {
         if let Some(g) = &self.gateway {
             g.waiting.set(s.waiting as f64);
             g.running.set(s.running as f64);
-            let usage = if s.kv_blocks_total == 0 { 0.0 } else { (s.kv_blocks_used as f64 / s.kv_blocks_total as f64).min(1.0) };
+            let usage = if s.kv_blocks_total == 0 {
+                0.0
+            } else {
+                (s.kv_blocks_used as f64 / s.kv_blocks_total as f64).min(1.0)
+            };
             g.cache_usage.set(usage);
             g.cache_usage_old.set(usage);
             g.lora_info.reset();
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
             g.lora_info
-                .with_label_values(&[&s.max_lora.to_string(), &s.running_adapters.join(","), &s.waiting_adapters.join(",")])
+                .with_label_values(&[
+                    &s.max_lora.to_string(),
+                    &s.running_adapters.join(","),
+                    &s.waiting_adapters.join(","),
+                ])
                 .set(now);
             g.cache_config.reset();
             if s.kv_blocks_total > 0 {
-                let labels = [crate::model::kv_cache::BLOCK_TOKENS.to_string(), s.kv_blocks_total.to_string(), s.prefix_cache.to_string(), s.kv_cache_bytes.to_string()];
+                let labels = [
+                    crate::model::kv_cache::BLOCK_TOKENS.to_string(),
+                    s.kv_blocks_total.to_string(),
+                    s.prefix_cache.to_string(),
+                    s.kv_cache_bytes.to_string(),
+                ];
                 g.cache_config.with_label_values(&labels.each_ref().map(String::as_str)).set(1.0);
             }
         }
@@ -428,7 +484,9 @@ mod tests {
             .collect();
         assert_eq!(labels.len(), 101, "100 adapters + other");
         assert!(labels.contains(OTHER_LABEL));
-        assert!(text.contains(r#"loraplex_requests_total{adapter="other",endpoint="completions",outcome="ok"} 50"#));
+        assert!(text.contains(
+            r#"loraplex_requests_total{adapter="other",endpoint="completions",outcome="ok"} 50"#
+        ));
         // a120 (in `other`) becomes busy: it takes the series of a least-used adapter, whose
         // count folds into `other`; the total is unchanged.
         for _ in 0..5 {
@@ -441,9 +499,20 @@ mod tests {
         let text = m.render(&Snapshot::default());
         let series: Vec<&str> = text.lines().filter(|l| l.starts_with(REQUESTS_TOTAL)).collect();
         assert_eq!(series.len(), 101);
-        assert!(text.contains(r#"loraplex_requests_total{adapter="a120",endpoint="completions",outcome="ok"} 1"#), "{series:?}");
-        assert!(text.contains(r#"loraplex_requests_total{adapter="other",endpoint="completions",outcome="ok"} 56"#), "{series:?}");
-        let total: f64 = series.iter().filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+        assert!(
+            text.contains(
+                r#"loraplex_requests_total{adapter="a120",endpoint="completions",outcome="ok"} 1"#
+            ),
+            "{series:?}"
+        );
+        assert!(
+            text.contains(
+                r#"loraplex_requests_total{adapter="other",endpoint="completions",outcome="ok"} 56"#
+            ),
+            "{series:?}"
+        );
+        let total: f64 =
+            series.iter().filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
         assert_eq!(total, 156.0, "folding keeps every count");
     }
 }

@@ -14,16 +14,21 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Loads the model, starts the engine thread, the registry and its watcher.
-pub fn load_backend(cfg: &ServeConfig, metrics: Option<Arc<crate::metrics::Metrics>>) -> anyhow::Result<Backend> {
+pub fn load_backend(
+    cfg: &ServeConfig,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+) -> anyhow::Result<Backend> {
     let device = parse_device(&cfg.device)?;
     let format = WeightFormat::parse(&cfg.dtype, &device)?;
     let started = Instant::now();
-    let loaded = load_model(&cfg.model, format, &device).with_context(|| format!("loading model `{}`", cfg.model))?;
+    let loaded = load_model(&cfg.model, format, &device)
+        .with_context(|| format!("loading model `{}`", cfg.model))?;
     let model_cfg = loaded.model.cfg.clone();
     tracing::info!(model = %loaded.id, %format, secs = started.elapsed().as_secs_f32(), "model loaded");
-    let mut registry = Registry::new(&cfg.adapters, model_cfg.clone(), device, cfg.adapter_budget_bytes)
-        .with_context(|| format!("opening adapters folder `{}`", cfg.adapters.display()))?
-        .with_mixes(&cfg.mixes);
+    let mut registry =
+        Registry::new(&cfg.adapters, model_cfg.clone(), device, cfg.adapter_budget_bytes)
+            .with_context(|| format!("opening adapters folder `{}`", cfg.adapters.display()))?
+            .with_mixes(&cfg.mixes);
     if let Some(m) = &metrics {
         registry = registry.with_metrics(m.clone());
     }
@@ -32,12 +37,25 @@ pub fn load_backend(cfg: &ServeConfig, metrics: Option<Arc<crate::metrics::Metri
     tracing::info!(root = %registry.root().display(), adapters = registry.list().len(), "adapter registry ready");
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine.clone(), metrics)?;
-    Ok(Backend { engine, tokenizer, registry, model_id: loaded.id, architecture: model_cfg.arch.name.clone(), context_len: model_cfg.max_position_embeddings })
+    Ok(Backend {
+        engine,
+        tokenizer,
+        registry,
+        model_id: loaded.id,
+        architecture: model_cfg.arch.name.clone(),
+        context_len: model_cfg.max_position_embeddings,
+    })
 }
 
 /// The metrics registry of a server with this configuration.
 pub fn new_metrics(cfg: &ServeConfig) -> anyhow::Result<Arc<crate::metrics::Metrics>> {
-    let build = [env!("CARGO_PKG_VERSION"), option_env!("LORAPLEX_GIT_COMMIT").unwrap_or("unknown"), cfg.device.as_str(), cfg.dtype.as_str(), cfg.model.as_str()];
+    let build = [
+        env!("CARGO_PKG_VERSION"),
+        option_env!("LORAPLEX_GIT_COMMIT").unwrap_or("unknown"),
+        cfg.device.as_str(),
+        cfg.dtype.as_str(),
+        cfg.model.as_str(),
+    ];
     let mut m = crate::metrics::Metrics::new(cfg.metrics_adapter_cap, cfg.gateway_metrics, build)?;
     m.enabled = cfg.metrics;
     Ok(Arc::new(m))
@@ -49,33 +67,42 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let state = web::Data::new(AppState::new(&cfg, backend.clone(), metrics.clone()));
     if cfg.api_key.is_none() && cfg.admin_key.is_none() {
         if cfg.loopback() {
-            tracing::warn!("no API key set: serving on loopback only ({}); set --api-key to expose it", cfg.host);
+            tracing::warn!(
+                "no API key set: serving on loopback only ({}); set --api-key to expose it",
+                cfg.host
+            );
         } else {
-            tracing::warn!("no API key set and bound to {}: anyone who reaches it can use it", cfg.host);
+            tracing::warn!(
+                "no API key set and bound to {}: anyone who reaches it can use it",
+                cfg.host
+            );
         }
     }
     let drain_timeout = cfg.drain_timeout;
     actix_web::rt::System::new().block_on(async move {
-        let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
-            .disable_signals()
-            .shutdown_timeout(drain_timeout.as_secs().max(1))
-            .bind((cfg.host.as_str(), cfg.port))
-            .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?
-            .run();
+        let server =
+            HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
+                .disable_signals()
+                .shutdown_timeout(drain_timeout.as_secs().max(1))
+                .bind((cfg.host.as_str(), cfg.port))
+                .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?
+                .run();
         tracing::info!("listening on http://{}:{}", cfg.host, cfg.port);
         let handle = server.handle();
         let loading = backend.clone();
         let engine_metrics = metrics.enabled.then_some(metrics);
-        std::thread::Builder::new().name("loraplex-loader".into()).spawn(move || match load_backend(&cfg, engine_metrics) {
-            Ok(b) => {
-                let _ = loading.set(b);
-                tracing::info!("ready");
-            }
-            Err(e) => {
-                tracing::error!("{e:#}");
-                std::process::exit(1);
-            }
-        })?;
+        std::thread::Builder::new().name("loraplex-loader".into()).spawn(
+            move || match load_backend(&cfg, engine_metrics) {
+                Ok(b) => {
+                    let _ = loading.set(b);
+                    tracing::info!("ready");
+                }
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    std::process::exit(1);
+                }
+            },
+        )?;
         actix_web::rt::spawn(async move {
             shutdown_signal().await;
             tracing::info!("shutdown requested: refusing new requests, draining running ones");

@@ -15,7 +15,9 @@ fn load_with(edit: impl FnOnce(&mut serde_json::Value)) -> Result<(), AdapterErr
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x");
     write_random_adapter(&path, &cfg, &lora_config(2, 4.0, &["q_proj", "v_proj"]), 1);
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path.join("adapter_config.json")).unwrap()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path.join("adapter_config.json")).unwrap())
+            .unwrap();
     edit(&mut json);
     std::fs::write(path.join("adapter_config.json"), json.to_string()).unwrap();
     load_adapter(&path, "x", &cfg, &Device::Cpu).map(|_| ())
@@ -72,7 +74,9 @@ fn trained_bias_is_rejected() {
 
 #[test]
 fn embedding_lora_is_rejected() {
-    let e = err_text(load_with(|j| j["target_modules"] = serde_json::json!(["q_proj", "embed_tokens"])));
+    let e = err_text(load_with(|j| {
+        j["target_modules"] = serde_json::json!(["q_proj", "embed_tokens"])
+    }));
     assert!(e.contains("embed_tokens"), "{e}");
 }
 

@@ -27,7 +27,12 @@ fn tensors() -> HashMap<String, Tensor> {
 }
 
 /// A copy of qa-r8 in `root/name` whose weights are `weights` (and config `config`).
-fn write(root: &Path, name: &str, config: Option<Value>, weights: Option<Vec<u8>>) -> std::path::PathBuf {
+fn write(
+    root: &Path,
+    name: &str,
+    config: Option<Value>,
+    weights: Option<Vec<u8>>,
+) -> std::path::PathBuf {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     if let Some(c) = config {
@@ -62,10 +67,21 @@ fn with_header(header: &Value, data_len: usize) -> Vec<u8> {
     out
 }
 
-async fn adapters_list(app: &impl actix_web::dev::Service<actix_http::Request, Response = actix_web::dev::ServiceResponse, Error = actix_web::Error>) -> HashMap<String, Value> {
+async fn adapters_list(
+    app: &impl actix_web::dev::Service<
+        actix_http::Request,
+        Response = actix_web::dev::ServiceResponse,
+        Error = actix_web::Error,
+    >,
+) -> HashMap<String, Value> {
     let (s, v) = call(app, TestRequest::get().uri("/v1/adapters")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    v["data"].as_array().unwrap().iter().map(|a| (a["name"].as_str().unwrap().to_string(), a.clone())).collect()
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["name"].as_str().unwrap().to_string(), a.clone()))
+        .collect()
 }
 
 fn rescan(c: &Ctx) {
@@ -88,7 +104,8 @@ async fn broken_adapter_folders_are_reported_and_refused_without_harm() {
     let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     v[3] = f32::NAN;
     nan.insert(key.clone(), Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap());
-    let ints: HashMap<String, Tensor> = tensors().into_iter().map(|(k, t)| (k, t.to_dtype(DType::I64).unwrap())).collect();
+    let ints: HashMap<String, Tensor> =
+        tensors().into_iter().map(|(k, t)| (k, t.to_dtype(DType::I64).unwrap())).collect();
     let mut wrong_rank = qa_config();
     wrong_rank["r"] = json!(4);
     let mut dora = qa_config();
@@ -112,12 +129,33 @@ async fn broken_adapter_folders_are_reported_and_refused_without_harm() {
         ("linked-weights", "outside the adapters folder"),
     ];
     write(root, "truncated", Some(qa_config()), Some(w[..w.len() / 2].to_vec()));
-    write(root, "corrupt", Some(qa_config()), Some((0..4000u32).map(|i| (i * 7919 % 251) as u8).collect()));
+    write(
+        root,
+        "corrupt",
+        Some(qa_config()),
+        Some((0..4000u32).map(|i| (i * 7919 % 251) as u8).collect()),
+    );
     let mut huge = (1u64 << 40).to_le_bytes().to_vec();
     huge.extend(b"{}");
     write(root, "huge-header", Some(qa_config()), Some(huge));
-    write(root, "huge-tensor", Some(qa_config()), Some(with_header(&json!({"x": {"dtype": "F32", "shape": [1u64 << 31, 1u64 << 20], "data_offsets": [0, 16]}}), 16)));
-    write(root, "offsets-past-end", Some(qa_config()), Some(with_header(&json!({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}), 8)));
+    write(
+        root,
+        "huge-tensor",
+        Some(qa_config()),
+        Some(with_header(
+            &json!({"x": {"dtype": "F32", "shape": [1u64 << 31, 1u64 << 20], "data_offsets": [0, 16]}}),
+            16,
+        )),
+    );
+    write(
+        root,
+        "offsets-past-end",
+        Some(qa_config()),
+        Some(with_header(
+            &json!({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}),
+            8,
+        )),
+    );
     write(root, "wrong-shapes", Some(wrong_rank), Some(w.clone()));
     write(root, "wrong-dtype", Some(qa_config()), Some(saved(&ints)));
     write(root, "nan-weights", Some(qa_config()), Some(saved(&nan)));
@@ -127,8 +165,10 @@ async fn broken_adapter_folders_are_reported_and_refused_without_harm() {
     let bad_json = write(root, "bad-json-config", None, Some(w.clone()));
     std::fs::write(bad_json.join(CONFIG), "{\"r\": 8,").unwrap();
     let linked = write(root, "linked-weights", Some(qa_config()), None);
-    std::os::unix::fs::symlink(outside.path().join("escaped").join(WEIGHTS), linked.join(WEIGHTS)).unwrap();
-    std::os::unix::fs::symlink(outside.path().join("escaped"), root.join("escaped-folder")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("escaped").join(WEIGHTS), linked.join(WEIGHTS))
+        .unwrap();
+    std::os::unix::fs::symlink(outside.path().join("escaped"), root.join("escaped-folder"))
+        .unwrap();
     rescan(&c);
 
     let list = adapters_list(&app).await;
@@ -136,10 +176,16 @@ async fn broken_adapter_folders_are_reported_and_refused_without_harm() {
         let a = list.get(*name).unwrap_or_else(|| panic!("{name} is not listed: {list:?}"));
         assert_eq!(a["state"], "failed", "{name}: {a}");
         let error = a["error"].as_str().unwrap_or_default();
-        assert!(error.to_lowercase().contains(&fragment.to_lowercase()), "{name}: error `{error}` lacks `{fragment}`");
+        assert!(
+            error.to_lowercase().contains(&fragment.to_lowercase()),
+            "{name}: error `{error}` lacks `{fragment}`"
+        );
         // A request for it is refused with a clear client error, in OpenAI's shape.
         let (s, v) = call(&app, post("/v1/completions", greedy(name, 2))).await;
-        assert!(s.is_client_error() && v["error"]["message"].as_str().is_some_and(|m| m.contains(name)), "{name}: {s} {v}");
+        assert!(
+            s.is_client_error() && v["error"]["message"].as_str().is_some_and(|m| m.contains(name)),
+            "{name}: {s} {v}"
+        );
     }
     // The symlinked folder that escapes the root is not an adapter at all.
     assert!(!list.contains_key("escaped-folder"), "{list:?}");
@@ -198,7 +244,11 @@ async fn running_requests_finish_on_the_version_they_started_with() {
         }
         rescan(&c);
     };
-    let ((s, during), ()) = futures_util::future::join(call(&app, post("/v1/completions", greedy("swapped", tokens))), swap).await;
+    let ((s, during), ()) = futures_util::future::join(
+        call(&app, post("/v1/completions", greedy("swapped", tokens))),
+        swap,
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{during}");
     assert_eq!(text(&during), text(&qa), "the running request kept the version it started with");
     let (_, after) = call(&app, post("/v1/completions", greedy("swapped", tokens))).await;
@@ -214,7 +264,11 @@ async fn running_requests_finish_on_the_version_they_started_with() {
         std::fs::remove_dir_all(root.join("doomed")).unwrap();
         rescan(&c);
     };
-    let ((s, during), ()) = futures_util::future::join(call(&app, post("/v1/completions", greedy("doomed", tokens))), delete).await;
+    let ((s, during), ()) = futures_util::future::join(
+        call(&app, post("/v1/completions", greedy("doomed", tokens))),
+        delete,
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{during}");
     assert_eq!(text(&during), text(&qa));
     let (s, v) = call(&app, post("/v1/completions", greedy("doomed", 2))).await;

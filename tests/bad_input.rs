@@ -176,11 +176,16 @@ async fn every_bad_request_gets_its_4xx_and_the_server_keeps_serving() {
         assert!(seen.insert(what), "duplicate case name {what}");
         let (status, body) = call(&app, req).await;
         let e = &body["error"];
-        let shaped = e["message"].as_str().is_some_and(|m| !m.is_empty()) && e.get("param").is_some() && e.get("code").is_some();
+        let shaped = e["message"].as_str().is_some_and(|m| !m.is_empty())
+            && e.get("param").is_some()
+            && e.get("code").is_some();
         if status != want || e["type"] != kind || !shaped {
             wrong.push(format!("{what}: want {want} {kind}, got {status} {body}"));
         }
-        assert!(!body.to_string().contains(USER_KEY) && !body.to_string().contains(ADMIN_KEY), "{what}: a key leaked");
+        assert!(
+            !body.to_string().contains(USER_KEY) && !body.to_string().contains(ADMIN_KEY),
+            "{what}: a key leaked"
+        );
         let (s, _) = call(&app, TestRequest::get().uri("/health")).await;
         assert_eq!(s, StatusCode::OK, "unhealthy after {what}");
         if i % 10 == 9 {
@@ -203,11 +208,31 @@ async fn numbers_are_checked_as_the_engine_computes_them_and_errors_read_well() 
     });
     let app = app(&c).await;
     let cases: Vec<(&str, TestRequest, &str, &str)> = vec![
-        ("temperature 1e-40 (0 as f32)", comp(json!({"temperature": 1e-40})), "temperature", "1e-40"),
-        ("temperature below the minimum", comp(json!({"temperature": 1e-6})), "temperature", "at least 1e-5, got 1e-6"),
+        (
+            "temperature 1e-40 (0 as f32)",
+            comp(json!({"temperature": 1e-40})),
+            "temperature",
+            "1e-40",
+        ),
+        (
+            "temperature below the minimum",
+            comp(json!({"temperature": 1e-6})),
+            "temperature",
+            "at least 1e-5, got 1e-6",
+        ),
         ("top_p 1e-300 (0 as f32)", comp(json!({"top_p": 1e-300})), "top_p", "1e-300"),
-        ("scale 1e300", adapters(json!([{"name": "qa-r8", "scale": 1e300}])), "adapters[0].scale", "1e300"),
-        ("presence_penalty 3e300", comp(json!({"presence_penalty": 3e300})), "presence_penalty", "3e300"),
+        (
+            "scale 1e300",
+            adapters(json!([{"name": "qa-r8", "scale": 1e300}])),
+            "adapters[0].scale",
+            "1e300",
+        ),
+        (
+            "presence_penalty 3e300",
+            comp(json!({"presence_penalty": 3e300})),
+            "presence_penalty",
+            "3e300",
+        ),
     ];
     for (what, req, param, shown) in cases {
         let (status, body) = call(&app, req).await;
@@ -215,30 +240,60 @@ async fn numbers_are_checked_as_the_engine_computes_them_and_errors_read_well() 
         let msg = body["error"]["message"].as_str().unwrap();
         assert_eq!(body["error"]["param"], param, "{what}: {body}");
         assert!(msg.contains(shown), "{what}: {msg}");
-        assert!(!msg.chars().collect::<Vec<_>>().windows(20).any(|w| w.iter().all(char::is_ascii_digit)), "{what}: a long digit run in {msg}");
+        assert!(
+            !msg.chars()
+                .collect::<Vec<_>>()
+                .windows(20)
+                .any(|w| w.iter().all(char::is_ascii_digit)),
+            "{what}: a long digit run in {msg}"
+        );
     }
     // A request that can never be queued (40 prompts × n 8 = 320 sequences, the queue holds
     // 256) is refused for good, not told to retry.
     let forty: Vec<String> = (0..40).map(|i| format!("Prompt {i}")).collect();
     let (status, body) = call(&app, comp(json!({"prompt": forty, "n": 8}))).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (INVALID, Some("too_many_sequences")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (INVALID, Some("too_many_sequences")),
+        "{body}"
+    );
     // The work budget: prompt + max_tokens of every sequence.
     let long = "word ".repeat(1500);
-    let (status, body) = call(&app, comp(json!({"prompt": long, "n": 8, "max_tokens": 1000}))).await;
-    assert_eq!((status, body["error"]["code"].as_str(), body["error"]["param"].as_str()), (INVALID, Some("request_too_large"), Some("n")), "{body}");
+    let (status, body) =
+        call(&app, comp(json!({"prompt": long, "n": 8, "max_tokens": 1000}))).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str(), body["error"]["param"].as_str()),
+        (INVALID, Some("request_too_large"), Some("n")),
+        "{body}"
+    );
     assert!(body["error"]["message"].as_str().unwrap().contains("20000"), "{body}");
     // Syntax errors: no `?` param.
-    for raw_body in [r#"{"prompt": "hi""#, r#"{"prompt": "hi", "max_tok"#, r#"{"adapters": [{"name": "#] {
+    for raw_body in
+        [r#"{"prompt": "hi""#, r#"{"prompt": "hi", "max_tok"#, r#"{"adapters": [{"name": "#]
+    {
         let (status, body) = call(&app, raw(C, raw_body)).await;
         assert_eq!(status, BAD, "{body}");
         assert_ne!(body["error"]["param"], "?", "{raw_body}: {body}");
-        assert!(!body["error"]["param"].as_str().is_some_and(|p| p.contains('?')), "{raw_body}: {body}");
+        assert!(
+            !body["error"]["param"].as_str().is_some_and(|p| p.contains('?')),
+            "{raw_body}: {body}"
+        );
     }
     // JSON routes want JSON: a `text/plain` body (what a web page can send without a
     // preflight) is a 415.
-    let plain = bearer(TestRequest::post().uri(C).insert_header(("content-type", "text/plain")).set_payload(r#"{"prompt": "hi"}"#), USER_KEY);
+    let plain = bearer(
+        TestRequest::post()
+            .uri(C)
+            .insert_header(("content-type", "text/plain"))
+            .set_payload(r#"{"prompt": "hi"}"#),
+        USER_KEY,
+    );
     let (status, body) = call(&app, plain).await;
-    assert_eq!((status.as_u16(), body["error"]["code"].as_str()), (415, Some("unsupported_media_type")), "{body}");
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (415, Some("unsupported_media_type")),
+        "{body}"
+    );
 }
 
 /// Adapter folders' server paths are for the admin key; errors name paths relative to the
@@ -250,18 +305,32 @@ async fn adapter_paths_are_shown_to_the_admin_key_only() {
         o.admin_key = Some(ADMIN_KEY.into());
     });
     std::fs::create_dir_all(c.dir.path().join("broken")).unwrap();
-    std::fs::write(c.dir.path().join("broken/adapter_config.json"), r#"{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}"#).unwrap();
+    std::fs::write(
+        c.dir.path().join("broken/adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}"#,
+    )
+    .unwrap();
     c.state.backend().unwrap().registry.rescan();
     let app = app(&c).await;
     let root = c.dir.path().canonicalize().unwrap().display().to_string();
     for uri in ["/v1/adapters", "/v1/models", "/v1/adapters/qa-r8", "/v1/adapters/broken"] {
         let (s, user) = call(&app, bearer(TestRequest::get().uri(uri), USER_KEY)).await;
         assert_eq!(s, StatusCode::OK, "{uri}: {user}");
-        assert!(!user.to_string().contains(&root), "{uri}: the inference key sees a server path: {user}");
+        assert!(
+            !user.to_string().contains(&root),
+            "{uri}: the inference key sees a server path: {user}"
+        );
         assert!(!user.to_string().contains("\"path\""), "{uri}: {user}");
         let (_, admin) = call(&app, bearer(TestRequest::get().uri(uri), ADMIN_KEY)).await;
-        assert!(admin.to_string().contains(&root), "{uri}: the admin key sees the folders: {admin}");
+        assert!(
+            admin.to_string().contains(&root),
+            "{uri}: the admin key sees the folders: {admin}"
+        );
     }
-    let (_, broken) = call(&app, bearer(TestRequest::get().uri("/v1/adapters/broken"), USER_KEY)).await;
-    assert!(broken["error"].as_str().is_some_and(|e| e.contains("broken/adapter_model.safetensors")), "{broken}");
+    let (_, broken) =
+        call(&app, bearer(TestRequest::get().uri("/v1/adapters/broken"), USER_KEY)).await;
+    assert!(
+        broken["error"].as_str().is_some_and(|e| e.contains("broken/adapter_model.safetensors")),
+        "{broken}"
+    );
 }

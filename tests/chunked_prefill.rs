@@ -15,13 +15,27 @@ use std::sync::Arc;
 
 #[test]
 fn chunked_prompts_give_the_same_tokens_bit_for_bit() {
-    let m = load_model(real_model_path().to_str().unwrap(), WeightFormat::Packed, &Device::Cpu).unwrap();
-    let adapter = |name: &str| Arc::new(load_adapter(&shared_dir().join("adapters").join(name), name, &m.model.cfg, &Device::Cpu).unwrap());
+    let m = load_model(real_model_path().to_str().unwrap(), WeightFormat::Packed, &Device::Cpu)
+        .unwrap();
+    let adapter = |name: &str| {
+        Arc::new(
+            load_adapter(
+                &shared_dir().join("adapters").join(name),
+                name,
+                &m.model.cfg,
+                &Device::Cpu,
+            )
+            .unwrap(),
+        )
+    };
     let (qa, all) = (adapter("qa-r8"), adapter("all-r16"));
     let mixes = [
         AdapterMix::default(),
         AdapterMix::single(qa.clone(), 0.5),
-        AdapterMix::new(vec![MixEntry { adapter: qa, scale: 0.7 }, MixEntry { adapter: all, scale: 0.3 }]),
+        AdapterMix::new(vec![
+            MixEntry { adapter: qa, scale: 0.7 },
+            MixEntry { adapter: all, scale: 0.3 },
+        ]),
     ];
     let texts = [
         "The capital of France is",
@@ -32,11 +46,16 @@ fn chunked_prompts_give_the_same_tokens_bit_for_bit() {
     let reqs: Vec<Request> = texts
         .iter()
         .enumerate()
-        .map(|(i, t)| Request { stop_at_eos: false, logprobs: Some(1), ..Request::greedy(m.tokenizer.encode(t).unwrap(), mixes[i % mixes.len()].clone(), 12) })
+        .map(|(i, t)| Request {
+            stop_at_eos: false,
+            logprobs: Some(1),
+            ..Request::greedy(m.tokenizer.encode(t).unwrap(), mixes[i % mixes.len()].clone(), 12)
+        })
         .collect();
     let whole = generate(&m.model, &m.tokenizer, &reqs, LoraPath::Batched).unwrap();
     for chunk in [1, 5, 16] {
-        let chunked = generate_chunked(&m.model, &m.tokenizer, &reqs, LoraPath::Batched, chunk).unwrap();
+        let chunked =
+            generate_chunked(&m.model, &m.tokenizer, &reqs, LoraPath::Batched, chunk).unwrap();
         for (i, (w, c)) in whole.iter().zip(&chunked).enumerate() {
             assert_eq!(c.ids, w.ids, "chunk {chunk}, request {i}");
             assert_eq!(c.logprobs, w.logprobs, "chunk {chunk}, request {i}");

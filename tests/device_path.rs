@@ -13,7 +13,16 @@ use loraplex::model::{BatchInput, Llama, ModuleId, SeqCache, StepLora, WeightFor
 
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
     let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
-    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-30);
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-30);
     max_abs_diff(&a, &b) / scale
 }
 
@@ -31,9 +40,28 @@ fn random_rows(n: usize, width: usize, seed: u64) -> Tensor {
 fn stacked_lora_deltas_accumulate_in_f32_and_round_once() {
     let (_, cfg) = tiny();
     let dir = tempfile::tempdir().unwrap();
-    let a = tiny_adapter(dir.path(), "a", &cfg, lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj", "down_proj"]), 1);
-    let b = tiny_adapter(dir.path(), "b", &cfg, lora_config_for(&cfg, 8, 4.0, &["q_proj", "gate_proj"]), 2);
-    let mixes = [AdapterMix::single(a.clone(), 1.0), AdapterMix::default(), AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.5 }, MixEntry { adapter: b, scale: -1.5 }])];
+    let a = tiny_adapter(
+        dir.path(),
+        "a",
+        &cfg,
+        lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj", "down_proj"]),
+        1,
+    );
+    let b = tiny_adapter(
+        dir.path(),
+        "b",
+        &cfg,
+        lora_config_for(&cfg, 8, 4.0, &["q_proj", "gate_proj"]),
+        2,
+    );
+    let mixes = [
+        AdapterMix::single(a.clone(), 1.0),
+        AdapterMix::default(),
+        AdapterMix::new(vec![
+            MixEntry { adapter: a, scale: 0.5 },
+            MixEntry { adapter: b, scale: -1.5 },
+        ]),
+    ];
     let refs: Vec<&AdapterMix> = mixes.iter().collect();
     let lens = [3usize, 1, 2];
     let stacked = StepLora::stacked(&refs, cfg.num_layers, &Device::Cpu).unwrap();
@@ -43,10 +71,15 @@ fn stacked_lora_deltas_accumulate_in_f32_and_round_once() {
         let x = random_rows(6, cfg.proj_dims(id.target).0, id.index() as u64);
         let x_bf = x.to_dtype(DType::BF16).unwrap();
         let Some(d_bf) = stacked.delta(id, &x_bf, &lens).unwrap() else { continue };
-        assert_eq!(d_bf.dtype(), DType::BF16, "{id:?}: the delta comes back in the activation dtype");
+        assert_eq!(
+            d_bf.dtype(),
+            DType::BF16,
+            "{id:?}: the delta comes back in the activation dtype"
+        );
         let widened = x_bf.to_dtype(DType::F32).unwrap();
         let d_f32 = stacked.delta(id, &widened, &lens).unwrap().unwrap();
-        let once: Vec<Vec<f32>> = d_f32.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+        let once: Vec<Vec<f32>> =
+            d_f32.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().to_vec2().unwrap();
         assert_eq!(d_bf.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(), once, "{id:?}");
         // And it is PEFT's delta: the per-row reference in f32 on the same input.
         let reference = per_row.delta(id, &widened, &lens).unwrap().unwrap();
@@ -61,25 +94,55 @@ fn stacked_lora_deltas_accumulate_in_f32_and_round_once() {
 #[test]
 fn the_bf16_device_path_tracks_the_f32_model() {
     for (f32_model, cfg) in tiny_all() {
-        let bf16 = Llama::random_with(cfg.clone(), 7, &Device::Cpu, WeightFormat::Dense(DType::BF16)).unwrap();
+        let bf16 =
+            Llama::random_with(cfg.clone(), 7, &Device::Cpu, WeightFormat::Dense(DType::BF16))
+                .unwrap();
         assert!(!bf16.host_kv(), "bf16 runs the composed attention over device caches");
         // The KV pool counts a bf16 device cache at 2 bytes a value, f32 host blocks at 4.
         assert!(f32_model.host_kv());
         let (layers, width) = (cfg.num_layers, f32_model.kv_width());
-        assert_eq!((bf16.kv_block_bytes(), f32_model.kv_block_bytes()), (block_bytes(layers, width, 2), block_bytes(layers, width, 4)));
+        assert_eq!(
+            (bf16.kv_block_bytes(), f32_model.kv_block_bytes()),
+            (block_bytes(layers, width, 2), block_bytes(layers, width, 4))
+        );
         let dir = tempfile::tempdir().unwrap();
-        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj", "down_proj"]), 1);
-        let b = tiny_adapter(dir.path(), "b", &cfg, lora_config_for(&cfg, 8, 4.0, &["o_proj", "gate_proj", "k_proj"]), 2);
-        let mixes = [AdapterMix::single(a.clone(), 1.0), AdapterMix::default(), AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.5 }, MixEntry { adapter: b, scale: -1.5 }])];
+        let a = tiny_adapter(
+            dir.path(),
+            "a",
+            &cfg,
+            lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj", "down_proj"]),
+            1,
+        );
+        let b = tiny_adapter(
+            dir.path(),
+            "b",
+            &cfg,
+            lora_config_for(&cfg, 8, 4.0, &["o_proj", "gate_proj", "k_proj"]),
+            2,
+        );
+        let mixes = [
+            AdapterMix::single(a.clone(), 1.0),
+            AdapterMix::default(),
+            AdapterMix::new(vec![
+                MixEntry { adapter: a, scale: 0.5 },
+                MixEntry { adapter: b, scale: -1.5 },
+            ]),
+        ];
         let refs: Vec<&AdapterMix> = mixes.iter().collect();
-        let prompts: Vec<Vec<u32>> = vec![(0..37).map(|i| (i * 7 % 64) as u32).collect(), vec![5], vec![9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12]];
+        let prompts: Vec<Vec<u32>> = vec![
+            (0..37).map(|i| (i * 7 % 64) as u32).collect(),
+            vec![5],
+            vec![9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12],
+        ];
         let run = |m: &Llama| -> Vec<Tensor> {
             let lora = StepLora::batched(&refs, cfg.num_layers, m.dtype(), m.device()).unwrap();
-            let mut caches: Vec<SeqCache> = prompts.iter().map(|p| SeqCache::new(cfg.num_layers, p.len() + 4)).collect();
+            let mut caches: Vec<SeqCache> =
+                prompts.iter().map(|p| SeqCache::new(cfg.num_layers, p.len() + 4)).collect();
             let mut input = BatchInput::default();
             prompts.iter().for_each(|p| input.push(p));
             let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-            let mut out = vec![m.logits(&m.forward(&input, Some(&mut refs), &lora).unwrap()).unwrap()];
+            let mut out =
+                vec![m.logits(&m.forward(&input, Some(&mut refs), &lora).unwrap()).unwrap()];
             for t in 0..3u32 {
                 let mut step = BatchInput::default();
                 (0..prompts.len()).for_each(|i| step.push(&[(t * 13 + i as u32) % 64]));

@@ -13,11 +13,25 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Value and gradient (of `Σ probe ∘ f(x)`) of both paths.
-fn check(x: &Tensor, fused: impl Fn(&Tensor) -> Tensor, reference: impl Fn(&Tensor) -> Tensor, tol: f32) {
+fn check(
+    x: &Tensor,
+    fused: impl Fn(&Tensor) -> Tensor,
+    reference: impl Fn(&Tensor) -> Tensor,
+    tol: f32,
+) {
     let run = |f: &dyn Fn(&Tensor) -> Tensor| {
         let v = Var::from_tensor(x).unwrap();
         let y = f(v.as_tensor());
@@ -37,7 +51,12 @@ fn check(x: &Tensor, fused: impl Fn(&Tensor) -> Tensor, reference: impl Fn(&Tens
 #[test]
 fn rms_norm_matches_the_composition() {
     let w = rand(&[48], 2);
-    check(&rand(&[37, 48], 1), |x| diffops::rms_norm(x, &w, 1e-5).unwrap(), |x| candle_nn::ops::rms_norm_slow(x, &w, 1e-5).unwrap(), 1e-4);
+    check(
+        &rand(&[37, 48], 1),
+        |x| diffops::rms_norm(x, &w, 1e-5).unwrap(),
+        |x| candle_nn::ops::rms_norm_slow(x, &w, 1e-5).unwrap(),
+        1e-4,
+    );
 }
 
 #[test]
@@ -49,7 +68,12 @@ fn rope_matches_the_composition() {
         &rand(&[n, heads, hd], 4),
         |x| diffops::rope(x, &cos, &sin).unwrap(),
         |x| {
-            let y = candle_nn::rotary_emb::rope_slow(&x.unsqueeze(0).unwrap().transpose(1, 2).unwrap(), &cos, &sin).unwrap();
+            let y = candle_nn::rotary_emb::rope_slow(
+                &x.unsqueeze(0).unwrap().transpose(1, 2).unwrap(),
+                &cos,
+                &sin,
+            )
+            .unwrap();
             y.transpose(1, 2).unwrap().squeeze(0).unwrap()
         },
         1e-5,
@@ -62,12 +86,28 @@ fn causal_case(t: usize, total: usize) {
     let scale = 0.125;
     let reference = |s: &Tensor| {
         let past = total - t;
-        let mask: Vec<f32> = (0..t).flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })
+            })
+            .collect();
         let mask = Tensor::from_vec(mask, (t, total), &Device::Cpu).unwrap();
-        let s = (s * scale).unwrap().reshape((2, 3, t, total)).unwrap().broadcast_add(&mask).unwrap().reshape((2, 3 * t, total)).unwrap();
+        let s = (s * scale)
+            .unwrap()
+            .reshape((2, 3, t, total))
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap()
+            .reshape((2, 3 * t, total))
+            .unwrap();
         candle_nn::ops::softmax(&s, D::Minus1).unwrap()
     };
-    check(&(rand(&[2, 3 * t, total], 5) * 10.0).unwrap(), |s| diffops::causal_softmax(s, scale, t).unwrap(), reference, 1e-5);
+    check(
+        &(rand(&[2, 3 * t, total], 5) * 10.0).unwrap(),
+        |s| diffops::causal_softmax(s, scale, t).unwrap(),
+        reference,
+        1e-5,
+    );
 }
 
 #[test]

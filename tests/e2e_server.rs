@@ -18,7 +18,11 @@ fn the_openai_python_client_gets_what_generate_computes() {
     let server = Server::start(dir.path(), &[]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/openai_client.py");
     let out = Command::new("python3").arg(&script).arg(server.url()).output().unwrap();
-    assert!(out.status.success(), "openai client failed (is the `openai` package installed?): {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openai client failed (is the `openai` package installed?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got: Value = serde_json::from_slice(&out.stdout).unwrap();
     let ad = |n: &str| format!("{}={}", dir.path().join(n).display(), "1");
     let p = "The capital of France is";
@@ -27,23 +31,45 @@ fn the_openai_python_client_gets_what_generate_computes() {
     let g = generate_json(&["--prompt", p, "--max-tokens", "16", "--adapter", &ad("qa-r8")]);
     assert_eq!(got["completion_model_adapter"], g["text"]);
     assert_eq!(got["completion_stream"], g["text"], "streamed text equals the whole text");
-    let mix = ["--adapter", &format!("{}=0.7", dir.path().join("qa-r8").display()), "--adapter", &format!("{}=0.3", dir.path().join("all-r16").display())];
+    let mix = [
+        "--adapter",
+        &format!("{}=0.7", dir.path().join("qa-r8").display()),
+        "--adapter",
+        &format!("{}=0.3", dir.path().join("all-r16").display()),
+    ];
     let g = generate_json(&[&["--prompt", p, "--max-tokens", "16"][..], &mix[..]].concat());
     assert_eq!(got["completion_mix"], g["text"]);
-    assert_eq!(got["completion_mix_adapters"], json!([{"name": "qa-r8", "version": 1, "scale": 0.7}, {"name": "all-r16", "version": 1, "scale": 0.3}]));
+    assert_eq!(
+        got["completion_mix_adapters"],
+        json!([{"name": "qa-r8", "version": 1, "scale": 0.7}, {"name": "all-r16", "version": 1, "scale": 0.3}])
+    );
     let g = generate_json(&["--prompt", p, "--max-tokens", "4"]);
     let lps = got["completion_logprobs"]["token_logprobs"].as_array().unwrap();
     for (a, b) in lps.iter().zip(g["logprobs"].as_array().unwrap()) {
         assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-5);
     }
     assert_eq!(got["completion_logprobs"]["top_len"], json!([5, 5, 5, 5]));
-    let g = generate_json(&["--prompt", "What is the capital of France?", "--chat", "--max-tokens", "24", "--adapter", &ad("rslora-r4")]);
+    let g = generate_json(&[
+        "--prompt",
+        "What is the capital of France?",
+        "--chat",
+        "--max-tokens",
+        "24",
+        "--adapter",
+        &ad("rslora-r4"),
+    ]);
     assert_eq!(got["chat"], g["text"]);
     assert_eq!(got["chat_stream"], g["text"]);
-    assert_eq!(got["chat_stream_usage"].as_u64().unwrap() as usize, g["ids"].as_array().unwrap().len());
+    assert_eq!(
+        got["chat_stream_usage"].as_u64().unwrap() as usize,
+        g["ids"].as_array().unwrap().len()
+    );
     assert!(got["chat_logprobs_top"].as_array().unwrap().iter().all(|n| n == 3));
     assert_eq!(got["unknown_adapter_status"], 404);
-    assert_eq!(got["models"], json!(["SmolLM2-135M-Instruct.Q4_1", "all-r16", "qa-r8", "rslora-r4"]));
+    assert_eq!(
+        got["models"],
+        json!(["SmolLM2-135M-Instruct.Q4_1", "all-r16", "qa-r8", "rslora-r4"])
+    );
 }
 
 /// 16 concurrent requests with 16 different adapter mixes give the same greedy tokens as each
@@ -71,11 +97,16 @@ fn sixteen_concurrent_mixes_equal_each_request_alone() {
         .collect();
     let alone: Vec<Value> = bodies.iter().map(|b| complete(server.port, b.clone()).1).collect();
     let port = server.port;
-    let handles: Vec<_> = bodies.iter().cloned().map(|b| std::thread::spawn(move || complete(port, b))).collect();
+    let handles: Vec<_> =
+        bodies.iter().cloned().map(|b| std::thread::spawn(move || complete(port, b))).collect();
     let together: Vec<(u16, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     for (i, ((s, t), a)) in together.iter().zip(&alone).enumerate() {
         assert_eq!(*s, 200, "{t}");
-        assert_eq!(t["choices"][0]["logprobs"]["tokens"], a["choices"][0]["logprobs"]["tokens"], "request {i} ({})", bodies[i]["adapters"]);
+        assert_eq!(
+            t["choices"][0]["logprobs"]["tokens"], a["choices"][0]["logprobs"]["tokens"],
+            "request {i} ({})",
+            bodies[i]["adapters"]
+        );
         assert_eq!(t["choices"][0]["text"], a["choices"][0]["text"]);
     }
 }
@@ -115,7 +146,12 @@ fn adapter_folders_hot_load_reload_and_unload() {
     }
     // Deleting it while a long request runs: new requests get 404, the running one finishes.
     let port = server.port;
-    let long = std::thread::spawn(move || complete(port, json!({"model": "newbie", "prompt": "Once", "max_tokens": 120, "temperature": 0})));
+    let long = std::thread::spawn(move || {
+        complete(
+            port,
+            json!({"model": "newbie", "prompt": "Once", "max_tokens": 120, "temperature": 0}),
+        )
+    });
     std::thread::sleep(Duration::from_millis(300));
     std::fs::remove_dir_all(dir.path().join("newbie")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -142,7 +178,12 @@ fn sigterm_drains_running_requests_and_refuses_new_ones_and_a_restart_serves_the
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("loopback"), "{text}");
     let port = server.port;
-    let mixes = [json!([]), json!([{"name": "qa-r8"}]), json!([{"name": "all-r16", "scale": 0.5}]), json!([{"name": "qa-r8"}, {"name": "all-r16"}])];
+    let mixes = [
+        json!([]),
+        json!([{"name": "qa-r8"}]),
+        json!([{"name": "all-r16", "scale": 0.5}]),
+        json!([{"name": "qa-r8"}, {"name": "all-r16"}]),
+    ];
     let running: Vec<_> = mixes
         .iter()
         .cloned()
@@ -167,7 +208,8 @@ fn sigterm_drains_running_requests_and_refuses_new_ones_and_a_restart_serves_the
     assert_eq!(s, 200);
     for name in ["qa-r8", "all-r16"] {
         assert!(list.contains(&format!("\"{name}\"")), "{list}");
-        let (s, v) = complete(again.port, json!({"prompt": "Once", "max_tokens": 4, "model": name}));
+        let (s, v) =
+            complete(again.port, json!({"prompt": "Once", "max_tokens": 4, "model": name}));
         assert_eq!(s, 200, "{name} after restart: {v}");
     }
 }
@@ -180,7 +222,8 @@ fn api_keys_are_enforced_and_never_logged() {
     let log = logs.path().join("server.log");
     let (user, admin) = ("sk-user-4f9a1c", "sk-admin-77b2e0");
     // Keys from the environment (not on the command line, where `ps` would show them).
-    let env = [("LORAPLEX_API_KEY", user), ("LORAPLEX_ADMIN_KEY", admin), ("LORAPLEX_LOG", "debug")];
+    let env =
+        [("LORAPLEX_API_KEY", user), ("LORAPLEX_ADMIN_KEY", admin), ("LORAPLEX_LOG", "debug")];
     let server = Server::start_with_log(dir.path(), &[], Some(&log), &env);
     let with = |key: &str, method: &str, path: &str, body: Option<&Value>| {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
@@ -195,13 +238,26 @@ fn api_keys_are_enforced_and_never_logged() {
     assert_eq!(complete(server.port, req.clone()).0, 401, "no key");
     assert_eq!(with("wrong", "POST", "/v1/completions", Some(&req)), 401);
     assert_eq!(with(user, "POST", "/v1/completions", Some(&req)), 200);
-    assert_eq!(with(user, "DELETE", "/v1/adapters/qa-r8", None), 403, "admin call with the inference key");
+    assert_eq!(
+        with(user, "DELETE", "/v1/adapters/qa-r8", None),
+        403,
+        "admin call with the inference key"
+    );
     assert_eq!(with(admin, "DELETE", "/v1/adapters/qa-r8", None), 200);
     let mut server = server;
-    assert!(Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
     server.child.wait().unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("loraplex::access") && text.contains("status=401") && text.contains("status=200"), "the log has the requests: {text}");
+    assert!(
+        text.contains("loraplex::access")
+            && text.contains("status=401")
+            && text.contains("status=200"),
+        "the log has the requests: {text}"
+    );
     assert!(!text.contains(user) && !text.contains(admin), "a key reached the log");
 }
 
@@ -227,13 +283,21 @@ fn a_cancelled_stream_logs_the_tokens_it_streamed() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let line = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.contains("loraplex::access") && l.contains("outcome=\"cancelled\"")) {
+        if let Some(l) = text
+            .lines()
+            .find(|l| l.contains("loraplex::access") && l.contains("outcome=\"cancelled\""))
+        {
             break l.to_string();
         }
         assert!(Instant::now() < deadline, "no access line for the cancelled stream: {text}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let field = |name: &str| line.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse::<usize>().ok());
+    let field = |name: &str| {
+        line.split(&format!("{name}="))
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<usize>().ok())
+    };
     assert!(field("prompt_tokens").is_some_and(|n| n > 5), "{line}");
     assert!(field("completion_tokens").is_some_and(|n| (4..400).contains(&n)), "{line}");
 }

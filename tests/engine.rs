@@ -14,8 +14,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn engine(cfg: EngineConfig) -> (Engine, Arc<loraplex::adapters::LoraAdapter>) {
-    let m = load_model(real_model_path().to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu).unwrap();
-    let qa = Arc::new(load_adapter(&shared_dir().join("adapters/qa-r8"), "qa-r8", &m.model.cfg, &Device::Cpu).unwrap());
+    let m = load_model(
+        real_model_path().to_str().unwrap(),
+        WeightFormat::Dense(DType::F32),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let qa = Arc::new(
+        load_adapter(&shared_dir().join("adapters/qa-r8"), "qa-r8", &m.model.cfg, &Device::Cpu)
+            .unwrap(),
+    );
     (Engine::start(m.model, Arc::new(m.tokenizer), cfg, None).unwrap(), qa)
 }
 
@@ -33,7 +41,8 @@ fn wait_idle(e: &Engine, within: Duration) -> bool {
 #[test]
 fn a_dropped_receiver_cancels_the_sequence() {
     let (e, qa) = engine(EngineConfig::default());
-    let mut req = Request::greedy(vec![504, 3575, 282, 4649, 314], AdapterMix::single(qa, 1.0), 2000);
+    let mut req =
+        Request::greedy(vec![504, 3575, 282, 4649, 314], AdapterMix::single(qa, 1.0), 2000);
     req.stop_at_eos = false;
     let mut rx = e.submit(req).unwrap();
     // Two tokens arrive, then the client goes away.
@@ -48,11 +57,19 @@ fn a_dropped_receiver_cancels_the_sequence() {
 
 #[test]
 fn the_waiting_queue_is_bounded() {
-    let (e, _) = engine(EngineConfig { max_batch_size: 1, max_waiting: 2, max_prefill_tokens: 2048, ..Default::default() });
+    let (e, _) = engine(EngineConfig {
+        max_batch_size: 1,
+        max_waiting: 2,
+        max_prefill_tokens: 2048,
+        ..Default::default()
+    });
     let mut receivers = Vec::new();
     let mut refused = 0;
     for _ in 0..6 {
-        let req = Request { stop_at_eos: false, ..Request::greedy(vec![504, 3575], AdapterMix::default(), 40) };
+        let req = Request {
+            stop_at_eos: false,
+            ..Request::greedy(vec![504, 3575], AdapterMix::default(), 40)
+        };
         match e.submit(req) {
             Ok(rx) => receivers.push(rx),
             Err(EngineError::QueueFull { limit, .. }) => {
@@ -74,5 +91,8 @@ fn the_waiting_queue_is_bounded() {
         assert!(done, "every accepted request completes");
     }
     e.drain();
-    assert_eq!(e.submit(Request::greedy(vec![1], AdapterMix::default(), 1)).unwrap_err(), EngineError::ShuttingDown);
+    assert_eq!(
+        e.submit(Request::greedy(vec![1], AdapterMix::default(), 1)).unwrap_err(),
+        EngineError::ShuttingDown
+    );
 }

@@ -19,7 +19,16 @@ fn rand(shape: (usize, usize), seed: u64) -> Tensor {
 
 /// Relative max difference: `max |a - b| / max |b|`.
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-30);
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-30);
     max_abs_diff(a, b) / scale
 }
 
@@ -34,7 +43,11 @@ fn norms_and_silu_mul_equal_their_compositions() {
         assert!(rel(&a, &b) < 1e-6, "rms_norm {n}x{h}: {}", rel(&a, &b));
         let (s1, n1) = fused.add_rms_norm(&x, &y, &w, 1e-5).unwrap();
         let (s2, n2) = composed.add_rms_norm(&x, &y, &w, 1e-5).unwrap();
-        assert_eq!(s1.to_vec2::<f32>().unwrap(), s2.to_vec2::<f32>().unwrap(), "residual sum {n}x{h}");
+        assert_eq!(
+            s1.to_vec2::<f32>().unwrap(),
+            s2.to_vec2::<f32>().unwrap(),
+            "residual sum {n}x{h}"
+        );
         assert!(rel(&n1, &n2) < 1e-6, "add_rms_norm {n}x{h}: {}", rel(&n1, &n2));
         let g = (rand((n, h), 4) * 8.0).unwrap(); // saturating tails of the sigmoid too
         let a = fused.silu_mul(&g, &y).unwrap();
@@ -50,14 +63,38 @@ fn norms_and_silu_mul_equal_their_compositions() {
 fn the_fused_forward_equals_the_composed_forward() {
     for (model, cfg) in tiny_all() {
         let dir = tempfile::tempdir().unwrap();
-        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj", "down_proj"]), 1);
-        let b = tiny_adapter(dir.path(), "b", &cfg, lora_config_for(&cfg, 8, 4.0, &["o_proj", "gate_proj", "k_proj"]), 2);
-        let mixes = [AdapterMix::single(a.clone(), 1.0), AdapterMix::default(), AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.5 }, MixEntry { adapter: b, scale: -1.5 }])];
-        let prompts: Vec<Vec<u32>> = vec![(0..37).map(|i| (i * 7 % 64) as u32).collect(), vec![5], vec![9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12, 13, 14, 15, 16, 17, 18]];
+        let a = tiny_adapter(
+            dir.path(),
+            "a",
+            &cfg,
+            lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj", "down_proj"]),
+            1,
+        );
+        let b = tiny_adapter(
+            dir.path(),
+            "b",
+            &cfg,
+            lora_config_for(&cfg, 8, 4.0, &["o_proj", "gate_proj", "k_proj"]),
+            2,
+        );
+        let mixes = [
+            AdapterMix::single(a.clone(), 1.0),
+            AdapterMix::default(),
+            AdapterMix::new(vec![
+                MixEntry { adapter: a, scale: 0.5 },
+                MixEntry { adapter: b, scale: -1.5 },
+            ]),
+        ];
+        let prompts: Vec<Vec<u32>> = vec![
+            (0..37).map(|i| (i * 7 % 64) as u32).collect(),
+            vec![5],
+            vec![9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12, 13, 14, 15, 16, 17, 18],
+        ];
         let refs: Vec<&AdapterMix> = mixes.iter().collect();
         let composed = model.with_fused(false);
         let run = |m: &Llama, lora: &StepLora| -> Vec<Tensor> {
-            let mut caches: Vec<SeqCache> = prompts.iter().map(|p| SeqCache::new(cfg.num_layers, p.len() + 4)).collect();
+            let mut caches: Vec<SeqCache> =
+                prompts.iter().map(|p| SeqCache::new(cfg.num_layers, p.len() + 4)).collect();
             let mut input = BatchInput::default();
             prompts.iter().for_each(|p| input.push(p));
             let mut out = Vec::new();
@@ -71,8 +108,12 @@ fn the_fused_forward_equals_the_composed_forward() {
             }
             out
         };
-        let fused_out = run(&model, &StepLora::batched(&refs, cfg.num_layers, DType::F32, &Device::Cpu).unwrap());
-        let composed_out = run(&composed, &StepLora::stacked(&refs, cfg.num_layers, &Device::Cpu).unwrap());
+        let fused_out = run(
+            &model,
+            &StepLora::batched(&refs, cfg.num_layers, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let composed_out =
+            run(&composed, &StepLora::stacked(&refs, cfg.num_layers, &Device::Cpu).unwrap());
         for (step, (f, c)) in fused_out.iter().zip(&composed_out).enumerate() {
             assert!(rel(f, c) < 1e-5, "step {step}: {}", rel(f, c));
         }
@@ -101,7 +142,10 @@ fn fused_attention_handles_long_and_chunked_prompts() {
                 let mut input = BatchInput::default();
                 input.push(part);
                 let mut refs: Vec<&mut SeqCache> = cache.iter_mut().collect();
-                logits.push(m.logits(&m.forward(&input, Some(&mut refs), &StepLora::None).unwrap()).unwrap());
+                logits.push(
+                    m.logits(&m.forward(&input, Some(&mut refs), &StepLora::None).unwrap())
+                        .unwrap(),
+                );
             }
             outs.push(Tensor::cat(&logits, 0).unwrap());
         }

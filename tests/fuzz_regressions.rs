@@ -14,7 +14,8 @@ fn replay(target: &str, check: fn(&[u8])) -> usize {
     for dir in ["seeds", "regressions"] {
         let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join(dir).join(target);
         let Ok(rd) = std::fs::read_dir(&folder) else { continue };
-        let mut files: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
+        let mut files: Vec<_> =
+            rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
         files.sort();
         for f in files {
             let data = std::fs::read(&f).unwrap();

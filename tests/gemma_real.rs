@@ -18,9 +18,9 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 
 fn gemma_path() -> PathBuf {
-    let p = std::env::var("LORAPLEX_GEMMA_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-Q4_K_M.gguf"));
+    let p = std::env::var("LORAPLEX_GEMMA_MODEL").map(PathBuf::from).unwrap_or_else(|_| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-Q4_K_M.gguf")
+    });
     assert!(p.exists(), "Gemma-3-270m missing at {}: run scripts/fetch-gemma.sh", p.display());
     p
 }
@@ -34,7 +34,13 @@ fn load(spec: &str) -> LoadedModel {
 }
 
 fn last_logprobs(m: &LoadedModel, ids: &[u32]) -> Vec<f32> {
-    let logits = common::reference::prefill_logits(&m.model, &[ids.to_vec()], &AdapterMix::default(), LoraPath::Batched).remove(0);
+    let logits = common::reference::prefill_logits(
+        &m.model,
+        &[ids.to_vec()],
+        &AdapterMix::default(),
+        LoraPath::Batched,
+    )
+    .remove(0);
     let last = logits.get(ids.len() - 1).unwrap();
     candle_nn::ops::log_softmax(&last, 0).unwrap().to_vec1::<f32>().unwrap()
 }
@@ -46,10 +52,15 @@ fn the_sentencepiece_vocabulary_tokenizes_as_llama_cpp() {
     let tok = loraplex::model::tokenizer::TextTokenizer::from_gguf(&content).unwrap();
     for case in reference()["tokenize"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> =
+            case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(tok.encode(text).unwrap(), want, "{text:?}");
         // Decoding drops the BOS the encoder added and gives the text back.
-        assert_eq!(tok.decode(&want[1..]).unwrap(), text.replace("<start_of_turn>", "").replace("<end_of_turn>", ""), "{text:?}");
+        assert_eq!(
+            tok.decode(&want[1..]).unwrap(),
+            text.replace("<start_of_turn>", "").replace("<end_of_turn>", ""),
+            "{text:?}"
+        );
     }
 }
 
@@ -66,7 +77,11 @@ fn the_next_token_distribution_matches_llama_cpp() {
         for pair in case["top_logprobs"].as_array().unwrap() {
             let (id, want) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
             println!("{prompt:?}: token {id}: ours {:.3}, llama.cpp {want:.3}", ours[id]);
-            assert!((ours[id] - want).abs() < 0.25, "{prompt:?} token {id}: ours {}, llama.cpp {want}", ours[id]);
+            assert!(
+                (ours[id] - want).abs() < 0.25,
+                "{prompt:?} token {id}: ours {}, llama.cpp {want}",
+                ours[id]
+            );
         }
     }
 }
@@ -84,11 +99,26 @@ fn the_gguf_and_hugging_face_paths_agree() {
     for (p, i) in prompts.iter().zip(&ids) {
         assert_eq!(&h.tokenizer.encode(p).unwrap(), i, "{p}");
     }
-    let (lg, lh) = (common::reference::prefill_logits(&g.model, &ids, &AdapterMix::default(), LoraPath::Batched), common::reference::prefill_logits(&h.model, &ids, &AdapterMix::default(), LoraPath::Batched));
+    let (lg, lh) = (
+        common::reference::prefill_logits(
+            &g.model,
+            &ids,
+            &AdapterMix::default(),
+            LoraPath::Batched,
+        ),
+        common::reference::prefill_logits(
+            &h.model,
+            &ids,
+            &AdapterMix::default(),
+            LoraPath::Batched,
+        ),
+    );
     for (a, b) in lg.iter().zip(&lh) {
         assert!(max_abs_diff(a, b) < 1e-3, "{}", max_abs_diff(a, b));
     }
-    let greedy = |m: &LoadedModel| common::reference::greedy(m, &ids, &AdapterMix::default(), LoraPath::Batched, 16);
+    let greedy = |m: &LoadedModel| {
+        common::reference::greedy(m, &ids, &AdapterMix::default(), LoraPath::Batched, 16)
+    };
     assert_eq!(greedy(&g), greedy(&h));
 }
 
@@ -96,7 +126,12 @@ fn the_gguf_and_hugging_face_paths_agree() {
 async fn openai_requests_plain_and_streamed_with_an_adapter() {
     let (cfg, _) = loraplex::model::load::read_config(gemma_path().to_str().unwrap()).unwrap();
     let c = ctx_with(|o| o.model = Some(gemma_path().display().to_string()));
-    write_random_adapter(&c.dir.path().join("gemma-r4"), &cfg, &lora_config(4, 8.0, &["q_proj", "v_proj", "down_proj"]), 11);
+    write_random_adapter(
+        &c.dir.path().join("gemma-r4"),
+        &cfg,
+        &lora_config(4, 8.0, &["q_proj", "v_proj", "down_proj"]),
+        11,
+    );
     c.state.backend().unwrap().registry.rescan();
     let app = app(&c).await;
     let (s, models) = call(&app, web_test::TestRequest::get().uri("/v1/models")).await;
@@ -115,9 +150,16 @@ async fn openai_requests_plain_and_streamed_with_an_adapter() {
     assert_eq!(s, StatusCode::OK, "{adapted}");
     assert_eq!(adapted["adapters"][0]["name"], "gemma-r4");
     assert_eq!(adapted["usage"]["completion_tokens"], 8);
-    assert_ne!(adapted["choices"][0]["text"], base["choices"][0]["text"], "the adapter changes the output");
+    assert_ne!(
+        adapted["choices"][0]["text"], base["choices"][0]["text"],
+        "the adapter changes the output"
+    );
     // Streamed: the chunks' texts concatenate to the plain response's text.
-    let resp = web_test::call_service(&app, post("/v1/completions", body(Some("gemma-r4"), true)).to_request()).await;
+    let resp = web_test::call_service(
+        &app,
+        post("/v1/completions", body(Some("gemma-r4"), true)).to_request(),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let text = String::from_utf8(web_test::read_body(resp).await.to_vec()).unwrap();
     let streamed: String = text

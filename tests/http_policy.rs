@@ -49,7 +49,10 @@ fn read_reply(mut s: TcpStream) -> Reply {
 /// Sends `method path` with `headers` and `body`, and `Connection: close`.
 fn send(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
         req.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
     }
@@ -97,7 +100,10 @@ fn slow_and_endless_bodies_are_cut_at_the_body_timeout() {
     let port = srv.port;
     let slow = format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n{{");
     let endless = format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{{\r\n");
-    for (what, head, piece) in [("a body of one byte per 300 ms", slow, &b" "[..]), ("a chunked body that never ends", endless, &b"1\r\n \r\n"[..])] {
+    for (what, head, piece) in [
+        ("a body of one byte per 300 ms", slow, &b" "[..]),
+        ("a chunked body that never ends", endless, &b"1\r\n \r\n"[..]),
+    ] {
         let (r, took) = trickle(port, &head, piece);
         assert_refused(&r, 408, "request_timeout");
         // Cut at the 1 s timeout (not when the client gives up after 18 s), and the
@@ -105,26 +111,50 @@ fn slow_and_endless_bodies_are_cut_at_the_body_timeout() {
         assert!(took < Duration::from_secs(5), "{what}: answered after {took:?}");
         assert_eq!(r.header("connection").as_deref(), Some("close"), "{what}: {}", r.head);
     }
-    assert_eq!(send(port, "POST", "/v1/completions", &[JSON], COMPLETION).status, 200, "still serving");
+    assert_eq!(
+        send(port, "POST", "/v1/completions", &[JSON], COMPLETION).status,
+        200,
+        "still serving"
+    );
 }
 
 #[test]
 fn json_routes_need_a_json_content_type() {
     let (srv, _dir) = server(&[]);
     let port = srv.port;
-    for (what, headers) in [("text/plain", vec![("Content-Type", "text/plain")]), ("a form", vec![("Content-Type", "application/x-www-form-urlencoded")]), ("none", vec![])] {
+    for (what, headers) in [
+        ("text/plain", vec![("Content-Type", "text/plain")]),
+        ("a form", vec![("Content-Type", "application/x-www-form-urlencoded")]),
+        ("none", vec![]),
+    ] {
         let r = send(port, "POST", "/v1/completions", &headers, COMPLETION);
         assert_refused(&r, 415, "unsupported_media_type");
         let r = send(port, "POST", "/v1/adapters", &headers, r#"{"name": "x", "path": "qa-r8"}"#);
         assert_eq!(r.status, 415, "admin route with {what}: {}", r.body);
     }
-    let r = send(port, "POST", "/v1/completions", &[("Content-Type", "application/json; charset=utf-8")], COMPLETION);
+    let r = send(
+        port,
+        "POST",
+        "/v1/completions",
+        &[("Content-Type", "application/json; charset=utf-8")],
+        COMPLETION,
+    );
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
 /// A browser's CORS preflight for `method path` from `origin`.
 fn preflight(port: u16, origin: (&str, &str), method: &str, path: &str) -> Reply {
-    send(port, "OPTIONS", path, &[origin, ("Access-Control-Request-Method", method), ("Access-Control-Request-Headers", "content-type, authorization")], "")
+    send(
+        port,
+        "OPTIONS",
+        path,
+        &[
+            origin,
+            ("Access-Control-Request-Method", method),
+            ("Access-Control-Request-Headers", "content-type, authorization"),
+        ],
+        "",
+    )
 }
 
 #[test]
@@ -137,13 +167,27 @@ fn cross_origin_calls_need_a_configured_origin_and_admin_routes_never_answer_the
     let r = preflight(port, evil, "POST", "/v1/completions");
     assert_refused(&r, 403, "cross_origin_refused");
     assert!(r.header("access-control-allow-origin").is_none());
-    assert_refused(&send(port, "POST", "/v1/completions", &[JSON, evil], COMPLETION), 403, "cross_origin_refused");
+    assert_refused(
+        &send(port, "POST", "/v1/completions", &[JSON, evil], COMPLETION),
+        403,
+        "cross_origin_refused",
+    );
     // The server's own origin (a page it serves) is not cross-origin.
     let own = format!("http://127.0.0.1:{port}");
-    assert_eq!(send(port, "POST", "/v1/completions", &[JSON, ("Origin", &own)], COMPLETION).status, 200);
+    assert_eq!(
+        send(port, "POST", "/v1/completions", &[JSON, ("Origin", &own)], COMPLETION).status,
+        200
+    );
     // DNS rebinding: a name that resolves to 127.0.0.1 on the attacker's say-so is not served.
-    assert_refused(&send(port, "GET", "/v1/models", &[("Host", "rebind.evil.example:8000")], ""), 403, "host_not_allowed");
-    assert_eq!(send(port, "GET", "/v1/models", &[("Host", &format!("localhost:{port}"))], "").status, 200);
+    assert_refused(
+        &send(port, "GET", "/v1/models", &[("Host", "rebind.evil.example:8000")], ""),
+        403,
+        "host_not_allowed",
+    );
+    assert_eq!(
+        send(port, "GET", "/v1/models", &[("Host", &format!("localhost:{port}"))], "").status,
+        200
+    );
     drop(srv);
 
     let (srv, _dir) = server(&["--cors-origins", "http://app.example"]);
@@ -152,18 +196,40 @@ fn cross_origin_calls_need_a_configured_origin_and_admin_routes_never_answer_the
     let r = preflight(port, app, "POST", "/v1/completions");
     assert_eq!(r.status, 204, "{}", r.head);
     assert_eq!(r.header("access-control-allow-origin").as_deref(), Some("http://app.example"));
-    assert!(r.header("access-control-allow-headers").is_some_and(|h| h.contains("authorization") && h.contains("content-type")));
+    assert!(r
+        .header("access-control-allow-headers")
+        .is_some_and(|h| h.contains("authorization") && h.contains("content-type")));
     let r = send(port, "POST", "/v1/completions", &[JSON, app], COMPLETION);
-    assert_eq!((r.status, r.header("access-control-allow-origin").as_deref()), (200, Some("http://app.example")), "{}", r.body);
+    assert_eq!(
+        (r.status, r.header("access-control-allow-origin").as_deref()),
+        (200, Some("http://app.example")),
+        "{}",
+        r.body
+    );
     assert_refused(&preflight(port, evil, "POST", "/v1/completions"), 403, "cross_origin_refused");
     // Admin routes: never, whatever origins are configured.
     assert_refused(&preflight(port, app, "POST", "/v1/adapters"), 403, "cross_origin_refused");
-    assert_refused(&preflight(port, app, "DELETE", "/v1/adapters/qa-r8"), 403, "cross_origin_refused");
-    assert_refused(&send(port, "DELETE", "/v1/adapters/qa-r8", &[app], ""), 403, "cross_origin_refused");
-    assert_refused(&send(port, "POST", "/v1/adapters", &[JSON, app], r#"{"name": "x", "path": "qa-r8"}"#), 403, "cross_origin_refused");
+    assert_refused(
+        &preflight(port, app, "DELETE", "/v1/adapters/qa-r8"),
+        403,
+        "cross_origin_refused",
+    );
+    assert_refused(
+        &send(port, "DELETE", "/v1/adapters/qa-r8", &[app], ""),
+        403,
+        "cross_origin_refused",
+    );
+    assert_refused(
+        &send(port, "POST", "/v1/adapters", &[JSON, app], r#"{"name": "x", "path": "qa-r8"}"#),
+        403,
+        "cross_origin_refused",
+    );
     drop(srv);
 
     // With an API key the rebinding page has nothing to gain: any host is answered (here 401).
     let (srv, _dir) = server(&["--api-key", "k-123"]);
-    assert_eq!(send(srv.port, "GET", "/v1/models", &[("Host", "rebind.evil.example:8000")], "").status, 401);
+    assert_eq!(
+        send(srv.port, "GET", "/v1/models", &[("Host", "rebind.evil.example:8000")], "").status,
+        401
+    );
 }

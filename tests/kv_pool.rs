@@ -23,7 +23,10 @@ fn model(format: WeightFormat) -> LoadedModel {
 }
 
 fn adapter(m: &LoadedModel, name: &str) -> Arc<LoraAdapter> {
-    Arc::new(load_adapter(&shared_dir().join("adapters").join(name), name, &m.model.cfg, &Device::Cpu).unwrap())
+    Arc::new(
+        load_adapter(&shared_dir().join("adapters").join(name), name, &m.model.cfg, &Device::Cpu)
+            .unwrap(),
+    )
 }
 
 fn pool(m: &LoadedModel, blocks: usize, prefix_cache: bool) -> KvPool {
@@ -31,7 +34,11 @@ fn pool(m: &LoadedModel, blocks: usize, prefix_cache: bool) -> KvPool {
 }
 
 fn request(m: &LoadedModel, text: &str, mix: AdapterMix, max_tokens: usize) -> Request {
-    Request { stop_at_eos: false, logprobs: Some(1), ..Request::greedy(m.tokenizer.encode(text).unwrap(), mix, max_tokens) }
+    Request {
+        stop_at_eos: false,
+        logprobs: Some(1),
+        ..Request::greedy(m.tokenizer.encode(text).unwrap(), mix, max_tokens)
+    }
 }
 
 fn assert_same(a: &[GenOutput], b: &[GenOutput], what: &str) {
@@ -70,15 +77,29 @@ fn preemption_under_a_pool_for_4_of_16_completes_all_with_the_unconstrained_toke
     let qa = adapter(&m, "qa-r8");
     let reqs: Vec<Request> = (0..16)
         .map(|i| {
-            let mix = if i % 2 == 0 { AdapterMix::default() } else { AdapterMix::single(qa.clone(), 0.5 + i as f64 / 32.0) };
-            request(&m, &format!("Request {i}. {}{}", &PASSAGE[..200 + 8 * i], QUESTIONS[i % 4]), mix, 24)
+            let mix = if i % 2 == 0 {
+                AdapterMix::default()
+            } else {
+                AdapterMix::single(qa.clone(), 0.5 + i as f64 / 32.0)
+            };
+            request(
+                &m,
+                &format!("Request {i}. {}{}", &PASSAGE[..200 + 8 * i], QUESTIONS[i % 4]),
+                mix,
+                24,
+            )
         })
         .collect();
     let longest = reqs.iter().map(|r| r.prompt_ids.len() + r.max_tokens).max().unwrap();
     let blocks = 4 * longest.div_ceil(16);
     let free = generate(&m.model, &m.tokenizer, &reqs, LoraPath::Batched).unwrap();
     for prefix_cache in [false, true] {
-        let mut b = Batcher::with_pool(&m.model, &m.tokenizer, LoraPath::Batched, pool(&m, blocks, prefix_cache));
+        let mut b = Batcher::with_pool(
+            &m.model,
+            &m.tokenizer,
+            LoraPath::Batched,
+            pool(&m, blocks, prefix_cache),
+        );
         b.prefill_chunk = 512;
         let out = run_all(&mut b, &reqs).unwrap();
         assert_same(&free, &out, &format!("pool of {blocks} blocks, prefix cache {prefix_cache}"));
@@ -97,7 +118,12 @@ fn cancelled_preempted_and_finished_sequences_return_every_block() {
     for i in 0..12 {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         // Pairs share a prefix (cached blocks shared by running sequences), pairs differ.
-        let r = request(&m, &format!("Reader {}. {PASSAGE}{}", i / 2, QUESTIONS[i % 4]), AdapterMix::default(), 10 + 5 * i);
+        let r = request(
+            &m,
+            &format!("Reader {}. {PASSAGE}{}", i / 2, QUESTIONS[i % 4]),
+            AdapterMix::default(),
+            10 + 5 * i,
+        );
         let id = b.fresh_id();
         b.add(loraplex::engine::sequence::Sequence::new(id, r, m.model.cfg.num_layers, tx));
         receivers.push(Some(rx));
@@ -126,26 +152,47 @@ fn prefix_cached_outputs_equal_uncached_bit_for_bit() {
         let mixes = [
             AdapterMix::default(),
             AdapterMix::single(qa.clone(), 1.0),
-            AdapterMix::new(vec![MixEntry { adapter: qa, scale: 0.7 }, MixEntry { adapter: all, scale: 0.4 }]),
+            AdapterMix::new(vec![
+                MixEntry { adapter: qa, scale: 0.7 },
+                MixEntry { adapter: all, scale: 0.4 },
+            ]),
         ];
         for mix in &mixes {
-            let reqs: Vec<Request> = QUESTIONS.iter().map(|q| request(&m, &format!("{PASSAGE}{q}"), mix.clone(), 8)).collect();
+            let reqs: Vec<Request> = QUESTIONS
+                .iter()
+                .map(|q| request(&m, &format!("{PASSAGE}{q}"), mix.clone(), 8))
+                .collect();
             let mut runs = Vec::new();
             for prefix_cache in [false, true] {
-                let mut b = Batcher::with_pool(&m.model, &m.tokenizer, LoraPath::Batched, pool(&m, 200, prefix_cache));
+                let mut b = Batcher::with_pool(
+                    &m.model,
+                    &m.tokenizer,
+                    LoraPath::Batched,
+                    pool(&m, 200, prefix_cache),
+                );
                 // One after another, as a client asking its questions in turn.
-                let out: Vec<GenOutput> = reqs.iter().flat_map(|r| run_all(&mut b, std::slice::from_ref(r)).unwrap()).collect();
+                let out: Vec<GenOutput> = reqs
+                    .iter()
+                    .flat_map(|r| run_all(&mut b, std::slice::from_ref(r)).unwrap())
+                    .collect();
                 let (queried, hit) = (b.pool.counters.queried_tokens, b.pool.counters.hit_tokens);
                 if prefix_cache {
                     let passage_blocks = (m.tokenizer.encode(PASSAGE).unwrap().len() / 16) as u64;
-                    assert!(hit >= 3 * (passage_blocks - 1) * 16, "{format:?}: hits {hit} of {queried}");
+                    assert!(
+                        hit >= 3 * (passage_blocks - 1) * 16,
+                        "{format:?}: hits {hit} of {queried}"
+                    );
                 } else {
                     assert_eq!((queried, hit), (0, 0));
                 }
                 assert_pool_full(&mut b.pool);
                 runs.push(out);
             }
-            assert_same(&runs[0], &runs[1], &format!("{format:?}, {} adapters: cached vs uncached", mix.entries.len()));
+            assert_same(
+                &runs[0],
+                &runs[1],
+                &format!("{format:?}, {} adapters: cached vs uncached", mix.entries.len()),
+            );
         }
     }
 }
@@ -155,7 +202,9 @@ fn another_mix_scale_or_adapter_version_never_hits() {
     let m = model(WeightFormat::Packed);
     let qa = adapter(&m, "qa-r8");
     let all = adapter(&m, "all-r16");
-    let mut reloaded = load_adapter(&shared_dir().join("adapters/qa-r8"), "qa-r8", &m.model.cfg, &Device::Cpu).unwrap();
+    let mut reloaded =
+        load_adapter(&shared_dir().join("adapters/qa-r8"), "qa-r8", &m.model.cfg, &Device::Cpu)
+            .unwrap();
     reloaded.version = qa.version + 1;
     let reloaded = Arc::new(reloaded);
     // Same name and version as `qa`, but another load: still its own blocks.
@@ -174,38 +223,84 @@ fn another_mix_scale_or_adapter_version_never_hits() {
     assert_eq!(hits(AdapterMix::single(all.clone(), 0.5)), 0, "another adapter");
     assert_eq!(hits(AdapterMix::single(reloaded, 0.5)), 0, "a new version");
     assert_eq!(hits(AdapterMix::single(twin, 0.5)), 0, "another load of the same version");
-    assert_eq!(hits(AdapterMix::new(vec![MixEntry { adapter: qa.clone(), scale: 0.5 }, MixEntry { adapter: all.clone(), scale: 0.5 }])), 0, "a mix containing it");
-    assert_eq!(hits(AdapterMix::new(vec![MixEntry { adapter: all, scale: 0.5 }, MixEntry { adapter: qa.clone(), scale: 0.5 }])), 0, "the mix in another order");
+    assert_eq!(
+        hits(AdapterMix::new(vec![
+            MixEntry { adapter: qa.clone(), scale: 0.5 },
+            MixEntry { adapter: all.clone(), scale: 0.5 }
+        ])),
+        0,
+        "a mix containing it"
+    );
+    assert_eq!(
+        hits(AdapterMix::new(vec![
+            MixEntry { adapter: all, scale: 0.5 },
+            MixEntry { adapter: qa.clone(), scale: 0.5 }
+        ])),
+        0,
+        "the mix in another order"
+    );
     assert!(hits(AdapterMix::single(qa, 0.5)) > 0, "control: still cached");
 }
 
 #[actix_web::test]
 async fn a_request_that_cannot_fit_the_pool_gets_422_and_serving_goes_on() {
     // 8 blocks of 16 tokens: 128 tokens in the whole pool.
-    let c = ctx_with(|o| o.kv_cache_bytes = Some(loraplex::config::ByteSize(8 * 30 * 2 * 3 * 64 * 16 * 4)));
+    let c = ctx_with(|o| {
+        o.kv_cache_bytes = Some(loraplex::config::ByteSize(8 * 30 * 2 * 3 * 64 * 16 * 4))
+    });
     let app = app(&c).await;
-    let (status, body) = call(&app, post("/v1/completions", json!({"model": "qa-r8", "prompt": "Hello there", "max_tokens": 200}))).await;
-    assert_error(status, &body, actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error");
+    let (status, body) = call(
+        &app,
+        post(
+            "/v1/completions",
+            json!({"model": "qa-r8", "prompt": "Hello there", "max_tokens": 200}),
+        ),
+    )
+    .await;
+    assert_error(
+        status,
+        &body,
+        actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request_error",
+    );
     assert_eq!(body["error"]["code"], "kv_cache_exceeded", "{body}");
     assert_eq!(body["error"]["param"], "max_tokens", "{body}");
-    let (status, body) = call(&app, post("/v1/completions", json!({"model": "qa-r8", "prompt": "Hello there", "max_tokens": 20}))).await;
+    let (status, body) = call(
+        &app,
+        post(
+            "/v1/completions",
+            json!({"model": "qa-r8", "prompt": "Hello there", "max_tokens": 20}),
+        ),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["usage"]["completion_tokens"], 20);
     // The finished request's blocks are no longer used, only kept for reuse (the engine
     // publishes its counts after the step that retired it: poll briefly).
     let mut text = String::new();
     for _ in 0..100 {
-        let resp = actix_web::test::call_service(&app, actix_web::test::TestRequest::get().uri("/metrics").to_request()).await;
+        let resp = actix_web::test::call_service(
+            &app,
+            actix_web::test::TestRequest::get().uri("/metrics").to_request(),
+        )
+        .await;
         text = String::from_utf8(actix_web::test::read_body(resp).await.to_vec()).unwrap();
         if text.contains("loraplex_kv_cache_blocks{state=\"used\"} 0\n") {
             break;
         }
         actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let series = |name: &str| text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    let series = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
     assert_eq!(series("loraplex_kv_cache_blocks{state=\"total\"}"), Some(8.0), "{text}");
     assert_eq!(series("loraplex_kv_cache_blocks{state=\"used\"}"), Some(0.0), "{text}");
-    assert!(series("loraplex_kv_cache_blocks{state=\"cached\"}").is_some_and(|c| c >= 1.0), "{text}");
+    assert!(
+        series("loraplex_kv_cache_blocks{state=\"cached\"}").is_some_and(|c| c >= 1.0),
+        "{text}"
+    );
     assert_eq!(series("loraplex_kv_cache_capacity_tokens"), Some(128.0));
     assert!(series("loraplex_prefix_cache_queries_total").is_some_and(|q| q >= 2.0), "{text}");
 }
@@ -220,7 +315,15 @@ fn the_n_choices_of_a_long_prompt_prefill_it_once() {
     assert!(len > 1500, "{len} tokens");
     // `n: 8` as the API submits it: eight sequences of one prompt, seeds k, queued together.
     let reqs: Vec<Request> = (0..8u64)
-        .map(|k| Request { sampling: loraplex::model::sampling::SamplingParams { temperature: 0.8, top_p: 1.0, top_k: None, seed: 5 + k }, ..base.clone() })
+        .map(|k| Request {
+            sampling: loraplex::model::sampling::SamplingParams {
+                temperature: 0.8,
+                top_p: 1.0,
+                top_k: None,
+                seed: 5 + k,
+            },
+            ..base.clone()
+        })
         .collect();
     let mut b = Batcher::with_pool(&m.model, &m.tokenizer, LoraPath::Batched, pool(&m, 4096, true));
     b.prefill_chunk = 512;
@@ -238,7 +341,10 @@ fn the_n_choices_of_a_long_prompt_prefill_it_once() {
         deferred += r.deferred;
     }
     // The first choice computes the prompt; each other one only its last, partial block.
-    assert!(computed <= len + 7 * 16, "{computed} prompt tokens computed for a {len}-token prompt × 8");
+    assert!(
+        computed <= len + 7 * 16,
+        "{computed} prompt tokens computed for a {len}-token prompt × 8"
+    );
     assert!(deferred > 0);
     assert_pool_full(&mut b.pool);
     let shared: Vec<GenOutput> = rxs

@@ -18,7 +18,12 @@ fn completion(model: &str, adapters: Value) -> Value {
 /// The generated text and its token log-probabilities.
 fn output(body: &Value) -> (String, Vec<f64>) {
     let c = &body["choices"][0];
-    let lp = c["logprobs"]["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let lp = c["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     (c["text"].as_str().unwrap().to_string(), lp)
 }
 
@@ -32,7 +37,11 @@ async fn a_named_mix_is_a_model_that_computes_its_adapters() {
         o.mix = Some(vec!["half-qa=qa-r8:0.5".into()]);
         o.gateway_metrics = Some(true);
     });
-    std::fs::write(c.dir.path().join("mixes.toml"), "blend = \"qa-r8:0.7, all-r16:0.3\"\nbroken = \"qa-r8:lots\"\n").unwrap();
+    std::fs::write(
+        c.dir.path().join("mixes.toml"),
+        "blend = \"qa-r8:0.7, all-r16:0.3\"\nbroken = \"qa-r8:lots\"\n",
+    )
+    .unwrap();
     let registry = &c.state.backend().unwrap().registry;
     registry.rescan();
     let app = app(&c).await;
@@ -43,8 +52,14 @@ async fn a_named_mix_is_a_model_that_computes_its_adapters() {
     let blend = model_entry(&models, "blend").expect("blend listed");
     assert_eq!(blend["parent"], base.as_str());
     assert_eq!(blend["loraplex"]["kind"], "mix");
-    assert_eq!((blend["loraplex"]["version"].as_u64(), blend["loraplex"]["source"].as_str()), (Some(1), Some("file")));
-    assert_eq!(blend["loraplex"]["adapters"], json!([{"name": "qa-r8", "scale": 0.7}, {"name": "all-r16", "scale": 0.3}]));
+    assert_eq!(
+        (blend["loraplex"]["version"].as_u64(), blend["loraplex"]["source"].as_str()),
+        (Some(1), Some("file"))
+    );
+    assert_eq!(
+        blend["loraplex"]["adapters"],
+        json!([{"name": "qa-r8", "scale": 0.7}, {"name": "all-r16", "scale": 0.3}])
+    );
     assert_eq!(model_entry(&models, "half-qa").unwrap()["loraplex"]["source"], "config");
     assert_eq!(model_entry(&models, "broken").unwrap()["loraplex"]["state"], "failed");
 
@@ -55,11 +70,23 @@ async fn a_named_mix_is_a_model_that_computes_its_adapters() {
     let (_, by_list) = call(&app, post("/v1/completions", completion(&base, explicit))).await;
     assert_eq!(output(&by_name), output(&by_list));
     assert_eq!(by_name["model"], "blend");
-    assert_eq!(by_name["adapters"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect::<Vec<_>>(), ["qa-r8", "all-r16"]);
+    assert_eq!(
+        by_name["adapters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["qa-r8", "all-r16"]
+    );
     let (_, plain) = call(&app, post("/v1/completions", completion(&base, json!(null)))).await;
     assert_ne!(output(&by_name).1, output(&plain).1);
     let (_, half) = call(&app, post("/v1/completions", completion("half-qa", json!(null)))).await;
-    let (_, half_list) = call(&app, post("/v1/completions", completion(&base, json!([{"name": "qa-r8", "scale": 0.5}])))).await;
+    let (_, half_list) = call(
+        &app,
+        post("/v1/completions", completion(&base, json!([{"name": "qa-r8", "scale": 0.5}]))),
+    )
+    .await;
     assert_eq!(output(&half), output(&half_list));
 
     // Resident: the mix is listed beside its adapters for the endpoint picker's affinity.
@@ -68,10 +95,19 @@ async fn a_named_mix_is_a_model_that_computes_its_adapters() {
     let info = scrape.lines().find(|l| l.starts_with("vllm:lora_requests_info{")).unwrap();
     assert!(info.contains("running_lora_adapters=\"all-r16,blend,half-qa,qa-r8\""), "{info}");
     let cache = scrape.lines().find(|l| l.starts_with("vllm:cache_config_info{")).unwrap();
-    assert!(cache.contains("block_size=\"16\"") && cache.contains("enable_prefix_caching=\"true\"") && cache.ends_with(" 1"), "{cache}");
+    assert!(
+        cache.contains("block_size=\"16\"")
+            && cache.contains("enable_prefix_caching=\"true\"")
+            && cache.ends_with(" 1"),
+        "{cache}"
+    );
 
     // A new definition is version 2 and serves at once; requests compute the new mix.
-    std::fs::write(c.dir.path().join("mixes.toml"), "blend = \"qa-r8:0.2,all-r16:0.8\"\nbroken = \"qa-r8:lots\"\n").unwrap();
+    std::fs::write(
+        c.dir.path().join("mixes.toml"),
+        "blend = \"qa-r8:0.2,all-r16:0.8\"\nbroken = \"qa-r8:lots\"\n",
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         // The watcher rescans on the file event (or the 200 ms periodic rescan).
@@ -82,17 +118,40 @@ async fn a_named_mix_is_a_model_that_computes_its_adapters() {
         actix_web::rt::time::sleep(Duration::from_millis(50)).await;
     }
     let (_, v2) = call(&app, post("/v1/completions", completion("blend", json!(null)))).await;
-    let (_, v2_list) = call(&app, post("/v1/completions", completion(&base, json!([{"name": "qa-r8", "scale": 0.2}, {"name": "all-r16", "scale": 0.8}])))).await;
+    let (_, v2_list) = call(
+        &app,
+        post(
+            "/v1/completions",
+            completion(
+                &base,
+                json!([{"name": "qa-r8", "scale": 0.2}, {"name": "all-r16", "scale": 0.8}]),
+            ),
+        ),
+    )
+    .await;
     assert_eq!(output(&v2), output(&v2_list));
     assert_ne!(output(&v2).1, output(&by_name).1);
 
     // Refused by name: a broken mix, and a mix plus one of its own adapters again.
     let (s, body) = call(&app, post("/v1/completions", completion("broken", json!(null)))).await;
-    assert_error(s, &body, actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error");
-    assert_eq!((body["error"]["param"].as_str(), body["error"]["code"].as_str()), (Some("model"), Some("mix_unavailable")));
+    assert_error(
+        s,
+        &body,
+        actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request_error",
+    );
+    assert_eq!(
+        (body["error"]["param"].as_str(), body["error"]["code"].as_str()),
+        (Some("model"), Some("mix_unavailable"))
+    );
     assert!(body["error"]["message"].as_str().unwrap().contains("not a number"), "{body}");
-    let (s, body) = call(&app, post("/v1/completions", completion("blend", json!([{"name": "qa-r8"}])))).await;
-    assert_eq!((s.as_u16(), body["error"]["code"].as_str()), (422, Some("duplicate_adapter")), "{body}");
+    let (s, body) =
+        call(&app, post("/v1/completions", completion("blend", json!([{"name": "qa-r8"}])))).await;
+    assert_eq!(
+        (s.as_u16(), body["error"]["code"].as_str()),
+        (422, Some("duplicate_adapter")),
+        "{body}"
+    );
 }
 
 #[actix_web::test]
@@ -102,20 +161,38 @@ async fn a_mix_never_shadows_an_adapter_of_the_same_name() {
     std::fs::write(c.dir.path().join("mixes.toml"), "qa-r8 = \"all-r16:0.3\"\n").unwrap();
     c.state.backend().unwrap().registry.rescan();
     let app = app(&c).await;
-    let base = call(&app, actix_web::test::TestRequest::get().uri("/v1/models")).await.1["data"][0]["id"].as_str().unwrap().to_string();
+    let base = call(&app, actix_web::test::TestRequest::get().uri("/v1/models")).await.1["data"][0]
+        ["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     for name in ["qa-r8", "all-r16"] {
         let (s, by_name) = call(&app, post("/v1/completions", completion(name, json!(null)))).await;
         assert_eq!(s, 200, "{name}: {by_name}");
-        assert_eq!(by_name["adapters"], json!([{"name": name, "version": 1, "scale": 1.0}]), "{name} is the adapter");
-        let (_, adapter) = call(&app, post("/v1/completions", completion(&base, json!([{"name": name}])))).await;
+        assert_eq!(
+            by_name["adapters"],
+            json!([{"name": name, "version": 1, "scale": 1.0}]),
+            "{name} is the adapter"
+        );
+        let (_, adapter) =
+            call(&app, post("/v1/completions", completion(&base, json!([{"name": name}])))).await;
         assert_eq!(output(&by_name), output(&adapter), "{name}");
     }
     // Both mixes are listed as refused, with the reason.
     let models = call(&app, actix_web::test::TestRequest::get().uri("/v1/models")).await.1;
     for name in ["qa-r8", "all-r16"] {
-        let listed: Vec<&Value> = models["data"].as_array().unwrap().iter().filter(|m| m["id"] == name && m["loraplex"]["kind"] == "mix").collect();
+        let listed: Vec<&Value> = models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["id"] == name && m["loraplex"]["kind"] == "mix")
+            .collect();
         assert_eq!(listed.len(), 1, "{name}: {models}");
         assert_eq!(listed[0]["loraplex"]["state"], "failed");
-        assert!(listed[0]["loraplex"]["error"].as_str().unwrap().contains("taken"), "{}", listed[0]);
+        assert!(
+            listed[0]["loraplex"]["error"].as_str().unwrap().contains("taken"),
+            "{}",
+            listed[0]
+        );
     }
 }

@@ -21,7 +21,8 @@ fn packed_families() -> Vec<(Llama, LlamaConfig)> {
         .into_iter()
         .map(|f| {
             let kv = if f.num_kv_heads == f.num_heads { 4 } else { 2 };
-            let cfg = LlamaConfig { arch: f.arch, num_kv_heads: kv, ..LlamaConfig::tiny_packable() };
+            let cfg =
+                LlamaConfig { arch: f.arch, num_kv_heads: kv, ..LlamaConfig::tiny_packable() };
             (Llama::random_with(cfg.clone(), 11, &Device::Cpu, WeightFormat::Packed).unwrap(), cfg)
         })
         .collect()
@@ -42,32 +43,65 @@ fn alone(model: &Llama, prompt: &[u32], mix: &AdapterMix) -> Vec<Vec<f32>> {
 fn a_row_in_a_mixed_batch_is_bit_identical_to_the_row_alone() {
     for (model, cfg) in packed_families() {
         let dir = tempfile::tempdir().unwrap();
-        let a = tiny_adapter(dir.path(), "a", &cfg, lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj"]), 1);
-        let b = tiny_adapter(dir.path(), "b", &cfg, lora_config_for(&cfg, 8, 4.0, &["o_proj", "up_proj", "down_proj"]), 2);
+        let a = tiny_adapter(
+            dir.path(),
+            "a",
+            &cfg,
+            lora_config_for(&cfg, 4, 8.0, &["q_proj", "v_proj"]),
+            1,
+        );
+        let b = tiny_adapter(
+            dir.path(),
+            "b",
+            &cfg,
+            lora_config_for(&cfg, 8, 4.0, &["o_proj", "up_proj", "down_proj"]),
+            2,
+        );
         let mixes = [
             AdapterMix::single(a.clone(), 1.0),
             AdapterMix::default(),
-            AdapterMix::new(vec![MixEntry { adapter: a, scale: 0.3 }, MixEntry { adapter: b, scale: -0.7 }]),
+            AdapterMix::new(vec![
+                MixEntry { adapter: a, scale: 0.3 },
+                MixEntry { adapter: b, scale: -0.7 },
+            ]),
         ];
-        let prompts: Vec<Vec<u32>> = vec![(0..21).map(|i| (i * 5 % 96) as u32).collect(), vec![4, 8], (0..40).map(|i| (i * 3 % 96) as u32).collect()];
+        let prompts: Vec<Vec<u32>> = vec![
+            (0..21).map(|i| (i * 5 % 96) as u32).collect(),
+            vec![4, 8],
+            (0..40).map(|i| (i * 3 % 96) as u32).collect(),
+        ];
         let next = [7u32, 19, 88];
         let refs: Vec<&AdapterMix> = mixes.iter().collect();
         let step_lora = lora(&model, &refs);
-        let mut caches: Vec<SeqCache> = prompts.iter().map(|p| SeqCache::new(cfg.num_layers, p.len() + 1)).collect();
+        let mut caches: Vec<SeqCache> =
+            prompts.iter().map(|p| SeqCache::new(cfg.num_layers, p.len() + 1)).collect();
         let mut input = BatchInput::default();
         prompts.iter().for_each(|p| input.push(p));
         let mut cache_refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-        let prefill: Vec<Vec<f32>> = model.logits(&model.forward(&input, Some(&mut cache_refs), &step_lora).unwrap()).unwrap().to_vec2().unwrap();
+        let prefill: Vec<Vec<f32>> = model
+            .logits(&model.forward(&input, Some(&mut cache_refs), &step_lora).unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         let mut step = BatchInput::default();
         next.iter().for_each(|t| step.push(&[*t]));
         let mut cache_refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-        let decode: Vec<Vec<f32>> = model.logits(&model.forward(&step, Some(&mut cache_refs), &step_lora).unwrap()).unwrap().to_vec2().unwrap();
+        let decode: Vec<Vec<f32>> = model
+            .logits(&model.forward(&step, Some(&mut cache_refs), &step_lora).unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         let mut offset = 0;
         for (i, p) in prompts.iter().enumerate() {
             let mut full = p.clone();
             full.push(next[i]);
             let want = alone(&model, &full, &mixes[i]);
-            assert_eq!(&prefill[offset..offset + p.len()], &want[..p.len()], "{}: row {i}: prefill", cfg.arch.name);
+            assert_eq!(
+                &prefill[offset..offset + p.len()],
+                &want[..p.len()],
+                "{}: row {i}: prefill",
+                cfg.arch.name
+            );
             assert_eq!(decode[i], want[p.len()], "{}: row {i}: decode", cfg.arch.name);
             offset += p.len();
         }
@@ -89,8 +123,13 @@ fn zero_scale_is_bit_for_bit_the_base_and_mixes_are_linear() {
     let id = loraplex::model::ModuleId { layer: 1, target: loraplex::model::Target::Q };
     let delta = |mix: AdapterMix| lora(&model, &[&mix]).delta(id, &x, &[3]).unwrap().unwrap();
     let (w1, w2) = (0.7, -1.3);
-    let mixed = delta(AdapterMix::new(vec![MixEntry { adapter: a.clone(), scale: w1 }, MixEntry { adapter: b.clone(), scale: w2 }]));
-    let want = ((delta(AdapterMix::single(a, 1.0)) * w1).unwrap() + (delta(AdapterMix::single(b, 1.0)) * w2).unwrap()).unwrap();
+    let mixed = delta(AdapterMix::new(vec![
+        MixEntry { adapter: a.clone(), scale: w1 },
+        MixEntry { adapter: b.clone(), scale: w2 },
+    ]));
+    let want = ((delta(AdapterMix::single(a, 1.0)) * w1).unwrap()
+        + (delta(AdapterMix::single(b, 1.0)) * w2).unwrap())
+    .unwrap();
     assert!(max_abs_diff(&mixed, &want) < 1e-5);
 }
 
@@ -102,14 +141,36 @@ fn the_packed_model_tracks_its_weights_in_f32() {
     let dense = model.dense_f32().unwrap();
     let prompt: Vec<u32> = (0..30).map(|i| (i * 13 % 96) as u32).collect();
     let dir = tempfile::tempdir().unwrap();
-    let a = tiny_adapter(dir.path(), "a", &cfg, lora_config(4, 8.0, &["q_proj", "v_proj", "gate_proj"]), 5);
+    let a = tiny_adapter(
+        dir.path(),
+        "a",
+        &cfg,
+        lora_config(4, 8.0, &["q_proj", "v_proj", "gate_proj"]),
+        5,
+    );
     for mix in [AdapterMix::default(), AdapterMix::single(a, 1.0)] {
         let p = Tensor::new(alone(&model, &prompt, &mix), &Device::Cpu).unwrap();
         let d = Tensor::new(alone(&dense, &prompt, &mix), &Device::Cpu).unwrap();
-        let spread = d.max_keepdim(1).unwrap().sub(&d.min_keepdim(1).unwrap()).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let spread = d
+            .max_keepdim(1)
+            .unwrap()
+            .sub(&d.min_keepdim(1).unwrap())
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let diff = max_abs_diff(&p, &d);
         assert!(diff < 0.05 * spread, "max |Δlogit| {diff} vs mean spread {spread}");
-        let same_top1 = p.argmax(1).unwrap().to_vec1::<u32>().unwrap().iter().zip(d.argmax(1).unwrap().to_vec1::<u32>().unwrap()).filter(|(a, b)| **a == *b).count();
+        let same_top1 = p
+            .argmax(1)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap()
+            .iter()
+            .zip(d.argmax(1).unwrap().to_vec1::<u32>().unwrap())
+            .filter(|(a, b)| **a == *b)
+            .count();
         assert!(same_top1 >= 27, "top-1 agreement {same_top1}/30");
     }
 }

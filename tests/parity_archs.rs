@@ -24,11 +24,17 @@ fn arch_dir(arch: &str) -> PathBuf {
 }
 
 fn cases(arch: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(arch_dir(arch).join("cases.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(arch_dir(arch).join("cases.json")).unwrap())
+        .unwrap()
 }
 
 fn load(arch: &str) -> LoadedModel {
-    load_model(arch_dir(arch).join("model").to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu).unwrap()
+    load_model(
+        arch_dir(arch).join("model").to_str().unwrap(),
+        WeightFormat::Dense(DType::F32),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// Every case of `arch`: tokenization of every prompt, logits at every prompt position (the
@@ -44,8 +50,13 @@ fn check_arch_via_gguf(arch: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{arch}.gguf"));
     loraplex::model::gguf_export::write_gguf(&arch_dir(arch).join("model"), &path, "gpt2").unwrap();
-    let m = load_model(path.to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu).unwrap();
-    assert_eq!(m.model.cfg.arch, load(arch).model.cfg.arch, "{arch}: the GGUF's architecture description");
+    let m =
+        load_model(path.to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu).unwrap();
+    assert_eq!(
+        m.model.cfg.arch,
+        load(arch).model.cfg.arch,
+        "{arch}: the GGUF's architecture description"
+    );
     check_model(arch, &m);
     check_packed_tracks_f32(arch, &path);
 }
@@ -53,15 +64,29 @@ fn check_arch_via_gguf(arch: &str) {
 /// The packed path (`--dtype auto`) on the GGUF tracks the f32 one: the rows each projection
 /// takes from a fused or interleaved tensor are the same in both (8-bit rounding aside).
 fn check_packed_tracks_f32(arch: &str, path: &std::path::Path) {
-    let f32m = load_model(path.to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu).unwrap();
+    let f32m =
+        load_model(path.to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu).unwrap();
     let packed = load_model(path.to_str().unwrap(), WeightFormat::Packed, &Device::Cpu).unwrap();
-    let ids: Vec<Vec<u32>> = cases(arch)["prompts"].as_object().unwrap().values().map(|p| p["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()).collect();
-    let (a, b) = (prefill_logits(&f32m.model, &ids, &AdapterMix::default(), LoraPath::Batched), prefill_logits(&packed.model, &ids, &AdapterMix::default(), LoraPath::Batched));
+    let ids: Vec<Vec<u32>> = cases(arch)["prompts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|p| {
+            p["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+        })
+        .collect();
+    let (a, b) = (
+        prefill_logits(&f32m.model, &ids, &AdapterMix::default(), LoraPath::Batched),
+        prefill_logits(&packed.model, &ids, &AdapterMix::default(), LoraPath::Batched),
+    );
     // Relative RMS error over every position and vocabulary entry: 8-bit rounding gives a few
     // per cent; a projection reading the wrong rows gives the order of 100 %.
     let (mut err, mut norm) = (0f64, 0f64);
     for (x, y) in a.iter().zip(&b) {
-        let (x, y) = (x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let (x, y) = (
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
         err += x.iter().zip(&y).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>();
         norm += x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>();
     }
@@ -77,8 +102,17 @@ fn check_model(arch: &str, m: &LoadedModel) {
         .unwrap()
         .iter()
         .map(|(name, p)| {
-            let want: Vec<u32> = p["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            assert_eq!(m.tokenizer.encode(p["text"].as_str().unwrap()).unwrap(), want, "{arch}: tokenization of prompt {name}");
+            let want: Vec<u32> = p["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(
+                m.tokenizer.encode(p["text"].as_str().unwrap()).unwrap(),
+                want,
+                "{arch}: tokenization of prompt {name}"
+            );
             (name.as_str(), want)
         })
         .collect();
@@ -96,13 +130,27 @@ fn check_model(arch: &str, m: &LoadedModel) {
             let want = rf.floats(&format!("{p}.topk_logits"));
             let k = top_ids.len() / t;
             let ours = ours.to_vec2::<f32>().unwrap();
-            let d_all = top_ids.iter().zip(&want).enumerate().map(|(i, (&id, &w))| (ours[i / k][id as usize] - w).abs()).fold(0f32, f32::max);
+            let d_all = top_ids
+                .iter()
+                .zip(&want)
+                .enumerate()
+                .map(|(i, (&id, &w))| (ours[i / k][id as usize] - w).abs())
+                .fold(0f32, f32::max);
             println!("{arch} case {} prompt {p}: max |Δlogit| last {d_last:.2e}, all positions {d_all:.2e}", case["id"]);
-            assert!(d_last <= LOGIT_TOL && d_all <= LOGIT_TOL, "{arch} case {} prompt {p}: last {d_last}, all positions {d_all}", case["id"]);
+            assert!(
+                d_last <= LOGIT_TOL && d_all <= LOGIT_TOL,
+                "{arch} case {} prompt {p}: last {d_last}, all positions {d_all}",
+                case["id"]
+            );
         }
         let got = greedy(m, &ids, &mix, LoraPath::Batched, n_new);
         for ((p, _), got) in prompts.iter().zip(&got) {
-            assert_eq!(got, &rf.ints(&format!("{p}.greedy_ids")), "{arch} case {} prompt {p}: greedy continuation differs", case["id"]);
+            assert_eq!(
+                got,
+                &rf.ints(&format!("{p}.greedy_ids")),
+                "{arch} case {} prompt {p}: greedy continuation differs",
+                case["id"]
+            );
         }
     }
 }
@@ -110,14 +158,24 @@ fn check_model(arch: &str, m: &LoadedModel) {
 /// A family this decoder does not describe: loading must fail with an error that names it.
 fn check_refused(model_type: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(arch_dir("qwen2").join("model/config.json")).unwrap()).unwrap();
+    let mut cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(arch_dir("qwen2").join("model/config.json")).unwrap(),
+    )
+    .unwrap();
     cfg["model_type"] = Value::from(model_type);
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-    let err = match load_model(dir.path().to_str().unwrap(), WeightFormat::Dense(DType::F32), &Device::Cpu) {
+    let err = match load_model(
+        dir.path().to_str().unwrap(),
+        WeightFormat::Dense(DType::F32),
+        &Device::Cpu,
+    ) {
         Ok(_) => panic!("model_type `{model_type}` loaded"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains(&format!("`{model_type}`")), "the error does not name model_type `{model_type}`: {err}");
+    assert!(
+        err.contains(&format!("`{model_type}`")),
+        "the error does not name model_type `{model_type}`: {err}"
+    );
 }
 
 /// Llama 3.x: untied head, `rope_parameters` with `rope_type: llama3` (transformers 5's layout).
@@ -194,22 +252,35 @@ fn families_not_described_are_refused_by_name() {
 /// refused by name, and so is `gate_proj` on BLOOM (no gate); `qkv_proj` loads.
 #[test]
 fn targets_the_architecture_lacks_are_refused_by_name() {
-    for (arch, missing, present) in [("phi3", "q_proj", "qkv_proj"), ("bloom", "gate_proj", "query_key_value")] {
+    for (arch, missing, present) in
+        [("phi3", "q_proj", "qkv_proj"), ("bloom", "gate_proj", "query_key_value")]
+    {
         let m = load(arch);
         let dir = tempfile::tempdir().unwrap();
         let src = arch_dir(arch).join("adapters/attn-r4");
-        std::fs::copy(src.join("adapter_model.safetensors"), dir.path().join("adapter_model.safetensors")).unwrap();
-        let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+        std::fs::copy(
+            src.join("adapter_model.safetensors"),
+            dir.path().join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(src.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
         cfg["target_modules"] = serde_json::json!([missing]);
         std::fs::write(dir.path().join("adapter_config.json"), cfg.to_string()).unwrap();
-        let err = loraplex::adapters::load_adapter(dir.path(), "x", &m.model.cfg, &Device::Cpu).unwrap_err().to_string();
+        let err = loraplex::adapters::load_adapter(dir.path(), "x", &m.model.cfg, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(missing), "{arch}: {err}");
         cfg["target_modules"] = serde_json::json!([present]);
         cfg["rank_pattern"] = serde_json::json!({});
         std::fs::write(dir.path().join("adapter_config.json"), cfg.to_string()).unwrap();
         // The file holds more modules than this config names: refused as undescribed tensors,
         // which shows the fused name itself was accepted.
-        let err = loraplex::adapters::load_adapter(dir.path(), "x", &m.model.cfg, &Device::Cpu).unwrap_err().to_string();
+        let err = loraplex::adapters::load_adapter(dir.path(), "x", &m.model.cfg, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not described by the config"), "{arch}: {err}");
     }
 }

@@ -19,7 +19,10 @@ const PROMPTS: [&str; 6] = ["short", "squad", "chat", "multilingual", "single", 
 const LOGIT_TOL: f32 = 1e-3;
 
 fn cases() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(shared_dir().join("reference/cases.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(shared_dir().join("reference/cases.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn load(format: WeightFormat) -> LoadedModel {
@@ -32,7 +35,8 @@ fn check_case(index: usize, path: LoraPath) {
     let m = load(WeightFormat::Dense(DType::F32));
     let case = &cases()["cases"][index];
     let (rf, mix) = open_case(&m, case);
-    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
+    let prompts: Vec<Vec<u32>> =
+        PROMPTS.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
     let logits = prefill_logits(&m.model, &prompts, &mix, path);
     for (p, ours) in PROMPTS.iter().zip(&logits) {
         let t = ours.dim(0).unwrap();
@@ -41,13 +45,30 @@ fn check_case(index: usize, path: LoraPath) {
         let ids = rf.ints(&format!("{p}.topk_ids"));
         let want = rf.floats(&format!("{p}.topk_logits"));
         let ours = ours.to_vec2::<f32>().unwrap();
-        let d_all = ids.iter().zip(&want).enumerate().map(|(i, (&id, &w))| (ours[i / 20][id as usize] - w).abs()).fold(0f32, f32::max);
-        println!("case {} prompt {p}: max |Δlogit| last {d_last:.2e}, all positions {d_all:.2e}", case["id"]);
-        assert!(d_last <= LOGIT_TOL && d_all <= LOGIT_TOL, "case {} prompt {p}: last {d_last}, all positions {d_all}", case["id"]);
+        let d_all = ids
+            .iter()
+            .zip(&want)
+            .enumerate()
+            .map(|(i, (&id, &w))| (ours[i / 20][id as usize] - w).abs())
+            .fold(0f32, f32::max);
+        println!(
+            "case {} prompt {p}: max |Δlogit| last {d_last:.2e}, all positions {d_all:.2e}",
+            case["id"]
+        );
+        assert!(
+            d_last <= LOGIT_TOL && d_all <= LOGIT_TOL,
+            "case {} prompt {p}: last {d_last}, all positions {d_all}",
+            case["id"]
+        );
     }
     let got = greedy(&m, &prompts, &mix, path, 24);
     for (p, ids) in PROMPTS.iter().zip(&got) {
-        assert_eq!(ids, &rf.ints(&format!("{p}.greedy_ids")), "case {} prompt {p}: greedy continuation differs", case["id"]);
+        assert_eq!(
+            ids,
+            &rf.ints(&format!("{p}.greedy_ids")),
+            "case {} prompt {p}: greedy continuation differs",
+            case["id"]
+        );
     }
 }
 
@@ -57,11 +78,26 @@ fn tokenizer_from_gguf_matches_the_reference_ids_and_chat_template() {
     let cases = cases();
     for p in PROMPTS {
         let text = cases["prompts"][p]["text"].as_str().unwrap();
-        let want: Vec<u32> = cases["prompts"][p]["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = cases["prompts"][p]["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(m.tokenizer.encode(text).unwrap(), want, "prompt {p}");
-        assert_eq!(m.tokenizer.decode(&want).unwrap(), text.replace("<|im_start|>", "").replace("<|im_end|>", ""), "decode {p}");
+        assert_eq!(
+            m.tokenizer.decode(&want).unwrap(),
+            text.replace("<|im_start|>", "").replace("<|im_end|>", ""),
+            "decode {p}"
+        );
     }
-    let chat = m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: "Give me three short tips for learning a new language.".into() }]).unwrap();
+    let chat = m
+        .tokenizer
+        .apply_chat_template(&[ChatMessage {
+            role: "user".into(),
+            content: "Give me three short tips for learning a new language.".into(),
+        }])
+        .unwrap();
     assert_eq!(chat, cases["prompts"]["chat"]["text"].as_str().unwrap());
 }
 
@@ -116,8 +152,15 @@ fn every_case_in_one_mixed_batch_matches_peft() {
     for case in cases["cases"].as_array().unwrap() {
         let (rf, mix) = open_case(&m, case);
         for p in ["short", "chat", "multilingual", "single"] {
-            reqs.push(Request { stop_at_eos: false, ..Request::greedy(rf.ints(&format!("{p}.input_ids")), mix.clone(), 24) });
-            want.push((case["id"].as_str().unwrap().to_string(), p, rf.ints(&format!("{p}.greedy_ids"))));
+            reqs.push(Request {
+                stop_at_eos: false,
+                ..Request::greedy(rf.ints(&format!("{p}.input_ids")), mix.clone(), 24)
+            });
+            want.push((
+                case["id"].as_str().unwrap().to_string(),
+                p,
+                rf.ints(&format!("{p}.greedy_ids")),
+            ));
         }
     }
     let outs = generate(&m.model, &m.tokenizer, &reqs, LoraPath::Batched).unwrap();
@@ -134,15 +177,32 @@ fn open_case(m: &LoadedModel, case: &serde_json::Value) -> (RefFile, AdapterMix)
 }
 
 /// How many of the first `n` greedy tokens equal the reference's, per prompt in `names`.
-fn greedy_prefixes(m: &LoadedModel, rf: &RefFile, names: &[&str], mix: &AdapterMix, n: usize) -> Vec<usize> {
+fn greedy_prefixes(
+    m: &LoadedModel,
+    rf: &RefFile,
+    names: &[&str],
+    mix: &AdapterMix,
+    n: usize,
+) -> Vec<usize> {
     let prompts: Vec<Vec<u32>> = names.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
     let got = greedy(m, &prompts, mix, LoraPath::Batched, n);
-    names.iter().zip(&got).map(|(p, ids)| ids.iter().zip(&rf.ints(&format!("{p}.greedy_ids"))).take_while(|(a, b)| a == b).count()).collect()
+    names
+        .iter()
+        .zip(&got)
+        .map(|(p, ids)| {
+            ids.iter().zip(&rf.ints(&format!("{p}.greedy_ids"))).take_while(|(a, b)| a == b).count()
+        })
+        .collect()
 }
 
 /// Top-1 agreement with the reference over every prompt position (`(agree, total)`) and the
 /// max last-position logit difference, for `names`' prompts prefilled together with `mix`.
-fn top1_agreement(m: &LoadedModel, rf: &RefFile, names: &[&str], mix: &AdapterMix) -> (usize, usize, f32) {
+fn top1_agreement(
+    m: &LoadedModel,
+    rf: &RefFile,
+    names: &[&str],
+    mix: &AdapterMix,
+) -> (usize, usize, f32) {
     let prompts: Vec<Vec<u32>> = names.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
     let logits = prefill_logits(&m.model, &prompts, mix, LoraPath::Batched);
     let (mut agree, mut total, mut max_diff) = (0, 0, 0f32);
@@ -169,7 +229,8 @@ fn quantized_path_drift_is_bounded() {
     for index in [0usize, 6] {
         let case = &cases["cases"][index];
         let (rf, mix) = open_case(&m, case);
-        let (agree, total, max_diff) = top1_agreement(&m, &rf, &["short", "chat", "single", "multilingual"], &mix);
+        let (agree, total, max_diff) =
+            top1_agreement(&m, &rf, &["short", "chat", "single", "multilingual"], &mix);
         let rate = agree as f64 / total as f64;
         report.push(format!("case {}: top-1 agreement {agree}/{total} ({rate:.3}), max last-logit diff {max_diff:.3}", case["id"]));
         assert!(rate >= 0.85 && max_diff < 3.0, "{}", report.join("; "));
@@ -214,7 +275,13 @@ fn bf16_path_agreement_is_bounded() {
         let (agree, total, max_diff) = top1_agreement(&m, &rf, &names, &mix);
         let prefix = greedy_prefixes(&m, &rf, &names, &mix, 16);
         report.push(format!("case {}: top-1 {agree}/{total}, greedy prefixes {prefix:?} of 16, max last diff {max_diff:.3}", case["id"]));
-        assert!(agree as f64 >= 0.9 * total as f64 && max_diff < 3.0 && prefix.iter().sum::<usize>() >= 16, "{}", report.join("\n"));
+        assert!(
+            agree as f64 >= 0.9 * total as f64
+                && max_diff < 3.0
+                && prefix.iter().sum::<usize>() >= 16,
+            "{}",
+            report.join("\n")
+        );
     }
     println!("bf16 agreement:\n{}", report.join("\n"));
 }
@@ -229,13 +296,21 @@ fn packed_rows_in_one_mixed_batch_equal_each_alone() {
     for case in cases["cases"].as_array().unwrap() {
         let (rf, mix) = open_case(&m, case);
         for p in ["short", "chat", "multilingual", "single"] {
-            reqs.push(Request { stop_at_eos: false, logprobs: Some(1), ..Request::greedy(rf.ints(&format!("{p}.input_ids")), mix.clone(), 16) });
+            reqs.push(Request {
+                stop_at_eos: false,
+                logprobs: Some(1),
+                ..Request::greedy(rf.ints(&format!("{p}.input_ids")), mix.clone(), 16)
+            });
         }
     }
     let together = generate(&m.model, &m.tokenizer, &reqs, LoraPath::Batched).unwrap();
     for (i, r) in reqs.iter().enumerate() {
-        let alone = generate(&m.model, &m.tokenizer, std::slice::from_ref(r), LoraPath::Batched).unwrap();
+        let alone =
+            generate(&m.model, &m.tokenizer, std::slice::from_ref(r), LoraPath::Batched).unwrap();
         assert_eq!(together[i].ids, alone[0].ids, "request {i}");
-        assert_eq!(together[i].logprobs, alone[0].logprobs, "request {i}: log-probabilities bit for bit");
+        assert_eq!(
+            together[i].logprobs, alone[0].logprobs,
+            "request {i}: log-probabilities bit for bit"
+        );
     }
 }

@@ -62,7 +62,12 @@ fn unsafe_is_confined_to_the_kernels_and_justified() {
         .iter()
         .filter(|f| {
             let text = std::fs::read_to_string(f).unwrap();
-            text.lines().any(|l| !l.trim_start().starts_with("//") && (l.contains("unsafe {") || l.contains("unsafe fn") || l.contains("unsafe impl")))
+            text.lines().any(|l| {
+                !l.trim_start().starts_with("//")
+                    && (l.contains("unsafe {")
+                        || l.contains("unsafe fn")
+                        || l.contains("unsafe impl"))
+            })
         })
         .filter(|f| !f.ends_with("tidy.rs"))
         .collect();
@@ -85,5 +90,8 @@ fn unsafe_is_confined_to_the_kernels_and_justified() {
             }
         }
     }
-    assert!(unjustified.is_empty(), "unsafe blocks without a `// SAFETY:` line just above: {unjustified:?}");
+    assert!(
+        unjustified.is_empty(),
+        "unsafe blocks without a `// SAFETY:` line just above: {unjustified:?}"
+    );
 }

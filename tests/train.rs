@@ -39,7 +39,10 @@ fn squad_v11_v20_gz_and_jsonl_parse() {
     assert_eq!(ex[0].answers, vec!["Paris", "Paris."]);
     assert_eq!(ex[0].answer_start, Some(0));
     let p = dir.path().join("v20.json.gz");
-    let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&p).unwrap(), flate2::Compression::default());
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&p).unwrap(),
+        flate2::Compression::default(),
+    );
     gz.write_all(V20.as_bytes()).unwrap();
     gz.finish().unwrap();
     let ex = squad::load(&p).unwrap();
@@ -59,7 +62,13 @@ fn squad_v11_v20_gz_and_jsonl_parse() {
 #[test]
 fn prompt_and_loss_mask_cover_the_answer_and_eos_only() {
     let tok = tokenizer();
-    let ex = QaExample { id: "q".into(), context: "Paris is the capital of France.".into(), question: "What is the capital of France?".into(), answers: vec!["Paris".into()], answer_start: Some(0) };
+    let ex = QaExample {
+        id: "q".into(),
+        context: "Paris is the capital of France.".into(),
+        question: "What is the capital of France?".into(),
+        answers: vec!["Paris".into()],
+        answer_start: Some(0),
+    };
     assert_eq!(squad::prompt(&ex), "### CONTEXT\nParis is the capital of France.\n\n### QUESTION\nWhat is the capital of France?\n\n### ANSWER\n");
     let t = squad::tokenize(&ex, &tok, 384, Overflow::Skip).unwrap().unwrap();
     let prompt_ids = tok.encode(&squad::prompt(&ex)).unwrap();
@@ -67,11 +76,24 @@ fn prompt_and_loss_mask_cover_the_answer_and_eos_only() {
     let mut full = prompt_ids.clone();
     full.extend(&answer_ids);
     full.push(2);
-    assert_eq!(t.targets, [answer_ids.clone(), vec![2]].concat(), "targets: the answer then <|im_end|>");
-    assert_eq!(t.input, full[..full.len() - 1].to_vec(), "input: prompt + answer, without the final EOS");
+    assert_eq!(
+        t.targets,
+        [answer_ids.clone(), vec![2]].concat(),
+        "targets: the answer then <|im_end|>"
+    );
+    assert_eq!(
+        t.input,
+        full[..full.len() - 1].to_vec(),
+        "input: prompt + answer, without the final EOS"
+    );
     let mask = t.loss_mask();
-    let supervised: Vec<usize> = mask.iter().enumerate().filter(|(_, m)| m.is_some()).map(|(i, _)| i).collect();
-    assert_eq!(supervised, (prompt_ids.len() - 1..t.input.len()).collect::<Vec<_>>(), "only the answer and EOS carry loss");
+    let supervised: Vec<usize> =
+        mask.iter().enumerate().filter(|(_, m)| m.is_some()).map(|(i, _)| i).collect();
+    assert_eq!(
+        supervised,
+        (prompt_ids.len() - 1..t.input.len()).collect::<Vec<_>>(),
+        "only the answer and EOS carry loss"
+    );
     assert_eq!(mask[prompt_ids.len() - 1], Some(answer_ids[0]));
 }
 
@@ -81,18 +103,33 @@ fn long_examples_are_skipped_or_truncated_around_the_answer() {
     let filler = "The river flows quietly through the old valley. ".repeat(40);
     let context = format!("{filler}The treasure was hidden under the red bridge in 1642. {filler}");
     let start = context.find("the red bridge").unwrap();
-    let ex = QaExample { id: "q".into(), context: context.clone(), question: "Where was the treasure hidden?".into(), answers: vec!["under the red bridge".into()], answer_start: Some(context[..start - 6].chars().count()) };
+    let ex = QaExample {
+        id: "q".into(),
+        context: context.clone(),
+        question: "Where was the treasure hidden?".into(),
+        answers: vec!["under the red bridge".into()],
+        answer_start: Some(context[..start - 6].chars().count()),
+    };
     assert!(squad::tokenize(&ex, &tok, 128, Overflow::Skip).unwrap().is_none());
     let t = squad::tokenize(&ex, &tok, 128, Overflow::Truncate).unwrap().unwrap();
     assert!(t.full_len() <= 128, "{}", t.full_len());
     let text = tok.decode(&t.input).unwrap();
-    assert!(text.contains("under the red bridge in 1642"), "the answer stays in the context: {text}");
-    assert!(text.starts_with("### CONTEXT\n") && text.contains("### QUESTION\nWhere was the treasure hidden?"));
+    assert!(
+        text.contains("under the red bridge in 1642"),
+        "the answer stays in the context: {text}"
+    );
+    assert!(
+        text.starts_with("### CONTEXT\n")
+            && text.contains("### QUESTION\nWhere was the treasure hidden?")
+    );
 }
 
 fn tiny_examples() -> Vec<TrainExample> {
     (0..6u32)
-        .map(|i| TrainExample { input: (0..10 + i).map(|t| (t * 7 + i) % 60 + 3).collect(), targets: vec![(i * 5) % 60 + 2, 11, 1] })
+        .map(|i| TrainExample {
+            input: (0..10 + i).map(|t| (t * 7 + i) % 60 + 3).collect(),
+            targets: vec![(i * 5) % 60 + 2, 11, 1],
+        })
         .collect()
 }
 
@@ -119,7 +156,10 @@ fn tiny_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
 fn gradients_match_finite_differences_and_the_base_gets_none() {
     let (mut model, cfg) = tiny();
     model.differentiable = true;
-    let peft = loraplex::adapters::PeftConfig::from_json(&lora_config(2, 4.0, &["q_proj", "up_proj"]).to_string()).unwrap();
+    let peft = loraplex::adapters::PeftConfig::from_json(
+        &lora_config(2, 4.0, &["q_proj", "up_proj"]).to_string(),
+    )
+    .unwrap();
     let params = LoraParams::init(&cfg, peft, 3, &Device::Cpu).unwrap();
     // B starts at zero (so A's gradient is zero); give it values to test both.
     for (_, _, b) in &params.modules {
@@ -128,18 +168,38 @@ fn gradients_match_finite_differences_and_the_base_gets_none() {
     let adapter = Arc::new(params.as_adapter(&cfg, "t").unwrap());
     let ex = tiny_examples();
     let batch: Vec<&TrainExample> = ex.iter().take(3).collect();
-    let lora = StepLora::Training { mixes: vec![AdapterMix::single(adapter, 1.0); 3], dropout: 0.0, seed: 0 };
-    let loss_of = || batch_loss(&model, &lora, &batch).unwrap().0.to_scalar::<f32>().unwrap() as f64;
+    let lora = StepLora::Training {
+        mixes: vec![AdapterMix::single(adapter, 1.0); 3],
+        dropout: 0.0,
+        seed: 0,
+    };
+    let loss_of =
+        || batch_loss(&model, &lora, &batch).unwrap().0.to_scalar::<f32>().unwrap() as f64;
     let (loss, _) = batch_loss(&model, &lora, &batch).unwrap();
     let grads = loss.backward().unwrap();
     let q = ModuleId { layer: 1, target: loraplex::model::Target::Q };
     assert!(grads.get(model.base_weight(q).unwrap().to_dense_f32().as_ref().unwrap()).is_none());
-    let before = model.base_weight(q).unwrap().to_dense_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let before = model
+        .base_weight(q)
+        .unwrap()
+        .to_dense_f32()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let mut checked = 0;
     for (_, a, b) in params.modules.iter().take(3) {
         for var in [a, b] {
-            let g = grads.get(var).expect("every LoRA tensor gets a gradient").flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let (idx, &gi) = g.iter().enumerate().max_by(|x, y| x.1.abs().total_cmp(&y.1.abs())).unwrap();
+            let g = grads
+                .get(var)
+                .expect("every LoRA tensor gets a gradient")
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let (idx, &gi) =
+                g.iter().enumerate().max_by(|x, y| x.1.abs().total_cmp(&y.1.abs())).unwrap();
             let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let eps = 1e-2f32;
             let bump = |d: f32| {
@@ -150,19 +210,36 @@ fn gradients_match_finite_differences_and_the_base_gets_none() {
             };
             let numeric = (bump(eps) - bump(-eps)) / (2.0 * eps as f64);
             var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap()).unwrap();
-            assert!((numeric - gi as f64).abs() <= 0.03 * gi.abs() as f64 + 1e-4, "numeric {numeric} vs autograd {gi}");
+            assert!(
+                (numeric - gi as f64).abs() <= 0.03 * gi.abs() as f64 + 1e-4,
+                "numeric {numeric} vs autograd {gi}"
+            );
             checked += 1;
         }
     }
     assert_eq!(checked, 6);
-    let after = model.base_weight(q).unwrap().to_dense_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let after = model
+        .base_weight(q)
+        .unwrap()
+        .to_dense_f32()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(before, after, "the base never changes");
 }
 
 #[test]
 fn a_few_steps_drive_the_loss_down_and_leave_the_base_unchanged() {
     let (mut model, _) = tiny();
-    let base_before = model.base_weight(ModuleId { layer: 0, target: loraplex::model::Target::Down }).unwrap().to_dense_f32().unwrap().to_vec2::<f32>().unwrap();
+    let base_before = model
+        .base_weight(ModuleId { layer: 0, target: loraplex::model::Target::Down })
+        .unwrap()
+        .to_dense_f32()
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = tiny_config(dir.path(), 30);
     cfg.dropout = 0.0;
@@ -174,7 +251,13 @@ fn a_few_steps_drive_the_loss_down_and_leave_the_base_unchanged() {
     let first = o.log.first().unwrap().loss;
     let last = o.log.last().unwrap().loss;
     assert!(last < 0.5 * first, "loss {first} → {last}");
-    let base_after = model.base_weight(ModuleId { layer: 0, target: loraplex::model::Target::Down }).unwrap().to_dense_f32().unwrap().to_vec2::<f32>().unwrap();
+    let base_after = model
+        .base_weight(ModuleId { layer: 0, target: loraplex::model::Target::Down })
+        .unwrap()
+        .to_dense_f32()
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     assert_eq!(base_before, base_after);
 }
 
@@ -194,7 +277,11 @@ fn splitting_a_batch_into_passes_keeps_the_update() {
     for micro in [1, 2] {
         let split = run(micro);
         for (w, s) in whole.log.iter().zip(&split.log) {
-            assert!((w.loss - s.loss).abs() < 1e-5 && (w.grad_norm - s.grad_norm).abs() < 1e-4, "step {}: {w:?} vs {s:?}", w.step);
+            assert!(
+                (w.loss - s.loss).abs() < 1e-5 && (w.grad_norm - s.grad_norm).abs() < 1e-4,
+                "step {}: {w:?} vs {s:?}",
+                w.step
+            );
         }
         for ((_, a1, b1), (_, a2, b2)) in whole.params.modules.iter().zip(&split.params.modules) {
             assert!(max_abs_diff(a1.as_tensor(), a2.as_tensor()) < 1e-5);
@@ -235,17 +322,39 @@ fn the_output_is_a_peft_folder_that_loads() {
     let weights = o.params.export().unwrap();
     let out = dir.path().join("peft");
     loraplex::adapters::writer::save_adapter(&out, &o.params.config, &weights).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
-    for field in ["peft_type", "task_type", "r", "lora_alpha", "target_modules", "use_rslora", "lora_dropout", "bias", "base_model_name_or_path", "fan_in_fan_out", "use_dora", "modules_to_save"] {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    for field in [
+        "peft_type",
+        "task_type",
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "use_rslora",
+        "lora_dropout",
+        "bias",
+        "base_model_name_or_path",
+        "fan_in_fan_out",
+        "use_dora",
+        "modules_to_save",
+    ] {
         assert!(json.get(field).is_some(), "missing `{field}`");
     }
-    assert_eq!((json["peft_type"].as_str(), json["r"].as_u64(), json["bias"].as_str()), (Some("LORA"), Some(4), Some("none")));
-    let st = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(
+        (json["peft_type"].as_str(), json["r"].as_u64(), json["bias"].as_str()),
+        (Some("LORA"), Some(4), Some("none"))
+    );
+    let st = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
     assert!(st.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
     assert!(st.contains_key("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
     assert_eq!(st.len(), 2 * 3 * cfg.num_layers);
     let loaded = loraplex::adapters::load_adapter(&out, "peft", &cfg, &Device::Cpu).unwrap();
-    assert_eq!(loaded.module(ModuleId { layer: 0, target: loraplex::model::Target::V }).unwrap().scaling, 2.0);
+    assert_eq!(
+        loaded.module(ModuleId { layer: 0, target: loraplex::model::Target::V }).unwrap().scaling,
+        2.0
+    );
     let _ = Llama::random;
 }
 
@@ -253,7 +362,8 @@ fn the_output_is_a_peft_folder_that_loads() {
 fn jsonl_answer_offsets_count_characters_not_bytes() {
     // `answer_start` is a character offset (as in SQuAD JSON); a JSONL line derives it from
     // the context, where "ü" takes two bytes but one character.
-    let text = r#"{"context": "Zürich liegt am Zürichsee.", "question": "Woran?", "answer": "Zürichsee"}"#;
+    let text =
+        r#"{"context": "Zürich liegt am Zürichsee.", "question": "Woran?", "answer": "Zürichsee"}"#;
     let ex = loraplex::train::squad::parse(text, true).unwrap();
     assert_eq!(ex[0].answer_start, Some(16));
     let start: String = ex[0].context.chars().skip(16).take(9).collect();

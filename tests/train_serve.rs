@@ -25,13 +25,41 @@ fn a_freshly_trained_adapter_is_served_without_a_restart() {
     std::fs::write(&data, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
     let out = adapters.join("fresh-squad");
     let status = Command::new(binary())
-        .args(["train", "--model", real_model_path().to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap()])
-        .args(["--steps", "2", "--batch-size", "2", "--rank", "4", "--target-modules", "q_proj,v_proj", "--checkpoint-every", "0", "--warmup-steps", "0", "--quiet"])
+        .args([
+            "train",
+            "--model",
+            real_model_path().to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .args([
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--rank",
+            "4",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--checkpoint-every",
+            "0",
+            "--warmup-steps",
+            "0",
+            "--quiet",
+        ])
         .env("LORAPLEX_LOG", "warn")
         .status()
         .unwrap();
     assert!(status.success());
-    for f in ["adapter_config.json", "adapter_model.safetensors", "README.md", "training_log.jsonl", "loss.png"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "training_log.jsonl",
+        "loss.png",
+    ] {
         assert!(out.join(f).exists(), "{f} written");
     }
     let trained_at = Instant::now();
@@ -42,7 +70,10 @@ fn a_freshly_trained_adapter_is_served_without_a_restart() {
             assert_eq!(v["adapters"][0]["name"], "fresh-squad");
             break;
         }
-        assert!(trained_at.elapsed() < Duration::from_secs(20), "the new adapter was not served: {s} {v}");
+        assert!(
+            trained_at.elapsed() < Duration::from_secs(20),
+            "the new adapter was not served: {s} {v}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let (_, models) = get(server.port, "/v1/models");
@@ -61,10 +92,37 @@ fn a_run_killed_with_sigkill_resumes_to_the_uninterrupted_adapter() {
     std::fs::write(&data, lines.concat()).unwrap();
     let train = |out: &std::path::Path, resume: bool| {
         let mut c = Command::new(binary());
-        c.args(["train", "--model", real_model_path().to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap()])
-            .args(["--steps", "8", "--batch-size", "2", "--rank", "4", "--target-modules", "q_proj,v_proj", "--checkpoint-every", "2"])
-            .args(["--warmup-steps", "1", "--seed", "7", "--quiet", "--resume", if resume { "true" } else { "false" }])
-            .env("LORAPLEX_LOG", "warn");
+        c.args([
+            "train",
+            "--model",
+            real_model_path().to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .args([
+            "--steps",
+            "8",
+            "--batch-size",
+            "2",
+            "--rank",
+            "4",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--checkpoint-every",
+            "2",
+        ])
+        .args([
+            "--warmup-steps",
+            "1",
+            "--seed",
+            "7",
+            "--quiet",
+            "--resume",
+            if resume { "true" } else { "false" },
+        ])
+        .env("LORAPLEX_LOG", "warn");
         c
     };
     let full = dir.path().join("full");
@@ -76,7 +134,10 @@ fn a_run_killed_with_sigkill_resumes_to_the_uninterrupted_adapter() {
     let started = Instant::now();
     // Kill it as soon as a checkpoint past step 2 exists, mid-way through the run.
     loop {
-        let step = std::fs::read(&state).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).and_then(|v| v["step"].as_u64());
+        let step = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["step"].as_u64());
         if step.is_some_and(|s| s >= 4) {
             break;
         }
@@ -89,7 +150,13 @@ fn a_run_killed_with_sigkill_resumes_to_the_uninterrupted_adapter() {
     assert!(!killed.join("adapter_model.safetensors").exists(), "no adapter from a killed run");
     assert!(train(&killed, true).status().unwrap().success());
 
-    let load = |p: &std::path::Path| candle_core::safetensors::load(p.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let load = |p: &std::path::Path| {
+        candle_core::safetensors::load(
+            p.join("adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
     let (a, b) = (load(&full), load(&killed));
     assert_eq!(a.len(), b.len());
     for (k, t) in &a {

@@ -19,7 +19,8 @@ pub struct Pattern {
 impl Pattern {
     /// `source` compiled inside `wrap` (the anchoring PEFT applies to it).
     fn new(source: &str, wrap: impl Fn(&str) -> String, what: &str) -> Result<Self, AdapterError> {
-        let re = Regex::new(&wrap(source)).map_err(|e| bad(format!("{what} `{source}` is not a valid regex: {e}")))?;
+        let re = Regex::new(&wrap(source))
+            .map_err(|e| bad(format!("{what} `{source}` is not a valid regex: {e}")))?;
         Ok(Self { source: source.to_string(), re })
     }
 
@@ -133,17 +134,27 @@ fn positive_int(v: &Value, what: &str) -> Result<usize, AdapterError> {
 fn f32_number(v: &Value, what: &str) -> Result<f64, AdapterError> {
     match v.as_f64() {
         Some(x) if (x as f32).is_finite() => Ok(x),
-        _ => Err(bad(format!("`{what}` must be a finite number within the 32-bit float range (±3.4e38), got `{v}`"))),
+        _ => Err(bad(format!(
+            "`{what}` must be a finite number within the 32-bit float range (±3.4e38), got `{v}`"
+        ))),
     }
 }
 
 fn selector(v: &Value, what: &str) -> Result<ModuleSelector, AdapterError> {
     match v {
         Value::String(s) if s == "all-linear" => Ok(ModuleSelector::AllLinear),
-        Value::String(s) => Ok(ModuleSelector::Regex(Pattern::new(s, |s| format!("^(?:{s})$"), &format!("`{what}`"))?)),
+        Value::String(s) => Ok(ModuleSelector::Regex(Pattern::new(
+            s,
+            |s| format!("^(?:{s})$"),
+            &format!("`{what}`"),
+        )?)),
         Value::Array(items) => items
             .iter()
-            .map(|i| i.as_str().map(str::to_string).ok_or_else(|| bad(format!("`{what}` entries must be strings"))))
+            .map(|i| {
+                i.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad(format!("`{what}` entries must be strings")))
+            })
             .collect::<Result<Vec<_>, _>>()
             .map(ModuleSelector::List),
         other => Err(bad(format!("`{what}` must be a list or a string, got `{other}`"))),
@@ -155,7 +166,9 @@ impl ModuleSelector {
     pub fn matches(&self, name: &str) -> bool {
         match self {
             ModuleSelector::AllLinear => name != "lm_head" && !name.ends_with("embed_tokens"),
-            ModuleSelector::List(items) => items.iter().any(|t| name == t || name.ends_with(&format!(".{t}"))),
+            ModuleSelector::List(items) => {
+                items.iter().any(|t| name == t || name.ends_with(&format!(".{t}")))
+            }
             ModuleSelector::Regex(re) => re.is_match(name),
         }
     }
@@ -175,20 +188,30 @@ impl PeftConfig {
     fn from_raw(raw: RawConfig) -> Result<Self, AdapterError> {
         match raw.peft_type.as_deref() {
             Some("LORA") => {}
-            Some(other) => return Err(unsupported(format!("`peft_type` is `{other}`; only `LORA` is supported"))),
+            Some(other) => {
+                return Err(unsupported(format!(
+                    "`peft_type` is `{other}`; only `LORA` is supported"
+                )))
+            }
             None => return Err(bad("missing `peft_type`")),
         }
         if raw.use_dora == Some(true) {
             return Err(unsupported("`use_dora: true` (DoRA) is not supported"));
         }
         if is_set(&raw.modules_to_save) {
-            return Err(unsupported("non-empty `modules_to_save` (fully trained extra modules) is not supported"));
+            return Err(unsupported(
+                "non-empty `modules_to_save` (fully trained extra modules) is not supported",
+            ));
         }
         if raw.lora_bias == Some(true) {
-            return Err(unsupported("`lora_bias: true` (a trained bias on lora_B) is not supported"));
+            return Err(unsupported(
+                "`lora_bias: true` (a trained bias on lora_B) is not supported",
+            ));
         }
         if let Some(b) = raw.bias.as_deref().filter(|b| *b != "none") {
-            return Err(unsupported(format!("`bias: {b}` (trained biases) is not supported; expected `none`")));
+            return Err(unsupported(format!(
+                "`bias: {b}` (trained biases) is not supported; expected `none`"
+            )));
         }
         for (field, v) in [
             ("layer_replication", &raw.layer_replication),
@@ -198,7 +221,9 @@ impl PeftConfig {
             ("use_bdlora", &raw.use_bdlora),
         ] {
             if is_set(v) {
-                return Err(unsupported(format!("`{field}` is set; it changes the maths and is not supported")));
+                return Err(unsupported(format!(
+                    "`{field}` is set; it changes the maths and is not supported"
+                )));
             }
         }
         if raw.use_qalora == Some(true) {
@@ -209,43 +234,72 @@ impl PeftConfig {
             Some(v) => f32_number(v, "lora_alpha")?,
             None => 8.0, // PEFT's default
         };
-        let target_modules = selector(raw.target_modules.as_ref().ok_or_else(|| bad("missing `target_modules`"))?, "target_modules")?;
+        let target_modules = selector(
+            raw.target_modules.as_ref().ok_or_else(|| bad("missing `target_modules`"))?,
+            "target_modules",
+        )?;
         let exclude_modules = match &raw.exclude_modules {
             None | Some(Value::Null) => None,
             Some(v) => Some(selector(v, "exclude_modules")?),
         };
         for name in ["model.embed_tokens", "lm_head"] {
             if target_modules != ModuleSelector::AllLinear && target_modules.matches(name) {
-                return Err(unsupported(format!("LoRA on `{name}` (embedding or output head) is not supported")));
+                return Err(unsupported(format!(
+                    "LoRA on `{name}` (embedding or output head) is not supported"
+                )));
             }
         }
         let rank_pattern = raw
             .rank_pattern
             .unwrap_or_default()
             .iter()
-            .map(|(k, v)| Ok((Pattern::new(k, pattern_key, "pattern key")?, positive_int(v, &format!("rank_pattern.{k}"))?)))
+            .map(|(k, v)| {
+                Ok((
+                    Pattern::new(k, pattern_key, "pattern key")?,
+                    positive_int(v, &format!("rank_pattern.{k}"))?,
+                ))
+            })
             .collect::<Result<Vec<_>, AdapterError>>()?;
         let alpha_pattern = raw
             .alpha_pattern
             .unwrap_or_default()
             .iter()
-            .map(|(k, v)| Ok((Pattern::new(k, pattern_key, "pattern key")?, f32_number(v, &format!("alpha_pattern.{k}"))?)))
+            .map(|(k, v)| {
+                Ok((
+                    Pattern::new(k, pattern_key, "pattern key")?,
+                    f32_number(v, &format!("alpha_pattern.{k}"))?,
+                ))
+            })
             .collect::<Result<Vec<_>, AdapterError>>()?;
         let layers_to_transform = match &raw.layers_to_transform {
             None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| bad("`layers_to_transform` must be non-negative"))? as usize]),
+            Some(Value::Number(n)) => Some(vec![n
+                .as_u64()
+                .ok_or_else(|| bad("`layers_to_transform` must be non-negative"))?
+                as usize]),
             Some(Value::Array(items)) => Some(
                 items
                     .iter()
-                    .map(|i| i.as_u64().map(|n| n as usize).ok_or_else(|| bad("`layers_to_transform` entries must be non-negative integers")))
+                    .map(|i| {
+                        i.as_u64().map(|n| n as usize).ok_or_else(|| {
+                            bad("`layers_to_transform` entries must be non-negative integers")
+                        })
+                    })
                     .collect::<Result<Vec<_>, _>>()?,
             ),
-            Some(other) => return Err(bad(format!("`layers_to_transform` must be an integer or a list, got `{other}`"))),
+            Some(other) => {
+                return Err(bad(format!(
+                    "`layers_to_transform` must be an integer or a list, got `{other}`"
+                )))
+            }
         };
-        if is_set(&raw.layers_pattern) && !matches!(&raw.layers_pattern, Some(Value::String(s)) if s == "layers")
+        if is_set(&raw.layers_pattern)
+            && !matches!(&raw.layers_pattern, Some(Value::String(s)) if s == "layers")
             && !matches!(&raw.layers_pattern, Some(Value::Array(a)) if a.iter().all(|x| x == "layers"))
         {
-            return Err(unsupported("`layers_pattern` other than `layers` does not fit a Llama model"));
+            return Err(unsupported(
+                "`layers_pattern` other than `layers` does not fit a Llama model",
+            ));
         }
         let dropout = raw.lora_dropout.unwrap_or(0.0);
         if !(0.0..1.0).contains(&dropout) {
@@ -289,7 +343,11 @@ impl PeftConfig {
     /// [`PeftConfig::rank_alpha`] by the module's full path.
     pub fn rank_alpha_module(&self, name: &str) -> (usize, f64) {
         let r = self.rank_pattern.iter().find(|(k, _)| k.is_match(name)).map_or(self.r, |p| p.1);
-        let alpha = self.alpha_pattern.iter().find(|(k, _)| k.is_match(name)).map_or(self.lora_alpha, |p| p.1);
+        let alpha = self
+            .alpha_pattern
+            .iter()
+            .find(|(k, _)| k.is_match(name))
+            .map_or(self.lora_alpha, |p| p.1);
         (r, alpha)
     }
 

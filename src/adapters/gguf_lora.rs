@@ -23,7 +23,12 @@ pub fn hf_row_of_gguf_row(g: usize, head_dim: usize) -> usize {
 }
 
 /// Writes `adapter` for a base of `arch` (GGUF `general.architecture`) with `cfg` to `path`.
-pub fn write_gguf_lora(adapter: &LoraAdapter, cfg: &LlamaConfig, arch: &str, path: &Path) -> Result<(), AdapterError> {
+pub fn write_gguf_lora(
+    adapter: &LoraAdapter,
+    cfg: &LlamaConfig,
+    arch: &str,
+    path: &Path,
+) -> Result<(), AdapterError> {
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for id in ModuleId::all(cfg.num_layers) {
         let Some(w) = adapter.module(id) else { continue };
@@ -31,14 +36,19 @@ pub fn write_gguf_lora(adapter: &LoraAdapter, cfg: &LlamaConfig, arch: &str, pat
         let b = match id.target {
             Target::Q | Target::K => {
                 let rows = b.dim(0)?;
-                let order: Vec<u32> = (0..rows).map(|g| hf_row_of_gguf_row(g, cfg.head_dim) as u32).collect();
+                let order: Vec<u32> =
+                    (0..rows).map(|g| hf_row_of_gguf_row(g, cfg.head_dim) as u32).collect();
                 b.index_select(&Tensor::from_vec(order, rows, &Device::Cpu)?, 0)?
             }
             _ => b,
         };
         let name = crate::model::gguf::tensor_name(id);
-        tensors.push((format!("{name}.lora_a"), QTensor::quantize(&w.a.to_device(&Device::Cpu)?.contiguous()?, GgmlDType::F32)?));
-        tensors.push((format!("{name}.lora_b"), QTensor::quantize(&b.contiguous()?, GgmlDType::F32)?));
+        tensors.push((
+            format!("{name}.lora_a"),
+            QTensor::quantize(&w.a.to_device(&Device::Cpu)?.contiguous()?, GgmlDType::F32)?,
+        ));
+        tensors
+            .push((format!("{name}.lora_b"), QTensor::quantize(&b.contiguous()?, GgmlDType::F32)?));
     }
     let meta = [
         ("general.type", Value::String("adapter".into())),

@@ -41,7 +41,10 @@ pub fn dtype_size(dtype: &str) -> Option<u64> {
 /// returns the declared tensors when the header is well formed, consistent with the file's
 /// length, and declares at most `max_data_bytes` of tensor data.
 pub fn check_bytes(bytes: &[u8], max_data_bytes: u64) -> Result<Vec<Declared>, AdapterError> {
-    let n = header_len(bytes.get(..8).ok_or_else(|| bad("file shorter than the 8-byte header length"))?, bytes.len() as u64)?;
+    let n = header_len(
+        bytes.get(..8).ok_or_else(|| bad("file shorter than the 8-byte header length"))?,
+        bytes.len() as u64,
+    )?;
     let header = &bytes[8..8 + n as usize];
     check_header(header, bytes.len() as u64 - 8 - n, max_data_bytes)
 }
@@ -61,7 +64,9 @@ pub fn check_file(path: &Path, max_data_bytes: u64) -> Result<Vec<Declared>, Ada
 
 /// The header length from the first 8 bytes, checked against the limit and the file.
 fn header_len(first8: &[u8], file_len: u64) -> Result<u64, AdapterError> {
-    let n = u64::from_le_bytes(first8.try_into().map_err(|_| bad("file shorter than the 8-byte header length"))?);
+    let n = u64::from_le_bytes(
+        first8.try_into().map_err(|_| bad("file shorter than the 8-byte header length"))?,
+    );
     if n > MAX_HEADER_BYTES {
         return Err(bad(format!("header of {n} bytes is over the {MAX_HEADER_BYTES}-byte limit")));
     }
@@ -72,36 +77,61 @@ fn header_len(first8: &[u8], file_len: u64) -> Result<u64, AdapterError> {
 }
 
 /// Checks a header (JSON) against a data section of `data_len` bytes.
-pub fn check_header(header: &[u8], data_len: u64, max_data_bytes: u64) -> Result<Vec<Declared>, AdapterError> {
+pub fn check_header(
+    header: &[u8],
+    data_len: u64,
+    max_data_bytes: u64,
+) -> Result<Vec<Declared>, AdapterError> {
     if data_len > max_data_bytes {
-        return Err(bad(format!("{data_len} bytes of tensor data, more than the {max_data_bytes} this adapter can need")));
+        return Err(bad(format!(
+            "{data_len} bytes of tensor data, more than the {max_data_bytes} this adapter can need"
+        )));
     }
     let text = std::str::from_utf8(header).map_err(|_| bad("header is not UTF-8"))?;
     let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(text.trim_end_matches(' ')).map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+        serde_json::from_str(text.trim_end_matches(' '))
+            .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
     let mut out = Vec::with_capacity(map.len());
     for (name, v) in map {
         if name == "__metadata__" {
             continue;
         }
         let field = |k: &str| v.get(k).ok_or_else(|| bad(format!("tensor `{name}` lacks `{k}`")));
-        let dtype = field("dtype")?.as_str().ok_or_else(|| bad(format!("tensor `{name}`: `dtype` is not a string")))?.to_string();
-        let size = dtype_size(&dtype).ok_or_else(|| bad(format!("tensor `{name}` has unknown dtype `{dtype}`")))?;
+        let dtype = field("dtype")?
+            .as_str()
+            .ok_or_else(|| bad(format!("tensor `{name}`: `dtype` is not a string")))?
+            .to_string();
+        let size = dtype_size(&dtype)
+            .ok_or_else(|| bad(format!("tensor `{name}` has unknown dtype `{dtype}`")))?;
         let shape: Vec<usize> = field("shape")?
             .as_array()
-            .and_then(|a| a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect())
+            .and_then(|a| {
+                a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect()
+            })
             .ok_or_else(|| bad(format!("tensor `{name}`: `shape` is not a list of sizes")))?;
-        let range = match field("data_offsets")?.as_array().map(|a| a.iter().map(serde_json::Value::as_u64).collect::<Vec<_>>()) {
-            Some(o) if o.len() == 2 && o.iter().all(Option::is_some) => (o[0].unwrap_or(0), o[1].unwrap_or(0)),
+        let range = match field("data_offsets")?
+            .as_array()
+            .map(|a| a.iter().map(serde_json::Value::as_u64).collect::<Vec<_>>())
+        {
+            Some(o) if o.len() == 2 && o.iter().all(Option::is_some) => {
+                (o[0].unwrap_or(0), o[1].unwrap_or(0))
+            }
             _ => return Err(bad(format!("tensor `{name}`: `data_offsets` is not two offsets"))),
         };
         let bytes = shape
             .iter()
             .try_fold(size, |acc, &d| acc.checked_mul(d as u64))
             .filter(|&b| b <= max_data_bytes)
-            .ok_or_else(|| bad(format!("tensor `{name}` of shape {shape:?} declares more than {max_data_bytes} bytes")))?;
+            .ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}` of shape {shape:?} declares more than {max_data_bytes} bytes"
+                ))
+            })?;
         if range.0 > range.1 || range.1 > data_len || range.1 - range.0 != bytes {
-            return Err(bad(format!("tensor `{name}`: bytes {}..{} do not hold {bytes} bytes inside {data_len}", range.0, range.1)));
+            return Err(bad(format!(
+                "tensor `{name}`: bytes {}..{} do not hold {bytes} bytes inside {data_len}",
+                range.0, range.1
+            )));
         }
         out.push(Declared { name, dtype, shape, range });
     }
@@ -132,25 +162,51 @@ mod tests {
 
     #[test]
     fn accepts_a_well_formed_file() {
-        let f = file(serde_json::json!({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, "__metadata__": {"format": "pt"}}), 24);
+        let f = file(
+            serde_json::json!({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, "__metadata__": {"format": "pt"}}),
+            24,
+        );
         let d = check_bytes(&f, 1 << 20).unwrap();
-        assert_eq!(d, vec![Declared { name: "a".into(), dtype: "F32".into(), shape: vec![2, 3], range: (0, 24) }]);
+        assert_eq!(
+            d,
+            vec![Declared {
+                name: "a".into(),
+                dtype: "F32".into(),
+                shape: vec![2, 3],
+                range: (0, 24)
+            }]
+        );
     }
 
     #[test]
     fn refuses_what_would_overflow_or_overlap() {
-        let big = file(serde_json::json!({"a": {"dtype": "F64", "shape": [1u64 << 40, 1u64 << 40], "data_offsets": [0, 8]}}), 8);
+        let big = file(
+            serde_json::json!({"a": {"dtype": "F64", "shape": [1u64 << 40, 1u64 << 40], "data_offsets": [0, 8]}}),
+            8,
+        );
         assert!(err(&big).contains("declares more than"));
-        let overlap = file(serde_json::json!({"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}, "b": {"dtype": "U8", "shape": [8], "data_offsets": [4, 12]}}), 12);
+        let overlap = file(
+            serde_json::json!({"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}, "b": {"dtype": "U8", "shape": [8], "data_offsets": [4, 12]}}),
+            12,
+        );
         assert!(err(&overlap).contains("overlap"));
-        let wrong_len = file(serde_json::json!({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}), 8);
+        let wrong_len = file(
+            serde_json::json!({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}),
+            8,
+        );
         assert!(err(&wrong_len).contains("do not hold"));
         assert!(err(&[1, 2, 3]).contains("8-byte"));
         assert!(err(&u64::MAX.to_le_bytes()).contains("over the"));
         let not_object = file(serde_json::json!([1, 2]), 0);
         assert!(err(&not_object).contains("JSON object"));
-        let unknown_dtype = file(serde_json::json!({"a": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}}), 1);
+        let unknown_dtype = file(
+            serde_json::json!({"a": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}}),
+            1,
+        );
         assert!(err(&unknown_dtype).contains("unknown dtype"));
-        assert!(check_bytes(&file(serde_json::json!({}), 64), 16).unwrap_err().to_string().contains("more than"));
+        assert!(check_bytes(&file(serde_json::json!({}), 64), 16)
+            .unwrap_err()
+            .to_string()
+            .contains("more than"));
     }
 }

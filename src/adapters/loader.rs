@@ -18,13 +18,20 @@ pub fn peft_key(id: ModuleId, which: &str) -> String {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, AdapterError> {
-    std::fs::read(path).map_err(|source| AdapterError::Io { path: path.display().to_string(), source })
+    std::fs::read(path)
+        .map_err(|source| AdapterError::Io { path: path.display().to_string(), source })
 }
 
 /// Loads and validates the adapter in `dir` for a base model of shape `cfg`.
-pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) -> Result<LoraAdapter, AdapterError> {
+pub fn load_adapter(
+    dir: &Path,
+    name: &str,
+    cfg: &LlamaConfig,
+    device: &Device,
+) -> Result<LoraAdapter, AdapterError> {
     let text = read(&dir.join(CONFIG_FILE))?;
-    let text = String::from_utf8(text).map_err(|_| AdapterError::ConfigJson("not valid UTF-8".into()))?;
+    let text =
+        String::from_utf8(text).map_err(|_| AdapterError::ConfigJson("not valid UTF-8".into()))?;
     let config = PeftConfig::from_json(&text)?;
     // PEFT names a fused projection by its stored module (`qkv_proj`): target and scale by that.
     let module_paths: Vec<String> = {
@@ -53,7 +60,8 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
         .sum();
     super::header::check_file(&dir.join(WEIGHTS_FILE), max_data)?;
     let bytes = read(&dir.join(WEIGHTS_FILE))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Weights(format!("unreadable safetensors: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| AdapterError::Weights(format!("unreadable safetensors: {e}")))?;
     let mut expected = BTreeSet::new();
     let mut modules = vec![None; ModuleId::count(cfg.num_layers)];
     for id in cfg.projections().filter(targeted) {
@@ -68,24 +76,45 @@ pub fn load_adapter(dir: &Path, name: &str, cfg: &LlamaConfig, device: &Device) 
         let b = crate::model::select_rows(&b, &m.rows)?;
         expected.insert(key("A"));
         expected.insert(key("B"));
-                modules[id.index()] = Some(LoraWeights::new(a, b, alpha, config.use_rslora)?);
+        modules[id.index()] = Some(LoraWeights::new(a, b, alpha, config.use_rslora)?);
     }
     if expected.is_empty() {
-        return Err(AdapterError::Unsupported("`target_modules` selects no linear layer of the base model".into()));
+        return Err(AdapterError::Unsupported(
+            "`target_modules` selects no linear layer of the base model".into(),
+        ));
     }
-    let extra: Vec<_> = st.names().into_iter().filter(|n| !expected.contains(*n)).take(5).map(str::to_string).collect();
+    let extra: Vec<_> = st
+        .names()
+        .into_iter()
+        .filter(|n| !expected.contains(*n))
+        .take(5)
+        .map(str::to_string)
+        .collect();
     if !extra.is_empty() {
         return Err(AdapterError::Weights(format!(
             "tensors not described by the config (or not supported, e.g. embedding/lm_head LoRA): {extra:?}"
         )));
     }
     let size_bytes = modules.iter().flatten().map(LoraWeights::resident_bytes).sum();
-    Ok(LoraAdapter { name: name.to_string(), path: dir.to_path_buf(), config, modules, size_bytes, version: 0 })
+    Ok(LoraAdapter {
+        name: name.to_string(),
+        path: dir.to_path_buf(),
+        config,
+        modules,
+        size_bytes,
+        version: 0,
+    })
 }
 
 /// Reads one tensor, checks name, shape, dtype and finiteness, and returns it as f32.
-fn tensor(st: &SafeTensors<'_>, key: &str, shape: (usize, usize), device: &Device) -> Result<Tensor, AdapterError> {
-    let view = st.tensor(key).map_err(|_| AdapterError::Weights(format!("missing tensor `{key}`")))?;
+fn tensor(
+    st: &SafeTensors<'_>,
+    key: &str,
+    shape: (usize, usize),
+    device: &Device,
+) -> Result<Tensor, AdapterError> {
+    let view =
+        st.tensor(key).map_err(|_| AdapterError::Weights(format!("missing tensor `{key}`")))?;
     if view.shape() != [shape.0, shape.1] {
         return Err(AdapterError::Weights(format!(
             "tensor `{key}` has shape {:?}, the base model needs [{}, {}]",
@@ -99,12 +128,19 @@ fn tensor(st: &SafeTensors<'_>, key: &str, shape: (usize, usize), device: &Devic
         StDtype::F16 => DType::F16,
         StDtype::BF16 => DType::BF16,
         StDtype::F64 => DType::F64,
-        other => return Err(AdapterError::Weights(format!("tensor `{key}` has dtype {other:?}; expected a float type"))),
+        other => {
+            return Err(AdapterError::Weights(format!(
+                "tensor `{key}` has dtype {other:?}; expected a float type"
+            )))
+        }
     };
-    let t = Tensor::from_raw_buffer(view.data(), dtype, &[shape.0, shape.1], &Device::Cpu)?.to_dtype(DType::F32)?;
+    let t = Tensor::from_raw_buffer(view.data(), dtype, &[shape.0, shape.1], &Device::Cpu)?
+        .to_dtype(DType::F32)?;
     let values = t.flatten_all()?.to_vec1::<f32>()?;
     if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
-        return Err(AdapterError::Weights(format!("tensor `{key}` has a non-finite value at flat index {pos}")));
+        return Err(AdapterError::Weights(format!(
+            "tensor `{key}` has a non-finite value at flat index {pos}"
+        )));
     }
     Ok(t.to_device(device)?)
 }

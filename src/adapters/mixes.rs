@@ -46,7 +46,12 @@ pub fn parse_members(spec: &str) -> Result<Vec<MixMember>, MixError> {
             return Err(invalid(spec, "an empty item (expected `adapter:scale,adapter:scale`)"));
         }
         let (name, scale) = match item.split_once(':') {
-            Some((n, s)) => (n.trim(), s.trim().parse::<f64>().map_err(|_| invalid(spec, format!("scale `{}` of `{}` is not a number", s.trim(), n.trim())))?),
+            Some((n, s)) => (
+                n.trim(),
+                s.trim().parse::<f64>().map_err(|_| {
+                    invalid(spec, format!("scale `{}` of `{}` is not a number", s.trim(), n.trim()))
+                })?,
+            ),
             None => (item, 1.0),
         };
         validate_name(name).map_err(|e| invalid(spec, e.to_string()))?;
@@ -63,7 +68,9 @@ pub fn parse_members(spec: &str) -> Result<Vec<MixMember>, MixError> {
 
 /// Parses the option form `name=adapter:scale,adapter:scale`.
 pub fn parse_named(spec: &str) -> Result<(String, Vec<MixMember>), MixError> {
-    let (name, members) = spec.split_once('=').ok_or_else(|| invalid(spec, "expected `name=adapter:scale,adapter:scale`"))?;
+    let (name, members) = spec
+        .split_once('=')
+        .ok_or_else(|| invalid(spec, "expected `name=adapter:scale,adapter:scale`"))?;
     let name = name.trim();
     validate_name(name).map_err(|e| invalid(spec, e.to_string()))?;
     Ok((name.to_string(), parse_members(members)?))
@@ -111,7 +118,18 @@ impl MixTable {
     pub fn new(root: &Path, configured: &[(String, Vec<MixMember>)]) -> Self {
         let config = configured
             .iter()
-            .map(|(n, m)| (n.clone(), MixInfo { name: n.clone(), version: 1, source: MixSource::Config, adapters: m.clone(), error: None }))
+            .map(|(n, m)| {
+                (
+                    n.clone(),
+                    MixInfo {
+                        name: n.clone(),
+                        version: 1,
+                        source: MixSource::Config,
+                        adapters: m.clone(),
+                        error: None,
+                    },
+                )
+            })
             .collect();
         Self { file: root.join(MIXES_FILE), config, state: RwLock::new(FileState::default()) }
     }
@@ -140,7 +158,15 @@ impl MixTable {
                 mix.error = None;
             }
         }
-        let mut changed: Vec<String> = parsed.iter().filter(|(n, m)| st.mixes.get(*n).is_none_or(|old| old.adapters != m.adapters || old.error != m.error)).map(|(n, _)| n.clone()).collect();
+        let mut changed: Vec<String> = parsed
+            .iter()
+            .filter(|(n, m)| {
+                st.mixes
+                    .get(*n)
+                    .is_none_or(|old| old.adapters != m.adapters || old.error != m.error)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
         changed.extend(st.mixes.keys().filter(|n| !parsed.contains_key(*n)).cloned());
         st.stamp = stamp;
         st.mixes = parsed;
@@ -156,7 +182,16 @@ impl MixTable {
                 Some(o) => o.version + 1,
                 None => 1,
             };
-            (name.to_string(), MixInfo { name: name.to_string(), version, source: MixSource::File, adapters, error })
+            (
+                name.to_string(),
+                MixInfo {
+                    name: name.to_string(),
+                    version,
+                    source: MixSource::File,
+                    adapters,
+                    error,
+                },
+            )
         };
         let text = match std::fs::read_to_string(&self.file) {
             Ok(t) => t,
@@ -179,13 +214,16 @@ impl MixTable {
             .map(|(name, v)| {
                 let def = match v.as_str() {
                     None => Err(format!("`{name}` must be a string `adapter:scale,adapter:scale`")),
-                    Some(spec) => validate_name(name).map_err(|e| e.to_string()).and_then(|_| parse_members(spec).map_err(|e| e.to_string())),
+                    Some(spec) => validate_name(name)
+                        .map_err(|e| e.to_string())
+                        .and_then(|_| parse_members(spec).map_err(|e| e.to_string())),
                 };
                 match def {
                     Ok(members) => mk(name, members, None),
                     Err(e) => {
                         tracing::warn!(mix = %name, error = %e, "invalid mix in the mixes file");
-                        let keep = old.get(name.as_str()).map(|o| o.adapters.clone()).unwrap_or_default();
+                        let keep =
+                            old.get(name.as_str()).map(|o| o.adapters.clone()).unwrap_or_default();
                         mk(name, keep, Some(e))
                     }
                 }
@@ -218,12 +256,18 @@ mod tests {
     #[test]
     fn specs_parse_and_bad_ones_are_named() {
         let m = parse_members("qa-r8:0.7, all-r16:0.3,x").unwrap();
-        assert_eq!(m, vec![
-            MixMember { name: "qa-r8".into(), scale: 0.7 },
-            MixMember { name: "all-r16".into(), scale: 0.3 },
-            MixMember { name: "x".into(), scale: 1.0 }
-        ]);
-        assert_eq!(parse_named("blend=a:2").unwrap(), ("blend".into(), vec![MixMember { name: "a".into(), scale: 2.0 }]));
+        assert_eq!(
+            m,
+            vec![
+                MixMember { name: "qa-r8".into(), scale: 0.7 },
+                MixMember { name: "all-r16".into(), scale: 0.3 },
+                MixMember { name: "x".into(), scale: 1.0 }
+            ]
+        );
+        assert_eq!(
+            parse_named("blend=a:2").unwrap(),
+            ("blend".into(), vec![MixMember { name: "a".into(), scale: 2.0 }])
+        );
         for bad in ["a:x", "a,,b", "a,a", "../a:1", "a:inf", ""] {
             let e = parse_members(bad).unwrap_err().to_string();
             assert!(e.contains("invalid mix"), "{bad}: {e}");
@@ -234,7 +278,10 @@ mod tests {
     #[test]
     fn file_changes_are_versions_and_clashes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let t = MixTable::new(dir.path(), &[("cfg".into(), vec![MixMember { name: "a".into(), scale: 1.0 }])]);
+        let t = MixTable::new(
+            dir.path(),
+            &[("cfg".into(), vec![MixMember { name: "a".into(), scale: 1.0 }])],
+        );
         let none = |_: &str| false;
         assert!(t.rescan(&none).is_empty());
         std::fs::write(dir.path().join(MIXES_FILE), "m1 = \"a:0.5,b:0.5\"\nm2 = \"a\"\n").unwrap();
@@ -242,7 +289,8 @@ mod tests {
         assert_eq!(t.get("m1").unwrap().version, 1);
         assert!(t.rescan(&none).is_empty(), "unchanged file");
         // Rewrite with m1 changed and m2 untouched (the length changes, so the stamp does too).
-        std::fs::write(dir.path().join(MIXES_FILE), "m1 = \"a:0.25,b:0.75\"\nm2 = \"a\"\n").unwrap();
+        std::fs::write(dir.path().join(MIXES_FILE), "m1 = \"a:0.25,b:0.75\"\nm2 = \"a\"\n")
+            .unwrap();
         assert_eq!(t.rescan(&none), vec!["m1"]);
         assert_eq!((t.get("m1").unwrap().version, t.get("m2").unwrap().version), (2, 1));
         // A broken file keeps the previous mixes.
@@ -250,11 +298,16 @@ mod tests {
         assert!(t.rescan(&none).is_empty());
         assert_eq!(t.get("m1").unwrap().adapters[1].scale, 0.75);
         // A bad entry is listed with its error; a name an adapter holds is refused.
-        std::fs::write(dir.path().join(MIXES_FILE), "m1 = \"a:zz\"\nm2 = \"a\"\ncfg = \"b\"\n").unwrap();
+        std::fs::write(dir.path().join(MIXES_FILE), "m1 = \"a:zz\"\nm2 = \"a\"\ncfg = \"b\"\n")
+            .unwrap();
         t.rescan(&|n| n == "m2");
         assert!(t.get("m1").unwrap().error.unwrap().contains("not a number"));
         assert!(t.get("m2").unwrap().error.unwrap().contains("taken"));
-        assert_eq!(t.get("cfg").unwrap().source, MixSource::Config, "the configured mix wins its name");
+        assert_eq!(
+            t.get("cfg").unwrap().source,
+            MixSource::Config,
+            "the configured mix wins its name"
+        );
         assert_eq!(t.list().len(), 3, "cfg listed once, with m1 and m2");
         std::fs::remove_file(dir.path().join(MIXES_FILE)).unwrap();
         t.rescan(&none);

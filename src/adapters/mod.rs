@@ -10,8 +10,8 @@ pub mod header;
 pub mod loader;
 pub mod mixes;
 pub mod registry;
-pub mod watcher;
 pub mod synth;
+pub mod watcher;
 pub mod writer;
 
 pub use config::PeftConfig;
@@ -26,10 +26,7 @@ use std::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
     #[error("i/o error on `{path}`: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("invalid `adapter_config.json`: {0}")]
     ConfigJson(String),
     #[error("unsupported adapter: {0}")]
@@ -72,11 +69,18 @@ impl LoraWeights {
         let rank = a.dim(0)?;
         let scaling = if use_rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
         let b_t = b.t()?.contiguous()?;
-        let (host, stacked) = if a.device().is_cpu() && a.dtype() == candle_core::DType::F32 && !a.is_variable() {
-            (Some(HostLoraWeights { a: a.flatten_all()?.to_vec1::<f32>()?.into(), b_t: b_t.flatten_all()?.to_vec1::<f32>()?.into() }), None)
-        } else {
-            (None, Some((a.t()?.contiguous()?, b_t)))
-        };
+        let (host, stacked) =
+            if a.device().is_cpu() && a.dtype() == candle_core::DType::F32 && !a.is_variable() {
+                (
+                    Some(HostLoraWeights {
+                        a: a.flatten_all()?.to_vec1::<f32>()?.into(),
+                        b_t: b_t.flatten_all()?.to_vec1::<f32>()?.into(),
+                    }),
+                    None,
+                )
+            } else {
+                (None, Some((a.t()?.contiguous()?, b_t)))
+            };
         Ok(Self { a, b, stacked, rank, alpha, scaling, host })
     }
 
@@ -97,7 +101,8 @@ impl LoraWeights {
     /// Bytes this module keeps resident: `A`, `B`, and either their transposes or the host copies.
     pub fn resident_bytes(&self) -> usize {
         let host = self.host.as_ref().map_or(0, |h| h.a.len() + h.b_t.len());
-        let stacked = self.stacked.as_ref().map_or(0, |(a_t, b_t)| a_t.elem_count() + b_t.elem_count());
+        let stacked =
+            self.stacked.as_ref().map_or(0, |(a_t, b_t)| a_t.elem_count() + b_t.elem_count());
         (self.a.elem_count() + self.b.elem_count() + stacked + host) * 4
     }
 }
@@ -125,7 +130,9 @@ impl LoraAdapter {
         let layers = self.modules.len() / crate::model::Target::ALL.len();
         crate::model::Target::ALL
             .into_iter()
-            .filter(|&target| (0..layers).any(|layer| self.module(ModuleId { layer, target }).is_some()))
+            .filter(|&target| {
+                (0..layers).any(|layer| self.module(ModuleId { layer, target }).is_some())
+            })
             .map(|t| t.name())
             .collect()
     }
@@ -160,14 +167,19 @@ impl AdapterMix {
     /// The same adapters (by identity, not by name) with the same scales.
     pub fn same_as(&self, other: &AdapterMix) -> bool {
         self.entries.len() == other.entries.len()
-            && self.entries.iter().zip(&other.entries).all(|(a, b)| Arc::ptr_eq(&a.adapter, &b.adapter) && a.scale == b.scale)
+            && self
+                .entries
+                .iter()
+                .zip(&other.entries)
+                .all(|(a, b)| Arc::ptr_eq(&a.adapter, &b.adapter) && a.scale == b.scale)
     }
 
     /// The `(weights, c_i)` terms that touch `id`, with `c_i = s_i · scaling_i`. Zero-scale
     /// entries are skipped, so a zero scale leaves the base output bit-for-bit unchanged.
     pub fn terms(&self, id: ModuleId) -> impl Iterator<Item = (&LoraWeights, f64)> {
-        self.entries.iter().filter(|e| e.scale != 0.0).filter_map(move |e| {
-            e.adapter.module(id).map(|w| (w, e.scale * w.scaling))
-        })
+        self.entries
+            .iter()
+            .filter(|e| e.scale != 0.0)
+            .filter_map(move |e| e.adapter.module(id).map(|w| (w, e.scale * w.scaling)))
     }
 }

@@ -27,7 +27,9 @@ pub enum RegistryError {
     InvalidName(String),
     #[error("adapter `{name}` failed to load: {error}")]
     LoadFailed { name: String, error: String },
-    #[error("adapter `{name}` ({size} bytes) does not fit the adapter memory budget of {budget} bytes")]
+    #[error(
+        "adapter `{name}` ({size} bytes) does not fit the adapter memory budget of {budget} bytes"
+    )]
     TooLarge { name: String, size: usize, budget: usize },
     #[error("the adapter memory budget ({budget} bytes) is held by running requests; retry later")]
     BudgetExhausted { budget: usize },
@@ -81,7 +83,10 @@ fn quiet_for(dir: &Path) -> Option<Duration> {
             #[cfg(unix)]
             let changed = {
                 use std::os::unix::fs::MetadataExt;
-                u64::try_from(m.ctime()).ok().map(|s| SystemTime::UNIX_EPOCH + Duration::new(s, m.ctime_nsec().clamp(0, 999_999_999) as u32))
+                u64::try_from(m.ctime()).ok().map(|s| {
+                    SystemTime::UNIX_EPOCH
+                        + Duration::new(s, m.ctime_nsec().clamp(0, 999_999_999) as u32)
+                })
             };
             #[cfg(not(unix))]
             let changed = None;
@@ -96,7 +101,12 @@ fn fingerprint(dir: &Path) -> Option<Fingerprint> {
     let files = [super::loader::CONFIG_FILE, super::loader::WEIGHTS_FILE];
     let parts: Vec<_> = files
         .iter()
-        .map(|f| std::fs::metadata(dir.join(f)).ok().map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None)))
+        .map(|f| {
+            std::fs::metadata(dir.join(f))
+                .ok()
+                .map(|m| (m.len(), m.modified().ok()))
+                .unwrap_or((0, None))
+        })
         .collect();
     // A folder with neither file is not an adapter (yet); one with only the weights is listed
     // with its error (the missing config) until the config appears.
@@ -172,7 +182,12 @@ pub fn validate_name(name: &str) -> Result<(), RegistryError> {
 
 impl Registry {
     /// A registry over `root` (created if missing) for a base model of shape `cfg`.
-    pub fn new(root: &Path, cfg: LlamaConfig, device: Device, budget_bytes: usize) -> std::io::Result<Self> {
+    pub fn new(
+        root: &Path,
+        cfg: LlamaConfig,
+        device: Device,
+        budget_bytes: usize,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(root)?;
         let root = root.canonicalize()?;
         let mixes = super::mixes::MixTable::new(&root, &[]);
@@ -216,7 +231,8 @@ impl Registry {
     /// Every named mix, sorted; one whose name an adapter folder holds is listed as refused.
     pub fn mix_list(&self) -> Vec<super::mixes::MixInfo> {
         let mut list = self.mixes.list();
-        for m in list.iter_mut().filter(|m| m.error.is_none() && self.entries.contains_key(&m.name)) {
+        for m in list.iter_mut().filter(|m| m.error.is_none() && self.entries.contains_key(&m.name))
+        {
             m.error = Some(super::mixes::NAME_TAKEN.into());
         }
         list
@@ -225,10 +241,14 @@ impl Registry {
     /// Names a router may find resident here: every loaded adapter, and every valid mix
     /// whose adapters are all loaded. Sorted.
     pub fn resident_models(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.entries.iter().filter(|e| e.loaded.is_some()).map(|e| e.key().clone()).collect();
+        let mut names: Vec<String> =
+            self.entries.iter().filter(|e| e.loaded.is_some()).map(|e| e.key().clone()).collect();
         let loaded = |n: &str| self.entries.get(n).is_some_and(|e| e.loaded.is_some());
         for m in self.mix_list() {
-            if m.error.is_none() && !m.adapters.is_empty() && m.adapters.iter().all(|a| loaded(&a.name)) {
+            if m.error.is_none()
+                && !m.adapters.is_empty()
+                && m.adapters.iter().all(|a| loaded(&a.name))
+            {
                 names.push(m.name);
             }
         }
@@ -305,7 +325,12 @@ impl Registry {
                 }
             }
         }
-        let gone: Vec<String> = self.entries.iter().filter(|e| !seen.contains(e.key())).map(|e| e.key().clone()).collect();
+        let gone: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|e| !seen.contains(e.key()))
+            .map(|e| e.key().clone())
+            .collect();
         for name in gone {
             // Only folder-backed entries under the root are removed when their folder goes.
             if self.entries.get(&name).is_some_and(|e| fingerprint(&e.dir).is_none()) {
@@ -335,18 +360,21 @@ impl Registry {
                 true
             }
             None => {
-                self.entries.insert(name.to_string(), Entry {
-                    dir,
-                    fingerprint: Some(fp),
-                    version: 1,
-                    loaded: None,
-                    error: None,
-                    last_used: 0,
-                    size_bytes: None,
-                    rank: None,
-                    alpha: None,
-                    targets: Vec::new(),
-                });
+                self.entries.insert(
+                    name.to_string(),
+                    Entry {
+                        dir,
+                        fingerprint: Some(fp),
+                        version: 1,
+                        loaded: None,
+                        error: None,
+                        last_used: 0,
+                        size_bytes: None,
+                        rank: None,
+                        alpha: None,
+                        targets: Vec::new(),
+                    },
+                );
                 true
             }
         }
@@ -356,7 +384,10 @@ impl Registry {
     /// `/v1/adapters` shows a broken adapter's error before any request needs it; the lazy load
     /// on first use stays the one that counts against the budget.
     fn validate(&self, name: &str) {
-        let Some((dir, version)) = self.entries.get(name).map(|e| (e.dir.clone(), e.version)) else { return };
+        let Some((dir, version)) = self.entries.get(name).map(|e| (e.dir.clone(), e.version))
+        else {
+            return;
+        };
         let result = self.load_checked(&dir, name, &Device::Cpu);
         let Some(mut e) = self.entries.get_mut(name) else { return };
         if e.version != version {
@@ -410,7 +441,9 @@ impl Registry {
             let fp = fingerprint(dir)?;
             let known = self.entries.get(name).is_some_and(|e| e.fingerprint.as_ref() == Some(&fp));
             match quiet_for(dir) {
-                Some(quiet) if !known && quiet < SETTLE && Instant::now() < deadline => std::thread::sleep(SETTLE - quiet),
+                Some(quiet) if !known && quiet < SETTLE && Instant::now() < deadline => {
+                    std::thread::sleep(SETTLE - quiet)
+                }
                 _ => return Some(fp),
             }
         }
@@ -419,7 +452,9 @@ impl Registry {
     fn load(&self, name: &str, now: u64) -> Result<Arc<LoraAdapter>, RegistryError> {
         let _guard = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
         let (dir, version) = match self.entries.get(name) {
-            Some(e) if e.loaded.is_some() => return e.loaded.clone().ok_or_else(|| RegistryError::NotFound(name.into())),
+            Some(e) if e.loaded.is_some() => {
+                return e.loaded.clone().ok_or_else(|| RegistryError::NotFound(name.into()))
+            }
             Some(e) => (e.dir.clone(), e.version),
             None => return Err(RegistryError::NotFound(name.to_string())),
         };
@@ -442,7 +477,11 @@ impl Registry {
             Ok(mut adapter) => {
                 let size = adapter.size_bytes;
                 if size > self.budget_bytes {
-                    return Err(RegistryError::TooLarge { name: name.to_string(), size, budget: self.budget_bytes });
+                    return Err(RegistryError::TooLarge {
+                        name: name.to_string(),
+                        size,
+                        budget: self.budget_bytes,
+                    });
                 }
                 drop(e);
                 self.make_room(size, name)?;
@@ -459,7 +498,13 @@ impl Registry {
                     m.adapter_loads.with_label_values(&["ok"]).inc();
                     m.adapter_load_duration.observe(started.elapsed().as_secs_f64());
                 }
-                tracing::info!(adapter = name, version, size, ms = started.elapsed().as_millis() as u64, "adapter loaded");
+                tracing::info!(
+                    adapter = name,
+                    version,
+                    size,
+                    ms = started.elapsed().as_millis() as u64,
+                    "adapter loaded"
+                );
                 Ok(adapter)
             }
         }
@@ -499,11 +544,18 @@ impl Registry {
     pub fn register(&self, name: &str, rel_path: &str) -> Result<Arc<LoraAdapter>, RegistryError> {
         validate_name(name)?;
         let rel = Path::new(rel_path);
-        if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+        if rel.is_absolute()
+            || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
             return Err(RegistryError::OutsideRoot(rel_path.escape_debug().to_string()));
         }
-        let dir = self.inside_root(&self.root.join(rel)).ok_or_else(|| RegistryError::OutsideRoot(rel_path.escape_debug().to_string()))?;
-        let fp = fingerprint(&dir).ok_or_else(|| RegistryError::LoadFailed { name: name.into(), error: "no adapter_config.json in the folder".into() })?;
+        let dir = self
+            .inside_root(&self.root.join(rel))
+            .ok_or_else(|| RegistryError::OutsideRoot(rel_path.escape_debug().to_string()))?;
+        let fp = fingerprint(&dir).ok_or_else(|| RegistryError::LoadFailed {
+            name: name.into(),
+            error: "no adapter_config.json in the folder".into(),
+        })?;
         if !self.observe(name, dir, fp) {
             // Same files: an explicit reload still makes a new version.
             if let Some(mut e) = self.entries.get_mut(name) {
@@ -541,7 +593,8 @@ impl Registry {
     pub fn counts(&self) -> (usize, usize, usize) {
         let known = self.entries.len();
         let resident = self.entries.iter().filter(|e| e.loaded.is_some()).count();
-        let failed = self.entries.iter().filter(|e| e.loaded.is_none() && e.error.is_some()).count();
+        let failed =
+            self.entries.iter().filter(|e| e.loaded.is_none() && e.error.is_some()).count();
         (known, resident, failed)
     }
 
@@ -573,4 +626,3 @@ fn to_info(name: &str, e: &Entry) -> AdapterInfo {
         error: e.error.clone(),
     }
 }
-

@@ -7,7 +7,14 @@ use crate::model::{LlamaConfig, ModuleId};
 use candle_core::Device;
 
 /// A rank-`r` adapter on `targets` (e.g. `["q_proj", "v_proj"]`) with non-zero random A and B.
-pub fn random_adapter(name: &str, cfg: &LlamaConfig, r: usize, targets: &[&str], seed: u64, device: &Device) -> Result<LoraAdapter, AdapterError> {
+pub fn random_adapter(
+    name: &str,
+    cfg: &LlamaConfig,
+    r: usize,
+    targets: &[&str],
+    seed: u64,
+    device: &Device,
+) -> Result<LoraAdapter, AdapterError> {
     let json = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": targets});
     let config = PeftConfig::from_json(&json.to_string())?;
     let mut src = RandomSource::new(cfg.clone(), seed, device.clone());
@@ -17,8 +24,15 @@ pub fn random_adapter(name: &str, cfg: &LlamaConfig, r: usize, targets: &[&str],
         let to_err = |e: crate::model::ModelError| AdapterError::Weights(e.to_string());
         let a = src.uniform((r, fan_in), 1.0 / (fan_in as f32).sqrt()).map_err(to_err)?;
         let b = src.uniform((fan_out, r), 0.01).map_err(to_err)?;
-                modules[id.index()] = Some(LoraWeights::new(a, b, config.lora_alpha, false)?);
+        modules[id.index()] = Some(LoraWeights::new(a, b, config.lora_alpha, false)?);
     }
     let size_bytes = modules.iter().flatten().map(LoraWeights::resident_bytes).sum();
-    Ok(LoraAdapter { name: name.to_string(), path: Default::default(), config, modules, size_bytes, version: 0 })
+    Ok(LoraAdapter {
+        name: name.to_string(),
+        path: Default::default(),
+        config,
+        modules,
+        size_bytes,
+        version: 0,
+    })
 }

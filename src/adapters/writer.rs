@@ -15,22 +15,40 @@ fn io(path: &Path, source: std::io::Error) -> AdapterError {
 
 /// Writes `weights` (`module → (A, B)`) and `config` as a PEFT folder at `dir`, replacing any
 /// previous content atomically (rename of a complete folder).
-pub fn save_adapter(dir: &Path, config: &PeftConfig, weights: &[(ModuleId, Tensor, Tensor)]) -> Result<(), AdapterError> {
+pub fn save_adapter(
+    dir: &Path,
+    config: &PeftConfig,
+    weights: &[(ModuleId, Tensor, Tensor)],
+) -> Result<(), AdapterError> {
     save_adapter_with(dir, config, weights, &[])
 }
 
 /// [`save_adapter`] plus extra files (model card, logs, plots) written before the rename.
-pub fn save_adapter_with(dir: &Path, config: &PeftConfig, weights: &[(ModuleId, Tensor, Tensor)], extra: &[(&str, Vec<u8>)]) -> Result<(), AdapterError> {
-    let by_path: Vec<(String, Tensor, Tensor)> = weights.iter().map(|(id, a, b)| (id.to_string(), a.clone(), b.clone())).collect();
+pub fn save_adapter_with(
+    dir: &Path,
+    config: &PeftConfig,
+    weights: &[(ModuleId, Tensor, Tensor)],
+    extra: &[(&str, Vec<u8>)],
+) -> Result<(), AdapterError> {
+    let by_path: Vec<(String, Tensor, Tensor)> =
+        weights.iter().map(|(id, a, b)| (id.to_string(), a.clone(), b.clone())).collect();
     save_modules(dir, config, &by_path, extra)
 }
 
 /// [`save_adapter_with`] keyed by stored module path (`model.layers.0.self_attn.qkv_proj`), for
 /// models whose PEFT modules are fused projections.
-pub fn save_modules(dir: &Path, config: &PeftConfig, weights: &[(String, Tensor, Tensor)], extra: &[(&str, Vec<u8>)]) -> Result<(), AdapterError> {
+pub fn save_modules(
+    dir: &Path,
+    config: &PeftConfig,
+    weights: &[(String, Tensor, Tensor)],
+    extra: &[(&str, Vec<u8>)],
+) -> Result<(), AdapterError> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
@@ -42,7 +60,8 @@ pub fn save_modules(dir: &Path, config: &PeftConfig, weights: &[(String, Tensor,
         tensors.insert(format!("base_model.model.{path}.lora_B.weight"), b.contiguous()?);
     }
     candle_core::safetensors::save(&tensors, tmp.join(WEIGHTS_FILE))?;
-    let json = serde_json::to_string_pretty(&config.to_peft_json()).map_err(|e| AdapterError::ConfigJson(e.to_string()))?;
+    let json = serde_json::to_string_pretty(&config.to_peft_json())
+        .map_err(|e| AdapterError::ConfigJson(e.to_string()))?;
     std::fs::write(tmp.join(CONFIG_FILE), json).map_err(|e| io(&tmp, e))?;
     for (name, bytes) in extra {
         std::fs::write(tmp.join(name), bytes).map_err(|e| io(&tmp, e))?;

@@ -26,30 +26,58 @@ use std::task::{Context, Poll};
 
 /// The JSON body of a POST route as `T`: `Content-Type: application/json` (415 otherwise),
 /// read within the body timeout (408) and the size limit (413), then parsed (400).
-pub async fn json_body<T: serde::de::DeserializeOwned>(req: &HttpRequest, payload: web::Payload, limits: &Limits) -> Result<T, ApiError> {
-    let content_type = req.headers().get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let mime = content_type.as_deref().and_then(|c| c.split(';').next()).map(str::trim).unwrap_or_default();
+pub async fn json_body<T: serde::de::DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limits: &Limits,
+) -> Result<T, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let mime = content_type
+        .as_deref()
+        .and_then(|c| c.split(';').next())
+        .map(str::trim)
+        .unwrap_or_default();
     if !mime.eq_ignore_ascii_case("application/json") {
         let got = content_type.map_or("none".to_string(), |c| format!("`{}`", c.escape_debug()));
-        return Err(ApiError::unsupported_media_type(format!("the body must be JSON with `Content-Type: application/json`; got {got}")));
+        return Err(ApiError::unsupported_media_type(format!(
+            "the body must be JSON with `Content-Type: application/json`; got {got}"
+        )));
     }
     let timeout = limits.body_timeout;
     let body = tokio::time::timeout(timeout, read_body(req, payload, limits.max_body_bytes))
         .await
-        .map_err(|_| ApiError::timeout(format!("the request body did not arrive within {} s", timeout.as_secs_f64())))??;
+        .map_err(|_| {
+            ApiError::timeout(format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs_f64()
+            ))
+        })??;
     parse(&body)
 }
 
 /// Reads the body, refusing more than `limit` bytes (413) before buffering them.
-async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
-    let too_large = || ApiError::too_large(format!("the request body exceeds the limit of {limit} bytes"));
-    let declared = req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
+    let too_large =
+        || ApiError::too_large(format!("the request body exceeds the limit of {limit} bytes"));
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(too_large());
         }
@@ -69,8 +97,13 @@ fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let inner = e.into_inner();
         match (path.is_empty(), inner.is_syntax() || inner.is_eof()) {
             (true, _) => ApiError::bad_request(format!("invalid JSON body: {inner}")),
-            (false, true) => ApiError::bad_request(format!("invalid JSON body (in `{path}`): {inner}")).with_param(path),
-            (false, false) => ApiError::bad_request(format!("invalid `{path}`: {inner}")).with_param(path),
+            (false, true) => {
+                ApiError::bad_request(format!("invalid JSON body (in `{path}`): {inner}"))
+                    .with_param(path)
+            }
+            (false, false) => {
+                ApiError::bad_request(format!("invalid `{path}`: {inner}")).with_param(path)
+            }
         }
     })?;
     de.end().map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
@@ -102,15 +135,23 @@ impl MessageBody for HoldsRequestBody {
         self.body.size()
     }
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Self::Error>>> {
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
         Pin::new(&mut self.get_mut().body).poll_next(cx)
     }
 }
 
 /// Keeps each request's body referenced until its response is sent (see the module header).
-pub async fn middleware(mut req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+pub async fn middleware(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let shared = Rc::new(RefCell::new(req.take_payload()));
     req.set_payload(Payload::Stream { payload: Box::pin(SharedPayload(shared.clone())) });
     let res = next.call(req).await?;
-    Ok(res.map_into_boxed_body().map_body(|_, body| HoldsRequestBody { body, _request_body: shared }))
+    Ok(res
+        .map_into_boxed_body()
+        .map_body(|_, body| HoldsRequestBody { body, _request_body: shared }))
 }

@@ -69,7 +69,12 @@ impl ApiError {
     /// The JSON body, also used as the final SSE event of a failed stream.
     pub fn body(&self) -> serde_json::Value {
         serde_json::to_value(Body {
-            error: Inner { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
         })
         .unwrap_or_default()
     }
@@ -81,7 +86,8 @@ impl ApiError {
 
     /// 422: a well-formed request with values we refuse (ranges, limits, lengths).
     pub fn invalid_value(param: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", message).with_param(param)
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", message)
+            .with_param(param)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -89,19 +95,23 @@ impl ApiError {
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message).with_code("invalid_api_key")
+        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message)
+            .with_code("invalid_api_key")
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "permission_error", message).with_code("admin_key_required")
+        Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+            .with_code("admin_key_required")
     }
 
     pub fn too_large(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message).with_code("request_too_large")
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message)
+            .with_code("request_too_large")
     }
 
     pub fn overloaded(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).with_code("server_overloaded")
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+            .with_code("server_overloaded")
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
@@ -111,12 +121,14 @@ impl ApiError {
     /// 415: a JSON route called with another `Content-Type` (which is also what keeps a web
     /// page from driving the API with a preflight-free `text/plain` form post).
     pub fn unsupported_media_type(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", message).with_code("unsupported_media_type")
+        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", message)
+            .with_code("unsupported_media_type")
     }
 
     /// 408: the body did not arrive in time.
     pub fn timeout(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", message).with_code("request_timeout")
+        Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", message)
+            .with_code("request_timeout")
     }
 
     /// 403 for a request the HTTP policy refuses (origin, host).
@@ -140,9 +152,15 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::QueueFull { .. } => ApiError::overloaded(e.to_string()),
-            EngineError::ShuttingDown => ApiError::unavailable(e.to_string()).with_code("shutting_down"),
-            EngineError::TooLarge { .. } => ApiError::invalid_value("max_tokens", e.to_string()).with_code("kv_cache_exceeded"),
-            EngineError::TooManySequences { .. } => ApiError::invalid_value("n", e.to_string()).with_code("too_many_sequences"),
+            EngineError::ShuttingDown => {
+                ApiError::unavailable(e.to_string()).with_code("shutting_down")
+            }
+            EngineError::TooLarge { .. } => {
+                ApiError::invalid_value("max_tokens", e.to_string()).with_code("kv_cache_exceeded")
+            }
+            EngineError::TooManySequences { .. } => {
+                ApiError::invalid_value("n", e.to_string()).with_code("too_many_sequences")
+            }
         }
     }
 }
@@ -152,8 +170,12 @@ impl From<SequenceError> for ApiError {
     fn from(e: SequenceError) -> Self {
         let msg = e.to_string();
         match e {
-            SequenceError::NonFinite { with_adapters: true } => ApiError::invalid_value("adapters", msg).with_code("non_finite_output"),
-            SequenceError::NonFinite { with_adapters: false } => ApiError::server(msg, "non_finite_output"),
+            SequenceError::NonFinite { with_adapters: true } => {
+                ApiError::invalid_value("adapters", msg).with_code("non_finite_output")
+            }
+            SequenceError::NonFinite { with_adapters: false } => {
+                ApiError::server(msg, "non_finite_output")
+            }
             SequenceError::Token(_) => ApiError::server(msg, "token_choice_failed"),
             SequenceError::Panic(detail) | SequenceError::Internal(detail) => {
                 tracing::error!(%detail, "a sequence hit an engine bug");
@@ -173,13 +195,21 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let msg = e.to_string();
         match e {
-            RegistryError::NotFound(_) => ApiError::not_found(msg).with_param("adapters").with_code("adapter_not_found"),
+            RegistryError::NotFound(_) => {
+                ApiError::not_found(msg).with_param("adapters").with_code("adapter_not_found")
+            }
             RegistryError::InvalidName(_) | RegistryError::OutsideRoot(_) => {
                 ApiError::invalid_value("adapters", msg).with_code("invalid_adapter_name")
             }
-            RegistryError::LoadFailed { .. } => ApiError::invalid_value("adapters", msg).with_code("adapter_load_failed"),
-            RegistryError::TooLarge { .. } => ApiError::invalid_value("adapters", msg).with_code("adapter_too_large"),
-            RegistryError::BudgetExhausted { .. } => ApiError::unavailable(msg).with_code("adapter_budget_exhausted"),
+            RegistryError::LoadFailed { .. } => {
+                ApiError::invalid_value("adapters", msg).with_code("adapter_load_failed")
+            }
+            RegistryError::TooLarge { .. } => {
+                ApiError::invalid_value("adapters", msg).with_code("adapter_too_large")
+            }
+            RegistryError::BudgetExhausted { .. } => {
+                ApiError::unavailable(msg).with_code("adapter_budget_exhausted")
+            }
         }
     }
 }

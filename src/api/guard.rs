@@ -19,7 +19,8 @@ use actix_web::middleware::Next;
 use actix_web::{web, HttpResponse};
 
 /// Request headers a browser may send cross-origin (those the OpenAI SDKs send).
-const ALLOWED_HEADERS: &str = "authorization, content-type, x-request-id, openai-organization, openai-project";
+const ALLOWED_HEADERS: &str =
+    "authorization, content-type, x-request-id, openai-organization, openai-project";
 
 /// How long a browser may cache a preflight answer, in seconds.
 const PREFLIGHT_MAX_AGE: &str = "600";
@@ -45,7 +46,10 @@ impl HttpPolicy {
         let name = host_name(host).to_ascii_lowercase();
         // A rebinding page can only make the browser send a *domain name* it controls; an IP
         // literal or a `.localhost` name (resolved by the browser itself) cannot be its.
-        name.parse::<std::net::IpAddr>().is_ok() || name == "localhost" || name.ends_with(".localhost") || extra.iter().any(|h| h.eq_ignore_ascii_case(&name))
+        name.parse::<std::net::IpAddr>().is_ok()
+            || name == "localhost"
+            || name.ends_with(".localhost")
+            || extra.iter().any(|h| h.eq_ignore_ascii_case(&name))
     }
 }
 
@@ -69,7 +73,8 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
 /// Routes that change the server (the admin key's routes): never reachable cross-origin,
 /// whatever origins are configured.
 pub fn is_admin_route(method: &Method, path: &str) -> bool {
-    (path == "/v1/adapters" && method == Method::POST) || (path.starts_with("/v1/adapters/") && method == Method::DELETE)
+    (path == "/v1/adapters" && method == Method::POST)
+        || (path.starts_with("/v1/adapters/") && method == Method::DELETE)
 }
 
 fn header_str(req: &ServiceRequest, name: header::HeaderName) -> Option<&str> {
@@ -81,20 +86,28 @@ fn refuse(req: ServiceRequest, e: ApiError) -> ServiceResponse<BoxBody> {
     req.into_response(e.error_response())
 }
 
-pub async fn middleware(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+pub async fn middleware(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let policy = req.app_data::<web::Data<AppState>>().map(|s| s.http.clone()).unwrap_or_default();
     let host = header_str(&req, header::HOST).map(str::to_string);
     if let Some(h) = host.as_deref().filter(|h| !policy.host_allowed(h)) {
         let msg = format!("host `{}` is not served: a server on loopback without an API key answers only localhost names and IP addresses (add it to `allowed_hosts`)", h.escape_debug());
         return Ok(refuse(req, ApiError::refused(msg, "host_not_allowed")));
     }
-    let cross = header_str(&req, header::ORIGIN).filter(|o| !same_origin(o, host.as_deref())).map(str::to_string);
-    let preflight = req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let cross = header_str(&req, header::ORIGIN)
+        .filter(|o| !same_origin(o, host.as_deref()))
+        .map(str::to_string);
+    let preflight = req.method() == Method::OPTIONS
+        && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
     let Some(origin) = cross else {
         return Ok(next.call(req).await?.map_into_boxed_body());
     };
     let method = match preflight {
-        true => header_str(&req, header::ACCESS_CONTROL_REQUEST_METHOD).and_then(|m| Method::from_bytes(m.as_bytes()).ok()).unwrap_or(Method::GET),
+        true => header_str(&req, header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+            .unwrap_or(Method::GET),
         false => req.method().clone(),
     };
     if is_admin_route(&method, req.path()) {
@@ -133,18 +146,43 @@ mod tests {
         assert_eq!(host_name("[::1]:8000"), "::1");
         assert_eq!(host_name("example.com:80"), "example.com");
         assert_eq!(host_name("localhost"), "localhost");
-        let p = HttpPolicy { cors_origins: vec!["https://app.example".into()], allowed_hosts: Some(vec!["my-box".into()]) };
-        for ok in ["127.0.0.1:8000", "[::1]:8000", "localhost:8000", "api.localhost", "my-box:8000", "10.1.2.3"] {
+        let p = HttpPolicy {
+            cors_origins: vec!["https://app.example".into()],
+            allowed_hosts: Some(vec!["my-box".into()]),
+        };
+        for ok in [
+            "127.0.0.1:8000",
+            "[::1]:8000",
+            "localhost:8000",
+            "api.localhost",
+            "my-box:8000",
+            "10.1.2.3",
+        ] {
             assert!(p.host_allowed(ok), "{ok}");
         }
         for bad in ["evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io"] {
             assert!(!p.host_allowed(bad), "{bad}");
         }
-        assert!(HttpPolicy::default().host_allowed("evil.example"), "no host check unless asked for");
-        assert!(p.origin_allowed("https://APP.example") && !p.origin_allowed("https://app.example.evil"));
+        assert!(
+            HttpPolicy::default().host_allowed("evil.example"),
+            "no host check unless asked for"
+        );
+        assert!(
+            p.origin_allowed("https://APP.example")
+                && !p.origin_allowed("https://app.example.evil")
+        );
         assert!(same_origin("http://127.0.0.1:8000", Some("127.0.0.1:8000")));
-        assert!(!same_origin("http://127.0.0.1:8001", Some("127.0.0.1:8000")) && !same_origin("null", Some("x")));
-        assert!(is_admin_route(&Method::POST, "/v1/adapters") && is_admin_route(&Method::DELETE, "/v1/adapters/x"));
-        assert!(!is_admin_route(&Method::GET, "/v1/adapters") && !is_admin_route(&Method::POST, "/v1/completions"));
+        assert!(
+            !same_origin("http://127.0.0.1:8001", Some("127.0.0.1:8000"))
+                && !same_origin("null", Some("x"))
+        );
+        assert!(
+            is_admin_route(&Method::POST, "/v1/adapters")
+                && is_admin_route(&Method::DELETE, "/v1/adapters/x")
+        );
+        assert!(
+            !is_admin_route(&Method::GET, "/v1/adapters")
+                && !is_admin_route(&Method::POST, "/v1/completions")
+        );
     }
 }

@@ -1,12 +1,12 @@
 //! Thin handlers: authorize → read and parse the body → validate → resolve adapters → submit
 //! to the engine → JSON or SSE. Admin routes: models, adapters, health, readiness.
 
+use super::body::json_body;
 use super::error::ApiError;
+use super::observe::{RequestFacts, RequestId, StreamObs};
 use super::openai::*;
 use super::stream::{collect, sse_response, ChoiceExt, ChoiceResult, Endpoint, ResponseMeta};
 use super::validate::{self, max_tokens_for, Draft, ModelView};
-use super::observe::{RequestFacts, RequestId, StreamObs};
-use super::body::json_body;
 use super::{authorize, AppState, Backend, Scope};
 use crate::adapters::{AdapterMix, MixEntry};
 use crate::engine::TokenEvent;
@@ -21,19 +21,39 @@ pub fn now_secs() -> u64 {
 }
 
 /// Looks up (and loads, off the async workers) every adapter of the request.
-async fn resolve_mix(b: &Backend, refs: &[(String, f64)]) -> Result<(AdapterMix, Vec<AppliedAdapter>), ApiError> {
+async fn resolve_mix(
+    b: &Backend,
+    refs: &[(String, f64)],
+) -> Result<(AdapterMix, Vec<AppliedAdapter>), ApiError> {
     let mut entries = Vec::with_capacity(refs.len());
     let mut applied = Vec::with_capacity(refs.len());
     for (i, (name, scale)) in refs.iter().enumerate() {
         let registry = b.registry.clone();
         let n = name.clone();
-        let adapter = web::block(move || registry.acquire(&n)).await.map_err(ApiError::internal)??;
+        let adapter =
+            web::block(move || registry.acquire(&n)).await.map_err(ApiError::internal)??;
         // Each term's coefficient `scale · alpha / r` is computed in f32.
-        if let Some(max) = adapter.modules.iter().flatten().map(|w| w.scaling.abs()).reduce(f64::max).filter(|m| !((m * scale) as f32).is_finite()) {
-            let msg = format!("scale {} × the scaling {} of adapter `{name}` overflows 32-bit floats", validate::fmt_num(*scale), validate::fmt_num(max));
-            return Err(ApiError::invalid_value(&format!("adapters[{i}].scale"), msg).with_code("scale_overflow"));
+        if let Some(max) = adapter
+            .modules
+            .iter()
+            .flatten()
+            .map(|w| w.scaling.abs())
+            .reduce(f64::max)
+            .filter(|m| !((m * scale) as f32).is_finite())
+        {
+            let msg = format!(
+                "scale {} × the scaling {} of adapter `{name}` overflows 32-bit floats",
+                validate::fmt_num(*scale),
+                validate::fmt_num(max)
+            );
+            return Err(ApiError::invalid_value(&format!("adapters[{i}].scale"), msg)
+                .with_code("scale_overflow"));
         }
-        applied.push(AppliedAdapter { name: name.clone(), version: adapter.version, scale: *scale });
+        applied.push(AppliedAdapter {
+            name: name.clone(),
+            version: adapter.version,
+            scale: *scale,
+        });
         entries.push(MixEntry { adapter, scale: *scale });
     }
     Ok((AdapterMix::new(entries), applied))
@@ -41,7 +61,12 @@ async fn resolve_mix(b: &Backend, refs: &[(String, f64)]) -> Result<(AdapterMix,
 
 /// Submits every (prompt × n) sequence, all or none (the `n` choices of a prompt arrive
 /// together and prefill it once).
-fn submit_all(b: &Backend, d: &Draft, mix: &AdapterMix, mv: &ModelView<'_>) -> Result<Vec<UnboundedReceiver<TokenEvent>>, ApiError> {
+fn submit_all(
+    b: &Backend,
+    d: &Draft,
+    mix: &AdapterMix,
+    mv: &ModelView<'_>,
+) -> Result<Vec<UnboundedReceiver<TokenEvent>>, ApiError> {
     let mut reqs = Vec::with_capacity(d.prompts.len() * d.n);
     for ids in &d.prompts {
         for k in 0..d.n {
@@ -57,15 +82,29 @@ fn submit_all(b: &Backend, d: &Draft, mix: &AdapterMix, mv: &ModelView<'_>) -> R
 }
 
 fn view<'a>(b: &'a Backend, state: &'a AppState) -> ModelView<'a> {
-    ModelView { id: &b.model_id, context_len: b.context_len, tokenizer: &b.tokenizer, limits: &state.limits, registry: Some(&b.registry) }
+    ModelView {
+        id: &b.model_id,
+        context_len: b.context_len,
+        tokenizer: &b.tokenizer,
+        limits: &state.limits,
+        registry: Some(&b.registry),
+    }
 }
 
 /// Resolves the mix, submits every sequence, and describes the response to come.
-async fn start(req: &HttpRequest, state: &AppState, b: &Backend, draft: &Draft, endpoint: Endpoint, model: Option<String>) -> Result<(Vec<UnboundedReceiver<TokenEvent>>, ResponseMeta), ApiError> {
+async fn start(
+    req: &HttpRequest,
+    state: &AppState,
+    b: &Backend,
+    draft: &Draft,
+    endpoint: Endpoint,
+    model: Option<String>,
+) -> Result<(Vec<UnboundedReceiver<TokenEvent>>, ResponseMeta), ApiError> {
     let (mix, applied) = resolve_mix(b, &draft.adapters).await?;
     note_adapters(req, &applied);
     let rxs = submit_all(b, draft, &mix, &view(b, state))?;
-    let mut meta = ResponseMeta::new(endpoint, model.unwrap_or_else(|| b.model_id.clone()), applied);
+    let mut meta =
+        ResponseMeta::new(endpoint, model.unwrap_or_else(|| b.model_id.clone()), applied);
     meta.logprobs = draft.template.logprobs.is_some();
     meta.prompt_tokens = draft.prompts.iter().map(Vec::len).sum();
     let label = if endpoint == Endpoint::Chat { "chat_completions" } else { "completions" };
@@ -73,13 +112,18 @@ async fn start(req: &HttpRequest, state: &AppState, b: &Backend, draft: &Draft, 
     Ok((rxs, meta))
 }
 
-pub async fn completions(req: HttpRequest, state: Data, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn completions(
+    req: HttpRequest,
+    state: Data,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Inference)?;
     let wire: CompletionRequest = json_body(&req, payload, &state.limits).await?;
     let b = state.backend()?;
     let mv = view(b, &state);
     let draft = validate::completion(&wire, &mv)?;
-    let (rxs, meta) = start(&req, &state, b, &draft, Endpoint::Completion, wire.common.model.clone()).await?;
+    let (rxs, meta) =
+        start(&req, &state, b, &draft, Endpoint::Completion, wire.common.model.clone()).await?;
     if draft.stream {
         return Ok(sse_response(rxs, meta, b.tokenizer.clone(), draft.include_usage, draft.n));
     }
@@ -108,13 +152,18 @@ pub async fn completions(req: HttpRequest, state: Data, payload: web::Payload) -
     Ok(HttpResponse::Ok().json(meta.envelope("text_completion", choices, Some(usage))))
 }
 
-pub async fn chat_completions(req: HttpRequest, state: Data, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn chat_completions(
+    req: HttpRequest,
+    state: Data,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Inference)?;
     let wire: ChatRequest = json_body(&req, payload, &state.limits).await?;
     let b = state.backend()?;
     let mv = view(b, &state);
     let draft = validate::chat(&wire, &mv)?;
-    let (rxs, meta) = start(&req, &state, b, &draft, Endpoint::Chat, wire.common.model.clone()).await?;
+    let (rxs, meta) =
+        start(&req, &state, b, &draft, Endpoint::Chat, wire.common.model.clone()).await?;
     if draft.stream {
         return Ok(sse_response(rxs, meta, b.tokenizer.clone(), draft.include_usage, draft.n));
     }
@@ -131,7 +180,11 @@ pub async fn chat_completions(req: HttpRequest, state: Data, payload: web::Paylo
             message: ChatMessageOut { role: "assistant", content: r.text },
         })
         .collect();
-    let usage = UsageOut { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
+    let usage = UsageOut {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+    };
     note_usage(&req, &usage);
     Ok(HttpResponse::Ok().json(meta.envelope("chat.completion", choices, Some(usage))))
 }
@@ -139,7 +192,10 @@ pub async fn chat_completions(req: HttpRequest, state: Data, payload: web::Paylo
 /// Remembers the resolved adapters for the access log and counters.
 fn note_adapters(req: &HttpRequest, applied: &[AppliedAdapter]) {
     use actix_web::HttpMessage;
-    req.extensions_mut().insert(RequestFacts { adapters: applied.iter().map(|a| a.name.clone()).collect(), ..Default::default() });
+    req.extensions_mut().insert(RequestFacts {
+        adapters: applied.iter().map(|a| a.name.clone()).collect(),
+        ..Default::default()
+    });
 }
 
 fn note_usage(req: &HttpRequest, usage: &UsageOut) {
@@ -191,7 +247,9 @@ pub async fn metrics(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiE
             waiting_adapters: st.adapters_waiting.lock().map(|v| v.clone()).unwrap_or_default(),
         };
     }
-    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.metrics.render(&snap)))
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render(&snap)))
 }
 
 pub async fn health() -> HttpResponse {
@@ -207,7 +265,12 @@ pub async fn ready(state: Data) -> Result<HttpResponse, ApiError> {
 }
 
 /// The registry's adapters as this caller may see them: folder paths for the admin key only.
-fn adapter_infos(req: &HttpRequest, state: &AppState, b: &Backend, name: Option<&str>) -> Vec<crate::adapters::registry::AdapterInfo> {
+fn adapter_infos(
+    req: &HttpRequest,
+    state: &AppState,
+    b: &Backend,
+    name: Option<&str>,
+) -> Vec<crate::adapters::registry::AdapterInfo> {
     let mut infos = match name {
         Some(n) => b.registry.info(n).into_iter().collect(),
         None => b.registry.list(),
@@ -222,7 +285,9 @@ pub async fn models(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiEr
     authorize(&req, &state, Scope::Inference)?;
     let b = state.backend()?;
     let base = serde_json::json!({"architecture": b.architecture, "context_length": b.context_len});
-    let mut data = vec![serde_json::json!({"id": b.model_id, "object": "model", "created": 0, "owned_by": "loraplex", "loraplex": base})];
+    let mut data = vec![
+        serde_json::json!({"id": b.model_id, "object": "model", "created": 0, "owned_by": "loraplex", "loraplex": base}),
+    ];
     for a in adapter_infos(&req, &state, b, None) {
         data.push(serde_json::json!({
             "id": a.name, "object": "model", "created": 0, "owned_by": "loraplex", "parent": b.model_id,
@@ -249,7 +314,11 @@ pub async fn list_adapters(req: HttpRequest, state: Data) -> Result<HttpResponse
     })))
 }
 
-pub async fn get_adapter(req: HttpRequest, state: Data, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn get_adapter(
+    req: HttpRequest,
+    state: Data,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Inference)?;
     let b = state.backend()?;
     match adapter_infos(&req, &state, b, Some(&name)).pop() {
@@ -266,7 +335,11 @@ struct LoadBody {
     path: Option<String>,
 }
 
-pub async fn load_adapter(req: HttpRequest, state: Data, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn load_adapter(
+    req: HttpRequest,
+    state: Data,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Admin)?;
     let wire: LoadBody = json_body(&req, payload, &state.limits).await?;
     let b = state.backend()?;
@@ -274,16 +347,24 @@ pub async fn load_adapter(req: HttpRequest, state: Data, payload: web::Payload) 
     let path = wire.path.clone().unwrap_or_else(|| wire.name.clone());
     let name = wire.name.clone();
     web::block(move || registry.register(&name, &path)).await.map_err(ApiError::internal)??;
-    let info = b.registry.info(&wire.name).ok_or_else(|| ApiError::internal("adapter vanished after loading"))?;
+    let info = b
+        .registry
+        .info(&wire.name)
+        .ok_or_else(|| ApiError::internal("adapter vanished after loading"))?;
     Ok(HttpResponse::Ok().json(info))
 }
 
-pub async fn unload_adapter(req: HttpRequest, state: Data, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn unload_adapter(
+    req: HttpRequest,
+    state: Data,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Admin)?;
     let b = state.backend()?;
     Ok(HttpResponse::Ok().json(b.registry.unload(&name)?))
 }
 
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::not_found(format!("no route for {} {}", req.method(), req.path())).with_code("unknown_route"))
+    Err(ApiError::not_found(format!("no route for {} {}", req.method(), req.path()))
+        .with_code("unknown_route"))
 }

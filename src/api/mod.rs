@@ -43,12 +43,25 @@ pub struct AppState {
 
 impl AppState {
     /// The state of a server with this configuration (the backend fills in once loaded).
-    pub fn new(cfg: &crate::config::ServeConfig, backend: Arc<OnceLock<Backend>>, metrics: Arc<crate::metrics::Metrics>) -> Self {
-        Self { backend, metrics, limits: cfg.limits.clone(), api_key: cfg.api_key.clone(), admin_key: cfg.admin_key.clone(), http: cfg.http_policy() }
+    pub fn new(
+        cfg: &crate::config::ServeConfig,
+        backend: Arc<OnceLock<Backend>>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        Self {
+            backend,
+            metrics,
+            limits: cfg.limits.clone(),
+            api_key: cfg.api_key.clone(),
+            admin_key: cfg.admin_key.clone(),
+            http: cfg.http_policy(),
+        }
     }
 
     pub fn backend(&self) -> Result<&Backend, ApiError> {
-        self.backend.get().ok_or_else(|| ApiError::unavailable("the model is still loading").with_code("not_ready"))
+        self.backend.get().ok_or_else(|| {
+            ApiError::unavailable("the model is still loading").with_code("not_ready")
+        })
     }
 }
 
@@ -89,7 +102,11 @@ fn key_matches(presented: &str, key: &Option<String>) -> bool {
 }
 
 /// Checks the bearer token for `scope`; keys are compared in constant time and never logged.
-pub fn authorize(req: &actix_web::HttpRequest, state: &AppState, scope: Scope) -> Result<(), ApiError> {
+pub fn authorize(
+    req: &actix_web::HttpRequest,
+    state: &AppState,
+    scope: Scope,
+) -> Result<(), ApiError> {
     let presented = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
@@ -109,6 +126,8 @@ pub fn authorize(req: &actix_web::HttpRequest, state: &AppState, scope: Scope) -
             }
         }
         _ if state.api_key.is_none() || is_user || is_admin => Ok(()),
-        _ => Err(ApiError::unauthorized("missing or invalid API key (send `Authorization: Bearer <key>`)")),
+        _ => Err(ApiError::unauthorized(
+            "missing or invalid API key (send `Authorization: Bearer <key>`)",
+        )),
     }
 }

@@ -45,7 +45,15 @@ fn request_id(req: &ServiceRequest) -> String {
 }
 
 /// Records a finished request: counters, latency, access log.
-pub fn record(metrics: &Metrics, endpoint: &str, facts: &RequestFacts, outcome: Outcome, started: Instant, request_id: &str, status: u16) {
+pub fn record(
+    metrics: &Metrics,
+    endpoint: &str,
+    facts: &RequestFacts,
+    outcome: Outcome,
+    started: Instant,
+    request_id: &str,
+    status: u16,
+) {
     if !metrics.enabled {
         return;
     }
@@ -72,7 +80,10 @@ pub struct StreamObs {
 
 impl std::fmt::Debug for StreamObs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamObs").field("endpoint", &self.endpoint).field("request_id", &self.request_id).finish()
+        f.debug_struct("StreamObs")
+            .field("endpoint", &self.endpoint)
+            .field("request_id", &self.request_id)
+            .finish()
     }
 }
 
@@ -101,7 +112,10 @@ impl Drop for StreamGuard {
     }
 }
 
-pub async fn middleware(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+pub async fn middleware(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let rid = request_id(&req);
     req.extensions_mut().insert(RequestId(rid.clone()));
     req.extensions_mut().insert(std::time::Instant::now());
@@ -113,12 +127,26 @@ pub async fn middleware(req: ServiceRequest, next: Next<impl MessageBody>) -> Re
     if let Ok(v) = HeaderValue::from_str(&rid) {
         res.headers_mut().insert(HeaderName::from_static("x-request-id"), v);
     }
-    let streaming = res.headers().get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let streaming = res
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if let (Some(state), Some(endpoint), false) = (state, endpoint_label(&path), streaming) {
         // Without facts the handler failed before resolving the mix: count it as `unknown`.
-        let facts = res.request().extensions().get::<RequestFacts>().cloned().unwrap_or_else(|| RequestFacts { adapters: vec!["unknown".into()], ..Default::default() });
+        let facts =
+            res.request().extensions().get::<RequestFacts>().cloned().unwrap_or_else(|| {
+                RequestFacts { adapters: vec!["unknown".into()], ..Default::default() }
+            });
         let status = res.status().as_u16();
-        record(&state.metrics, endpoint, &facts, Outcome::from_status(status), started, &rid, status);
+        record(
+            &state.metrics,
+            endpoint,
+            &facts,
+            Outcome::from_status(status),
+            started,
+            &rid,
+            status,
+        );
     }
     Ok(res)
 }

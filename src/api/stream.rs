@@ -40,10 +40,24 @@ impl ResponseMeta {
     pub fn new(endpoint: Endpoint, model: String, adapters: Vec<AppliedAdapter>) -> Self {
         let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
         let id = format!("{prefix}-{:016x}", rand::random::<u64>());
-        Self { endpoint, id, created: super::handlers::now_secs(), model, adapters, logprobs: false, obs: None, prompt_tokens: 0 }
+        Self {
+            endpoint,
+            id,
+            created: super::handlers::now_secs(),
+            model,
+            adapters,
+            logprobs: false,
+            obs: None,
+            prompt_tokens: 0,
+        }
     }
 
-    pub fn envelope<C>(&self, object: &'static str, choices: Vec<C>, usage: Option<UsageOut>) -> Envelope<C> {
+    pub fn envelope<C>(
+        &self,
+        object: &'static str,
+        choices: Vec<C>,
+        usage: Option<UsageOut>,
+    ) -> Envelope<C> {
         Envelope {
             id: self.id.clone(),
             object,
@@ -93,7 +107,15 @@ impl ChoiceExt for ChoiceResult {
     }
 
     fn chat_logprobs(&self, tok: &TextTokenizer) -> ChatLogprobs {
-        ChatLogprobs { content: self.ids.iter().zip(&self.logprobs).zip(&self.top_logprobs).map(|((&id, &lp), top)| chat_token(tok, id, lp, top)).collect() }
+        ChatLogprobs {
+            content: self
+                .ids
+                .iter()
+                .zip(&self.logprobs)
+                .zip(&self.top_logprobs)
+                .map(|((&id, &lp), top)| chat_token(tok, id, lp, top))
+                .collect(),
+        }
     }
 }
 
@@ -123,7 +145,9 @@ fn chat_token(tok: &TextTokenizer, id: u32, lp: f32, top: &[(u32, f32)]) -> Chat
 
 /// Waits for every sequence to finish. A sequence's failure fails the request with that
 /// sequence's error (its other sequences are cancelled as their receivers drop).
-pub async fn collect(rxs: Vec<UnboundedReceiver<TokenEvent>>) -> Result<Vec<ChoiceResult>, ApiError> {
+pub async fn collect(
+    rxs: Vec<UnboundedReceiver<TokenEvent>>,
+) -> Result<Vec<ChoiceResult>, ApiError> {
     let mut out = Vec::with_capacity(rxs.len());
     for mut rx in rxs {
         let mut r = ChoiceResult::default();
@@ -143,12 +167,20 @@ fn sse(v: &impl serde::Serialize) -> Bytes {
 }
 
 /// One chunk for choice `index` from one event (`None` for events that print nothing).
-fn chunk(meta: &ResponseMeta, tok: &TextTokenizer, index: usize, ev: &TokenEvent, first: bool) -> Option<Bytes> {
+fn chunk(
+    meta: &ResponseMeta,
+    tok: &TextTokenizer,
+    index: usize,
+    ev: &TokenEvent,
+    first: bool,
+) -> Option<Bytes> {
     let (text, finish, lp) = match ev {
         // Without log-probabilities a token that prints nothing (EOS, a held-back stop prefix)
         // needs no chunk.
         TokenEvent::Token { text, .. } if text.is_empty() && !meta.logprobs => return None,
-        TokenEvent::Token { id, text, logprob, top } => (text.clone(), None, Some((*id, *logprob, top))),
+        TokenEvent::Token { id, text, logprob, top } => {
+            (text.clone(), None, Some((*id, *logprob, top)))
+        }
         TokenEvent::Done { reason, .. } => (String::new(), Some(finish_str(Some(*reason))), None),
         TokenEvent::Error(_) => return None,
     };
@@ -161,78 +193,125 @@ fn chunk(meta: &ResponseMeta, tok: &TextTokenizer, index: usize, ev: &TokenEvent
                 top_logprobs: vec![top_map(tok, top)],
                 text_offset: vec![0],
             });
-            sse(&meta.envelope("text_completion", vec![CompletionChoice { index, text, logprobs, finish_reason: finish }], None))
+            sse(&meta.envelope(
+                "text_completion",
+                vec![CompletionChoice { index, text, logprobs, finish_reason: finish }],
+                None,
+            ))
         }
         Endpoint::Chat => {
-            let logprobs = lp.filter(|_| wants_lp).map(|(id, l, top)| ChatLogprobs { content: vec![chat_token(tok, id, l, top)] });
+            let logprobs = lp
+                .filter(|_| wants_lp)
+                .map(|(id, l, top)| ChatLogprobs { content: vec![chat_token(tok, id, l, top)] });
             let delta = ChatDelta {
                 role: first.then_some("assistant"),
                 content: (finish.is_none()).then_some(text),
             };
-            sse(&meta.envelope("chat.completion.chunk", vec![ChatChunkChoice { index, delta, logprobs, finish_reason: finish }], None))
+            sse(&meta.envelope(
+                "chat.completion.chunk",
+                vec![ChatChunkChoice { index, delta, logprobs, finish_reason: finish }],
+                None,
+            ))
         }
     })
 }
 
 /// The SSE response for all sequences of a request, interleaved as their tokens arrive.
 /// `n_per_prompt` choices share each prompt (its tokens are counted once in the usage).
-pub fn sse_response(rxs: Vec<UnboundedReceiver<TokenEvent>>, meta: ResponseMeta, tok: Arc<TextTokenizer>, include_usage: bool, n_per_prompt: usize) -> HttpResponse {
+pub fn sse_response(
+    rxs: Vec<UnboundedReceiver<TokenEvent>>,
+    meta: ResponseMeta,
+    tok: Arc<TextTokenizer>,
+    include_usage: bool,
+    n_per_prompt: usize,
+) -> HttpResponse {
     let n = rxs.len();
     let tagged = rxs.into_iter().enumerate().map(|(i, rx)| {
         tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| (i, ev))
     });
     let events = stream::select_all(tagged);
-    let guard = super::observe::StreamGuard { obs: meta.obs.clone(), completed: false, error_status: None, usage: (meta.prompt_tokens, 0) };
+    let guard = super::observe::StreamGuard {
+        obs: meta.obs.clone(),
+        completed: false,
+        error_status: None,
+        usage: (meta.prompt_tokens, 0),
+    };
     let state = (events, vec![true; n], 0usize, Usage::default(), false, guard);
-    let body = stream::unfold(state, move |(mut events, mut first, mut done, mut usage, ended, mut guard)| {
-        let meta = meta.clone();
-        let tok = tok.clone();
-        async move {
-            if ended {
-                return None;
-            }
-            loop {
-                match events.next().await {
-                    Some((i, ev)) => {
-                        if let TokenEvent::Error(e) = &ev {
-                            let err = ApiError::from(e.clone());
-                            let mut out = sse(&err.body()).to_vec();
-                            out.extend_from_slice(b"data: [DONE]\n\n");
-                            guard.error_status = Some(err.status.as_u16());
-                            return Some((Ok::<_, actix_web::Error>(Bytes::from(out)), (events, first, done, usage, true, guard)));
-                        }
-                        if let TokenEvent::Token { .. } = &ev {
-                            guard.usage.1 += 1;
-                        }
-                        if let TokenEvent::Done { usage: u, .. } = &ev {
-                            done += 1;
-                            if i % n_per_prompt.max(1) == 0 {
-                                usage.prompt_tokens += u.prompt_tokens;
+    let body = stream::unfold(
+        state,
+        move |(mut events, mut first, mut done, mut usage, ended, mut guard)| {
+            let meta = meta.clone();
+            let tok = tok.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                loop {
+                    match events.next().await {
+                        Some((i, ev)) => {
+                            if let TokenEvent::Error(e) = &ev {
+                                let err = ApiError::from(e.clone());
+                                let mut out = sse(&err.body()).to_vec();
+                                out.extend_from_slice(b"data: [DONE]\n\n");
+                                guard.error_status = Some(err.status.as_u16());
+                                return Some((
+                                    Ok::<_, actix_web::Error>(Bytes::from(out)),
+                                    (events, first, done, usage, true, guard),
+                                ));
                             }
-                            usage.completion_tokens += u.completion_tokens;
-                        }
-                        let is_first = std::mem::replace(&mut first[i], false);
-                        let mut out = chunk(&meta, &tok, i, &ev, is_first).map(|b| b.to_vec()).unwrap_or_default();
-                        if done == n {
-                            if include_usage {
-                                let u = UsageOut { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens, total_tokens: usage.prompt_tokens + usage.completion_tokens };
-                                let object = if meta.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
-                                out.extend_from_slice(&sse(&meta.envelope::<Value>(object, vec![], Some(u))));
+                            if let TokenEvent::Token { .. } = &ev {
+                                guard.usage.1 += 1;
                             }
-                            out.extend_from_slice(b"data: [DONE]\n\n");
-                            guard.completed = true;
-                            guard.usage = (usage.prompt_tokens, usage.completion_tokens);
-                            return Some((Ok(Bytes::from(out)), (events, first, done, usage, true, guard)));
+                            if let TokenEvent::Done { usage: u, .. } = &ev {
+                                done += 1;
+                                if i % n_per_prompt.max(1) == 0 {
+                                    usage.prompt_tokens += u.prompt_tokens;
+                                }
+                                usage.completion_tokens += u.completion_tokens;
+                            }
+                            let is_first = std::mem::replace(&mut first[i], false);
+                            let mut out = chunk(&meta, &tok, i, &ev, is_first)
+                                .map(|b| b.to_vec())
+                                .unwrap_or_default();
+                            if done == n {
+                                if include_usage {
+                                    let u = UsageOut {
+                                        prompt_tokens: usage.prompt_tokens,
+                                        completion_tokens: usage.completion_tokens,
+                                        total_tokens: usage.prompt_tokens + usage.completion_tokens,
+                                    };
+                                    let object = if meta.endpoint == Endpoint::Chat {
+                                        "chat.completion.chunk"
+                                    } else {
+                                        "text_completion"
+                                    };
+                                    out.extend_from_slice(&sse(&meta.envelope::<Value>(
+                                        object,
+                                        vec![],
+                                        Some(u),
+                                    )));
+                                }
+                                out.extend_from_slice(b"data: [DONE]\n\n");
+                                guard.completed = true;
+                                guard.usage = (usage.prompt_tokens, usage.completion_tokens);
+                                return Some((
+                                    Ok(Bytes::from(out)),
+                                    (events, first, done, usage, true, guard),
+                                ));
+                            }
+                            if !out.is_empty() {
+                                return Some((
+                                    Ok(Bytes::from(out)),
+                                    (events, first, done, usage, false, guard),
+                                ));
+                            }
                         }
-                        if !out.is_empty() {
-                            return Some((Ok(Bytes::from(out)), (events, first, done, usage, false, guard)));
-                        }
+                        None => return None,
                     }
-                    None => return None,
                 }
             }
-        }
-    });
+        },
+    );
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))

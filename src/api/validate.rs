@@ -2,7 +2,9 @@
 //! answered here with a 400 (not a request) or 422 (a value we refuse), naming the `param`.
 
 use super::error::ApiError;
-use super::openai::{AdapterRef, ChatRequest, CommonParams, CompletionRequest, MessageContent, StringOrList};
+use super::openai::{
+    AdapterRef, ChatRequest, CommonParams, CompletionRequest, MessageContent, StringOrList,
+};
 use crate::config::Limits;
 use crate::engine::Request;
 use crate::model::sampling::{Penalties, SamplingParams};
@@ -10,7 +12,8 @@ use crate::model::tokenizer::ChatMessage;
 use serde_json::{Map, Value};
 
 /// Fields that clients send and that change nothing here.
-const IGNORED_FIELDS: [&str; 5] = ["metadata", "store", "service_tier", "parallel_tool_calls", "prediction"];
+const IGNORED_FIELDS: [&str; 5] =
+    ["metadata", "store", "service_tier", "parallel_tool_calls", "prediction"];
 
 /// A request checked for everything but its adapters (which need the registry).
 #[derive(Debug, Clone)]
@@ -64,7 +67,8 @@ fn check_extra(extra: &Map<String, Value>) -> Result<(), ApiError> {
             || (k == "best_of" && v.as_i64() == Some(1))
             || (k == "response_format" && v.get("type").and_then(Value::as_str) == Some("text"));
         if !harmless {
-            return Err(ApiError::bad_request(format!("unknown or unsupported field `{k}`")).with_param(k.clone()));
+            return Err(ApiError::bad_request(format!("unknown or unsupported field `{k}`"))
+                .with_param(k.clone()));
         }
     }
     Ok(())
@@ -74,7 +78,15 @@ fn in_range(param: &str, v: Option<f64>, lo: f64, hi: f64, default: f64) -> Resu
     match v {
         None => Ok(default),
         Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x),
-        Some(x) => Err(ApiError::invalid_value(param, format!("`{param}` must be between {} and {}, got {}", fmt_num(lo), fmt_num(hi), fmt_num(x)))),
+        Some(x) => Err(ApiError::invalid_value(
+            param,
+            format!(
+                "`{param}` must be between {} and {}, got {}",
+                fmt_num(lo),
+                fmt_num(hi),
+                fmt_num(x)
+            ),
+        )),
     }
 }
 
@@ -82,7 +94,11 @@ fn in_range(param: &str, v: Option<f64>, lo: f64, hi: f64, default: f64) -> Resu
 fn temperature(v: Option<f64>) -> Result<f64, ApiError> {
     let t = in_range("temperature", v, 0.0, 2.0, 1.0)?;
     if t > 0.0 && t < MIN_TEMPERATURE {
-        let msg = format!("`temperature` must be 0 (greedy) or at least {}, got {}", fmt_num(MIN_TEMPERATURE), fmt_num(t));
+        let msg = format!(
+            "`temperature` must be 0 (greedy) or at least {}, got {}",
+            fmt_num(MIN_TEMPERATURE),
+            fmt_num(t)
+        );
         return Err(ApiError::invalid_value("temperature", msg));
     }
     Ok(t)
@@ -93,7 +109,13 @@ fn temperature(v: Option<f64>) -> Result<f64, ApiError> {
 fn top_p(v: Option<f64>) -> Result<f64, ApiError> {
     let p = in_range("top_p", v, 0.0, 1.0, 1.0)?;
     if p as f32 <= 0.0 {
-        return Err(ApiError::invalid_value("top_p", format!("`top_p` must be above 0 (as a 32-bit float) and at most 1, got {}", fmt_num(p))));
+        return Err(ApiError::invalid_value(
+            "top_p",
+            format!(
+                "`top_p` must be above 0 (as a 32-bit float) and at most 1, got {}",
+                fmt_num(p)
+            ),
+        ));
     }
     Ok(p)
 }
@@ -102,17 +124,32 @@ fn adapter_refs(common: &CommonParams, mv: &ModelView<'_>) -> Result<Vec<(String
     let limits = mv.limits;
     let mut out: Vec<(String, f64)> = Vec::new();
     if let Some(m) = common.model.as_deref().filter(|m| *m != mv.id) {
-        crate::adapters::registry::validate_name(m).map_err(|e| ApiError::not_found(format!("model `{}` does not exist: {e}", m.escape_debug())).with_param("model").with_code("model_not_found"))?;
+        crate::adapters::registry::validate_name(m).map_err(|e| {
+            ApiError::not_found(format!("model `{}` does not exist: {e}", m.escape_debug()))
+                .with_param("model")
+                .with_code("model_not_found")
+        })?;
         // An adapter folder of that name wins: a mix never shadows an adapter.
         match mv.registry.and_then(|r| r.mix(m)) {
             Some(mix) => {
                 if let Some(e) = mix.error {
-                    return Err(ApiError::invalid_value("model", format!("mix `{m}` is unavailable: {e}")).with_code("mix_unavailable"));
+                    return Err(ApiError::invalid_value(
+                        "model",
+                        format!("mix `{m}` is unavailable: {e}"),
+                    )
+                    .with_code("mix_unavailable"));
                 }
                 for member in mix.adapters {
                     if member.scale.abs() > limits.max_abs_scale {
-                        let msg = format!("mix `{m}` gives `{}` scale {}, beyond ±{}", member.name, fmt_num(member.scale), fmt_num(limits.max_abs_scale));
-                        return Err(ApiError::invalid_value("model", msg).with_code("mix_unavailable"));
+                        let msg = format!(
+                            "mix `{m}` gives `{}` scale {}, beyond ±{}",
+                            member.name,
+                            fmt_num(member.scale),
+                            fmt_num(limits.max_abs_scale)
+                        );
+                        return Err(
+                            ApiError::invalid_value("model", msg).with_code("mix_unavailable")
+                        );
                     }
                     out.push((member.name, member.scale));
                 }
@@ -122,44 +159,80 @@ fn adapter_refs(common: &CommonParams, mv: &ModelView<'_>) -> Result<Vec<(String
     }
     for (i, AdapterRef { name, scale }) in common.adapters.iter().flatten().enumerate() {
         let param = format!("adapters[{i}]");
-        crate::adapters::registry::validate_name(name).map_err(|e| ApiError::invalid_value(&param, e.to_string()).with_code("invalid_adapter_name"))?;
+        crate::adapters::registry::validate_name(name).map_err(|e| {
+            ApiError::invalid_value(&param, e.to_string()).with_code("invalid_adapter_name")
+        })?;
         let scale = scale.unwrap_or(1.0);
         if !scale.is_finite() || scale.abs() > limits.max_abs_scale {
-            let msg = format!("adapter scale must be finite and within ±{}, got {}", fmt_num(limits.max_abs_scale), fmt_num(scale));
+            let msg = format!(
+                "adapter scale must be finite and within ±{}, got {}",
+                fmt_num(limits.max_abs_scale),
+                fmt_num(scale)
+            );
             return Err(ApiError::invalid_value(&format!("{param}.scale"), msg));
         }
         if out.iter().any(|(n, _)| n == name) {
-            return Err(ApiError::invalid_value(&param, format!("adapter `{name}` appears twice in the request")).with_code("duplicate_adapter"));
+            return Err(ApiError::invalid_value(
+                &param,
+                format!("adapter `{name}` appears twice in the request"),
+            )
+            .with_code("duplicate_adapter"));
         }
         out.push((name.clone(), scale));
     }
     if out.len() > limits.max_adapters_per_request {
-        return Err(ApiError::invalid_value("adapters", format!("at most {} adapters per request, got {}", limits.max_adapters_per_request, out.len())));
+        return Err(ApiError::invalid_value(
+            "adapters",
+            format!(
+                "at most {} adapters per request, got {}",
+                limits.max_adapters_per_request,
+                out.len()
+            ),
+        ));
     }
     Ok(out)
 }
 
 /// The sampling/stopping part shared by both endpoints.
-fn common_draft(c: &CommonParams, mv: &ModelView<'_>, max_tokens: Option<i64>) -> Result<Draft, ApiError> {
+fn common_draft(
+    c: &CommonParams,
+    mv: &ModelView<'_>,
+    max_tokens: Option<i64>,
+) -> Result<Draft, ApiError> {
     let l = mv.limits;
     let temperature = temperature(c.temperature)?;
     let top_p = top_p(c.top_p)?;
     let top_k = match c.top_k {
         None | Some(-1) | Some(0) => None,
         Some(k) if k >= 1 => Some(k as usize),
-        Some(k) => return Err(ApiError::invalid_value("top_k", format!("`top_k` must be -1 (off) or at least 1, got {k}"))),
+        Some(k) => {
+            return Err(ApiError::invalid_value(
+                "top_k",
+                format!("`top_k` must be -1 (off) or at least 1, got {k}"),
+            ))
+        }
     };
     let presence = in_range("presence_penalty", c.presence_penalty, -2.0, 2.0, 0.0)? as f32;
     let frequency = in_range("frequency_penalty", c.frequency_penalty, -2.0, 2.0, 0.0)? as f32;
     let n = match c.n {
         None => 1,
         Some(n) if n >= 1 && n as usize <= l.max_n => n as usize,
-        Some(n) => return Err(ApiError::invalid_value("n", format!("`n` must be between 1 and {}, got {n}", l.max_n))),
+        Some(n) => {
+            return Err(ApiError::invalid_value(
+                "n",
+                format!("`n` must be between 1 and {}, got {n}", l.max_n),
+            ))
+        }
     };
     let max_tokens = match max_tokens {
         None => None,
         Some(m) if m >= 1 => Some(m as usize),
-        Some(m) => return Err(ApiError::invalid_value("max_tokens", format!("`max_tokens` must be at least 1, got {m}"))),
+        Some(m) => {
+            return Err(ApiError::invalid_value(
+                "max_tokens",
+                format!("`max_tokens` must be at least 1, got {m}"),
+            ))
+        }
     };
     let stop = match &c.stop {
         None => vec![],
@@ -167,10 +240,20 @@ fn common_draft(c: &CommonParams, mv: &ModelView<'_>, max_tokens: Option<i64>) -
         Some(StringOrList::Many(v)) => v.clone(),
     };
     if stop.len() > l.max_stop {
-        return Err(ApiError::invalid_value("stop", format!("at most {} stop sequences, got {}", l.max_stop, stop.len())));
+        return Err(ApiError::invalid_value(
+            "stop",
+            format!("at most {} stop sequences, got {}", l.max_stop, stop.len()),
+        ));
     }
     if let Some(s) = stop.iter().find(|s| s.is_empty() || s.chars().count() > l.max_stop_len) {
-        return Err(ApiError::invalid_value("stop", format!("stop sequences must have 1 to {} characters, got {}", l.max_stop_len, s.chars().count())));
+        return Err(ApiError::invalid_value(
+            "stop",
+            format!(
+                "stop sequences must have 1 to {} characters, got {}",
+                l.max_stop_len,
+                s.chars().count()
+            ),
+        ));
     }
     let seed = match c.seed {
         Some(s) => s as u64,
@@ -178,7 +261,10 @@ fn common_draft(c: &CommonParams, mv: &ModelView<'_>, max_tokens: Option<i64>) -
     };
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
-        return Err(ApiError::invalid_value("stream_options", "`stream_options` is only allowed with `stream: true`"));
+        return Err(ApiError::invalid_value(
+            "stream_options",
+            "`stream_options` is only allowed with `stream: true`",
+        ));
     }
     Ok(Draft {
         prompts: vec![],
@@ -205,16 +291,27 @@ fn common_draft(c: &CommonParams, mv: &ModelView<'_>, max_tokens: Option<i64>) -
 }
 
 /// Tokenizes `texts` and checks their lengths against the limits and `max_tokens`.
-fn add_prompts(d: &mut Draft, texts: Vec<String>, mv: &ModelView<'_>, param: &str) -> Result<(), ApiError> {
+fn add_prompts(
+    d: &mut Draft,
+    texts: Vec<String>,
+    mv: &ModelView<'_>,
+    param: &str,
+) -> Result<(), ApiError> {
     let max_total = mv.limits.max_total_tokens.map_or(mv.context_len, |t| t.min(mv.context_len));
     let max_prompt = mv.limits.max_prompt_tokens.min(max_total.saturating_sub(1));
     for text in &texts {
         let ids = mv.tokenizer.encode(text).map_err(ApiError::internal)?;
         if ids.is_empty() {
-            return Err(ApiError::invalid_value(param, "the prompt is empty").with_code("empty_prompt"));
+            return Err(
+                ApiError::invalid_value(param, "the prompt is empty").with_code("empty_prompt")
+            );
         }
         if ids.len() > max_prompt {
-            return Err(ApiError::invalid_value(param, format!("the prompt has {} tokens; the limit is {max_prompt}", ids.len())).with_code("context_length_exceeded"));
+            return Err(ApiError::invalid_value(
+                param,
+                format!("the prompt has {} tokens; the limit is {max_prompt}", ids.len()),
+            )
+            .with_code("context_length_exceeded"));
         }
         if let Some(m) = d.max_tokens {
             if ids.len() + m > max_total {
@@ -236,12 +333,14 @@ pub fn max_tokens_for(d: &Draft, prompt_len: usize, mv: &ModelView<'_>) -> usize
 /// The request's work budget: every sequence's prompt and `max_tokens` (prompts × `n`), which
 /// bounds what one body can ask the engine to compute.
 fn check_work(d: &Draft, mv: &ModelView<'_>) -> Result<(), ApiError> {
-    let per_choice: usize = d.prompts.iter().map(|p| p.len() + max_tokens_for(d, p.len(), mv)).sum();
+    let per_choice: usize =
+        d.prompts.iter().map(|p| p.len() + max_tokens_for(d, p.len(), mv)).sum();
     let work = per_choice.saturating_mul(d.n);
     let limit = mv.limits.max_request_tokens;
     if work > limit {
         let msg = format!("the request asks for {work} tokens of work (prompt + max_tokens for each of {} prompts × n = {}); the limit is {limit}", d.prompts.len(), d.n);
-        return Err(ApiError::invalid_value(if d.n > 1 { "n" } else { "max_tokens" }, msg).with_code("request_too_large"));
+        return Err(ApiError::invalid_value(if d.n > 1 { "n" } else { "max_tokens" }, msg)
+            .with_code("request_too_large"));
     }
     Ok(())
 }
@@ -252,16 +351,26 @@ pub fn completion(req: &CompletionRequest, mv: &ModelView<'_>) -> Result<Draft, 
     d.template.logprobs = match req.logprobs {
         None => None,
         Some(k) if k >= 0 && k as usize <= mv.limits.max_logprobs => Some(k as usize),
-        Some(k) => return Err(ApiError::invalid_value("logprobs", format!("`logprobs` must be between 0 and {}, got {k}", mv.limits.max_logprobs))),
+        Some(k) => {
+            return Err(ApiError::invalid_value(
+                "logprobs",
+                format!("`logprobs` must be between 0 and {}, got {k}", mv.limits.max_logprobs),
+            ))
+        }
     };
     d.echo = req.echo.unwrap_or(false);
     if d.echo && d.template.logprobs.is_some() {
-        return Err(ApiError::invalid_value("echo", "`echo` together with `logprobs` (prompt log-probabilities) is not supported"));
+        return Err(ApiError::invalid_value(
+            "echo",
+            "`echo` together with `logprobs` (prompt log-probabilities) is not supported",
+        ));
     }
     let texts = match &req.prompt {
         None => return Err(ApiError::bad_request("missing field `prompt`").with_param("prompt")),
         Some(StringOrList::One(s)) => vec![s.clone()],
-        Some(StringOrList::Many(v)) if v.is_empty() => return Err(ApiError::invalid_value("prompt", "`prompt` is an empty list")),
+        Some(StringOrList::Many(v)) if v.is_empty() => {
+            return Err(ApiError::invalid_value("prompt", "`prompt` is an empty list"))
+        }
         Some(StringOrList::Many(v)) => v.clone(),
     };
     add_prompts(&mut d, texts, mv, "prompt")?;
@@ -276,10 +385,18 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Draft, ApiError> {
     let top = match req.top_logprobs {
         None => 0,
         Some(k) if k >= 0 && k as usize <= mv.limits.max_logprobs => k as usize,
-        Some(k) => return Err(ApiError::invalid_value("top_logprobs", format!("`top_logprobs` must be between 0 and {}, got {k}", mv.limits.max_logprobs))),
+        Some(k) => {
+            return Err(ApiError::invalid_value(
+                "top_logprobs",
+                format!("`top_logprobs` must be between 0 and {}, got {k}", mv.limits.max_logprobs),
+            ))
+        }
     };
     if req.top_logprobs.is_some() && req.logprobs != Some(true) {
-        return Err(ApiError::invalid_value("top_logprobs", "`top_logprobs` needs `logprobs: true`"));
+        return Err(ApiError::invalid_value(
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs: true`",
+        ));
     }
     d.template.logprobs = (req.logprobs == Some(true)).then_some(top);
     let Some(wire) = &req.messages else {
@@ -291,7 +408,10 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Draft, ApiError> {
     let mut messages = Vec::with_capacity(wire.len());
     for (i, m) in wire.iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
-            return Err(ApiError::invalid_value(&format!("messages[{i}].role"), format!("unsupported role `{}`", m.role.escape_debug())));
+            return Err(ApiError::invalid_value(
+                &format!("messages[{i}].role"),
+                format!("unsupported role `{}`", m.role.escape_debug()),
+            ));
         }
         let content = match &m.content {
             Some(MessageContent::Text(t)) => t.clone(),
@@ -300,18 +420,32 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Draft, ApiError> {
                 for p in parts {
                     match (p.kind.as_str(), &p.text) {
                         ("text", Some(t)) => s.push_str(t),
-                        _ => return Err(ApiError::invalid_value(&format!("messages[{i}].content"), format!("content part of type `{}` is not supported; only text", p.kind.escape_debug()))),
+                        _ => {
+                            return Err(ApiError::invalid_value(
+                                &format!("messages[{i}].content"),
+                                format!(
+                                    "content part of type `{}` is not supported; only text",
+                                    p.kind.escape_debug()
+                                ),
+                            ))
+                        }
                     }
                 }
                 s
             }
             None if m.role == "assistant" => String::new(),
-            None => return Err(ApiError::bad_request(format!("messages[{i}] lacks `content`")).with_param(format!("messages[{i}].content"))),
+            None => {
+                return Err(ApiError::bad_request(format!("messages[{i}] lacks `content`"))
+                    .with_param(format!("messages[{i}].content")))
+            }
         };
         let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
         messages.push(ChatMessage { role, content });
     }
-    let text = mv.tokenizer.apply_chat_template(&messages).map_err(|e| ApiError::invalid_value("messages", e.to_string()))?;
+    let text = mv
+        .tokenizer
+        .apply_chat_template(&messages)
+        .map_err(|e| ApiError::invalid_value("messages", e.to_string()))?;
     add_prompts(&mut d, vec![text], mv, "messages")?;
     check_work(&d, mv)?;
     Ok(d)

@@ -118,7 +118,8 @@ impl Pacer {
             return;
         }
         let base = if decode_tokens > 0 { self.decode_s.unwrap_or(0.0) } else { 0.0 };
-        self.token_s = Some(((secs - base) / prefill_tokens as f64).max(secs / prefill_tokens as f64 / 8.0));
+        self.token_s =
+            Some(((secs - base) / prefill_tokens as f64).max(secs / prefill_tokens as f64 / 8.0));
     }
 }
 
@@ -129,7 +130,12 @@ impl<'m> Batcher<'m> {
         Self::with_pool(model, tok, path, pool)
     }
 
-    pub fn with_pool(model: &'m Llama, tok: &'m TextTokenizer, path: LoraPath, pool: KvPool) -> Self {
+    pub fn with_pool(
+        model: &'m Llama,
+        tok: &'m TextTokenizer,
+        path: LoraPath,
+        pool: KvPool,
+    ) -> Self {
         Self {
             metrics: None,
             model,
@@ -187,7 +193,12 @@ impl<'m> Batcher<'m> {
             if blocks > self.pool.capacity() {
                 // Refused up front by the engine; a direct caller gets the same error here.
                 let Some(mut s) = self.waiting.remove(i) else { break };
-                let e = super::EngineError::TooLarge { prompt: s.req.prompt_ids.len(), max_tokens: s.req.max_tokens, blocks, capacity: self.pool.capacity() };
+                let e = super::EngineError::TooLarge {
+                    prompt: s.req.prompt_ids.len(),
+                    max_tokens: s.req.max_tokens,
+                    blocks,
+                    capacity: self.pool.capacity(),
+                };
                 s.fail(SequenceError::Refused(e));
                 report.refused += 1;
                 self.retire(s);
@@ -202,7 +213,11 @@ impl<'m> Batcher<'m> {
             let k = hits.len();
             if k < want && !computing.is_empty() {
                 let parent = chain.hashes.last().copied().unwrap_or(0);
-                if computing.contains(&block_hash(parent, &cand.mix_key, &cand.pending[k * BLOCK_TOKENS..(k + 1) * BLOCK_TOKENS])) {
+                if computing.contains(&block_hash(
+                    parent,
+                    &cand.mix_key,
+                    &cand.pending[k * BLOCK_TOKENS..(k + 1) * BLOCK_TOKENS],
+                )) {
                     report.deferred += 1;
                     i += 1;
                     continue;
@@ -210,7 +225,9 @@ impl<'m> Batcher<'m> {
             }
             let todo = all - k * BLOCK_TOKENS;
             let need = blocks_for(all) - k;
-            if (report.admitted > 0 && tokens + todo > self.prefill_chunk) || need > self.pool.available() {
+            if (report.admitted > 0 && tokens + todo > self.prefill_chunk)
+                || need > self.pool.available()
+            {
                 break;
             }
             // `need` fits `available()`, so every allocation succeeds; should one not, the
@@ -253,7 +270,11 @@ impl<'m> Batcher<'m> {
     /// Chain hashes of the prefix blocks running sequences are computing and have not yet
     /// registered in the prefix cache.
     fn blocks_in_flight(&self) -> HashSet<u64> {
-        self.running.iter().filter(|s| s.is_prompt()).flat_map(|s| s.prompt_chain.iter().skip(s.chain.hashes.len()).copied()).collect()
+        self.running
+            .iter()
+            .filter(|s| s.is_prompt())
+            .flat_map(|s| s.prompt_chain.iter().skip(s.chain.hashes.len()).copied())
+            .collect()
     }
 
     /// Reserves every running sequence's blocks for this step's tokens, oldest first,
@@ -262,7 +283,8 @@ impl<'m> Batcher<'m> {
         let mut i = 0;
         while i < self.running.len() {
             let s = &self.running[i];
-            let need = blocks_for(s.cache.len() + s.pending.len()).saturating_sub(s.cache.blocks().len());
+            let need =
+                blocks_for(s.cache.len() + s.pending.len()).saturating_sub(s.cache.blocks().len());
             let mut got = 0;
             while got < need && i < self.running.len() {
                 if let Some(b) = self.pool.allocate() {
@@ -298,10 +320,12 @@ impl<'m> Batcher<'m> {
     /// already on probation fails instead (it failed twice).
     pub fn step(&mut self) -> StepReport {
         let before = self.running.len();
-        let (cancelled, running): (Vec<Sequence>, Vec<Sequence>) = std::mem::take(&mut self.running).into_iter().partition(|s| s.is_cancelled());
+        let (cancelled, running): (Vec<Sequence>, Vec<Sequence>) =
+            std::mem::take(&mut self.running).into_iter().partition(|s| s.is_cancelled());
         self.running = running;
         cancelled.iter().for_each(|s| self.count_tokens(s));
-        let mut report = StepReport { cancelled: before - self.running.len(), ..Default::default() };
+        let mut report =
+            StepReport { cancelled: before - self.running.len(), ..Default::default() };
         let queued = self.waiting.len();
         self.waiting.retain(|s| !s.is_cancelled());
         report.cancelled_waiting = queued - self.waiting.len();
@@ -336,14 +360,23 @@ impl<'m> Batcher<'m> {
             input.push(&s.pending[..feed]);
         }
         report.sequences = self.running.len();
-        let span = tracing::debug_span!("engine_step", sequences = report.sequences, prefill_tokens = report.prefill_tokens, decode_tokens = report.decode_tokens);
+        let span = tracing::debug_span!(
+            "engine_step",
+            sequences = report.sequences,
+            prefill_tokens = report.prefill_tokens,
+            decode_tokens = report.decode_tokens
+        );
         for s in &self.running {
             span.follows_from(&s.req.span);
         }
         let _entered = span.enter();
         let started = std::time::Instant::now();
         let outcome = self.forward(&input);
-        self.pacer.observe(started.elapsed().as_secs_f64(), report.prefill_tokens, report.decode_tokens);
+        self.pacer.observe(
+            started.elapsed().as_secs_f64(),
+            report.prefill_tokens,
+            report.decode_tokens,
+        );
         match outcome {
             Ok(out) => {
                 self.take_tokens(&out, &feeds, &mut report);
@@ -352,7 +385,8 @@ impl<'m> Batcher<'m> {
             Err(e) => self.requeue_failed_step(&e, &mut report),
         }
         let before = self.running.len();
-        let (done, running): (Vec<Sequence>, Vec<Sequence>) = std::mem::take(&mut self.running).into_iter().partition(|s| s.finished.is_some());
+        let (done, running): (Vec<Sequence>, Vec<Sequence>) =
+            std::mem::take(&mut self.running).into_iter().partition(|s| s.finished.is_some());
         self.running = running;
         report.finished = before - self.running.len();
         for s in done {
@@ -367,9 +401,18 @@ impl<'m> Batcher<'m> {
         if !self.pool.prefix_caching() {
             return;
         }
-        for s in self.running.iter_mut().filter(|s| !s.has_failed() && s.cache.len() / BLOCK_TOKENS > s.chain.hashes.len()) {
+        for s in self
+            .running
+            .iter_mut()
+            .filter(|s| !s.has_failed() && s.cache.len() / BLOCK_TOKENS > s.chain.hashes.len())
+        {
             let tokens = s.tokens();
-            self.pool.register(&s.cache, &tokens[..s.cache.len().min(tokens.len())], &s.mix_key, &mut s.chain);
+            self.pool.register(
+                &s.cache,
+                &tokens[..s.cache.len().min(tokens.len())],
+                &s.mix_key,
+                &mut s.chain,
+            );
         }
     }
 
@@ -380,7 +423,11 @@ impl<'m> Batcher<'m> {
     /// only if a sequence that passed its own probation faults in the very step another is on
     /// probation (two faults at once).
     fn requeue_failed_step(&mut self, error: &str, report: &mut StepReport) {
-        tracing::error!(error, sequences = self.running.len(), "forward step failed; re-queueing its sequences");
+        tracing::error!(
+            error,
+            sequences = self.running.len(),
+            "forward step failed; re-queueing its sequences"
+        );
         report.step_failed = true;
         let mut failed = Vec::new();
         for mut s in std::mem::take(&mut self.running).into_iter().rev() {
@@ -416,7 +463,8 @@ impl<'m> Batcher<'m> {
     /// The step's forward and the logits of each sequence's last fed position; a panic
     /// inside is caught and becomes the step's error.
     fn forward(&mut self, input: &BatchInput) -> std::result::Result<StepLogits, String> {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.forward_logits(input))) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.forward_logits(input)))
+        {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(e)) => Err(e.to_string()),
             Err(panic) => Err(SequenceError::from_panic(panic).to_string()),
@@ -425,7 +473,9 @@ impl<'m> Batcher<'m> {
 
     fn forward_logits(&mut self, input: &BatchInput) -> Result<StepLogits> {
         if let Some(f) = &self.faults {
-            if self.running.iter().any(|s| f.fault_for(&s.req.prompt_ids).is_some()) && f.step_fails() {
+            if self.running.iter().any(|s| f.fault_for(&s.req.prompt_ids).is_some())
+                && f.step_fails()
+            {
                 if f.kind == FaultKind::StepPanic {
                     panic!("injected step panic");
                 }
@@ -436,7 +486,12 @@ impl<'m> Batcher<'m> {
         if self.lora.as_ref().is_none_or(|(key, _)| *key != ids) {
             let mixes: Vec<&AdapterMix> = self.running.iter().map(|s| &s.req.mix).collect();
             let lora = match self.path {
-                LoraPath::Batched => StepLora::batched(&mixes, self.model.cfg.num_layers, self.model.dtype(), self.model.device())?,
+                LoraPath::Batched => StepLora::batched(
+                    &mixes,
+                    self.model.cfg.num_layers,
+                    self.model.dtype(),
+                    self.model.device(),
+                )?,
                 LoraPath::PerRow => StepLora::per_row(&mixes),
             };
             self.lora = Some((ids, lora));
@@ -446,14 +501,23 @@ impl<'m> Batcher<'m> {
             None => &StepLora::None,
         };
         let (logits, finite) = {
-            let mut caches: Vec<&mut SeqCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
-            let (hidden, residual) = self.model.forward_with_residual(input, Some(&mut caches), lora)?;
+            let mut caches: Vec<&mut SeqCache> =
+                self.running.iter_mut().map(|s| &mut s.cache).collect();
+            let (hidden, residual) =
+                self.model.forward_with_residual(input, Some(&mut caches), lora)?;
             let logits = self.model.logits(&Llama::last_rows(&hidden, &input.seq_lens)?)?;
             // A row is finite when its logits are and its residual stream's sum of squares
             // (the final norm's statistic) is: an overflowed residual normalises to zeros and
             // would pass for finite logits. Both sums in one small copy for the batch.
-            let norm = Llama::last_rows(&residual, &input.seq_lens)?.to_dtype(DType::F32)?.sqr()?.sum(D::Minus1)?;
-            let finite = (logits.sum(D::Minus1)? + norm)?.to_vec1::<f32>()?.into_iter().map(f32::is_finite).collect::<Vec<_>>();
+            let norm = Llama::last_rows(&residual, &input.seq_lens)?
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum(D::Minus1)?;
+            let finite = (logits.sum(D::Minus1)? + norm)?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f32::is_finite)
+                .collect::<Vec<_>>();
             (logits, finite)
         };
         // Greedy rows take their argmax in one op on the logits' device and one small copy;
@@ -483,7 +547,9 @@ impl<'m> Batcher<'m> {
                 continue;
             }
             let fault = faults.and_then(|f| f.fault_for(&s.req.prompt_ids));
-            let chosen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| out.choose(s, row, fault, tok)));
+            let chosen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                out.choose(s, row, fault, tok)
+            }));
             if let Err(e) = chosen.unwrap_or_else(|panic| Err(SequenceError::from_panic(panic))) {
                 tracing::warn!(parent: &s.req.span, error = %e, "sequence failed; its batch continues");
                 s.fail(e);
@@ -515,7 +581,13 @@ struct StepLogits {
 
 impl StepLogits {
     /// Row `row`'s next token for `s`.
-    fn choose(&self, s: &mut Sequence, row: usize, fault: Option<FaultKind>, tok: &TextTokenizer) -> std::result::Result<(), SequenceError> {
+    fn choose(
+        &self,
+        s: &mut Sequence,
+        row: usize,
+        fault: Option<FaultKind>,
+        tok: &TextTokenizer,
+    ) -> std::result::Result<(), SequenceError> {
         if fault == Some(FaultKind::RowNan) || !self.finite.get(row).copied().unwrap_or(false) {
             return Err(SequenceError::NonFinite { with_adapters: !s.req.mix.is_empty() });
         }
@@ -526,8 +598,12 @@ impl StepLogits {
         }
         let bug = || SequenceError::Token("a sampled row without logits; this is a bug".into());
         match (&self.argmax, &self.host) {
-            (Some(picks), _) if s.is_plain_greedy() => s.accept_greedy(*picks.get(row).ok_or_else(bug)?, tok),
-            (_, Some(host)) => s.accept(&host.get(row).map_err(|e| SequenceError::Token(e.to_string()))?, tok),
+            (Some(picks), _) if s.is_plain_greedy() => {
+                s.accept_greedy(*picks.get(row).ok_or_else(bug)?, tok)
+            }
+            (_, Some(host)) => {
+                s.accept(&host.get(row).map_err(|e| SequenceError::Token(e.to_string()))?, tok)
+            }
             _ => Err(bug()),
         }
     }

@@ -88,7 +88,8 @@ impl FaultInjection {
 
     /// The fault for a sequence with these prompt ids, if it is a marked one.
     pub fn fault_for(&self, prompt_ids: &[u32]) -> Option<FaultKind> {
-        let marked = !self.marker.is_empty() && prompt_ids.windows(self.marker.len()).any(|w| w == self.marker.as_slice());
+        let marked = !self.marker.is_empty()
+            && prompt_ids.windows(self.marker.len()).any(|w| w == self.marker.as_slice());
         marked.then_some(self.kind)
     }
 

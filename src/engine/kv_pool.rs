@@ -31,13 +31,24 @@ impl MixKey {
         for e in &mix.entries {
             (&e.adapter.name, e.adapter.version, e.scale.to_bits()).hash(&mut h);
         }
-        Self { hash: h.finish(), entries: mix.entries.iter().map(|e| (Arc::downgrade(&e.adapter), e.scale.to_bits())).collect() }
+        Self {
+            hash: h.finish(),
+            entries: mix
+                .entries
+                .iter()
+                .map(|e| (Arc::downgrade(&e.adapter), e.scale.to_bits()))
+                .collect(),
+        }
     }
 
     fn same(&self, other: &MixKey) -> bool {
         self.hash == other.hash
             && self.entries.len() == other.entries.len()
-            && self.entries.iter().zip(&other.entries).all(|(a, b)| Weak::ptr_eq(&a.0, &b.0) && a.1 == b.1)
+            && self
+                .entries
+                .iter()
+                .zip(&other.entries)
+                .all(|(a, b)| Weak::ptr_eq(&a.0, &b.0) && a.1 == b.1)
     }
 }
 
@@ -103,7 +114,13 @@ pub struct KvPool {
 
 impl KvPool {
     /// `capacity` blocks of `layers × width` floats each for K and V.
-    pub fn new(capacity: usize, layers: usize, width: usize, host: bool, prefix_cache: bool) -> Self {
+    pub fn new(
+        capacity: usize,
+        layers: usize,
+        width: usize,
+        host: bool,
+        prefix_cache: bool,
+    ) -> Self {
         Self {
             capacity,
             live: Arc::new(AtomicUsize::new(0)),
@@ -136,7 +153,9 @@ impl KvPool {
 
     /// Cached blocks no sequence holds (evictable).
     pub fn idle_cached(&self) -> usize {
-        self.cache.as_ref().map_or(0, |c| c.values().filter(|e| Arc::strong_count(&e.block) == 1).count())
+        self.cache
+            .as_ref()
+            .map_or(0, |c| c.values().filter(|e| Arc::strong_count(&e.block) == 1).count())
     }
 
     /// Blocks in use by sequences (idle cached ones count as free, as vLLM counts them), and
@@ -160,18 +179,32 @@ impl KvPool {
         if self.live() >= self.capacity && !self.evict_one() {
             return None;
         }
-        Some(Arc::new(KvBlock::new(self.layers, self.width, self.host, Some(Lease::take(&self.live)))))
+        Some(Arc::new(KvBlock::new(
+            self.layers,
+            self.width,
+            self.host,
+            Some(Lease::take(&self.live)),
+        )))
     }
 
     fn evict_one(&mut self) -> bool {
         let Some(cache) = &mut self.cache else { return false };
-        let victim = cache.iter().filter(|(_, e)| Arc::strong_count(&e.block) == 1).min_by_key(|(_, e)| e.last_used).map(|(h, _)| *h);
+        let victim = cache
+            .iter()
+            .filter(|(_, e)| Arc::strong_count(&e.block) == 1)
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(h, _)| *h);
         victim.is_some_and(|h| cache.remove(&h).is_some())
     }
 
     /// The cached blocks that continue `tokens` under `mix` from the start, at most
     /// `max_blocks`, with their chain. Touches them (LRU).
-    pub fn lookup(&mut self, tokens: &[u32], mix: &MixKey, max_blocks: usize) -> (Vec<Arc<KvBlock>>, PrefixChain) {
+    pub fn lookup(
+        &mut self,
+        tokens: &[u32],
+        mix: &MixKey,
+        max_blocks: usize,
+    ) -> (Vec<Arc<KvBlock>>, PrefixChain) {
         let Some(cache) = &mut self.cache else { return (Vec::new(), PrefixChain::default()) };
         self.tick += 1;
         let (mut blocks, mut chain, mut parent) = (Vec::new(), PrefixChain::default(), 0u64);
@@ -200,9 +233,16 @@ impl KvPool {
 
     /// Puts the sequence's full blocks past `chain` into the cache. `tokens` are the tokens
     /// its cache holds, in order.
-    pub fn register(&mut self, cache: &SeqCache, tokens: &[u32], mix: &Arc<MixKey>, chain: &mut PrefixChain) {
+    pub fn register(
+        &mut self,
+        cache: &SeqCache,
+        tokens: &[u32],
+        mix: &Arc<MixKey>,
+        chain: &mut PrefixChain,
+    ) {
         let Some(map) = &mut self.cache else { return };
-        let full = (cache.len() / BLOCK_TOKENS).min(cache.blocks().len()).min(tokens.len() / BLOCK_TOKENS);
+        let full =
+            (cache.len() / BLOCK_TOKENS).min(cache.blocks().len()).min(tokens.len() / BLOCK_TOKENS);
         if chain.hashes.len() >= full {
             return;
         }
@@ -212,7 +252,13 @@ impl KvPool {
             let chunk = &tokens[b * BLOCK_TOKENS..(b + 1) * BLOCK_TOKENS];
             let h = block_hash(parent, mix, chunk);
             // An equal block computed by another sequence meanwhile stays the cached one.
-            let e = map.entry(h).or_insert_with(|| Entry { block: cache.blocks()[b].clone(), parent, tokens: chunk.to_vec(), mix: mix.clone(), last_used: 0 });
+            let e = map.entry(h).or_insert_with(|| Entry {
+                block: cache.blocks()[b].clone(),
+                parent,
+                tokens: chunk.to_vec(),
+                mix: mix.clone(),
+                last_used: 0,
+            });
             e.last_used = self.tick;
             chain.hashes.push(h);
         }

@@ -75,8 +75,16 @@ pub struct Usage {
 pub enum TokenEvent {
     /// `text` is the newly printable text (may be empty while a stop string or UTF-8
     /// character is incomplete); `top` is empty unless log-probabilities were asked for.
-    Token { id: u32, text: String, logprob: f32, top: Vec<(u32, f32)> },
-    Done { reason: FinishReason, usage: Usage },
+    Token {
+        id: u32,
+        text: String,
+        logprob: f32,
+        top: Vec<(u32, f32)>,
+    },
+    Done {
+        reason: FinishReason,
+        usage: Usage,
+    },
     Error(SequenceError),
 }
 
@@ -121,7 +129,9 @@ pub enum EngineError {
     #[error("the server is overloaded: {waiting} sequences are waiting and this request adds {adding} (limit {limit}); retry later")]
     QueueFull { waiting: usize, adding: usize, limit: usize },
     /// More sequences (prompts × `n`) than the queue can ever hold: never retryable.
-    #[error("the request needs {sequences} sequences (prompts × n); the queue holds at most {limit}")]
+    #[error(
+        "the request needs {sequences} sequences (prompts × n); the queue holds at most {limit}"
+    )]
     TooManySequences { sequences: usize, limit: usize },
     #[error("the server is shutting down")]
     ShuttingDown,

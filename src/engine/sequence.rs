@@ -44,7 +44,12 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(id: u64, req: Request, num_layers: usize, events: UnboundedSender<TokenEvent>) -> Self {
+    pub fn new(
+        id: u64,
+        req: Request,
+        num_layers: usize,
+        events: UnboundedSender<TokenEvent>,
+    ) -> Self {
         let cache = SeqCache::pooled(num_layers, req.prompt_ids.len() + req.max_tokens);
         Self {
             id,
@@ -150,10 +155,17 @@ impl Sequence {
         self.push_token(token, 0.0, Vec::new(), tok)
     }
 
-    fn push_token(&mut self, token: u32, lp: f32, top: Vec<(u32, f32)>, tok: &TextTokenizer) -> Result<(), SequenceError> {
+    fn push_token(
+        &mut self,
+        token: u32,
+        lp: f32,
+        top: Vec<(u32, f32)>,
+        tok: &TextTokenizer,
+    ) -> Result<(), SequenceError> {
         self.generated.push(token);
         let is_eos = self.req.stop_at_eos && tok.eos_ids.contains(&token);
-        let text_ids = if is_eos { &self.generated[..self.generated.len() - 1] } else { &self.generated[..] };
+        let text_ids =
+            if is_eos { &self.generated[..self.generated.len() - 1] } else { &self.generated[..] };
         let text = tok.decode(text_ids).map_err(|e| SequenceError::Token(e.to_string()))?;
         let mut finish = None;
         let mut end = safe_prefix_len(&text, &self.req.stop);
@@ -161,7 +173,14 @@ impl Sequence {
             finish = Some(FinishReason::Stop);
             end = text.len();
         }
-        if let Some(pos) = self.req.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+        if let Some(pos) = self
+            .req
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
             finish = Some(FinishReason::Stop);
             end = pos;
         } else if finish.is_none() && self.generated.len() >= self.req.max_tokens {
@@ -173,7 +192,10 @@ impl Sequence {
         self.emitted = end;
         let _ = self.events.send(TokenEvent::Token { id: token, text: delta, logprob: lp, top });
         if let Some(reason) = finish {
-            let usage = Usage { prompt_tokens: self.req.prompt_ids.len(), completion_tokens: self.generated.len() };
+            let usage = Usage {
+                prompt_tokens: self.req.prompt_ids.len(),
+                completion_tokens: self.generated.len(),
+            };
             self.final_event = Some(TokenEvent::Done { reason, usage });
             self.finished = Some(reason);
         }

@@ -30,7 +30,14 @@ pub struct EngineStats {
 }
 
 fn adapter_names<'a>(reqs: impl Iterator<Item = &'a Request>) -> Vec<String> {
-    let mut names: Vec<String> = reqs.flat_map(|r| r.model.iter().map(|m| m.to_string()).chain(r.mix.entries.iter().map(|e| e.adapter.name.clone()))).collect();
+    let mut names: Vec<String> = reqs
+        .flat_map(|r| {
+            r.model
+                .iter()
+                .map(|m| m.to_string())
+                .chain(r.mix.entries.iter().map(|e| e.adapter.name.clone()))
+        })
+        .collect();
     names.sort();
     names.dedup();
     names
@@ -65,15 +72,31 @@ pub struct Engine {
 
 impl Engine {
     /// Moves the model into a new engine thread and returns the handle.
-    pub fn start(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, metrics: Option<Arc<crate::metrics::Metrics>>) -> std::io::Result<Engine> {
+    pub fn start(
+        model: Llama,
+        tok: Arc<TextTokenizer>,
+        cfg: EngineConfig,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> std::io::Result<Engine> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let worker_stats = stats.clone();
         let block_bytes = model.kv_block_bytes();
         let per_token = block_bytes / crate::model::kv_cache::BLOCK_TOKENS;
-        let bytes = cfg.kv_cache_bytes.unwrap_or_else(|| super::default_kv_cache_bytes(per_token, model.cfg.max_position_embeddings, cfg.max_batch_size));
+        let bytes = cfg.kv_cache_bytes.unwrap_or_else(|| {
+            super::default_kv_cache_bytes(
+                per_token,
+                model.cfg.max_position_embeddings,
+                cfg.max_batch_size,
+            )
+        });
         let blocks = (bytes / block_bytes).max(1);
-        let kv = KvInfo { blocks, block_bytes, bytes: blocks * block_bytes, prefix_cache: cfg.prefix_cache && model.host_kv() };
+        let kv = KvInfo {
+            blocks,
+            block_bytes,
+            bytes: blocks * block_bytes,
+            prefix_cache: cfg.prefix_cache && model.host_kv(),
+        };
         tracing::info!(
             kv_cache_bytes = kv.bytes,
             blocks,
@@ -83,12 +106,10 @@ impl Engine {
             configured = cfg.kv_cache_bytes.is_some(),
             "KV cache pool"
         );
-        std::thread::Builder::new()
-            .name("loraplex-engine".into())
-            .spawn({
-                let cfg = cfg.clone();
-                move || run(model, tok, cfg, kv, rx, worker_stats, metrics)
-            })?;
+        std::thread::Builder::new().name("loraplex-engine".into()).spawn({
+            let cfg = cfg.clone();
+            move || run(model, tok, cfg, kv, rx, worker_stats, metrics)
+        })?;
         Ok(Engine { tx, stats, cfg, kv, next_id: Arc::new(AtomicU64::new(1)) })
     }
 
@@ -108,21 +129,31 @@ impl Engine {
     /// sequences than the queue can ever hold is refused for good
     /// ([`EngineError::TooManySequences`]), one that does not fit the queue now is refused
     /// until later ([`EngineError::QueueFull`]).
-    pub fn submit_all(&self, reqs: Vec<Request>) -> Result<Vec<UnboundedReceiver<TokenEvent>>, EngineError> {
+    pub fn submit_all(
+        &self,
+        reqs: Vec<Request>,
+    ) -> Result<Vec<UnboundedReceiver<TokenEvent>>, EngineError> {
         if self.stats.draining.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }
         for req in &reqs {
             let blocks = crate::model::kv_cache::blocks_for(req.prompt_ids.len() + req.max_tokens);
             if blocks > self.kv.blocks {
-                return Err(EngineError::TooLarge { prompt: req.prompt_ids.len(), max_tokens: req.max_tokens, blocks, capacity: self.kv.blocks });
+                return Err(EngineError::TooLarge {
+                    prompt: req.prompt_ids.len(),
+                    max_tokens: req.max_tokens,
+                    blocks,
+                    capacity: self.kv.blocks,
+                });
             }
         }
         let (adding, limit) = (reqs.len(), self.cfg.max_waiting);
         if adding > limit {
             return Err(EngineError::TooManySequences { sequences: adding, limit });
         }
-        let reserved = self.stats.waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w + adding <= limit).then_some(w + adding));
+        let reserved = self.stats.waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+            (w + adding <= limit).then_some(w + adding)
+        });
         if let Err(waiting) = reserved {
             return Err(EngineError::QueueFull { waiting, adding, limit });
         }
@@ -133,7 +164,8 @@ impl Engine {
             sequences.push((self.next_id.fetch_add(1, Ordering::Relaxed), req, events));
             rxs.push(rx);
         }
-        if self.tx.send(Submission { sequences, submitted_at: std::time::Instant::now() }).is_err() {
+        if self.tx.send(Submission { sequences, submitted_at: std::time::Instant::now() }).is_err()
+        {
             self.stats.waiting.fetch_sub(adding, Ordering::SeqCst);
             return Err(EngineError::ShuttingDown);
         }
@@ -156,13 +188,28 @@ impl Engine {
 
     /// No sequence is waiting or running.
     pub fn is_idle(&self) -> bool {
-        self.stats.waiting.load(Ordering::SeqCst) == 0 && self.stats.running.load(Ordering::SeqCst) == 0
+        self.stats.waiting.load(Ordering::SeqCst) == 0
+            && self.stats.running.load(Ordering::SeqCst) == 0
     }
 }
 
 #[allow(clippy::too_many_arguments)] // the thread's whole state, moved in once
-fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, kv: KvInfo, rx: mpsc::Receiver<Submission>, stats: Arc<EngineStats>, metrics: Option<Arc<crate::metrics::Metrics>>) {
-    let pool = KvPool::new(kv.blocks, model.cfg.num_layers, model.kv_width(), model.host_kv(), kv.prefix_cache);
+fn run(
+    model: Llama,
+    tok: Arc<TextTokenizer>,
+    cfg: EngineConfig,
+    kv: KvInfo,
+    rx: mpsc::Receiver<Submission>,
+    stats: Arc<EngineStats>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+) {
+    let pool = KvPool::new(
+        kv.blocks,
+        model.cfg.num_layers,
+        model.kv_width(),
+        model.host_kv(),
+        kv.prefix_cache,
+    );
     let mut batcher = Batcher::with_pool(&model, &tok, LoraPath::Batched, pool);
     batcher.prefill_chunk = cfg.max_prefill_tokens;
     batcher.max_batch = cfg.max_batch_size;
@@ -198,14 +245,18 @@ fn run(model: Llama, tok: Arc<TextTokenizer>, cfg: EngineConfig, kv: KvInfo, rx:
         // they leave `running`, admitted ones join `running` before they leave `waiting`.
         stats.waiting.fetch_add(report.preempted + report.requeued, Ordering::SeqCst);
         stats.running.store(batcher.running.len(), Ordering::SeqCst);
-        stats.waiting.fetch_sub(report.admitted + report.cancelled_waiting + report.refused, Ordering::SeqCst);
+        stats.waiting.fetch_sub(
+            report.admitted + report.cancelled_waiting + report.refused,
+            Ordering::SeqCst,
+        );
         stats.steps.fetch_add(1, Ordering::Relaxed);
         stats.kv_tokens.store(batcher.kv_tokens(), Ordering::Relaxed);
         let (used, idle) = batcher.pool.used_and_idle();
         stats.kv_blocks_used.store(used, Ordering::Relaxed);
         stats.kv_blocks_cached.store(idle, Ordering::Relaxed);
         if metrics.is_some() {
-            *stats.adapters_waiting.lock().unwrap_or_else(|p| p.into_inner()) = adapter_names(batcher.waiting.iter().map(|s| &s.req));
+            *stats.adapters_waiting.lock().unwrap_or_else(|p| p.into_inner()) =
+                adapter_names(batcher.waiting.iter().map(|s| &s.req));
         }
         tracing::trace!(?report, "engine step");
     }

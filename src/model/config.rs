@@ -169,7 +169,12 @@ pub enum RopeScaling {
     /// Llama 3.x (`rope_type: "llama3"`): wavelengths longer than `original / low_freq_factor`
     /// are stretched by `factor`, those shorter than `original / high_freq_factor` kept, and the
     /// band between interpolated.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
     /// One divisor per frequency, as GGUF files store Llama 3.x scaling (`rope_freqs.weight`).
     Divisors(Vec<f32>),
     /// Every frequency divided by `factor` (`rope_type: "linear"`, position interpolation).
@@ -181,13 +186,25 @@ impl LlamaConfig {
     pub fn inv_freq(&self) -> Vec<f32> {
         let half = self.head_dim / 2;
         // f32 throughout, as transformers computes them.
-        let base: Vec<f32> = (0..half).map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / self.head_dim as f32)).collect();
+        let base: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / self.head_dim as f32))
+            .collect();
         match &self.rope_scaling {
             RopeScaling::None => base,
-            RopeScaling::Divisors(d) => base.iter().zip(d.iter().chain(std::iter::repeat(&1.0))).map(|(f, d)| f / d).collect(),
+            RopeScaling::Divisors(d) => base
+                .iter()
+                .zip(d.iter().chain(std::iter::repeat(&1.0)))
+                .map(|(f, d)| f / d)
+                .collect(),
             &RopeScaling::Linear(factor) => base.iter().map(|f| f / factor as f32).collect(),
-            &RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
-                let (factor, low, high, old) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, old as f32);
+            &RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let (factor, low, high, old) =
+                    (factor as f32, low_freq_factor as f32, high_freq_factor as f32, old as f32);
                 let (low_wavelen, high_wavelen) = (old / low, old / high);
                 base.iter()
                     .map(|&f| {
@@ -229,7 +246,15 @@ impl LlamaConfig {
     /// [`LlamaConfig::tiny`] with widths that are whole 32-blocks (what the packed integer
     /// kernels need): the tiny model of the packed path's invariant tests.
     pub fn tiny_packable() -> Self {
-        Self { vocab_size: 96, hidden_size: 64, intermediate_size: 96, num_heads: 4, num_kv_heads: 2, head_dim: 16, ..Self::tiny() }
+        Self {
+            vocab_size: 96,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            ..Self::tiny()
+        }
     }
 
     /// [`LlamaConfig::tiny`] once per architecture description the decoder supports (Llama;
@@ -237,7 +262,10 @@ impl LlamaConfig {
     /// run over, so that each description keeps them.
     pub fn tiny_families() -> Vec<Self> {
         use super::Target::*;
-        let with = |name: &str, biased: Vec<super::Target>, qk_norm: bool, fused: bool| Self { arch: Arch { name: name.into(), biased, qk_norm, fused, ..Arch::llama() }, ..Self::tiny() };
+        let with = |name: &str, biased: Vec<super::Target>, qk_norm: bool, fused: bool| Self {
+            arch: Arch { name: name.into(), biased, qk_norm, fused, ..Arch::llama() },
+            ..Self::tiny()
+        };
         let gemma = Arch {
             name: "gemma3_text".into(),
             qk_norm: true,
@@ -263,13 +291,26 @@ impl LlamaConfig {
     /// The stored (and PEFT) module that holds projection `id`.
     pub fn stored_module(&self, id: super::ModuleId) -> StoredModule {
         use super::Target::*;
-        let (q, kv, ff, hd) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size, self.head_dim);
+        let (q, kv, ff, hd) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.intermediate_size,
+            self.head_dim,
+        );
         let out = self.proj_dims(id.target).1;
         let l = id.layer;
         if self.arch.naming == Naming::Bloom {
             // One `query_key_value` whose rows are grouped per head: `[h][q, k, v][head_dim]`.
-            let part = |which: usize| (0..self.num_heads).flat_map(|h| (3 * h + which) * hd..(3 * h + which + 1) * hd).collect();
-            let module = |name: &str, rows: Vec<usize>, out: usize| StoredModule { path: format!("transformer.h.{l}.{name}"), rows, out };
+            let part = |which: usize| {
+                (0..self.num_heads)
+                    .flat_map(|h| (3 * h + which) * hd..(3 * h + which + 1) * hd)
+                    .collect()
+            };
+            let module = |name: &str, rows: Vec<usize>, out: usize| StoredModule {
+                path: format!("transformer.h.{l}.{name}"),
+                rows,
+                out,
+            };
             return match id.target {
                 Q => module("self_attention.query_key_value", part(0), 3 * q),
                 K => module("self_attention.query_key_value", part(1), 3 * q),
@@ -281,7 +322,11 @@ impl LlamaConfig {
                 Gate => module("mlp.<no gate>", Vec::new(), 0),
             };
         }
-        let fused = |name: &str, rows: std::ops::Range<usize>, out: usize| StoredModule { path: format!("model.layers.{l}.{}.{name}", id.target.parent()), rows: rows.collect(), out };
+        let fused = |name: &str, rows: std::ops::Range<usize>, out: usize| StoredModule {
+            path: format!("model.layers.{l}.{}.{name}", id.target.parent()),
+            rows: rows.collect(),
+            out,
+        };
         match id.target {
             Q if self.arch.fused => fused("qkv_proj", 0..q, q + 2 * kv),
             K if self.arch.fused => fused("qkv_proj", q..q + kv, q + 2 * kv),
@@ -342,7 +387,12 @@ fn default_max_pos() -> usize {
 }
 
 impl HfConfigJson {
-    pub fn into_config(self, rope_theta: f64, rope_scaling: RopeScaling, arch: Arch) -> LlamaConfig {
+    pub fn into_config(
+        self,
+        rope_theta: f64,
+        rope_scaling: RopeScaling,
+        arch: Arch,
+    ) -> LlamaConfig {
         let c = self;
         let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
         LlamaConfig {
@@ -376,7 +426,10 @@ pub fn rope_from_hf(raw: &serde_json::Value) -> Result<(f64, RopeScaling), Strin
         }
         return rope_from_hf(&flat);
     }
-    let (key, p) = match (raw.get("rope_parameters").filter(|v| !v.is_null()), raw.get("rope_scaling").filter(|v| !v.is_null())) {
+    let (key, p) = match (
+        raw.get("rope_parameters").filter(|v| !v.is_null()),
+        raw.get("rope_scaling").filter(|v| !v.is_null()),
+    ) {
         (Some(p), _) => ("rope_parameters", p),
         (None, Some(s)) => ("rope_scaling", s),
         (None, None) => ("rope_parameters", &serde_json::Value::Null),
@@ -386,14 +439,17 @@ pub fn rope_from_hf(raw: &serde_json::Value) -> Result<(f64, RopeScaling), Strin
     }
     let theta = match p.get("rope_theta").or_else(|| raw.get("rope_theta")) {
         None => 10_000.0,
-        Some(v) => v.as_f64().filter(|t| *t > 0.0).ok_or_else(|| format!("`rope_theta` must be a positive number, got {v}"))?,
+        Some(v) => v
+            .as_f64()
+            .filter(|t| *t > 0.0)
+            .ok_or_else(|| format!("`rope_theta` must be a positive number, got {v}"))?,
     };
-    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+    let kind =
+        p.get("rope_type").or_else(|| p.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
     let num = |field: &str| -> Result<f64, String> {
-        p.get(field)
-            .and_then(|v| v.as_f64())
-            .filter(|v| v.is_finite() && *v > 0.0)
-            .ok_or_else(|| format!("`{key}.{field}` must be a positive number for rope type `{kind}`"))
+        p.get(field).and_then(|v| v.as_f64()).filter(|v| v.is_finite() && *v > 0.0).ok_or_else(
+            || format!("`{key}.{field}` must be a positive number for rope type `{kind}`"),
+        )
     };
     if let Some(f) = p.get("partial_rotary_factor").or_else(|| raw.get("partial_rotary_factor")) {
         if f.as_f64() != Some(1.0) {
@@ -403,14 +459,24 @@ pub fn rope_from_hf(raw: &serde_json::Value) -> Result<(f64, RopeScaling), Strin
     let scaling = match kind {
         "default" => RopeScaling::None,
         "llama3" => {
-            let (low_freq_factor, high_freq_factor) = (num("low_freq_factor")?, num("high_freq_factor")?);
+            let (low_freq_factor, high_freq_factor) =
+                (num("low_freq_factor")?, num("high_freq_factor")?);
             if high_freq_factor <= low_freq_factor {
                 return Err(format!("`{key}.high_freq_factor` must exceed `low_freq_factor`"));
             }
-            RopeScaling::Llama3 { factor: num("factor")?, low_freq_factor, high_freq_factor, original_max_position_embeddings: num("original_max_position_embeddings")? }
+            RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            }
         }
         "linear" => RopeScaling::Linear(num("factor")?),
-        other => return Err(format!("rope type `{other}` (`{key}`) is not supported; supported: default, linear, llama3")),
+        other => {
+            return Err(format!(
+            "rope type `{other}` (`{key}`) is not supported; supported: default, linear, llama3"
+        ))
+        }
     };
     Ok((theta, scaling))
 }
@@ -423,7 +489,15 @@ pub fn local_rope_theta_from_hf(raw: &serde_json::Value) -> Result<Option<f64>, 
         if kind != "default" {
             return Err(format!("rope type `{kind}` for sliding-window layers is not supported"));
         }
-        return p.get("rope_theta").and_then(|v| v.as_f64()).filter(|t| *t > 0.0).map(Some).ok_or_else(|| "`rope_parameters.sliding_attention.rope_theta` must be a positive number".to_string());
+        return p
+            .get("rope_theta")
+            .and_then(|v| v.as_f64())
+            .filter(|t| *t > 0.0)
+            .map(Some)
+            .ok_or_else(|| {
+                "`rope_parameters.sliding_attention.rope_theta` must be a positive number"
+                    .to_string()
+            });
     }
     Ok(raw.get("rope_local_base_freq").and_then(|v| v.as_f64()))
 }

@@ -35,8 +35,14 @@ fn new_cuda(n: usize) -> Result<Device> {
         Ok(Ok(d)) => Ok(d),
         Ok(Err(e)) => Err(unavailable(e.to_string())),
         Err(panic) => {
-            let text = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-            Err(unavailable(format!("the CUDA driver failed (is an NVIDIA driver for CUDA 13 installed?): {text}")))
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(unavailable(format!(
+                "the CUDA driver failed (is an NVIDIA driver for CUDA 13 installed?): {text}"
+            )))
         }
     }
 }
@@ -76,7 +82,9 @@ impl WeightFormat {
             other => return Err(ModelError::DType(other.to_string())),
         };
         if fmt == WeightFormat::Packed && !device.is_cpu() {
-            return Err(ModelError::DType("packed (the packed integer kernels run on the CPU only; use bf16 or f16)".into()));
+            return Err(ModelError::DType(
+                "packed (the packed integer kernels run on the CPU only; use bf16 or f16)".into(),
+            ));
         }
         Ok(fmt)
     }

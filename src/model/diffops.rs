@@ -69,16 +69,24 @@ impl CustomOp1 for RmsNorm {
             with_data(grad, self.name(), |g| {
                 let mut dx = vec![0f32; x.len()];
                 let per = rows_per_task(d) * d;
-                dx.par_chunks_mut(per).zip(x.par_chunks(per)).zip(g.par_chunks(per)).for_each(|((dx, x), g)| {
-                    for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-                        let r = inv_rms(x, self.eps);
-                        let dot: f32 = g.iter().zip(&self.w).zip(x).map(|((g, w), x)| g * w * x).sum::<f32>() / d as f32;
-                        let k = r * r * r * dot;
-                        for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(&self.w) {
-                            *dx = r * g * w - x * k;
+                dx.par_chunks_mut(per).zip(x.par_chunks(per)).zip(g.par_chunks(per)).for_each(
+                    |((dx, x), g)| {
+                        for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                            let r = inv_rms(x, self.eps);
+                            let dot: f32 = g
+                                .iter()
+                                .zip(&self.w)
+                                .zip(x)
+                                .map(|((g, w), x)| g * w * x)
+                                .sum::<f32>()
+                                / d as f32;
+                            let k = r * r * r * dot;
+                            for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(&self.w) {
+                                *dx = r * g * w - x * k;
+                            }
                         }
-                    }
-                });
+                    },
+                );
                 Ok(dx)
             })
         })?;
@@ -116,18 +124,20 @@ impl Rope {
         let (hd, half) = (self.hd, self.hd / 2);
         let per_token = self.heads * hd;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(per_token).zip(x.par_chunks(per_token)).enumerate().for_each(|(t, (o, x))| {
-            let cos = &self.cos[t * half..(t + 1) * half];
-            let sin = &self.sin[t * half..(t + 1) * half];
-            for (o, x) in o.chunks_mut(hd).zip(x.chunks(hd)) {
-                for i in 0..half {
-                    let (a, b) = (x[i], x[i + half]);
-                    let s = sign * sin[i];
-                    o[i] = a * cos[i] - b * s;
-                    o[i + half] = b * cos[i] + a * s;
+        out.par_chunks_mut(per_token).zip(x.par_chunks(per_token)).enumerate().for_each(
+            |(t, (o, x))| {
+                let cos = &self.cos[t * half..(t + 1) * half];
+                let sin = &self.sin[t * half..(t + 1) * half];
+                for (o, x) in o.chunks_mut(hd).zip(x.chunks(hd)) {
+                    for i in 0..half {
+                        let (a, b) = (x[i], x[i + half]);
+                        let s = sign * sin[i];
+                        o[i] = a * cos[i] - b * s;
+                        o[i + half] = b * cos[i] + a * s;
+                    }
                 }
-            }
-        });
+            },
+        );
         out
     }
 }
@@ -187,20 +197,22 @@ impl CustomOp1 for CausalSoftmax {
         let total = layout.shape().dims().last().copied().unwrap_or(1);
         let mut out = vec![0f32; s.len()];
         let per = rows_per_task(total);
-        out.par_chunks_mut(per * total).zip(s.par_chunks(per * total)).enumerate().for_each(|(task, (o, s))| {
-            for (i, (o, s)) in o.chunks_mut(total).zip(s.chunks(total)).enumerate() {
-                let vis = self.visible(task * per + i, total);
-                let (o, s) = (&mut o[..vis], &s[..vis]);
-                let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
-                let mut sum = 0f32;
-                for (o, &v) in o.iter_mut().zip(s) {
-                    *o = (v * self.scale - max).exp();
-                    sum += *o;
+        out.par_chunks_mut(per * total).zip(s.par_chunks(per * total)).enumerate().for_each(
+            |(task, (o, s))| {
+                for (i, (o, s)) in o.chunks_mut(total).zip(s.chunks(total)).enumerate() {
+                    let vis = self.visible(task * per + i, total);
+                    let (o, s) = (&mut o[..vis], &s[..vis]);
+                    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
+                    let mut sum = 0f32;
+                    for (o, &v) in o.iter_mut().zip(s) {
+                        *o = (v * self.scale - max).exp();
+                        sum += *o;
+                    }
+                    let inv = 1.0 / sum;
+                    o.iter_mut().for_each(|o| *o *= inv);
                 }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|o| *o *= inv);
-            }
-        });
+            },
+        );
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -211,14 +223,18 @@ impl CustomOp1 for CausalSoftmax {
             with_data(grad, self.name(), |g| {
                 let mut ds = vec![0f32; y.len()];
                 let per = rows_per_task(total) * total;
-                ds.par_chunks_mut(per).zip(y.par_chunks(per)).zip(g.par_chunks(per)).for_each(|((ds, y), g)| {
-                    for ((ds, y), g) in ds.chunks_mut(total).zip(y.chunks(total)).zip(g.chunks(total)) {
-                        let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
-                        for ((ds, &y), &g) in ds.iter_mut().zip(y).zip(g) {
-                            *ds = self.scale * y * (g - dot);
+                ds.par_chunks_mut(per).zip(y.par_chunks(per)).zip(g.par_chunks(per)).for_each(
+                    |((ds, y), g)| {
+                        for ((ds, y), g) in
+                            ds.chunks_mut(total).zip(y.chunks(total)).zip(g.chunks(total))
+                        {
+                            let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                            for ((ds, &y), &g) in ds.iter_mut().zip(y).zip(g) {
+                                *ds = self.scale * y * (g - dot);
+                            }
                         }
-                    }
-                });
+                    },
+                );
                 Ok(ds)
             })
         })?;
@@ -249,7 +265,15 @@ pub fn add_window_mask(scores: &Tensor, t: usize, window: usize) -> Result<Tenso
     let (b, rows, total) = scores.dims3()?;
     let past = total - t;
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j <= past + i && j + window > past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j <= past + i && j + window > past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     let mask = Tensor::from_vec(mask, (t, total), scores.device())?.to_dtype(scores.dtype())?;
     scores.reshape((b, rows / t, t, total))?.broadcast_add(&mask)?.reshape((b, rows, total))

@@ -37,9 +37,19 @@ impl GgufSource {
         let mut src = Self { path: path.to_path_buf(), content, cfg, file, device: device.clone() };
         // Llama 3.x GGUFs carry their rope scaling as per-frequency divisors.
         if src.content.tensor_infos.contains_key("rope_freqs.weight") {
-            let d = src.dense("rope_freqs.weight")?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let d = src
+                .dense("rope_freqs.weight")?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
             if d.len() != src.cfg.head_dim / 2 || d.iter().any(|x| !x.is_finite() || *x <= 0.0) {
-                return Err(ModelError::Invalid { path: path.display().to_string(), reason: format!("`rope_freqs.weight` must hold {} positive values", src.cfg.head_dim / 2) });
+                return Err(ModelError::Invalid {
+                    path: path.display().to_string(),
+                    reason: format!(
+                        "`rope_freqs.weight` must hold {} positive values",
+                        src.cfg.head_dim / 2
+                    ),
+                });
             }
             src.cfg.rope_scaling = super::RopeScaling::Divisors(d);
         }
@@ -52,7 +62,10 @@ impl GgufSource {
 
     fn qtensor(&mut self, name: &str) -> Result<QTensor> {
         if !self.content.tensor_infos.contains_key(name) {
-            return Err(ModelError::Missing { key: name.to_string(), what: self.path.display().to_string() });
+            return Err(ModelError::Missing {
+                key: name.to_string(),
+                what: self.path.display().to_string(),
+            });
         }
         Ok(self.content.tensor(&mut self.file, name, &Device::Cpu)?)
     }
@@ -66,9 +79,17 @@ impl GgufSource {
 pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
     let arch = match c.metadata.get("general.architecture") {
         Some(v) => v.to_string()?.clone(),
-        None => return Err(ModelError::Missing { key: "general.architecture".into(), what: "GGUF metadata".into() }),
+        None => {
+            return Err(ModelError::Missing {
+                key: "general.architecture".into(),
+                what: "GGUF metadata".into(),
+            })
+        }
     };
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3" | "phi3" | "bloom") {
+    if !matches!(
+        arch.as_str(),
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3" | "phi3" | "bloom"
+    ) {
         return Err(ModelError::Unsupported(format!("GGUF architecture `{arch}`; supported: llama, mistral, qwen2, qwen3, gemma3, phi3, bloom")));
     }
     let get = |k: &str| -> Result<&Value> {
@@ -81,13 +102,20 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
         Ok(v) => v.to_u32()? as usize,
         Err(_) => match c.metadata.get("tokenizer.ggml.tokens") {
             Some(t) => t.to_vec()?.len(),
-            None => return Err(ModelError::Missing { key: format!("{arch}.vocab_size"), what: "GGUF metadata".into() }),
+            None => {
+                return Err(ModelError::Missing {
+                    key: format!("{arch}.vocab_size"),
+                    what: "GGUF metadata".into(),
+                })
+            }
         },
     };
     if let Ok(kind) = get("rope.scaling.type") {
         let kind = kind.to_string()?;
         if kind != "none" {
-            return Err(ModelError::Unsupported(format!("GGUF `{arch}.rope.scaling.type` `{kind}` is not supported")));
+            return Err(ModelError::Unsupported(format!(
+                "GGUF `{arch}.rope.scaling.type` `{kind}` is not supported"
+            )));
         }
     }
     let num_layers = get("block_count")?.to_u32()? as usize;
@@ -97,10 +125,16 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
         intermediate_size: get("feed_forward_length")?.to_u32()? as usize,
         num_layers,
         num_heads,
-        num_kv_heads: get("attention.head_count_kv").map_or(Ok(num_heads as u32), |v| v.to_u32())? as usize,
-        head_dim: get("rope.dimension_count").or_else(|_| get("attention.key_length")).map_or(Ok((hidden_size / num_heads) as u32), |v| v.to_u32())? as usize,
+        num_kv_heads: get("attention.head_count_kv").map_or(Ok(num_heads as u32), |v| v.to_u32())?
+            as usize,
+        head_dim: get("rope.dimension_count")
+            .or_else(|_| get("attention.key_length"))
+            .map_or(Ok((hidden_size / num_heads) as u32), |v| v.to_u32())?
+            as usize,
         // BLOOM's LayerNorms have their own key.
-        rms_norm_eps: get("attention.layer_norm_rms_epsilon").or_else(|_| get("attention.layer_norm_epsilon"))?.to_f32()? as f64,
+        rms_norm_eps: get("attention.layer_norm_rms_epsilon")
+            .or_else(|_| get("attention.layer_norm_epsilon"))?
+            .to_f32()? as f64,
         rope_theta: get("rope.freq_base").map_or(Ok(10_000.0), |v| v.to_f32())? as f64,
         rope_scaling: super::RopeScaling::None,
         max_position_embeddings: get("context_length").map_or(Ok(4096), |v| v.to_u32())? as usize,
@@ -116,7 +150,12 @@ fn arch_from_metadata(c: &Content, arch: &str, num_layers: usize) -> Result<supe
     let has = |name: &str| c.tensor_infos.contains_key(name);
     let mut a = super::config::Arch {
         name: arch.to_string(),
-        biased: Target::ALL.into_iter().filter(|&t| has(&tensor_name(ModuleId { layer: 0, target: t }).replace(".weight", ".bias"))).collect(),
+        biased: Target::ALL
+            .into_iter()
+            .filter(|&t| {
+                has(&tensor_name(ModuleId { layer: 0, target: t }).replace(".weight", ".bias"))
+            })
+            .collect(),
         qk_norm: has("blk.0.attn_q_norm.weight"),
         ..super::config::Arch::llama()
     };
@@ -125,15 +164,26 @@ fn arch_from_metadata(c: &Content, arch: &str, num_layers: usize) -> Result<supe
     }
     if arch == "phi3" {
         if has("rope_factors_long.weight") || has("rope_factors_short.weight") {
-            return Err(ModelError::Unsupported("GGUF `rope_factors_long/short` (Phi-3 LongRoPE) are not supported".into()));
+            return Err(ModelError::Unsupported(
+                "GGUF `rope_factors_long/short` (Phi-3 LongRoPE) are not supported".into(),
+            ));
         }
         a.fused = true;
     }
-    if let Some(w) = c.metadata.get(&format!("{arch}.attention.sliding_window")).filter(|_| arch != "gemma3") {
+    if let Some(w) =
+        c.metadata.get(&format!("{arch}.attention.sliding_window")).filter(|_| arch != "gemma3")
+    {
         a.windows = vec![Some(w.to_u32()? as usize); num_layers];
     }
     if arch == "gemma3" {
-        let window = c.metadata.get("gemma3.attention.sliding_window").ok_or(ModelError::Missing { key: "gemma3.attention.sliding_window".into(), what: "GGUF metadata".into() })?.to_u32()? as usize;
+        let window = c
+            .metadata
+            .get("gemma3.attention.sliding_window")
+            .ok_or(ModelError::Missing {
+                key: "gemma3.attention.sliding_window".into(),
+                what: "GGUF metadata".into(),
+            })?
+            .to_u32()? as usize;
         for k in ["gemma3.attn_logit_softcapping", "gemma3.final_logit_softcapping"] {
             if c.metadata.contains_key(k) {
                 return Err(ModelError::Unsupported(format!("GGUF `{k}` is not supported")));
@@ -143,7 +193,8 @@ fn arch_from_metadata(c: &Content, arch: &str, num_layers: usize) -> Result<supe
         a.embed_scale = true;
         a.activation = super::config::Activation::GeluTanh;
         a.query_pre_attn_scalar = Some(256.0);
-        a.windows = (0..num_layers).map(|l| if (l + 1) % 6 == 0 { None } else { Some(window) }).collect();
+        a.windows =
+            (0..num_layers).map(|l| if (l + 1) % 6 == 0 { None } else { Some(window) }).collect();
         a.local_rope_theta = Some(10_000.0);
     }
     Ok(a)
@@ -172,7 +223,6 @@ fn unpermute_src(r: usize, head_dim: usize) -> usize {
     head * head_dim + 2 * i + j
 }
 
-
 /// Rows `rows` of a quantized tensor, in that order: blocks run along rows, so moving whole
 /// rows is exact (no re-quantization). Serves the Q/K un-permutation and fused-tensor parts.
 fn gather_quantized_rows(q: &QTensor, rows: &[usize]) -> Result<QTensor> {
@@ -192,9 +242,11 @@ fn gather_quantized_rows(q: &QTensor, rows: &[usize]) -> Result<QTensor> {
 pub fn dense_to_base(w: Tensor, format: WeightFormat, device: &Device) -> Result<BaseWeight> {
     Ok(match format {
         WeightFormat::Dense(dt) => BaseWeight::Dense(w.to_dtype(dt)?.to_device(device)?),
-        WeightFormat::Quantized(t) => {
-            BaseWeight::quantized(QTensor::quantize_onto(&w, t.unwrap_or(GgmlDType::Q8_0), device)?)?
-        }
+        WeightFormat::Quantized(t) => BaseWeight::quantized(QTensor::quantize_onto(
+            &w,
+            t.unwrap_or(GgmlDType::Q8_0),
+            device,
+        )?)?,
         WeightFormat::Packed => packed_from_dense(&w)?,
     })
 }
@@ -225,18 +277,28 @@ pub fn packed_from_qtensor(q: &QTensor, src_row: impl Fn(usize) -> usize) -> Res
 }
 
 /// [`packed_from_qtensor`] for `rows` rows (a part of a fused tensor).
-fn packed_rows_from_qtensor(q: &QTensor, rows: usize, src_row: impl Fn(usize) -> usize) -> Result<BaseWeight> {
+fn packed_rows_from_qtensor(
+    q: &QTensor,
+    rows: usize,
+    src_row: impl Fn(usize) -> usize,
+) -> Result<BaseWeight> {
     let cols = q.shape().dims2()?.1;
     check_packable(cols)?;
     let dt = q.dtype();
-    if ggml::code_bits(dt).is_none() && !matches!(dt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+    if ggml::code_bits(dt).is_none()
+        && !matches!(dt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+    {
         let w = q.dequantize(&Device::Cpu)?;
         let order: Vec<u32> = (0..rows).map(|r| src_row(r) as u32).collect();
-        return packed_from_dense(&w.index_select(&Tensor::from_vec(order, rows, &Device::Cpu)?, 0)?);
+        return packed_from_dense(
+            &w.index_select(&Tensor::from_vec(order, rows, &Device::Cpu)?, 0)?,
+        );
     }
     let data = q.data()?;
-    let p = PackedMatrix::pack(rows, cols, ggml::packed_kind(dt), |r, codes| ggml::decode_row(dt, &data, cols, src_row(r), codes))
-        .map_err(|e| ModelError::Unsupported(e.to_string()))?;
+    let p = PackedMatrix::pack(rows, cols, ggml::packed_kind(dt), |r, codes| {
+        ggml::decode_row(dt, &data, cols, src_row(r), codes)
+    })
+    .map_err(|e| ModelError::Unsupported(e.to_string()))?;
     Ok(BaseWeight::Packed(std::sync::Arc::new(p)))
 }
 
@@ -270,7 +332,10 @@ impl GgufSource {
     fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
         let w = self.dense(name)?.to_dtype(DType::F32)?;
         if w.dims() != [len] {
-            return Err(ModelError::Invalid { path: self.path.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{len}]", w.dims()) });
+            return Err(ModelError::Invalid {
+                path: self.path.display().to_string(),
+                reason: format!("`{name}` has shape {:?}, expected [{len}]", w.dims()),
+            });
         }
         Ok(w.to_device(&self.device)?)
     }
@@ -351,7 +416,10 @@ impl WeightSource for GgufSource {
         let name = name.replace(".weight", ".bias");
         let b = self.dense(&name)?.to_dtype(DType::F32)?;
         if b.rank() != 1 || rows.iter().any(|&r| r >= b.dim(0).unwrap_or(0)) {
-            return Err(ModelError::Invalid { path: self.path.display().to_string(), reason: format!("`{name}` has shape {:?}", b.dims()) });
+            return Err(ModelError::Invalid {
+                path: self.path.display().to_string(),
+                reason: format!("`{name}` has shape {:?}", b.dims()),
+            });
         }
         Ok(super::select_rows(&b, &rows)?.to_device(&self.device)?)
     }
@@ -361,13 +429,17 @@ impl WeightSource for GgufSource {
         let q = self.qtensor(&name)?;
         let (stored, fan_in) = q.shape().dims2()?;
         if fan_in != self.cfg.proj_dims(id.target).0 || rows.iter().any(|&r| r >= stored) {
-            return Err(ModelError::Invalid { path: self.path.display().to_string(), reason: format!("`{name}` has shape {:?}", q.shape().dims()) });
+            return Err(ModelError::Invalid {
+                path: self.path.display().to_string(),
+                reason: format!("`{name}` has shape {:?}", q.shape().dims()),
+            });
         }
         let whole = rows.len() == stored && rows.iter().enumerate().all(|(i, &r)| i == r);
         if format == WeightFormat::Packed {
             return packed_rows_from_qtensor(&q, rows.len(), |r| rows[r]);
         }
-        let stored_quantized = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        let stored_quantized =
+            !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if matches!(format, WeightFormat::Quantized(None)) && stored_quantized {
             let q = if whole { q } else { gather_quantized_rows(&q, &rows)? };
             return self.quantized_onto(q);
@@ -392,7 +464,11 @@ impl WeightSource for GgufSource {
 }
 
 /// Loads a GGUF model (weights and the source, whose metadata the tokenizer reads).
-pub fn load(path: &Path, format: WeightFormat, device: &Device) -> Result<(super::Llama, GgufSource)> {
+pub fn load(
+    path: &Path,
+    format: WeightFormat,
+    device: &Device,
+) -> Result<(super::Llama, GgufSource)> {
     let mut src = GgufSource::open(path, device)?;
     let cfg = src.cfg.clone();
     let model = super::Llama::load(cfg, &mut src, format, device)?;
@@ -404,16 +480,22 @@ mod tests {
     use super::*;
 
     /// The un-permutation as a reshape: the reference the row map is checked against.
-fn unpermute_dense(w: &Tensor, heads: usize) -> Result<Tensor> {
+    fn unpermute_dense(w: &Tensor, heads: usize) -> Result<Tensor> {
         let (out, fan_in) = w.dims2()?;
         let hd = out / heads;
-        Ok(w.reshape((heads, hd / 2, 2, fan_in))?.transpose(1, 2)?.contiguous()?.reshape((out, fan_in))?)
+        Ok(w.reshape((heads, hd / 2, 2, fan_in))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((out, fan_in))?)
     }
 
     #[test]
     fn unpermute_indices_match_the_dense_reshape() {
         let (heads, hd, fan_in) = (3, 8, 2);
-        let w = Tensor::arange(0f32, (heads * hd * fan_in) as f32, &Device::Cpu).unwrap().reshape((heads * hd, fan_in)).unwrap();
+        let w = Tensor::arange(0f32, (heads * hd * fan_in) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((heads * hd, fan_in))
+            .unwrap();
         let dense = unpermute_dense(&w, heads).unwrap().to_vec2::<f32>().unwrap();
         let rows = w.to_vec2::<f32>().unwrap();
         for (r, row) in dense.iter().enumerate() {

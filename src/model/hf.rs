@@ -1,10 +1,10 @@
 //! Hugging Face model folders (`config.json`, `*.safetensors`, `tokenizer.json`), local or
 //! fetched from the Hub with `hf:ORG/NAME` (needs network; cannot be exercised offline).
 
+use super::config::Arch;
 use super::gguf::dense_to_base;
 use super::linear::BaseWeight;
 use super::llama::WeightSource;
-use super::config::Arch;
 use super::{LlamaConfig, ModelError, ModuleId, Result, Target, WeightFormat};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -18,7 +18,8 @@ pub struct HfSource {
 }
 
 fn read_to_string(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })
+    std::fs::read_to_string(path)
+        .map_err(|source| ModelError::Io { path: path.display().to_string(), source })
 }
 
 /// Reads `config.json`: the family from `model_type`, and every field that changes the forward
@@ -26,12 +27,15 @@ fn read_to_string(path: &Path) -> Result<String> {
 pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     let path = dir.join("config.json");
     let text = read_to_string(&path)?;
-    let raw: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
+    let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Invalid {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
     let arch = arch_from_hf(&raw)?;
     let (theta, scaling) = super::config::rope_from_hf(&raw).map_err(ModelError::Unsupported)?;
-    let cfg: super::config::HfConfigJson = serde_json::from_value(raw)
-        .map_err(|e| ModelError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
+    let cfg: super::config::HfConfigJson = serde_json::from_value(raw).map_err(|e| {
+        ModelError::Invalid { path: path.display().to_string(), reason: e.to_string() }
+    })?;
     Ok(cfg.into_config(theta, scaling, arch))
 }
 
@@ -63,15 +67,27 @@ fn arch_from_hf(raw: &serde_json::Value) -> Result<Arch> {
         other => return Err(ModelError::Unsupported(format!("model_type `{other}`; supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text, bloom"))),
     };
     if let Some(act) = raw.get("hidden_act").and_then(|v| v.as_str()).filter(|a| *a != "silu") {
-        return Err(ModelError::Unsupported(format!("`hidden_act` `{act}` is not supported for model_type `{model_type}` (only silu)")));
+        return Err(ModelError::Unsupported(format!(
+            "`hidden_act` `{act}` is not supported for model_type `{model_type}` (only silu)"
+        )));
     }
     let windows = sliding_windows(raw, model_type)?;
-    Ok(Arch { name: model_type.to_string(), biased, qk_norm, fused: model_type == "phi3", windows, ..Arch::llama() })
+    Ok(Arch {
+        name: model_type.to_string(),
+        biased,
+        qk_norm,
+        fused: model_type == "phi3",
+        windows,
+        ..Arch::llama()
+    })
 }
 
 /// BLOOM ([`Arch::bloom`]), refusing the residual variant it does not compute.
 fn bloom_arch(raw: &serde_json::Value) -> Result<Arch> {
-    if raw.get("apply_residual_connection_post_layernorm").is_some_and(|v| v.as_bool() == Some(true)) {
+    if raw
+        .get("apply_residual_connection_post_layernorm")
+        .is_some_and(|v| v.as_bool() == Some(true))
+    {
         return Err(ModelError::Unsupported("`apply_residual_connection_post_layernorm: true` is not supported for model_type `bloom`".into()));
     }
     Ok(Arch::bloom())
@@ -91,32 +107,43 @@ fn gemma3_arch(raw: &serde_json::Value) -> Result<Arch> {
         return unsupported("`use_bidirectional_attention: true` is not supported".into());
     }
     if raw.get("attention_bias").is_some_and(|v| v.as_bool() == Some(true)) {
-        return unsupported("`attention_bias: true` is not supported for model_type `gemma3_text`".into());
+        return unsupported(
+            "`attention_bias: true` is not supported for model_type `gemma3_text`".into(),
+        );
     }
     match raw.get("hidden_activation").or_else(|| raw.get("hidden_act")).and_then(|v| v.as_str()) {
         Some("gelu_pytorch_tanh") | None => {}
-        Some(other) => return unsupported(format!("`hidden_activation` `{other}` is not supported (only gelu_pytorch_tanh)")),
+        Some(other) => {
+            return unsupported(format!(
+                "`hidden_activation` `{other}` is not supported (only gelu_pytorch_tanh)"
+            ))
+        }
     }
     // Older Gemma 3 configs name no `layer_types`: every `sliding_window_pattern`-th layer is global.
     let windows = if raw.get("layer_types").is_some() {
         sliding_windows(raw, "gemma3_text")?
     } else {
         let layers = raw.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-        let pattern = raw.get("sliding_window_pattern").and_then(|v| v.as_u64()).unwrap_or(6).max(1) as usize;
+        let pattern =
+            raw.get("sliding_window_pattern").and_then(|v| v.as_u64()).unwrap_or(6).max(1) as usize;
         let window = raw.get("sliding_window").and_then(|v| v.as_u64()).map(|w| w as usize);
         if window.is_none() {
             return unsupported("Gemma 3 without a `sliding_window`".into());
         }
         (0..layers).map(|l| if (l + 1) % pattern != 0 { window } else { None }).collect()
     };
-    let local = super::config::local_rope_theta_from_hf(raw).map_err(ModelError::Unsupported)?.unwrap_or(10_000.0);
+    let local = super::config::local_rope_theta_from_hf(raw)
+        .map_err(ModelError::Unsupported)?
+        .unwrap_or(10_000.0);
     Ok(Arch {
         name: "gemma3_text".into(),
         qk_norm: true,
         sandwich_norms: true,
         embed_scale: true,
         activation: super::config::Activation::GeluTanh,
-        query_pre_attn_scalar: Some(raw.get("query_pre_attn_scalar").and_then(|v| v.as_f64()).unwrap_or(256.0)),
+        query_pre_attn_scalar: Some(
+            raw.get("query_pre_attn_scalar").and_then(|v| v.as_f64()).unwrap_or(256.0),
+        ),
         windows,
         local_rope_theta: Some(local),
         ..Arch::llama()
@@ -135,23 +162,31 @@ fn sliding_windows(raw: &serde_json::Value, model_type: &str) -> Result<Vec<Opti
             .map(|t| match t.as_str() {
                 Some("sliding_attention") => Ok(true),
                 Some("full_attention") => Ok(false),
-                other => Err(ModelError::Unsupported(format!("`layer_types` entry {other:?} is not supported for model_type `{model_type}`"))),
+                other => Err(ModelError::Unsupported(format!(
+                    "`layer_types` entry {other:?} is not supported for model_type `{model_type}`"
+                ))),
             })
             .collect::<Result<_>>()?,
         None => match model_type {
             "qwen2" | "qwen3" => {
                 let on = raw.get("use_sliding_window").is_some_and(|v| v.as_bool() == Some(true));
-                let from = raw.get("max_window_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+                let from =
+                    raw.get("max_window_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
                 (0..layers).map(|l| on && l >= from).collect()
             }
             _ => vec![window.is_some(); layers],
         },
     };
     if sliding.len() != layers {
-        return Err(ModelError::Unsupported(format!("`layer_types` has {} entries for {layers} layers", sliding.len())));
+        return Err(ModelError::Unsupported(format!(
+            "`layer_types` has {} entries for {layers} layers",
+            sliding.len()
+        )));
     }
     if sliding.iter().any(|&s| s) && window.is_none() {
-        return Err(ModelError::Unsupported("sliding-window layers without a `sliding_window`".into()));
+        return Err(ModelError::Unsupported(
+            "sliding-window layers without a `sliding_window`".into(),
+        ));
     }
     if sliding.iter().all(|&s| !s) {
         return Ok(Vec::new());
@@ -162,14 +197,18 @@ fn sliding_windows(raw: &serde_json::Value, model_type: &str) -> Result<Vec<Opti
 impl HfSource {
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
         let cfg = read_config(dir)?;
-        let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.display().to_string(), source })?;
+        let entries = std::fs::read_dir(dir)
+            .map_err(|source| ModelError::Io { path: dir.display().to_string(), source })?;
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(ModelError::Missing { key: "*.safetensors".into(), what: dir.display().to_string() });
+            return Err(ModelError::Missing {
+                key: "*.safetensors".into(),
+                what: dir.display().to_string(),
+            });
         }
         let mut tensors = HashMap::new();
         for f in &files {
@@ -185,7 +224,9 @@ impl HfSource {
             super::config::Naming::Llama => name.to_string(),
             super::config::Naming::Bloom => match name {
                 "model.embed_tokens.weight" => "transformer.word_embeddings.weight".into(),
-                n if n.starts_with("model.embed_norm.") => n.replace("model.embed_norm.", "transformer.word_embeddings_layernorm."),
+                n if n.starts_with("model.embed_norm.") => {
+                    n.replace("model.embed_norm.", "transformer.word_embeddings_layernorm.")
+                }
                 n if n.starts_with("model.norm.") => n.replace("model.norm.", "transformer.ln_f."),
                 n => n.replace("model.layers.", "transformer.h."),
             },
@@ -196,7 +237,10 @@ impl HfSource {
         let name = &self.stored_name(name);
         match self.tensors.get(name) {
             Some(t) => Ok(t.to_dtype(DType::F32)?),
-            None => Err(ModelError::Missing { key: name.to_string(), what: self.dir.display().to_string() }),
+            None => Err(ModelError::Missing {
+                key: name.to_string(),
+                what: self.dir.display().to_string(),
+            }),
         }
     }
 }
@@ -209,7 +253,10 @@ impl WeightSource for HfSource {
     fn norm(&mut self, name: &str, len: usize) -> Result<Tensor> {
         let w = self.get(name)?;
         if w.dims() != [len] {
-            return Err(ModelError::Invalid { path: self.dir.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{len}]", w.dims()) });
+            return Err(ModelError::Invalid {
+                path: self.dir.display().to_string(),
+                reason: format!("`{name}` has shape {:?}, expected [{len}]", w.dims()),
+            });
         }
         // Gemma's norms multiply by (1 + w): folded once here (in f32, as transformers adds).
         let w = if self.cfg.arch.name == "gemma3_text" { (w + 1.0)? } else { w };
@@ -220,7 +267,10 @@ impl WeightSource for HfSource {
         let bias = name.replace(".weight", ".bias");
         let b = self.get(&bias)?;
         if b.dims() != [len] {
-            return Err(ModelError::Invalid { path: self.dir.display().to_string(), reason: format!("`{bias}` has shape {:?}, expected [{len}]", b.dims()) });
+            return Err(ModelError::Invalid {
+                path: self.dir.display().to_string(),
+                reason: format!("`{bias}` has shape {:?}, expected [{len}]", b.dims()),
+            });
         }
         Ok(b.to_device(&self.device)?)
     }
@@ -230,7 +280,10 @@ impl WeightSource for HfSource {
         let name = format!("{}.bias", m.path);
         let b = self.get(&name)?;
         if b.dims() != [m.out] {
-            return Err(ModelError::Invalid { path: self.dir.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{}]", b.dims(), m.out) });
+            return Err(ModelError::Invalid {
+                path: self.dir.display().to_string(),
+                reason: format!("`{name}` has shape {:?}, expected [{}]", b.dims(), m.out),
+            });
         }
         Ok(super::select_rows(&b, &m.rows)?.to_device(&self.device)?)
     }
@@ -241,13 +294,23 @@ impl WeightSource for HfSource {
         let w = self.get(&name)?;
         let fan_in = self.cfg.proj_dims(id.target).0;
         if w.dims() != [m.out, fan_in] {
-            return Err(ModelError::Invalid { path: self.dir.display().to_string(), reason: format!("`{name}` has shape {:?}, expected [{}, {fan_in}]", w.dims(), m.out) });
+            return Err(ModelError::Invalid {
+                path: self.dir.display().to_string(),
+                reason: format!(
+                    "`{name}` has shape {:?}, expected [{}, {fan_in}]",
+                    w.dims(),
+                    m.out
+                ),
+            });
         }
         dense_to_base(super::select_rows(&w, &m.rows)?, format, &self.device)
     }
 
     fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight> {
-        let name = if self.cfg.tie_word_embeddings || !self.tensors.contains_key("lm_head.weight") || self.cfg.arch.naming == super::config::Naming::Bloom {
+        let name = if self.cfg.tie_word_embeddings
+            || !self.tensors.contains_key("lm_head.weight")
+            || self.cfg.arch.naming == super::config::Naming::Bloom
+        {
             "model.embed_tokens.weight"
         } else {
             "lm_head.weight"
@@ -267,8 +330,14 @@ pub fn fetch_from_hub(repo: &str) -> Result<PathBuf> {
     match get("model.safetensors.index.json") {
         Ok(index) => {
             let text = read_to_string(&index)?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Download(e.to_string()))?;
-            let mut shards: Vec<&str> = v["weight_map"].as_object().into_iter().flatten().filter_map(|(_, f)| f.as_str()).collect();
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Download(e.to_string()))?;
+            let mut shards: Vec<&str> = v["weight_map"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(_, f)| f.as_str())
+                .collect();
             shards.sort();
             shards.dedup();
             for s in shards {
@@ -279,7 +348,10 @@ pub fn fetch_from_hub(repo: &str) -> Result<PathBuf> {
             get("model.safetensors")?;
         }
     }
-    config.parent().map(Path::to_path_buf).ok_or_else(|| ModelError::Download("no snapshot folder".into()))
+    config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| ModelError::Download("no snapshot folder".into()))
 }
 
 #[cfg(test)]
@@ -294,9 +366,17 @@ mod tests {
     #[test]
     fn sliding_windows_follow_transformers() {
         // Mistral / Phi-3 (older configs): the window on every layer.
-        assert_eq!(windows(json!({"model_type": "mistral", "num_hidden_layers": 2, "sliding_window": 4096})), Ok(vec![Some(4096); 2]));
+        assert_eq!(
+            windows(
+                json!({"model_type": "mistral", "num_hidden_layers": 2, "sliding_window": 4096})
+            ),
+            Ok(vec![Some(4096); 2])
+        );
         // Qwen: only with `use_sliding_window`, from `max_window_layers` on.
-        assert_eq!(windows(json!({"model_type": "qwen2", "num_hidden_layers": 3, "sliding_window": 8})), Ok(vec![]));
+        assert_eq!(
+            windows(json!({"model_type": "qwen2", "num_hidden_layers": 3, "sliding_window": 8})),
+            Ok(vec![])
+        );
         let qwen = json!({"model_type": "qwen2", "num_hidden_layers": 3, "sliding_window": 8, "use_sliding_window": true, "max_window_layers": 1});
         assert_eq!(windows(qwen), Ok(vec![None, Some(8), Some(8)]));
         // transformers 5's `layer_types` wins; an unknown type is refused by name.

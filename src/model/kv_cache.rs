@@ -93,7 +93,14 @@ impl KvBlock {
     /// Writes token-major rows `k`, `v` of `layer` at slots `at..`.
     pub fn write(&mut self, layer: usize, at: usize, k: &[f32], v: &[f32]) {
         let span = self.span(layer);
-        crate::kernels::fused::write_block(&mut self.k[span.clone()], &mut self.v[span], at, k, v, self.width);
+        crate::kernels::fused::write_block(
+            &mut self.k[span.clone()],
+            &mut self.v[span],
+            at,
+            k,
+            v,
+            self.width,
+        );
     }
 }
 
@@ -103,7 +110,10 @@ enum Storage {
     Empty,
     /// The block table holds the data; `lens[l]` tokens of layer `l` are written (a forward
     /// writes layer by layer, so they differ only inside a step).
-    Host { lens: Vec<usize>, width: usize },
+    Host {
+        lens: Vec<usize>,
+        width: usize,
+    },
     Device(Vec<KvCache>),
 }
 
@@ -126,7 +136,13 @@ pub struct SeqCache {
 impl SeqCache {
     /// An unpooled cache. `capacity_hint`: expected total tokens (prompt + generation).
     pub fn new(num_layers: usize, capacity_hint: usize) -> Self {
-        Self { num_layers, capacity_hint, storage: Storage::Empty, blocks: Vec::new(), pooled: false }
+        Self {
+            num_layers,
+            capacity_hint,
+            storage: Storage::Empty,
+            blocks: Vec::new(),
+            pooled: false,
+        }
     }
 
     /// A cache whose blocks are reserved from a pool by the scheduler.
@@ -166,7 +182,9 @@ impl SeqCache {
     /// sequence continues at position `blocks.len() · 16`.
     pub fn attach_prefix(&mut self, blocks: Vec<Arc<KvBlock>>, width: usize) -> Result<()> {
         if !self.blocks.is_empty() || !matches!(self.storage, Storage::Empty) {
-            return Err(ModelError::Generation("a prefix attached to a non-empty KV cache; this is a bug".into()));
+            return Err(ModelError::Generation(
+                "a prefix attached to a non-empty KV cache; this is a bug".into(),
+            ));
         }
         if blocks.is_empty() {
             return Ok(());
@@ -188,11 +206,16 @@ impl SeqCache {
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         if matches!(self.storage, Storage::Empty) {
             let cap = self.capacity_hint.div_ceil(GROW_BY).max(1) * GROW_BY;
-            self.storage = Storage::Device((0..self.num_layers).map(|_| KvCache::new(1, cap)).collect());
+            self.storage =
+                Storage::Device((0..self.num_layers).map(|_| KvCache::new(1, cap)).collect());
         }
         match &mut self.storage {
-            Storage::Device(layers) => Ok(layers[layer].append(&k.contiguous()?, &v.contiguous()?)?),
-            _ => Err(ModelError::Generation("a host KV cache used by the reference attention; this is a bug".into())),
+            Storage::Device(layers) => {
+                Ok(layers[layer].append(&k.contiguous()?, &v.contiguous()?)?)
+            }
+            _ => Err(ModelError::Generation(
+                "a host KV cache used by the reference attention; this is a bug".into(),
+            )),
         }
     }
 
@@ -223,7 +246,8 @@ impl SeqCache {
                 }
                 self.blocks.push(Arc::new(KvBlock::new(self.num_layers, width, true, None)));
             }
-            let block = Arc::get_mut(&mut self.blocks[b]).ok_or_else(|| bug("a shared KV block written"))?;
+            let block = Arc::get_mut(&mut self.blocks[b])
+                .ok_or_else(|| bug("a shared KV block written"))?;
             block.write(layer, at, &k[i * width..(i + m) * width], &v[i * width..(i + m) * width]);
             len += m;
             i += m;
@@ -238,14 +262,20 @@ impl SeqCache {
         let Storage::Host { lens, .. } = &self.storage else { return None };
         let len = *lens.get(layer)?;
         let used = &self.blocks[..blocks_for(len)];
-        Some((used.iter().map(|b| b.key_tile(layer)).collect(), used.iter().map(|b| b.value_rows(layer)).collect(), len))
+        Some((
+            used.iter().map(|b| b.key_tile(layer)).collect(),
+            used.iter().map(|b| b.value_rows(layer)).collect(),
+            len,
+        ))
     }
 
     /// Bytes held by the buffers (capacity, not length).
     pub fn size_in_bytes(&self) -> usize {
         match &self.storage {
             Storage::Empty => 0,
-            Storage::Host { width, .. } => self.blocks.len() * KvBlock::bytes(self.num_layers, *width),
+            Storage::Host { width, .. } => {
+                self.blocks.len() * KvBlock::bytes(self.num_layers, *width)
+            }
             Storage::Device(layers) => layers
                 .iter()
                 .map(|l| {

@@ -55,7 +55,11 @@ impl BaseWeight {
         let y = match self {
             BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
             BaseWeight::Quantized(_, mm) => mm.forward(&x.contiguous()?)?,
-            BaseWeight::Packed(_) => return Err(super::ModelError::Unsupported("packed weights need f32 activations on the CPU".into())),
+            BaseWeight::Packed(_) => {
+                return Err(super::ModelError::Unsupported(
+                    "packed weights need f32 activations on the CPU".into(),
+                ))
+            }
         };
         Ok(y)
     }
@@ -82,7 +86,15 @@ impl BaseWeight {
                 let Some(ws) = HostF32::of(w) else { return Ok(None) };
                 let out = w.dim(0)?;
                 let mut y = vec![0f32; n * out];
-                crate::kernels::dense::matmul_f32(&kernels.pool, xs.slice(), n, k, ws.slice(), out, &mut y);
+                crate::kernels::dense::matmul_f32(
+                    &kernels.pool,
+                    xs.slice(),
+                    n,
+                    k,
+                    ws.slice(),
+                    out,
+                    &mut y,
+                );
                 Ok(Some(y))
             }
             BaseWeight::Quantized(..) => Ok(None),
@@ -134,7 +146,9 @@ impl LoraLinear {
             let shape = (x.dim(0)?, self.base.dims()?.0);
             if let Some(b) = &self.bias {
                 match HostF32::of(b) {
-                    Some(b) => y.chunks_exact_mut(shape.1).for_each(|row| row.iter_mut().zip(b.slice()).for_each(|(y, b)| *y += b)),
+                    Some(b) => y
+                        .chunks_exact_mut(shape.1)
+                        .for_each(|row| row.iter_mut().zip(b.slice()).for_each(|(y, b)| *y += b)),
                     None => return self.add_delta(self.add_bias(host_tensor(y, shape)?)?, x, pass),
                 }
             }
@@ -164,7 +178,9 @@ impl LoraLinear {
         }
         let x = x.contiguous()?;
         let handled = match HostF32::of(&x) {
-            Some(xs) => pass.lora.add_host(self.id, xs.slice(), pass.seq_lens, y, &pass.kernels.pool)?,
+            Some(xs) => {
+                pass.lora.add_host(self.id, xs.slice(), pass.seq_lens, y, &pass.kernels.pool)?
+            }
             None => false,
         };
         Ok(handled)

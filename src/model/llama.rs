@@ -49,12 +49,19 @@ struct Block {
 
 impl Block {
     fn proj(&self, t: Target) -> Result<&LoraLinear> {
-        self.proj[t as usize].as_ref().ok_or_else(|| super::ModelError::Generation(format!("the model has no `{}`; this is a bug", t.name())))
+        self.proj[t as usize].as_ref().ok_or_else(|| {
+            super::ModelError::Generation(format!("the model has no `{}`; this is a bug", t.name()))
+        })
     }
 }
 
 /// A norm by its Hugging Face weight name, with its bias where the architecture's norms have one.
-fn load_norm(src: &mut dyn WeightSource, cfg: &LlamaConfig, name: &str, dtype: DType) -> Result<Norm> {
+fn load_norm(
+    src: &mut dyn WeightSource,
+    cfg: &LlamaConfig,
+    name: &str,
+    dtype: DType,
+) -> Result<Norm> {
     let len = cfg.hidden_size;
     let w = src.norm(name, len)?.to_dtype(dtype)?;
     let b = match cfg.arch.norm {
@@ -113,7 +120,12 @@ struct Positions {
 }
 
 impl Llama {
-    pub fn load(cfg: LlamaConfig, src: &mut dyn WeightSource, format: WeightFormat, device: &Device) -> Result<Self> {
+    pub fn load(
+        cfg: LlamaConfig,
+        src: &mut dyn WeightSource,
+        format: WeightFormat,
+        device: &Device,
+    ) -> Result<Self> {
         let dtype = format.activation_dtype();
         let embed = src.embed()?.to_dtype(dtype)?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
@@ -125,17 +137,33 @@ impl Llama {
                         return Ok(None);
                     }
                     let id = ModuleId { layer, target };
-                    let bias = if cfg.arch.has_bias(target) { Some(src.bias(id)?.to_dtype(dtype)?) } else { None };
+                    let bias = if cfg.arch.has_bias(target) {
+                        Some(src.bias(id)?.to_dtype(dtype)?)
+                    } else {
+                        None
+                    };
                     Ok(Some(LoraLinear { id, base: src.linear(id, format)?, bias }))
                 })
                 .collect::<Result<Vec<_>>>()?;
             let qk_norm = if cfg.arch.qk_norm {
-                let norm = |src: &mut dyn WeightSource, p: &str| -> Result<Norm> { Ok(Norm { w: src.norm(&format!("model.layers.{layer}.self_attn.{p}.weight"), cfg.head_dim)?.to_dtype(dtype)?, b: None }) };
+                let norm = |src: &mut dyn WeightSource, p: &str| -> Result<Norm> {
+                    Ok(Norm {
+                        w: src
+                            .norm(
+                                &format!("model.layers.{layer}.self_attn.{p}.weight"),
+                                cfg.head_dim,
+                            )?
+                            .to_dtype(dtype)?,
+                        b: None,
+                    })
+                };
                 Some((norm(src, "q_norm")?, norm(src, "k_norm")?))
             } else {
                 None
             };
-            let norm = |src: &mut dyn WeightSource, name: &str| load_norm(src, &cfg, &format!("model.layers.{layer}.{name}.weight"), dtype);
+            let norm = |src: &mut dyn WeightSource, name: &str| {
+                load_norm(src, &cfg, &format!("model.layers.{layer}.{name}.weight"), dtype)
+            };
             let attn_norm = norm(src, "input_layernorm")?;
             // Gemma's `post_attention_layernorm` normalises the attention output; Llama's is
             // the MLP's input norm, which Gemma calls `pre_feedforward_layernorm`.
@@ -149,19 +177,48 @@ impl Llama {
             blocks.push(Block { attn_norm, mlp_norm, out_norms, proj, qk_norm });
         }
         let norm = load_norm(src, &cfg, "model.norm.weight", dtype)?;
-        let embed_norm = if cfg.arch.embed_norm { Some(load_norm(src, &cfg, "model.embed_norm.weight", dtype)?) } else { None };
+        let embed_norm = if cfg.arch.embed_norm {
+            Some(load_norm(src, &cfg, "model.embed_norm.weight", dtype)?)
+        } else {
+            None
+        };
         let lm_head = src.lm_head(format)?;
         let mut ropes = vec![rope_tables(&cfg, dtype, device)?];
         let local = cfg.arch.local_rope_theta.filter(|t| *t != cfg.rope_theta);
         if let Some(theta) = local {
-            let local_cfg = LlamaConfig { rope_theta: theta, rope_scaling: super::RopeScaling::None, ..cfg.clone() };
+            let local_cfg = LlamaConfig {
+                rope_theta: theta,
+                rope_scaling: super::RopeScaling::None,
+                ..cfg.clone()
+            };
             ropes.push(rope_tables(&local_cfg, dtype, device)?);
         }
-        let rope_of = (0..cfg.num_layers).map(|l| usize::from(local.is_some() && cfg.arch.window(l).is_some())).collect();
+        let rope_of = (0..cfg.num_layers)
+            .map(|l| usize::from(local.is_some() && cfg.arch.window(l).is_some()))
+            .collect();
         let kernels = Kernels::new(crate::kernels::Pool::default_threads(), device.is_cpu());
         // √hidden rounded to the activation dtype first, as transformers multiplies.
-        let embed_scale = if cfg.arch.embed_scale { Some(Tensor::new(&[(cfg.hidden_size as f64).sqrt() as f32], device)?.to_dtype(dtype)?) } else { None };
-        Ok(Self { cfg, format, differentiable: false, kernels, dtype, device: device.clone(), embed, embed_norm, embed_scale, blocks, norm, lm_head, ropes, rope_of })
+        let embed_scale = if cfg.arch.embed_scale {
+            Some(Tensor::new(&[(cfg.hidden_size as f64).sqrt() as f32], device)?.to_dtype(dtype)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg,
+            format,
+            differentiable: false,
+            kernels,
+            dtype,
+            device: device.clone(),
+            embed,
+            embed_norm,
+            embed_scale,
+            blocks,
+            norm,
+            lm_head,
+            ropes,
+            rope_of,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -175,14 +232,24 @@ impl Llama {
     /// Runs the batch and returns the final-normed hidden states `(n_tokens, hidden)`.
     /// With `caches`, sequence `i` continues from `caches[i]` and appends to it; without, every
     /// sequence starts at position 0 and nothing is cached (training).
-    pub fn forward(&self, input: &BatchInput, caches: Option<&mut [&mut SeqCache]>, lora: &StepLora) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input: &BatchInput,
+        caches: Option<&mut [&mut SeqCache]>,
+        lora: &StepLora,
+    ) -> Result<Tensor> {
         Ok(self.forward_with_residual(input, caches, lora)?.0)
     }
 
     /// [`Llama::forward`], also returning the residual stream before the final norm. A row
     /// whose residual overflowed f32 normalises to zeros (its norm statistic is infinite), so
     /// its logits look finite: the engine checks the residual to tell.
-    pub fn forward_with_residual(&self, input: &BatchInput, mut caches: Option<&mut [&mut SeqCache]>, lora: &StepLora) -> Result<(Tensor, Tensor)> {
+    pub fn forward_with_residual(
+        &self,
+        input: &BatchInput,
+        mut caches: Option<&mut [&mut SeqCache]>,
+        lora: &StepLora,
+    ) -> Result<(Tensor, Tensor)> {
         let n = input.tokens.len();
         let ids = Tensor::from_slice(&input.tokens, n, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
@@ -193,12 +260,18 @@ impl Llama {
             x = self.apply_norm(&x, n)?;
         }
         let positions = self.positions(input, caches.as_deref())?;
-        let pass = Pass { seq_lens: &input.seq_lens, lora, kernels: &self.kernels, differentiable: self.differentiable };
+        let pass = Pass {
+            seq_lens: &input.seq_lens,
+            lora,
+            kernels: &self.kernels,
+            differentiable: self.differentiable,
+        };
         // Each residual add is fused with the norm after it: the attention norm of the next
         // block, or the final norm after the last.
         let mut h = self.apply_norm(&x, &self.blocks[0].attn_norm)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let mut attn = self.attention(layer, block, &h, &positions, input, caches.as_deref_mut(), &pass)?;
+            let mut attn =
+                self.attention(layer, block, &h, &positions, input, caches.as_deref_mut(), &pass)?;
             if let Some((attn_out, _)) = &block.out_norms {
                 attn = self.apply_norm(&attn, attn_out)?;
             }
@@ -222,7 +295,8 @@ impl Llama {
     /// Bytes of one KV block's worth of cache ([`super::kv_cache::BLOCK_TOKENS`] tokens, every
     /// layer): f32 host blocks, or device buffers in the activation dtype (bf16 on CUDA).
     pub fn kv_block_bytes(&self) -> usize {
-        let elem = if self.host_kv() { std::mem::size_of::<f32>() } else { self.dtype.size_in_bytes() };
+        let elem =
+            if self.host_kv() { std::mem::size_of::<f32>() } else { self.dtype.size_in_bytes() };
         super::kv_cache::block_bytes(self.cfg.num_layers, self.kv_width(), elem)
     }
 
@@ -237,7 +311,11 @@ impl Llama {
             Some(c) => c.iter().map(|c| c.len()).collect(),
             None => vec![0; input.seq_lens.len()],
         };
-        let pos: Vec<u32> = starts.iter().zip(&input.seq_lens).flat_map(|(&s, &l)| (s..s + l).map(|p| p as u32)).collect();
+        let pos: Vec<u32> = starts
+            .iter()
+            .zip(&input.seq_lens)
+            .flat_map(|(&s, &l)| (s..s + l).map(|p| p as u32))
+            .collect();
         if pos.iter().any(|&p| p as usize >= self.cfg.max_position_embeddings) {
             return Err(super::ModelError::Unsupported(format!(
                 "position beyond the model's context of {} tokens",
@@ -249,7 +327,12 @@ impl Llama {
             None
         } else {
             let p = Tensor::from_slice(&pos, n, &self.device)?;
-            Some(self.ropes.iter().map(|(cos, sin)| Ok((cos.index_select(&p, 0)?, sin.index_select(&p, 0)?))).collect::<Result<Vec<_>>>()?)
+            Some(
+                self.ropes
+                    .iter()
+                    .map(|(cos, sin)| Ok((cos.index_select(&p, 0)?, sin.index_select(&p, 0)?)))
+                    .collect::<Result<Vec<_>>>()?,
+            )
         };
         Ok(Positions { pos, rows })
     }
@@ -339,10 +422,23 @@ impl Llama {
     /// Rope, KV append and causal attention of every sequence in one kernel call over the
     /// host caches (or, without caches, over this step's own keys).
     #[allow(clippy::too_many_arguments)] // private hot path; the arguments are one step's state
-    fn fused_attention(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, pos: &[u32], input: &BatchInput, caches: Option<&mut [&mut SeqCache]>) -> Result<Tensor> {
+    fn fused_attention(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos: &[u32],
+        input: &BatchInput,
+        caches: Option<&mut [&mut SeqCache]>,
+    ) -> Result<Tensor> {
         use crate::kernels::fused;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let bug = || super::ModelError::Generation("fused attention on non-host tensors; this is a bug".into());
+        let bug = || {
+            super::ModelError::Generation(
+                "fused attention on non-host tensors; this is a bug".into(),
+            )
+        };
         let (cos, sin) = &self.ropes[self.rope_of[layer]];
         let (cos, sin) = (HostF32::of(cos).ok_or_else(bug)?, HostF32::of(sin).ok_or_else(bug)?);
         let mut qv = HostF32::of(q).ok_or_else(bug)?.slice().to_vec();
@@ -354,7 +450,14 @@ impl Llama {
             fused::rope(&mut kv, nkv, pos, cos.slice(), sin.slice());
         }
         let width = nkv * hd;
-        let dims = fused::AttnDims { heads: nh, kv_heads: nkv, head_dim: hd, scale: self.attn_scale() as f32, window: self.cfg.arch.window(layer).unwrap_or(usize::MAX), alibi };
+        let dims = fused::AttnDims {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            scale: self.attn_scale() as f32,
+            window: self.cfg.arch.window(layer).unwrap_or(usize::MAX),
+            alibi,
+        };
         let mut out = vec![0f32; qv.len()];
         let mut row0 = 0;
         match caches {
@@ -364,8 +467,14 @@ impl Llama {
                     c.host_append(layer, width, &kv[rows.clone()], &vh.slice()[rows])?;
                     row0 += t;
                 }
-                let views = caches.iter().map(|c| c.host_view(layer).ok_or_else(bug)).collect::<Result<Vec<_>>>()?;
-                let seqs = kv_seqs(views.iter().map(|(k, v, len)| (k.as_slice(), v.as_slice(), *len)), &input.seq_lens);
+                let views = caches
+                    .iter()
+                    .map(|c| c.host_view(layer).ok_or_else(bug))
+                    .collect::<Result<Vec<_>>>()?;
+                let seqs = kv_seqs(
+                    views.iter().map(|(k, v, len)| (k.as_slice(), v.as_slice(), *len)),
+                    &input.seq_lens,
+                );
                 fused::attention(&self.kernels.pool, dims, &qv, &seqs, &mut out);
             }
             None => {
@@ -383,9 +492,21 @@ impl Llama {
                     owned.push(blocks);
                     row0 += t;
                 }
-                let views: Vec<super::kv_cache::HostView<'_>> =
-                    owned.iter().zip(&input.seq_lens).map(|(bs, &t)| (bs.iter().map(|b| b.key_tile(0)).collect(), bs.iter().map(|b| b.value_rows(0)).collect(), t)).collect();
-                let seqs = kv_seqs(views.iter().map(|(k, v, len)| (k.as_slice(), v.as_slice(), *len)), &input.seq_lens);
+                let views: Vec<super::kv_cache::HostView<'_>> = owned
+                    .iter()
+                    .zip(&input.seq_lens)
+                    .map(|(bs, &t)| {
+                        (
+                            bs.iter().map(|b| b.key_tile(0)).collect(),
+                            bs.iter().map(|b| b.value_rows(0)).collect(),
+                            t,
+                        )
+                    })
+                    .collect();
+                let seqs = kv_seqs(
+                    views.iter().map(|(k, v, len)| (k.as_slice(), v.as_slice(), *len)),
+                    &input.seq_lens,
+                );
                 fused::attention(&self.kernels.pool, dims, &qv, &seqs, &mut out);
             }
         }
@@ -415,7 +536,10 @@ impl Llama {
         let (q, k) = if alibi {
             (q.reshape((n, nh, hd))?, k.reshape((n, nkv, hd))?)
         } else {
-            (self.rope(&q.reshape((n, nh, hd))?, cos, sin)?, self.rope(&k.reshape((n, nkv, hd))?, cos, sin)?)
+            (
+                self.rope(&q.reshape((n, nh, hd))?, cos, sin)?,
+                self.rope(&k.reshape((n, nkv, hd))?, cos, sin)?,
+            )
         };
         let v = v.reshape((n, nkv, hd))?;
         let groups = nh / nkv;
@@ -438,16 +562,35 @@ impl Llama {
             let qg = if t == 1 {
                 q_s.reshape((nkv, groups, hd))?
             } else {
-                q_s.reshape((t, nkv, groups, hd))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((nkv, groups * t, hd))?
+                q_s.reshape((t, nkv, groups, hd))?
+                    .permute((1, 2, 0, 3))?
+                    .contiguous()?
+                    .reshape((nkv, groups * t, hd))?
             };
             let att = match (self.differentiable, window) {
-                (true, _) if alibi => return Err(super::ModelError::Unsupported("training with ALiBi attention".into())),
-                (true, None) => super::diffops::causal_softmax(&qg.matmul(&k_heads.t()?)?, scale, t)?,
-                (true, Some(_)) => return Err(super::ModelError::Unsupported("training with sliding-window attention".into())),
+                (true, _) if alibi => {
+                    return Err(super::ModelError::Unsupported(
+                        "training with ALiBi attention".into(),
+                    ))
+                }
+                (true, None) => {
+                    super::diffops::causal_softmax(&qg.matmul(&k_heads.t()?)?, scale, t)?
+                }
+                (true, Some(_)) => {
+                    return Err(super::ModelError::Unsupported(
+                        "training with sliding-window attention".into(),
+                    ))
+                }
                 (false, _) => {
                     let mut att = (qg.matmul(&k_heads.t()?)? * scale)?.to_dtype(DType::F32)?;
                     if alibi {
-                        att = att.broadcast_add(&alibi_bias(nkv, groups, t, k_heads.dim(1)?, att.device())?)?;
+                        att = att.broadcast_add(&alibi_bias(
+                            nkv,
+                            groups,
+                            t,
+                            k_heads.dim(1)?,
+                            att.device(),
+                        )?)?;
                     }
                     let masked = match window {
                         None => super::diffops::add_causal_mask(&att, t)?,
@@ -478,7 +621,11 @@ impl Llama {
 
     fn mlp(&self, block: &Block, h: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
         let up = block.proj(Target::Up)?.forward(h, pass)?;
-        let act = match (block.proj[Target::Gate as usize].as_ref(), self.cfg.arch.activation, self.differentiable) {
+        let act = match (
+            block.proj[Target::Gate as usize].as_ref(),
+            self.cfg.arch.activation,
+            self.differentiable,
+        ) {
             (None, super::Activation::Silu, _) => candle_nn::ops::silu(&up)?,
             (None, super::Activation::GeluTanh, _) => up.gelu()?,
             (Some(g), act, differentiable) => {
@@ -528,7 +675,11 @@ impl Llama {
         let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         t(&self.embed)
             + self.lm_head.size_in_bytes()
-            + self.blocks.iter().map(|b| b.proj.iter().flatten().map(|p| p.base.size_in_bytes()).sum::<usize>()).sum::<usize>()
+            + self
+                .blocks
+                .iter()
+                .map(|b| b.proj.iter().flatten().map(|p| p.base.size_in_bytes()).sum::<usize>())
+                .sum::<usize>()
     }
 
     /// The projection `id`'s frozen base weight (for training and tests); `None` where the
@@ -543,7 +694,12 @@ impl Llama {
     }
 
     /// [`Llama::random`] stored as `format` (packed: through Q4_1, as a GGUF would arrive).
-    pub fn random_with(cfg: LlamaConfig, seed: u64, device: &Device, format: WeightFormat) -> Result<Self> {
+    pub fn random_with(
+        cfg: LlamaConfig,
+        seed: u64,
+        device: &Device,
+        format: WeightFormat,
+    ) -> Result<Self> {
         let mut src = super::random::RandomSource::new(cfg.clone(), seed, device.clone());
         Self::load(cfg, &mut src, format, device)
     }
@@ -559,7 +715,13 @@ impl Llama {
 
 /// ALiBi's score bias `(kv_heads, groups · t, keys)`: `slope_h · j` for key position `j` (equal,
 /// under softmax, to `−slope_h · (i − j)`); row `g · t + i` is query `i` of head `kvh · groups + g`.
-fn alibi_bias(kv_heads: usize, groups: usize, t: usize, keys: usize, device: &Device) -> Result<Tensor> {
+fn alibi_bias(
+    kv_heads: usize,
+    groups: usize,
+    t: usize,
+    keys: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let slopes = super::config::Arch::alibi_slopes(kv_heads * groups);
     let mut v = Vec::with_capacity(kv_heads * groups * t * keys);
     for kvh in 0..kv_heads {
@@ -584,7 +746,10 @@ fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tens
 
 /// The attention kernel's per-sequence operands: each sequence's blocks and length, its
 /// `t` query rows placed after the previous sequences'.
-fn kv_seqs<'a>(views: impl Iterator<Item = (&'a [&'a [f32]], &'a [&'a [f32]], usize)>, seq_lens: &[usize]) -> Vec<crate::kernels::fused::SeqKv<'a>> {
+fn kv_seqs<'a>(
+    views: impl Iterator<Item = (&'a [&'a [f32]], &'a [&'a [f32]], usize)>,
+    seq_lens: &[usize],
+) -> Vec<crate::kernels::fused::SeqKv<'a>> {
     let mut row0 = 0;
     views
         .zip(seq_lens)

@@ -25,7 +25,10 @@ pub fn load_model(spec: &str, format: WeightFormat, device: &Device) -> Result<L
         Some(repo) => (fetch_from_hub(repo)?, repo.rsplit('/').next().unwrap_or(repo).to_string()),
         None => {
             let p = PathBuf::from(spec);
-            let id = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| spec.to_string());
+            let id = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| spec.to_string());
             (p, id)
         }
     };
@@ -33,7 +36,10 @@ pub fn load_model(spec: &str, format: WeightFormat, device: &Device) -> Result<L
         let hint = if spec == DEFAULT_MODEL { " (run `scripts/fetch-model.sh` first)" } else { "" };
         return Err(ModelError::Io {
             path: path.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("model not found{hint}")),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("model not found{hint}"),
+            ),
         });
     }
     if path.is_dir() {

@@ -71,7 +71,12 @@ pub struct BatchedLora {
 impl StepLora {
     /// The fast path for these per-sequence mixes (or `None` when no mix has a term): the
     /// host kernel for CPU f32, stacked operands elsewhere.
-    pub fn batched(mixes: &[&AdapterMix], num_layers: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn batched(
+        mixes: &[&AdapterMix],
+        num_layers: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         Self::build(mixes, num_layers, |id| {
             if device.is_cpu() && dtype == DType::F32 {
                 if let Some(h) = HostLora::build(id, mixes) {
@@ -85,10 +90,16 @@ impl StepLora {
     /// The stacked-operand path (two batched matmuls per module) on any device, CPU included:
     /// what GPUs run, kept testable here.
     pub fn stacked(mixes: &[&AdapterMix], num_layers: usize, device: &Device) -> Result<Self> {
-        Self::build(mixes, num_layers, |id| StackedLora::build(id, mixes, device).map(|m| m.map(ModuleLora::Stacked)))
+        Self::build(mixes, num_layers, |id| {
+            StackedLora::build(id, mixes, device).map(|m| m.map(ModuleLora::Stacked))
+        })
     }
 
-    fn build(mixes: &[&AdapterMix], num_layers: usize, module: impl Fn(ModuleId) -> Result<Option<ModuleLora>>) -> Result<Self> {
+    fn build(
+        mixes: &[&AdapterMix],
+        num_layers: usize,
+        module: impl Fn(ModuleId) -> Result<Option<ModuleLora>>,
+    ) -> Result<Self> {
         if mixes.iter().all(|m| m.is_empty()) {
             return Ok(StepLora::None);
         }
@@ -115,7 +126,9 @@ impl StepLora {
                     let mut y = vec![0f32; n * m.fan_out];
                     let xs = x.contiguous()?;
                     let Some(xh) = HostF32::of(&xs) else {
-                        return Err(super::ModelError::Generation("host LoRA operands with a non-host input; this is a bug".into()));
+                        return Err(super::ModelError::Generation(
+                            "host LoRA operands with a non-host input; this is a bug".into(),
+                        ));
                     };
                     // The caller has no pool here: run on this thread (a 1-thread pool spawns none).
                     m.add_into(xh.slice(), seq_lens, &mut y, &Pool::new(1));
@@ -125,7 +138,15 @@ impl StepLora {
             },
             StepLora::PerRow(mixes) => per_row_delta(id, mixes, x, seq_lens),
             StepLora::Training { mixes, dropout, seed } => {
-                let x = if *dropout > 0.0 { seeded_dropout(x, *dropout, seed ^ (id.index() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))? } else { x.clone() };
+                let x = if *dropout > 0.0 {
+                    seeded_dropout(
+                        x,
+                        *dropout,
+                        seed ^ (id.index() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    )?
+                } else {
+                    x.clone()
+                };
                 per_row_delta(id, mixes, &x, seq_lens)
             }
         }
@@ -136,7 +157,14 @@ impl StepLora {
     /// Adds module `id`'s delta into `y` (`(n, out)`, host f32) for host input rows `x`
     /// (`(n, in)`) when this step's operands are host ones; `false` when the caller must use
     /// [`StepLora::delta`] instead. `true` with `y` untouched when no sequence has a term.
-    pub fn add_host(&self, id: ModuleId, x: &[f32], seq_lens: &[usize], y: &mut [f32], pool: &Pool) -> Result<bool> {
+    pub fn add_host(
+        &self,
+        id: ModuleId,
+        x: &[f32],
+        seq_lens: &[usize],
+        y: &mut [f32],
+        pool: &Pool,
+    ) -> Result<bool> {
         match self {
             StepLora::None => Ok(true),
             StepLora::Batched(b) => match b.modules.get(id.index()).and_then(Option::as_ref) {
@@ -156,7 +184,9 @@ impl StepLora {
         match self {
             StepLora::None => false,
             StepLora::Batched(b) => b.modules.get(id.index()).is_some_and(Option::is_some),
-            StepLora::PerRow(mixes) | StepLora::Training { mixes, .. } => mixes.iter().any(|m| m.terms(id).next().is_some()),
+            StepLora::PerRow(mixes) | StepLora::Training { mixes, .. } => {
+                mixes.iter().any(|m| m.terms(id).next().is_some())
+            }
         }
     }
 }
@@ -184,7 +214,15 @@ impl HostLora {
         let mut row = 0;
         for (terms, &len) in self.per_seq.iter().zip(seq_lens) {
             if !terms.is_empty() {
-                let terms = terms.iter().map(|t| LoraTerm { a: &t.weights.a, b_t: &t.weights.b_t, rank: t.rank, coef: t.coef }).collect();
+                let terms = terms
+                    .iter()
+                    .map(|t| LoraTerm {
+                        a: &t.weights.a,
+                        b_t: &t.weights.b_t,
+                        rank: t.rank,
+                        coef: t.coef,
+                    })
+                    .collect();
                 runs.push(LoraRun { rows: row..row + len, terms });
             }
             row += len;
@@ -196,7 +234,9 @@ impl HostLora {
 impl StackedLora {
     fn build(id: ModuleId, mixes: &[&AdapterMix], device: &Device) -> Result<Option<Self>> {
         let terms: Vec<Vec<_>> = mixes.iter().map(|m| m.terms(id).collect()).collect();
-        let rank_of = |ts: &Vec<(&crate::adapters::LoraWeights, f64)>| ts.iter().map(|(w, _)| w.rank).sum::<usize>();
+        let rank_of = |ts: &Vec<(&crate::adapters::LoraWeights, f64)>| {
+            ts.iter().map(|(w, _)| w.rank).sum::<usize>()
+        };
         let max_rank = terms.iter().map(rank_of).max().unwrap_or(0);
         let Some((w0, _)) = terms.iter().flatten().next() else {
             return Ok(None);
@@ -205,7 +245,12 @@ impl StackedLora {
         let (mut a_rows, mut b_rows, mut coef) = (Vec::new(), Vec::new(), Vec::new());
         for ts in &terms {
             let pad = max_rank - rank_of(ts);
-            let (mut a_parts, mut b_parts): (Vec<Tensor>, Vec<Tensor>) = ts.iter().map(|(w, _)| w.transposes()).collect::<candle_core::Result<Vec<_>>>()?.into_iter().unzip();
+            let (mut a_parts, mut b_parts): (Vec<Tensor>, Vec<Tensor>) = ts
+                .iter()
+                .map(|(w, _)| w.transposes())
+                .collect::<candle_core::Result<Vec<_>>>()?
+                .into_iter()
+                .unzip();
             if pad > 0 {
                 a_parts.push(Tensor::zeros((fan_in, pad), DType::F32, device)?);
                 b_parts.push(Tensor::zeros((pad, fan_out), DType::F32, device)?);
@@ -238,7 +283,9 @@ impl StackedLora {
             let t = seq_lens[seq];
             let run = seq_lens[seq..].iter().take_while(|&&l| l == t).count();
             let xs = x.narrow(0, row, run * t)?.reshape((run, t, fan_in))?;
-            let u = xs.matmul(&self.a_t.narrow(0, seq, run)?)?.broadcast_mul(&self.coef.narrow(0, seq, run)?)?;
+            let u = xs
+                .matmul(&self.a_t.narrow(0, seq, run)?)?
+                .broadcast_mul(&self.coef.narrow(0, seq, run)?)?;
             let d = u.matmul(&self.b_t.narrow(0, seq, run)?)?;
             let fan_out = d.dim(D::Minus1)?;
             parts.push(d.reshape((run * t, fan_out))?);
@@ -258,13 +305,22 @@ fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p);
     let threshold = (p as f64 * 4_294_967_296.0) as u64;
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if (rng.next_u32() as u64) < threshold { 0.0 } else { keep }).collect();
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if (rng.next_u32() as u64) < threshold { 0.0 } else { keep })
+        .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * mask)?)
 }
 
-fn per_row_delta(id: ModuleId, mixes: &[AdapterMix], x: &Tensor, seq_lens: &[usize]) -> Result<Option<Tensor>> {
-    let Some(fan_out) = mixes.iter().flat_map(|m| m.terms(id)).next().map(|(w, _)| w.b.dim(0)).transpose()? else {
+fn per_row_delta(
+    id: ModuleId,
+    mixes: &[AdapterMix],
+    x: &Tensor,
+    seq_lens: &[usize],
+) -> Result<Option<Tensor>> {
+    let Some(fan_out) =
+        mixes.iter().flat_map(|m| m.terms(id)).next().map(|(w, _)| w.b.dim(0)).transpose()?
+    else {
         return Ok(None);
     };
     let dtype = x.dtype();

@@ -39,10 +39,7 @@ pub enum ModelError {
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("i/o error on `{path}`: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("unsupported model: {0}")]
     Unsupported(String),
     #[error("missing `{key}` in {what}")]
@@ -69,7 +66,10 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 
 /// Rows `rows` of `t` (a projection's part of a fused stored module): the tensor itself when
 /// they are all of it in order, a narrow view when contiguous, a gather otherwise.
-pub fn select_rows(t: &candle_core::Tensor, rows: &[usize]) -> candle_core::Result<candle_core::Tensor> {
+pub fn select_rows(
+    t: &candle_core::Tensor,
+    rows: &[usize],
+) -> candle_core::Result<candle_core::Tensor> {
     let n = t.dim(0)?;
     let contiguous = rows.windows(2).all(|w| w[1] == w[0] + 1);
     match rows.first() {
@@ -95,15 +95,8 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 7] = [
-        Target::Q,
-        Target::K,
-        Target::V,
-        Target::O,
-        Target::Gate,
-        Target::Up,
-        Target::Down,
-    ];
+    pub const ALL: [Target; 7] =
+        [Target::Q, Target::K, Target::V, Target::O, Target::Gate, Target::Up, Target::Down];
 
     /// The module's short name as Hugging Face and PEFT spell it.
     pub fn name(self) -> &'static str {
@@ -149,7 +142,8 @@ impl ModuleId {
     }
 
     pub fn all(num_layers: usize) -> impl Iterator<Item = ModuleId> {
-        (0..num_layers).flat_map(|layer| Target::ALL.into_iter().map(move |target| ModuleId { layer, target }))
+        (0..num_layers)
+            .flat_map(|layer| Target::ALL.into_iter().map(move |target| ModuleId { layer, target }))
     }
 
     pub fn count(num_layers: usize) -> usize {

@@ -23,7 +23,11 @@ impl<'a> HostF32<'a> {
         }
         let (guard, layout) = t.storage_and_layout();
         let (start, end) = layout.contiguous_offsets()?;
-        matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))).then_some(Self { guard, start, len: end - start })
+        matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))).then_some(Self {
+            guard,
+            start,
+            len: end - start,
+        })
     }
 
     pub fn slice(&self) -> &[f32] {
@@ -73,7 +77,13 @@ impl Kernels {
     }
 
     /// `(x + y, rms_norm(x + y))`: a residual add and the norm after it.
-    pub fn add_rms_norm(&self, x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    pub fn add_rms_norm(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        w: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
         if let Some([xs, ys, ws]) = self.hosts([x, y, w]) {
             let mut sum = xs.slice().to_vec();
             let mut out = vec![0f32; sum.len()];
@@ -92,7 +102,8 @@ impl Kernels {
             let chunks = fused::row_chunks(&self.pool, out.len(), 16 * 1024);
             if chunks > 1 {
                 let per = out.len().div_ceil(chunks);
-                let parts: Vec<std::sync::Mutex<&mut [f32]>> = out.chunks_mut(per).map(std::sync::Mutex::new).collect();
+                let parts: Vec<std::sync::Mutex<&mut [f32]>> =
+                    out.chunks_mut(per).map(std::sync::Mutex::new).collect();
                 self.pool.run(parts.len(), |c| {
                     if let Ok(mut o) = parts[c].lock() {
                         let r = c * per..c * per + o.len();
@@ -109,6 +120,9 @@ impl Kernels {
 
     /// Whether attention for this step can run fused: f32 CPU activations and host caches.
     pub fn fused_attention(&self, x: &Tensor, caches: Option<&[&mut super::SeqCache]>) -> bool {
-        self.fused && x.dtype() == DType::F32 && x.device().is_cpu() && caches.is_none_or(|c| c.iter().all(|c| c.is_host_or_empty()))
+        self.fused
+            && x.dtype() == DType::F32
+            && x.device().is_cpu()
+            && caches.is_none_or(|c| c.iter().all(|c| c.is_host_or_empty()))
     }
 }

@@ -19,7 +19,8 @@ impl RandomSource {
 
     /// Uniform in `±bound`, like a Kaiming-uniform init with `bound = 1/sqrt(fan_in)`.
     pub fn uniform(&mut self, shape: (usize, usize), bound: f32) -> Result<Tensor> {
-        let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| self.rng.random_range(-bound..bound)).collect();
+        let data: Vec<f32> =
+            (0..shape.0 * shape.1).map(|_| self.rng.random_range(-bound..bound)).collect();
         Ok(Tensor::from_vec(data, shape, &self.device)?)
     }
 }
@@ -47,7 +48,10 @@ impl WeightSource for RandomSource {
         let w = self.uniform((fan_out, fan_in), 1.0 / (fan_in as f32).sqrt())?;
         if format == WeightFormat::Packed {
             // Through Q4_1, as a real GGUF would arrive: exercises the 4-bit kernels.
-            let q = candle_core::quantized::QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q4_1)?;
+            let q = candle_core::quantized::QTensor::quantize(
+                &w,
+                candle_core::quantized::GgmlDType::Q4_1,
+            )?;
             return super::gguf::packed_from_qtensor(&q, |r| r);
         }
         Ok(BaseWeight::Dense(w.to_dtype(format.activation_dtype())?))

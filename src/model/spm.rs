@@ -24,8 +24,13 @@ fn tok_err(e: impl std::fmt::Display) -> ModelError {
 /// Merges implied by the scores: every split of a normal piece into two pieces of the vocabulary
 /// is a merge, ranked by the merged piece's score (highest first; ties by id), which makes BPE's
 /// lowest-rank-first rule the same as SentencePiece's highest-score-first one.
-pub fn merges_from_scores(tokens: &[String], scores: &[f32], types: &[i32]) -> Vec<(String, String)> {
-    let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+pub fn merges_from_scores(
+    tokens: &[String],
+    scores: &[f32],
+    types: &[i32],
+) -> Vec<(String, String)> {
+    let ids: HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let mut ranked: Vec<(f32, usize, usize, usize)> = Vec::new();
     for (id, t) in tokens.iter().enumerate() {
         if types.get(id).copied().unwrap_or(NORMAL) != NORMAL {
@@ -42,12 +47,23 @@ pub fn merges_from_scores(tokens: &[String], scores: &[f32], types: &[i32]) -> V
 }
 
 /// The tokenizer for a SentencePiece vocabulary (special tokens are added by the caller).
-pub fn tokenizer(tokens: &[String], scores: &[f32], types: &[i32], unk: Option<u32>, add_space_prefix: bool) -> Result<Tokenizer> {
+pub fn tokenizer(
+    tokens: &[String],
+    scores: &[f32],
+    types: &[i32],
+    unk: Option<u32>,
+    add_space_prefix: bool,
+) -> Result<Tokenizer> {
     if scores.len() != tokens.len() {
-        return Err(ModelError::Tokenizer(format!("{} scores for {} tokens", scores.len(), tokens.len())));
+        return Err(ModelError::Tokenizer(format!(
+            "{} scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
     }
     let merges = merges_from_scores(tokens, scores, types);
-    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: tokenizers::models::bpe::Vocab =
+        tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
     if let Some(t) = unk.and_then(|u| tokens.get(u as usize)) {
         bpe = bpe.unk_token(t.clone());
@@ -55,7 +71,10 @@ pub fn tokenizer(tokens: &[String], scores: &[f32], types: &[i32], unk: Option<u
     let mut inner = Tokenizer::new(bpe.build().map_err(tok_err)?);
     let replace = NormalizerWrapper::Replace(Replace::new(" ", "\u{2581}").map_err(tok_err)?);
     let normalizer = if add_space_prefix {
-        NormalizerWrapper::Sequence(tokenizers::normalizers::Sequence::new(vec![NormalizerWrapper::Prepend(Prepend::new("\u{2581}".into())), replace]))
+        NormalizerWrapper::Sequence(tokenizers::normalizers::Sequence::new(vec![
+            NormalizerWrapper::Prepend(Prepend::new("\u{2581}".into())),
+            replace,
+        ]))
     } else {
         replace
     };

@@ -44,7 +44,9 @@ fn tok_err(e: impl std::fmt::Display) -> ModelError {
 }
 
 fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
-    c.metadata.get(key).ok_or(ModelError::Missing { key: key.to_string(), what: "GGUF metadata".into() })
+    c.metadata
+        .get(key)
+        .ok_or(ModelError::Missing { key: key.to_string(), what: "GGUF metadata".into() })
 }
 
 fn meta_u32(c: &Content, key: &str) -> Option<u32> {
@@ -77,13 +79,20 @@ impl TextTokenizer {
             })
             .collect::<candle_core::Result<_>>()?;
         let types: Vec<i32> = match c.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v.to_vec()?.iter().map(|t| t.to_i32()).collect::<candle_core::Result<_>>()?,
+            Some(v) => {
+                v.to_vec()?.iter().map(|t| t.to_i32()).collect::<candle_core::Result<_>>()?
+            }
             None => vec![],
         };
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
         let mut inner = Tokenizer::new(bpe);
-        let pre = c.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str);
+        let pre = c
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str);
         inner.with_pre_tokenizer(Some(pre_tokenizer(pre.unwrap_or("default"))?));
         inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
         let specials: Vec<AddedToken> = types
@@ -98,17 +107,38 @@ impl TextTokenizer {
 
     /// A SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`): pieces with scores.
     fn spm_from_gguf(c: &Content, tokens: Vec<String>) -> Result<Self> {
-        let scores: Vec<f32> = meta(c, "tokenizer.ggml.scores")?.to_vec()?.iter().map(|v| v.to_f32()).collect::<candle_core::Result<_>>()?;
+        let scores: Vec<f32> = meta(c, "tokenizer.ggml.scores")?
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect::<candle_core::Result<_>>()?;
         let types: Vec<i32> = match c.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v.to_vec()?.iter().map(|t| t.to_i32()).collect::<candle_core::Result<_>>()?,
+            Some(v) => {
+                v.to_vec()?.iter().map(|t| t.to_i32()).collect::<candle_core::Result<_>>()?
+            }
             None => vec![],
         };
-        let prefix = c.metadata.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
-        let mut inner = super::spm::tokenizer(&tokens, &scores, &types, meta_u32(c, "tokenizer.ggml.unknown_token_id"), prefix)?;
+        let prefix = c
+            .metadata
+            .get("tokenizer.ggml.add_space_prefix")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(true);
+        let mut inner = super::spm::tokenizer(
+            &tokens,
+            &scores,
+            &types,
+            meta_u32(c, "tokenizer.ggml.unknown_token_id"),
+            prefix,
+        )?;
         // Control pieces (`<start_of_turn>`, …) match whole and are special; user-defined ones
         // (Gemma's runs of spaces, tabs and newlines) match whole too but are text when decoded.
         let pick = |kind: i32, special: bool| -> Vec<AddedToken> {
-            types.iter().enumerate().filter(|(_, &t)| t == kind).map(|(i, _)| AddedToken::from(tokens[i].clone(), special)).collect()
+            types
+                .iter()
+                .enumerate()
+                .filter(|(_, &t)| t == kind)
+                .map(|(i, _)| AddedToken::from(tokens[i].clone(), special))
+                .collect()
         };
         inner.add_special_tokens(pick(TOKEN_TYPE_CONTROL, true)).map_err(tok_err)?;
         inner.add_tokens(pick(TOKEN_TYPE_USER_DEFINED, false)).map_err(tok_err)?;
@@ -119,14 +149,23 @@ impl TextTokenizer {
     fn with_gguf_specials(c: &Content, inner: Tokenizer, tokens: &[String]) -> Self {
         let bos_id = meta_u32(c, "tokenizer.ggml.bos_token_id");
         let eos_id = meta_u32(c, "tokenizer.ggml.eos_token_id");
-        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();
+        let name =
+            |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();
         Self {
             bos_token: name(bos_id),
             eos_token: name(eos_id),
             bos_id,
-            add_bos: c.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+            add_bos: c
+                .metadata
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(false),
             eos_ids: eos_id.into_iter().collect(),
-            chat_template: c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
+            chat_template: c
+                .metadata
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.to_string().ok())
+                .cloned(),
             inner,
         }
     }
@@ -140,7 +179,9 @@ impl TextTokenizer {
             .unwrap_or(serde_json::Value::Null);
         let token_str = |k: &str| match &cfg[k] {
             serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            serde_json::Value::Object(o) => {
+                o.get("content").and_then(|c| c.as_str()).map(str::to_string)
+            }
             _ => None,
         };
         let bos_token = token_str("bos_token").unwrap_or_default();
@@ -169,7 +210,9 @@ impl TextTokenizer {
     /// Hugging Face form [`TextTokenizer::from_dir`] reads back: for tools that need the
     /// tokenizer of a GGUF model offline (load generators counting tokens, for one).
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
-        let io = |e: std::io::Error| ModelError::Tokenizer(format!("writing to `{}`: {e}", dir.display()));
+        let io = |e: std::io::Error| {
+            ModelError::Tokenizer(format!("writing to `{}`: {e}", dir.display()))
+        };
         std::fs::create_dir_all(dir).map_err(io)?;
         self.inner.save(dir.join("tokenizer.json"), false).map_err(tok_err)?;
         let cfg = serde_json::json!({
@@ -178,7 +221,11 @@ impl TextTokenizer {
             "eos_token": self.eos_ids.first().and_then(|&i| self.inner.id_to_token(i)),
             "chat_template": self.chat_template,
         });
-        std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg).map_err(tok_err)?).map_err(io)
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&cfg).map_err(tok_err)?,
+        )
+        .map_err(io)
     }
 
     /// Token ids of raw text: special tokens written in the text are recognised; a BOS is
@@ -214,9 +261,12 @@ impl TextTokenizer {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template("chat", template).map_err(|e| ModelError::Template(e.to_string()))?;
         let tmpl = env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
@@ -231,7 +281,8 @@ impl TextTokenizer {
 
 /// The pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`.
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
-    let byte_level = |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
+    let byte_level =
+        |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
     Ok(match pre {
         // SmolLM splits every digit into its own piece before byte-level BPE.
         "smollm" => PreTokenizerWrapper::Sequence(Sequence::new(vec![

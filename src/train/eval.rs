@@ -5,9 +5,9 @@ use super::metrics::score;
 use super::params::LoraParams;
 use super::squad::{self, QaExample};
 use crate::adapters::AdapterMix;
-use crate::engine::{LoraPath, Request};
 use crate::engine::kv_pool::KvPool;
 use crate::engine::Batcher;
+use crate::engine::{LoraPath, Request};
 use crate::generate::run_all;
 use crate::model::kv_cache::blocks_for;
 use crate::model::tokenizer::TextTokenizer;
@@ -45,19 +45,30 @@ pub struct EvalReport {
 /// Answers and scores `examples` with `mix`, `batch` questions decoding at a time
 /// (continuous batching, in order). With `prefix_cache`, a question reuses the KV blocks of
 /// its passage computed for an earlier question of the same passage.
-pub fn evaluate(model: &Llama, tok: &TextTokenizer, examples: &[QaExample], mix: &AdapterMix, batch: usize, prefix_cache: bool) -> anyhow::Result<EvalReport> {
+pub fn evaluate(
+    model: &Llama,
+    tok: &TextTokenizer,
+    examples: &[QaExample],
+    mix: &AdapterMix,
+    batch: usize,
+    prefix_cache: bool,
+) -> anyhow::Result<EvalReport> {
     let started = std::time::Instant::now();
     let reqs: Vec<Request> = examples
         .iter()
         .map(|ex| {
             let ids = tok.encode(&squad::prompt(ex))?;
-            Ok(Request { stop: STOPS.iter().map(|s| s.to_string()).collect(), ..Request::greedy(ids, mix.clone(), MAX_NEW_TOKENS) })
+            Ok(Request {
+                stop: STOPS.iter().map(|s| s.to_string()).collect(),
+                ..Request::greedy(ids, mix.clone(), MAX_NEW_TOKENS)
+            })
         })
         .collect::<crate::model::Result<_>>()?;
     // Room for the batch and, as much again, for cached passages (LRU beyond that).
     let longest = reqs.iter().map(|r| r.prompt_ids.len() + r.max_tokens).max().unwrap_or(1);
     let blocks = 2 * batch.max(1) * blocks_for(longest);
-    let pool = KvPool::new(blocks, model.cfg.num_layers, model.kv_width(), model.host_kv(), prefix_cache);
+    let pool =
+        KvPool::new(blocks, model.cfg.num_layers, model.kv_width(), model.host_kv(), prefix_cache);
     let mut batcher = Batcher::with_pool(model, tok, LoraPath::Batched, pool);
     batcher.max_batch = batch.max(1);
     let outs = run_all(&mut batcher, &reqs)?;
@@ -65,7 +76,13 @@ pub fn evaluate(model: &Llama, tok: &TextTokenizer, examples: &[QaExample], mix:
     for (ex, out) in examples.iter().zip(outs) {
         let prediction = out.text.trim().to_string();
         let (em, f1) = score(&prediction, &ex.answers);
-        predictions.push(Prediction { id: ex.id.clone(), prediction, answers: ex.answers.clone(), exact_match: em, f1 });
+        predictions.push(Prediction {
+            id: ex.id.clone(),
+            prediction,
+            answers: ex.answers.clone(),
+            exact_match: em,
+            f1,
+        });
     }
     let n = predictions.len().max(1) as f64;
     Ok(EvalReport {
@@ -80,7 +97,13 @@ pub fn evaluate(model: &Llama, tok: &TextTokenizer, examples: &[QaExample], mix:
 }
 
 /// A dev-slice evaluation of parameters in training (used by `--eval-every`).
-pub fn evaluate_params(model: &Llama, tok: &TextTokenizer, params: &LoraParams, data: &Path, limit: usize) -> anyhow::Result<EvalReport> {
+pub fn evaluate_params(
+    model: &Llama,
+    tok: &TextTokenizer,
+    params: &LoraParams,
+    data: &Path,
+    limit: usize,
+) -> anyhow::Result<EvalReport> {
     let examples: Vec<QaExample> = squad::load(data)?.into_iter().take(limit).collect();
     let mut inference = model.clone();
     inference.differentiable = false;

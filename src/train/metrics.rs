@@ -5,7 +5,11 @@
 pub fn normalize(s: &str) -> String {
     let lower = s.to_lowercase();
     let no_punct: String = lower.chars().filter(|c| !is_punct(*c)).collect();
-    no_punct.split_whitespace().filter(|w| !matches!(*w, "a" | "an" | "the")).collect::<Vec<_>>().join(" ")
+    no_punct
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Python's `string.punctuation` (ASCII), as the official script uses.

@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 
 /// Where the official SQuAD v1.1 train set is looked for, and fetched to when online.
 pub const DEFAULT_DATA: &str = "data/squad/train-v1.1.json";
-pub const SQUAD_TRAIN_URL: &str = "https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json";
+pub const SQUAD_TRAIN_URL: &str =
+    "https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json";
 
 /// Raw training options: flags (clap) or keys of a TOML recipe (serde). Flags win.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -116,9 +117,37 @@ macro_rules! merge_train {
 
 impl TrainOptions {
     pub fn over(self, lower: TrainOptions) -> TrainOptions {
-        merge_train!(self, lower, model, data, output, rank, alpha, dropout, target_modules, rslora, steps, epochs,
-            batch_size, grad_accum, micro_batch, lr, warmup_steps, schedule, weight_decay, max_grad_norm, max_seq_len, overflow, seed,
-            checkpoint_every, resume, eval_every, eval_data, eval_limit, stop_after)
+        merge_train!(
+            self,
+            lower,
+            model,
+            data,
+            output,
+            rank,
+            alpha,
+            dropout,
+            target_modules,
+            rslora,
+            steps,
+            epochs,
+            batch_size,
+            grad_accum,
+            micro_batch,
+            lr,
+            warmup_steps,
+            schedule,
+            weight_decay,
+            max_grad_norm,
+            max_seq_len,
+            overflow,
+            seed,
+            checkpoint_every,
+            resume,
+            eval_every,
+            eval_data,
+            eval_limit,
+            stop_after
+        )
     }
 }
 
@@ -165,7 +194,9 @@ impl TryFrom<TrainOptions> for TrainConfig {
             rank: o.rank.unwrap_or(16),
             alpha: o.alpha.unwrap_or(32.0),
             dropout: o.dropout.unwrap_or(0.05),
-            target_modules: o.target_modules.unwrap_or_else(|| ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec()),
+            target_modules: o.target_modules.unwrap_or_else(|| {
+                ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec()
+            }),
             rslora: o.rslora.unwrap_or(false),
             steps: o.steps.or(if o.epochs.is_some() { None } else { Some(133) }),
             epochs: o.epochs,
@@ -213,7 +244,11 @@ pub fn ensure_data(path: &Path) -> anyhow::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let fetched = std::process::Command::new("curl").args(["-sSfL", "--max-time", "300", "-o"]).arg(path).arg(SQUAD_TRAIN_URL).status();
+    let fetched = std::process::Command::new("curl")
+        .args(["-sSfL", "--max-time", "300", "-o"])
+        .arg(path)
+        .arg(SQUAD_TRAIN_URL)
+        .status();
     match fetched {
         Ok(s) if s.success() => Ok::<(), anyhow::Error>(()),
         _ => {

@@ -36,32 +36,57 @@ impl LoraParams {
 
     /// An adapter whose A/B are the live `Var` tensors (gradients flow to them). Its
     /// pre-transposed copies are snapshots: use it only on the per-row/training path.
-    pub fn as_adapter(&self, cfg: &LlamaConfig, name: &str) -> std::result::Result<LoraAdapter, AdapterError> {
+    pub fn as_adapter(
+        &self,
+        cfg: &LlamaConfig,
+        name: &str,
+    ) -> std::result::Result<LoraAdapter, AdapterError> {
         self.snapshot(cfg, name, false)
     }
 
     /// A detached copy, for evaluation with the batched path.
-    pub fn detached_adapter(&self, cfg: &LlamaConfig, name: &str) -> std::result::Result<LoraAdapter, AdapterError> {
+    pub fn detached_adapter(
+        &self,
+        cfg: &LlamaConfig,
+        name: &str,
+    ) -> std::result::Result<LoraAdapter, AdapterError> {
         self.snapshot(cfg, name, true)
     }
 
-    fn snapshot(&self, cfg: &LlamaConfig, name: &str, detach: bool) -> std::result::Result<LoraAdapter, AdapterError> {
+    fn snapshot(
+        &self,
+        cfg: &LlamaConfig,
+        name: &str,
+        detach: bool,
+    ) -> std::result::Result<LoraAdapter, AdapterError> {
         let mut modules = vec![None; ModuleId::count(cfg.num_layers)];
-            for (id, a, b) in &self.modules {
+        for (id, a, b) in &self.modules {
             let (a, b): (Tensor, Tensor) = if detach {
                 (a.as_tensor().detach().copy()?, b.as_tensor().detach().copy()?)
             } else {
                 (a.as_tensor().clone(), b.as_tensor().clone())
             };
-                        let (_, alpha) = self.config.rank_alpha(*id);
+            let (_, alpha) = self.config.rank_alpha(*id);
             modules[id.index()] = Some(LoraWeights::new(a, b, alpha, self.config.use_rslora)?);
         }
         let size_bytes = modules.iter().flatten().map(LoraWeights::resident_bytes).sum();
-    Ok(LoraAdapter { name: name.into(), path: Default::default(), config: self.config.clone(), modules, size_bytes, version: 0 })
+        Ok(LoraAdapter {
+            name: name.into(),
+            path: Default::default(),
+            config: self.config.clone(),
+            modules,
+            size_bytes,
+            version: 0,
+        })
     }
 
     /// `(module, A, B)` detached, for writing the PEFT file.
     pub fn export(&self) -> Result<Vec<(ModuleId, Tensor, Tensor)>> {
-        self.modules.iter().map(|(id, a, b)| Ok((*id, a.as_tensor().detach().copy()?, b.as_tensor().detach().copy()?))).collect()
+        self.modules
+            .iter()
+            .map(|(id, a, b)| {
+                Ok((*id, a.as_tensor().detach().copy()?, b.as_tensor().detach().copy()?))
+            })
+            .collect()
     }
 }

@@ -4,7 +4,8 @@
 use super::trainer::StepLog;
 use plotters::prelude::*;
 
-const FONT_PATHS: [&str; 2] = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf"];
+const FONT_PATHS: [&str; 2] =
+    ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf"];
 
 fn register_font() -> bool {
     for p in FONT_PATHS {
@@ -32,13 +33,19 @@ pub fn loss_curve_png(log: &[StepLog]) -> anyhow::Result<Vec<u8>> {
         let mut builder = ChartBuilder::on(&root);
         builder.margin(20);
         if labelled {
-            builder.caption("training loss (answer tokens + EOS)", ("sans-serif", 22)).x_label_area_size(40).y_label_area_size(55);
+            builder
+                .caption("training loss (answer tokens + EOS)", ("sans-serif", 22))
+                .x_label_area_size(40)
+                .y_label_area_size(55);
         }
         let mut chart = builder.build_cartesian_2d(0f64..steps, 0f64..max_loss.max(1e-6))?;
         if labelled {
             chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
         }
-        chart.draw_series(LineSeries::new(log.iter().map(|l| (l.step as f64, l.loss)), &BLUE.mix(0.4)))?;
+        chart.draw_series(LineSeries::new(
+            log.iter().map(|l| (l.step as f64, l.loss)),
+            &BLUE.mix(0.4),
+        ))?;
         let avg: Vec<(f64, f64)> = log
             .iter()
             .enumerate()
@@ -58,5 +65,9 @@ pub fn loss_curve_png(log: &[StepLog]) -> anyhow::Result<Vec<u8>> {
 
 /// plotters' PNG encoder writes to a path; we want the bytes (written with the adapter).
 fn tempfile_path() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("loraplex-loss-{}-{}.png", std::process::id(), rand::random::<u32>()))
+    std::env::temp_dir().join(format!(
+        "loraplex-loss-{}-{}.png",
+        std::process::id(),
+        rand::random::<u32>()
+    ))
 }

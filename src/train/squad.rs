@@ -80,7 +80,10 @@ fn read_text(path: &Path) -> Result<String, DataError> {
         flate2::read::GzDecoder::new(&raw[..]).read_to_string(&mut s).map_err(io)?;
         Ok(s)
     } else {
-        String::from_utf8(raw).map_err(|_| DataError::Invalid { path: path.display().to_string(), reason: "not UTF-8".into() })
+        String::from_utf8(raw).map_err(|_| DataError::Invalid {
+            path: path.display().to_string(),
+            reason: "not UTF-8".into(),
+        })
     }
 }
 
@@ -89,7 +92,8 @@ pub fn load(path: &Path) -> Result<Vec<QaExample>, DataError> {
     let text = read_text(path)?;
     let name = path.to_string_lossy();
     let jsonl = name.ends_with(".jsonl") || name.ends_with(".jsonl.gz");
-    parse(&text, jsonl).map_err(|reason| DataError::Invalid { path: path.display().to_string(), reason })
+    parse(&text, jsonl)
+        .map_err(|reason| DataError::Invalid { path: path.display().to_string(), reason })
 }
 
 /// Parses SQuAD JSON (v1.1 or v2.0) or, with `jsonl`, lines of `{"context", "question",
@@ -101,13 +105,23 @@ pub fn parse(text: &str, jsonl: bool) -> Result<Vec<QaExample>, String> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
-                let j: JsonlLine = serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1))?;
+                let j: JsonlLine =
+                    serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1))?;
                 let answers = match j.answer {
                     AnswerField::One(a) => vec![a],
                     AnswerField::Many(v) => v,
                 };
-                let answer_start = answers.first().and_then(|a| j.context.find(a.as_str())).map(|b| j.context[..b].chars().count());
-                Ok(QaExample { id: j.id.unwrap_or_else(|| format!("line-{}", i + 1)), context: j.context, question: j.question, answers, answer_start })
+                let answer_start = answers
+                    .first()
+                    .and_then(|a| j.context.find(a.as_str()))
+                    .map(|b| j.context[..b].chars().count());
+                Ok(QaExample {
+                    id: j.id.unwrap_or_else(|| format!("line-{}", i + 1)),
+                    context: j.context,
+                    question: j.question,
+                    answers,
+                    answer_start,
+                })
             })
             .collect();
     }
@@ -116,9 +130,23 @@ pub fn parse(text: &str, jsonl: bool) -> Result<Vec<QaExample>, String> {
     for article in file.data {
         for p in article.paragraphs {
             for qa in p.qas {
-                let answers: Vec<String> = if qa.is_impossible { vec![] } else { qa.answers.iter().map(|a| a.text.clone()).collect() };
-                let answer_start = if qa.is_impossible { None } else { qa.answers.first().map(|a| a.answer_start) };
-                out.push(QaExample { id: qa.id, context: p.context.clone(), question: qa.question, answers, answer_start });
+                let answers: Vec<String> = if qa.is_impossible {
+                    vec![]
+                } else {
+                    qa.answers.iter().map(|a| a.text.clone()).collect()
+                };
+                let answer_start = if qa.is_impossible {
+                    None
+                } else {
+                    qa.answers.first().map(|a| a.answer_start)
+                };
+                out.push(QaExample {
+                    id: qa.id,
+                    context: p.context.clone(),
+                    question: qa.question,
+                    answers,
+                    answer_start,
+                });
             }
         }
     }
@@ -138,7 +166,9 @@ pub fn prompt(ex: &QaExample) -> String {
 }
 
 /// What to do with an example longer than the sequence limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Overflow {
     Skip,
@@ -162,7 +192,9 @@ impl TrainExample {
     /// Per position of `input`: `Some(target)` where the loss applies, else `None`.
     pub fn loss_mask(&self) -> Vec<Option<u32>> {
         let first = self.input.len() + 1 - self.targets.len();
-        (0..self.input.len()).map(|i| (i + 1 >= first).then(|| self.targets[i + 1 - first])).collect()
+        (0..self.input.len())
+            .map(|i| (i + 1 >= first).then(|| self.targets[i + 1 - first]))
+            .collect()
     }
 }
 
@@ -172,9 +204,17 @@ fn enc(tok: &TextTokenizer, s: &str) -> Result<Vec<u32>, DataError> {
 
 /// Tokenizes one answerable example; `None` when it is too long and `overflow` is `Skip` (or
 /// when even the question and answer alone do not fit).
-pub fn tokenize(ex: &QaExample, tok: &TextTokenizer, max_len: usize, overflow: Overflow) -> Result<Option<TrainExample>, DataError> {
+pub fn tokenize(
+    ex: &QaExample,
+    tok: &TextTokenizer,
+    max_len: usize,
+    overflow: Overflow,
+) -> Result<Option<TrainExample>, DataError> {
     let Some(answer) = ex.answers.first() else { return Ok(None) };
-    let eos = *tok.eos_ids.first().ok_or_else(|| DataError::Tokenizer("the tokenizer has no EOS token".into()))?;
+    let eos = *tok
+        .eos_ids
+        .first()
+        .ok_or_else(|| DataError::Tokenizer("the tokenizer has no EOS token".into()))?;
     let head = enc(tok, CONTEXT_HEADER)?;
     let ctx = enc(tok, &ex.context)?;
     let tail = enc(tok, &prompt_tail(&ex.question))?;
@@ -187,7 +227,8 @@ pub fn tokenize(ex: &QaExample, tok: &TextTokenizer, max_len: usize, overflow: O
         return Ok(None);
     } else {
         let budget = max_len - fixed;
-        let (lo, hi) = window_around_answer(tok, &ex.context, ex.answer_start, answer, &ctx, budget)?;
+        let (lo, hi) =
+            window_around_answer(tok, &ex.context, ex.answer_start, answer, &ctx, budget)?;
         ctx[lo..hi].to_vec()
     };
     let mut full = head;
@@ -199,7 +240,14 @@ pub fn tokenize(ex: &QaExample, tok: &TextTokenizer, max_len: usize, overflow: O
 
 /// A `budget`-token window `[lo, hi)` of the context tokens that contains the answer span,
 /// centred on it as far as the context allows.
-fn window_around_answer(tok: &TextTokenizer, context: &str, start: Option<usize>, answer: &str, ctx: &[u32], budget: usize) -> Result<(usize, usize), DataError> {
+fn window_around_answer(
+    tok: &TextTokenizer,
+    context: &str,
+    start: Option<usize>,
+    answer: &str,
+    ctx: &[u32],
+    budget: usize,
+) -> Result<(usize, usize), DataError> {
     let char_start = start.or_else(|| context.find(answer)).unwrap_or(0);
     let byte_start = context.char_indices().nth(char_start).map_or(context.len(), |(b, _)| b);
     let byte_end = (byte_start + answer.len()).min(context.len());

@@ -42,7 +42,11 @@ pub fn example_at(g: usize, n: usize, seed: u64) -> usize {
 }
 
 /// Mean cross-entropy over the answer tokens of `batch` (a ragged batch: no padding).
-pub fn batch_loss(model: &Llama, lora: &StepLora, batch: &[&TrainExample]) -> candle_core::Result<(Tensor, usize)> {
+pub fn batch_loss(
+    model: &Llama,
+    lora: &StepLora,
+    batch: &[&TrainExample],
+) -> candle_core::Result<(Tensor, usize)> {
     let mut input = BatchInput::default();
     let mut rows = Vec::new();
     let mut targets = Vec::new();
@@ -55,7 +59,8 @@ pub fn batch_loss(model: &Llama, lora: &StepLora, batch: &[&TrainExample]) -> ca
         targets.extend_from_slice(&ex.targets);
         offset += len;
     }
-    let hidden = model.forward(&input, None, lora).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let hidden =
+        model.forward(&input, None, lora).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let dev = hidden.device().clone();
     let h = hidden.index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
     let logits = model.logits(&h).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -82,7 +87,14 @@ struct CheckpointMeta {
     log: Vec<StepLog>,
 }
 
-fn save_checkpoint(dir: &Path, step: usize, params: &LoraParams, opt: &AdamW, seed: u64, log: &[StepLog]) -> anyhow::Result<()> {
+fn save_checkpoint(
+    dir: &Path,
+    step: usize,
+    params: &LoraParams,
+    opt: &AdamW,
+    seed: u64,
+    log: &[StepLog],
+) -> anyhow::Result<()> {
     let tmp = dir.with_extension("tmp");
     std::fs::create_dir_all(&tmp)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -101,9 +113,14 @@ fn save_checkpoint(dir: &Path, step: usize, params: &LoraParams, opt: &AdamW, se
     Ok(())
 }
 
-fn load_checkpoint(dir: &Path, params: &LoraParams, opt: &mut AdamW) -> anyhow::Result<(usize, Vec<StepLog>)> {
+fn load_checkpoint(
+    dir: &Path,
+    params: &LoraParams,
+    opt: &mut AdamW,
+) -> anyhow::Result<(usize, Vec<StepLog>)> {
     let meta: CheckpointMeta = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-    let t = candle_core::safetensors::load(dir.join("state.safetensors"), &candle_core::Device::Cpu)?;
+    let t =
+        candle_core::safetensors::load(dir.join("state.safetensors"), &candle_core::Device::Cpu)?;
     let get = |k: String| t.get(&k).cloned().with_context(|| format!("checkpoint lacks `{k}`"));
     for (i, v) in params.vars().iter().enumerate() {
         v.set(&get(format!("param.{i}"))?)?;
@@ -135,7 +152,12 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// Runs the recipe on `model` (made differentiable here) and writes the adapter.
-pub fn train(model: &mut Llama, tok: &crate::model::tokenizer::TextTokenizer, cfg: &TrainConfig, progress: bool) -> anyhow::Result<TrainOutcome> {
+pub fn train(
+    model: &mut Llama,
+    tok: &crate::model::tokenizer::TextTokenizer,
+    cfg: &TrainConfig,
+    progress: bool,
+) -> anyhow::Result<TrainOutcome> {
     let all = squad::load(&cfg.data)?;
     let per_step = cfg.batch_size * cfg.grad_accum;
     // Visit the raw examples in a seeded order and tokenize only as many as the run needs
@@ -158,7 +180,11 @@ pub fn train(model: &mut Llama, tok: &crate::model::tokenizer::TextTokenizer, cf
             None => skipped_long += 1,
         }
     }
-    anyhow::ensure!(!examples.is_empty(), "no usable training examples in `{}`", cfg.data.display());
+    anyhow::ensure!(
+        !examples.is_empty(),
+        "no usable training examples in `{}`",
+        cfg.data.display()
+    );
     let mut outcome = train_on(model, &examples, cfg, progress, Some(tok))?;
     outcome.skipped_long = skipped_long;
     outcome.skipped_unanswerable = skipped_unanswerable;
@@ -174,9 +200,20 @@ pub fn train(model: &mut Llama, tok: &crate::model::tokenizer::TextTokenizer, cf
 
 /// Trains on tokenized examples and returns the parameters and log (writes checkpoints, not
 /// the adapter). Stops early, leaving a checkpoint, at `cfg.stop_after` (tests of `--resume`).
-pub fn train_on(model: &mut Llama, examples: &[TrainExample], cfg: &TrainConfig, progress: bool, eval_tok: Option<&crate::model::tokenizer::TextTokenizer>) -> anyhow::Result<TrainOutcome> {
+pub fn train_on(
+    model: &mut Llama,
+    examples: &[TrainExample],
+    cfg: &TrainConfig,
+    progress: bool,
+    eval_tok: Option<&crate::model::tokenizer::TextTokenizer>,
+) -> anyhow::Result<TrainOutcome> {
     let per_step = cfg.batch_size * cfg.grad_accum;
-    let total = cfg.steps.unwrap_or_else(|| ((cfg.epochs.unwrap_or(1.0) * examples.len() as f64) / per_step as f64).ceil() as usize).max(1);
+    let total = cfg
+        .steps
+        .unwrap_or_else(|| {
+            ((cfg.epochs.unwrap_or(1.0) * examples.len() as f64) / per_step as f64).ceil() as usize
+        })
+        .max(1);
     let peft = PeftConfig::from_json(&serde_json::json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": (cfg.dropout as f64 * 1e6).round() / 1e6,
         "target_modules": cfg.target_modules, "use_rslora": cfg.rslora, "bias": "none",
@@ -203,14 +240,20 @@ pub fn train_on(model: &mut Llama, examples: &[TrainExample], cfg: &TrainConfig,
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
         for micro in 0..cfg.grad_accum {
             let base = (step * cfg.grad_accum + micro) * cfg.batch_size;
-            let batch: Vec<&TrainExample> = (0..cfg.batch_size).map(|i| &examples[example_at(base + i, examples.len(), cfg.seed)]).collect();
+            let batch: Vec<&TrainExample> = (0..cfg.batch_size)
+                .map(|i| &examples[example_at(base + i, examples.len(), cfg.seed)])
+                .collect();
             tokens += batch.iter().map(|e| e.full_len()).sum::<usize>();
             let targets: usize = batch.iter().map(|e| e.targets.len()).sum();
             let pass = if cfg.micro_batch == 0 { batch.len() } else { cfg.micro_batch };
             for (k, part) in batch.chunks(pass).enumerate() {
                 let mix = AdapterMix::single(adapter.clone(), 1.0);
                 // Each pass draws its own dropout masks, seeded by step and place in the batch.
-                let lora = StepLora::Training { mixes: vec![mix; part.len()], dropout: cfg.dropout, seed: dropout_seed(cfg.seed, step * cfg.grad_accum + micro, k * pass) };
+                let lora = StepLora::Training {
+                    mixes: vec![mix; part.len()],
+                    dropout: cfg.dropout,
+                    seed: dropout_seed(cfg.seed, step * cfg.grad_accum + micro, k * pass),
+                };
                 let (loss, n) = batch_loss(model, &lora, part)?;
                 // The pass's share of the batch mean (mean over all answer tokens of the batch).
                 let loss = (loss * (n as f64 / targets as f64 / cfg.grad_accum as f64))?;
@@ -230,8 +273,19 @@ pub fn train_on(model: &mut Llama, examples: &[TrainExample], cfg: &TrainConfig,
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         opt.step(&vars, &grads, lr)?;
         let secs = t0.elapsed().as_secs_f64();
-        let entry = StepLog { step: step + 1, loss: loss_sum, lr, grad_norm, tokens, tokens_per_s: tokens as f64 / secs, elapsed_s: started.elapsed().as_secs_f64() };
-        bar.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", entry.loss, lr, entry.tokens_per_s));
+        let entry = StepLog {
+            step: step + 1,
+            loss: loss_sum,
+            lr,
+            grad_norm,
+            tokens,
+            tokens_per_s: tokens as f64 / secs,
+            elapsed_s: started.elapsed().as_secs_f64(),
+        };
+        bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+            entry.loss, lr, entry.tokens_per_s
+        ));
         bar.inc(1);
         log.push(entry);
         if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 && step + 1 < total {
@@ -245,7 +299,13 @@ pub fn train_on(model: &mut Llama, examples: &[TrainExample], cfg: &TrainConfig,
             if let Some(dev) = &cfg.eval_data {
                 let Some(tok) = eval_tok else { continue };
                 let r = super::eval::evaluate_params(model, tok, &params, dev, cfg.eval_limit)?;
-                bar.println(format!("step {}: dev EM {:.1} F1 {:.1} on {} questions", step + 1, r.exact_match, r.f1, r.n));
+                bar.println(format!(
+                    "step {}: dev EM {:.1} F1 {:.1} on {} questions",
+                    step + 1,
+                    r.exact_match,
+                    r.f1,
+                    r.n
+                ));
             }
         }
     }
@@ -264,7 +324,11 @@ pub fn train_on(model: &mut Llama, examples: &[TrainExample], cfg: &TrainConfig,
 }
 
 fn progress_bar(total: usize, start: usize, visible: bool) -> indicatif::ProgressBar {
-    let bar = if visible { indicatif::ProgressBar::new(total as u64) } else { indicatif::ProgressBar::hidden() };
+    let bar = if visible {
+        indicatif::ProgressBar::new(total as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  ETA {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -274,7 +338,8 @@ fn progress_bar(total: usize, start: usize, visible: bool) -> indicatif::Progres
 }
 
 fn write_output(cfg: &TrainConfig, params: &LoraParams, o: &TrainOutcome) -> anyhow::Result<()> {
-    let log_jsonl: String = o.log.iter().filter_map(|l| serde_json::to_string(l).ok()).map(|l| l + "\n").collect();
+    let log_jsonl: String =
+        o.log.iter().filter_map(|l| serde_json::to_string(l).ok()).map(|l| l + "\n").collect();
     let mut extra: Vec<(&str, Vec<u8>)> = vec![
         ("training_log.jsonl", log_jsonl.into_bytes()),
         ("training_recipe.json", serde_json::to_vec_pretty(cfg)?),
@@ -284,7 +349,12 @@ fn write_output(cfg: &TrainConfig, params: &LoraParams, o: &TrainOutcome) -> any
         Ok(png) => extra.push(("loss.png", png)),
         Err(e) => eprintln!("warning: no loss curve: {e}"),
     }
-    crate::adapters::writer::save_adapter_with(&cfg.output, &params.config, &params.export()?, &extra)?;
+    crate::adapters::writer::save_adapter_with(
+        &cfg.output,
+        &params.config,
+        &params.export()?,
+        &extra,
+    )?;
     Ok(())
 }
 

@@ -20,7 +20,10 @@ pub fn ctx_with(edit: impl FnOnce(&mut ServeOptions)) -> Ctx {
 
 /// [`ctx_with`], with a last edit of the validated configuration (what no option sets, such as
 /// the engine's test-only fault injection).
-pub fn ctx_with_config(edit: impl FnOnce(&mut ServeOptions), edit_cfg: impl FnOnce(&mut ServeConfig)) -> Ctx {
+pub fn ctx_with_config(
+    edit: impl FnOnce(&mut ServeOptions),
+    edit_cfg: impl FnOnce(&mut ServeConfig),
+) -> Ctx {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = serve_options(dir.path());
     edit(&mut opts);
@@ -37,15 +40,24 @@ pub fn ctx() -> Ctx {
     ctx_with(|_| {})
 }
 
-pub async fn app(ctx: &Ctx) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
+pub async fn app(
+    ctx: &Ctx,
+) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
     test::init_service(App::new().app_data(ctx.state.clone()).configure(api::configure)).await
 }
 
-pub async fn call(app: &impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>, req: test::TestRequest) -> (StatusCode, Value) {
+pub async fn call(
+    app: &impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
+    req: test::TestRequest,
+) -> (StatusCode, Value) {
     let resp = test::call_service(app, req.to_request()).await;
     let status = resp.status();
     let body = test::read_body(resp).await;
-    (status, serde_json::from_slice(&body).unwrap_or(Value::String(String::from_utf8_lossy(&body).into_owned())))
+    (
+        status,
+        serde_json::from_slice(&body)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&body).into_owned())),
+    )
 }
 
 pub fn post(path: &str, body: Value) -> test::TestRequest {
@@ -54,7 +66,10 @@ pub fn post(path: &str, body: Value) -> test::TestRequest {
 
 /// A POST with a raw body sent as JSON.
 pub fn post_raw(path: &str, body: impl Into<Vec<u8>>) -> test::TestRequest {
-    test::TestRequest::post().uri(path).insert_header(("content-type", "application/json")).set_payload(body.into())
+    test::TestRequest::post()
+        .uri(path)
+        .insert_header(("content-type", "application/json"))
+        .set_payload(body.into())
 }
 
 /// The OpenAI error shape with the expected status and type.

@@ -20,7 +20,10 @@ pub fn tiny() -> (Llama, LlamaConfig) {
 
 /// A tiny random model per architecture description ([`LlamaConfig::tiny_families`]).
 pub fn tiny_all() -> Vec<(Llama, LlamaConfig)> {
-    LlamaConfig::tiny_families().into_iter().map(|cfg| (Llama::random(cfg.clone(), 7, &Device::Cpu).unwrap(), cfg)).collect()
+    LlamaConfig::tiny_families()
+        .into_iter()
+        .map(|cfg| (Llama::random(cfg.clone(), 7, &Device::Cpu).unwrap(), cfg))
+        .collect()
 }
 
 /// The stored (PEFT) modules of `cfg` as `(path, layer, in, out)`: a fused module once.
@@ -58,12 +61,22 @@ pub fn targets_for(cfg: &LlamaConfig, names: &[&str]) -> Vec<String> {
 }
 
 /// [`lora_config`] with the targets spelled for `cfg`.
-pub fn lora_config_for(cfg: &LlamaConfig, r: usize, alpha: f64, targets: &[&str]) -> serde_json::Value {
+pub fn lora_config_for(
+    cfg: &LlamaConfig,
+    r: usize,
+    alpha: f64,
+    targets: &[&str],
+) -> serde_json::Value {
     serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets_for(cfg, targets), "bias": "none"})
 }
 
 /// Writes a PEFT folder with random non-zero A and B for the modules `config_json` selects.
-pub fn write_random_adapter(dir: &Path, cfg: &LlamaConfig, config_json: &serde_json::Value, seed: u64) {
+pub fn write_random_adapter(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    config_json: &serde_json::Value,
+    seed: u64,
+) {
     let config = PeftConfig::from_json(&config_json.to_string()).unwrap();
     let mut src = RandomSource::new(cfg.clone(), seed, Device::Cpu);
     let weights: Vec<(String, Tensor, Tensor)> = stored_modules(cfg)
@@ -71,7 +84,8 @@ pub fn write_random_adapter(dir: &Path, cfg: &LlamaConfig, config_json: &serde_j
         .filter(|(path, layer, _, _)| config.targets_module(path, *layer))
         .map(|(path, _, fan_in, fan_out)| {
             let (r, _) = config.rank_alpha_module(&path);
-            let (a, b) = (src.uniform((r, fan_in), 0.5).unwrap(), src.uniform((fan_out, r), 0.5).unwrap());
+            let (a, b) =
+                (src.uniform((r, fan_in), 0.5).unwrap(), src.uniform((fan_out, r), 0.5).unwrap());
             (path, a, b)
         })
         .collect();
@@ -84,21 +98,36 @@ pub fn lora_config(r: usize, alpha: f64, targets: &[&str]) -> serde_json::Value 
     serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "bias": "none"})
 }
 
-pub fn tiny_adapter(root: &Path, name: &str, cfg: &LlamaConfig, json: serde_json::Value, seed: u64) -> Arc<LoraAdapter> {
+pub fn tiny_adapter(
+    root: &Path,
+    name: &str,
+    cfg: &LlamaConfig,
+    json: serde_json::Value,
+    seed: u64,
+) -> Arc<LoraAdapter> {
     let dir = root.join(name);
     write_random_adapter(&dir, cfg, &json, seed);
     Arc::new(load_adapter(&dir, name, cfg, &Device::Cpu).unwrap())
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// The real default model: `LORAPLEX_TEST_MODEL`, else the file `scripts/fetch-model.sh` fetches.
 pub fn real_model_path() -> PathBuf {
-    let p = std::env::var("LORAPLEX_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let p = std::env::var("LORAPLEX_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|_| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
     assert!(p.exists(), "real model missing at {}: run scripts/fetch-model.sh", p.display());
     p
 }
@@ -108,7 +137,11 @@ pub fn shared_dir() -> PathBuf {
     let p = std::env::var("LORAPLEX_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    assert!(p.join("reference/cases.json").exists(), "shared reference data missing at {}", p.display());
+    assert!(
+        p.join("reference/cases.json").exists(),
+        "shared reference data missing at {}",
+        p.display()
+    );
     p
 }
 

@@ -21,7 +21,8 @@ pub fn mix_for(case: &serde_json::Value, adapters_dir: &Path, m: &LoadedModel) -
         .iter()
         .map(|a| {
             let name = a["name"].as_str().unwrap();
-            let adapter = load_adapter(&adapters_dir.join(name), name, &m.model.cfg, &Device::Cpu).unwrap();
+            let adapter =
+                load_adapter(&adapters_dir.join(name), name, &m.model.cfg, &Device::Cpu).unwrap();
             MixEntry { adapter: Arc::new(adapter), scale: a["weight"].as_f64().unwrap() }
         })
         .collect();
@@ -36,24 +37,42 @@ impl RefFile {
     }
     pub fn floats(&self, key: &str) -> Vec<f32> {
         let st = SafeTensors::deserialize(&self.0).unwrap();
-        st.tensor(key).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        st.tensor(key)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     }
     pub fn ints(&self, key: &str) -> Vec<u32> {
         let st = SafeTensors::deserialize(&self.0).unwrap();
-        st.tensor(key).unwrap().data().chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32).collect()
+        st.tensor(key)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32)
+            .collect()
     }
 }
 
 /// All-position logits of every prompt, prefilled together in one ragged batch.
-pub fn prefill_logits(model: &Llama, prompts: &[Vec<u32>], mix: &AdapterMix, path: LoraPath) -> Vec<Tensor> {
+pub fn prefill_logits(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    mix: &AdapterMix,
+    path: LoraPath,
+) -> Vec<Tensor> {
     let mixes: Vec<&AdapterMix> = prompts.iter().map(|_| mix).collect();
     let lora = match path {
-        LoraPath::Batched => StepLora::batched(&mixes, model.cfg.num_layers, model.dtype(), model.device()).unwrap(),
+        LoraPath::Batched => {
+            StepLora::batched(&mixes, model.cfg.num_layers, model.dtype(), model.device()).unwrap()
+        }
         LoraPath::PerRow => StepLora::per_row(&mixes),
     };
     let mut input = BatchInput::default();
     prompts.iter().for_each(|p| input.push(p));
-    let mut caches: Vec<SeqCache> = prompts.iter().map(|p| SeqCache::new(model.cfg.num_layers, p.len())).collect();
+    let mut caches: Vec<SeqCache> =
+        prompts.iter().map(|p| SeqCache::new(model.cfg.num_layers, p.len())).collect();
     let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
     let logits = model.logits(&model.forward(&input, Some(&mut refs), &lora).unwrap()).unwrap();
     let mut out = Vec::new();
@@ -65,11 +84,16 @@ pub fn prefill_logits(model: &Llama, prompts: &[Vec<u32>], mix: &AdapterMix, pat
     out
 }
 
-pub fn greedy(m: &LoadedModel, prompts: &[Vec<u32>], mix: &AdapterMix, path: LoraPath, n: usize) -> Vec<Vec<u32>> {
+pub fn greedy(
+    m: &LoadedModel,
+    prompts: &[Vec<u32>],
+    mix: &AdapterMix,
+    path: LoraPath,
+    n: usize,
+) -> Vec<Vec<u32>> {
     let reqs: Vec<Request> = prompts
         .iter()
         .map(|p| Request { stop_at_eos: false, ..Request::greedy(p.clone(), mix.clone(), n) })
         .collect();
     generate(&m.model, &m.tokenizer, &reqs, path).unwrap().into_iter().map(|o| o.ids).collect()
 }
-

@@ -12,7 +12,11 @@ pub fn binary() -> PathBuf {
         return PathBuf::from(p);
     }
     let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/loraplex");
-    if release.exists() { release } else { PathBuf::from(env!("CARGO_BIN_EXE_loraplex")) }
+    if release.exists() {
+        release
+    } else {
+        PathBuf::from(env!("CARGO_BIN_EXE_loraplex"))
+    }
 }
 
 pub struct Server {
@@ -26,15 +30,26 @@ impl Server {
     }
 
     /// Like `start`, with the server's log (stderr) written to `log` and extra environment.
-    pub fn start_with_log(adapters: &Path, extra: &[&str], log: Option<&Path>, env: &[(&str, &str)]) -> Server {
+    pub fn start_with_log(
+        adapters: &Path,
+        extra: &[&str],
+        log: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut cmd = Command::new(binary());
-        cmd.args(["serve", "--model", real_model_path().to_str().unwrap(), "--adapters", adapters.to_str().unwrap()])
-            .args(["--port", &port.to_string(), "--rescan-interval-ms", "100"])
-            .args(extra)
-            .env("LORAPLEX_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null());
+        cmd.args([
+            "serve",
+            "--model",
+            real_model_path().to_str().unwrap(),
+            "--adapters",
+            adapters.to_str().unwrap(),
+        ])
+        .args(["--port", &port.to_string(), "--rescan-interval-ms", "100"])
+        .args(extra)
+        .env("LORAPLEX_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null());
         if let Some(log) = log {
             cmd.stderr(std::fs::File::create(log).unwrap());
         }
@@ -93,7 +108,11 @@ fn dechunk(body: &str) -> String {
         out.push_str(&after[..n]);
         rest = after[n..].trim_start_matches("\r\n");
     }
-    if out.is_empty() { body.to_string() } else { out }
+    if out.is_empty() {
+        body.to_string()
+    } else {
+        out
+    }
 }
 
 pub fn get(port: u16, path: &str) -> (u16, String) {
@@ -115,4 +134,3 @@ pub fn generate_json(args: &[&str]) -> Value {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
-

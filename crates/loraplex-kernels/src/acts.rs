@@ -132,7 +132,7 @@ multiversion! {
             let mut codes = [0i32; BLOCK];
             for j in 0..BLOCK {
                 let r = (v[j] * id + MAGIC) - MAGIC;
-                let r = if r > 127.0 { 127.0 } else if r < -127.0 { -127.0 } else { r };
+                let r = r.clamp(-127.0, 127.0);
                 codes[j] = r as i32;
             }
             let (mut lo, mut hi) = (0i32, 0i32);
@@ -155,7 +155,11 @@ mod tests {
 
     #[test]
     fn the_simd_quantization_equals_the_portable_one() {
-        let x: Vec<f32> = (0..576 * 3).map(|i| ((i * 7919 % 1009) as f32 - 504.5) * 0.0137 * if i % 64 < 32 { 1.0 } else { 40.0 }).collect();
+        let x: Vec<f32> = (0..576 * 3)
+            .map(|i| {
+                ((i * 7919 % 1009) as f32 - 504.5) * 0.0137 * if i % 64 < 32 { 1.0 } else { 40.0 }
+            })
+            .collect();
         let nb = x.len() / 32;
         let (mut q1, mut d1, mut s1) = (vec![0i8; x.len()], vec![0f32; nb], vec![[0f32; 3]; nb]);
         quantize_blocks(&x, &mut q1, &mut d1, &mut s1);

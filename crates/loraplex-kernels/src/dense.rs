@@ -21,8 +21,19 @@ const MIN_ROWS: usize = 8;
 
 /// `y[i, j] = Σ_c x[i, c] · w[j, c]` for `x` `(n, k)`, `w` `(out, k)`, `y` `(n, out)`, all
 /// row-major. Each row's result does not depend on the other rows.
-pub fn matmul_f32(pool: &Pool, x: &[f32], n: usize, k: usize, w: &[f32], out: usize, y: &mut [f32]) {
-    assert!(x.len() >= n * k && w.len() >= out * k && y.len() >= n * out, "operand sizes; this is a bug");
+pub fn matmul_f32(
+    pool: &Pool,
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: &[f32],
+    out: usize,
+    y: &mut [f32],
+) {
+    assert!(
+        x.len() >= n * k && w.len() >= out * k && y.len() >= n * out,
+        "operand sizes; this is a bug"
+    );
     if n == 0 || out == 0 {
         return;
     }
@@ -92,14 +103,29 @@ mod tests {
         let pool = Pool::new(2);
         for &(k, out) in &[(576usize, 192usize), (576, 576), (576, 1536), (1536, 576)] {
             let n = 200;
-            let x: Vec<f32> = (0..n * k).map(|i| (((i * 7919) % 1013) as f32 / 1013.0 - 0.5) * 0.37).collect();
-            let w: Vec<f32> = (0..out * k).map(|i| (((i * 104729) % 997) as f32 / 997.0 - 0.5) * 0.11).collect();
+            let x: Vec<f32> =
+                (0..n * k).map(|i| (((i * 7919) % 1013) as f32 / 1013.0 - 0.5) * 0.37).collect();
+            let w: Vec<f32> =
+                (0..out * k).map(|i| (((i * 104729) % 997) as f32 / 997.0 - 0.5) * 0.11).collect();
             let mut all = vec![0f32; n * out];
             matmul_f32(&pool, &x, n, k, &w, out, &mut all);
-            for &(r0, rows) in &[(0usize, 1usize), (5, 1), (3, 2), (10, 63), (20, 64), (30, 65), (0, 129), (150, 50)] {
+            for &(r0, rows) in &[
+                (0usize, 1usize),
+                (5, 1),
+                (3, 2),
+                (10, 63),
+                (20, 64),
+                (30, 65),
+                (0, 129),
+                (150, 50),
+            ] {
                 let mut part = vec![0f32; rows * out];
                 matmul_f32(&pool, &x[r0 * k..(r0 + rows) * k], rows, k, &w, out, &mut part);
-                assert!(part == all[r0 * out..(r0 + rows) * out], "k {k}, out {out}: rows {r0}..{} differ from the same rows in a batch of {n}", r0 + rows);
+                assert!(
+                    part == all[r0 * out..(r0 + rows) * out],
+                    "k {k}, out {out}: rows {r0}..{} differ from the same rows in a batch of {n}",
+                    r0 + rows
+                );
             }
         }
     }
@@ -115,7 +141,10 @@ mod tests {
             for i in 0..n {
                 for j in 0..out {
                     let want: f64 = (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64).sum();
-                    assert!((y[i * out + j] as f64 - want).abs() < 1e-3, "{n}x{k}x{out} at {i},{j}");
+                    assert!(
+                        (y[i * out + j] as f64 - want).abs() < 1e-3,
+                        "{n}x{k}x{out} at {i},{j}"
+                    );
                 }
             }
         }

@@ -57,7 +57,7 @@ const MAGIC: f32 = 12_582_912.0;
 /// the result is a normal float.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
-    let x = if x < -87.0 { -87.0 } else if x > 88.0 { 88.0 } else { x };
+    let x = x.clamp(-87.0, 88.0);
     let t = x.mul_add(std::f32::consts::LOG2_E, MAGIC);
     let n = t - MAGIC;
     let r = n.mul_add(-0.693_359_4, x);
@@ -200,8 +200,10 @@ multiversion! {
 fn lora_rank_group<const R: usize>(x: &[f32], a: &[f32], b: &[f32], coef: f32, y: &mut [f32]) {
     let (fan_in, fan_out) = (x.len(), y.len());
     let (xc, xt) = x.as_chunks::<L>();
-    let a_rows: [(&[[f32; L]], &[f32]); R] = std::array::from_fn(|r| a[r * fan_in..(r + 1) * fan_in].as_chunks::<L>());
-    let b_rows: [(&[[f32; L]], &[f32]); R] = std::array::from_fn(|r| b[r * fan_out..(r + 1) * fan_out].as_chunks::<L>());
+    let a_rows: [(&[[f32; L]], &[f32]); R] =
+        std::array::from_fn(|r| a[r * fan_in..(r + 1) * fan_in].as_chunks::<L>());
+    let b_rows: [(&[[f32; L]], &[f32]); R] =
+        std::array::from_fn(|r| b[r * fan_out..(r + 1) * fan_out].as_chunks::<L>());
     let n = xc.len();
     if a_rows.iter().any(|(c, _)| c.len() != n) {
         return;
@@ -257,14 +259,22 @@ const LORA_ROWS_PER_ITEM: usize = 16;
 
 /// `y[i] += Σ c · Bᵀ (A x[i])` for every row of every run (`x` `(n, in)`, `y` `(n, out)`),
 /// split over the pool when there is enough work.
-pub fn lora_batch(pool: &Pool, x: &[f32], fan_in: usize, y: &mut [f32], fan_out: usize, runs: &[LoraRun<'_>]) {
+pub fn lora_batch(
+    pool: &Pool,
+    x: &[f32],
+    fan_in: usize,
+    y: &mut [f32],
+    fan_out: usize,
+    runs: &[LoraRun<'_>],
+) {
     let mut items: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
     let mut work = 0usize;
     for (k, run) in runs.iter().enumerate() {
         if run.terms.is_empty() {
             continue;
         }
-        work += run.rows.len() * run.terms.iter().map(|t| t.rank).sum::<usize>() * (fan_in + fan_out);
+        work +=
+            run.rows.len() * run.terms.iter().map(|t| t.rank).sum::<usize>() * (fan_in + fan_out);
         let mut r = run.rows.start;
         while r < run.rows.end {
             let end = (r + LORA_ROWS_PER_ITEM).min(run.rows.end);
@@ -272,7 +282,10 @@ pub fn lora_batch(pool: &Pool, x: &[f32], fan_in: usize, y: &mut [f32], fan_out:
             r = end;
         }
     }
-    assert!(items.last().is_none_or(|(_, r)| r.end * fan_out <= y.len() && r.end * fan_in <= x.len()), "LoRA rows outside the batch; this is a bug");
+    assert!(
+        items.last().is_none_or(|(_, r)| r.end * fan_out <= y.len() && r.end * fan_in <= x.len()),
+        "LoRA rows outside the batch; this is a bug"
+    );
     let dst = Shared(y.as_mut_ptr());
     let run_item = |i: usize| {
         let (k, rows) = &items[i];
@@ -280,7 +293,9 @@ pub fn lora_batch(pool: &Pool, x: &[f32], fan_in: usize, y: &mut [f32], fan_out:
         // SAFETY: items cover disjoint row ranges (runs do not overlap and are split without
         // overlap), inside `y` (asserted above); the pool joins every item before `y`'s borrow
         // ends.
-        let yr = unsafe { std::slice::from_raw_parts_mut(d.0.add(rows.start * fan_out), rows.len() * fan_out) };
+        let yr = unsafe {
+            std::slice::from_raw_parts_mut(d.0.add(rows.start * fan_out), rows.len() * fan_out)
+        };
         lora_rows(&x[rows.start * fan_in..rows.end * fan_in], &runs[*k].terms, yr);
     };
     // Below ~64k multiply-adds a parallel call costs more than it saves.
@@ -333,7 +348,14 @@ pub const KV_TILE: usize = 16;
 /// dimension are adjacent, so a score tile is one vector per dimension with no transpose),
 /// values token-major `(16, kv_heads · head_dim)`. Unwritten slots stay as they were (zero in
 /// a new block) and are never read.
-pub fn write_block(k_tile: &mut [f32], v_rows: &mut [f32], at: usize, k: &[f32], v: &[f32], width: usize) {
+pub fn write_block(
+    k_tile: &mut [f32],
+    v_rows: &mut [f32],
+    at: usize,
+    k: &[f32],
+    v: &[f32],
+    width: usize,
+) {
     debug_assert!(at + k.len() / width.max(1) <= KV_TILE);
     for (i, row) in k.chunks_exact(width).enumerate() {
         for (c, &x) in row.iter().enumerate() {
@@ -402,7 +424,12 @@ pub fn attention(pool: &Pool, dims: AttnDims, q: &[f32], seqs: &[SeqKv<'_>], out
                 debug_assert!(row < n_rows);
                 // SAFETY: (row, head) pairs are unique to this chunk (its sequence's rows, its
                 // kv group's heads), inside the `(n, heads · hd)` output.
-                let o = unsafe { std::slice::from_raw_parts_mut(d.0.add(row * width + head * dims.head_dim), dims.head_dim) };
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        d.0.add(row * width + head * dims.head_dim),
+                        dims.head_dim,
+                    )
+                };
                 o.copy_from_slice(block.output((j - js.start) * groups + g));
             }
         }
@@ -472,7 +499,8 @@ impl<'a> AttnBlock<'a> {
     }
 
     fn run(&mut self) {
-        let (nq, hd, kvh, kvw) = (self.nq(), self.dims.head_dim, self.kvh, self.dims.kv_heads * self.dims.head_dim);
+        let (nq, hd, kvh, kvw) =
+            (self.nq(), self.dims.head_dim, self.kvh, self.dims.kv_heads * self.dims.head_dim);
         let pos: Vec<usize> = (0..nq).map(|qi| self.pos(qi)).collect();
         let groups = self.dims.heads / self.dims.kv_heads;
         let slopes: Vec<f32> = if self.dims.alibi {
@@ -481,8 +509,19 @@ impl<'a> AttnBlock<'a> {
         } else {
             Vec::new()
         };
-        block_scores(&self.q, hd, self.seq.k, kvh * hd * KV_TILE, self.keys, self.keys_padded, &pos, &slopes, &mut self.p);
-        let first: Vec<usize> = pos.iter().map(|&p| (p + 1).saturating_sub(self.dims.window)).collect();
+        block_scores(
+            &self.q,
+            hd,
+            self.seq.k,
+            kvh * hd * KV_TILE,
+            self.keys,
+            self.keys_padded,
+            &pos,
+            &slopes,
+            &mut self.p,
+        );
+        let first: Vec<usize> =
+            pos.iter().map(|&p| (p + 1).saturating_sub(self.dims.window)).collect();
         block_softmax(&mut self.p, self.keys_padded, &first, &pos);
         block_values(&self.p, self.keys_padded, self.seq.v, kvw, kvh * hd, hd, &pos, &mut self.o);
     }
@@ -494,7 +533,17 @@ impl<'a> AttnBlock<'a> {
 
 /// `p[qi, u] = q[qi] · k[u]` for keys `u ≤ pos[qi]` (others −∞), one key tile at a time.
 #[allow(clippy::too_many_arguments)] // one kernel's operands; private
-fn block_scores(q: &[f32], hd: usize, k: &[&[f32]], koff: usize, keys: usize, keys_padded: usize, pos: &[usize], slopes: &[f32], p: &mut [f32]) {
+fn block_scores(
+    q: &[f32],
+    hd: usize,
+    k: &[&[f32]],
+    koff: usize,
+    keys: usize,
+    keys_padded: usize,
+    pos: &[usize],
+    slopes: &[f32],
+    p: &mut [f32],
+) {
     for (t, tile) in k.iter().enumerate().take(keys.div_ceil(KT)) {
         // The tile goes in as a parameter: a slice loaded from the block table carries no
         // aliasing facts, and without them the compiler keeps the accumulators in memory.
@@ -538,7 +587,15 @@ multiversion! {
 }
 
 #[inline(always)]
-fn score_tile<const M: usize>(q: &[f32], hd: usize, kt: &[f32], t: usize, keys_padded: usize, pos: &[usize], p: &mut [f32]) {
+fn score_tile<const M: usize>(
+    q: &[f32],
+    hd: usize,
+    kt: &[f32],
+    t: usize,
+    keys_padded: usize,
+    pos: &[usize],
+    p: &mut [f32],
+) {
     let mut even = [[0f32; KT]; M];
     let mut odd = [[0f32; KT]; M];
     let (kc, _) = kt.as_chunks::<KT>();
@@ -630,7 +687,17 @@ multiversion! {
 
 #[allow(clippy::too_many_arguments)] // one micro-kernel's operands; private
 #[inline(always)]
-fn value_tile<const M: usize, const W: usize>(p: &[f32], keys_padded: usize, v: &[&[f32]], kvw: usize, voff: usize, keys: usize, o: &mut [f32], hd: usize, d0: usize) {
+fn value_tile<const M: usize, const W: usize>(
+    p: &[f32],
+    keys_padded: usize,
+    v: &[&[f32]],
+    kvw: usize,
+    voff: usize,
+    keys: usize,
+    o: &mut [f32],
+    hd: usize,
+    d0: usize,
+) {
     let mut acc = [[0f32; W]; M];
     for u in 0..keys {
         let at = (u % KV_TILE) * kvw + voff;
@@ -652,7 +719,19 @@ fn value_tile<const M: usize, const W: usize>(p: &[f32], keys_padded: usize, v: 
 
 #[allow(clippy::too_many_arguments)] // one micro-kernel's operands; private
 #[inline(always)]
-fn value_tile_any(p: &[f32], m: usize, keys_padded: usize, v: &[&[f32]], kvw: usize, voff: usize, w: usize, keys: usize, o: &mut [f32], hd: usize, d0: usize) {
+fn value_tile_any(
+    p: &[f32],
+    m: usize,
+    keys_padded: usize,
+    v: &[&[f32]],
+    kvw: usize,
+    voff: usize,
+    w: usize,
+    keys: usize,
+    o: &mut [f32],
+    hd: usize,
+    d0: usize,
+) {
     for r in 0..m {
         let acc = &mut o[r * hd + d0..r * hd + d0 + w];
         acc.iter_mut().for_each(|a| *a = 0.0);

@@ -32,7 +32,9 @@ impl RowCodes {
 
     /// Whether each pair of 16-value halves shares its scale and minimum (a 32-block format).
     pub fn pairs_share_scales(&self) -> bool {
-        self.d.chunks(2).zip(self.m.chunks(2)).all(|(d, m)| d.len() < 2 || (d[0].to_bits() == d[1].to_bits() && m[0].to_bits() == m[1].to_bits()))
+        self.d.chunks(2).zip(self.m.chunks(2)).all(|(d, m)| {
+            d.len() < 2 || (d[0].to_bits() == d[1].to_bits() && m[0].to_bits() == m[1].to_bits())
+        })
     }
 
     pub fn value(&self, c: usize) -> f32 {
@@ -80,7 +82,13 @@ fn h(b: &[u8], at: usize) -> f32 {
 }
 
 /// Decodes row `row` of a `(rows, cols)` matrix stored as `dtype` blocks in `data`.
-pub fn decode_row(dtype: GgmlDType, data: &[u8], cols: usize, row: usize, out: &mut RowCodes) -> Result<(), DecodeError> {
+pub fn decode_row(
+    dtype: GgmlDType,
+    data: &[u8],
+    cols: usize,
+    row: usize,
+    out: &mut RowCodes,
+) -> Result<(), DecodeError> {
     let (bs, ts) = (dtype.block_size(), dtype.type_size());
     if !cols.is_multiple_of(bs) || !cols.is_multiple_of(32) {
         return Err(DecodeError::Shape { dtype, cols });
@@ -92,9 +100,18 @@ pub fn decode_row(dtype: GgmlDType, data: &[u8], cols: usize, row: usize, out: &
     match dtype {
         GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
             let vals: Vec<f32> = match dtype {
-                GgmlDType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                GgmlDType::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                _ => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                GgmlDType::F32 => bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                GgmlDType::F16 => bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                _ => bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
             };
             quantize_row_8bit(&vals, out);
         }
@@ -123,12 +140,18 @@ pub fn quantize_row_8bit(vals: &[f32], out: &mut RowCodes) {
 }
 
 /// Decodes one block whose first value is column `c0` of the row.
-fn decode_block(dtype: GgmlDType, b: &[u8], c0: usize, out: &mut RowCodes) -> Result<(), DecodeError> {
+fn decode_block(
+    dtype: GgmlDType,
+    b: &[u8],
+    c0: usize,
+    out: &mut RowCodes,
+) -> Result<(), DecodeError> {
     let s0 = c0 / 16;
     match dtype {
         GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
             let d = h(b, 0);
-            let (m, qs) = if dtype == GgmlDType::Q4_0 { (-8.0 * d, &b[2..18]) } else { (h(b, 2), &b[4..20]) };
+            let (m, qs) =
+                if dtype == GgmlDType::Q4_0 { (-8.0 * d, &b[2..18]) } else { (h(b, 2), &b[4..20]) };
             for (j, &q) in qs.iter().enumerate() {
                 out.u[c0 + j] = q & 0x0F;
                 out.u[c0 + j + 16] = q >> 4;
@@ -138,7 +161,11 @@ fn decode_block(dtype: GgmlDType, b: &[u8], c0: usize, out: &mut RowCodes) -> Re
         }
         GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
             let d = h(b, 0);
-            let (m, qh, qs) = if dtype == GgmlDType::Q5_0 { (-16.0 * d, &b[2..6], &b[6..22]) } else { (h(b, 2), &b[4..8], &b[8..24]) };
+            let (m, qh, qs) = if dtype == GgmlDType::Q5_0 {
+                (-16.0 * d, &b[2..6], &b[6..22])
+            } else {
+                (h(b, 2), &b[4..8], &b[8..24])
+            };
             let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
             for (j, &q) in qs.iter().enumerate() {
                 out.u[c0 + j] = (q & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
@@ -202,7 +229,11 @@ fn decode_block(dtype: GgmlDType, b: &[u8], c0: usize, out: &mut RowCodes) -> Re
         GgmlDType::Q4K | GgmlDType::Q5K => {
             let (d, dmin) = (h(b, 0), h(b, 2));
             let sc = &b[4..16];
-            let (qh, ql) = if dtype == GgmlDType::Q5K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
+            let (qh, ql) = if dtype == GgmlDType::Q5K {
+                (Some(&b[16..48]), &b[48..176])
+            } else {
+                (None, &b[16..144])
+            };
             for j in 0..4 {
                 let q = &ql[32 * j..32 * j + 32];
                 for (part, shift) in [(0usize, 0u32), (1, 4)] {

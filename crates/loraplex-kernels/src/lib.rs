@@ -91,8 +91,16 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             let f = |s: &str| match s {
-                "avx512" => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni"),
-                "avxvnni" => is_x86_feature_detected!("avxvnni") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+                "avx512" => {
+                    is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vnni")
+                }
+                "avxvnni" => {
+                    is_x86_feature_detected!("avxvnni")
+                        && is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                }
                 _ => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
             };
             if f("avx512") {
@@ -124,7 +132,11 @@ pub fn simd_level() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
         let v3 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        if v3 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+        if v3
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+        {
             return 2;
         }
         if v3 {

@@ -37,7 +37,12 @@ impl Plan {
         // chunk ≥ 2 groups (~14 KB of a 576-wide W4 matrix) so claiming stays cheap.
         let want = (threads * 8).div_ceil(row_chunks).max(1);
         let groups_per_chunk = groups.div_ceil(want).max(2).min(groups.max(1));
-        Plan { groups_per_chunk, rows_per_chunk, group_chunks: groups.div_ceil(groups_per_chunk), row_chunks }
+        Plan {
+            groups_per_chunk,
+            rows_per_chunk,
+            group_chunks: groups.div_ceil(groups_per_chunk),
+            row_chunks,
+        }
     }
 }
 
@@ -61,7 +66,14 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &PackedMatrix, x: &QuantActs, out: &mut 
 }
 
 /// One weight group against activation rows `rows`, tile by tile.
-fn chunk_group(isa: Isa, w: &PackedMatrix, g: usize, x: &QuantActs, rows: std::ops::Range<usize>, out: *mut f32) {
+fn chunk_group(
+    isa: Isa,
+    w: &PackedMatrix,
+    g: usize,
+    x: &QuantActs,
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+) {
     let ld = w.rows;
     let full = (g + 1) * GROUP <= w.rows;
     let step = isa.tile_rows();
@@ -81,7 +93,9 @@ fn chunk_group(isa: Isa, w: &PackedMatrix, g: usize, x: &QuantActs, rows: std::o
             let cols = w.rows - g * GROUP;
             for r in 0..m {
                 // SAFETY: `cols` floats of row `i + r` from column `g·16` are inside `out`.
-                let row = unsafe { std::slice::from_raw_parts_mut(out.add((i + r) * ld + g * GROUP), cols) };
+                let row = unsafe {
+                    std::slice::from_raw_parts_mut(out.add((i + r) * ld + g * GROUP), cols)
+                };
                 row.copy_from_slice(&scratch[r * GROUP..r * GROUP + cols]);
             }
         }
@@ -90,7 +104,16 @@ fn chunk_group(isa: Isa, w: &PackedMatrix, g: usize, x: &QuantActs, rows: std::o
 }
 
 #[allow(clippy::too_many_arguments)] // the tile's coordinates; private
-fn run_tile(isa: Isa, w: &PackedMatrix, g: usize, x: &QuantActs, row0: usize, m: usize, out: *mut f32, ld: usize) {
+fn run_tile(
+    isa: Isa,
+    w: &PackedMatrix,
+    g: usize,
+    x: &QuantActs,
+    row0: usize,
+    m: usize,
+    out: *mut f32,
+    ld: usize,
+) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni | Isa::AvxVnni | Isa::Avx2 => {
@@ -122,7 +145,8 @@ pub fn quantize(pool: &Pool, x: &[f32], n: usize, k: usize, acts: &mut QuantActs
         return;
     }
     let per = n.div_ceil(pool.threads() * 4);
-    let parts: Vec<std::sync::Mutex<super::acts::RowsMut<'_>>> = acts.parts_mut(per).into_iter().map(std::sync::Mutex::new).collect();
+    let parts: Vec<std::sync::Mutex<super::acts::RowsMut<'_>>> =
+        acts.parts_mut(per).into_iter().map(std::sync::Mutex::new).collect();
     pool.run(parts.len(), |c| {
         let rows = c * per..((c + 1) * per).min(n);
         // Each chunk locks only its own part: never contended.
@@ -138,14 +162,24 @@ mod tests {
     use crate::ggml::RowCodes;
     use rand::{Rng, SeedableRng};
 
-    fn random_codes(rows: usize, cols: usize, max_code: u8, shared: bool, seed: u64) -> Vec<RowCodes> {
+    fn random_codes(
+        rows: usize,
+        cols: usize,
+        max_code: u8,
+        shared: bool,
+        seed: u64,
+    ) -> Vec<RowCodes> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         (0..rows)
             .map(|_| {
                 let mut c = RowCodes::with_cols(cols);
                 c.u.iter_mut().for_each(|u| *u = rng.random_range(0..=max_code));
                 for s in 0..cols / 16 {
-                    let (d, m) = if shared && s % 2 == 1 { (c.d[s - 1], c.m[s - 1]) } else { (rng.random_range(0.001..0.1f32), rng.random_range(-1.0..1.0f32)) };
+                    let (d, m) = if shared && s % 2 == 1 {
+                        (c.d[s - 1], c.m[s - 1])
+                    } else {
+                        (rng.random_range(0.001..0.1f32), rng.random_range(-1.0..1.0f32))
+                    };
                     c.d[s] = d;
                     c.m[s] = m;
                 }
@@ -167,7 +201,10 @@ mod tests {
         let formats = [(15u8, true), (255, true), (255, false)];
         for (f, &(max_code, shared)) in formats.iter().enumerate() {
             for &(out_rows, k) in &[(48usize, 576usize), (40, 1536), (16, 64)] {
-                let w = PackedMatrix::from_codes(&random_codes(out_rows, k, max_code, shared, f as u64 * 7 + k as u64), k);
+                let w = PackedMatrix::from_codes(
+                    &random_codes(out_rows, k, max_code, shared, f as u64 * 7 + k as u64),
+                    k,
+                );
                 for &n in &[1usize, 3, 8, 17, 32] {
                     let x = QuantActs::quantize(&random_x(n, k, n as u64), n, k);
                     let mut want = vec![0f32; n * out_rows];
@@ -196,7 +233,11 @@ mod tests {
             for j in 0..rows {
                 let exact: f32 = (0..k).map(|c| xf[i * k + c] * wf[j * k + c]).sum();
                 let scale: f32 = (0..k).map(|c| (xf[i * k + c] * wf[j * k + c]).abs()).sum();
-                assert!((got[i * rows + j] - exact).abs() <= 0.01 * scale, "{i},{j}: {} vs {exact}", got[i * rows + j]);
+                assert!(
+                    (got[i * rows + j] - exact).abs() <= 0.01 * scale,
+                    "{i},{j}: {} vs {exact}",
+                    got[i * rows + j]
+                );
             }
         }
     }
@@ -215,7 +256,12 @@ mod tests {
             let xi = QuantActs::quantize(&xf[i * k..(i + 1) * k], 1, k);
             let mut one = vec![0f32; rows];
             matmul(&pool, isa, &w, &xi, &mut one);
-            assert!(one.iter().zip(&all[i * rows..(i + 1) * rows]).all(|(a, b)| a.to_bits() == b.to_bits()), "row {i}");
+            assert!(
+                one.iter()
+                    .zip(&all[i * rows..(i + 1) * rows])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row {i}"
+            );
         }
     }
 

@@ -92,8 +92,16 @@ impl std::fmt::Debug for PackedMatrix {
 
 impl PackedMatrix {
     /// Packs `rows` rows of `cols` columns; `row(r, &mut codes)` decodes row `r`.
-    pub fn pack<E>(rows: usize, cols: usize, kind: Kind, mut row: impl FnMut(usize, &mut RowCodes) -> Result<(), E>) -> Result<Self, E> {
-        assert!(cols.is_multiple_of(BLOCK), "packed matrices need whole 32-column blocks; this is a bug");
+    pub fn pack<E>(
+        rows: usize,
+        cols: usize,
+        kind: Kind,
+        mut row: impl FnMut(usize, &mut RowCodes) -> Result<(), E>,
+    ) -> Result<Self, E> {
+        assert!(
+            cols.is_multiple_of(BLOCK),
+            "packed matrices need whole 32-column blocks; this is a bug"
+        );
         let groups = rows.div_ceil(GROUP);
         let blocks = cols / BLOCK;
         let lines_per_record = kind.record_bytes() / 64;
@@ -114,10 +122,11 @@ impl PackedMatrix {
     /// Packs rows already decoded, in the smallest exact format.
     pub fn from_codes(rows: &[RowCodes], cols: usize) -> Self {
         let kind = Kind::for_rows(rows);
-        let packed: Result<Self, std::convert::Infallible> = Self::pack(rows.len(), cols, kind, |r, out| {
-            out.clone_from(&rows[r]);
-            Ok(())
-        });
+        let packed: Result<Self, std::convert::Infallible> =
+            Self::pack(rows.len(), cols, kind, |r, out| {
+                out.clone_from(&rows[r]);
+                Ok(())
+            });
         match packed {
             Ok(p) => p,
             Err(never) => match never {},
@@ -146,12 +155,16 @@ impl PackedMatrix {
     pub fn unpack(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         for r in 0..self.rows {
-            let rec_of = |b: usize| &self.group_bytes(r / GROUP)[b * self.kind.record_bytes()..(b + 1) * self.kind.record_bytes()];
+            let rec_of = |b: usize| {
+                &self.group_bytes(r / GROUP)
+                    [b * self.kind.record_bytes()..(b + 1) * self.kind.record_bytes()]
+            };
             for b in 0..self.blocks() {
                 let rec = rec_of(b);
                 for c in 0..BLOCK {
                     let (d, m) = lane_scales(rec, self.kind, r % GROUP, c / 16);
-                    out[r * self.cols + b * BLOCK + c] = d.mul_add(code(rec, self.kind, r % GROUP, c) as f32, m);
+                    out[r * self.cols + b * BLOCK + c] =
+                        d.mul_add(code(rec, self.kind, r % GROUP, c) as f32, m);
                 }
             }
         }
@@ -230,7 +243,14 @@ pub(super) fn code(rec: &[u8], kind: Kind, lane: usize, c: usize) -> u8 {
 
 /// The scalar reference: `y[i, j] = Σ_b …` for activation rows `rows` of `x` and output rows
 /// `[g·16, g·16 + 16)` of `w`, written to `out[(i - rows.start) · ld + j - g·16]`.
-pub fn tile_scalar(w: &PackedMatrix, g: usize, x: &QuantActs, rows: std::ops::Range<usize>, out: &mut [f32], ld: usize) {
+pub fn tile_scalar(
+    w: &PackedMatrix,
+    g: usize,
+    x: &QuantActs,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+) {
     let recs = w.group_bytes(g);
     let rb = w.kind.record_bytes();
     for (oi, i) in rows.enumerate() {
@@ -240,7 +260,9 @@ pub fn tile_scalar(w: &PackedMatrix, g: usize, x: &QuantActs, rows: std::ops::Ra
                 let rec = &recs[b * rb..(b + 1) * rb];
                 let xq = x.block(i, b);
                 let (dx, sums) = (x.scale(i, b), x.sums(i, b));
-                let dot = |cols: std::ops::Range<usize>| cols.map(|c| code(rec, w.kind, lane, c) as i32 * xq[c] as i32).sum::<i32>();
+                let dot = |cols: std::ops::Range<usize>| {
+                    cols.map(|c| code(rec, w.kind, lane, c) as i32 * xq[c] as i32).sum::<i32>()
+                };
                 if w.kind == Kind::W8S16 {
                     for (half, s) in [(0usize, sums[1]), (1, sums[2])] {
                         let (d, m) = lane_scales(rec, w.kind, lane, half);

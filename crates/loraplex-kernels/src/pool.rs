@@ -85,7 +85,10 @@ impl Pool {
         let workers = (1..threads.max(1))
             .filter_map(|i| {
                 let s = shared.clone();
-                std::thread::Builder::new().name(format!("loraplex-kernel-{i}")).spawn(move || worker(&s)).ok()
+                std::thread::Builder::new()
+                    .name(format!("loraplex-kernel-{i}"))
+                    .spawn(move || worker(&s))
+                    .ok()
             })
             .collect();
         Pool { shared, workers, dispatch: Mutex::new(()) }
@@ -124,7 +127,8 @@ impl Pool {
         // epoch we open here is open.
         unsafe {
             let ptr: *const (dyn Fn(usize) + Sync + '_) = job;
-            *s.job.get() = Some(std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const Job>(ptr));
+            *s.job.get() =
+                Some(std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const Job>(ptr));
         }
         s.next.store(0, SeqCst);
         s.n_chunks.store(n_chunks, SeqCst);
@@ -200,7 +204,9 @@ fn worker(s: &Shared) {
             if let Some(job) = job {
                 // SAFETY: as above; the pointee outlives this registration.
                 let job = unsafe { &*job };
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| claim_all(s, job))).is_err() {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| claim_all(s, job)))
+                    .is_err()
+                {
                     s.panicked.store(true, SeqCst);
                     // Let the caller finish: no chunk may be left claimed and unrun forever.
                     s.next.store(usize::MAX / 2, SeqCst);

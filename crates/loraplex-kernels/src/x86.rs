@@ -100,7 +100,13 @@ unsafe fn avx512<const M: usize, const K: u8>(t: &Tile<'_>) {
             let row = t.row0 + i;
             // SAFETY: `row < x.n` and `b < nb` (the caller's contract), so the block's 32 codes
             // and its scale and sums are inside the activation buffers.
-            let (xb, dx, sums) = unsafe { (q.as_ptr().add(row * k + b * BLOCK).cast::<i32>(), *d.get_unchecked(row * nb + b), *s.get_unchecked(row * nb + b)) };
+            let (xb, dx, sums) = unsafe {
+                (
+                    q.as_ptr().add(row * k + b * BLOCK).cast::<i32>(),
+                    *d.get_unchecked(row * nb + b),
+                    *s.get_unchecked(row * nb + b),
+                )
+            };
             // SAFETY: `g < 8`: four bytes inside the block.
             let xg = |g: usize| _mm512_set1_epi32(unsafe { xb.add(g).read_unaligned() });
             // Two chains of four for latency; |Σ| ≤ 32 · 255 · 127 fits i32 with room.
@@ -231,17 +237,30 @@ unsafe fn avx2<const M: usize, const VNNI: bool>(t: &Tile<'_>, half: usize) {
                 *r = _mm256_load_si256(rec.add(sb + 64 * c + lane0).cast());
             }
             // Bound: 8 floats of each scale row, inside the record.
-            let (d0, m0) = (_mm256_load_ps(rec.add(4 * 8 * half).cast()), _mm256_load_ps(rec.add(64 + 4 * 8 * half).cast()));
+            let (d0, m0) = (
+                _mm256_load_ps(rec.add(4 * 8 * half).cast()),
+                _mm256_load_ps(rec.add(64 + 4 * 8 * half).cast()),
+            );
             let (d1, m1) = if kind == Kind::W8S16 {
                 // Bound: the W8S16 record's second scale pair.
-                (_mm256_load_ps(rec.add(128 + 32 * half).cast()), _mm256_load_ps(rec.add(192 + 32 * half).cast()))
+                (
+                    _mm256_load_ps(rec.add(128 + 32 * half).cast()),
+                    _mm256_load_ps(rec.add(192 + 32 * half).cast()),
+                )
             } else {
                 (d0, m0)
             };
             for (i, acc_i) in acc.iter_mut().enumerate() {
                 let row = t.row0 + i;
                 let xb = &q[row * k + b * BLOCK..row * k + (b + 1) * BLOCK];
-                let xg = |g: usize| _mm256_set1_epi32(i32::from_le_bytes([xb[4 * g] as u8, xb[4 * g + 1] as u8, xb[4 * g + 2] as u8, xb[4 * g + 3] as u8]));
+                let xg = |g: usize| {
+                    _mm256_set1_epi32(i32::from_le_bytes([
+                        xb[4 * g] as u8,
+                        xb[4 * g + 1] as u8,
+                        xb[4 * g + 2] as u8,
+                        xb[4 * g + 3] as u8,
+                    ]))
+                };
                 let (lo, hi) = match kind {
                     Kind::W4 => {
                         let mut w = [_mm256_setzero_si256(); 8];
@@ -262,7 +281,10 @@ unsafe fn avx2<const M: usize, const VNNI: bool>(t: &Tile<'_>, half: usize) {
                     _ => {
                         // 8-bit codes overflow `vpmaddubsw`'s i16 pairs, so split each code into
                         // nibbles: u = 16·h + l, each a 4-bit dot product (bounds as in dot8_u4).
-                        (split_dot4(&raw[..4], nibble, &xg, 0), split_dot4(&raw[4..], nibble, &xg, 4))
+                        (
+                            split_dot4(&raw[..4], nibble, &xg, 0),
+                            split_dot4(&raw[4..], nibble, &xg, 4),
+                        )
                     }
                 };
                 let dx = _mm256_set1_ps(d[row * nb + b]);
@@ -304,7 +326,12 @@ unsafe fn dot4_vnni(w: &[__m256i], xg: &impl Fn(usize) -> __m256i, g0: usize) ->
 
 /// Four 8-bit code groups as two nibble dot products: `16 · Σ h·x + Σ l·x`.
 #[inline(always)]
-unsafe fn split_dot4(w: &[__m256i], nibble: __m256i, xg: &impl Fn(usize) -> __m256i, g0: usize) -> __m256i {
+unsafe fn split_dot4(
+    w: &[__m256i],
+    nibble: __m256i,
+    xg: &impl Fn(usize) -> __m256i,
+    g0: usize,
+) -> __m256i {
     // SAFETY: only ever inlined into a `#[target_feature]` function that enables every
     // feature these intrinsics need (AVX2 + FMA, and AVX-VNNI for the `vnni` helpers);
     // loads stay inside the records and activation blocks the caller passes.
@@ -314,14 +341,16 @@ unsafe fn split_dot4(w: &[__m256i], nibble: __m256i, xg: &impl Fn(usize) -> __m2
         for (j, wj) in w.iter().enumerate() {
             let x = xg(g0 + j);
             lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(*wj, nibble), x));
-            hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(*wj), nibble), x));
+            hi = _mm256_add_epi16(
+                hi,
+                _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(*wj), nibble), x),
+            );
         }
         let lo = _mm256_madd_epi16(lo, ones);
         let hi = _mm256_madd_epi16(hi, ones);
         _mm256_add_epi32(lo, _mm256_slli_epi32::<4>(hi))
     }
 }
-
 
 /// [`super::acts`]'s block quantization with AVX-512: the same exact operations on each value
 /// (abs, max, one multiply by `1 / dx`, the `1.5 · 2²³` rounding, clamping), so the codes,
@@ -334,7 +363,9 @@ unsafe fn split_dot4(w: &[__m256i], nibble: __m256i, xg: &impl Fn(usize) -> __m2
 pub unsafe fn quantize_blocks_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [[f32; 3]]) {
     let magic = _mm512_set1_ps(12_582_912.0);
     let (lo_lim, hi_lim) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
-    for (blk, ((db, sb), qb)) in d.iter_mut().zip(s.iter_mut()).zip(q.chunks_exact_mut(32)).enumerate() {
+    for (blk, ((db, sb), qb)) in
+        d.iter_mut().zip(s.iter_mut()).zip(q.chunks_exact_mut(32)).enumerate()
+    {
         let v = &x[blk * 32..blk * 32 + 32];
         // SAFETY: `v` has 32 floats: two unaligned 16-float loads.
         let (a, b) = unsafe { (_mm512_loadu_ps(v.as_ptr()), _mm512_loadu_ps(v.as_ptr().add(16))) };
@@ -365,7 +396,13 @@ pub unsafe fn quantize_blocks_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], s: 
 /// # Safety
 /// The CPU must have AVX-512 F; `a.len() >= R · x.len()` and `b.len() >= R · y.len()`.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn lora_group_avx512<const R: usize>(x: &[f32], a: &[f32], b: &[f32], coef: f32, y: &mut [f32]) {
+pub unsafe fn lora_group_avx512<const R: usize>(
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    coef: f32,
+    y: &mut [f32],
+) {
     let (fan_in, fan_out) = (x.len(), y.len());
     let (xp, ap, bp, yp) = (x.as_ptr(), a.as_ptr(), b.as_ptr(), y.as_mut_ptr());
     let mut acc = [_mm512_setzero_ps(); R];
@@ -377,7 +414,11 @@ pub unsafe fn lora_group_avx512<const R: usize>(x: &[f32], a: &[f32], b: &[f32],
         unsafe {
             let xv = _mm512_maskz_loadu_ps(mask, xp.add(c));
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                *acc_r = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, ap.add(r * fan_in + c)), xv, *acc_r);
+                *acc_r = _mm512_fmadd_ps(
+                    _mm512_maskz_loadu_ps(mask, ap.add(r * fan_in + c)),
+                    xv,
+                    *acc_r,
+                );
             }
         }
         c += 16;
