@@ -8,14 +8,18 @@
 # (nvidia-cuda-nvcc, -crt, -runtime, -cccl and nvidia-nvvm; CUDA 12's PyPI wheels
 # carry no nvcc).
 # Kernels are compiled for CUDA_COMPUTE_CAP (default 90, Hopper: H100/H200; 80 for A100, 89 for
-# L4/L40, 100 for B200). The build goes to target/cuda, apart from the CPU build. The binary is
-# linked against stubs of libcuda, cuBLAS, cuBLASLt, cuRAND and NVRTC (scripts/cuda_stubs.py)
+# L4/L40, 100 for B200). It builds in the same target folder as the CPU build, so every
+# dependency the `cuda` feature leaves unchanged is compiled once for both; the CUDA binary is
+# copied to target/cuda/dist and the CPU release binary put back in target/release (a no-op
+# build when it is up to date). The binary is linked against stubs of libcuda, cuBLAS, cuBLASLt, cuRAND and NVRTC (scripts/cuda_stubs.py)
 # and loads the real ones (CUDA 13 sonames) from the GPU machine; it needs a driver for CUDA 13
 # (R580 or later). libcudart.so.13 is copied beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-build}"
 root="$PWD/.cuda"
+# The caller's environment, for the CPU build at the end.
+if [ -n "${LIBRARY_PATH:-}" ]; then cpu_env=(env "PATH=$PATH" "LIBRARY_PATH=$LIBRARY_PATH"); else cpu_env=(env -u LIBRARY_PATH "PATH=$PATH"); fi
 cuda="$root/nvidia/cu13"
 pins=("nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-crt==13.0.88" "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85" "nvidia-nvvm==13.0.88")
 if [ ! -x "$cuda/bin/nvcc" ] || [ "$(cat "$root/pins" 2>/dev/null)" != "${pins[*]}" ]; then
@@ -42,7 +46,7 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export LIBRARY_PATH="$cuda/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 nvcc --version | tail -1 >&2
 if [ "$mode" = --check ]; then
-  cargo check --locked --features cuda --target-dir target/cuda
+  cargo check --locked --features cuda
   echo "cargo check --features cuda: ok (compute capability $CUDA_COMPUTE_CAP)"
   exit 0
 fi
@@ -53,10 +57,13 @@ import json, os, sys
 print(next(os.path.dirname(p["manifest_path"]) for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc"))')"
 python3 scripts/cuda_stubs.py "$cudarc/src" "$root/stubs" 13
 export LIBRARY_PATH="$root/stubs:$LIBRARY_PATH"
-cargo build --release --locked --features cuda --target-dir target/cuda
+cargo build --release --locked --features cuda
 out=target/cuda/dist
 mkdir -p "$out"
-strip -o "$out/loraplex" target/cuda/release/loraplex
+strip -o "$out/loraplex" target/release/loraplex
+# The CPU binary back in target/release (the end-to-end tests drive it), in the caller's
+# environment.
+"${cpu_env[@]}" cargo build --release --locked
 cp "$cuda/lib/libcudart.so.13" "$out/"
 rm -rf "$out/stubs" && cp -P -r "$root/stubs" "$out/stubs"
 # This machine has no driver: the stubs let the binary start (they are never on the GPU

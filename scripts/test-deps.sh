@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# What the test command needs beyond Rust and the models, installed when missing, or named in
+# one clear error when this machine cannot install it (not root, no apt-get):
+#   cargo-nextest          the test runner
+#   openai (PyPI, pinned)  tests/e2e/openai_client.py, driven by tests/e2e_server.rs
+#   promtool               Debian's `prometheus`: checks a metrics scrape (tests/metrics.rs)
+#   haproxy, curl          the one-host fleet of scripts/fleet-check.py (scripts/fleet.sh)
+# scripts/check-k8s.sh installs its own (PyPI and npm). Called by scripts/test.sh and .ci/run.
+set -euo pipefail
+openai_pin="openai==3.63.0"
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  echo "installing cargo-nextest" >&2
+  cargo install --locked cargo-nextest
+fi
+if ! python3 -c "import openai, sys; sys.exit(openai.__version__ != '${openai_pin#openai==}')" 2>/dev/null; then
+  echo "installing $openai_pin" >&2
+  python3 -m pip install --quiet --disable-pip-version-check "$openai_pin"
+fi
+packages=()
+command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+command -v haproxy >/dev/null 2>&1 || packages+=(haproxy)
+command -v curl >/dev/null 2>&1 || packages+=(curl)
+if [ ${#packages[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ${packages[*]} (apt-get)" >&2
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${packages[@]}" >/dev/null
+  else
+    echo "the tests need the Debian packages ${packages[*]} (promtool comes in \`prometheus\`); install them, e.g. sudo apt-get install ${packages[*]}" >&2
+    exit 1
+  fi
+fi
