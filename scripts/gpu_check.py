@@ -85,7 +85,7 @@ def loraplex_generate(model_dir, prompt, adapters):
     args = [BIN, "generate", "--model", model_dir, "--device", "cuda", "--json", "--max-tokens", str(NEW_TOKENS),
             "--ignore-eos", "--logprobs", "20", "--prompt", prompt]
     for path, scale in adapters:
-        args += ["--adapter", f"{path}={scale}"]
+        args += ["--adapter", f"{path}:{scale}"]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 

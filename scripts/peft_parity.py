@@ -6,7 +6,7 @@ first generated position with what `loraplex generate --json` reports for the sa
 
     pip install torch transformers peft gguf safetensors
     target/release/loraplex generate --dtype f32 --json --logprobs 20 --max-tokens 1 \
-        --adapter adapters/squad-r16=1 --prompt "$(cat prompt.txt)" > loraplex.json
+        --adapter adapters/squad-r16:1 --prompt "$(cat prompt.txt)" > loraplex.json
     python3 scripts/peft_parity.py adapters/squad-r16 prompt.txt loraplex.json
 
 Exit status 0 when the top-20 log-probabilities agree within 1e-3 and the greedy token matches.

@@ -90,8 +90,9 @@ pub struct EvalArgs {
     /// First N questions only.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// `DIR_OR_NAME=SCALE`, repeatable; none = the base model.
-    #[arg(long = "adapter", value_name = "DIR_OR_NAME=SCALE")]
+    /// `DIR_OR_NAME:SCALE` (as named mixes write `adapter:scale`), repeatable; none = the
+    /// base model.
+    #[arg(long = "adapter", value_name = "DIR_OR_NAME:SCALE")]
     pub adapters: Vec<String>,
     #[arg(long, env = "LORAPLEX_ADAPTERS", default_value = "adapters")]
     pub adapters_dir: PathBuf,
@@ -141,9 +142,10 @@ pub struct GenerateArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
-    /// `DIR_OR_NAME=SCALE` (scale defaults to 1.0); repeat to mix adapters. A bare name is
+    /// `DIR_OR_NAME:SCALE` (scale defaults to 1.0; as named mixes write `adapter:scale`);
+    /// repeat to mix adapters. A bare name is
     /// looked up in --adapters-dir.
-    #[arg(long = "adapter", value_name = "DIR_OR_NAME=SCALE")]
+    #[arg(long = "adapter", value_name = "DIR_OR_NAME:SCALE")]
     pub adapters: Vec<String>,
     #[arg(long, env = "LORAPLEX_ADAPTERS", default_value = "adapters")]
     pub adapters_dir: PathBuf,
@@ -239,11 +241,19 @@ fn run_export_lora(args: ExportLoraArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Parses `DIR_OR_NAME[=SCALE]` into `(spec, scale)`.
+/// Parses `DIR_OR_NAME[:SCALE]` into `(spec, scale)`: the one adapter-spec syntax, as named
+/// mixes write `adapter:scale`. The older `DIR_OR_NAME=SCALE` is still read, with a warning.
 pub fn parse_adapter_spec(spec: &str) -> anyhow::Result<(String, f64)> {
-    let (name, scale) = match spec.rsplit_once('=') {
-        Some((n, s)) => (n, s.parse::<f64>().with_context(|| format!("bad scale in `{spec}`"))?),
-        None => (spec, 1.0),
+    let scale_of =
+        |s: &str| s.trim().parse::<f64>().with_context(|| format!("bad scale in `{spec}`"));
+    let (name, scale) = match (spec.rsplit_once(':'), spec.rsplit_once('=')) {
+        // A `:` followed by a path (`C:/x`) is part of the name.
+        (Some((n, s)), _) if !s.contains(['/', '\\']) => (n, scale_of(s)?),
+        (_, Some((n, s))) => {
+            tracing::warn!(spec, "`NAME=SCALE` adapter specs are deprecated; write `NAME:SCALE`");
+            (n, scale_of(s)?)
+        }
+        _ => (spec, 1.0),
     };
     if !scale.is_finite() {
         bail!("scale in `{spec}` must be finite");
@@ -261,7 +271,7 @@ pub fn resolve_adapter_dir(spec: &str, adapters_dir: &Path) -> PathBuf {
     }
 }
 
-/// Loads `DIR_OR_NAME=SCALE` specs into a mix, with a JSON description of each entry.
+/// Loads `DIR_OR_NAME:SCALE` specs into a mix, with a JSON description of each entry.
 fn load_mix(
     specs: &[String],
     adapters_dir: &Path,
@@ -422,4 +432,25 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = crate::config::ServeConfig::try_from(args.options.over(file))?;
     init_logging(cfg.log_json);
     crate::serve::run(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_adapter_spec;
+
+    #[test]
+    fn adapter_specs_are_name_colon_scale_and_the_old_form_still_reads() {
+        let p = |s: &str| parse_adapter_spec(s).map_err(|e| format!("{e:#}"));
+        assert_eq!(p("qa-r8:0.7"), Ok(("qa-r8".into(), 0.7)));
+        assert_eq!(p("qa-r8"), Ok(("qa-r8".into(), 1.0)));
+        assert_eq!(p("../shared/adapters/qa-r8:-2"), Ok(("../shared/adapters/qa-r8".into(), -2.0)));
+        assert_eq!(
+            p("../shared/adapters/qa-r8=0.5"),
+            Ok(("../shared/adapters/qa-r8".into(), 0.5)),
+            "deprecated form"
+        );
+        assert_eq!(p("C:/adapters/qa"), Ok(("C:/adapters/qa".into(), 1.0)));
+        assert!(p("qa-r8:lots").unwrap_err().contains("qa-r8:lots"));
+        assert!(p("qa-r8:inf").unwrap_err().contains("finite"));
+    }
 }

@@ -66,9 +66,9 @@ fn adapters_by_directory_with_scales_match_the_reference() {
         "24",
         "--ignore-eos",
         "--adapter",
-        &format!("{}=0.7", qa.display()),
+        &format!("{}:0.7", qa.display()),
         "--adapter",
-        &format!("{}=0.3", all.display()),
+        &format!("{}:0.3", all.display()),
     ]);
     let ids: Vec<u64> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
     assert_eq!(ids, reference_ids(6, "short"));
@@ -101,7 +101,7 @@ fn a_broken_adapter_is_a_clear_error() {
             "--prompt",
             "hi",
             "--adapter",
-            "/nonexistent/adapter=1",
+            "/nonexistent/adapter:1",
         ])
         .output()
         .unwrap();

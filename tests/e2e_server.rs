@@ -24,7 +24,7 @@ fn the_openai_python_client_gets_what_generate_computes() {
         String::from_utf8_lossy(&out.stderr)
     );
     let got: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ad = |n: &str| format!("{}={}", dir.path().join(n).display(), "1");
+    let ad = |n: &str| format!("{}:{}", dir.path().join(n).display(), "1");
     let p = "The capital of France is";
     let g = generate_json(&["--prompt", p, "--max-tokens", "16"]);
     assert_eq!(got["completion"], g["text"]);
@@ -33,9 +33,9 @@ fn the_openai_python_client_gets_what_generate_computes() {
     assert_eq!(got["completion_stream"], g["text"], "streamed text equals the whole text");
     let mix = [
         "--adapter",
-        &format!("{}=0.7", dir.path().join("qa-r8").display()),
+        &format!("{}:0.7", dir.path().join("qa-r8").display()),
         "--adapter",
-        &format!("{}=0.3", dir.path().join("all-r16").display()),
+        &format!("{}:0.3", dir.path().join("all-r16").display()),
     ];
     let g = generate_json(&[&["--prompt", p, "--max-tokens", "16"][..], &mix[..]].concat());
     assert_eq!(got["completion_mix"], g["text"]);

@@ -80,7 +80,7 @@ fn a_freshly_trained_adapter_is_served_without_a_restart() {
     assert!(models.contains("fresh-squad"));
 }
 
-/// `kill -9` of `loraplex train` after a checkpoint, then `--resume true`: the adapter equals
+/// `kill -9` of `loraplex train` after a checkpoint, then `--resume`: the adapter equals
 /// the uninterrupted run's (same seed), tensor by tensor within float tolerance.
 #[test]
 fn a_run_killed_with_sigkill_resumes_to_the_uninterrupted_adapter() {
@@ -119,8 +119,7 @@ fn a_run_killed_with_sigkill_resumes_to_the_uninterrupted_adapter() {
             "--seed",
             "7",
             "--quiet",
-            "--resume",
-            if resume { "true" } else { "false" },
+            if resume { "--resume" } else { "--resume=false" },
         ])
         .env("LORAPLEX_LOG", "warn");
         c

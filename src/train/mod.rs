@@ -47,8 +47,8 @@ pub struct TrainOptions {
     /// Comma-separated projections. [default: q_proj,k_proj,v_proj,o_proj]
     #[arg(long, value_delimiter = ',')]
     pub target_modules: Option<Vec<String>>,
-    /// rsLoRA scaling (alpha / sqrt(r)).
-    #[arg(long)]
+    /// rsLoRA scaling (alpha / sqrt(r)); a switch (`--rslora`, `--rslora=false`).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub rslora: Option<bool>,
     /// Optimizer steps (wins over --epochs). [default: 133]
     #[arg(long)]
@@ -94,8 +94,8 @@ pub struct TrainOptions {
     /// Save a resumable checkpoint every N steps (0 = never). [default: 25]
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
-    /// Continue from the output's last checkpoint.
-    #[arg(long)]
+    /// Continue from the output's last checkpoint; a switch (`--resume`).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub resume: Option<bool>,
     /// Evaluate on a small dev slice every N steps (0 = never). [default: 0]
     #[arg(long)]
