@@ -108,7 +108,7 @@ impl Engine {
         );
         std::thread::Builder::new().name("loraplex-engine".into()).spawn({
             let cfg = cfg.clone();
-            move || run(model, tok, cfg, kv, rx, worker_stats, metrics)
+            move || Worker { model, tok, cfg, kv, rx, stats: worker_stats, metrics }.run()
         })?;
         Ok(Engine { tx, stats, cfg, kv, next_id: Arc::new(AtomicU64::new(1)) })
     }
@@ -193,8 +193,8 @@ impl Engine {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // the thread's whole state, moved in once
-fn run(
+/// The engine thread's whole state, moved in once.
+struct Worker {
     model: Llama,
     tok: Arc<TextTokenizer>,
     cfg: EngineConfig,
@@ -202,63 +202,69 @@ fn run(
     rx: mpsc::Receiver<Submission>,
     stats: Arc<EngineStats>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
-) {
-    let pool = KvPool::new(
-        kv.blocks,
-        model.cfg.num_layers,
-        model.kv_width(),
-        model.host_kv(),
-        kv.prefix_cache,
-    );
-    let mut batcher = Batcher::with_pool(&model, &tok, LoraPath::Batched, pool);
-    batcher.prefill_chunk = cfg.max_prefill_tokens;
-    batcher.max_batch = cfg.max_batch_size;
-    batcher.step_latency_ratio = cfg.step_latency_ratio;
-    batcher.metrics = metrics.clone();
-    batcher.faults = cfg.faults.clone();
-    loop {
-        if batcher.is_empty() {
-            match rx.recv() {
-                Ok(s) => add(&mut batcher, s, &model),
-                Err(_) => return, // every handle is gone
-            }
-        }
-        for s in rx.try_iter() {
-            add(&mut batcher, s, &model);
-        }
-        let started = std::time::Instant::now();
-        let report = batcher.step();
-        if let Some(m) = &metrics {
-            let secs = started.elapsed().as_secs_f64();
-            if report.prefill_tokens > 0 {
-                m.prefill_step.observe(secs);
-            } else if report.decode_tokens > 0 {
-                m.decode_step.observe(secs);
-            }
-            if report.sequences > 0 {
-                m.batch_size.observe(report.sequences as f64);
-            }
-            m.count_step(&report);
-        }
-        // Every sequence is counted as waiting or running at every moment (so the engine never
-        // looks idle while it holds one): preempted and re-queued ones join `waiting` before
-        // they leave `running`, admitted ones join `running` before they leave `waiting`.
-        stats.waiting.fetch_add(report.preempted + report.requeued, Ordering::SeqCst);
-        stats.running.store(batcher.running.len(), Ordering::SeqCst);
-        stats.waiting.fetch_sub(
-            report.admitted + report.cancelled_waiting + report.refused,
-            Ordering::SeqCst,
+}
+
+impl Worker {
+    /// Steps the batch until every handle is gone.
+    fn run(self) {
+        let Worker { model, tok, cfg, kv, rx, stats, metrics } = self;
+        let pool = KvPool::new(
+            kv.blocks,
+            model.cfg.num_layers,
+            model.kv_width(),
+            model.host_kv(),
+            kv.prefix_cache,
         );
-        stats.steps.fetch_add(1, Ordering::Relaxed);
-        stats.kv_tokens.store(batcher.kv_tokens(), Ordering::Relaxed);
-        let (used, idle) = batcher.pool.used_and_idle();
-        stats.kv_blocks_used.store(used, Ordering::Relaxed);
-        stats.kv_blocks_cached.store(idle, Ordering::Relaxed);
-        if metrics.is_some() {
-            *stats.adapters_waiting.lock().unwrap_or_else(|p| p.into_inner()) =
-                adapter_names(batcher.waiting.iter().map(|s| &s.req));
+        let mut batcher = Batcher::with_pool(&model, &tok, LoraPath::Batched, pool);
+        batcher.prefill_chunk = cfg.max_prefill_tokens;
+        batcher.max_batch = cfg.max_batch_size;
+        batcher.step_latency_ratio = cfg.step_latency_ratio;
+        batcher.metrics = metrics.clone();
+        batcher.faults = cfg.faults.clone();
+        loop {
+            if batcher.is_empty() {
+                match rx.recv() {
+                    Ok(s) => add(&mut batcher, s, &model),
+                    Err(_) => return, // every handle is gone
+                }
+            }
+            for s in rx.try_iter() {
+                add(&mut batcher, s, &model);
+            }
+            let started = std::time::Instant::now();
+            let report = batcher.step();
+            if let Some(m) = &metrics {
+                let secs = started.elapsed().as_secs_f64();
+                if report.prefill_tokens > 0 {
+                    m.prefill_step.observe(secs);
+                } else if report.decode_tokens > 0 {
+                    m.decode_step.observe(secs);
+                }
+                if report.sequences > 0 {
+                    m.batch_size.observe(report.sequences as f64);
+                }
+                m.count_step(&report);
+            }
+            // Every sequence is counted as waiting or running at every moment (so the engine never
+            // looks idle while it holds one): preempted and re-queued ones join `waiting` before
+            // they leave `running`, admitted ones join `running` before they leave `waiting`.
+            stats.waiting.fetch_add(report.preempted + report.requeued, Ordering::SeqCst);
+            stats.running.store(batcher.running.len(), Ordering::SeqCst);
+            stats.waiting.fetch_sub(
+                report.admitted + report.cancelled_waiting + report.refused,
+                Ordering::SeqCst,
+            );
+            stats.steps.fetch_add(1, Ordering::Relaxed);
+            stats.kv_tokens.store(batcher.kv_tokens(), Ordering::Relaxed);
+            let (used, idle) = batcher.pool.used_and_idle();
+            stats.kv_blocks_used.store(used, Ordering::Relaxed);
+            stats.kv_blocks_cached.store(idle, Ordering::Relaxed);
+            if metrics.is_some() {
+                *stats.adapters_waiting.lock().unwrap_or_else(|p| p.into_inner()) =
+                    adapter_names(batcher.waiting.iter().map(|s| &s.req));
+            }
+            tracing::trace!(?report, "engine step");
         }
-        tracing::trace!(?report, "engine step");
     }
 }
 

@@ -119,6 +119,14 @@ struct Positions {
     rows: Option<Vec<(Tensor, Tensor)>>,
 }
 
+/// What the layers of one forward share, and the layer at hand.
+struct LayerStep<'a> {
+    layer: usize,
+    input: &'a BatchInput,
+    positions: &'a Positions,
+    pass: &'a Pass<'a>,
+}
+
 impl Llama {
     pub fn load(
         cfg: LlamaConfig,
@@ -270,8 +278,12 @@ impl Llama {
         // block, or the final norm after the last.
         let mut h = self.apply_norm(&x, &self.blocks[0].attn_norm)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let mut attn =
-                self.attention(layer, block, &h, &positions, input, caches.as_deref_mut(), &pass)?;
+            let mut attn = self.attention(
+                block,
+                &h,
+                &LayerStep { layer, input, positions: &positions, pass: &pass },
+                caches.as_deref_mut(),
+            )?;
             if let Some((attn_out, _)) = &block.out_norms {
                 attn = self.apply_norm(&attn, attn_out)?;
             }
@@ -391,17 +403,14 @@ impl Llama {
         self.kernels.add_rms_norm(x, y, &n.w, self.cfg.rms_norm_eps as f32)
     }
 
-    #[allow(clippy::too_many_arguments)] // private hot path; the arguments are one step's state
     fn attention(
         &self,
-        layer: usize,
         block: &Block,
         h: &Tensor,
-        positions: &Positions,
-        input: &BatchInput,
+        step: &LayerStep<'_>,
         caches: Option<&mut [&mut SeqCache]>,
-        pass: &Pass<'_>,
     ) -> Result<Tensor> {
+        let pass = step.pass;
         let mut q = block.proj(Target::Q)?.forward(h, pass)?;
         let mut k = block.proj(Target::K)?.forward(h, pass)?;
         let v = block.proj(Target::V)?.forward(h, pass)?;
@@ -409,11 +418,11 @@ impl Llama {
             q = self.head_norm(&q, qn)?;
             k = self.head_norm(&k, kn)?;
         }
-        let o = match &positions.rows {
-            None => self.fused_attention(layer, &q, &k, &v, &positions.pos, input, caches)?,
+        let o = match &step.positions.rows {
+            None => self.fused_attention(step, &q, &k, &v, caches)?,
             Some(rows) => {
-                let (cos, sin) = &rows[self.rope_of[layer]];
-                self.composed_attention(layer, q, k, v, cos, sin, input, caches)?
+                let (cos, sin) = &rows[self.rope_of[step.layer]];
+                self.composed_attention(step, q, k, v, (cos, sin), caches)?
             }
         };
         block.proj(Target::O)?.forward(&o, pass)
@@ -421,17 +430,15 @@ impl Llama {
 
     /// Rope, KV append and causal attention of every sequence in one kernel call over the
     /// host caches (or, without caches, over this step's own keys).
-    #[allow(clippy::too_many_arguments)] // private hot path; the arguments are one step's state
     fn fused_attention(
         &self,
-        layer: usize,
+        step: &LayerStep<'_>,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        pos: &[u32],
-        input: &BatchInput,
         caches: Option<&mut [&mut SeqCache]>,
     ) -> Result<Tensor> {
+        let (layer, pos, input) = (step.layer, step.positions.pos.as_slice(), step.input);
         use crate::kernels::fused;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let bug = || {
@@ -515,18 +522,16 @@ impl Llama {
 
     /// The composed reference: candle's rope, the device caches and batched matmuls per
     /// sequence (and the differentiable ops when training).
-    #[allow(clippy::too_many_arguments)] // private; the arguments are one step's state
     fn composed_attention(
         &self,
-        layer: usize,
+        step: &LayerStep<'_>,
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        input: &BatchInput,
+        (cos, sin): (&Tensor, &Tensor),
         mut caches: Option<&mut [&mut SeqCache]>,
     ) -> Result<Tensor> {
+        let (layer, input) = (step.layer, step.input);
         let (n, _) = q.dims2()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let lens = &input.seq_lens;

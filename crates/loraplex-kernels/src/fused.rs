@@ -509,21 +509,13 @@ impl<'a> AttnBlock<'a> {
         } else {
             Vec::new()
         };
-        block_scores(
-            &self.q,
-            hd,
-            self.seq.k,
-            kvh * hd * KV_TILE,
-            self.keys,
-            self.keys_padded,
-            &pos,
-            &slopes,
-            &mut self.p,
-        );
+        let scores = Scores { hd, keys_padded: self.keys_padded, pos: &pos, slopes: &slopes };
+        block_scores(&self.q, self.seq.k, kvh * hd * KV_TILE, self.keys, &scores, &mut self.p);
         let first: Vec<usize> =
             pos.iter().map(|&p| (p + 1).saturating_sub(self.dims.window)).collect();
         block_softmax(&mut self.p, self.keys_padded, &first, &pos);
-        block_values(&self.p, self.keys_padded, self.seq.v, kvw, kvh * hd, hd, &pos, &mut self.o);
+        let values = Values { keys_padded: self.keys_padded, v: self.seq.v, kvw, hd };
+        block_values(&self.p, &values, kvh * hd, &pos, &mut self.o);
     }
 
     fn output(&self, qi: usize) -> &[f32] {
@@ -531,23 +523,21 @@ impl<'a> AttnBlock<'a> {
     }
 }
 
-/// `p[qi, u] = q[qi] · k[u]` for keys `u ≤ pos[qi]` (others −∞), one key tile at a time.
-#[allow(clippy::too_many_arguments)] // one kernel's operands; private
-fn block_scores(
-    q: &[f32],
+/// What the score kernel needs of one head besides its queries, keys and output: the head
+/// size, the scores' row stride, each query's position and ALiBi slope (none without ALiBi).
+struct Scores<'a> {
     hd: usize,
-    k: &[&[f32]],
-    koff: usize,
-    keys: usize,
     keys_padded: usize,
-    pos: &[usize],
-    slopes: &[f32],
-    p: &mut [f32],
-) {
+    pos: &'a [usize],
+    slopes: &'a [f32],
+}
+
+/// `p[qi, u] = q[qi] · k[u]` for keys `u ≤ pos[qi]` (others −∞), one key tile at a time.
+fn block_scores(q: &[f32], k: &[&[f32]], koff: usize, keys: usize, s: &Scores<'_>, p: &mut [f32]) {
     for (t, tile) in k.iter().enumerate().take(keys.div_ceil(KT)) {
         // The tile goes in as a parameter: a slice loaded from the block table carries no
         // aliasing facts, and without them the compiler keeps the accumulators in memory.
-        tile_scores(q, hd, &tile[koff..koff + hd * KT], t, keys_padded, pos, slopes, p);
+        tile_scores(q, &tile[koff..koff + s.hd * KT], t, s, p);
     }
 }
 
@@ -555,8 +545,8 @@ multiversion! {
     /// One key tile's scores: each query row's 16 scores accumulate in one register, up to 8
     /// rows at once (independent chains), each over even and odd dimensions separately to
     /// halve the dependency chain.
-    #[allow(clippy::too_many_arguments)] // one kernel's operands; private
-    fn tile_scores(q: &[f32], hd: usize, kt: &[f32], t: usize, keys_padded: usize, pos: &[usize], slopes: &[f32], p: &mut [f32]) {
+    fn tile_scores(q: &[f32], kt: &[f32], t: usize, s: &Scores<'_>, p: &mut [f32]) {
+        let (hd, keys_padded, pos, slopes) = (s.hd, s.keys_padded, s.pos, s.slopes);
         let nq = q.len() / hd;
         let mut qi0 = 0;
         while qi0 < nq {
@@ -661,8 +651,8 @@ multiversion! {
 multiversion! {
     /// `o[qi] = Σ_u p[qi, u] · v[u]`: up to 4 query rows × 64 floats of the head in registers
     /// while the keys stream past.
-    #[allow(clippy::too_many_arguments)] // one kernel's operands; private
-    fn block_values(p: &[f32], keys_padded: usize, v: &[&[f32]], kvw: usize, voff: usize, hd: usize, pos: &[usize], o: &mut [f32]) {
+    fn block_values(p: &[f32], vals: &Values<'_>, voff: usize, pos: &[usize], o: &mut [f32]) {
+        let (keys_padded, hd) = (vals.keys_padded, vals.hd);
         let nq = o.len() / hd;
         let mut qi0 = 0;
         while qi0 < nq {
@@ -672,12 +662,13 @@ multiversion! {
             let orow = &mut o[qi0 * hd..(qi0 + m) * hd];
             for d0 in (0..hd).step_by(VD) {
                 let w = (hd - d0).min(VD);
+                let span = Span { voff: voff + d0, d0, keys };
                 match (m, w == VD) {
-                    (1, true) => value_tile::<1, VD>(prow, keys_padded, v, kvw, voff + d0, keys, orow, hd, d0),
-                    (2, true) => value_tile::<2, VD>(prow, keys_padded, v, kvw, voff + d0, keys, orow, hd, d0),
-                    (3, true) => value_tile::<3, VD>(prow, keys_padded, v, kvw, voff + d0, keys, orow, hd, d0),
-                    (_, true) => value_tile::<4, VD>(prow, keys_padded, v, kvw, voff + d0, keys, orow, hd, d0),
-                    _ => value_tile_any(prow, m, keys_padded, v, kvw, voff + d0, w, keys, orow, hd, d0),
+                    (1, true) => value_tile::<1, VD>(prow, vals, &span, orow),
+                    (2, true) => value_tile::<2, VD>(prow, vals, &span, orow),
+                    (3, true) => value_tile::<3, VD>(prow, vals, &span, orow),
+                    (_, true) => value_tile::<4, VD>(prow, vals, &span, orow),
+                    _ => value_tile_any(prow, m, w, vals, &span, orow),
                 }
             }
             qi0 += m;
@@ -685,19 +676,32 @@ multiversion! {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // one micro-kernel's operands; private
+/// What the value kernel needs of one head besides its probabilities and output: the
+/// probabilities' row stride, the value block table, its row width and the head size.
+struct Values<'a> {
+    keys_padded: usize,
+    v: &'a [&'a [f32]],
+    kvw: usize,
+    hd: usize,
+}
+
+/// The columns a value tile computes: from `voff` in the value rows, to `d0` in the output's
+/// head, over keys `0..keys`.
+struct Span {
+    voff: usize,
+    d0: usize,
+    keys: usize,
+}
+
 #[inline(always)]
 fn value_tile<const M: usize, const W: usize>(
     p: &[f32],
-    keys_padded: usize,
-    v: &[&[f32]],
-    kvw: usize,
-    voff: usize,
-    keys: usize,
+    vals: &Values<'_>,
+    span: &Span,
     o: &mut [f32],
-    hd: usize,
-    d0: usize,
 ) {
+    let (keys_padded, v, kvw, hd) = (vals.keys_padded, vals.v, vals.kvw, vals.hd);
+    let (voff, d0, keys) = (span.voff, span.d0, span.keys);
     let mut acc = [[0f32; W]; M];
     for u in 0..keys {
         let at = (u % KV_TILE) * kvw + voff;
@@ -717,21 +721,10 @@ fn value_tile<const M: usize, const W: usize>(
     }
 }
 
-#[allow(clippy::too_many_arguments)] // one micro-kernel's operands; private
 #[inline(always)]
-fn value_tile_any(
-    p: &[f32],
-    m: usize,
-    keys_padded: usize,
-    v: &[&[f32]],
-    kvw: usize,
-    voff: usize,
-    w: usize,
-    keys: usize,
-    o: &mut [f32],
-    hd: usize,
-    d0: usize,
-) {
+fn value_tile_any(p: &[f32], m: usize, w: usize, vals: &Values<'_>, span: &Span, o: &mut [f32]) {
+    let (keys_padded, v, kvw, hd) = (vals.keys_padded, vals.v, vals.kvw, vals.hd);
+    let (voff, d0, keys) = (span.voff, span.d0, span.keys);
     for r in 0..m {
         let acc = &mut o[r * hd + d0..r * hd + d0 + w];
         acc.iter_mut().for_each(|a| *a = 0.0);

@@ -88,7 +88,7 @@ fn chunk_group(
         } else {
             (scratch.as_mut_ptr(), GROUP)
         };
-        run_tile(isa, w, g, x, i, m, dst, dst_ld);
+        run_tile(isa, &Tile { w, g, x, row0: i, out: dst, ld: dst_ld }, m);
         if !full {
             let cols = w.rows - g * GROUP;
             for r in 0..m {
@@ -103,36 +103,37 @@ fn chunk_group(
     }
 }
 
-#[allow(clippy::too_many_arguments)] // the tile's coordinates; private
-fn run_tile(
-    isa: Isa,
-    w: &PackedMatrix,
-    g: usize,
-    x: &QuantActs,
-    row0: usize,
-    m: usize,
-    out: *mut f32,
-    ld: usize,
-) {
+/// A tile: activation rows `row0 .. row0 + m` against weight group `g`, results to
+/// `out[(i - row0) · ld + lane]` for the 16 lanes.
+pub struct Tile<'a> {
+    pub w: &'a PackedMatrix,
+    pub g: usize,
+    pub x: &'a QuantActs,
+    pub row0: usize,
+    pub out: *mut f32,
+    pub ld: usize,
+}
+
+/// Runs tile `t` for `m` activation rows on `isa`.
+fn run_tile(isa: Isa, t: &Tile<'_>, m: usize) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni | Isa::AvxVnni | Isa::Avx2 => {
-            let t = super::x86::Tile { w, g, x, row0, out, ld };
             // SAFETY: `isa` was detected on this CPU (`Isa::detect` / `Isa::available`);
             // `out` holds `m` rows of 16 floats at stride `ld` (checked by the caller);
             // `row0 + m <= x.n` and `x.k == w.cols` (asserted in `matmul`).
             unsafe {
                 match isa {
-                    Isa::Avx512Vnni => super::x86::tile_avx512(&t, m),
-                    Isa::AvxVnni => super::x86::tile_avx2(&t, m, true),
-                    _ => super::x86::tile_avx2(&t, m, false),
+                    Isa::Avx512Vnni => super::x86::tile_avx512(t, m),
+                    Isa::AvxVnni => super::x86::tile_avx2(t, m, true),
+                    _ => super::x86::tile_avx2(t, m, false),
                 }
             }
         }
         _ => {
             // SAFETY: as above: `m` rows of 16 floats at stride `ld`.
-            let out = unsafe { std::slice::from_raw_parts_mut(out, (m - 1) * ld + GROUP) };
-            tile_scalar(w, g, x, row0..row0 + m, out, ld);
+            let out = unsafe { std::slice::from_raw_parts_mut(t.out, (m - 1) * t.ld + GROUP) };
+            tile_scalar(t.w, t.g, t.x, t.row0..t.row0 + m, out, t.ld);
         }
     }
 }

@@ -6,20 +6,9 @@
 //!
 //! The caller checks the CPU features at run time ([`super::Isa::detect`]) before calling.
 
-use super::acts::QuantActs;
-use super::packed::{Kind, PackedMatrix, BLOCK};
+use super::matmul::Tile;
+use super::packed::{Kind, BLOCK};
 use std::arch::x86_64::*;
-
-/// A tile: activation rows `row0 .. row0 + M` against weight group `g`, results to
-/// `out[(i - row0) · ld + lane]` for the 16 lanes.
-pub struct Tile<'a> {
-    pub w: &'a PackedMatrix,
-    pub g: usize,
-    pub x: &'a QuantActs,
-    pub row0: usize,
-    pub out: *mut f32,
-    pub ld: usize,
-}
 
 /// Runs a tile of `m` rows (1..=8) with AVX-512 VNNI.
 ///
