@@ -1,47 +1,101 @@
 //! loraplex: one frozen base LLM, many LoRA adapters mixed per request.
 //!
-//! Architecture map (request path first):
-//! - [`api`]: the HTTP edge (actix-web) — OpenAI-style routes, auth, the HTTP policy
-//!   (`api::guard`: browser origins, `Host` names), request bodies (`api::body`: JSON content
-//!   type, size, arrival timeout), JSON parsed and validated into typed requests, errors
-//!   converted once into OpenAI's error shape.
-//! - [`engine`]: one OS thread owns the model, the KV block pool and the running batch
-//!   (continuous batching: prefills join decodes in one ragged step, long prompts in paced
-//!   chunks; admission by blocks, preemption, the prefix cache per adapter mix in
-//!   `engine::kv_pool`; sequences admitted together share a prompt's prefill); the HTTP side
-//!   talks to it through a bounded queue and per-sequence channels; `engine::fault` types how
-//!   one sequence fails without its batch.
-//! - [`adapters`]: PEFT adapter folders → immutable, validated [`adapters::LoraAdapter`]s, the
-//!   hot-loading registry (watcher, LRU budget, versions), per-request
-//!   [`adapters::AdapterMix`]es, named mixes served as models (`adapters::mixes`), writing
-//!   PEFT folders, export to llama.cpp's GGUF LoRA.
-//! - [`model`]: the base model (GGUF or Hugging Face folder; Llama, Mistral, Qwen2, Qwen3,
-//!   Phi-3, Gemma 3, BLOOM) —
-//!   the architecture description (`config`: rope and its scaling, biases, q/k norms as data),
-//!   the one LoRA-aware linear over dense, candle-quantized or packed weights, the one
-//!   ragged-batch decoder forward whose ops run fused on the CPU or composed in candle
-//!   elsewhere, paged KV caches (16-token blocks, shared read-only when cached), tokenizers (byte-level BPE; SentencePiece from GGUF) and chat
-//!   template, sampling, and converters between GGUF and Hugging Face folders (`gguf_export`).
-//! - [`kernels`] (the `loraplex-kernels` crate, the only one with `unsafe`): the packed integer
-//!   matmul (GGUF blocks decoded without loss; AVX-512 VNNI / AVX-VNNI / AVX2 / scalar), the
-//!   fused f32 ops (norms, rope, SiLU·mul, attention, LoRA), the dense f32 matmul, and the
-//!   chunked thread pool they share.
-//! - [`generate`]: batched generation on the caller's thread (CLI, tests, eval).
-//! - [`train`]: `loraplex train` (LoRA on SQuAD against the frozen base, PEFT output) and
-//!   `loraplex eval` (SQuAD EM/F1).
-//! - [`serve`]: `loraplex serve` — bind, load in the background, drain on SIGTERM.
-//! - [`config`]: serve options from flags, `LORAPLEX_*` variables and TOML, validated once.
-//! - [`cli`]: the command line (`serve`, `generate`, `bench`, `train`, `eval`, `export-lora`).
-//! - [`bench`]: the load generator (loraplex's and llama.cpp's request shapes).
-//! - [`metrics`]: Prometheus series (names as constants, bounded adapter labels, gateway series).
-//! - [`runtime`]: process-wide settings fixed before any thread starts.
+//! # One request, handler to kernels
 //!
-//! Invariant: base weights never change after load; a LoRA delta is computed beside them.
-//! Invariant: an adapter is immutable once loaded and shared by `Arc`.
-//! Invariant: every fast path (fused CPU ops, packed matmul, batched LoRA) has a reference
-//! path and a test that they agree; a row's output never depends on the rest of its batch.
-//! Invariant: a fault in one sequence fails that sequence only; a failed step re-queues its
-//! sequences rather than dropping them.
+//! A streamed completion passes through: `api` (routes) → `api::guard` (origins, hosts) →
+//! `api::body` (content type, size, timeout, JSON) → `api::handlers` → `api::validate` (typed
+//! engine requests) → `engine::worker` (the engine thread) → `engine::batcher` (admission, one
+//! ragged step) → `model::llama` (the decoder) → `model::linear` + `model::lora` (the
+//! LoRA-aware linear and the step's deltas) → `kernels::matmul` / `kernels::fused` →
+//! `engine::sequence` (its token) → `api::stream` (SSE chunks).
+//!
+//! # Every module
+//!
+//! - [`api`]: the HTTP edge (actix-web): routes, auth, the shared state.
+//!   - `api::guard`: browser origins (CORS, off by default; admin routes never) and `Host`
+//!     names on a keyless loopback server (DNS rebinding).
+//!   - `api::body`: JSON request bodies: `Content-Type`, size limit, arrival timeout, parsing
+//!     with the failing field named; keeps an unread body from holding its connection.
+//!   - `api::handlers`: thin handlers (submit, respond; models, adapters, health, metrics).
+//!   - `api::validate`: wire requests → a draft of typed engine requests, checked in the types
+//!     the engine computes with (the handler resolves adapters and submits).
+//!   - `api::openai`: OpenAI wire types (serde) and the `adapters` extension.
+//!   - `api::stream`: token events → JSON responses or SSE chunks.
+//!   - `api::observe`: request ids, tracing spans, access log, per-request metrics.
+//!   - `api::error`: the one error type of the edge, in OpenAI's shape.
+//! - [`engine`]: one OS thread owns the model, the KV block pool and the running batch; the
+//!   HTTP side submits over a channel, admitted up to `max_waiting` queued sequences (429
+//!   beyond, 422 for a request that could never fit), and reads each sequence's events.
+//!   - `engine::worker`: the engine thread and its handle (`Engine::submit_all`).
+//!   - `engine::batcher`: one step: admission by KV blocks (prefix cache, shared prefill of
+//!     prompts admitted together), preemption, paced chunked prefill, the forward, each row's
+//!     token; a row's fault fails that sequence only, a failed step re-queues its sequences.
+//!   - `engine::sequence`: one sequence's life, sampling, stop conditions, streamed text.
+//!   - `engine::kv_pool`: the block budget and the prefix cache keyed by tokens and mix.
+//!   - `engine::fault`: typed per-sequence failures and the test-only fault injection.
+//! - [`adapters`]: PEFT adapter folders and what is built from them.
+//!   - `adapters::config`: `adapter_config.json` → [`adapters::PeftConfig`] (unsupported
+//!     fields refused by name; numbers checked as f32).
+//!   - `adapters::header`: the safetensors header check before any weight is read.
+//!   - `adapters::loader`: a folder → an immutable [`adapters::LoraAdapter`], checked against
+//!     the base model.
+//!   - `adapters::registry`: name → adapter for every folder of the root: versions, lazy
+//!     loads, LRU within a byte budget, failed folders with their errors.
+//!   - `adapters::watcher`: filesystem events and rescans keep the registry in sync.
+//!   - `adapters::mixes`: named mixes (`mixes.toml`, the `mix` option) served as models.
+//!   - `adapters::writer`: writing PEFT folders (training output, synthetic adapters).
+//!   - `adapters::synth`: synthetic random adapters for benchmarks and tests.
+//!   - `adapters::gguf_lora`: export to llama.cpp's GGUF LoRA format.
+//! - [`model`]: the frozen base model (GGUF or Hugging Face folder; Llama, Mistral, Qwen2,
+//!   Qwen3, Phi-3, Gemma 3, BLOOM).
+//!   - `model::config`: the architecture as data (norms, biases, positions, windows, MLP,
+//!     naming), from `config.json` or GGUF metadata, unsupported fields refused by name.
+//!   - `model::llama`: the one ragged-batch decoder forward for every family.
+//!   - `model::linear`: the one LoRA-aware linear over dense, candle-quantized or packed
+//!     weights.
+//!   - `model::lora`: one step's LoRA deltas: batched fast paths and the per-row reference.
+//!   - `model::ops`: the ops between matmuls, fused on the CPU or composed in candle.
+//!   - `model::kv_cache`: paged per-sequence KV caches (16-token blocks, shared read-only).
+//!   - `model::sampling`: greedy and seeded sampling, penalties, log-probabilities.
+//!   - `model::tokenizer`: tokenizers (byte-level BPE) and the chat template; `model::spm`:
+//!     SentencePiece vocabularies from GGUF.
+//!   - `model::load`: resolving `--model` into a model and tokenizer; `model::gguf` and
+//!     `model::hf`: the two weight formats; `model::gguf_export`: GGUF ↔ Hugging Face folders.
+//!   - `model::device`: `--device` and `--dtype`.
+//!   - `model::random`: seeded random weights (tiny models for tests and benches).
+//!   - `model::frozen` and `model::diffops`: the differentiable pieces training needs (a
+//!     frozen matmul whose backward skips the weight; fused norm, rope and softmax with
+//!     backward).
+//! - [`kernels`] (the `loraplex-kernels` crate, the only one with `unsafe`): `kernels::packed`
+//!   (the packed layout and its scalar reference), `kernels::ggml` (GGUF blocks decoded without
+//!   loss), `kernels::acts` (activations quantized per 32 values), `kernels::matmul` and
+//!   `kernels::x86` (the integer matmul: AVX-512 VNNI / AVX-VNNI / AVX2 / scalar),
+//!   `kernels::dense` (the dense f32 matmul), `kernels::fused` (norms, rope, SiLU·mul,
+//!   attention, LoRA), `kernels::pool` (the chunked thread pool).
+//! - [`train`]: `loraplex train` and `eval`: `train::squad` (data), `train::params` (the
+//!   trainable A and B), `train::trainer` (the loop), `train::optim` (AdamW, clipping,
+//!   schedules), `train::eval` (batched greedy answers), `train::metrics` (SQuAD EM and F1),
+//!   `train::plot` (the loss curve).
+//! - [`generate`]: batched generation on the caller's thread (CLI, tests, eval).
+//! - [`serve`]: `loraplex serve`: bind, load in the background, drain on SIGTERM.
+//! - [`config`]: serve options from flags, `LORAPLEX_*` variables and TOML, merged and checked
+//!   into a `ServeConfig` (device and dtype are checked when the model loads).
+//! - [`cli`]: the command line (`serve`, `generate`, `bench`, `train`, `eval`, `export-lora`,
+//!   `export-tokenizer`).
+//! - [`bench`]: the load generator (loraplex's and llama.cpp's request shapes).
+//! - [`metrics`]: Prometheus series (names as constants, bounded adapter labels, gateway
+//!   series).
+//! - [`runtime`]: process-wide settings fixed before any thread starts.
+//! - `main.rs`: the binary: parse, initialise logging, dispatch.
+//!
+//! # Invariants
+//!
+//! - Base weights never change after load; a LoRA delta is computed beside them.
+//! - An adapter is immutable once loaded and shared by `Arc`.
+//! - Every fast path (fused CPU ops, packed matmul, batched LoRA) has a reference path and a
+//!   test that they agree; a row's output never depends on the rest of its batch.
+//! - A fault in one sequence fails that sequence only; a failed step re-queues its sequences
+//!   rather than dropping them.
 #![deny(unsafe_code)]
 
 pub mod adapters;
