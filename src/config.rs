@@ -9,6 +9,31 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Declares the serve options once: the struct (clap reads its `#[arg]`s for flags and
+/// `LORAPLEX_*` variables, serde its fields as TOML keys), every option's name, and the merge
+/// of the command line over the file. `tests` below checks that each option has its flag, its
+/// variable and a documented key in `config/loraplex.toml`.
+macro_rules! serve_options {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: Option<$ty:ty>,)* }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: Option<$ty>,)*
+        }
+
+        impl $name {
+            /// Every option's name: its TOML key (the flag is the same with `-`, the variable
+            /// `LORAPLEX_` and the name in capitals).
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            /// `self` (command line / environment) over `lower` (the TOML file).
+            pub fn over(self, lower: $name) -> $name {
+                $name { $($field: self.$field.or(lower.$field)),* }
+            }
+        }
+    };
+}
+
+serve_options! {
 /// Raw options, from the command line / environment (clap) or the TOML file (serde).
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,52 +149,9 @@ pub struct ServeOptions {
     #[arg(long, env = "LORAPLEX_METRICS_ADAPTER_CAP")]
     pub metrics_adapter_cap: Option<usize>,
 }
-
-macro_rules! merge_fields {
-    ($hi:expr, $lo:expr, $($f:ident),*) => { ServeOptions { $($f: $hi.$f.or($lo.$f)),* } };
 }
 
 impl ServeOptions {
-    /// `self` (command line / environment) over `lower` (the TOML file).
-    pub fn over(self, lower: ServeOptions) -> ServeOptions {
-        merge_fields!(
-            self,
-            lower,
-            model,
-            adapters,
-            host,
-            port,
-            device,
-            dtype,
-            api_key,
-            admin_key,
-            max_batch_size,
-            max_waiting,
-            max_prefill_tokens,
-            kv_cache_bytes,
-            prefix_cache,
-            step_latency_ratio,
-            max_prompt_tokens,
-            max_total_tokens,
-            default_max_tokens,
-            max_adapters_per_request,
-            mix,
-            adapter_budget_bytes,
-            max_body_bytes,
-            body_timeout_secs,
-            max_request_tokens,
-            cors_origins,
-            allowed_hosts,
-            max_n,
-            rescan_interval_ms,
-            drain_timeout_secs,
-            log_format,
-            gateway_metrics,
-            metrics,
-            metrics_adapter_cap
-        )
-    }
-
     pub fn from_toml_file(path: &Path) -> anyhow::Result<ServeOptions> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config `{}`", path.display()))?;
@@ -458,6 +440,39 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         o: ServeOptions,
+    }
+
+    #[test]
+    fn every_option_has_its_flag_its_variable_and_a_documented_key() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let docs =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/loraplex.toml"))
+                .unwrap();
+        let documented = |key: &str| {
+            docs.lines().any(|l| {
+                l.trim_start_matches(['#', ' ']).split_once(" =").is_some_and(|(k, _)| k == key)
+            })
+        };
+        for key in ServeOptions::KEYS {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == *key)
+                .unwrap_or_else(|| panic!("`{key}`: no flag"));
+            assert_eq!(arg.get_long(), Some(key.replace('_', "-").as_str()), "`{key}`: the flag");
+            let env = format!("LORAPLEX_{}", key.to_uppercase());
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(env.as_str()),
+                "`{key}`: the variable"
+            );
+            assert!(arg.get_help().is_some(), "`{key}`: no help text");
+            assert!(documented(key), "`{key}` is not documented in config/loraplex.toml");
+        }
+        assert_eq!(
+            cmd.get_arguments().filter(|a| a.get_long().is_some()).count(),
+            ServeOptions::KEYS.len()
+        );
     }
 
     #[test]
