@@ -8,11 +8,11 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use loraplex::adapters::synth::random_adapter;
 use loraplex::adapters::AdapterMix;
 use loraplex::model::load::{load_model, DEFAULT_MODEL};
-use loraplex::model::{BatchInput, Llama, SeqCache, StepLora, WeightFormat};
+use loraplex::model::{BatchInput, Decoder, SeqCache, StepLora, WeightFormat};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn prefilled(model: &Llama, batch: usize, lora: &StepLora) -> Vec<SeqCache> {
+fn prefilled(model: &Decoder, batch: usize, lora: &StepLora) -> Vec<SeqCache> {
     let mut input = BatchInput::default();
     let mut caches: Vec<SeqCache> =
         (0..batch).map(|_| SeqCache::new(model.cfg.num_layers, 256)).collect();

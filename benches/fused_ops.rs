@@ -7,15 +7,16 @@
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
-use loraplex::model::ops::Kernels;
-use loraplex::model::{BatchInput, Llama, LlamaConfig, SeqCache, StepLora};
+use loraplex::model::ops::{Exec, Kernels};
+use loraplex::model::{BatchInput, Decoder, DecoderConfig, SeqCache, StepLora};
 use std::time::{Duration, Instant};
 
 fn ops(c: &mut Criterion) {
     loraplex::runtime::init_threads();
     let dev = Device::Cpu;
     let threads = loraplex::kernels::Pool::default_threads();
-    let (fused, composed) = (Kernels::new(threads, true), Kernels::new(threads, false));
+    let (fused, composed) =
+        (Kernels::new(threads, Exec::Fused), Kernels::new(threads, Exec::Composed));
     let x = Tensor::randn(0f32, 1.0, (32, 576), &dev).unwrap();
     let y = Tensor::randn(0f32, 1.0, (32, 576), &dev).unwrap();
     let w = Tensor::randn(1f32, 0.1, 576, &dev).unwrap();
@@ -36,7 +37,7 @@ fn ops(c: &mut Criterion) {
 
 fn forwards(c: &mut Criterion) {
     let dev = Device::Cpu;
-    let cfg = LlamaConfig {
+    let cfg = DecoderConfig {
         vocab_size: 1024,
         hidden_size: 576,
         intermediate_size: 1536,
@@ -45,10 +46,10 @@ fn forwards(c: &mut Criterion) {
         num_kv_heads: 3,
         head_dim: 64,
         max_position_embeddings: 2048,
-        ..LlamaConfig::tiny()
+        ..DecoderConfig::tiny()
     };
-    let fused = Llama::random(cfg.clone(), 1, &dev).unwrap();
-    let composed = fused.with_fused(false);
+    let fused = Decoder::random(cfg.clone(), 1, &dev).unwrap();
+    let composed = fused.with_exec(Exec::Composed);
     let mut grp = c.benchmark_group("attention_heavy_forward_4_layers");
     for (name, m) in [("fused", &fused), ("composed", &composed)] {
         // Decode at batch 32 after 128 tokens each (caches restored before every timed step).

@@ -7,14 +7,14 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use loraplex::adapters::synth::random_adapter;
 use loraplex::adapters::AdapterMix;
-use loraplex::model::ops::Kernels;
-use loraplex::model::{BaseWeight, LlamaConfig, LoraLinear, ModuleId, Pass, StepLora, Target};
+use loraplex::model::ops::{Exec, Kernels};
+use loraplex::model::{BaseWeight, DecoderConfig, LoraLinear, ModuleId, Pass, StepLora, Target};
 use std::sync::Arc;
 
 fn bench(c: &mut Criterion) {
     loraplex::runtime::init_threads();
     let dev = Device::Cpu;
-    let mut cfg = LlamaConfig::tiny();
+    let mut cfg = DecoderConfig::tiny();
     (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers) =
         (576, 9, 3, 64, 1);
     let rows = 32;
@@ -45,10 +45,13 @@ fn bench(c: &mut Criterion) {
         })
         .collect();
     let stacked = StepLora::stacked(&refs, 1, &dev).unwrap();
-    let kernels = Kernels::new(loraplex::kernels::Pool::default_threads(), true);
-    let pass = |lora| Pass { seq_lens: &lens, lora, kernels: &kernels, differentiable: false };
-    let packed =
-        LoraLinear { id, base: loraplex::model::gguf::packed_from_dense(&w).unwrap(), bias: None };
+    let kernels = Kernels::new(loraplex::kernels::Pool::default_threads(), Exec::Fused);
+    let pass = |lora| Pass { seq_lens: &lens, lora, kernels: &kernels };
+    let packed = LoraLinear {
+        id,
+        base: loraplex::model::weights::packed_from_dense(&w).unwrap(),
+        bias: None,
+    };
     let mut g = c.benchmark_group("lora_linear_b32_r8_distinct");
     g.bench_function("base_only", |b| {
         b.iter(|| layer.forward(&x, &pass(&StepLora::None)).unwrap())

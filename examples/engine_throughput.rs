@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
     {
         let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
         let h = m.model.forward(&input, Some(&mut refs), &StepLora::None)?;
-        m.model.logits(&loraplex::model::Llama::last_rows(&h, &input.seq_lens)?)?;
+        m.model.logits(&loraplex::model::Decoder::last_rows(&h, &input.seq_lens)?)?;
     }
     println!("prefill 32 x {}: {:.2} s", prompt.len(), t.elapsed().as_secs_f64());
     let mut step = BatchInput::default();

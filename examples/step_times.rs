@@ -9,7 +9,7 @@ use candle_core::Device;
 use loraplex::adapters::synth::random_adapter;
 use loraplex::adapters::AdapterMix;
 use loraplex::model::load::{load_model, DEFAULT_MODEL};
-use loraplex::model::{BatchInput, Llama, SeqCache, StepLora, WeightFormat};
+use loraplex::model::{BatchInput, Decoder, SeqCache, StepLora, WeightFormat};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         input.push(&prompt);
         let t = Instant::now();
         let h = model.forward(&input, Some(&mut refs), &StepLora::None)?;
-        model.logits(&Llama::last_rows(&h, &input.seq_lens)?)?;
+        model.logits(&Decoder::last_rows(&h, &input.seq_lens)?)?;
         let s = t.elapsed().as_secs_f64();
         println!("prefill 512 at batch 1: {:.1} ms ({:.0} tok/s)", s * 1e3, 512.0 / s);
     }

@@ -11,7 +11,7 @@
 //! resident memory from `/metrics`.
 
 use crate::adapters::writer::save_adapter;
-use crate::model::{LlamaConfig, ModuleId};
+use crate::model::{DecoderConfig, ModuleId};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use futures_util::StreamExt;
@@ -369,7 +369,7 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
 
 /// Writes `count` synthetic rank-8 q/v adapters for SmolLM2-135M's shapes into `dir`.
 fn make_adapters(dir: &std::path::Path, args: &BenchArgs) -> anyhow::Result<()> {
-    let cfg = LlamaConfig {
+    let cfg = DecoderConfig {
         vocab_size: 49152,
         hidden_size: 576,
         intermediate_size: 1536,
@@ -377,7 +377,7 @@ fn make_adapters(dir: &std::path::Path, args: &BenchArgs) -> anyhow::Result<()> 
         num_heads: 9,
         num_kv_heads: 3,
         head_dim: 64,
-        ..LlamaConfig::tiny()
+        ..DecoderConfig::tiny()
     };
     let dev = candle_core::Device::Cpu;
     for i in 0..args.adapter_count {

@@ -275,7 +275,7 @@ pub fn resolve_adapter_dir(spec: &str, adapters_dir: &Path) -> PathBuf {
 fn load_mix(
     specs: &[String],
     adapters_dir: &Path,
-    cfg: &crate::model::LlamaConfig,
+    cfg: &crate::model::DecoderConfig,
     device: &candle_core::Device,
 ) -> anyhow::Result<(AdapterMix, Vec<serde_json::Value>)> {
     let mut entries = Vec::new();
@@ -313,8 +313,8 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     }
     let mut loaded = load_model(&cfg.model, format, &device)
         .with_context(|| format!("loading `{}`", cfg.model))?;
-    if loaded.model.cfg.arch.fused {
-        // The trainer writes one PEFT module per projection; a fused module needs one A.
+    if loaded.model.cfg.arch.combined_modules {
+        // The trainer writes one PEFT module per projection; a combined module needs one A.
         bail!(
             "training on `{}` (fused projections) is not supported yet; serving is",
             loaded.model.cfg.arch.name

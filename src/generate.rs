@@ -4,14 +4,14 @@
 use crate::engine::sequence::Sequence;
 use crate::engine::{Batcher, Collected, LoraPath, Request, TokenEvent};
 use crate::model::tokenizer::TextTokenizer;
-use crate::model::{Llama, ModelError, Result};
+use crate::model::{Decoder, ModelError, Result};
 
 /// One sequence's result.
 pub type GenOutput = Collected;
 
 /// Generates for every request in one batch; outputs come back in request order.
 pub fn generate(
-    model: &Llama,
+    model: &Decoder,
     tok: &TextTokenizer,
     reqs: &[Request],
     path: LoraPath,
@@ -21,7 +21,7 @@ pub fn generate(
 
 /// [`generate`] with prompts fed at most `prefill_chunk` tokens per step (chunked prefill).
 pub fn generate_chunked(
-    model: &Llama,
+    model: &Decoder,
     tok: &TextTokenizer,
     reqs: &[Request],
     path: LoraPath,

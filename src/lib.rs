@@ -5,7 +5,7 @@
 //! A streamed completion passes through: `api` (routes) → `api::guard` (origins, hosts) →
 //! `api::body` (content type, size, timeout, JSON) → `api::handlers` → `api::validate` (typed
 //! engine requests) → `engine::worker` (the engine thread) → `engine::batcher` (admission, one
-//! ragged step) → `model::llama` (the decoder) → `model::linear` + `model::lora` (the
+//! ragged step) → `model::decoder` + `model::attention` → `model::linear` + `model::lora` (the
 //! LoRA-aware linear and the step's deltas) → `kernels::matmul` / `kernels::fused` →
 //! `engine::sequence` (its token) → `api::stream` (SSE chunks).
 //!
@@ -50,7 +50,13 @@
 //!   Qwen3, Phi-3, Gemma 3, BLOOM).
 //!   - `model::config`: the architecture as data (norms, biases, positions, windows, MLP,
 //!     naming), from `config.json` or GGUF metadata, unsupported fields refused by name.
-//!   - `model::llama`: the one ragged-batch decoder forward for every family.
+//!   - `model::decoder`: the one ragged-batch decoder forward for every family, its ops run as
+//!     one [`model::Exec`] chosen at load (fused CPU kernels, composed candle ops, or
+//!     differentiable ones for training); `model::attention`: its attention (rope, KV append,
+//!     causal / windowed / ALiBi attention), fused or composed.
+//!   - `model::weights`: the loader trait every weight format implements and the conversions
+//!     into base weights (dense, candle-quantized, packed).
+//!   - `model::fixtures`: tiny random models and reference copies for tests and benches.
 //!   - `model::linear`: the one LoRA-aware linear over dense, candle-quantized or packed
 //!     weights.
 //!   - `model::lora`: one step's LoRA deltas: batched fast paths and the per-row reference.

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use loraplex::adapters::{AdapterMix, MixEntry};
 use loraplex::model::kv_cache::block_bytes;
-use loraplex::model::{BatchInput, Llama, ModuleId, SeqCache, StepLora, WeightFormat};
+use loraplex::model::{BatchInput, Decoder, ModuleId, SeqCache, StepLora, WeightFormat};
 
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
     let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
@@ -95,7 +95,7 @@ fn stacked_lora_deltas_accumulate_in_f32_and_round_once() {
 fn the_bf16_device_path_tracks_the_f32_model() {
     for (f32_model, cfg) in tiny_all() {
         let bf16 =
-            Llama::random_with(cfg.clone(), 7, &Device::Cpu, WeightFormat::Dense(DType::BF16))
+            Decoder::random_with(cfg.clone(), 7, &Device::Cpu, WeightFormat::Dense(DType::BF16))
                 .unwrap();
         assert!(!bf16.host_kv(), "bf16 runs the composed attention over device caches");
         // The KV pool counts a bf16 device cache at 2 bytes a value, f32 host blocks at 4.
@@ -134,7 +134,7 @@ fn the_bf16_device_path_tracks_the_f32_model() {
             vec![5],
             vec![9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12],
         ];
-        let run = |m: &Llama| -> Vec<Tensor> {
+        let run = |m: &Decoder| -> Vec<Tensor> {
             let lora = StepLora::batched(&refs, cfg.num_layers, m.dtype(), m.device()).unwrap();
             let mut caches: Vec<SeqCache> =
                 prompts.iter().map(|p| SeqCache::new(cfg.num_layers, p.len() + 4)).collect();

@@ -7,8 +7,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use loraplex::adapters::{AdapterMix, MixEntry};
-use loraplex::model::ops::Kernels;
-use loraplex::model::{BatchInput, Llama, SeqCache, StepLora};
+use loraplex::model::ops::{Exec, Kernels};
+use loraplex::model::{BatchInput, Decoder, SeqCache, StepLora};
 
 fn rand(shape: (usize, usize), seed: u64) -> Tensor {
     use rand::{Rng, SeedableRng};
@@ -34,7 +34,7 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn norms_and_silu_mul_equal_their_compositions() {
-    let (fused, composed) = (Kernels::new(2, true), Kernels::new(2, false));
+    let (fused, composed) = (Kernels::new(2, Exec::Fused), Kernels::new(2, Exec::Composed));
     for &(n, h) in &[(1usize, 576usize), (7, 64), (33, 1536), (2, 17)] {
         let (x, y) = (rand((n, h), 1), rand((n, h), 2));
         let w = rand((1, h), 3).reshape(h).unwrap();
@@ -91,8 +91,8 @@ fn the_fused_forward_equals_the_composed_forward() {
             vec![9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12, 13, 14, 15, 16, 17, 18],
         ];
         let refs: Vec<&AdapterMix> = mixes.iter().collect();
-        let composed = model.with_fused(false);
-        let run = |m: &Llama, lora: &StepLora| -> Vec<Tensor> {
+        let composed = model.with_exec(Exec::Composed);
+        let run = |m: &Decoder, lora: &StepLora| -> Vec<Tensor> {
             let mut caches: Vec<SeqCache> =
                 prompts.iter().map(|p| SeqCache::new(cfg.num_layers, p.len() + 4)).collect();
             let mut input = BatchInput::default();
@@ -131,7 +131,7 @@ fn the_fused_forward_equals_the_composed_forward() {
 #[test]
 fn fused_attention_handles_long_and_chunked_prompts() {
     for (model, cfg) in tiny_all() {
-        let composed = model.with_fused(false);
+        let composed = model.with_exec(Exec::Composed);
         let prompt: Vec<u32> = (0..83).map(|i| (i * 11 % 64) as u32).collect();
         let mut outs = Vec::new();
         for m in [&model, &composed] {

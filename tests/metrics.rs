@@ -151,13 +151,16 @@ async fn gateway_series_follow_the_load_and_pass_promtool() {
         assert!(resp.status().is_success());
         bodies.push(resp.into_body());
     }
-    // Read the first stream until the engine has published a step with both running (the
-    // second joins at a later step than the first).
+    // Read the first stream until the engine has published a step with both running and the
+    // third in its queue (the second joins at a later step than the first, and the gauges are
+    // refreshed once per step, after the engine has taken the third from its channel).
     let mut busy = String::new();
     for _ in 0..50 {
         futures_util::future::poll_fn(|cx| std::pin::Pin::new(&mut bodies[0]).poll_next(cx)).await;
         busy = scrape(&app).await;
-        if value(&busy, "vllm:num_requests_running") == 2.0 {
+        if value(&busy, "vllm:num_requests_running") == 2.0
+            && info(&busy).contains("waiting_lora_adapters=\"rslora-r4\"")
+        {
             break;
         }
     }

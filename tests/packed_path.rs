@@ -8,31 +8,34 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use loraplex::adapters::{AdapterMix, MixEntry};
-use loraplex::model::{BatchInput, Llama, LlamaConfig, SeqCache, StepLora, WeightFormat};
+use loraplex::model::{BatchInput, Decoder, DecoderConfig, SeqCache, StepLora, WeightFormat};
 
-fn packed() -> (Llama, LlamaConfig) {
-    let cfg = LlamaConfig::tiny_packable();
-    (Llama::random_with(cfg.clone(), 11, &Device::Cpu, WeightFormat::Packed).unwrap(), cfg)
+fn packed() -> (Decoder, DecoderConfig) {
+    let cfg = DecoderConfig::tiny_packable();
+    (Decoder::random_with(cfg.clone(), 11, &Device::Cpu, WeightFormat::Packed).unwrap(), cfg)
 }
 
-/// [`packed`] once per architecture description (`LlamaConfig::tiny_families`).
-fn packed_families() -> Vec<(Llama, LlamaConfig)> {
-    LlamaConfig::tiny_families()
+/// [`packed`] once per architecture description (`DecoderConfig::tiny_families`).
+fn packed_families() -> Vec<(Decoder, DecoderConfig)> {
+    DecoderConfig::tiny_families()
         .into_iter()
         .map(|f| {
             let kv = if f.num_kv_heads == f.num_heads { 4 } else { 2 };
             let cfg =
-                LlamaConfig { arch: f.arch, num_kv_heads: kv, ..LlamaConfig::tiny_packable() };
-            (Llama::random_with(cfg.clone(), 11, &Device::Cpu, WeightFormat::Packed).unwrap(), cfg)
+                DecoderConfig { arch: f.arch, num_kv_heads: kv, ..DecoderConfig::tiny_packable() };
+            (
+                Decoder::random_with(cfg.clone(), 11, &Device::Cpu, WeightFormat::Packed).unwrap(),
+                cfg,
+            )
         })
         .collect()
 }
 
-fn lora(model: &Llama, mixes: &[&AdapterMix]) -> StepLora {
+fn lora(model: &Decoder, mixes: &[&AdapterMix]) -> StepLora {
     StepLora::batched(mixes, model.cfg.num_layers, DType::F32, &Device::Cpu).unwrap()
 }
 
-fn alone(model: &Llama, prompt: &[u32], mix: &AdapterMix) -> Vec<Vec<f32>> {
+fn alone(model: &Decoder, prompt: &[u32], mix: &AdapterMix) -> Vec<Vec<f32>> {
     let mut input = BatchInput::default();
     input.push(prompt);
     let h = model.forward(&input, None, &lora(model, &[mix])).unwrap();

@@ -1,17 +1,17 @@
 //! LoRA invariants on a tiny random model built in code (no files but temporary adapters):
 //! zero scale = base, B = 0 = base, linearity in the scales, merged = unmerged, the batched
 //! fast path = the per-row reference, batch invariance across mixes, ranks and lengths — for
-//! every architecture description (`LlamaConfig::tiny_families`).
+//! every architecture description (`DecoderConfig::tiny_families`).
 
 mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
 use loraplex::adapters::{AdapterMix, MixEntry};
-use loraplex::model::{BatchInput, Llama, ModuleId, SeqCache, StepLora, Target};
+use loraplex::model::{BatchInput, Decoder, ModuleId, SeqCache, StepLora, Target};
 
 /// All-position logits of one prompt run alone (no cache), with `mix` on the given path.
-fn logits_alone(model: &Llama, prompt: &[u32], mix: &AdapterMix, batched: bool) -> Tensor {
+fn logits_alone(model: &Decoder, prompt: &[u32], mix: &AdapterMix, batched: bool) -> Tensor {
     let mut input = BatchInput::default();
     input.push(prompt);
     let lora = step(model, &[mix], batched);
@@ -19,7 +19,7 @@ fn logits_alone(model: &Llama, prompt: &[u32], mix: &AdapterMix, batched: bool) 
     model.logits(&h).unwrap()
 }
 
-fn step(model: &Llama, mixes: &[&AdapterMix], batched: bool) -> StepLora {
+fn step(model: &Decoder, mixes: &[&AdapterMix], batched: bool) -> StepLora {
     if batched {
         StepLora::batched(mixes, model.cfg.num_layers, model.dtype(), &Device::Cpu).unwrap()
     } else {

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use common::*;
 use loraplex::adapters::AdapterMix;
 use loraplex::model::tokenizer::TextTokenizer;
-use loraplex::model::{Llama, ModuleId, StepLora};
+use loraplex::model::{Decoder, ModuleId, StepLora};
 use loraplex::train::params::LoraParams;
 use loraplex::train::squad::{self, Overflow, QaExample, TrainExample};
 use loraplex::train::trainer::{batch_loss, train_on};
@@ -155,7 +155,7 @@ fn tiny_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
 #[test]
 fn gradients_match_finite_differences_and_the_base_gets_none() {
     let (mut model, cfg) = tiny();
-    model.differentiable = true;
+    model.set_exec(loraplex::model::Exec::Differentiable);
     let peft = loraplex::adapters::PeftConfig::from_json(
         &lora_config(2, 4.0, &["q_proj", "up_proj"]).to_string(),
     )
@@ -355,7 +355,7 @@ fn the_output_is_a_peft_folder_that_loads() {
         loaded.module(ModuleId { layer: 0, target: loraplex::model::Target::V }).unwrap().scaling,
         2.0
     );
-    let _ = Llama::random;
+    let _ = Decoder::random;
 }
 
 #[test]

@@ -9,7 +9,7 @@
 //! reads as "scale = the request's scale".
 
 use super::{AdapterError, LoraAdapter};
-use crate::model::{LlamaConfig, ModuleId, Target};
+use crate::model::{DecoderConfig, ModuleId, Target};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -25,7 +25,7 @@ pub fn hf_row_of_gguf_row(g: usize, head_dim: usize) -> usize {
 /// Writes `adapter` for a base of `arch` (GGUF `general.architecture`) with `cfg` to `path`.
 pub fn write_gguf_lora(
     adapter: &LoraAdapter,
-    cfg: &LlamaConfig,
+    cfg: &DecoderConfig,
     arch: &str,
     path: &Path,
 ) -> Result<(), AdapterError> {

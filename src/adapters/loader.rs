@@ -3,7 +3,7 @@
 //! a silent partial load is the bug we exist to avoid.
 
 use super::{AdapterError, LoraAdapter, LoraWeights, PeftConfig};
-use crate::model::{LlamaConfig, ModuleId};
+use crate::model::{DecoderConfig, ModuleId};
 use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::BTreeSet;
@@ -26,7 +26,7 @@ fn read(path: &Path) -> Result<Vec<u8>, AdapterError> {
 pub fn load_adapter(
     dir: &Path,
     name: &str,
-    cfg: &LlamaConfig,
+    cfg: &DecoderConfig,
     device: &Device,
 ) -> Result<LoraAdapter, AdapterError> {
     let text = read(&dir.join(CONFIG_FILE))?;
@@ -70,7 +70,7 @@ pub fn load_adapter(
         let fan_in = cfg.proj_dims(id.target).0;
         let key = |which: &str| format!("base_model.model.{}.lora_{which}.weight", m.path);
         let a = tensor(&st, &key("A"), (r, fan_in), device)?;
-        // A fused module's B spans the whole stored output: this projection takes its rows,
+        // A combined module's B spans the whole stored output: this projection takes its rows,
         // and shares A with the module's other parts, as PEFT computes B (A x) over all rows.
         let b = tensor(&st, &key("B"), (m.out, r), device)?;
         let b = crate::model::select_rows(&b, &m.rows)?;

@@ -7,7 +7,7 @@
 //! reference, so a running request keeps the version it started with.
 
 use super::{load_adapter, LoraAdapter};
-use crate::model::LlamaConfig;
+use crate::model::DecoderConfig;
 use candle_core::Device;
 use dashmap::DashMap;
 use serde::Serialize;
@@ -152,7 +152,7 @@ pub struct RegistryStats {
 pub struct Registry {
     root: PathBuf,
     entries: DashMap<String, Entry>,
-    cfg: LlamaConfig,
+    cfg: DecoderConfig,
     device: Device,
     budget_bytes: usize,
     clock: AtomicU64,
@@ -184,7 +184,7 @@ impl Registry {
     /// A registry over `root` (created if missing) for a base model of shape `cfg`.
     pub fn new(
         root: &Path,
-        cfg: LlamaConfig,
+        cfg: DecoderConfig,
         device: Device,
         budget_bytes: usize,
     ) -> std::io::Result<Self> {

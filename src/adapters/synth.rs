@@ -3,13 +3,13 @@
 
 use super::{AdapterError, LoraAdapter, LoraWeights, PeftConfig};
 use crate::model::random::RandomSource;
-use crate::model::{LlamaConfig, ModuleId};
+use crate::model::{DecoderConfig, ModuleId};
 use candle_core::Device;
 
 /// A rank-`r` adapter on `targets` (e.g. `["q_proj", "v_proj"]`) with non-zero random A and B.
 pub fn random_adapter(
     name: &str,
-    cfg: &LlamaConfig,
+    cfg: &DecoderConfig,
     r: usize,
     targets: &[&str],
     seed: u64,

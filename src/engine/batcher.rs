@@ -16,7 +16,7 @@ use super::sequence::Sequence;
 use crate::adapters::AdapterMix;
 use crate::model::kv_cache::{blocks_for, BLOCK_TOKENS};
 use crate::model::tokenizer::TextTokenizer;
-use crate::model::{BatchInput, Llama, Result, SeqCache, StepLora};
+use crate::model::{BatchInput, Decoder, Result, SeqCache, StepLora};
 use candle_core::{DType, Tensor, D};
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -59,7 +59,7 @@ pub struct StepReport {
 
 pub struct Batcher<'m> {
     pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
-    model: &'m Llama,
+    model: &'m Decoder,
     tok: &'m TextTokenizer,
     path: LoraPath,
     /// In admission order: the last is the first to be preempted.
@@ -125,13 +125,13 @@ impl Pacer {
 
 impl<'m> Batcher<'m> {
     /// A batcher over an unbounded pool without prefix caching.
-    pub fn new(model: &'m Llama, tok: &'m TextTokenizer, path: LoraPath) -> Self {
+    pub fn new(model: &'m Decoder, tok: &'m TextTokenizer, path: LoraPath) -> Self {
         let pool = KvPool::unbounded(model.cfg.num_layers, model.kv_width(), model.host_kv());
         Self::with_pool(model, tok, path, pool)
     }
 
     pub fn with_pool(
-        model: &'m Llama,
+        model: &'m Decoder,
         tok: &'m TextTokenizer,
         path: LoraPath,
         pool: KvPool,
@@ -505,11 +505,11 @@ impl<'m> Batcher<'m> {
                 self.running.iter_mut().map(|s| &mut s.cache).collect();
             let (hidden, residual) =
                 self.model.forward_with_residual(input, Some(&mut caches), lora)?;
-            let logits = self.model.logits(&Llama::last_rows(&hidden, &input.seq_lens)?)?;
+            let logits = self.model.logits(&Decoder::last_rows(&hidden, &input.seq_lens)?)?;
             // A row is finite when its logits are and its residual stream's sum of squares
             // (the final norm's statistic) is: an overflowed residual normalises to zeros and
             // would pass for finite logits. Both sums in one small copy for the batch.
-            let norm = Llama::last_rows(&residual, &input.seq_lens)?
+            let norm = Decoder::last_rows(&residual, &input.seq_lens)?
                 .to_dtype(DType::F32)?
                 .sqr()?
                 .sum(D::Minus1)?;

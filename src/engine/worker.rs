@@ -6,7 +6,7 @@ use super::kv_pool::KvPool;
 use super::sequence::Sequence;
 use super::{EngineConfig, EngineError, Request, TokenEvent};
 use crate::model::tokenizer::TextTokenizer;
-use crate::model::Llama;
+use crate::model::Decoder;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -73,7 +73,7 @@ pub struct Engine {
 impl Engine {
     /// Moves the model into a new engine thread and returns the handle.
     pub fn start(
-        model: Llama,
+        model: Decoder,
         tok: Arc<TextTokenizer>,
         cfg: EngineConfig,
         metrics: Option<Arc<crate::metrics::Metrics>>,
@@ -195,7 +195,7 @@ impl Engine {
 
 /// The engine thread's whole state, moved in once.
 struct Worker {
-    model: Llama,
+    model: Decoder,
     tok: Arc<TextTokenizer>,
     cfg: EngineConfig,
     kv: KvInfo,
@@ -268,7 +268,7 @@ impl Worker {
     }
 }
 
-fn add(batcher: &mut Batcher<'_>, s: Submission, model: &Llama) {
+fn add(batcher: &mut Batcher<'_>, s: Submission, model: &Decoder) {
     for (id, req, events) in s.sequences {
         let mut seq = Sequence::new(id, req, model.cfg.num_layers, events);
         seq.submitted_at = s.submitted_at;

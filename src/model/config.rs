@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 /// Architecture hyper-parameters of a Llama-family decoder (Llama 2/3, SmolLM2, Mistral-style GQA).
 #[derive(Debug, Clone, PartialEq)]
-pub struct LlamaConfig {
+pub struct DecoderConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -32,10 +32,11 @@ pub struct Arch {
     pub biased: Vec<super::Target>,
     /// Per-head RMS norms on q and k before rope (Qwen3).
     pub qk_norm: bool,
-    /// q, k and v stored as one `qkv_proj` (rows `[q | k | v]`), and gate and up as one
-    /// `gate_up_proj` (rows `[gate | up]`), as Phi-3 does: the model splits the weights into
-    /// its seven projections, and a PEFT adapter on a fused module is split the same way.
-    pub fused: bool,
+    /// The checkpoint stores q, k and v as one module (`qkv_proj`, rows `[q | k | v]`; BLOOM's
+    /// `query_key_value`) and gate and up as one (`gate_up_proj`, rows `[gate | up]`), as Phi-3
+    /// does: the model splits the weights into its seven projections, and a PEFT adapter on a
+    /// combined module is split the same way.
+    pub combined_modules: bool,
     /// Norms on the attention and MLP outputs before their residual adds (Gemma 3's
     /// `post_attention_layernorm` / `post_feedforward_layernorm`).
     pub sandwich_norms: bool,
@@ -97,7 +98,7 @@ impl Arch {
         Self {
             name: "bloom".into(),
             biased: super::Target::ALL.to_vec(),
-            fused: true,
+            combined_modules: true,
             activation: Activation::GeluTanh,
             norm: NormKind::Layer,
             embed_norm: true,
@@ -124,7 +125,7 @@ impl Arch {
     }
 }
 
-/// Where a projection lives in the checkpoint and in PEFT: its module path and, for a fused
+/// Where a projection lives in the checkpoint and in PEFT: its module path and, for a combined
 /// module, which of its output rows are this projection's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredModule {
@@ -141,7 +142,7 @@ impl Arch {
             name: "llama".into(),
             biased: Vec::new(),
             qk_norm: false,
-            fused: false,
+            combined_modules: false,
             sandwich_norms: false,
             embed_scale: false,
             activation: Activation::Silu,
@@ -181,7 +182,7 @@ pub enum RopeScaling {
     Linear(f64),
 }
 
-impl LlamaConfig {
+impl DecoderConfig {
     /// The `head_dim / 2` inverse frequencies of the rotary encoding, scaling applied.
     pub fn inv_freq(&self) -> Vec<f32> {
         let half = self.head_dim / 2;
@@ -223,71 +224,6 @@ impl LlamaConfig {
         }
     }
 
-    /// The smallest config that still exercises GQA, several layers and every projection;
-    /// used by the invariant tests and benches on a random model.
-    pub fn tiny() -> Self {
-        Self {
-            vocab_size: 64,
-            hidden_size: 16,
-            intermediate_size: 32,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 4,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            rope_scaling: RopeScaling::None,
-            max_position_embeddings: 256,
-            tie_word_embeddings: true,
-            arch: Arch::llama(),
-        }
-    }
-
-    /// [`LlamaConfig::tiny`] with widths that are whole 32-blocks (what the packed integer
-    /// kernels need): the tiny model of the packed path's invariant tests.
-    pub fn tiny_packable() -> Self {
-        Self {
-            vocab_size: 96,
-            hidden_size: 64,
-            intermediate_size: 96,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 16,
-            ..Self::tiny()
-        }
-    }
-
-    /// [`LlamaConfig::tiny`] once per architecture description the decoder supports (Llama;
-    /// Qwen2's q/k/v biases; Qwen3's q/k norms; Llama with every bias): what the invariant tests
-    /// run over, so that each description keeps them.
-    pub fn tiny_families() -> Vec<Self> {
-        use super::Target::*;
-        let with = |name: &str, biased: Vec<super::Target>, qk_norm: bool, fused: bool| Self {
-            arch: Arch { name: name.into(), biased, qk_norm, fused, ..Arch::llama() },
-            ..Self::tiny()
-        };
-        let gemma = Arch {
-            name: "gemma3_text".into(),
-            qk_norm: true,
-            sandwich_norms: true,
-            embed_scale: true,
-            activation: Activation::GeluTanh,
-            query_pre_attn_scalar: Some(6.0),
-            windows: vec![Some(3), None],
-            local_rope_theta: Some(100.0),
-            ..Arch::llama()
-        };
-        vec![
-            Self { arch: Arch::bloom(), num_kv_heads: 4, ..Self::tiny() },
-            Self::tiny(),
-            with("qwen2", vec![Q, K, V], false, false),
-            with("qwen3", Vec::new(), true, false),
-            with("phi3", Vec::new(), false, true),
-            with("llama", super::Target::ALL.to_vec(), false, false),
-            Self { arch: gemma, ..Self::tiny() },
-        ]
-    }
-
     /// The stored (and PEFT) module that holds projection `id`.
     pub fn stored_module(&self, id: super::ModuleId) -> StoredModule {
         use super::Target::*;
@@ -322,17 +258,17 @@ impl LlamaConfig {
                 Gate => module("mlp.<no gate>", Vec::new(), 0),
             };
         }
-        let fused = |name: &str, rows: std::ops::Range<usize>, out: usize| StoredModule {
+        let combined = |name: &str, rows: std::ops::Range<usize>, out: usize| StoredModule {
             path: format!("model.layers.{l}.{}.{name}", id.target.parent()),
             rows: rows.collect(),
             out,
         };
         match id.target {
-            Q if self.arch.fused => fused("qkv_proj", 0..q, q + 2 * kv),
-            K if self.arch.fused => fused("qkv_proj", q..q + kv, q + 2 * kv),
-            V if self.arch.fused => fused("qkv_proj", q + kv..q + 2 * kv, q + 2 * kv),
-            Gate if self.arch.fused => fused("gate_up_proj", 0..ff, 2 * ff),
-            Up if self.arch.fused => fused("gate_up_proj", ff..2 * ff, 2 * ff),
+            Q if self.arch.combined_modules => combined("qkv_proj", 0..q, q + 2 * kv),
+            K if self.arch.combined_modules => combined("qkv_proj", q..q + kv, q + 2 * kv),
+            V if self.arch.combined_modules => combined("qkv_proj", q + kv..q + 2 * kv, q + 2 * kv),
+            Gate if self.arch.combined_modules => combined("gate_up_proj", 0..ff, 2 * ff),
+            Up if self.arch.combined_modules => combined("gate_up_proj", ff..2 * ff, 2 * ff),
             _ => StoredModule { path: id.to_string(), rows: (0..out).collect(), out },
         }
     }
@@ -392,10 +328,10 @@ impl HfConfigJson {
         rope_theta: f64,
         rope_scaling: RopeScaling,
         arch: Arch,
-    ) -> LlamaConfig {
+    ) -> DecoderConfig {
         let c = self;
         let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-        LlamaConfig {
+        DecoderConfig {
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size.unwrap_or(4 * c.hidden_size),

@@ -3,9 +3,8 @@
 //! order so that PEFT adapters apply unchanged.
 
 use super::linear::BaseWeight;
-use super::llama::WeightSource;
-use super::{LlamaConfig, ModelError, ModuleId, Result, Target, WeightFormat};
-use crate::kernels::{ggml, Kind, PackedMatrix};
+use super::weights::{dense_to_base, packed_from_qtensor, packed_rows_from_qtensor, WeightSource};
+use super::{DecoderConfig, ModelError, ModuleId, Result, Target, WeightFormat};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -17,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub struct GgufSource {
     pub path: PathBuf,
     pub content: Content,
-    pub cfg: LlamaConfig,
+    pub cfg: DecoderConfig,
     file: File,
     device: Device,
 }
@@ -76,7 +75,7 @@ impl GgufSource {
 }
 
 /// Reads the Llama hyper-parameters from `{arch}.*` metadata keys.
-pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
+pub fn config_from_metadata(c: &Content) -> Result<DecoderConfig> {
     let arch = match c.metadata.get("general.architecture") {
         Some(v) => v.to_string()?.clone(),
         None => {
@@ -119,7 +118,7 @@ pub fn config_from_metadata(c: &Content) -> Result<LlamaConfig> {
         }
     }
     let num_layers = get("block_count")?.to_u32()? as usize;
-    Ok(LlamaConfig {
+    Ok(DecoderConfig {
         vocab_size,
         hidden_size,
         intermediate_size: get("feed_forward_length")?.to_u32()? as usize,
@@ -168,7 +167,7 @@ fn arch_from_metadata(c: &Content, arch: &str, num_layers: usize) -> Result<supe
                 "GGUF `rope_factors_long/short` (Phi-3 LongRoPE) are not supported".into(),
             ));
         }
-        a.fused = true;
+        a.combined_modules = true;
     }
     if let Some(w) =
         c.metadata.get(&format!("{arch}.attention.sliding_window")).filter(|_| arch != "gemma3")
@@ -238,70 +237,6 @@ fn gather_quantized_rows(q: &QTensor, rows: &[usize]) -> Result<QTensor> {
     Ok(QTensor::new(storage, (rows.len(), fan_in))?)
 }
 
-/// A dense f32 weight (HF layout, on CPU) as a [`BaseWeight`] of `format` on `device`.
-pub fn dense_to_base(w: Tensor, format: WeightFormat, device: &Device) -> Result<BaseWeight> {
-    Ok(match format {
-        WeightFormat::Dense(dt) => BaseWeight::Dense(w.to_dtype(dt)?.to_device(device)?),
-        WeightFormat::Quantized(t) => BaseWeight::quantized(QTensor::quantize_onto(
-            &w,
-            t.unwrap_or(GgmlDType::Q8_0),
-            device,
-        )?)?,
-        WeightFormat::Packed => packed_from_dense(&w)?,
-    })
-}
-
-/// Float weights in the packed layout: 8-bit codes per 32 values (the one lossy case).
-pub fn packed_from_dense(w: &Tensor) -> Result<BaseWeight> {
-    let (rows, cols) = w.dims2()?;
-    check_packable(cols)?;
-    let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let p = PackedMatrix::pack(rows, cols, Kind::W8, |r, codes| {
-        ggml::quantize_row_8bit(&data[r * cols..(r + 1) * cols], codes);
-        Ok::<(), ModelError>(())
-    })?;
-    Ok(BaseWeight::Packed(std::sync::Arc::new(p)))
-}
-
-fn check_packable(cols: usize) -> Result<()> {
-    if cols % 32 != 0 {
-        return Err(ModelError::Unsupported(format!("`--dtype packed` needs input widths that are multiples of 32, got {cols}; use --dtype f32")));
-    }
-    Ok(())
-}
-
-/// A GGUF tensor in the packed layout without loss (its blocks decoded as stored), rows taken
-/// in the order `src_row(r)` gives (the Q/K un-permutation).
-pub fn packed_from_qtensor(q: &QTensor, src_row: impl Fn(usize) -> usize) -> Result<BaseWeight> {
-    packed_rows_from_qtensor(q, q.shape().dims2()?.0, src_row)
-}
-
-/// [`packed_from_qtensor`] for `rows` rows (a part of a fused tensor).
-fn packed_rows_from_qtensor(
-    q: &QTensor,
-    rows: usize,
-    src_row: impl Fn(usize) -> usize,
-) -> Result<BaseWeight> {
-    let cols = q.shape().dims2()?.1;
-    check_packable(cols)?;
-    let dt = q.dtype();
-    if ggml::code_bits(dt).is_none()
-        && !matches!(dt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
-    {
-        let w = q.dequantize(&Device::Cpu)?;
-        let order: Vec<u32> = (0..rows).map(|r| src_row(r) as u32).collect();
-        return packed_from_dense(
-            &w.index_select(&Tensor::from_vec(order, rows, &Device::Cpu)?, 0)?,
-        );
-    }
-    let data = q.data()?;
-    let p = PackedMatrix::pack(rows, cols, ggml::packed_kind(dt), |r, codes| {
-        ggml::decode_row(dt, &data, cols, src_row(r), codes)
-    })
-    .map_err(|e| ModelError::Unsupported(e.to_string()))?;
-    Ok(BaseWeight::Packed(std::sync::Arc::new(p)))
-}
-
 impl GgufSource {
     /// The GGUF name of a norm weight given by its Hugging Face name. Gemma's GGUF norms already
     /// hold (1 + w); its `post_attention_layernorm` is the attention output's norm, where
@@ -358,7 +293,7 @@ impl GgufSource {
                 _ => (tensor_name(id), (0..out).collect()),
             };
         }
-        if self.cfg.arch.fused {
+        if self.cfg.arch.combined_modules {
             let m = self.cfg.stored_module(id);
             let name = match id.target {
                 Target::Q | Target::K | Target::V => format!("blk.{}.attn_qkv.weight", id.layer),
@@ -468,10 +403,10 @@ pub fn load(
     path: &Path,
     format: WeightFormat,
     device: &Device,
-) -> Result<(super::Llama, GgufSource)> {
+) -> Result<(super::Decoder, GgufSource)> {
     let mut src = GgufSource::open(path, device)?;
     let cfg = src.cfg.clone();
-    let model = super::Llama::load(cfg, &mut src, format, device)?;
+    let model = super::Decoder::load(cfg, &mut src, format, device)?;
     Ok((model, src))
 }
 

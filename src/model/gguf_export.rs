@@ -3,7 +3,7 @@
 //! byte-level BPE vocabulary as `tokenizer.ggml.*`): so that the GGUF loader is tested against
 //! the same reference outputs as the folder it came from, and users can convert a folder.
 
-use super::config::{LlamaConfig, RopeScaling};
+use super::config::{DecoderConfig, RopeScaling};
 use super::{ModelError, ModuleId, Result, Target};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -234,8 +234,8 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
             }
             continue;
         }
-        if cfg.arch.fused {
-            // Phi-3: llama.cpp keeps the fused modules whole (`attn_qkv`, and `ffn_up` for
+        if cfg.arch.combined_modules {
+            // Phi-3: llama.cpp keeps the combined modules whole (`attn_qkv`, and `ffn_up` for
             // `gate_up_proj`), rows in the checkpoint's own order.
             out_tensors.push((
                 format!("blk.{layer}.attn_qkv.weight"),
@@ -247,7 +247,7 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
             ));
         }
         for target in Target::ALL {
-            if cfg.arch.fused && !matches!(target, Target::O | Target::Down) {
+            if cfg.arch.combined_modules && !matches!(target, Target::O | Target::Down) {
                 continue;
             }
             let id = ModuleId { layer, target };
@@ -270,7 +270,7 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
         }
     }
     if cfg.rope_scaling != RopeScaling::None {
-        let plain = LlamaConfig { rope_scaling: RopeScaling::None, ..cfg.clone() }.inv_freq();
+        let plain = DecoderConfig { rope_scaling: RopeScaling::None, ..cfg.clone() }.inv_freq();
         let divisors: Vec<f32> = plain.iter().zip(cfg.inv_freq()).map(|(p, s)| p / s).collect();
         let n = divisors.len();
         out_tensors
@@ -322,12 +322,12 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
 /// `tokenizer_config.json`. Weights are read through the GGUF loader, so they arrive in
 /// Hugging Face layout; Gemma's norms are written as `w` (the GGUF stores `1 + w`).
 pub fn write_hf_from_gguf(gguf: &Path, out: &Path) -> Result<()> {
-    use super::llama::WeightSource;
+    use super::weights::WeightSource;
     use super::WeightFormat;
     let mut src = super::gguf::GgufSource::open(gguf, &Device::Cpu)?;
     let cfg = src.cfg.clone();
     let arch = cfg.arch.clone();
-    if arch.fused
+    if arch.combined_modules
         || arch.naming != super::config::Naming::Llama
         || !arch.biased.is_empty() && arch.name != "qwen2"
     {

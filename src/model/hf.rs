@@ -2,17 +2,16 @@
 //! fetched from the Hub with `hf:ORG/NAME` (needs network; cannot be exercised offline).
 
 use super::config::Arch;
-use super::gguf::dense_to_base;
 use super::linear::BaseWeight;
-use super::llama::WeightSource;
-use super::{LlamaConfig, ModelError, ModuleId, Result, Target, WeightFormat};
+use super::weights::{dense_to_base, WeightSource};
+use super::{DecoderConfig, ModelError, ModuleId, Result, Target, WeightFormat};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub struct HfSource {
     pub dir: PathBuf,
-    pub cfg: LlamaConfig,
+    pub cfg: DecoderConfig,
     tensors: HashMap<String, Tensor>,
     device: Device,
 }
@@ -24,7 +23,7 @@ fn read_to_string(path: &Path) -> Result<String> {
 
 /// Reads `config.json`: the family from `model_type`, and every field that changes the forward
 /// honoured or refused by name.
-pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
+pub fn read_config(dir: &Path) -> Result<DecoderConfig> {
     let path = dir.join("config.json");
     let text = read_to_string(&path)?;
     let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Invalid {
@@ -76,7 +75,7 @@ fn arch_from_hf(raw: &serde_json::Value) -> Result<Arch> {
         name: model_type.to_string(),
         biased,
         qk_norm,
-        fused: model_type == "phi3",
+        combined_modules: model_type == "phi3",
         windows,
         ..Arch::llama()
     })

@@ -20,13 +20,12 @@ pub enum BaseWeight {
 }
 
 /// What a projection's forward needs besides its input: the rows' sequence lengths, the step's
-/// LoRA operands, the kernels, and whether the model runs differentiable (training).
+/// LoRA operands, and the kernels (with the model's [`super::ops::Exec`]).
 #[derive(Clone, Copy)]
 pub struct Pass<'a> {
     pub seq_lens: &'a [usize],
     pub lora: &'a StepLora,
     pub kernels: &'a Kernels,
-    pub differentiable: bool,
 }
 
 impl BaseWeight {
@@ -67,7 +66,7 @@ impl BaseWeight {
     /// The product as a host vector `(n, out)` when a CPU kernel computes it: always for packed
     /// weights, for dense f32 ones when the fused kernels are on; `None` otherwise.
     fn host_vec(&self, x: &Tensor, kernels: &Kernels) -> Result<Option<Vec<f32>>> {
-        let dense_host = matches!(self, BaseWeight::Dense(w) if kernels.fused && w.dtype() == DType::F32 && w.device().is_cpu());
+        let dense_host = matches!(self, BaseWeight::Dense(w) if kernels.fused() && w.dtype() == DType::F32 && w.device().is_cpu());
         if !matches!(self, BaseWeight::Packed(_)) && !dense_host {
             return Ok(None);
         }
@@ -134,7 +133,7 @@ pub struct LoraLinear {
 impl LoraLinear {
     /// `x`: `(n_tokens, in)`, rows grouped by sequence with `pass.seq_lens` tokens each.
     pub fn forward(&self, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
-        if pass.differentiable {
+        if pass.kernels.exec == super::ops::Exec::Differentiable {
             let y = match &self.base {
                 BaseWeight::Dense(w) => super::frozen::frozen_matmul(x, w)?,
                 _ => self.base.forward(x, pass.kernels)?,
@@ -173,7 +172,7 @@ impl LoraLinear {
         if !pass.lora.touches(self.id) {
             return Ok(true);
         }
-        if !pass.kernels.fused {
+        if !pass.kernels.fused() {
             return Ok(false);
         }
         let x = x.contiguous()?;

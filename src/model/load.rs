@@ -4,7 +4,7 @@
 use super::gguf;
 use super::hf::{fetch_from_hub, HfSource};
 use super::tokenizer::TextTokenizer;
-use super::{Llama, ModelError, Result, WeightFormat};
+use super::{Decoder, ModelError, Result, WeightFormat};
 use candle_core::Device;
 use std::path::PathBuf;
 
@@ -13,7 +13,7 @@ pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// A loaded base model with its tokenizer and where it came from.
 pub struct LoadedModel {
-    pub model: Llama,
+    pub model: Decoder,
     pub tokenizer: TextTokenizer,
     /// A short id for the API (`model` field): the file stem or repo name.
     pub id: String,
@@ -44,7 +44,7 @@ pub fn load_model(spec: &str, format: WeightFormat, device: &Device) -> Result<L
     }
     if path.is_dir() {
         let mut src = HfSource::open(&path, device)?;
-        let model = Llama::load(src.cfg.clone(), &mut src, format, device)?;
+        let model = Decoder::load(src.cfg.clone(), &mut src, format, device)?;
         let tokenizer = TextTokenizer::from_dir(&path)?;
         return Ok(LoadedModel { model, tokenizer, id, path });
     }
@@ -55,7 +55,7 @@ pub fn load_model(spec: &str, format: WeightFormat, device: &Device) -> Result<L
 
 /// The architecture of `spec` (a `.gguf` file or a Hugging Face folder) without its weights:
 /// the config and the GGUF `general.architecture` name.
-pub fn read_config(spec: &str) -> Result<(super::LlamaConfig, String)> {
+pub fn read_config(spec: &str) -> Result<(super::DecoderConfig, String)> {
     let path = PathBuf::from(spec);
     if path.is_dir() {
         let cfg = super::hf::read_config(&path)?;

@@ -1,21 +1,25 @@
-//! The frozen base model: the architecture description (`config`), weight loading (GGUF or
-//! Hugging Face folder) and writing (`gguf_export`), the one LoRA-aware linear layer, the one
-//! decoder forward over ragged batches (`llama`), KV caches, the tokenizer (byte-level BPE, or
-//! SentencePiece from GGUF in `spm`) and chat template, and sampling.
+//! The frozen base model: the architecture description (`config`), the loader trait and weight
+//! conversions (`weights`), weight loading (GGUF or Hugging Face folder) and writing
+//! (`gguf_export`), the one LoRA-aware linear layer, the one decoder forward over ragged batches
+//! (`decoder`, its attention in `attention`, its execution mode an [`Exec`]), KV caches, the
+//! tokenizer (byte-level BPE, or SentencePiece from GGUF in `spm`) and chat template, sampling,
+//! and the test and bench constructors (`fixtures`).
 //!
 //! Invariant: base weights are created once by a loader and never written afterwards; every
 //! per-request change (LoRA deltas) is computed beside them, never into them.
 
+mod attention;
 pub mod config;
+pub mod decoder;
 pub mod device;
 pub mod diffops;
+pub mod fixtures;
 pub mod frozen;
 pub mod gguf;
 pub mod gguf_export;
 pub mod hf;
 pub mod kv_cache;
 pub mod linear;
-pub mod llama;
 pub mod load;
 pub mod lora;
 pub mod ops;
@@ -23,13 +27,15 @@ pub mod random;
 pub mod sampling;
 pub mod spm;
 pub mod tokenizer;
+pub mod weights;
 
-pub use config::{Activation, Arch, LlamaConfig, RopeScaling, StoredModule};
+pub use config::{Activation, Arch, DecoderConfig, RopeScaling, StoredModule};
+pub use decoder::{BatchInput, Decoder};
 pub use device::{parse_device, WeightFormat};
 pub use kv_cache::SeqCache;
 pub use linear::{BaseWeight, LoraLinear, Pass};
-pub use llama::{BatchInput, Llama};
 pub use lora::StepLora;
+pub use ops::Exec;
 
 use std::fmt;
 

@@ -43,23 +43,52 @@ pub fn host_tensor(v: Vec<f32>, shape: impl Into<candle_core::Shape>) -> Result<
     Ok(Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?)
 }
 
+/// How a model runs the ops between (and around) its matmuls, chosen once for the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exec {
+    /// The fused f32 CPU kernels over host tensors and host KV caches.
+    Fused,
+    /// candle's composed ops: other devices and dtypes, and the reference the fused kernels
+    /// are tested against.
+    Composed,
+    /// Only ops with a backward (training): candle's fused norm, softmax and rope have none.
+    Differentiable,
+}
+
+impl Exec {
+    /// What inference runs on `device` with `dtype` activations: the fused kernels for f32 on
+    /// the CPU, the composed ops elsewhere.
+    pub fn inference(device: &candle_core::Device, dtype: DType) -> Exec {
+        if device.is_cpu() && dtype == DType::F32 {
+            Exec::Fused
+        } else {
+            Exec::Composed
+        }
+    }
+}
+
 /// The CPU kernels a model runs with: their thread pool, the integer matmul's instruction
-/// set, and whether the fused f32 ops are used at all (off = the composed reference).
+/// set, and how the ops between matmuls run ([`Exec`]).
 #[derive(Debug, Clone)]
 pub struct Kernels {
     pub pool: Arc<Pool>,
     pub isa: Isa,
-    pub fused: bool,
+    pub exec: Exec,
 }
 
 impl Kernels {
-    pub fn new(threads: usize, fused: bool) -> Self {
-        Self { pool: Arc::new(Pool::new(threads)), isa: Isa::detect(), fused }
+    pub fn new(threads: usize, exec: Exec) -> Self {
+        Self { pool: Arc::new(Pool::new(threads)), isa: Isa::detect(), exec }
+    }
+
+    /// Whether the fused kernels run (an op still needs host f32 operands to take them).
+    pub fn fused(&self) -> bool {
+        self.exec == Exec::Fused
     }
 
     /// Host views of all of `ts`, when the fused kernels apply to them.
     fn hosts<'t, const N: usize>(&self, ts: [&'t Tensor; N]) -> Option<[HostF32<'t>; N]> {
-        if !self.fused {
+        if !self.fused() {
             return None;
         }
         let views: Vec<HostF32<'t>> = ts.iter().map(|t| HostF32::of(t)).collect::<Option<_>>()?;
@@ -120,7 +149,7 @@ impl Kernels {
 
     /// Whether attention for this step can run fused: f32 CPU activations and host caches.
     pub fn fused_attention(&self, x: &Tensor, caches: Option<&[&mut super::SeqCache]>) -> bool {
-        self.fused
+        self.fused()
             && x.dtype() == DType::F32
             && x.device().is_cpu()
             && caches.is_none_or(|c| c.iter().all(|c| c.is_host_or_empty()))

@@ -1,19 +1,19 @@
 //! A seeded random weight source: the tiny model the invariant tests and benches build in code.
 
 use super::linear::BaseWeight;
-use super::llama::WeightSource;
-use super::{LlamaConfig, ModuleId, Result, WeightFormat};
+use super::weights::{packed_from_dense, packed_from_qtensor, WeightSource};
+use super::{DecoderConfig, ModuleId, Result, WeightFormat};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 pub struct RandomSource {
-    cfg: LlamaConfig,
+    cfg: DecoderConfig,
     rng: rand::rngs::StdRng,
     device: Device,
 }
 
 impl RandomSource {
-    pub fn new(cfg: LlamaConfig, seed: u64, device: Device) -> Self {
+    pub fn new(cfg: DecoderConfig, seed: u64, device: Device) -> Self {
         Self { cfg, rng: rand::rngs::StdRng::seed_from_u64(seed), device }
     }
 
@@ -52,7 +52,7 @@ impl WeightSource for RandomSource {
                 &w,
                 candle_core::quantized::GgmlDType::Q4_1,
             )?;
-            return super::gguf::packed_from_qtensor(&q, |r| r);
+            return packed_from_qtensor(&q, |r| r);
         }
         Ok(BaseWeight::Dense(w.to_dtype(format.activation_dtype())?))
     }
@@ -60,7 +60,7 @@ impl WeightSource for RandomSource {
     fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight> {
         let w = self.embed()?;
         if format == WeightFormat::Packed {
-            return super::gguf::packed_from_dense(&w);
+            return packed_from_dense(&w);
         }
         Ok(BaseWeight::Dense(w.to_dtype(match format {
             WeightFormat::Dense(dt) => dt,

@@ -11,7 +11,7 @@ use crate::engine::{LoraPath, Request};
 use crate::generate::run_all;
 use crate::model::kv_cache::blocks_for;
 use crate::model::tokenizer::TextTokenizer;
-use crate::model::Llama;
+use crate::model::Decoder;
 use serde::Serialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -46,7 +46,7 @@ pub struct EvalReport {
 /// (continuous batching, in order). With `prefix_cache`, a question reuses the KV blocks of
 /// its passage computed for an earlier question of the same passage.
 pub fn evaluate(
-    model: &Llama,
+    model: &Decoder,
     tok: &TextTokenizer,
     examples: &[QaExample],
     mix: &AdapterMix,
@@ -98,7 +98,7 @@ pub fn evaluate(
 
 /// A dev-slice evaluation of parameters in training (used by `--eval-every`).
 pub fn evaluate_params(
-    model: &Llama,
+    model: &Decoder,
     tok: &TextTokenizer,
     params: &LoraParams,
     data: &Path,
@@ -106,7 +106,7 @@ pub fn evaluate_params(
 ) -> anyhow::Result<EvalReport> {
     let examples: Vec<QaExample> = squad::load(data)?.into_iter().take(limit).collect();
     let mut inference = model.clone();
-    inference.differentiable = false;
+    inference.set_exec(inference.inference_exec());
     let adapter = Arc::new(params.detached_adapter(&model.cfg, "in-training")?);
     evaluate(&inference, tok, &examples, &AdapterMix::single(adapter, 1.0), 16, true)
 }

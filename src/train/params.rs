@@ -3,7 +3,7 @@
 //! model's forward; and their PEFT-named export.
 
 use crate::adapters::{AdapterError, LoraAdapter, LoraWeights, PeftConfig};
-use crate::model::{LlamaConfig, ModuleId};
+use crate::model::{DecoderConfig, ModuleId};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
@@ -15,7 +15,12 @@ pub struct LoraParams {
 
 impl LoraParams {
     /// Fresh parameters: `A ~ U(±1/sqrt(in))` (PEFT's `kaiming_uniform_(a = sqrt(5))`), `B = 0`.
-    pub fn init(cfg: &LlamaConfig, config: PeftConfig, seed: u64, device: &Device) -> Result<Self> {
+    pub fn init(
+        cfg: &DecoderConfig,
+        config: PeftConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut modules = Vec::new();
         for id in ModuleId::all(cfg.num_layers).filter(|id| config.targets(*id)) {
@@ -38,7 +43,7 @@ impl LoraParams {
     /// pre-transposed copies are snapshots: use it only on the per-row/training path.
     pub fn as_adapter(
         &self,
-        cfg: &LlamaConfig,
+        cfg: &DecoderConfig,
         name: &str,
     ) -> std::result::Result<LoraAdapter, AdapterError> {
         self.snapshot(cfg, name, false)
@@ -47,7 +52,7 @@ impl LoraParams {
     /// A detached copy, for evaluation with the batched path.
     pub fn detached_adapter(
         &self,
-        cfg: &LlamaConfig,
+        cfg: &DecoderConfig,
         name: &str,
     ) -> std::result::Result<LoraAdapter, AdapterError> {
         self.snapshot(cfg, name, true)
@@ -55,7 +60,7 @@ impl LoraParams {
 
     fn snapshot(
         &self,
-        cfg: &LlamaConfig,
+        cfg: &DecoderConfig,
         name: &str,
         detach: bool,
     ) -> std::result::Result<LoraAdapter, AdapterError> {

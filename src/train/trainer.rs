@@ -8,7 +8,7 @@ use super::params::LoraParams;
 use super::squad::{self, TrainExample};
 use super::TrainConfig;
 use crate::adapters::{AdapterMix, PeftConfig};
-use crate::model::{BatchInput, Llama, StepLora};
+use crate::model::{BatchInput, Decoder, StepLora};
 use anyhow::Context;
 use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
@@ -43,7 +43,7 @@ pub fn example_at(g: usize, n: usize, seed: u64) -> usize {
 
 /// Mean cross-entropy over the answer tokens of `batch` (a ragged batch: no padding).
 pub fn batch_loss(
-    model: &Llama,
+    model: &Decoder,
     lora: &StepLora,
     batch: &[&TrainExample],
 ) -> candle_core::Result<(Tensor, usize)> {
@@ -153,7 +153,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// Runs the recipe on `model` (made differentiable here) and writes the adapter.
 pub fn train(
-    model: &mut Llama,
+    model: &mut Decoder,
     tok: &crate::model::tokenizer::TextTokenizer,
     cfg: &TrainConfig,
     progress: bool,
@@ -201,7 +201,7 @@ pub fn train(
 /// Trains on tokenized examples and returns the parameters and log (writes checkpoints, not
 /// the adapter). Stops early, leaving a checkpoint, at `cfg.stop_after` (tests of `--resume`).
 pub fn train_on(
-    model: &mut Llama,
+    model: &mut Decoder,
     examples: &[TrainExample],
     cfg: &TrainConfig,
     progress: bool,
@@ -228,7 +228,7 @@ pub fn train_on(
         (start, log) = load_checkpoint(&ckpt, &params, &mut opt)?;
         eprintln!("resuming from step {start} ({})", ckpt.display());
     }
-    model.differentiable = true;
+    model.set_exec(crate::model::Exec::Differentiable);
     let name = cfg.output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let adapter = Arc::new(params.as_adapter(&model.cfg, &name)?);
     let bar = progress_bar(total, start, progress);
@@ -310,7 +310,7 @@ pub fn train_on(
         }
     }
     bar.finish();
-    model.differentiable = false;
+    model.set_exec(model.inference_exec());
     Ok(TrainOutcome {
         finished: log.len() >= total,
         log,

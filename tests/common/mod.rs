@@ -9,25 +9,25 @@ pub mod server;
 use candle_core::{Device, Tensor};
 use loraplex::adapters::{load_adapter, LoraAdapter, PeftConfig};
 use loraplex::model::random::RandomSource;
-use loraplex::model::{Llama, LlamaConfig};
+use loraplex::model::{Decoder, DecoderConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub fn tiny() -> (Llama, LlamaConfig) {
-    let cfg = LlamaConfig::tiny();
-    (Llama::random(cfg.clone(), 7, &Device::Cpu).unwrap(), cfg)
+pub fn tiny() -> (Decoder, DecoderConfig) {
+    let cfg = DecoderConfig::tiny();
+    (Decoder::random(cfg.clone(), 7, &Device::Cpu).unwrap(), cfg)
 }
 
-/// A tiny random model per architecture description ([`LlamaConfig::tiny_families`]).
-pub fn tiny_all() -> Vec<(Llama, LlamaConfig)> {
-    LlamaConfig::tiny_families()
+/// A tiny random model per architecture description ([`DecoderConfig::tiny_families`]).
+pub fn tiny_all() -> Vec<(Decoder, DecoderConfig)> {
+    DecoderConfig::tiny_families()
         .into_iter()
-        .map(|cfg| (Llama::random(cfg.clone(), 7, &Device::Cpu).unwrap(), cfg))
+        .map(|cfg| (Decoder::random(cfg.clone(), 7, &Device::Cpu).unwrap(), cfg))
         .collect()
 }
 
 /// The stored (PEFT) modules of `cfg` as `(path, layer, in, out)`: a fused module once.
-pub fn stored_modules(cfg: &LlamaConfig) -> Vec<(String, usize, usize, usize)> {
+pub fn stored_modules(cfg: &DecoderConfig) -> Vec<(String, usize, usize, usize)> {
     let mut out: Vec<(String, usize, usize, usize)> = Vec::new();
     for id in cfg.projections() {
         let m = cfg.stored_module(id);
@@ -39,11 +39,11 @@ pub fn stored_modules(cfg: &LlamaConfig) -> Vec<(String, usize, usize, usize)> {
 }
 
 /// Projection names as `cfg`'s checkpoint spells them (`q_proj` → `qkv_proj` where fused).
-pub fn targets_for(cfg: &LlamaConfig, names: &[&str]) -> Vec<String> {
+pub fn targets_for(cfg: &DecoderConfig, names: &[&str]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let bloom = cfg.arch.naming == loraplex::model::config::Naming::Bloom;
     for n in names {
-        let n = match (*n, cfg.arch.fused) {
+        let n = match (*n, cfg.arch.combined_modules) {
             ("q_proj" | "k_proj" | "v_proj", true) if bloom => "query_key_value",
             ("o_proj", true) if bloom => "dense",
             ("up_proj", true) if bloom => "dense_h_to_4h",
@@ -62,7 +62,7 @@ pub fn targets_for(cfg: &LlamaConfig, names: &[&str]) -> Vec<String> {
 
 /// [`lora_config`] with the targets spelled for `cfg`.
 pub fn lora_config_for(
-    cfg: &LlamaConfig,
+    cfg: &DecoderConfig,
     r: usize,
     alpha: f64,
     targets: &[&str],
@@ -73,7 +73,7 @@ pub fn lora_config_for(
 /// Writes a PEFT folder with random non-zero A and B for the modules `config_json` selects.
 pub fn write_random_adapter(
     dir: &Path,
-    cfg: &LlamaConfig,
+    cfg: &DecoderConfig,
     config_json: &serde_json::Value,
     seed: u64,
 ) {
@@ -101,7 +101,7 @@ pub fn lora_config(r: usize, alpha: f64, targets: &[&str]) -> serde_json::Value 
 pub fn tiny_adapter(
     root: &Path,
     name: &str,
-    cfg: &LlamaConfig,
+    cfg: &DecoderConfig,
     json: serde_json::Value,
     seed: u64,
 ) -> Arc<LoraAdapter> {

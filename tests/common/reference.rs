@@ -7,7 +7,7 @@ use loraplex::adapters::{load_adapter, AdapterMix, MixEntry};
 use loraplex::engine::{LoraPath, Request};
 use loraplex::generate::generate;
 use loraplex::model::load::LoadedModel;
-use loraplex::model::{BatchInput, Llama, SeqCache, StepLora};
+use loraplex::model::{BatchInput, Decoder, SeqCache, StepLora};
 use safetensors::SafeTensors;
 use std::path::Path;
 use std::sync::Arc;
@@ -57,7 +57,7 @@ impl RefFile {
 
 /// All-position logits of every prompt, prefilled together in one ragged batch.
 pub fn prefill_logits(
-    model: &Llama,
+    model: &Decoder,
     prompts: &[Vec<u32>],
     mix: &AdapterMix,
     path: LoraPath,
