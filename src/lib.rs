@@ -4,8 +4,8 @@
 //!
 //! A streamed completion passes through: `api` (routes) → `api::guard` (origins, hosts) →
 //! `api::body` (content type, size, timeout, JSON) → `api::handlers` → `api::validate` (typed
-//! engine requests) → `engine::worker` (the engine thread) → `engine::batcher` (admission, one
-//! ragged step) → `model::decoder` + `model::attention` → `model::linear` + `model::lora` (the
+//! engine requests) → `engine::worker` (the engine thread) → `engine::scheduler` (the step's
+//! plan) → `engine::batcher` (one ragged step) → `model::decoder` + `model::attention` → `model::linear` + `model::lora` (the
 //! LoRA-aware linear and the step's deltas) → `kernels::matmul` / `kernels::fused` →
 //! `engine::sequence` (its token) → `api::stream` (SSE chunks).
 //!
@@ -27,9 +27,12 @@
 //!   HTTP side submits over a channel, admitted up to `max_waiting` queued sequences (429
 //!   beyond, 422 for a request that could never fit), and reads each sequence's events.
 //!   - `engine::worker`: the engine thread and its handle (`Engine::submit_all`).
-//!   - `engine::batcher`: one step: admission by KV blocks (prefix cache, shared prefill of
-//!     prompts admitted together), preemption, paced chunked prefill, the forward, each row's
-//!     token; a row's fault fails that sequence only, a failed step re-queues its sequences.
+//!   - `engine::scheduler`: the step's decisions as a pure function of views of the batch,
+//!     the queue and the pool (preemption, refusal, deferral for a shared prefix, admission,
+//!     feeds), property-tested on its own.
+//!   - `engine::batcher`: executes the plan (blocks, prefix cache, queue), runs the forward and
+//!     each row's token; a row's fault fails that sequence only, a failed step re-queues its
+//!     sequences.
 //!   - `engine::sequence`: one sequence's life, sampling, stop conditions, streamed text.
 //!   - `engine::kv_pool`: the block budget and the prefix cache keyed by tokens and mix.
 //!   - `engine::fault`: typed per-sequence failures and the test-only fault injection.

@@ -11,14 +11,15 @@
 //! sequences (`engine::fault`). Owned by the worker thread (or by a caller, for `generate`).
 
 use super::fault::{FaultInjection, FaultKind, SequenceError};
-use super::kv_pool::{block_hash, chain_hashes, KvPool};
+use super::kv_pool::{chain_hashes, KvPool};
+use super::scheduler::{self, Budgets, PoolView, RunningView, StepPlan, WaitingView};
 use super::sequence::Sequence;
 use crate::adapters::AdapterMix;
 use crate::model::kv_cache::{blocks_for, BLOCK_TOKENS};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::{BatchInput, Decoder, Result, SeqCache, StepLora};
 use candle_core::{DType, Tensor, D};
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// Which LoRA implementation the batch uses.
@@ -174,111 +175,133 @@ impl<'m> Batcher<'m> {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
-    /// Admits waiting sequences in arrival order while the batch, the step's prefill budget
-    /// and the pool allow (at least one when the batch has room and its blocks fit).
-    ///
-    /// Two exceptions to plain arrival order: a sequence whose next uncached prefix block a
-    /// running sequence is computing right now waits for it (it stays in its place and later
-    /// ones may pass it), so the `n` choices of one prompt, or identical prompts arriving
-    /// together, prefill their shared blocks once; and a sequence on probation is admitted
-    /// only while no other one runs (a step that fails again then has one suspect).
-    fn admit(&mut self, report: &mut StepReport) {
-        let mut tokens = 0;
-        let mut computing = self.blocks_in_flight();
-        let mut i = 0;
-        while self.running.len() < self.max_batch && i < self.waiting.len() {
-            let cand = &self.waiting[i];
-            let all = cand.pending.len();
-            let blocks = blocks_for(cand.max_len());
-            if blocks > self.pool.capacity() {
-                // Refused up front by the engine; a direct caller gets the same error here.
-                let Some(mut s) = self.waiting.remove(i) else { break };
-                let e = super::EngineError::TooLarge {
-                    prompt: s.req.prompt_ids.len(),
-                    max_tokens: s.req.max_tokens,
+    /// The planner's view of the batch, the queue (built lazily, as far as it looks), the pool
+    /// and the budgets, and its plan for this step.
+    fn plan(&self) -> StepPlan {
+        let caching = self.pool.prefix_caching();
+        let running: Vec<RunningView> =
+            self.running.iter().map(|s| running_view(s, caching)).collect();
+        let pool = PoolView { capacity: self.pool.capacity(), available: self.pool.available() };
+        let budgets = Budgets {
+            max_batch: self.max_batch,
+            prefill_chunk: self.prefill_chunk,
+            paced_chunk: self.pacer.budget(self.step_latency_ratio, true, self.prefill_chunk),
+        };
+        let waiting = self.waiting.iter().map(|s| waiting_view(&self.pool, s));
+        scheduler::plan(&running, waiting, pool, &budgets)
+    }
+
+    /// Carries out `plan`: preemptions, every running sequence's blocks, refusals and
+    /// admissions. Should the pool turn out shorter than planned, the reservation preempts
+    /// more and admission stops where an allocation fails, leaving the rest queued.
+    fn execute(&mut self, plan: &StepPlan, report: &mut StepReport) {
+        for _ in 0..plan.preempt {
+            let Some(victim) = self.running.pop() else { break };
+            self.preempt(victim, report);
+        }
+        self.reserve(report);
+        let offset = report.preempted;
+        if report.preempted > plan.preempt {
+            return; // the pool was shorter than planned: nothing is admitted this step
+        }
+        report.deferred = plan.deferred;
+        let looked = plan.admit.iter().map(|a| a.index).chain(plan.refuse.iter().copied()).max();
+        let Some(looked) = looked.map(|m| (m + 1).min(self.waiting.len().saturating_sub(offset)))
+        else {
+            return;
+        };
+        let front: Vec<Sequence> = self.waiting.drain(offset..offset + looked).collect();
+        let mut back = Vec::new();
+        let mut stopped = false;
+        for (i, mut s) in front.into_iter().enumerate() {
+            if plan.refuse.contains(&i) {
+                let blocks = blocks_for(s.max_len());
+                let capacity = self.pool.capacity();
+                let (prompt, max_tokens) = (s.req.prompt_ids.len(), s.req.max_tokens);
+                s.fail(SequenceError::Refused(super::EngineError::TooLarge {
+                    prompt,
+                    max_tokens,
                     blocks,
-                    capacity: self.pool.capacity(),
-                };
-                s.fail(SequenceError::Refused(e));
+                    capacity,
+                }));
                 report.refused += 1;
                 self.retire(s);
                 continue;
             }
-            if cand.suspect && self.running.iter().any(|s| s.suspect) {
-                break;
-            }
-            // The last prompt token is always computed: its logits are the first sample.
-            let want = (all - 1) / BLOCK_TOKENS;
-            let (hits, chain) = self.pool.lookup(&cand.pending, &cand.mix_key, want);
-            let k = hits.len();
-            if k < want && !computing.is_empty() {
-                let parent = chain.hashes.last().copied().unwrap_or(0);
-                if computing.contains(&block_hash(
-                    parent,
-                    &cand.mix_key,
-                    &cand.pending[k * BLOCK_TOKENS..(k + 1) * BLOCK_TOKENS],
-                )) {
-                    report.deferred += 1;
-                    i += 1;
-                    continue;
+            match plan.admit.iter().find(|a| a.index == i).filter(|_| !stopped) {
+                Some(a) => {
+                    if let Some(s) = self.admit_one(s, a.cached, report) {
+                        stopped = true;
+                        back.push(s);
+                    }
                 }
+                None => back.push(s),
             }
-            let todo = all - k * BLOCK_TOKENS;
-            let need = blocks_for(all) - k;
-            if (report.admitted > 0 && tokens + todo > self.prefill_chunk)
-                || need > self.pool.available()
-            {
-                break;
-            }
-            // `need` fits `available()`, so every allocation succeeds; should one not, the
-            // sequence stays queued rather than run with a short block table.
-            let fresh: Vec<_> = std::iter::from_fn(|| self.pool.allocate()).take(need).collect();
-            if fresh.len() < need {
-                break;
-            }
-            let Some(mut s) = self.waiting.remove(i) else { break };
-            let hit_tokens = k * BLOCK_TOKENS;
-            self.pool.count_lookup(all, hit_tokens);
-            if let (Some(m), true) = (&self.metrics, self.pool.prefix_caching()) {
-                m.count_prefix_lookup(all, hit_tokens);
-            }
-            if let Err(e) = s.cache.attach_prefix(hits, self.model.kv_width()) {
-                s.fail(SequenceError::Internal(e.to_string()));
-                report.refused += 1;
-                self.retire(s);
-                continue;
-            }
-            fresh.into_iter().for_each(|b| s.cache.push_block(b));
-            if self.pool.prefix_caching() {
-                s.prompt_chain = chain_hashes(&s.pending, &s.mix_key);
-                computing.extend(s.prompt_chain.iter().skip(k));
-            }
-            s.pending.drain(..hit_tokens);
-            s.chain = chain;
-            tokens += todo;
-            if let Some(m) = &self.metrics {
-                if s.last_token_at.is_none() {
-                    m.queue_wait.observe(s.submitted_at.elapsed().as_secs_f64());
-                    m.adapters_per_request.observe(s.req.mix.entries.len() as f64);
-                }
-            }
-            self.running.push(s);
-            report.admitted += 1;
+        }
+        for s in back.into_iter().rev() {
+            self.waiting.insert(offset, s);
         }
     }
 
-    /// Chain hashes of the prefix blocks running sequences are computing and have not yet
-    /// registered in the prefix cache.
-    fn blocks_in_flight(&self) -> HashSet<u64> {
-        self.running
-            .iter()
-            .filter(|s| s.is_prompt())
-            .flat_map(|s| s.prompt_chain.iter().skip(s.chain.hashes.len()).copied())
-            .collect()
+    /// Admits `s` with its first `cached` blocks from the prefix cache and fresh ones for the
+    /// rest; gives it back when the pool cannot supply them.
+    fn admit_one(
+        &mut self,
+        mut s: Sequence,
+        cached: usize,
+        report: &mut StepReport,
+    ) -> Option<Sequence> {
+        let all = s.pending.len();
+        let (hits, chain) = self.pool.lookup(&s.pending, &s.mix_key, cached);
+        let need = blocks_for(all) - hits.len();
+        let fresh: Vec<_> = std::iter::from_fn(|| self.pool.allocate()).take(need).collect();
+        if fresh.len() < need {
+            // Should the pool have changed under the plan, the sequence stays queued rather
+            // than run with a short block table.
+            return Some(s);
+        }
+        let hit_tokens = hits.len() * BLOCK_TOKENS;
+        self.pool.count_lookup(all, hit_tokens);
+        if let (Some(m), true) = (&self.metrics, self.pool.prefix_caching()) {
+            m.count_prefix_lookup(all, hit_tokens);
+        }
+        if let Err(e) = s.cache.attach_prefix(hits, self.model.kv_width()) {
+            s.fail(SequenceError::Internal(e.to_string()));
+            report.refused += 1;
+            self.retire(s);
+            return None;
+        }
+        fresh.into_iter().for_each(|b| s.cache.push_block(b));
+        if self.pool.prefix_caching() {
+            s.prompt_chain = chain_hashes(&s.pending, &s.mix_key);
+        }
+        s.pending.drain(..hit_tokens);
+        s.chain = chain;
+        if let Some(m) = &self.metrics {
+            if s.last_token_at.is_none() {
+                m.queue_wait.observe(s.submitted_at.elapsed().as_secs_f64());
+                m.adapters_per_request.observe(s.req.mix.entries.len() as f64);
+            }
+        }
+        self.running.push(s);
+        report.admitted += 1;
+        None
+    }
+
+    /// Sends a running sequence back to the front of the queue, to be recomputed.
+    fn preempt(&mut self, mut victim: Sequence, report: &mut StepReport) {
+        victim.preempt();
+        self.pool.counters.preemptions += 1;
+        report.preempted += 1;
+        if let Some(m) = &self.metrics {
+            m.count_preemption();
+        }
+        self.waiting.push_front(victim);
     }
 
     /// Reserves every running sequence's blocks for this step's tokens, oldest first,
-    /// preempting the most recently admitted sequence while the pool has none to give.
+    /// preempting the most recently admitted sequence while the pool has none to give (after
+    /// the plan's preemptions, a guard: it preempts only if the pool is shorter than planned).
     fn reserve(&mut self, report: &mut StepReport) {
         let mut i = 0;
         while i < self.running.len() {
@@ -293,14 +316,8 @@ impl<'m> Batcher<'m> {
                     continue;
                 }
                 // The victim may be sequence `i` itself; then `i` now points past the batch.
-                let Some(mut victim) = self.running.pop() else { break };
-                victim.preempt();
-                self.pool.counters.preemptions += 1;
-                report.preempted += 1;
-                if let Some(m) = &self.metrics {
-                    m.count_preemption();
-                }
-                self.waiting.push_front(victim);
+                let Some(victim) = self.running.pop() else { break };
+                self.preempt(victim, report);
             }
             i += 1;
         }
@@ -329,27 +346,21 @@ impl<'m> Batcher<'m> {
         let queued = self.waiting.len();
         self.waiting.retain(|s| !s.is_cancelled());
         report.cancelled_waiting = queued - self.waiting.len();
-        self.reserve(&mut report);
-        self.admit(&mut report);
+        let plan = self.plan();
+        self.execute(&plan, &mut report);
         if self.running.is_empty() {
             return report;
         }
-        // Decoding sequences feed their one token; prefilling ones share the chunk budget in
-        // batch order, each at least one token so every prompt makes progress.
-        let decoding = self.running.iter().any(|s| !s.is_prompt());
-        let mut budget = self.pacer.budget(self.step_latency_ratio, decoding, self.prefill_chunk);
-        let feeds: Vec<usize> = self
-            .running
-            .iter()
-            .map(|s| {
-                if !s.is_prompt() {
-                    return s.pending.len();
-                }
-                let take = s.pending.len().min(budget.max(1));
-                budget = budget.saturating_sub(take);
-                take
-            })
-            .collect();
+        let feeds = if plan.feeds.len() == self.running.len() {
+            plan.feeds
+        } else {
+            // The pool was shorter than planned: the batch that runs gets its own feeds.
+            let batch: Vec<(bool, usize)> =
+                self.running.iter().map(|s| (s.is_prompt(), s.pending.len())).collect();
+            let decoding = self.running.iter().any(|s| !s.is_prompt());
+            let budget = self.pacer.budget(self.step_latency_ratio, decoding, self.prefill_chunk);
+            scheduler::feeds(&batch, budget)
+        };
         let mut input = BatchInput::default();
         for (s, &feed) in self.running.iter().zip(&feeds) {
             if s.is_prompt() {
@@ -606,5 +617,51 @@ impl StepLogits {
             }
             _ => Err(bug()),
         }
+    }
+}
+
+/// The planner's view of a running sequence: the blocks this step needs, the blocks its
+/// preemption would free (those nothing else holds: only its own, or shared with the prefix
+/// cache alone), and the prefix blocks it is still computing.
+fn running_view(s: &Sequence, caching: bool) -> RunningView {
+    let blocks = s.cache.blocks();
+    let frees = blocks
+        .iter()
+        .enumerate()
+        .filter(|(i, b)| {
+            let holders = Arc::strong_count(b);
+            holders == 1 || (holders == 2 && *i < s.chain.hashes.len())
+        })
+        .count();
+    let computing = match caching && s.is_prompt() {
+        true => s.prompt_chain.iter().skip(s.chain.hashes.len()).copied().collect(),
+        false => Vec::new(),
+    };
+    RunningView {
+        need: blocks_for(s.cache.len() + s.pending.len()).saturating_sub(blocks.len()),
+        frees,
+        suspect: s.suspect,
+        prompt: s.is_prompt(),
+        pending: s.pending.len(),
+        computing,
+    }
+}
+
+/// The planner's view of a waiting sequence, from what the prefix cache holds for it (the last
+/// token's block never counts: its logits are the first sample).
+fn waiting_view(pool: &KvPool, s: &Sequence) -> WaitingView {
+    let want = s.pending.len().saturating_sub(1) / BLOCK_TOKENS;
+    let peek = pool.peek(&s.pending, &s.mix_key, want);
+    let uncached = match pool.prefix_caching() {
+        true => peek.hashes[peek.hits..].to_vec(),
+        false => Vec::new(),
+    };
+    WaitingView {
+        pending: s.pending.len(),
+        max_blocks: blocks_for(s.max_len()),
+        suspect: s.suspect,
+        cached: peek.hits,
+        idle_cached: peek.idle,
+        uncached,
     }
 }

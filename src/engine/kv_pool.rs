@@ -88,6 +88,17 @@ pub struct PrefixChain {
     pub hashes: Vec<u64>,
 }
 
+/// What the prefix cache holds for a prompt ([`KvPool::peek`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peek {
+    /// Chain hashes of the prompt's full blocks looked at.
+    pub hashes: Vec<u64>,
+    /// Leading blocks the cache holds.
+    pub hits: usize,
+    /// Of those, the ones no sequence holds.
+    pub idle: usize,
+}
+
 /// Running totals the metrics read.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PoolCounters {
@@ -221,6 +232,33 @@ impl KvPool {
             }
         }
         (blocks, chain)
+    }
+
+    /// What [`KvPool::lookup`] would find, without touching anything: the chain hashes of the
+    /// full blocks of `tokens` (at most `max_blocks`), how many leading ones the cache holds,
+    /// and how many of those are idle (held by the cache alone).
+    pub fn peek(&self, tokens: &[u32], mix: &MixKey, max_blocks: usize) -> Peek {
+        let mut out = Peek::default();
+        let mut matching = self.cache.is_some();
+        for chunk in tokens.chunks_exact(BLOCK_TOKENS).take(max_blocks) {
+            let parent = out.hashes.last().copied().unwrap_or(0);
+            let h = block_hash(parent, mix, chunk);
+            let hit = self
+                .cache
+                .as_ref()
+                .filter(|_| matching)
+                .and_then(|c| c.get(&h))
+                .filter(|e| e.parent == parent && e.tokens == chunk && e.mix.same(mix));
+            match hit {
+                Some(e) => {
+                    out.hits += 1;
+                    out.idle += usize::from(Arc::strong_count(&e.block) == 1);
+                }
+                None => matching = false,
+            }
+            out.hashes.push(h);
+        }
+        out
     }
 
     /// Records the outcome of an admitted sequence's lookup.

@@ -8,6 +8,7 @@
 pub mod batcher;
 pub mod fault;
 pub mod kv_pool;
+pub mod scheduler;
 pub mod sequence;
 pub mod worker;
 
