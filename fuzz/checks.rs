@@ -40,26 +40,35 @@ pub fn request(data: &[u8]) {
     };
     if let Ok(req) = serde_json::from_slice::<CompletionRequest>(data) {
         match validate::completion(&req, &mv) {
-            Ok(d) => {
-                assert!(d.n >= 1 && d.n <= limits.max_n && !d.prompts.is_empty());
-                assert!(d
-                    .prompts
-                    .iter()
-                    .all(|p| !p.is_empty() && p.len() <= limits.max_prompt_tokens));
-                assert!(d.adapters.len() <= limits.max_adapters_per_request);
-                assert!(d
-                    .adapters
-                    .iter()
-                    .all(|(_, s)| s.is_finite() && s.abs() <= limits.max_abs_scale));
-            }
+            Ok(v) => check_valid(&v, &limits),
             Err(e) => assert!(e.body()["error"]["message"].is_string()),
         }
     }
     if let Ok(req) = serde_json::from_slice::<ChatRequest>(data) {
         match validate::chat(&req, &mv) {
-            Ok(d) => assert_eq!(d.prompts.len(), 1),
+            Ok(v) => {
+                assert_eq!(v.response.prompt_lens.len(), 1);
+                check_valid(&v, &limits);
+            }
             Err(e) => assert!(e.body()["error"]["message"].is_string()),
         }
+    }
+}
+
+/// A validated request is within every limit, in the types the engine computes with.
+fn check_valid(v: &validate::ValidRequest, limits: &Limits) {
+    let r = &v.response;
+    assert!(r.n >= 1 && r.n <= limits.max_n && !r.prompt_lens.is_empty());
+    assert_eq!(v.sequences.len(), r.prompt_lens.len() * r.n);
+    let work: usize = v.sequences.iter().map(|s| s.prompt_ids.len() + s.max_tokens).sum();
+    assert!(work <= limits.max_request_tokens);
+    for s in &v.sequences {
+        assert!(!s.prompt_ids.is_empty() && s.prompt_ids.len() <= limits.max_prompt_tokens);
+        assert!(s.max_tokens >= 1 && s.prompt_ids.len() + s.max_tokens <= 8192);
+        let t = s.sampling.temperature;
+        assert!(t == 0.0 || (validate::MIN_TEMPERATURE..=2.0).contains(&t));
+        assert!(s.sampling.top_p as f32 > 0.0 && s.sampling.top_p <= 1.0);
+        assert!(s.mix.is_empty(), "no registry here: adapters cannot resolve");
     }
 }
 

@@ -3,11 +3,11 @@
 //! # One request, handler to kernels
 //!
 //! A streamed completion passes through: `api` (routes) → `api::guard` (origins, hosts) →
-//! `api::body` (content type, size, timeout, JSON) → `api::handlers` → `api::validate` (typed
-//! engine requests) → `engine::worker` (the engine thread) → `engine::scheduler` (the step's
+//! `api::body` (content type, size, timeout, JSON) → `api::handlers` → `api::validate` (the
+//! typed `ValidRequest`) → `engine::worker` (the engine thread) → `engine::scheduler` (the step's
 //! plan) → `engine::batcher` (one ragged step) → `model::decoder` + `model::attention` → `model::linear` + `model::lora` (the
 //! LoRA-aware linear and the step's deltas) → `kernels::matmul` / `kernels::fused` →
-//! `engine::sequence` (its token) → `api::stream` (SSE chunks).
+//! `engine::sequence` (its token) → `api::stream` + `api::response` (SSE chunks).
 //!
 //! # Every module
 //!
@@ -16,11 +16,15 @@
 //!     names on a keyless loopback server (DNS rebinding).
 //!   - `api::body`: JSON request bodies: `Content-Type`, size limit, arrival timeout, parsing
 //!     with the failing field named; keeps an unread body from holding its connection.
-//!   - `api::handlers`: thin handlers (submit, respond; models, adapters, health, metrics).
-//!   - `api::validate`: wire requests → a draft of typed engine requests, checked in the types
-//!     the engine computes with (the handler resolves adapters and submits).
+//!   - `api::handlers`: thin handlers (validate off the async workers, submit, respond;
+//!     models, adapters, health, metrics).
+//!   - `api::validate`: wire requests → a complete `ValidRequest` (every sequence with its
+//!     adapter mix, and the answer's shape), checked in the types the engine computes with;
+//!     adapters resolved through the registry passed in.
+//!   - `api::response`: the answer's shape, ids, timestamps, finish reasons, the one usage
+//!     count, the JSON bodies and each SSE chunk.
 //!   - `api::openai`: OpenAI wire types (serde) and the `adapters` extension.
-//!   - `api::stream`: token events → JSON responses or SSE chunks.
+//!   - `api::stream`: moves token events: collected into one answer, or streamed.
 //!   - `api::observe`: request ids, tracing spans, access log, per-request metrics.
 //!   - `api::error`: the one error type of the edge, in OpenAI's shape.
 //! - [`engine`]: one OS thread owns the model, the KV block pool and the running batch; the

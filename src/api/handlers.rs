@@ -1,85 +1,18 @@
-//! Thin handlers: authorize → read and parse the body → validate → resolve adapters → submit
-//! to the engine → JSON or SSE. Admin routes: models, adapters, health, readiness.
+//! Thin handlers: authorize → the JSON body (`api::body`) → a `ValidRequest` (`api::validate`,
+//! off the async workers) → the engine → the answer (`api::response`, `api::stream`). Admin
+//! routes: models, adapters, health, readiness, metrics.
 
 use super::body::json_body;
 use super::error::ApiError;
 use super::observe::{RequestFacts, RequestId, StreamObs};
 use super::openai::*;
-use super::stream::{collect, sse_response, ChoiceExt, ChoiceResult, Endpoint, ResponseMeta};
-use super::validate::{self, max_tokens_for, Draft, ModelView};
+use super::response::ResponseMeta;
+use super::stream::{collect, sse_response};
+use super::validate::{self, ModelView, ValidRequest};
 use super::{authorize, AppState, Backend, Scope};
-use crate::adapters::{AdapterMix, MixEntry};
-use crate::engine::TokenEvent;
 use actix_web::{web, HttpRequest, HttpResponse};
-use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 type Data = web::Data<AppState>;
-
-pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// Looks up (and loads, off the async workers) every adapter of the request.
-async fn resolve_mix(
-    b: &Backend,
-    refs: &[(String, f64)],
-) -> Result<(AdapterMix, Vec<AppliedAdapter>), ApiError> {
-    let mut entries = Vec::with_capacity(refs.len());
-    let mut applied = Vec::with_capacity(refs.len());
-    for (i, (name, scale)) in refs.iter().enumerate() {
-        let registry = b.registry.clone();
-        let n = name.clone();
-        let adapter =
-            web::block(move || registry.acquire(&n)).await.map_err(ApiError::internal)??;
-        // Each term's coefficient `scale · alpha / r` is computed in f32.
-        if let Some(max) = adapter
-            .modules
-            .iter()
-            .flatten()
-            .map(|w| w.scaling.abs())
-            .reduce(f64::max)
-            .filter(|m| !((m * scale) as f32).is_finite())
-        {
-            let msg = format!(
-                "scale {} × the scaling {} of adapter `{name}` overflows 32-bit floats",
-                validate::fmt_num(*scale),
-                validate::fmt_num(max)
-            );
-            return Err(ApiError::invalid_value(&format!("adapters[{i}].scale"), msg)
-                .with_code("scale_overflow"));
-        }
-        applied.push(AppliedAdapter {
-            name: name.clone(),
-            version: adapter.version,
-            scale: *scale,
-        });
-        entries.push(MixEntry { adapter, scale: *scale });
-    }
-    Ok((AdapterMix::new(entries), applied))
-}
-
-/// Submits every (prompt × n) sequence, all or none (the `n` choices of a prompt arrive
-/// together and prefill it once).
-fn submit_all(
-    b: &Backend,
-    d: &Draft,
-    mix: &AdapterMix,
-    mv: &ModelView<'_>,
-) -> Result<Vec<UnboundedReceiver<TokenEvent>>, ApiError> {
-    let mut reqs = Vec::with_capacity(d.prompts.len() * d.n);
-    for ids in &d.prompts {
-        for k in 0..d.n {
-            let mut r = d.template.clone();
-            r.prompt_ids = ids.clone();
-            r.mix = mix.clone();
-            r.max_tokens = max_tokens_for(d, ids.len(), mv);
-            r.sampling.seed = r.sampling.seed.wrapping_add(k as u64);
-            reqs.push(r);
-        }
-    }
-    Ok(b.engine.submit_all(reqs)?)
-}
 
 fn view<'a>(b: &'a Backend, state: &'a AppState) -> ModelView<'a> {
     ModelView {
@@ -91,25 +24,42 @@ fn view<'a>(b: &'a Backend, state: &'a AppState) -> ModelView<'a> {
     }
 }
 
-/// Resolves the mix, submits every sequence, and describes the response to come.
-async fn start(
+/// Runs `validate` (tokenizing prompts, loading adapters: blocking work) on the blocking pool,
+/// in the request's span.
+async fn validated(
+    state: &Data,
+    validate: impl FnOnce(&ModelView<'_>) -> Result<ValidRequest, ApiError> + Send + 'static,
+) -> Result<ValidRequest, ApiError> {
+    let state = state.clone();
+    let span = tracing::Span::current();
+    web::block(move || {
+        span.in_scope(|| {
+            let b = state.backend()?;
+            validate(&view(b, &state))
+        })
+    })
+    .await
+    .map_err(ApiError::internal)?
+}
+
+/// Submits the request's sequences and answers: one JSON body, or a stream.
+async fn respond(
     req: &HttpRequest,
     state: &AppState,
-    b: &Backend,
-    draft: &Draft,
-    endpoint: Endpoint,
-    model: Option<String>,
-) -> Result<(Vec<UnboundedReceiver<TokenEvent>>, ResponseMeta), ApiError> {
-    let (mix, applied) = resolve_mix(b, &draft.adapters).await?;
-    note_adapters(req, &applied);
-    let rxs = submit_all(b, draft, &mix, &view(b, state))?;
-    let mut meta =
-        ResponseMeta::new(endpoint, model.unwrap_or_else(|| b.model_id.clone()), applied);
-    meta.logprobs = draft.template.logprobs.is_some();
-    meta.prompt_tokens = draft.prompts.iter().map(Vec::len).sum();
-    let label = if endpoint == Endpoint::Chat { "chat_completions" } else { "completions" };
-    meta.obs = stream_obs(req, state, label);
-    Ok((rxs, meta))
+    valid: ValidRequest,
+) -> Result<HttpResponse, ApiError> {
+    let b = state.backend()?;
+    note_adapters(req, &valid.response.adapters);
+    let rxs = b.engine.submit_all(valid.sequences)?;
+    let mut meta = ResponseMeta::new(valid.response);
+    meta.obs = stream_obs(req, state, meta.shape.endpoint.label());
+    if meta.shape.stream {
+        return Ok(sse_response(rxs, meta, b.tokenizer.clone()));
+    }
+    let results = collect(rxs).await?;
+    let (body, usage) = meta.body(results, &b.tokenizer);
+    note_usage(req, &usage);
+    Ok(HttpResponse::Ok().json(body))
 }
 
 pub async fn completions(
@@ -119,37 +69,8 @@ pub async fn completions(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Inference)?;
     let wire: CompletionRequest = json_body(&req, payload, &state.limits).await?;
-    let b = state.backend()?;
-    let mv = view(b, &state);
-    let draft = validate::completion(&wire, &mv)?;
-    let (rxs, meta) =
-        start(&req, &state, b, &draft, Endpoint::Completion, wire.common.model.clone()).await?;
-    if draft.stream {
-        return Ok(sse_response(rxs, meta, b.tokenizer.clone(), draft.include_usage, draft.n));
-    }
-    let results = collect(rxs).await?;
-    let mut usage = UsageOut { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 };
-    let choices: Vec<CompletionChoice> = results
-        .into_iter()
-        .enumerate()
-        .map(|(index, r)| {
-            let prompt_index = index / draft.n;
-            if index % draft.n == 0 {
-                usage.prompt_tokens += r.usage.prompt_tokens;
-            }
-            usage.completion_tokens += r.usage.completion_tokens;
-            let prefix = if draft.echo { draft.prompt_texts[prompt_index].as_str() } else { "" };
-            CompletionChoice {
-                index,
-                text: format!("{prefix}{}", r.text),
-                logprobs: draft.template.logprobs.map(|_| r.completion_logprobs(&b.tokenizer)),
-                finish_reason: Some(r.finish_str()),
-            }
-        })
-        .collect();
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    note_usage(&req, &usage);
-    Ok(HttpResponse::Ok().json(meta.envelope("text_completion", choices, Some(usage))))
+    let valid = validated(&state, move |mv| validate::completion(&wire, mv)).await?;
+    respond(&req, &state, valid).await
 }
 
 pub async fn chat_completions(
@@ -159,34 +80,8 @@ pub async fn chat_completions(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Inference)?;
     let wire: ChatRequest = json_body(&req, payload, &state.limits).await?;
-    let b = state.backend()?;
-    let mv = view(b, &state);
-    let draft = validate::chat(&wire, &mv)?;
-    let (rxs, meta) =
-        start(&req, &state, b, &draft, Endpoint::Chat, wire.common.model.clone()).await?;
-    if draft.stream {
-        return Ok(sse_response(rxs, meta, b.tokenizer.clone(), draft.include_usage, draft.n));
-    }
-    let results: Vec<ChoiceResult> = collect(rxs).await?;
-    let prompt_tokens = results.first().map_or(0, |r| r.usage.prompt_tokens);
-    let completion_tokens: usize = results.iter().map(|r| r.usage.completion_tokens).sum();
-    let choices: Vec<ChatChoice> = results
-        .into_iter()
-        .enumerate()
-        .map(|(index, r)| ChatChoice {
-            index,
-            logprobs: draft.template.logprobs.map(|_| r.chat_logprobs(&b.tokenizer)),
-            finish_reason: Some(r.finish_str()),
-            message: ChatMessageOut { role: "assistant", content: r.text },
-        })
-        .collect();
-    let usage = UsageOut {
-        prompt_tokens,
-        completion_tokens,
-        total_tokens: prompt_tokens + completion_tokens,
-    };
-    note_usage(&req, &usage);
-    Ok(HttpResponse::Ok().json(meta.envelope("chat.completion", choices, Some(usage))))
+    let valid = validated(&state, move |mv| validate::chat(&wire, mv)).await?;
+    respond(&req, &state, valid).await
 }
 
 /// Remembers the resolved adapters for the access log and counters.

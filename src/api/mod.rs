@@ -7,6 +7,7 @@ pub mod guard;
 pub mod handlers;
 pub mod observe;
 pub mod openai;
+pub mod response;
 pub mod stream;
 pub mod validate;
 

@@ -1,10 +1,17 @@
-//! Wire requests → typed engine requests, checked once. Everything a client can get wrong is
-//! answered here with a 400 (not a request) or 422 (a value we refuse), naming the `param`.
+//! Wire requests → a [`ValidRequest`]: every sequence the engine runs (prompts × `n`, each
+//! with its adapter mix, limits and sampling) and the shape of the answer, checked once, in the
+//! types the engine computes with. Everything a client can get wrong is answered here with a
+//! 400 (not a request), 404 (no such adapter or model) or 422 (a value we refuse), naming the
+//! `param`. Adapters are resolved through the registry the [`ModelView`] passes in (loading
+//! one is blocking work: the handler runs validation off the async workers).
 
 use super::error::ApiError;
 use super::openai::{
-    AdapterRef, ChatRequest, CommonParams, CompletionRequest, MessageContent, StringOrList,
+    AdapterRef, AppliedAdapter, ChatRequest, CommonParams, CompletionRequest, MessageContent,
+    StringOrList,
 };
+use super::response::{Endpoint, ResponseShape};
+use crate::adapters::{AdapterMix, MixEntry};
 use crate::config::Limits;
 use crate::engine::Request;
 use crate::model::sampling::{Penalties, SamplingParams};
@@ -15,9 +22,18 @@ use serde_json::{Map, Value};
 const IGNORED_FIELDS: [&str; 5] =
     ["metadata", "store", "service_tier", "parallel_tool_calls", "prediction"];
 
-/// A request checked for everything but its adapters (which need the registry).
+/// A request checked and typed once: every sequence the engine runs (prompt-major: prompt 0's
+/// `n` choices first) and how to answer.
 #[derive(Debug, Clone)]
-pub struct Draft {
+pub struct ValidRequest {
+    pub sequences: Vec<Request>,
+    pub response: ResponseShape,
+}
+
+/// A request checked up to its prompts; [`finish`] resolves its adapters and builds the
+/// sequences.
+#[derive(Debug, Clone)]
+struct Draft {
     /// Token ids of each prompt.
     pub prompts: Vec<Vec<u32>>,
     /// The prompt texts (for `echo`).
@@ -325,7 +341,7 @@ fn add_prompts(
 }
 
 /// The `max_tokens` of one prompt's sequences.
-pub fn max_tokens_for(d: &Draft, prompt_len: usize, mv: &ModelView<'_>) -> usize {
+fn max_tokens_for(d: &Draft, prompt_len: usize, mv: &ModelView<'_>) -> usize {
     let max_total = mv.limits.max_total_tokens.map_or(mv.context_len, |t| t.min(mv.context_len));
     d.max_tokens.unwrap_or_else(|| mv.limits.default_max_tokens.min(max_total - prompt_len)).max(1)
 }
@@ -345,7 +361,7 @@ fn check_work(d: &Draft, mv: &ModelView<'_>) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub fn completion(req: &CompletionRequest, mv: &ModelView<'_>) -> Result<Draft, ApiError> {
+pub fn completion(req: &CompletionRequest, mv: &ModelView<'_>) -> Result<ValidRequest, ApiError> {
     check_extra(&req.extra)?;
     let mut d = common_draft(&req.common, mv, req.common.max_tokens)?;
     d.template.logprobs = match req.logprobs {
@@ -374,11 +390,10 @@ pub fn completion(req: &CompletionRequest, mv: &ModelView<'_>) -> Result<Draft, 
         Some(StringOrList::Many(v)) => v.clone(),
     };
     add_prompts(&mut d, texts, mv, "prompt")?;
-    check_work(&d, mv)?;
-    Ok(d)
+    finish(d, mv, Endpoint::Completion, req.common.model.as_deref())
 }
 
-pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Draft, ApiError> {
+pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<ValidRequest, ApiError> {
     check_extra(&req.extra)?;
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
     let mut d = common_draft(&req.common, mv, max_tokens)?;
@@ -447,6 +462,76 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Draft, ApiError> {
         .apply_chat_template(&messages)
         .map_err(|e| ApiError::invalid_value("messages", e.to_string()))?;
     add_prompts(&mut d, vec![text], mv, "messages")?;
+    finish(d, mv, Endpoint::Chat, req.common.model.as_deref())
+}
+
+/// The checked draft as the engine's sequences (its adapters resolved) and the answer's shape.
+fn finish(
+    d: Draft,
+    mv: &ModelView<'_>,
+    endpoint: Endpoint,
+    model: Option<&str>,
+) -> Result<ValidRequest, ApiError> {
     check_work(&d, mv)?;
-    Ok(d)
+    let (mix, adapters) = resolve(&d.adapters, mv)?;
+    let mut sequences = Vec::with_capacity(d.prompts.len() * d.n);
+    for ids in &d.prompts {
+        for k in 0..d.n {
+            let mut r = d.template.clone();
+            r.prompt_ids = ids.clone();
+            r.mix = mix.clone();
+            r.max_tokens = max_tokens_for(&d, ids.len(), mv);
+            r.sampling.seed = r.sampling.seed.wrapping_add(k as u64);
+            sequences.push(r);
+        }
+    }
+    let response = ResponseShape {
+        endpoint,
+        model: model.unwrap_or(mv.id).to_string(),
+        adapters,
+        stream: d.stream,
+        include_usage: d.include_usage,
+        n: d.n,
+        prompt_lens: d.prompts.iter().map(Vec::len).collect(),
+        echo: d.echo.then_some(d.prompt_texts),
+        logprobs: d.template.logprobs.is_some(),
+    };
+    Ok(ValidRequest { sequences, response })
+}
+
+/// Finds (loading when needed) every adapter of the request in the registry, and checks each
+/// term's coefficient `scale · alpha / r` as the f32 it is computed in.
+fn resolve(
+    refs: &[(String, f64)],
+    mv: &ModelView<'_>,
+) -> Result<(AdapterMix, Vec<AppliedAdapter>), ApiError> {
+    if refs.is_empty() {
+        return Ok(Default::default());
+    }
+    let Some(registry) = mv.registry else {
+        let msg = "this tool serves no adapters";
+        return Err(ApiError::not_found(msg).with_param("adapters").with_code("adapter_not_found"));
+    };
+    let mut entries = Vec::with_capacity(refs.len());
+    let mut applied = Vec::with_capacity(refs.len());
+    for (i, (name, scale)) in refs.iter().enumerate() {
+        let adapter = registry.acquire(name)?;
+        let scaling = adapter.modules.iter().flatten().map(|w| w.scaling.abs()).reduce(f64::max);
+        if let Some(max) = scaling.filter(|m| !((m * scale) as f32).is_finite()) {
+            let msg = format!(
+                "scale {} × the scaling {} of adapter `{name}` overflows 32-bit floats",
+                fmt_num(*scale),
+                fmt_num(max)
+            );
+            return Err(ApiError::invalid_value(&format!("adapters[{i}].scale"), msg)
+                .with_code("scale_overflow"));
+        }
+        applied.push(AppliedAdapter {
+            name: name.clone(),
+            version: adapter.version,
+            scale: *scale,
+        });
+        entries.push(MixEntry { adapter, scale: *scale });
+    }
+    Ok((AdapterMix::new(entries), applied))
 }

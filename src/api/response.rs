@@ -1,0 +1,284 @@
+//! What a completion request's answer looks like, in one place: the shape validation decides
+//! ([`ResponseShape`]), the response id and timestamp, finish reasons, the one usage count
+//! (JSON and SSE alike: each prompt's tokens once, every choice's generated tokens), the JSON
+//! bodies of both endpoints, and each SSE chunk. `api::stream` only moves events.
+
+use super::openai::*;
+use crate::engine::{Collected, FinishReason, TokenEvent};
+use crate::model::tokenizer::TextTokenizer;
+use actix_web::web::Bytes;
+use serde_json::{Map, Value};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Which endpoint's wire format the answer takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Completion,
+    Chat,
+}
+
+impl Endpoint {
+    /// The endpoint's label in metrics and the access log.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Completion => "completions",
+            Endpoint::Chat => "chat_completions",
+        }
+    }
+}
+
+/// How to answer a validated request.
+#[derive(Debug, Clone)]
+pub struct ResponseShape {
+    pub endpoint: Endpoint,
+    /// The `model` the response names: the request's own, else the base model's id.
+    pub model: String,
+    /// The adapters (with versions) the request's mix applies.
+    pub adapters: Vec<AppliedAdapter>,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Choices per prompt; the sequences are prompt-major (prompt 0's `n` choices first).
+    pub n: usize,
+    /// Tokens of each prompt.
+    pub prompt_lens: Vec<usize>,
+    /// Completions with `echo`: each prompt's text, put before its choices' text.
+    pub echo: Option<Vec<String>>,
+    /// The request asked for log-probabilities.
+    pub logprobs: bool,
+}
+
+impl ResponseShape {
+    /// The usage of choices that generated `completion` tokens each (in choice order, some
+    /// possibly missing when a stream ends early): each prompt counted once.
+    pub fn usage(&self, completion: impl IntoIterator<Item = usize>) -> UsageOut {
+        let prompt_tokens = self.prompt_lens.iter().sum();
+        let completion_tokens = completion.into_iter().sum();
+        UsageOut {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// Seconds since the Unix epoch (OpenAI's `created`).
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What every response or chunk of one request repeats, and how a stream reports itself.
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    pub shape: ResponseShape,
+    pub id: String,
+    pub created: u64,
+    /// How a stream records itself when it ends.
+    pub obs: Option<super::observe::StreamObs>,
+}
+
+impl ResponseMeta {
+    pub fn new(shape: ResponseShape) -> Self {
+        let prefix = if shape.endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
+        let id = format!("{prefix}-{:016x}", rand::random::<u64>());
+        Self { shape, id, created: now_secs(), obs: None }
+    }
+
+    pub fn envelope<C>(
+        &self,
+        object: &'static str,
+        choices: Vec<C>,
+        usage: Option<UsageOut>,
+    ) -> Envelope<C> {
+        Envelope {
+            id: self.id.clone(),
+            object,
+            created: self.created,
+            model: self.shape.model.clone(),
+            choices,
+            usage,
+            adapters: Some(self.shape.adapters.clone()),
+        }
+    }
+
+    /// The `object` of this endpoint's stream chunks.
+    pub fn chunk_object(&self) -> &'static str {
+        match self.shape.endpoint {
+            Endpoint::Completion => "text_completion",
+            Endpoint::Chat => "chat.completion.chunk",
+        }
+    }
+
+    /// The whole (non-streamed) answer, from every choice's collected events.
+    pub fn body(&self, results: Vec<Collected>, tok: &TextTokenizer) -> (Value, UsageOut) {
+        let usage = self.shape.usage(results.iter().map(|r| r.usage.completion_tokens));
+        let body = match self.shape.endpoint {
+            Endpoint::Completion => {
+                let choices: Vec<CompletionChoice> = results
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, r)| {
+                        let echo = self
+                            .shape
+                            .echo
+                            .as_ref()
+                            .map(|t| t[index / self.shape.n.max(1)].as_str());
+                        CompletionChoice {
+                            index,
+                            text: format!("{}{}", echo.unwrap_or_default(), r.text),
+                            logprobs: self.shape.logprobs.then(|| completion_logprobs(&r, tok)),
+                            finish_reason: Some(finish_str(r.finish_reason)),
+                        }
+                    })
+                    .collect();
+                serde_json::to_value(self.envelope("text_completion", choices, Some(usage.clone())))
+            }
+            Endpoint::Chat => {
+                let choices: Vec<ChatChoice> = results
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, r)| ChatChoice {
+                        index,
+                        logprobs: self.shape.logprobs.then(|| chat_logprobs(&r, tok)),
+                        finish_reason: Some(finish_str(r.finish_reason)),
+                        message: ChatMessageOut { role: "assistant", content: r.text },
+                    })
+                    .collect();
+                serde_json::to_value(self.envelope("chat.completion", choices, Some(usage.clone())))
+            }
+        };
+        (body.unwrap_or_default(), usage)
+    }
+
+    /// One SSE chunk for choice `index` from one event (`None` for events that print nothing).
+    pub fn chunk(
+        &self,
+        tok: &TextTokenizer,
+        index: usize,
+        ev: &TokenEvent,
+        first: bool,
+    ) -> Option<Bytes> {
+        let (text, finish, lp) = match ev {
+            // Without log-probabilities a token that prints nothing (EOS, a held-back stop
+            // prefix) needs no chunk.
+            TokenEvent::Token { text, .. } if text.is_empty() && !self.shape.logprobs => {
+                return None
+            }
+            TokenEvent::Token { id, text, logprob, top } => {
+                (text.clone(), None, Some((*id, *logprob, top)))
+            }
+            TokenEvent::Done { reason, .. } => {
+                (String::new(), Some(finish_str(Some(*reason))), None)
+            }
+            TokenEvent::Error(_) => return None,
+        };
+        let lp = lp.filter(|_| self.shape.logprobs);
+        Some(match self.shape.endpoint {
+            Endpoint::Completion => {
+                let logprobs = lp.map(|(id, l, top)| CompletionLogprobs {
+                    tokens: vec![token_text(tok, id)],
+                    token_logprobs: vec![l],
+                    top_logprobs: vec![top_map(tok, top)],
+                    text_offset: vec![0],
+                });
+                let choice = CompletionChoice { index, text, logprobs, finish_reason: finish };
+                sse(&self.envelope("text_completion", vec![choice], None))
+            }
+            Endpoint::Chat => {
+                let logprobs = lp.map(|(id, l, top)| ChatLogprobs {
+                    content: vec![chat_token(tok, id, l, top)],
+                });
+                let delta = ChatDelta {
+                    role: first.then_some("assistant"),
+                    content: finish.is_none().then_some(text),
+                };
+                let choice = ChatChunkChoice { index, delta, logprobs, finish_reason: finish };
+                sse(&self.envelope("chat.completion.chunk", vec![choice], None))
+            }
+        })
+    }
+}
+
+/// One `data:` line of a server-sent event stream.
+pub fn sse(v: &impl serde::Serialize) -> Bytes {
+    Bytes::from(format!("data: {}\n\n", serde_json::to_string(v).unwrap_or_default()))
+}
+
+/// OpenAI's `finish_reason` for a sequence's end.
+pub fn finish_str(f: Option<FinishReason>) -> &'static str {
+    match f {
+        Some(FinishReason::Length) => "length",
+        _ => "stop",
+    }
+}
+
+fn completion_logprobs(r: &Collected, tok: &TextTokenizer) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut offset = 0;
+    for (i, &id) in r.ids.iter().enumerate() {
+        let t = token_text(tok, id);
+        out.text_offset.push(offset);
+        offset += t.len();
+        out.tokens.push(t);
+        out.token_logprobs.push(r.logprobs[i]);
+        out.top_logprobs.push(top_map(tok, &r.top_logprobs[i]));
+    }
+    out
+}
+
+fn chat_logprobs(r: &Collected, tok: &TextTokenizer) -> ChatLogprobs {
+    ChatLogprobs {
+        content: r
+            .ids
+            .iter()
+            .zip(&r.logprobs)
+            .zip(&r.top_logprobs)
+            .map(|((&id, &lp), top)| chat_token(tok, id, lp, top))
+            .collect(),
+    }
+}
+
+fn token_text(tok: &TextTokenizer, id: u32) -> String {
+    tok.decode(&[id]).unwrap_or_default()
+}
+
+fn top_map(tok: &TextTokenizer, top: &[(u32, f32)]) -> Map<String, Value> {
+    top.iter().map(|&(id, lp)| (token_text(tok, id), Value::from(lp))).collect()
+}
+
+fn chat_token(tok: &TextTokenizer, id: u32, lp: f32, top: &[(u32, f32)]) -> ChatTokenLogprob {
+    let token = token_text(tok, id);
+    ChatTokenLogprob {
+        bytes: token.as_bytes().to_vec(),
+        token,
+        logprob: lp,
+        top_logprobs: top
+            .iter()
+            .map(|&(id, lp)| {
+                let token = token_text(tok, id);
+                TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob: lp }
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_counts_each_prompt_once_and_every_choice() {
+        let shape = ResponseShape {
+            endpoint: Endpoint::Completion,
+            model: "m".into(),
+            adapters: vec![],
+            stream: false,
+            include_usage: false,
+            n: 3,
+            prompt_lens: vec![5, 7],
+            echo: None,
+            logprobs: false,
+        };
+        let u = shape.usage([1, 2, 3, 4, 5, 6]);
+        assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens), (12, 21, 33));
+    }
+}
