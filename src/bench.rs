@@ -380,6 +380,7 @@ fn make_adapters(dir: &std::path::Path, args: &BenchArgs) -> anyhow::Result<()> 
         ..DecoderConfig::tiny()
     };
     let dev = candle_core::Device::Cpu;
+    let config = crate::adapters::synth::random_config(8, &["q_proj", "v_proj"])?;
     for i in 0..args.adapter_count {
         let name = format!("{}{i}", args.adapter_prefix);
         let a = crate::adapters::synth::random_adapter(
@@ -393,7 +394,7 @@ fn make_adapters(dir: &std::path::Path, args: &BenchArgs) -> anyhow::Result<()> 
         let weights: Vec<_> = ModuleId::all(cfg.num_layers)
             .filter_map(|id| a.module(id).map(|w| (id, w.a.clone(), w.b.clone())))
             .collect();
-        save_adapter(&dir.join(&name), &a.config, &weights)?;
+        save_adapter(&dir.join(&name), &config, &weights)?;
     }
     println!("wrote {} adapters to {}", args.adapter_count, dir.display());
     Ok(())

@@ -1,9 +1,10 @@
 //! Command-line arguments (clap) and the commands behind them.
 
-use crate::adapters::{load_adapter, AdapterMix, MixEntry};
+use crate::adapters::load_adapter;
 use crate::engine::{LoraPath, Request};
 use crate::generate::generate;
 use crate::model::load::{load_model, DEFAULT_MODEL};
+use crate::model::lora::{AdapterMix, MixEntry};
 use crate::model::sampling::{Penalties, SamplingParams};
 use crate::model::tokenizer::ChatMessage;
 use crate::model::{parse_device, WeightFormat};

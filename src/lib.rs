@@ -2,12 +2,13 @@
 //!
 //! # One request, handler to kernels
 //!
-//! A streamed completion passes through: `api` (routes) → `api::guard` (origins, hosts) →
-//! `api::body` (content type, size, timeout, JSON) → `api::handlers` → `api::validate` (the
-//! typed `ValidRequest`) → `engine::worker` (the engine thread) → `engine::scheduler` (the step's
-//! plan) → `engine::batcher` (one ragged step) → `model::decoder` + `model::attention` → `model::linear` + `model::lora` (the
-//! LoRA-aware linear and the step's deltas) → `kernels::matmul` / `kernels::fused` →
-//! `engine::sequence` (its token) → `api::stream` + `api::response` (SSE chunks).
+//! From the handler to the kernels, a completion passes through 11 files:
+//! `api::handlers` → `api::validate` (the typed `ValidRequest`) → `engine::worker` (the engine
+//! thread) → `engine::scheduler` (the step's plan) → `engine::batcher` (one ragged step) →
+//! `model::decoder` → `model::attention` → `model::linear` (the LoRA-aware linear) →
+//! `model::lora::step` (the step's deltas) → `kernels::matmul` and `kernels::fused`. Before the
+//! handler it passes `api` (routes), `api::guard` (origins, hosts) and `api::body` (the JSON
+//! body); its tokens come back through `engine::sequence` and `api::stream` + `api::response`.
 //!
 //! # Every module
 //!
@@ -40,12 +41,13 @@
 //!   - `engine::sequence`: one sequence's life, sampling, stop conditions, streamed text.
 //!   - `engine::kv_pool`: the block budget and the prefix cache keyed by tokens and mix.
 //!   - `engine::fault`: typed per-sequence failures and the test-only fault injection.
-//! - [`adapters`]: PEFT adapter folders and what is built from them.
+//! - [`adapters`]: PEFT adapter folders: reading, checking, writing, the registry, named mixes
+//!   (it builds `model::lora` types; `model` never depends on it).
 //!   - `adapters::config`: `adapter_config.json` → [`adapters::PeftConfig`] (unsupported
 //!     fields refused by name; numbers checked as f32).
 //!   - `adapters::header`: the safetensors header check before any weight is read.
-//!   - `adapters::loader`: a folder → an immutable [`adapters::LoraAdapter`], checked against
-//!     the base model.
+//!   - `adapters::loader`: a folder → an immutable [`model::lora::LoraAdapter`], checked
+//!     against the base model.
 //!   - `adapters::registry`: name → adapter for every folder of the root: versions, lazy
 //!     loads, LRU within a byte budget, failed folders with their errors.
 //!   - `adapters::watcher`: filesystem events and rescans keep the registry in sync.
@@ -66,7 +68,10 @@
 //!   - `model::fixtures`: tiny random models and reference copies for tests and benches.
 //!   - `model::linear`: the one LoRA-aware linear over dense, candle-quantized or packed
 //!     weights.
-//!   - `model::lora`: one step's LoRA deltas: batched fast paths and the per-row reference.
+//!   - `model::lora`: LoRA as the model computes it, in one place: `model::lora::weights` (a
+//!     loaded adapter's `A`, `B` and scalings), `model::lora::mix` (a request's mix and its
+//!     `c_i = s_i · alpha_i / r_i` terms), `model::lora::step` (one step's operands: batched fast
+//!     paths and the per-row reference).
 //!   - `model::ops`: the ops between matmuls, fused on the CPU or composed in candle.
 //!   - `model::kv_cache`: paged per-sequence KV caches (16-token blocks, shared read-only).
 //!   - `model::sampling`: greedy and seeded sampling, penalties, log-probabilities.

@@ -363,7 +363,8 @@ fn write_synthetic(root: &std::path::Path, name: &str, seed: u64, a_factor: f64)
     let weights: Vec<_> = loraplex::model::ModuleId::all(m.model.cfg.num_layers)
         .filter_map(|id| a.module(id).map(|w| (id, (&w.a * a_factor).unwrap(), w.b.clone())))
         .collect();
-    loraplex::adapters::writer::save_adapter(&root.join(name), &a.config, &weights).unwrap();
+    let config = loraplex::adapters::synth::random_config(8, &["q_proj", "v_proj"]).unwrap();
+    loraplex::adapters::writer::save_adapter(&root.join(name), &config, &weights).unwrap();
 }
 
 /// Streams `body` to `port` and returns the status and the SSE (or JSON) text.

@@ -155,3 +155,18 @@ fn no_lint_about_long_argument_lists_is_silenced() {
         .collect();
     assert!(bad.is_empty(), "`{lint}` allowed in {bad:?}: pass a struct instead");
 }
+
+/// `model` (the base model and LoRA as it computes) never reaches into `adapters` (PEFT files,
+/// the registry): the dependency runs one way, from the files to the model.
+#[test]
+fn the_model_does_not_depend_on_the_adapters_module() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src/model"), &mut files);
+    let bad: Vec<_> = files
+        .iter()
+        .filter(|f| std::fs::read_to_string(f).unwrap().contains("crate::adapters"))
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(bad.is_empty(), "model files that use `crate::adapters`: {bad:?}");
+}

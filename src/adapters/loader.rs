@@ -99,7 +99,8 @@ pub fn load_adapter(
     Ok(LoraAdapter {
         name: name.to_string(),
         path: dir.to_path_buf(),
-        config,
+        rank: config.r,
+        alpha: config.lora_alpha,
         modules,
         size_bytes,
         version: 0,

@@ -1,8 +1,7 @@
-//! LoRA adapters in the Hugging Face PEFT format: config parsing and validation, loading the
-//! safetensors weights checked against the base model, and per-request adapter mixes.
-//!
-//! Invariant: a [`LoraAdapter`] is immutable once loaded and shared through `Arc`; a reload
-//! produces a new value, so a request holding the old `Arc` never sees weights change.
+//! LoRA adapters in the Hugging Face PEFT format, as files: config parsing and validation,
+//! loading the safetensors weights checked against the base model, writing PEFT folders and
+//! llama.cpp's GGUF LoRA, the hot-loading registry and named mixes. What the model computes with
+//! (the weights, mixes, a step's operands) is `model::lora`'s; its types are re-exported here.
 
 pub mod config;
 pub mod gguf_lora;
@@ -17,10 +16,7 @@ pub mod writer;
 pub use config::PeftConfig;
 pub use loader::load_adapter;
 
-use crate::model::ModuleId;
-use candle_core::Tensor;
-use std::path::PathBuf;
-use std::sync::Arc;
+pub use crate::model::lora::{AdapterMix, HostLoraWeights, LoraAdapter, LoraWeights, MixEntry};
 
 /// Errors from reading or validating a PEFT adapter folder.
 #[derive(Debug, thiserror::Error)]
@@ -35,151 +31,4 @@ pub enum AdapterError {
     Weights(String),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
-}
-
-/// `A` and `B` of one adapted module, in f32 on the model's device, with the scaling
-/// `alpha / r` (or `alpha / sqrt(r)` for rsLoRA) resolved for this module.
-#[derive(Debug, Clone)]
-pub struct LoraWeights {
-    /// `(r, in)`.
-    pub a: Tensor,
-    /// `(out, r)`.
-    pub b: Tensor,
-    /// `Aᵀ` `(in, r)` and `Bᵀ` `(r, out)`, contiguous: what the stacked path stacks. Kept only
-    /// where there is no host copy (a device, or trainable weights); read them through
-    /// [`LoraWeights::transposes`].
-    stacked: Option<(Tensor, Tensor)>,
-    pub rank: usize,
-    pub alpha: f64,
-    pub scaling: f64,
-    /// On the CPU: `A` `(r, in)` and `Bᵀ` `(r, out)` as plain shared slices, which the fused
-    /// host LoRA kernel reads with no tensor locks (a batch composition only clones the `Arc`s).
-    pub host: Option<HostLoraWeights>,
-}
-
-/// Host copies of one module's `A` and `Bᵀ`, row-major f32.
-#[derive(Debug, Clone)]
-pub struct HostLoraWeights {
-    pub a: Arc<[f32]>,
-    pub b_t: Arc<[f32]>,
-}
-
-impl LoraWeights {
-    pub fn new(a: Tensor, b: Tensor, alpha: f64, use_rslora: bool) -> candle_core::Result<Self> {
-        let rank = a.dim(0)?;
-        let scaling = if use_rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
-        let b_t = b.t()?.contiguous()?;
-        let (host, stacked) =
-            if a.device().is_cpu() && a.dtype() == candle_core::DType::F32 && !a.is_variable() {
-                (
-                    Some(HostLoraWeights {
-                        a: a.flatten_all()?.to_vec1::<f32>()?.into(),
-                        b_t: b_t.flatten_all()?.to_vec1::<f32>()?.into(),
-                    }),
-                    None,
-                )
-            } else {
-                (None, Some((a.t()?.contiguous()?, b_t)))
-            };
-        Ok(Self { a, b, stacked, rank, alpha, scaling, host })
-    }
-
-    /// `(Aᵀ, Bᵀ)`, contiguous; computed on demand when only the host copy is kept (the stacked
-    /// path then serves only as the reference).
-    pub fn transposes(&self) -> candle_core::Result<(Tensor, Tensor)> {
-        match &self.stacked {
-            Some(t) => Ok(t.clone()),
-            None => Ok((self.a.t()?.contiguous()?, self.b.t()?.contiguous()?)),
-        }
-    }
-
-    /// `(in, out)` of the adapted projection.
-    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
-        Ok((self.a.dim(1)?, self.b.dim(0)?))
-    }
-
-    /// Bytes this module keeps resident: `A`, `B`, and either their transposes or the host copies.
-    pub fn resident_bytes(&self) -> usize {
-        let host = self.host.as_ref().map_or(0, |h| h.a.len() + h.b_t.len());
-        let stacked =
-            self.stacked.as_ref().map_or(0, |(a_t, b_t)| a_t.elem_count() + b_t.elem_count());
-        (self.a.elem_count() + self.b.elem_count() + stacked + host) * 4
-    }
-}
-
-/// A loaded adapter: per-module weights, indexed by [`ModuleId::index`].
-#[derive(Debug)]
-pub struct LoraAdapter {
-    pub name: String,
-    pub path: PathBuf,
-    pub config: PeftConfig,
-    pub modules: Vec<Option<LoraWeights>>,
-    /// Bytes this adapter keeps resident ([`LoraWeights::resident_bytes`]): what the budget counts.
-    pub size_bytes: usize,
-    /// Set by the registry: bumped each time the folder changes (0 outside a registry).
-    pub version: u64,
-}
-
-impl LoraAdapter {
-    pub fn module(&self, id: ModuleId) -> Option<&LoraWeights> {
-        self.modules.get(id.index()).and_then(Option::as_ref)
-    }
-
-    /// Distinct projection names this adapter changes, e.g. `["q_proj", "v_proj"]`.
-    pub fn target_names(&self) -> Vec<&'static str> {
-        let layers = self.modules.len() / crate::model::Target::ALL.len();
-        crate::model::Target::ALL
-            .into_iter()
-            .filter(|&target| {
-                (0..layers).any(|layer| self.module(ModuleId { layer, target }).is_some())
-            })
-            .map(|t| t.name())
-            .collect()
-    }
-}
-
-/// One adapter of a mix with the request's scale `s_i`.
-#[derive(Debug, Clone)]
-pub struct MixEntry {
-    pub adapter: Arc<LoraAdapter>,
-    pub scale: f64,
-}
-
-/// The adapters a request applies, each with its own scale. Empty = the base model.
-#[derive(Debug, Clone, Default)]
-pub struct AdapterMix {
-    pub entries: Vec<MixEntry>,
-}
-
-impl AdapterMix {
-    pub fn new(entries: Vec<MixEntry>) -> Self {
-        Self { entries }
-    }
-
-    pub fn single(adapter: Arc<LoraAdapter>, scale: f64) -> Self {
-        Self { entries: vec![MixEntry { adapter, scale }] }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The same adapters (by identity, not by name) with the same scales.
-    pub fn same_as(&self, other: &AdapterMix) -> bool {
-        self.entries.len() == other.entries.len()
-            && self
-                .entries
-                .iter()
-                .zip(&other.entries)
-                .all(|(a, b)| Arc::ptr_eq(&a.adapter, &b.adapter) && a.scale == b.scale)
-    }
-
-    /// The `(weights, c_i)` terms that touch `id`, with `c_i = s_i · scaling_i`. Zero-scale
-    /// entries are skipped, so a zero scale leaves the base output bit-for-bit unchanged.
-    pub fn terms(&self, id: ModuleId) -> impl Iterator<Item = (&LoraWeights, f64)> {
-        self.entries
-            .iter()
-            .filter(|e| e.scale != 0.0)
-            .filter_map(move |e| e.adapter.module(id).map(|w| (w, e.scale * w.scaling)))
-    }
 }

@@ -133,8 +133,8 @@ impl Entry {
     /// Records what a successful load or validation learned about the folder's adapter.
     fn describe(&mut self, a: &LoraAdapter) {
         self.error = None;
-        self.rank = Some(a.config.r);
-        self.alpha = Some(a.config.lora_alpha);
+        self.rank = Some(a.rank);
+        self.alpha = Some(a.alpha);
         self.targets = a.target_names().into_iter().map(str::to_string).collect();
         self.size_bytes = Some(a.size_bytes);
     }

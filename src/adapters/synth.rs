@@ -6,6 +6,13 @@ use crate::model::random::RandomSource;
 use crate::model::{DecoderConfig, ModuleId};
 use candle_core::Device;
 
+/// The PEFT config of [`random_adapter`]'s adapters: rank `r`, `lora_alpha = 2r`, on `targets`
+/// (what writing one as a PEFT folder needs).
+pub fn random_config(r: usize, targets: &[&str]) -> Result<PeftConfig, AdapterError> {
+    let json = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": targets});
+    PeftConfig::from_json(&json.to_string())
+}
+
 /// A rank-`r` adapter on `targets` (e.g. `["q_proj", "v_proj"]`) with non-zero random A and B.
 pub fn random_adapter(
     name: &str,
@@ -15,8 +22,7 @@ pub fn random_adapter(
     seed: u64,
     device: &Device,
 ) -> Result<LoraAdapter, AdapterError> {
-    let json = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": targets});
-    let config = PeftConfig::from_json(&json.to_string())?;
+    let config = random_config(r, targets)?;
     let mut src = RandomSource::new(cfg.clone(), seed, device.clone());
     let mut modules = vec![None; ModuleId::count(cfg.num_layers)];
     for id in ModuleId::all(cfg.num_layers).filter(|id| config.targets(*id)) {
@@ -30,7 +36,8 @@ pub fn random_adapter(
     Ok(LoraAdapter {
         name: name.to_string(),
         path: Default::default(),
-        config,
+        rank: config.r,
+        alpha: config.lora_alpha,
         modules,
         size_bytes,
         version: 0,

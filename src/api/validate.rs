@@ -11,9 +11,9 @@ use super::openai::{
     StringOrList,
 };
 use super::response::{Endpoint, ResponseShape};
-use crate::adapters::{AdapterMix, MixEntry};
 use crate::config::Limits;
 use crate::engine::Request;
+use crate::model::lora::{AdapterMix, MixEntry};
 use crate::model::sampling::{Penalties, SamplingParams};
 use crate::model::tokenizer::ChatMessage;
 use serde_json::{Map, Value};

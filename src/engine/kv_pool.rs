@@ -8,8 +8,8 @@
 //! sequence and are evicted least-recently-used when an allocation needs room, but only while
 //! no sequence holds them.
 
-use crate::adapters::{AdapterMix, LoraAdapter};
 use crate::model::kv_cache::{KvBlock, Lease, SeqCache, BLOCK_TOKENS};
+use crate::model::lora::{AdapterMix, LoraAdapter};
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};

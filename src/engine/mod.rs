@@ -16,7 +16,7 @@ pub use batcher::{Batcher, LoraPath};
 pub use fault::{FaultInjection, FaultKind, SequenceError};
 pub use worker::{Engine, EngineStats};
 
-use crate::adapters::AdapterMix;
+use crate::model::lora::AdapterMix;
 use crate::model::sampling::{Penalties, SamplingParams};
 use serde::Serialize;
 

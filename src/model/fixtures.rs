@@ -3,9 +3,9 @@
 //! checked against, and a decoder switched to another execution mode. Nothing here serves.
 
 use super::config::{Activation, Arch, RopeScaling};
+use super::lora::AdapterMix;
 use super::ops::Exec;
 use super::{BaseWeight, Decoder, DecoderConfig, Result, WeightFormat};
-use crate::adapters::AdapterMix;
 use candle_core::{DType, Device};
 
 impl Decoder {

@@ -4,12 +4,12 @@
 use super::metrics::score;
 use super::params::LoraParams;
 use super::squad::{self, QaExample};
-use crate::adapters::AdapterMix;
 use crate::engine::kv_pool::KvPool;
 use crate::engine::Batcher;
 use crate::engine::{LoraPath, Request};
 use crate::generate::run_all;
 use crate::model::kv_cache::blocks_for;
+use crate::model::lora::AdapterMix;
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::Decoder;
 use serde::Serialize;

@@ -2,7 +2,8 @@
 //! (zeros) per targeted module, as candle `Var`s; views of them as a [`LoraAdapter`] for the
 //! model's forward; and their PEFT-named export.
 
-use crate::adapters::{AdapterError, LoraAdapter, LoraWeights, PeftConfig};
+use crate::adapters::{AdapterError, PeftConfig};
+use crate::model::lora::{LoraAdapter, LoraWeights};
 use crate::model::{DecoderConfig, ModuleId};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -78,7 +79,8 @@ impl LoraParams {
         Ok(LoraAdapter {
             name: name.into(),
             path: Default::default(),
-            config: self.config.clone(),
+            rank: self.config.r,
+            alpha: self.config.lora_alpha,
             modules,
             size_bytes,
             version: 0,

@@ -4,9 +4,9 @@
 //! adapters stacked per sequence once per batch composition and two batched matmuls per
 //! module) and a plain per-row reference path.
 
-use super::ops::HostF32;
-use super::{ModuleId, Result};
-use crate::adapters::AdapterMix;
+use super::super::ops::HostF32;
+use super::super::{ModuleId, Result};
+use super::mix::AdapterMix;
 use crate::kernels::fused::{lora_batch, LoraRun, LoraTerm};
 use crate::kernels::Pool;
 use candle_core::{DType, Device, Tensor, D};
@@ -44,7 +44,7 @@ struct HostLora {
 
 #[derive(Debug, Clone)]
 struct HostTerm {
-    weights: crate::adapters::HostLoraWeights,
+    weights: super::weights::HostLoraWeights,
     rank: usize,
     coef: f32,
 }
@@ -126,13 +126,13 @@ impl StepLora {
                     let mut y = vec![0f32; n * m.fan_out];
                     let xs = x.contiguous()?;
                     let Some(xh) = HostF32::of(&xs) else {
-                        return Err(super::ModelError::Generation(
+                        return Err(super::super::ModelError::Generation(
                             "host LoRA operands with a non-host input; this is a bug".into(),
                         ));
                     };
                     // The caller has no pool here: run on this thread (a 1-thread pool spawns none).
                     m.add_into(xh.slice(), seq_lens, &mut y, &Pool::new(1));
-                    Ok(Some(super::ops::host_tensor(y, (n, m.fan_out))?))
+                    Ok(Some(super::super::ops::host_tensor(y, (n, m.fan_out))?))
                 }
                 None => Ok(None),
             },
@@ -234,7 +234,7 @@ impl HostLora {
 impl StackedLora {
     fn build(id: ModuleId, mixes: &[&AdapterMix], device: &Device) -> Result<Option<Self>> {
         let terms: Vec<Vec<_>> = mixes.iter().map(|m| m.terms(id).collect()).collect();
-        let rank_of = |ts: &Vec<(&crate::adapters::LoraWeights, f64)>| {
+        let rank_of = |ts: &Vec<(&super::weights::LoraWeights, f64)>| {
             ts.iter().map(|(w, _)| w.rank).sum::<usize>()
         };
         let max_rank = terms.iter().map(rank_of).max().unwrap_or(0);
