@@ -65,6 +65,8 @@
 //!     causal / windowed / ALiBi attention), fused or composed.
 //!   - `model::weights`: the loader trait every weight format implements and the conversions
 //!     into base weights (dense, candle-quantized, packed).
+//!   - `model::names`: every tensor-name table (Hugging Face, GGUF, PEFT module paths) per
+//!     architecture, one `Role` per weight, in the spirit of llama.cpp's `llama-arch.cpp`.
 //!   - `model::fixtures`: tiny random models and reference copies for tests and benches.
 //!   - `model::linear`: the one LoRA-aware linear over dense, candle-quantized or packed
 //!     weights.

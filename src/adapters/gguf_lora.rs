@@ -34,7 +34,7 @@ pub fn write_gguf_lora(
         let Some(w) = adapter.module(id) else { continue };
         let b = (w.b.to_device(&Device::Cpu)? * w.scaling)?;
         let b = match id.target {
-            Target::Q | Target::K => {
+            Target::Q | Target::K if cfg.arch.gguf_qk_interleaved => {
                 let rows = b.dim(0)?;
                 let order: Vec<u32> =
                     (0..rows).map(|g| hf_row_of_gguf_row(g, cfg.head_dim) as u32).collect();
@@ -42,7 +42,7 @@ pub fn write_gguf_lora(
             }
             _ => b,
         };
-        let name = crate::model::gguf::tensor_name(id);
+        let name = crate::model::names::gguf_projection(id, "weight");
         tensors.push((
             format!("{name}.lora_a"),
             QTensor::quantize(&w.a.to_device(&Device::Cpu)?.contiguous()?, GgmlDType::F32)?,

@@ -37,6 +37,11 @@ pub struct Arch {
     /// does: the model splits the weights into its seven projections, and a PEFT adapter on a
     /// combined module is split the same way.
     pub combined_modules: bool,
+    /// Norms scale by `1 + w` (Gemma: a Hugging Face checkpoint stores `w`, a GGUF `1 + w`).
+    pub norm_plus_one: bool,
+    /// llama.cpp's converter interleaves the two rotary halves of every Q/K head's rows in the
+    /// GGUF (it does for the Llama family only: Qwen's rope pairs the halves as Hugging Face).
+    pub gguf_qk_interleaved: bool,
     /// Norms on the attention and MLP outputs before their residual adds (Gemma 3's
     /// `post_attention_layernorm` / `post_feedforward_layernorm`).
     pub sandwich_norms: bool,
@@ -99,6 +104,7 @@ impl Arch {
             name: "bloom".into(),
             biased: super::Target::ALL.to_vec(),
             combined_modules: true,
+            gguf_qk_interleaved: false,
             activation: Activation::GeluTanh,
             norm: NormKind::Layer,
             embed_norm: true,
@@ -143,6 +149,8 @@ impl Arch {
             biased: Vec::new(),
             qk_norm: false,
             combined_modules: false,
+            norm_plus_one: false,
+            gguf_qk_interleaved: true,
             sandwich_norms: false,
             embed_scale: false,
             activation: Activation::Silu,
@@ -234,7 +242,7 @@ impl DecoderConfig {
             self.head_dim,
         );
         let out = self.proj_dims(id.target).1;
-        let l = id.layer;
+        let path = super::names::module_path(&self.arch, id);
         if self.arch.naming == Naming::Bloom {
             // One `query_key_value` whose rows are grouped per head: `[h][q, k, v][head_dim]`.
             let part = |which: usize| {
@@ -242,34 +250,28 @@ impl DecoderConfig {
                     .flat_map(|h| (3 * h + which) * hd..(3 * h + which + 1) * hd)
                     .collect()
             };
-            let module = |name: &str, rows: Vec<usize>, out: usize| StoredModule {
-                path: format!("transformer.h.{l}.{name}"),
-                rows,
-                out,
-            };
+            let module =
+                |rows: Vec<usize>, out: usize| StoredModule { path: path.clone(), rows, out };
             return match id.target {
-                Q => module("self_attention.query_key_value", part(0), 3 * q),
-                K => module("self_attention.query_key_value", part(1), 3 * q),
-                V => module("self_attention.query_key_value", part(2), 3 * q),
-                O => module("self_attention.dense", (0..out).collect(), out),
-                Up => module("mlp.dense_h_to_4h", (0..out).collect(), out),
-                Down => module("mlp.dense_4h_to_h", (0..out).collect(), out),
-                // No such module: a path no selector can name.
-                Gate => module("mlp.<no gate>", Vec::new(), 0),
+                Q => module(part(0), 3 * q),
+                K => module(part(1), 3 * q),
+                V => module(part(2), 3 * q),
+                O | Up | Down => module((0..out).collect(), out),
+                Gate => module(Vec::new(), 0),
             };
         }
-        let combined = |name: &str, rows: std::ops::Range<usize>, out: usize| StoredModule {
-            path: format!("model.layers.{l}.{}.{name}", id.target.parent()),
+        let combined = |rows: std::ops::Range<usize>, out: usize| StoredModule {
+            path: path.clone(),
             rows: rows.collect(),
             out,
         };
         match id.target {
-            Q if self.arch.combined_modules => combined("qkv_proj", 0..q, q + 2 * kv),
-            K if self.arch.combined_modules => combined("qkv_proj", q..q + kv, q + 2 * kv),
-            V if self.arch.combined_modules => combined("qkv_proj", q + kv..q + 2 * kv, q + 2 * kv),
-            Gate if self.arch.combined_modules => combined("gate_up_proj", 0..ff, 2 * ff),
-            Up if self.arch.combined_modules => combined("gate_up_proj", ff..2 * ff, 2 * ff),
-            _ => StoredModule { path: id.to_string(), rows: (0..out).collect(), out },
+            Q if self.arch.combined_modules => combined(0..q, q + 2 * kv),
+            K if self.arch.combined_modules => combined(q..q + kv, q + 2 * kv),
+            V if self.arch.combined_modules => combined(q + kv..q + 2 * kv, q + 2 * kv),
+            Gate if self.arch.combined_modules => combined(0..ff, 2 * ff),
+            Up if self.arch.combined_modules => combined(ff..2 * ff, 2 * ff),
+            _ => StoredModule { path, rows: (0..out).collect(), out },
         }
     }
 

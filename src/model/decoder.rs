@@ -8,6 +8,7 @@
 use super::kv_cache::SeqCache;
 use super::linear::{BaseWeight, LoraLinear, Pass};
 use super::lora::StepLora;
+use super::names::Role;
 use super::ops::{Exec, Kernels};
 use super::weights::WeightSource;
 use super::{DecoderConfig, ModuleId, Result, Target, WeightFormat};
@@ -41,18 +42,18 @@ impl Block {
     }
 }
 
-/// A norm by its Hugging Face weight name, with its bias where the architecture's norms have one.
+/// A hidden-size norm, with its bias where the architecture's norms have one.
 fn load_norm(
     src: &mut dyn WeightSource,
     cfg: &DecoderConfig,
-    name: &str,
+    role: Role,
     dtype: DType,
 ) -> Result<Norm> {
     let len = cfg.hidden_size;
-    let w = src.norm(name, len)?.to_dtype(dtype)?;
+    let w = src.norm(role, len)?.to_dtype(dtype)?;
     let b = match cfg.arch.norm {
         super::config::NormKind::Rms => None,
-        super::config::NormKind::Layer => Some(src.norm_bias(name, len)?.to_dtype(dtype)?),
+        super::config::NormKind::Layer => Some(src.norm_bias(role, len)?.to_dtype(dtype)?),
     };
     Ok(Norm { w, b })
 }
@@ -138,39 +139,28 @@ impl Decoder {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let qk_norm = if cfg.arch.qk_norm {
-                let norm = |src: &mut dyn WeightSource, p: &str| -> Result<Norm> {
-                    Ok(Norm {
-                        w: src
-                            .norm(
-                                &format!("model.layers.{layer}.self_attn.{p}.weight"),
-                                cfg.head_dim,
-                            )?
-                            .to_dtype(dtype)?,
-                        b: None,
-                    })
+                let norm = |src: &mut dyn WeightSource, role: Role| -> Result<Norm> {
+                    Ok(Norm { w: src.norm(role, cfg.head_dim)?.to_dtype(dtype)?, b: None })
                 };
-                Some((norm(src, "q_norm")?, norm(src, "k_norm")?))
+                Some((norm(src, Role::QNorm(layer))?, norm(src, Role::KNorm(layer))?))
             } else {
                 None
             };
-            let norm = |src: &mut dyn WeightSource, name: &str| {
-                load_norm(src, &cfg, &format!("model.layers.{layer}.{name}.weight"), dtype)
-            };
-            let attn_norm = norm(src, "input_layernorm")?;
-            // Gemma's `post_attention_layernorm` normalises the attention output; Llama's is
-            // the MLP's input norm, which Gemma calls `pre_feedforward_layernorm`.
-            let (mlp_norm, out_norms) = if cfg.arch.sandwich_norms {
-                let attn_out = norm(src, "post_attention_layernorm")?;
-                let mlp_in = norm(src, "pre_feedforward_layernorm")?;
-                (mlp_in, Some((attn_out, norm(src, "post_feedforward_layernorm")?)))
-            } else {
-                (norm(src, "post_attention_layernorm")?, None)
+            let norm = |src: &mut dyn WeightSource, role: Role| load_norm(src, &cfg, role, dtype);
+            let attn_norm = norm(src, Role::AttnNorm(layer))?;
+            let mlp_norm = norm(src, Role::MlpNorm(layer))?;
+            let out_norms = match cfg.arch.sandwich_norms {
+                true => Some((
+                    norm(src, Role::AttnOutNorm(layer))?,
+                    norm(src, Role::MlpOutNorm(layer))?,
+                )),
+                false => None,
             };
             blocks.push(Block { attn_norm, mlp_norm, out_norms, proj, qk_norm });
         }
-        let norm = load_norm(src, &cfg, "model.norm.weight", dtype)?;
+        let norm = load_norm(src, &cfg, Role::FinalNorm, dtype)?;
         let embed_norm = if cfg.arch.embed_norm {
-            Some(load_norm(src, &cfg, "model.embed_norm.weight", dtype)?)
+            Some(load_norm(src, &cfg, Role::EmbedNorm, dtype)?)
         } else {
             None
         };

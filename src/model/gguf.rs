@@ -3,6 +3,7 @@
 //! order so that PEFT adapters apply unchanged.
 
 use super::linear::BaseWeight;
+use super::names::{self, bias_of, Role};
 use super::weights::{dense_to_base, packed_from_qtensor, packed_rows_from_qtensor, WeightSource};
 use super::{DecoderConfig, ModelError, ModuleId, Result, Target, WeightFormat};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -137,7 +138,7 @@ pub fn config_from_metadata(c: &Content) -> Result<DecoderConfig> {
         rope_theta: get("rope.freq_base").map_or(Ok(10_000.0), |v| v.to_f32())? as f64,
         rope_scaling: super::RopeScaling::None,
         max_position_embeddings: get("context_length").map_or(Ok(4096), |v| v.to_u32())? as usize,
-        tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
+        tie_word_embeddings: !c.tensor_infos.contains_key(&Role::LmHead.gguf()),
         arch: arch_from_metadata(c, &arch, num_layers)?,
     })
 }
@@ -151,11 +152,10 @@ fn arch_from_metadata(c: &Content, arch: &str, num_layers: usize) -> Result<supe
         name: arch.to_string(),
         biased: Target::ALL
             .into_iter()
-            .filter(|&t| {
-                has(&tensor_name(ModuleId { layer: 0, target: t }).replace(".weight", ".bias"))
-            })
+            .filter(|&t| has(&names::gguf_projection(ModuleId { layer: 0, target: t }, "bias")))
             .collect(),
-        qk_norm: has("blk.0.attn_q_norm.weight"),
+        qk_norm: has(&Role::QNorm(0).gguf()),
+        gguf_qk_interleaved: matches!(arch, "llama" | "mistral"),
         ..super::config::Arch::llama()
     };
     if arch == "bloom" {
@@ -189,6 +189,7 @@ fn arch_from_metadata(c: &Content, arch: &str, num_layers: usize) -> Result<supe
             }
         }
         a.sandwich_norms = true;
+        a.norm_plus_one = true;
         a.embed_scale = true;
         a.activation = super::config::Activation::GeluTanh;
         a.query_pre_attn_scalar = Some(256.0);
@@ -197,20 +198,6 @@ fn arch_from_metadata(c: &Content, arch: &str, num_layers: usize) -> Result<supe
         a.local_rope_theta = Some(10_000.0);
     }
     Ok(a)
-}
-
-/// The GGUF (llama.cpp) tensor name of a projection's weight.
-pub fn tensor_name(id: ModuleId) -> String {
-    let t = match id.target {
-        Target::Q => "attn_q",
-        Target::K => "attn_k",
-        Target::V => "attn_v",
-        Target::O => "attn_output",
-        Target::Gate => "ffn_gate",
-        Target::Up => "ffn_up",
-        Target::Down => "ffn_down",
-    };
-    format!("blk.{}.{t}.weight", id.layer)
 }
 
 /// Hugging Face row `r` of a Q/K weight comes from GGUF row `unpermute_src(r)`: llama.cpp
@@ -238,31 +225,6 @@ fn gather_quantized_rows(q: &QTensor, rows: &[usize]) -> Result<QTensor> {
 }
 
 impl GgufSource {
-    /// The GGUF name of a norm weight given by its Hugging Face name. Gemma's GGUF norms already
-    /// hold (1 + w); its `post_attention_layernorm` is the attention output's norm, where
-    /// Llama's is the MLP input's (`ffn_norm`).
-    fn norm_name(&self, name: &str) -> String {
-        let sandwich = self.cfg.arch.sandwich_norms;
-        match name {
-            "model.norm.weight" => "output_norm.weight".to_string(),
-            "model.embed_norm.weight" => "token_embd_norm.weight".to_string(),
-            n if sandwich => n
-                .replace("model.layers.", "blk.")
-                .replace(".input_layernorm.", ".attn_norm.")
-                .replace(".post_attention_layernorm.", ".post_attention_norm.")
-                .replace(".pre_feedforward_layernorm.", ".ffn_norm.")
-                .replace(".post_feedforward_layernorm.", ".post_ffw_norm.")
-                .replace(".self_attn.q_norm.", ".attn_q_norm.")
-                .replace(".self_attn.k_norm.", ".attn_k_norm."),
-            n => n
-                .replace("model.layers.", "blk.")
-                .replace(".input_layernorm.", ".attn_norm.")
-                .replace(".post_attention_layernorm.", ".ffn_norm.")
-                .replace(".self_attn.q_norm.", ".attn_q_norm.")
-                .replace(".self_attn.k_norm.", ".attn_k_norm."),
-        }
-    }
-
     /// A 1-D f32 tensor of `len` values.
     fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
         let w = self.dense(name)?.to_dtype(DType::F32)?;
@@ -285,20 +247,20 @@ impl GgufSource {
             // `[q | k | v]` blocks (bias likewise).
             let q = self.cfg.num_heads * self.cfg.head_dim;
             let part = |i: usize| (i * q..(i + 1) * q).collect();
-            let qkv = format!("blk.{}.attn_qkv.weight", id.layer);
+            let qkv = names::gguf_qkv(id.layer, "weight");
             return match id.target {
                 Target::Q => (qkv, part(0)),
                 Target::K => (qkv, part(1)),
                 Target::V => (qkv, part(2)),
-                _ => (tensor_name(id), (0..out).collect()),
+                _ => (names::gguf_projection(id, "weight"), (0..out).collect()),
             };
         }
         if self.cfg.arch.combined_modules {
             let m = self.cfg.stored_module(id);
             let name = match id.target {
-                Target::Q | Target::K | Target::V => format!("blk.{}.attn_qkv.weight", id.layer),
-                Target::Gate | Target::Up => format!("blk.{}.ffn_up.weight", id.layer),
-                _ => tensor_name(id),
+                Target::Q | Target::K | Target::V => names::gguf_qkv(id.layer, "weight"),
+                Target::Gate | Target::Up => names::gguf_gate_up(id.layer),
+                _ => names::gguf_projection(id, "weight"),
             };
             return (name, m.rows);
         }
@@ -306,13 +268,13 @@ impl GgufSource {
             Some(h) => (0..out).map(|r| unpermute_src(r, out / h)).collect(),
             None => (0..out).collect(),
         };
-        (tensor_name(id), rows)
+        (names::gguf_projection(id, "weight"), rows)
     }
 
     /// The head count whose rows llama.cpp interleaved in this Q/K weight: its converter does
     /// that for Llama-family files only (Qwen's rope pairs the halves as Hugging Face does).
     fn qk_heads(&self, target: Target) -> Option<usize> {
-        if !matches!(self.cfg.arch.name.as_str(), "llama" | "mistral") {
+        if !self.cfg.arch.gguf_qk_interleaved {
             return None;
         }
         match target {
@@ -333,22 +295,21 @@ impl GgufSource {
 
 impl WeightSource for GgufSource {
     fn embed(&mut self) -> Result<Tensor> {
-        Ok(self.dense("token_embd.weight")?.to_device(&self.device)?)
+        Ok(self.dense(&Role::Embed.gguf())?.to_device(&self.device)?)
     }
 
-    fn norm(&mut self, name: &str, len: usize) -> Result<Tensor> {
-        let gguf = self.norm_name(name);
-        self.vector(&gguf, len)
+    /// Gemma's GGUF norms already hold `1 + w`.
+    fn norm(&mut self, role: Role, len: usize) -> Result<Tensor> {
+        self.vector(&role.gguf(), len)
     }
 
-    fn norm_bias(&mut self, name: &str, len: usize) -> Result<Tensor> {
-        let gguf = self.norm_name(name).replace(".weight", ".bias");
-        self.vector(&gguf, len)
+    fn norm_bias(&mut self, role: Role, len: usize) -> Result<Tensor> {
+        self.vector(&bias_of(&role.gguf()), len)
     }
 
     fn bias(&mut self, id: ModuleId) -> Result<Tensor> {
         let (name, rows) = self.stored_rows(id);
-        let name = name.replace(".weight", ".bias");
+        let name = bias_of(&name);
         let b = self.dense(&name)?.to_dtype(DType::F32)?;
         if b.rank() != 1 || rows.iter().any(|&r| r >= b.dim(0).unwrap_or(0)) {
             return Err(ModelError::Invalid {
@@ -385,7 +346,8 @@ impl WeightSource for GgufSource {
     }
 
     fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight> {
-        let name = if self.cfg.tie_word_embeddings { "token_embd.weight" } else { "output.weight" };
+        let role = if self.cfg.tie_word_embeddings { Role::Embed } else { Role::LmHead };
+        let name = &role.gguf();
         if format == WeightFormat::Packed {
             return packed_from_qtensor(&self.qtensor(name)?, |r| r);
         }

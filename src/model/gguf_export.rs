@@ -4,6 +4,7 @@
 //! the same reference outputs as the folder it came from, and users can convert a folder.
 
 use super::config::{DecoderConfig, RopeScaling};
+use super::names::{self, bias_of, Role};
 use super::{ModelError, ModuleId, Result, Target};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -13,11 +14,6 @@ use std::path::Path;
 
 fn invalid(path: &Path, reason: impl Into<String>) -> ModelError {
     ModelError::Invalid { path: path.display().to_string(), reason: reason.into() }
-}
-
-/// The GGUF name of a projection's tensor (`weight` or `bias`).
-fn proj_name(id: ModuleId, what: &str) -> String {
-    super::gguf::tensor_name(id).replace(".weight", &format!(".{what}"))
 }
 
 /// HF rows of a Q/K weight (or bias) in llama.cpp's order: GGUF row `2i + j` of a head is HF
@@ -122,7 +118,7 @@ fn tokenizer_metadata(dir: &Path, pre: &str) -> Result<Vec<(String, Value)>> {
 pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
     let cfg = super::hf::read_config(dir)?;
     let arch = cfg.arch.name.clone();
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "bloom") {
+    if cfg.arch.sandwich_norms || cfg.arch.embed_scale {
         return Err(ModelError::Unsupported(format!("writing model_type `{arch}` as GGUF")));
     }
     if cfg.arch.windows.iter().any(Option::is_some) {
@@ -138,26 +134,6 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
     for f in &files {
         tensors.extend(candle_core::safetensors::load(f, &Device::Cpu)?);
     }
-    if arch == "bloom" {
-        // BLOOM's names and its per-head interleaved qkv map onto llama.cpp's by table.
-        let renamed: HashMap<String, Tensor> = tensors
-            .into_iter()
-            .map(|(k, v)| {
-                let k = match k.as_str() {
-                    "transformer.word_embeddings.weight" => "model.embed_tokens.weight".to_string(),
-                    n if n.starts_with("transformer.word_embeddings_layernorm.") => {
-                        n.replace("transformer.word_embeddings_layernorm.", "model.embed_norm.")
-                    }
-                    n if n.starts_with("transformer.ln_f.") => {
-                        n.replace("transformer.ln_f.", "model.norm.")
-                    }
-                    n => n.replace("transformer.h.", "model.layers."),
-                };
-                (k, v)
-            })
-            .collect();
-        tensors = renamed;
-    }
     let mut take = |name: &str| -> Result<Tensor> {
         Ok(tensors
             .remove(name)
@@ -167,69 +143,37 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
             })?
             .to_dtype(DType::F32)?)
     };
-    let interleave = matches!(arch.as_str(), "llama" | "mistral");
-    let mut out_tensors: Vec<(String, Tensor)> = vec![
-        ("token_embd.weight".into(), take("model.embed_tokens.weight")?),
-        ("output_norm.weight".into(), take("model.norm.weight")?),
-    ];
-    let bloom = arch == "bloom";
-    if bloom {
-        out_tensors.push(("output_norm.bias".into(), take("model.norm.bias")?));
-        out_tensors.push(("token_embd_norm.weight".into(), take("model.embed_norm.weight")?));
-        out_tensors.push(("token_embd_norm.bias".into(), take("model.embed_norm.bias")?));
-    }
+    let a = &cfg.arch;
+    let mut out_tensors: Vec<(String, Tensor)> =
+        vec![(Role::Embed.gguf(), take(&Role::Embed.hf(a))?)];
     if !cfg.tie_word_embeddings {
-        out_tensors.push(("output.weight".into(), take("lm_head.weight")?));
+        out_tensors.push((Role::LmHead.gguf(), take(&Role::LmHead.hf(a))?));
     }
-    for layer in 0..cfg.num_layers {
-        let p = format!("model.layers.{layer}");
-        out_tensors.push((
-            format!("blk.{layer}.attn_norm.weight"),
-            take(&format!("{p}.input_layernorm.weight"))?,
-        ));
-        out_tensors.push((
-            format!("blk.{layer}.ffn_norm.weight"),
-            take(&format!("{p}.post_attention_layernorm.weight"))?,
-        ));
-        if cfg.arch.qk_norm {
-            out_tensors.push((
-                format!("blk.{layer}.attn_q_norm.weight"),
-                take(&format!("{p}.self_attn.q_norm.weight"))?,
-            ));
-            out_tensors.push((
-                format!("blk.{layer}.attn_k_norm.weight"),
-                take(&format!("{p}.self_attn.k_norm.weight"))?,
-            ));
+    // Every norm, by the table; LayerNorms (BLOOM) with their biases.
+    for role in Role::norms(a, cfg.num_layers) {
+        out_tensors.push((role.gguf(), take(&role.hf(a))?));
+        if a.norm == super::config::NormKind::Layer {
+            out_tensors.push((bias_of(&role.gguf()), take(&bias_of(&role.hf(a)))?));
         }
+    }
+    let bloom = a.naming == super::config::Naming::Bloom;
+    for layer in 0..cfg.num_layers {
         if bloom {
-            for (hf, gguf) in
-                [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")]
-            {
-                out_tensors
-                    .push((format!("blk.{layer}.{gguf}.bias"), take(&format!("{p}.{hf}.bias"))?));
-            }
             // `[q | k | v]` blocks out of the per-head interleaved rows.
             let order: Vec<usize> = [Target::Q, Target::K, Target::V]
                 .into_iter()
                 .flat_map(|t| cfg.stored_module(ModuleId { layer, target: t }).rows)
                 .collect();
+            let qkv = names::module_path(a, ModuleId { layer, target: Target::Q });
             for what in ["weight", "bias"] {
-                let t = take(&format!("{p}.self_attention.query_key_value.{what}"))?;
-                out_tensors.push((
-                    format!("blk.{layer}.attn_qkv.{what}"),
-                    super::select_rows(&t, &order)?,
-                ));
+                let t = take(&format!("{qkv}.{what}"))?;
+                out_tensors.push((names::gguf_qkv(layer, what), super::select_rows(&t, &order)?));
             }
-            for (target, hf) in [
-                (Target::O, "self_attention.dense"),
-                (Target::Up, "mlp.dense_h_to_4h"),
-                (Target::Down, "mlp.dense_4h_to_h"),
-            ] {
+            for target in [Target::O, Target::Up, Target::Down] {
+                let id = ModuleId { layer, target };
                 for what in ["weight", "bias"] {
-                    out_tensors.push((
-                        proj_name(ModuleId { layer, target }, what),
-                        take(&format!("{p}.{hf}.{what}"))?,
-                    ));
+                    let hf = format!("{}.{what}", names::module_path(a, id));
+                    out_tensors.push((names::gguf_projection(id, what), take(&hf)?));
                 }
             }
             continue;
@@ -237,14 +181,13 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
         if cfg.arch.combined_modules {
             // Phi-3: llama.cpp keeps the combined modules whole (`attn_qkv`, and `ffn_up` for
             // `gate_up_proj`), rows in the checkpoint's own order.
+            let path = |target| names::module_path(a, ModuleId { layer, target });
             out_tensors.push((
-                format!("blk.{layer}.attn_qkv.weight"),
-                take(&format!("{p}.self_attn.qkv_proj.weight"))?,
+                names::gguf_qkv(layer, "weight"),
+                take(&format!("{}.weight", path(Target::Q)))?,
             ));
-            out_tensors.push((
-                format!("blk.{layer}.ffn_up.weight"),
-                take(&format!("{p}.mlp.gate_up_proj.weight"))?,
-            ));
+            out_tensors
+                .push((names::gguf_gate_up(layer), take(&format!("{}.weight", path(Target::Up)))?));
         }
         for target in Target::ALL {
             if cfg.arch.combined_modules && !matches!(target, Target::O | Target::Down) {
@@ -252,20 +195,21 @@ pub fn write_gguf(dir: &Path, out: &Path, pre: &str) -> Result<()> {
             }
             let id = ModuleId { layer, target };
             let heads = match target {
-                Target::Q if interleave => Some(cfg.num_heads),
-                Target::K if interleave => Some(cfg.num_kv_heads),
+                Target::Q if a.gguf_qk_interleaved => Some(cfg.num_heads),
+                Target::K if a.gguf_qk_interleaved => Some(cfg.num_kv_heads),
                 _ => None,
             };
-            let mut parts = vec![("weight", take(&format!("{id}.weight"))?)];
+            let path = names::module_path(a, id);
+            let mut parts = vec![("weight", take(&format!("{path}.weight"))?)];
             if cfg.arch.has_bias(target) {
-                parts.push(("bias", take(&format!("{id}.bias"))?));
+                parts.push(("bias", take(&format!("{path}.bias"))?));
             }
             for (what, t) in parts {
                 let t = match heads {
                     Some(h) => permute_rows(&t, h)?,
                     None => t,
                 };
-                out_tensors.push((proj_name(id, what), t));
+                out_tensors.push((names::gguf_projection(id, what), t));
             }
         }
     }
@@ -327,9 +271,11 @@ pub fn write_hf_from_gguf(gguf: &Path, out: &Path) -> Result<()> {
     let mut src = super::gguf::GgufSource::open(gguf, &Device::Cpu)?;
     let cfg = src.cfg.clone();
     let arch = cfg.arch.clone();
+    let model_type = names::hf_model_type(&arch.name).to_string();
+    // Hugging Face configs express q/k/v-only biases for `qwen2` alone.
     if arch.combined_modules
         || arch.naming != super::config::Naming::Llama
-        || !arch.biased.is_empty() && arch.name != "qwen2"
+        || !arch.biased.is_empty() && model_type != "qwen2"
     {
         return Err(ModelError::Unsupported(format!(
             "writing `{}` as a Hugging Face folder",
@@ -340,51 +286,32 @@ pub fn write_hf_from_gguf(gguf: &Path, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out)
         .map_err(|source| ModelError::Io { path: out.display().to_string(), source })?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let gemma = arch.name == "gemma3";
-    let norm = |src: &mut super::gguf::GgufSource, name: &str, len: usize| -> Result<Tensor> {
-        let w = src.norm(name, len)?;
-        Ok(if gemma { (w - 1.0)? } else { w })
-    };
-    tensors.insert("model.embed_tokens.weight".into(), src.embed()?);
-    tensors
-        .insert("model.norm.weight".into(), norm(&mut src, "model.norm.weight", cfg.hidden_size)?);
+    tensors.insert(Role::Embed.hf(&arch), src.embed()?);
     if !cfg.tie_word_embeddings {
-        tensors.insert(
-            "lm_head.weight".into(),
-            src.lm_head(WeightFormat::Dense(DType::F32))?.to_dense_f32()?,
-        );
+        let head = src.lm_head(WeightFormat::Dense(DType::F32))?.to_dense_f32()?;
+        tensors.insert(Role::LmHead.hf(&arch), head);
+    }
+    for role in Role::norms(&arch, cfg.num_layers) {
+        let len = match role {
+            Role::QNorm(_) | Role::KNorm(_) => cfg.head_dim,
+            _ => cfg.hidden_size,
+        };
+        // Written as `w`: the GGUF (and so the loader) holds `1 + w` where norms scale by it.
+        let w = src.norm(role, len)?;
+        tensors.insert(role.hf(&arch), if arch.norm_plus_one { (w - 1.0)? } else { w });
     }
     for layer in 0..cfg.num_layers {
-        let mut norms = vec!["input_layernorm".to_string(), "post_attention_layernorm".to_string()];
-        if arch.sandwich_norms {
-            norms.extend([
-                "pre_feedforward_layernorm".to_string(),
-                "post_feedforward_layernorm".to_string(),
-            ]);
-        }
-        for n in norms {
-            let name = format!("model.layers.{layer}.{n}.weight");
-            tensors.insert(name.clone(), norm(&mut src, &name, cfg.hidden_size)?);
-        }
-        if arch.qk_norm {
-            for n in ["q_norm", "k_norm"] {
-                let name = format!("model.layers.{layer}.self_attn.{n}.weight");
-                tensors.insert(name.clone(), norm(&mut src, &name, cfg.head_dim)?);
-            }
-        }
         for target in Target::ALL {
             let id = ModuleId { layer, target };
-            tensors.insert(
-                format!("{id}.weight"),
-                src.linear(id, WeightFormat::Dense(DType::F32))?.to_dense_f32()?,
-            );
+            let path = names::module_path(&arch, id);
+            let w = src.linear(id, WeightFormat::Dense(DType::F32))?.to_dense_f32()?;
+            tensors.insert(format!("{path}.weight"), w);
             if arch.has_bias(target) {
-                tensors.insert(format!("{id}.bias"), src.bias(id)?);
+                tensors.insert(format!("{path}.bias"), src.bias(id)?);
             }
         }
     }
     candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
-    let model_type = if gemma { "gemma3_text" } else { arch.name.as_str() };
     let mut config = serde_json::json!({
         "model_type": model_type,
         "vocab_size": cfg.vocab_size,
@@ -404,7 +331,8 @@ pub fn write_hf_from_gguf(gguf: &Path, out: &Path) -> Result<()> {
             "writing rope scaling into a Hugging Face config".into(),
         ));
     }
-    if gemma {
+    // Gemma 3 (the one family with sandwich norms): its windows, score scale and activation.
+    if arch.sandwich_norms {
         let window = arch.windows.iter().flatten().next().copied();
         config["sliding_window"] = serde_json::json!(window);
         config["layer_types"] = serde_json::json!(arch

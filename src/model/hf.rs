@@ -3,6 +3,7 @@
 
 use super::config::Arch;
 use super::linear::BaseWeight;
+use super::names::{bias_of, Role};
 use super::weights::{dense_to_base, WeightSource};
 use super::{DecoderConfig, ModelError, ModuleId, Result, Target, WeightFormat};
 use candle_core::{DType, Device, Tensor};
@@ -76,6 +77,7 @@ fn arch_from_hf(raw: &serde_json::Value) -> Result<Arch> {
         biased,
         qk_norm,
         combined_modules: model_type == "phi3",
+        gguf_qk_interleaved: matches!(model_type, "llama" | "mistral"),
         windows,
         ..Arch::llama()
     })
@@ -137,6 +139,8 @@ fn gemma3_arch(raw: &serde_json::Value) -> Result<Arch> {
     Ok(Arch {
         name: "gemma3_text".into(),
         qk_norm: true,
+        norm_plus_one: true,
+        gguf_qk_interleaved: false,
         sandwich_norms: true,
         embed_scale: true,
         activation: super::config::Activation::GeluTanh,
@@ -216,24 +220,7 @@ impl HfSource {
         Ok(Self { dir: dir.to_path_buf(), cfg, tensors, device: device.clone() })
     }
 
-    /// A Llama-style tensor name (`model.layers.N.input_layernorm.weight`) as this checkpoint
-    /// spells it.
-    fn stored_name(&self, name: &str) -> String {
-        match self.cfg.arch.naming {
-            super::config::Naming::Llama => name.to_string(),
-            super::config::Naming::Bloom => match name {
-                "model.embed_tokens.weight" => "transformer.word_embeddings.weight".into(),
-                n if n.starts_with("model.embed_norm.") => {
-                    n.replace("model.embed_norm.", "transformer.word_embeddings_layernorm.")
-                }
-                n if n.starts_with("model.norm.") => n.replace("model.norm.", "transformer.ln_f."),
-                n => n.replace("model.layers.", "transformer.h."),
-            },
-        }
-    }
-
     fn get(&self, name: &str) -> Result<Tensor> {
-        let name = &self.stored_name(name);
         match self.tensors.get(name) {
             Some(t) => Ok(t.to_dtype(DType::F32)?),
             None => Err(ModelError::Missing {
@@ -246,11 +233,12 @@ impl HfSource {
 
 impl WeightSource for HfSource {
     fn embed(&mut self) -> Result<Tensor> {
-        Ok(self.get("model.embed_tokens.weight")?.to_device(&self.device)?)
+        Ok(self.get(&Role::Embed.hf(&self.cfg.arch))?.to_device(&self.device)?)
     }
 
-    fn norm(&mut self, name: &str, len: usize) -> Result<Tensor> {
-        let w = self.get(name)?;
+    fn norm(&mut self, role: Role, len: usize) -> Result<Tensor> {
+        let name = role.hf(&self.cfg.arch);
+        let w = self.get(&name)?;
         if w.dims() != [len] {
             return Err(ModelError::Invalid {
                 path: self.dir.display().to_string(),
@@ -258,12 +246,12 @@ impl WeightSource for HfSource {
             });
         }
         // Gemma's norms multiply by (1 + w): folded once here (in f32, as transformers adds).
-        let w = if self.cfg.arch.name == "gemma3_text" { (w + 1.0)? } else { w };
+        let w = if self.cfg.arch.norm_plus_one { (w + 1.0)? } else { w };
         Ok(w.to_device(&self.device)?)
     }
 
-    fn norm_bias(&mut self, name: &str, len: usize) -> Result<Tensor> {
-        let bias = name.replace(".weight", ".bias");
+    fn norm_bias(&mut self, role: Role, len: usize) -> Result<Tensor> {
+        let bias = bias_of(&role.hf(&self.cfg.arch));
         let b = self.get(&bias)?;
         if b.dims() != [len] {
             return Err(ModelError::Invalid {
@@ -306,15 +294,16 @@ impl WeightSource for HfSource {
     }
 
     fn lm_head(&mut self, format: WeightFormat) -> Result<BaseWeight> {
+        let head = Role::LmHead.hf(&self.cfg.arch);
         let name = if self.cfg.tie_word_embeddings
-            || !self.tensors.contains_key("lm_head.weight")
+            || !self.tensors.contains_key(&head)
             || self.cfg.arch.naming == super::config::Naming::Bloom
         {
-            "model.embed_tokens.weight"
+            Role::Embed.hf(&self.cfg.arch)
         } else {
-            "lm_head.weight"
+            head
         };
-        dense_to_base(self.get(name)?, format, &self.device)
+        dense_to_base(self.get(&name)?, format, &self.device)
     }
 }
 

@@ -22,6 +22,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod load;
 pub mod lora;
+pub mod names;
 pub mod ops;
 pub mod random;
 pub mod sampling;

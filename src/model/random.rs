@@ -1,6 +1,7 @@
 //! A seeded random weight source: the tiny model the invariant tests and benches build in code.
 
 use super::linear::BaseWeight;
+use super::names::Role;
 use super::weights::{packed_from_dense, packed_from_qtensor, WeightSource};
 use super::{DecoderConfig, ModuleId, Result, WeightFormat};
 use candle_core::{DType, Device, Tensor};
@@ -30,11 +31,11 @@ impl WeightSource for RandomSource {
         self.uniform((self.cfg.vocab_size, self.cfg.hidden_size), 1.0)
     }
 
-    fn norm(&mut self, _name: &str, len: usize) -> Result<Tensor> {
+    fn norm(&mut self, _role: Role, len: usize) -> Result<Tensor> {
         Ok((self.uniform((1, len), 0.2)? + 1.0)?.reshape(len)?)
     }
 
-    fn norm_bias(&mut self, _name: &str, len: usize) -> Result<Tensor> {
+    fn norm_bias(&mut self, _role: Role, len: usize) -> Result<Tensor> {
         Ok(self.uniform((1, len), 0.2)?.reshape(len)?)
     }
 

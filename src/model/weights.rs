@@ -4,6 +4,7 @@
 //! or packed: without loss from GGUF blocks, 8-bit from floats).
 
 use super::linear::BaseWeight;
+use super::names::Role;
 use super::{ModelError, ModuleId, Result, WeightFormat};
 use crate::kernels::{ggml, Kind, PackedMatrix};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -14,10 +15,10 @@ use candle_core::{DType, Device, Tensor};
 pub trait WeightSource {
     /// `(vocab, hidden)`, f32.
     fn embed(&mut self) -> Result<Tensor>;
-    /// Norm weight by Hugging Face name, f32, checked to hold `len` values.
-    fn norm(&mut self, name: &str, len: usize) -> Result<Tensor>;
-    /// The bias of a LayerNorm, by its weight's Hugging Face name.
-    fn norm_bias(&mut self, name: &str, len: usize) -> Result<Tensor>;
+    /// A norm's weight, f32, checked to hold `len` values (Gemma's as the `1 + w` it scales by).
+    fn norm(&mut self, role: Role, len: usize) -> Result<Tensor>;
+    /// The bias of a LayerNorm.
+    fn norm_bias(&mut self, role: Role, len: usize) -> Result<Tensor>;
     /// The additive bias `(out)` of a projection the architecture gives one, f32.
     fn bias(&mut self, id: ModuleId) -> Result<Tensor>;
     fn linear(&mut self, id: ModuleId, format: WeightFormat) -> Result<BaseWeight>;
