@@ -28,12 +28,23 @@ pub fn tokenizer() -> &'static loraplex::model::tokenizer::TextTokenizer {
     })
 }
 
+/// Structured outputs for that tokenizer, built once.
+pub fn grammars() -> &'static loraplex::structured::Grammars {
+    static G: std::sync::OnceLock<loraplex::structured::Grammars> = std::sync::OnceLock::new();
+    G.get_or_init(|| loraplex::structured::Grammars::new(tokenizer(), VOCAB).expect("grammars"))
+}
+
+/// The default model's logits width.
+const VOCAB: usize = 49152;
+
 /// Any body either parses and validates into a typed request or yields an OpenAI-shaped error.
 pub fn request(data: &[u8]) {
     let limits = Limits::default();
     let mv = ModelView {
         id: "SmolLM2-135M-Instruct",
         context_len: 8192,
+        vocab: VOCAB,
+        grammars: Ok(grammars()),
         tokenizer: tokenizer(),
         limits: &limits,
         registry: None,
@@ -69,6 +80,11 @@ fn check_valid(v: &validate::ValidRequest, limits: &Limits) {
         assert!(t == 0.0 || (validate::MIN_TEMPERATURE..=2.0).contains(&t));
         assert!(s.sampling.top_p as f32 > 0.0 && s.sampling.top_p <= 1.0);
         assert!(s.mix.is_empty(), "no registry here: adapters cannot resolve");
+        let (rules, p) = (&s.rules, &s.sampling);
+        assert!(rules.repetition > 0.0 && rules.repetition.is_finite());
+        assert!((0.0..=1.0).contains(&p.min_p));
+        assert!(rules.bias.iter().all(|&(t, b)| (t as usize) < VOCAB && (-100.0..=100.0).contains(&b)));
+        assert!(s.stop_token_ids.iter().all(|&t| (t as usize) < VOCAB));
     }
 }
 

@@ -5,7 +5,7 @@ use crate::engine::{LoraPath, Request};
 use crate::generate::generate;
 use crate::model::load::{load_model, DEFAULT_MODEL};
 use crate::model::lora::{AdapterMix, MixEntry};
-use crate::model::sampling::{Penalties, SamplingParams};
+use crate::model::sampling::{LogitRules, SamplingParams};
 use crate::model::tokenizer::ChatMessage;
 use crate::model::{parse_device, WeightFormat};
 use anyhow::{bail, Context};
@@ -390,10 +390,13 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             temperature: args.temperature,
             top_p: args.top_p,
             top_k: args.top_k,
+            min_p: 0.0,
             seed: args.seed,
         },
-        penalties: Penalties::default(),
+        rules: LogitRules::default(),
         stop: args.stop.clone(),
+        stop_token_ids: Vec::new(),
+        constraint: None,
         logprobs: Some(args.logprobs),
         stop_at_eos: !args.ignore_eos,
         model: None,

@@ -130,4 +130,5 @@ pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod serve;
+pub mod structured;
 pub mod train;

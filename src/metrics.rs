@@ -33,6 +33,8 @@ pub const PREFIX_CACHE_HITS: &str = "loraplex_prefix_cache_hits_total";
 pub const PREEMPTIONS: &str = "loraplex_preemptions_total";
 pub const PREFILL_TOKENS: &str = "loraplex_prefill_tokens_total";
 pub const ENGINE_FAULTS: &str = "loraplex_engine_faults_total";
+pub const MASK_COMPUTE: &str = "loraplex_structured_mask_seconds";
+pub const MASK_WAIT: &str = "loraplex_structured_mask_wait_seconds";
 pub const ADAPTERS: &str = "loraplex_adapters";
 pub const ADAPTER_RESIDENT_BYTES: &str = "loraplex_adapter_resident_bytes";
 pub const ADAPTER_BUDGET_BYTES: &str = "loraplex_adapter_budget_bytes";
@@ -49,6 +51,10 @@ pub const OTHER_LABEL: &str = "other";
 /// Latency buckets from 5 ms (GPU decode) to 2 minutes (long CPU prefills).
 const LATENCY_BUCKETS: [f64; 16] =
     [0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0];
+
+/// Mask-time buckets, 10 µs to 1 s.
+const MASK_BUCKETS: [f64; 12] =
+    [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 0.6, 1.0];
 
 /// Request outcome label values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +132,8 @@ pub struct Metrics {
     pub prefill_step: Histogram,
     pub decode_step: Histogram,
     pub batch_size: Histogram,
+    pub mask_compute: Histogram,
+    pub mask_wait: Histogram,
     pub adapters_per_request: Histogram,
     pub adapter_loads: IntCounterVec,
     pub adapter_load_duration: Histogram,
@@ -194,6 +202,8 @@ impl Metrics {
             prefill_step: hist(PREFILL_STEP, "Duration of engine steps that prefilled prompt tokens.", lat.clone())?,
             decode_step: hist(DECODE_STEP, "Duration of engine steps that only decoded.", lat.clone())?,
             batch_size: hist(BATCH_SIZE, "Sequences per engine step.", vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0])?,
+            mask_compute: hist(MASK_COMPUTE, "Per step with constrained rows: time computing their token masks (beside the forward).", MASK_BUCKETS.to_vec())?,
+            mask_wait: hist(MASK_WAIT, "Per step with constrained rows: time the step waited for its masks after the forward.", MASK_BUCKETS.to_vec())?,
             adapters_per_request: hist(ADAPTERS_PER_REQUEST, "Adapters in a request's mix.", vec![0.0, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0])?,
             adapter_loads: IntCounterVec::new(Opts::new(ADAPTER_LOADS_TOTAL, "Adapter loads by result."), &["result"])?,
             adapter_load_duration: hist(ADAPTER_LOAD_DURATION, "Time to load and validate an adapter.", vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])?,
@@ -255,6 +265,8 @@ impl Metrics {
             &m.prefill_step,
             &m.decode_step,
             &m.batch_size,
+            &m.mask_compute,
+            &m.mask_wait,
             &m.adapters_per_request,
             &m.adapter_load_duration,
         ] {
@@ -383,6 +395,10 @@ impl Metrics {
         }
         if r.step_failed {
             self.faults.with_label_values(&["step"]).inc();
+        }
+        if !r.masks.compute.is_zero() {
+            self.mask_compute.observe(r.masks.compute.as_secs_f64());
+            self.mask_wait.observe(r.masks.wait.as_secs_f64());
         }
     }
 

@@ -36,6 +36,14 @@ pub fn load_backend(
     crate::adapters::watcher::spawn(registry.clone(), cfg.rescan_interval)?;
     tracing::info!(root = %registry.root().display(), adapters = registry.list().len(), "adapter registry ready");
     let tokenizer = Arc::new(loaded.tokenizer);
+    let started = Instant::now();
+    let grammars = crate::structured::Grammars::new(&tokenizer, model_cfg.vocab_size)
+        .map(Arc::new)
+        .map_err(|e| e.to_string());
+    match &grammars {
+        Ok(_) => tracing::info!(secs = started.elapsed().as_secs_f32(), "structured outputs ready"),
+        Err(e) => tracing::warn!(error = %e, "structured outputs unavailable"),
+    }
     let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine.clone(), metrics)?;
     Ok(Backend {
         engine,
@@ -44,6 +52,8 @@ pub fn load_backend(
         model_id: loaded.id,
         architecture: model_cfg.arch.name.clone(),
         context_len: model_cfg.max_position_embeddings,
+        vocab: model_cfg.vocab_size,
+        grammars,
     })
 }
 

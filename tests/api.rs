@@ -202,7 +202,7 @@ async fn bad_requests_get_the_right_status_in_openai_shape() {
             "missing prompt",
         ),
         (
-            post("/v1/completions", json!({"prompt": "hi", "logit_bias": {"1": 5}})),
+            post("/v1/completions", json!({"prompt": "hi", "suffix": "there"})),
             StatusCode::BAD_REQUEST,
             "unsupported field",
         ),

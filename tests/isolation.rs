@@ -93,6 +93,7 @@ fn batch(m: &LoadedModel) -> Vec<Request> {
                     temperature: 0.9,
                     top_p: 0.95,
                     top_k: Some(40),
+                    min_p: 0.0,
                     seed: 7 + i as u64,
                 };
             }
@@ -246,8 +247,10 @@ fn a_transient_step_fault_loses_nobody() {
 fn sampling_numbers_that_underflow_f32_fail_only_their_row() {
     let m = model();
     // The edge refuses these (422); the engine must survive them anyway.
-    let tiny_temperature = SamplingParams { temperature: 1e-40, top_p: 1.0, top_k: None, seed: 1 };
-    let tiny_top_p = SamplingParams { temperature: 1.0, top_p: 1e-300, top_k: None, seed: 1 };
+    let tiny_temperature =
+        SamplingParams { temperature: 1e-40, top_p: 1.0, top_k: None, min_p: 0.0, seed: 1 };
+    let tiny_top_p =
+        SamplingParams { temperature: 1.0, top_p: 1e-300, top_k: None, min_p: 0.0, seed: 1 };
     for (what, sampling) in [("temperature 1e-40", tiny_temperature), ("top_p 1e-300", tiny_top_p)]
     {
         let mut reqs = batch(m);

@@ -320,6 +320,7 @@ fn the_n_choices_of_a_long_prompt_prefill_it_once() {
                 temperature: 0.8,
                 top_p: 1.0,
                 top_k: None,
+                min_p: 0.0,
                 seed: 5 + k,
             },
             ..base.clone()

@@ -177,6 +177,10 @@ impl From<SequenceError> for ApiError {
                 ApiError::server(msg, "non_finite_output")
             }
             SequenceError::Token(_) => ApiError::server(msg, "token_choice_failed"),
+            // The request's own constraint (with its logit rules) left no way on.
+            SequenceError::Grammar(_) => {
+                ApiError::invalid_value("response_format", msg).with_code("grammar_failed")
+            }
             SequenceError::Panic(detail) | SequenceError::Internal(detail) => {
                 tracing::error!(%detail, "a sequence hit an engine bug");
                 ApiError::server("the engine hit a bug while handling this sequence (logged); other requests were not affected", "engine_bug")

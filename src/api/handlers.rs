@@ -18,6 +18,8 @@ fn view<'a>(b: &'a Backend, state: &'a AppState) -> ModelView<'a> {
     ModelView {
         id: &b.model_id,
         context_len: b.context_len,
+        vocab: b.vocab,
+        grammars: b.grammars.as_deref().map_err(String::as_str),
         tokenizer: &b.tokenizer,
         limits: &state.limits,
         registry: Some(&b.registry),

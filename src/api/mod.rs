@@ -8,8 +8,11 @@ pub mod handlers;
 pub mod observe;
 pub mod openai;
 pub mod response;
+pub mod rules;
 pub mod stream;
+pub mod structured;
 pub mod validate;
+pub mod vllm;
 
 use crate::adapters::registry::Registry;
 use crate::config::Limits;
@@ -29,6 +32,11 @@ pub struct Backend {
     /// The base model's family (`llama`, `qwen2`, …), as `/v1/models` reports it.
     pub architecture: String,
     pub context_len: usize,
+    /// The model's logits width (token ids below it are valid).
+    pub vocab: usize,
+    /// Structured outputs: the tokenizer as llguidance sees it and the compiled grammars, or
+    /// why they are unavailable.
+    pub grammars: Result<Arc<crate::structured::Grammars>, String>,
 }
 
 /// Shared by all HTTP workers. `backend` is empty until the model has loaded (`/ready` 503).
@@ -88,6 +96,10 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/adapters", web::post().to(handlers::load_adapter))
         .route("/v1/adapters/{name}", web::get().to(handlers::get_adapter))
         .route("/v1/adapters/{name}", web::delete().to(handlers::unload_adapter))
+        .route("/tokenize", web::post().to(vllm::tokenize))
+        .route("/detokenize", web::post().to(vllm::detokenize))
+        .route("/v1/load_lora_adapter", web::post().to(vllm::load_lora_adapter))
+        .route("/v1/unload_lora_adapter", web::post().to(vllm::unload_lora_adapter))
         .default_service(web::to(handlers::not_found));
 }
 

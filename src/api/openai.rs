@@ -46,6 +46,17 @@ pub struct CommonParams {
     /// Extension: keep generating past EOS (benchmarks want fixed output lengths).
     pub ignore_eos: Option<bool>,
     pub adapters: Option<Vec<AdapterRef>>,
+    /// OpenAI: token id (as a string) → bias from -100 to 100.
+    pub logit_bias: Option<Value>,
+    /// vLLM's sampling extensions.
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub min_tokens: Option<i64>,
+    pub stop_token_ids: Option<Vec<Value>>,
+    /// OpenAI's structured outputs (`text`, `json_object`, `json_schema`).
+    pub response_format: Option<Value>,
+    /// vLLM's structured outputs (`json`, `regex`, `choice`, `grammar`, `json_object`).
+    pub structured_outputs: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

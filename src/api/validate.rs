@@ -8,13 +8,13 @@
 use super::error::ApiError;
 use super::openai::{
     AdapterRef, AppliedAdapter, ChatRequest, CommonParams, CompletionRequest, MessageContent,
-    StringOrList,
+    StringOrList, WireMessage,
 };
 use super::response::{Endpoint, ResponseShape};
 use crate::config::Limits;
 use crate::engine::Request;
 use crate::model::lora::{AdapterMix, MixEntry};
-use crate::model::sampling::{Penalties, SamplingParams};
+use crate::model::sampling::{LogitRules, SamplingParams};
 use crate::model::tokenizer::ChatMessage;
 use serde_json::{Map, Value};
 
@@ -54,6 +54,10 @@ struct Draft {
 pub struct ModelView<'a> {
     pub id: &'a str,
     pub context_len: usize,
+    /// The model's logits width.
+    pub vocab: usize,
+    /// Structured outputs (or why they are unavailable).
+    pub grammars: Result<&'a crate::structured::Grammars, &'a str>,
     pub tokenizer: &'a crate::model::tokenizer::TextTokenizer,
     pub limits: &'a Limits,
     /// The registry whose named mixes a `model` may name (none in tools that have no
@@ -79,9 +83,11 @@ fn check_extra(extra: &Map<String, Value>) -> Result<(), ApiError> {
     for (k, v) in extra {
         let harmless = IGNORED_FIELDS.contains(&k.as_str())
             || v.is_null()
-            || (k == "logit_bias" && v.as_object().is_some_and(|o| o.is_empty()))
-            || (k == "best_of" && v.as_i64() == Some(1))
-            || (k == "response_format" && v.get("type").and_then(Value::as_str) == Some("text"));
+            || (k == "best_of" && v.as_i64() == Some(1));
+        if k.starts_with("guided_") && !v.is_null() {
+            let msg = format!("`{k}` was removed in vLLM 0.12; use `structured_outputs` (`json`, `regex`, `choice`, `grammar`) or `response_format`");
+            return Err(ApiError::bad_request(msg).with_param(k.clone()));
+        }
         if !harmless {
             return Err(ApiError::bad_request(format!("unknown or unsupported field `{k}`"))
                 .with_param(k.clone()));
@@ -275,6 +281,12 @@ fn common_draft(
         Some(s) => s as u64,
         None => rand::random(),
     };
+    let extra = super::rules::extra(c, max_tokens, mv)?;
+    let constraint = super::structured::constraint(
+        c.response_format.as_ref(),
+        c.structured_outputs.as_ref(),
+        mv,
+    )?;
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
         return Err(ApiError::invalid_value(
@@ -293,9 +305,11 @@ fn common_draft(
             prompt_ids: vec![],
             mix: Default::default(),
             max_tokens: 1,
-            sampling: SamplingParams { temperature, top_p, top_k, seed },
-            penalties: Penalties { presence, frequency },
+            sampling: SamplingParams { temperature, top_p, top_k, min_p: extra.min_p, seed },
+            rules: LogitRules { presence, frequency, ..extra.rules },
             stop,
+            stop_token_ids: extra.stop_token_ids,
+            constraint,
             logprobs: None,
             stop_at_eos: !c.ignore_eos.unwrap_or(false),
             model: c.model.as_deref().filter(|m| *m != mv.id).map(std::sync::Arc::from),
@@ -420,6 +434,17 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<ValidRequest, ApiEr
     if wire.is_empty() {
         return Err(ApiError::invalid_value("messages", "`messages` is empty"));
     }
+    let messages = chat_messages(wire)?;
+    let text = mv
+        .tokenizer
+        .apply_chat_template(&messages)
+        .map_err(|e| ApiError::invalid_value("messages", e.to_string()))?;
+    add_prompts(&mut d, vec![text], mv, "messages")?;
+    finish(d, mv, Endpoint::Chat, req.common.model.as_deref())
+}
+
+/// Wire messages → the chat template's messages (text content only; `developer` is `system`).
+pub fn chat_messages(wire: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiError> {
     let mut messages = Vec::with_capacity(wire.len());
     for (i, m) in wire.iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
@@ -457,12 +482,7 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<ValidRequest, ApiEr
         let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
         messages.push(ChatMessage { role, content });
     }
-    let text = mv
-        .tokenizer
-        .apply_chat_template(&messages)
-        .map_err(|e| ApiError::invalid_value("messages", e.to_string()))?;
-    add_prompts(&mut d, vec![text], mv, "messages")?;
-    finish(d, mv, Endpoint::Chat, req.common.model.as_deref())
+    Ok(messages)
 }
 
 /// The checked draft as the engine's sequences (its adapters resolved) and the answer's shape.

@@ -12,6 +12,7 @@
 
 use super::fault::{FaultInjection, FaultKind, SequenceError};
 use super::kv_pool::{chain_hashes, KvPool};
+use super::masks;
 use super::scheduler::{self, Budgets, PoolView, RunningView, StepPlan, WaitingView};
 use super::sequence::Sequence;
 use crate::model::kv_cache::{blocks_for, BLOCK_TOKENS};
@@ -56,6 +57,9 @@ pub struct StepReport {
     pub requeued: usize,
     /// Admissions postponed because a running sequence is computing the same prefix.
     pub deferred: usize,
+    /// Structured outputs: computing this step's token masks, and the part of it the step
+    /// waited for after its forward.
+    pub masks: masks::MaskTimes,
 }
 
 pub struct Batcher<'m> {
@@ -382,7 +386,12 @@ impl<'m> Batcher<'m> {
         }
         let _entered = span.enter();
         let started = std::time::Instant::now();
-        let outcome = self.forward(&input);
+        let samples: Vec<bool> =
+            self.running.iter().zip(&feeds).map(|(s, &f)| f >= s.pending.len()).collect();
+        let jobs = masks::take(&mut self.running, &samples);
+        let (outcome, done, mask_times) = masks::beside(jobs, || self.forward(&input));
+        masks::put_back(&mut self.running, done);
+        report.masks = mask_times;
         self.pacer.observe(
             started.elapsed().as_secs_f64(),
             report.prefill_tokens,

@@ -24,6 +24,9 @@ pub enum SequenceError {
     /// detokenization, stop strings).
     #[error("choosing the next token failed: {0}")]
     Token(String),
+    /// The structured-output grammar failed for this row (its mask or its state).
+    #[error("the structured-output grammar failed: {0}")]
+    Grammar(String),
     /// Handling this row panicked; the panic is caught so the batch survives it.
     #[error("the engine hit a bug while handling this sequence: {0}")]
     Panic(String),

@@ -8,6 +8,7 @@
 pub mod batcher;
 pub mod fault;
 pub mod kv_pool;
+pub mod masks;
 pub mod scheduler;
 pub mod sequence;
 pub mod worker;
@@ -17,7 +18,8 @@ pub use fault::{FaultInjection, FaultKind, SequenceError};
 pub use worker::{Engine, EngineStats};
 
 use crate::model::lora::AdapterMix;
-use crate::model::sampling::{Penalties, SamplingParams};
+use crate::model::sampling::{LogitRules, SamplingParams};
+use crate::structured::Grammar;
 use serde::Serialize;
 
 /// A validated generation request for one sequence.
@@ -28,8 +30,13 @@ pub struct Request {
     /// At least 1.
     pub max_tokens: usize,
     pub sampling: SamplingParams,
-    pub penalties: Penalties,
+    /// `logit_bias`, `min_tokens` and the penalties.
+    pub rules: LogitRules,
     pub stop: Vec<String>,
+    /// Tokens that end the sequence like EOS (vLLM's `stop_token_ids`); not part of the text.
+    pub stop_token_ids: Vec<u32>,
+    /// What the text must match (structured outputs); each sequence gets its own matcher.
+    pub constraint: Option<std::sync::Arc<Grammar>>,
     /// Top alternatives to report per token; `None` = no log-probabilities.
     pub logprobs: Option<usize>,
     pub stop_at_eos: bool,
@@ -48,8 +55,10 @@ impl Request {
             mix,
             max_tokens,
             sampling: SamplingParams::default(),
-            penalties: Penalties::default(),
+            rules: LogitRules::default(),
             stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            constraint: None,
             logprobs: None,
             stop_at_eos: true,
             model: None,

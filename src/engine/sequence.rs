@@ -1,12 +1,15 @@
-//! One sequence's life: prompt → prefill → decode → finished. It samples from its logits
-//! row, applies stop conditions (EOS, stop strings, token limit), and streams text deltas that
-//! never include (part of) a stop string or half a UTF-8 character.
+//! One sequence's life: prompt → prefill → decode → finished. It reshapes its logits row (the
+//! request's logit rules, then its grammar's mask), samples, applies stop conditions (EOS,
+//! `stop_token_ids`, a finished grammar, stop strings, token limit), and streams text deltas
+//! that never include (part of) a stop string or half a UTF-8 character.
 
 use super::kv_pool::{MixKey, PrefixChain};
+use super::masks::Constrained;
 use super::{FinishReason, Request, SequenceError, TokenEvent, Usage};
 use crate::model::sampling::{logprobs, Sampler};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::SeqCache;
+use crate::structured::Matcher;
 use candle_core::Tensor;
 use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
@@ -27,6 +30,8 @@ pub struct Sequence {
     /// On probation: a forward step failed with this sequence in it, and it has not sampled a
     /// token since. A step that fails again while it runs fails it (see `Batcher`).
     pub suspect: bool,
+    /// Structured outputs: the grammar's state and this step's mask.
+    pub constraint: Option<Constrained>,
     sampler: Sampler,
     /// Tokens to feed at the next step: the prompt first, then the last sampled token.
     pub pending: Vec<u32>,
@@ -57,6 +62,7 @@ impl Sequence {
             chain: PrefixChain::default(),
             prompt_chain: Vec::new(),
             suspect: false,
+            constraint: req.constraint.as_ref().map(|g| Constrained::new(g.matcher())),
             sampler: Sampler::new(&req.sampling),
             pending: req.prompt_ids.clone(),
             cache,
@@ -131,23 +137,70 @@ impl Sequence {
         }
     }
 
-    /// Whether the next token is the plain argmax of the logits (greedy, no penalties, no
-    /// log-probabilities), which the batcher takes for all such rows in one device op.
+    /// Whether the next token is the plain argmax of the logits (greedy, no logit rules, no
+    /// grammar, no log-probabilities), which the batcher takes for all such rows in one device
+    /// op.
     pub fn is_plain_greedy(&self) -> bool {
-        self.req.sampling.is_greedy() && self.req.penalties.is_none() && self.req.logprobs.is_none()
+        self.req.sampling.is_greedy()
+            && self.req.rules.is_none()
+            && self.constraint.is_none()
+            && self.req.logprobs.is_none()
     }
 
-    /// Consumes this step's logits row (finite: the batcher checked): samples, streams, and
-    /// decides whether to stop. An error is this sequence's alone.
+    /// Tokens that end the sequence: EOS (unless ignored) and `stop_token_ids`.
+    fn ends(&self, tok: &TextTokenizer, token: u32) -> bool {
+        (self.req.stop_at_eos && tok.eos_ids.contains(&token))
+            || self.req.stop_token_ids.contains(&token)
+    }
+
+    /// Consumes this step's logits row (finite: the batcher checked): reshapes it, samples,
+    /// streams, and decides whether to stop. An error is this sequence's alone.
     pub fn accept(&mut self, logits: &Tensor, tok: &TextTokenizer) -> Result<(), SequenceError> {
         let token_err = |e: crate::model::ModelError| SequenceError::Token(e.to_string());
-        let logits = self.req.penalties.apply(logits, &self.generated).map_err(token_err)?;
-        let token = self.sampler.sample(&logits).map_err(token_err)?;
-        let (lp, top) = match self.req.logprobs {
-            Some(k) => logprobs(&logits, token, k).map_err(token_err)?,
-            None => (0.0, Vec::new()),
+        let candle_err = |e: candle_core::Error| SequenceError::Token(e.to_string());
+        let mut row = logits.to_vec1::<f32>().map_err(candle_err)?;
+        let mut early: Vec<u32> = self.req.stop_token_ids.clone();
+        if self.req.stop_at_eos {
+            early.extend(&tok.eos_ids);
+        }
+        self.req.rules.apply(&mut row, &self.req.prompt_ids, &self.generated, &early);
+        // Log-probabilities are the model's after the request's rules, before the grammar.
+        let ruled = self.req.logprobs.map(|_| row.clone());
+        if let Some(c) = &self.constraint {
+            let mask = match &c.mask {
+                Some(Ok(mask)) => mask,
+                Some(Err(e)) => return Err(SequenceError::Grammar(e.clone())),
+                None => return Err(SequenceError::Grammar("no token mask this step".into())),
+            };
+            for (j, x) in row.iter_mut().enumerate() {
+                if !mask.is_allowed(j as u32) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if row.iter().all(|x| *x == f32::NEG_INFINITY) {
+            let why = "no token is allowed: the grammar, `logit_bias` and `min_tokens` exclude all";
+            return Err(SequenceError::Grammar(why.into()));
+        }
+        let shape = logits.shape().clone();
+        let row = Tensor::from_vec(row, shape.clone(), logits.device()).map_err(candle_err)?;
+        let token = self.sampler.sample(&row).map_err(token_err)?;
+        let (lp, top) = match (self.req.logprobs, ruled) {
+            (Some(k), Some(r)) => {
+                let r = Tensor::from_vec(r, shape, logits.device()).map_err(candle_err)?;
+                logprobs(&r, token, k).map_err(token_err)?
+            }
+            _ => (0.0, Vec::new()),
         };
+        if let Some(m) = self.constraint.as_mut().and_then(|c| c.matcher.as_mut()) {
+            m.consume_token(token).map_err(|e| SequenceError::Grammar(e.to_string()))?;
+        }
         self.push_token(token, lp, top, tok)
+    }
+
+    /// The grammar has reached its end (its last token, or EOS after a complete text).
+    fn grammar_done(&self) -> bool {
+        self.constraint.as_ref().and_then(|c| c.matcher.as_ref()).is_some_and(Matcher::is_stopped)
     }
 
     /// Takes `token`, already chosen as this row's argmax (see [`Sequence::is_plain_greedy`]).
@@ -163,21 +216,24 @@ impl Sequence {
         tok: &TextTokenizer,
     ) -> Result<(), SequenceError> {
         self.generated.push(token);
-        let is_eos = self.req.stop_at_eos && tok.eos_ids.contains(&token);
+        let grammar_done = self.grammar_done();
+        let is_eos = self.ends(tok, token) || (grammar_done && tok.eos_ids.contains(&token));
         let text_ids =
             if is_eos { &self.generated[..self.generated.len() - 1] } else { &self.generated[..] };
         let text = tok.decode(text_ids).map_err(|e| SequenceError::Token(e.to_string()))?;
         let mut finish = None;
         let mut end = safe_prefix_len(&text, &self.req.stop);
-        if is_eos {
+        if is_eos || grammar_done {
             finish = Some(FinishReason::Stop);
             end = text.len();
         }
+        // Stop strings count once `min_tokens` tokens are out (vLLM).
+        let stops_live = self.generated.len() >= self.req.rules.min_tokens;
         if let Some(pos) = self
             .req
             .stop
             .iter()
-            .filter(|s| !s.is_empty())
+            .filter(|s| stops_live && !s.is_empty())
             .filter_map(|s| text.find(s.as_str()))
             .min()
         {

@@ -240,6 +240,20 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Token ids of raw text, with the special tokens a completion prompt gets (BOS where the
+    /// model wants one) or without any.
+    pub fn encode_with(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        match add_special {
+            true => self.encode(text),
+            false => Ok(self.inner.encode(text, false).map_err(tok_err)?.get_ids().to_vec()),
+        }
+    }
+
+    /// Text of `ids`, special tokens included (vLLM's `/detokenize`).
+    pub fn decode_all(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(tok_err)
+    }
+
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tok_err)
