@@ -2,7 +2,8 @@
 # What the test command needs beyond Rust and the models, installed when missing, or named in
 # one clear error when this machine cannot install it (not root, no apt-get):
 #   cargo-nextest          the test runner
-#   openai (PyPI, pinned)  tests/e2e/openai_client.py, driven by tests/e2e_server.rs
+#   openai (PyPI, pinned)  tests/e2e/*.py, driven by tests/e2e_server.rs and tests/openai_surface.rs
+#   jsonschema (pinned)    validates structured outputs (tests/e2e/structured_client.py)
 #   promtool               Debian's `prometheus`: checks a metrics scrape (tests/metrics.rs)
 #   haproxy, curl          the one-host fleet of scripts/fleet-check.py (scripts/fleet.sh)
 # scripts/check-k8s.sh installs its own (PyPI and npm). Called by scripts/test.sh and .ci/run.
@@ -15,6 +16,11 @@ fi
 if ! python3 -c "import openai, sys; sys.exit(openai.__version__ != '${openai_pin#openai==}')" 2>/dev/null; then
   echo "installing $openai_pin" >&2
   python3 -m pip install --quiet --disable-pip-version-check "$openai_pin"
+fi
+jsonschema_pin="jsonschema==4.26.0"
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('jsonschema') != '${jsonschema_pin#jsonschema==}')" 2>/dev/null; then
+  echo "installing $jsonschema_pin" >&2
+  python3 -m pip install --quiet --disable-pip-version-check "$jsonschema_pin"
 fi
 packages=()
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)

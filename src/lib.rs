@@ -24,6 +24,12 @@
 //!     adapters resolved through the registry passed in.
 //!   - `api::response`: the answer's shape, ids, timestamps, finish reasons, the one usage
 //!     count, the JSON bodies and each SSE chunk.
+//!   - `api::rules`: the sampling fields beyond OpenAI's core (`logit_bias`, `min_p`,
+//!     `repetition_penalty`, `min_tokens`, `stop_token_ids`) → the engine's logit rules.
+//!   - `api::structured`: `response_format` and vLLM's `structured_outputs` → one compiled
+//!     constraint (errors name the field and llguidance's reason).
+//!   - `api::vllm`: vLLM's endpoints (`/tokenize`, `/detokenize`, `/v1/load_lora_adapter`,
+//!     `/v1/unload_lora_adapter`) in vLLM's shapes.
 //!   - `api::openai`: OpenAI wire types (serde) and the `adapters` extension.
 //!   - `api::stream`: moves token events: collected into one answer, or streamed.
 //!   - `api::observe`: request ids, tracing spans, access log, per-request metrics.
@@ -38,7 +44,10 @@
 //!   - `engine::batcher`: executes the plan (blocks, prefix cache, queue), runs the forward and
 //!     each row's token; a row's fault fails that sequence only, a failed step re-queues its
 //!     sequences.
-//!   - `engine::sequence`: one sequence's life, sampling, stop conditions, streamed text.
+//!   - `engine::sequence`: one sequence's life: logit rules, its grammar's mask, sampling,
+//!     stop conditions, streamed text.
+//!   - `engine::masks`: constrained rows' token masks, computed on a helper thread beside the
+//!     step's forward.
 //!   - `engine::kv_pool`: the block budget and the prefix cache keyed by tokens and mix.
 //!   - `engine::fault`: typed per-sequence failures and the test-only fault injection.
 //! - [`adapters`]: PEFT adapter folders: reading, checking, writing, the registry, named mixes
@@ -76,7 +85,8 @@
 //!     paths and the per-row reference).
 //!   - `model::ops`: the ops between matmuls, fused on the CPU or composed in candle.
 //!   - `model::kv_cache`: paged per-sequence KV caches (16-token blocks, shared read-only).
-//!   - `model::sampling`: greedy and seeded sampling, penalties, log-probabilities.
+//!   - `model::sampling`: the logit rules (`logit_bias`, `min_tokens`, penalties), greedy and
+//!     seeded sampling (`min_p`, top-k, top-p), log-probabilities.
 //!   - `model::tokenizer`: tokenizers (byte-level BPE) and the chat template; `model::spm`:
 //!     SentencePiece vocabularies from GGUF.
 //!   - `model::load`: resolving `--model` into a model and tokenizer; `model::gguf` and
@@ -86,6 +96,9 @@
 //!   - `model::frozen` and `model::diffops`: the differentiable pieces training needs (a
 //!     frozen matmul whose backward skips the weight; fused norm, rope and softmax with
 //!     backward).
+//! - [`structured`]: structured outputs: a constraint (JSON schema, JSON object, regex, choice,
+//!   Lark grammar) compiled by llguidance against the served tokenizer, cached by its text;
+//!   `structured::keywords`: the JSON Schema keywords allowed (enforced or annotations).
 //! - [`kernels`] (the `loraplex-kernels` crate, the only one with `unsafe`): `kernels::packed`
 //!   (the packed layout and its scalar reference), `kernels::ggml` (GGUF blocks decoded without
 //!   loss), `kernels::acts` (activations quantized per 32 values), `kernels::matmul` and
