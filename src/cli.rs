@@ -371,10 +371,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let (mix, described) =
         load_mix(&args.adapters, &args.adapters_dir, &loaded.model.cfg, &device)?;
     let text = if args.chat {
-        loaded.tokenizer.apply_chat_template(&[ChatMessage {
-            role: "user".into(),
-            content: args.prompt.clone(),
-        }])?
+        loaded.tokenizer.apply_chat_template(&[ChatMessage::text("user", args.prompt.clone())])?
     } else {
         args.prompt.clone()
     };

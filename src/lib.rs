@@ -24,6 +24,9 @@
 //!     adapters resolved through the registry passed in.
 //!   - `api::response`: the answer's shape, ids, timestamps, finish reasons, the one usage
 //!     count, the JSON bodies and each SSE chunk.
+//!   - `api::chat`: a chat request's prompt: messages (tool calls and results included) and
+//!     `tools` through the model's template (or the generic tool prompt), and the grammar a
+//!     forced call needs.
 //!   - `api::rules`: the sampling fields beyond OpenAI's core (`logit_bias`, `min_p`,
 //!     `repetition_penalty`, `min_tokens`, `stop_token_ids`) → the engine's logit rules.
 //!   - `api::structured`: `response_format` and vLLM's `structured_outputs` → one compiled
@@ -98,7 +101,9 @@
 //!     backward).
 //! - [`structured`]: structured outputs: a constraint (JSON schema, JSON object, regex, choice,
 //!   Lark grammar) compiled by llguidance against the served tokenizer, cached by its text;
-//!   `structured::keywords`: the JSON Schema keywords allowed (enforced or annotations).
+//!   `structured::keywords`: the JSON Schema keywords allowed (enforced or annotations);
+//!   `structured::tools`: tool-call formats per family, their grammars, reading calls back, the
+//!   generic tool prompt.
 //! - [`kernels`] (the `loraplex-kernels` crate, the only one with `unsafe`): `kernels::packed`
 //!   (the packed layout and its scalar reference), `kernels::ggml` (GGUF blocks decoded without
 //!   loss), `kernels::acts` (activations quantized per 32 values), `kernels::matmul` and

@@ -2,7 +2,8 @@
 //! the release binary on the real model (tests/e2e/structured_client.py): `parse` with a nested
 //! pydantic model (base, adapter as `model`, a mix), `json_object`, 200 constrained completions
 //! over 12 schemas and four mixes validated with `jsonschema`, vLLM's `structured_outputs`, the
-//! sampling fields, `/tokenize` and `/detokenize`, vLLM's adapter endpoints, and bad input.
+//! sampling fields, `/tokenize` and `/detokenize`, vLLM's adapter endpoints, tool-call round
+//! trips (`required` on an adapter, a named function on a mix; streamed and not), and bad input.
 
 mod common;
 
@@ -104,11 +105,45 @@ fn structured_outputs_sampling_fields_and_vllm_endpoints_through_the_openai_clie
         got["unload_lora"].as_array().unwrap().iter().map(|r| r[0].as_u64().unwrap()).collect();
     assert_eq!(unload, [200, 404]);
 
+    for label in ["required_adapter", "named_mix"] {
+        let t = &got["tools"][label];
+        assert_eq!(
+            (t["finish_reason"].as_str(), t["stream_finish"].as_str()),
+            (Some("tool_calls"), Some("tool_calls")),
+            "{label}: {t}"
+        );
+        let calls = t["calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "parallel_tool_calls false: {t}");
+        assert_eq!(t["calls_valid"], true, "arguments break the tool's schema: {t}");
+        let strip = |v: &Value| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|c| (c["name"].clone(), c["arguments"].clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&t["calls"]), strip(&t["stream_calls"]), "{label}: streamed calls differ");
+        assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+        assert!(t["content"].is_null() && t["stream_content"] == "", "{label}: {t}");
+        assert!(["stop", "length"].contains(&t["answer_finish"].as_str().unwrap()));
+        assert!(t["answer"].as_str().is_some_and(|a| !a.is_empty()), "{label}: {t}");
+        assert_eq!(t["answer"], t["answer_stream"], "{label}: streamed answer differs");
+        assert_eq!(
+            (t["answer_calls"].as_u64(), t["answer_stream_calls"].as_u64()),
+            (Some(0), Some(0))
+        );
+    }
+    assert_eq!(got["tools"]["named_mix"]["calls"][0]["name"], "get_weather");
+    assert_eq!(got["tools"]["named_mix"]["adapters"].as_array().unwrap().len(), 2);
+    assert_eq!(got["tools"]["required_adapter"]["adapters"][0]["name"], "qa-r8");
+
     for (label, want_param) in [
         ("invalid_schema", "response_format.json_schema.schema"),
         ("unsupported_keyword", "response_format.json_schema.schema"),
         ("logit_bias_key", "logit_bias"),
         ("logit_bias_value", "logit_bias"),
+        ("tool_parameters", "tools[0].function.parameters"),
+        ("tool_choice_unknown", "tool_choice"),
     ] {
         let b = &got["bad"][label];
         assert_eq!(

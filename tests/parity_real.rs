@@ -93,10 +93,10 @@ fn tokenizer_from_gguf_matches_the_reference_ids_and_chat_template() {
     }
     let chat = m
         .tokenizer
-        .apply_chat_template(&[ChatMessage {
-            role: "user".into(),
-            content: "Give me three short tips for learning a new language.".into(),
-        }])
+        .apply_chat_template(&[ChatMessage::text(
+            "user",
+            "Give me three short tips for learning a new language.",
+        )])
         .unwrap();
     assert_eq!(chat, cases["prompts"]["chat"]["text"].as_str().unwrap());
 }

@@ -2,6 +2,7 @@
 //! `configure` is used by `serve` and by the tests' in-process service alike.
 
 pub mod body;
+pub mod chat;
 pub mod error;
 pub mod guard;
 pub mod handlers;

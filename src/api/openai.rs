@@ -89,11 +89,35 @@ pub struct WireMessage {
     pub role: String,
     pub content: Option<MessageContent>,
     pub name: Option<String>,
+    /// An assistant turn's calls.
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    /// A `tool` turn: the call it answers.
+    pub tool_call_id: Option<String>,
+}
+
+/// A tool call in an assistant message of the history.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WireToolCall {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: WireFunctionCall,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WireFunctionCall {
+    pub name: String,
+    /// A JSON object, as a string (OpenAI's wire).
+    pub arguments: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     pub messages: Option<Vec<WireMessage>>,
+    /// Function tools (checked in `api::tools`).
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
@@ -157,7 +181,28 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the answer is only tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// A call the model made: `arguments` is its JSON object as a string (OpenAI's wire).
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallOut {
+    /// Streamed deltas number their calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionOut {
+    pub name: String,
+    pub arguments: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -174,6 +219,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -6,6 +6,7 @@
 use super::openai::*;
 use crate::engine::{Collected, FinishReason, TokenEvent};
 use crate::model::tokenizer::TextTokenizer;
+use crate::structured::tools::{self, ToolFormat};
 use actix_web::web::Bytes;
 use serde_json::{Map, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -45,6 +46,9 @@ pub struct ResponseShape {
     pub echo: Option<Vec<String>>,
     /// The request asked for log-probabilities.
     pub logprobs: bool,
+    /// Chat with tools (and `tool_choice` other than `none`): calls are read out of the text
+    /// in this format.
+    pub tools: Option<crate::structured::tools::ToolFormat>,
 }
 
 impl ResponseShape {
@@ -136,11 +140,21 @@ impl ResponseMeta {
                 let choices: Vec<ChatChoice> = results
                     .into_iter()
                     .enumerate()
-                    .map(|(index, r)| ChatChoice {
-                        index,
-                        logprobs: self.shape.logprobs.then(|| chat_logprobs(&r, tok)),
-                        finish_reason: Some(finish_str(r.finish_reason)),
-                        message: ChatMessageOut { role: "assistant", content: r.text },
+                    .map(|(index, r)| {
+                        let logprobs = self.shape.logprobs.then(|| chat_logprobs(&r, tok));
+                        let finish = finish_str(r.finish_reason);
+                        let (message, finish_reason) = match self.shape.tools {
+                            Some(format) => answer_with_calls(&r.text, format, finish, false),
+                            None => (
+                                ChatMessageOut {
+                                    role: "assistant",
+                                    content: Some(r.text),
+                                    tool_calls: None,
+                                },
+                                finish,
+                            ),
+                        };
+                        ChatChoice { index, logprobs, finish_reason: Some(finish_reason), message }
                     })
                     .collect();
                 serde_json::to_value(self.envelope("chat.completion", choices, Some(usage.clone())))
@@ -190,11 +204,103 @@ impl ResponseMeta {
                 let delta = ChatDelta {
                     role: first.then_some("assistant"),
                     content: finish.is_none().then_some(text),
+                    tool_calls: None,
                 };
                 let choice = ChatChunkChoice { index, delta, logprobs, finish_reason: finish };
                 sse(&self.envelope("chat.completion.chunk", vec![choice], None))
             }
         })
+    }
+}
+
+/// A chat answer read for tool calls: the text before the first call as content (`null` when
+/// there is none) and the calls, with `finish_reason: "tool_calls"` when there are calls.
+/// Streamed calls carry their `index`.
+fn answer_with_calls(
+    text: &str,
+    format: ToolFormat,
+    finish: &'static str,
+    indexed: bool,
+) -> (ChatMessageOut, &'static str) {
+    let (content, calls) = tools::parse(text, format, finish == "length");
+    if calls.is_empty() {
+        return (ChatMessageOut { role: "assistant", content, tool_calls: None }, finish);
+    }
+    let calls = calls
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| ToolCallOut {
+            index: indexed.then_some(i),
+            id: format!("call_{:024x}", rand::random::<u128>() >> 32),
+            kind: "function",
+            function: FunctionOut { name: c.name, arguments: c.arguments.to_string() },
+        })
+        .collect();
+    (ChatMessageOut { role: "assistant", content, tool_calls: Some(calls) }, "tool_calls")
+}
+
+/// One streamed chat choice while tool calls are possible: answer text passes through as soon
+/// as it cannot start a call; a call is held and sent whole, parsed, when the choice ends.
+#[derive(Debug, Default)]
+pub struct ToolStream {
+    held: String,
+    /// Decided: `Some(true)` the text is calls, `Some(false)` an answer.
+    calls: Option<bool>,
+    sent_role: bool,
+}
+
+impl ResponseMeta {
+    /// The chunks `ev` of choice `index` adds when the answer may hold tool calls.
+    pub fn tool_chunk(&self, index: usize, ev: &TokenEvent, s: &mut ToolStream) -> Option<Bytes> {
+        let format = self.shape.tools?;
+        let mut role = || (!std::mem::replace(&mut s.sent_role, true)).then_some("assistant");
+        let chunk = |delta: ChatDelta, finish: Option<&'static str>| {
+            let choice = ChatChunkChoice { index, delta, logprobs: None, finish_reason: finish };
+            sse(&self.envelope("chat.completion.chunk", vec![choice], None))
+        };
+        match ev {
+            TokenEvent::Token { text, .. } => {
+                let out = match s.calls {
+                    Some(false) => text.clone(),
+                    Some(true) => {
+                        s.held.push_str(text);
+                        return None;
+                    }
+                    None => {
+                        s.held.push_str(text);
+                        let t = s.held.trim_start();
+                        let opener = format.opener();
+                        if t.is_empty() || (opener.starts_with(t) && t.len() < opener.len()) {
+                            return None;
+                        }
+                        if t.starts_with(opener) {
+                            s.calls = Some(true);
+                            return None;
+                        }
+                        s.calls = Some(false);
+                        std::mem::take(&mut s.held)
+                    }
+                };
+                (!out.is_empty()).then(|| {
+                    chunk(ChatDelta { role: role(), content: Some(out), tool_calls: None }, None)
+                })
+            }
+            TokenEvent::Done { reason, .. } => {
+                let held = std::mem::take(&mut s.held);
+                let (msg, finish) =
+                    answer_with_calls(&held, format, finish_str(Some(*reason)), true);
+                let mut out = Vec::new();
+                let content = msg.content.filter(|c| !c.is_empty());
+                if content.is_some() || msg.tool_calls.is_some() {
+                    let delta = ChatDelta { role: role(), content, tool_calls: msg.tool_calls };
+                    out.extend_from_slice(&chunk(delta, None));
+                }
+                let end = ChatDelta { role: role(), content: None, tool_calls: None };
+                out.extend_from_slice(&chunk(end, Some(finish)));
+                Some(Bytes::from(out))
+            }
+            TokenEvent::Error(_) => None,
+        }
     }
 }
 
@@ -277,6 +383,7 @@ mod tests {
             prompt_lens: vec![5, 7],
             echo: None,
             logprobs: false,
+            tools: None,
         };
         let u = shape.usage([1, 2, 3, 4, 5, 6]);
         assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens), (12, 21, 33));

@@ -36,6 +36,8 @@ pub async fn collect(rxs: Vec<UnboundedReceiver<TokenEvent>>) -> Result<Vec<Coll
 /// far, how many are done, and the guard that records the stream when it ends.
 struct Progress {
     first: Vec<bool>,
+    /// Each choice's held text when its answer may be tool calls.
+    tool_streams: Vec<super::response::ToolStream>,
     tokens: Vec<usize>,
     done: usize,
     ended: bool,
@@ -70,7 +72,11 @@ impl Progress {
         let usage = meta.shape.usage(self.tokens.iter().copied());
         self.guard.usage = (usage.prompt_tokens, usage.completion_tokens);
         let is_first = std::mem::replace(&mut self.first[i], false);
-        let mut out = meta.chunk(tok, i, ev, is_first).map(|b| b.to_vec()).unwrap_or_default();
+        let chunk = match meta.shape.tools {
+            Some(_) => meta.tool_chunk(i, ev, &mut self.tool_streams[i]),
+            None => meta.chunk(tok, i, ev, is_first),
+        };
+        let mut out = chunk.map(|b| b.to_vec()).unwrap_or_default();
         if self.done == self.tokens.len() {
             if meta.shape.include_usage {
                 out.extend_from_slice(&sse(&meta.envelope::<Value>(
@@ -105,8 +111,14 @@ pub fn sse_response(
         error_status: None,
         usage: (prompt_tokens, 0),
     };
-    let progress =
-        Progress { first: vec![true; n], tokens: vec![0; n], done: 0, ended: false, guard };
+    let progress = Progress {
+        first: vec![true; n],
+        tool_streams: (0..n).map(|_| Default::default()).collect(),
+        tokens: vec![0; n],
+        done: 0,
+        ended: false,
+        guard,
+    };
     let body = stream::unfold((events, progress), move |(mut events, mut progress)| {
         let (meta, tok) = (meta.clone(), tok.clone());
         async move {

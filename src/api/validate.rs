@@ -7,20 +7,17 @@
 
 use super::error::ApiError;
 use super::openai::{
-    AdapterRef, AppliedAdapter, ChatRequest, CommonParams, CompletionRequest, MessageContent,
-    StringOrList, WireMessage,
+    AdapterRef, AppliedAdapter, ChatRequest, CommonParams, CompletionRequest, StringOrList,
 };
 use super::response::{Endpoint, ResponseShape};
 use crate::config::Limits;
 use crate::engine::Request;
 use crate::model::lora::{AdapterMix, MixEntry};
 use crate::model::sampling::{LogitRules, SamplingParams};
-use crate::model::tokenizer::ChatMessage;
 use serde_json::{Map, Value};
 
 /// Fields that clients send and that change nothing here.
-const IGNORED_FIELDS: [&str; 5] =
-    ["metadata", "store", "service_tier", "parallel_tool_calls", "prediction"];
+const IGNORED_FIELDS: [&str; 4] = ["metadata", "store", "service_tier", "prediction"];
 
 /// A request checked and typed once: every sequence the engine runs (prompt-major: prompt 0's
 /// `n` choices first) and how to answer.
@@ -434,55 +431,21 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<ValidRequest, ApiEr
     if wire.is_empty() {
         return Err(ApiError::invalid_value("messages", "`messages` is empty"));
     }
-    let messages = chat_messages(wire)?;
-    let text = mv
-        .tokenizer
-        .apply_chat_template(&messages)
-        .map_err(|e| ApiError::invalid_value("messages", e.to_string()))?;
-    add_prompts(&mut d, vec![text], mv, "messages")?;
-    finish(d, mv, Endpoint::Chat, req.common.model.as_deref())
-}
-
-/// Wire messages → the chat template's messages (text content only; `developer` is `system`).
-pub fn chat_messages(wire: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiError> {
-    let mut messages = Vec::with_capacity(wire.len());
-    for (i, m) in wire.iter().enumerate() {
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
-            return Err(ApiError::invalid_value(
-                &format!("messages[{i}].role"),
-                format!("unsupported role `{}`", m.role.escape_debug()),
-            ));
+    let tools = super::chat::tools(req, mv)?;
+    let text = super::chat::prompt(wire, tools.as_ref(), mv)?;
+    if let Some(plan) = &tools {
+        if let Some(grammar) = &plan.grammar {
+            if d.template.constraint.is_some() {
+                let msg = "`response_format` (or `structured_outputs`) cannot be combined with `tools` unless `tool_choice` is `none`";
+                return Err(ApiError::bad_request(msg).with_param("response_format"));
+            }
+            d.template.constraint = Some(grammar.clone());
         }
-        let content = match &m.content {
-            Some(MessageContent::Text(t)) => t.clone(),
-            Some(MessageContent::Parts(parts)) => {
-                let mut s = String::new();
-                for p in parts {
-                    match (p.kind.as_str(), &p.text) {
-                        ("text", Some(t)) => s.push_str(t),
-                        _ => {
-                            return Err(ApiError::invalid_value(
-                                &format!("messages[{i}].content"),
-                                format!(
-                                    "content part of type `{}` is not supported; only text",
-                                    p.kind.escape_debug()
-                                ),
-                            ))
-                        }
-                    }
-                }
-                s
-            }
-            None if m.role == "assistant" => String::new(),
-            None => {
-                return Err(ApiError::bad_request(format!("messages[{i}] lacks `content`"))
-                    .with_param(format!("messages[{i}].content")))
-            }
-        };
-        let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
-        messages.push(ChatMessage { role, content });
     }
-    Ok(messages)
+    add_prompts(&mut d, vec![text], mv, "messages")?;
+    let mut valid = finish(d, mv, Endpoint::Chat, req.common.model.as_deref())?;
+    valid.response.tools = tools.and_then(|t| t.parse);
+    Ok(valid)
 }
 
 /// The checked draft as the engine's sequences (its adapters resolved) and the answer's shape.
@@ -515,6 +478,7 @@ fn finish(
         prompt_lens: d.prompts.iter().map(Vec::len).collect(),
         echo: d.echo.then_some(d.prompt_texts),
         logprobs: d.template.logprobs.is_some(),
+        tools: None,
     };
     Ok(ValidRequest { sequences, response })
 }

@@ -4,9 +4,9 @@
 //! bodies and vLLM's status codes; errors in the OpenAI shape).
 
 use super::body::json_body;
+use super::chat::messages as chat_messages;
 use super::error::ApiError;
 use super::openai::WireMessage;
-use super::validate::chat_messages;
 use super::{authorize, AppState, Scope};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;

@@ -21,11 +21,42 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// Qwen2's split: Llama 3's with every digit its own piece.
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// A chat message as templates see it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// A chat message as templates see it (OpenAI's shape: templates that handle tools read
+/// `tool_calls[i].function.{name, arguments}` and `tool_call_id`).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallMessage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn text(role: &str, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into(), ..Default::default() }
+    }
+}
+
+/// An earlier tool call in an assistant turn; its arguments as a JSON object (templates apply
+/// `tojson` to them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCallMessage {
+    pub id: String,
+    pub name: String,
+    pub arguments: serde_json::Value,
+}
+
+impl Serialize for ToolCallMessage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        serde_json::json!({
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        })
+        .serialize(s)
+    }
 }
 
 pub struct TextTokenizer {
@@ -269,6 +300,16 @@ impl TextTokenizer {
 
     /// Renders the model's chat template (ending with the assistant header).
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.apply_chat_template_with_tools(messages, &[])
+    }
+
+    /// Renders the model's chat template with `tools` (OpenAI's tool objects) in its context,
+    /// for templates that list them themselves.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Result<String> {
         let Some(template) = &self.chat_template else {
             return Err(ModelError::Template("the model has no chat template".into()));
         };
@@ -285,6 +326,7 @@ impl TextTokenizer {
         let tmpl = env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
+            tools => (!tools.is_empty()).then_some(tools),
             add_generation_prompt => true,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,

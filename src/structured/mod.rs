@@ -4,6 +4,7 @@
 //! sequence its own [`Matcher`], which masks that sequence's row of logits only.
 
 pub mod keywords;
+pub mod tools;
 
 use crate::model::tokenizer::TextTokenizer;
 use llguidance::api::TopLevelGrammar;

@@ -177,13 +177,82 @@ out["unload_lora"] = [
     raw("/v1/unload_lora_adapter", {"lora_name": "never-loaded"}),
 ]
 
-# 7. Bad input through the SDK: each a 400 naming the field; the server keeps serving.
+# 7. Tool calling: a round trip (call → result → answer) with `required` and a named
+# function, streamed and not, on an adapter as `model` and on a mix through `adapters`.
+tools = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two integers", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"], "additionalProperties": False}}},
+]
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def streamed_calls(stream):
+    calls, finish, content = {}, None, ""
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        content += d.content or ""
+        for tc in d.tool_calls or []:
+            c = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            c["id"] = tc.id or c["id"]
+            c["name"] += (tc.function.name or "") if tc.function else ""
+            c["arguments"] += (tc.function.arguments or "") if tc.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    return [calls[i] for i in sorted(calls)], finish, content
+
+
+rounds = {}
+for label, model, extra, choice in [
+    ("required_adapter", "qa-r8", None, "required"),
+    ("named_mix", BASE, {"adapters": MIX}, {"type": "function", "function": {"name": "get_weather"}}),
+]:
+    r = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice=choice, parallel_tool_calls=False, max_tokens=96, temperature=0, extra_body=extra)
+    msg = r.choices[0].message
+    calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in msg.tool_calls or []]
+    s_calls, s_finish, s_content = streamed_calls(client.chat.completions.create(
+        model=model, messages=ask, tools=tools, tool_choice=choice, parallel_tool_calls=False, max_tokens=96, temperature=0, extra_body=extra, stream=True))
+    history = ask + [msg.model_dump(exclude_none=True)] + [
+        {"role": "tool", "tool_call_id": c["id"], "content": json.dumps({"temperature": 18, "unit": "celsius"})} for c in calls
+    ]
+    answer = client.chat.completions.create(model=model, messages=history, tools=tools, tool_choice="none", max_tokens=48, temperature=0, extra_body=extra)
+    a_calls, a_finish, a_content = streamed_calls(client.chat.completions.create(
+        model=model, messages=history, tools=tools, tool_choice="none", max_tokens=48, temperature=0, extra_body=extra, stream=True))
+    schemas_by_name = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+
+    def valid(c):
+        try:
+            jsonschema.validate(json.loads(c["arguments"]), schemas_by_name[c["name"]])
+            return True
+        except Exception:  # noqa: BLE001 (reported)
+            return False
+
+    rounds[label] = {
+        "calls_valid": all(valid(c) for c in calls + s_calls),
+        "finish_reason": r.choices[0].finish_reason,
+        "content": msg.content,
+        "calls": calls,
+        "stream_calls": s_calls,
+        "stream_finish": s_finish,
+        "stream_content": s_content,
+        "answer_finish": answer.choices[0].finish_reason,
+        "answer": answer.choices[0].message.content,
+        "answer_calls": len(answer.choices[0].message.tool_calls or []),
+        "answer_stream": a_content,
+        "answer_stream_calls": len(a_calls),
+        "adapters": (r.model_extra or {}).get("adapters"),
+    }
+out["tools"] = rounds
+
+# 8. Bad input through the SDK: each a 400 naming the field; the server keeps serving.
 bad = {}
 for label, kwargs in [
     ("invalid_schema", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}}),
     ("unsupported_keyword", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "not": {"const": "a"}}}}}),
     ("logit_bias_key", {"logit_bias": {"abc": 1}}),
     ("logit_bias_value", {"logit_bias": {"5": 1000}}),
+    ("tool_parameters", {"tools": [{"type": "function", "function": {"name": "f", "parameters": "nope"}}]}),
+    ("tool_choice_unknown", {"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
 ]:
     try:
         client.chat.completions.create(model=BASE, messages=messages, max_tokens=4, **kwargs)
