@@ -27,6 +27,8 @@
 //!   - `api::chat`: a chat request's prompt: messages (tool calls and results included) and
 //!     `tools` through the model's template (or the generic tool prompt), and the grammar a
 //!     forced call needs.
+//!   - `api::responses`: stateless `/v1/responses`: translated into a chat request, answered
+//!     as a `response` object or the Responses stream events.
 //!   - `api::rules`: the sampling fields beyond OpenAI's core (`logit_bias`, `min_p`,
 //!     `repetition_penalty`, `min_tokens`, `stop_token_ids`) → the engine's logit rules.
 //!   - `api::structured`: `response_format` and vLLM's `structured_outputs` → one compiled

@@ -3,7 +3,8 @@
 //! pydantic model (base, adapter as `model`, a mix), `json_object`, 200 constrained completions
 //! over 12 schemas and four mixes validated with `jsonschema`, vLLM's `structured_outputs`, the
 //! sampling fields, `/tokenize` and `/detokenize`, vLLM's adapter endpoints, tool-call round
-//! trips (`required` on an adapter, a named function on a mix; streamed and not), and bad input.
+//! trips (`required` on an adapter, a named function on a mix; streamed and not), stateless
+//! `/v1/responses` (text, a function tool round trip, its stream events, `parse`), and bad input.
 
 mod common;
 
@@ -136,6 +137,44 @@ fn structured_outputs_sampling_fields_and_vllm_endpoints_through_the_openai_clie
     assert_eq!(got["tools"]["named_mix"]["calls"][0]["name"], "get_weather");
     assert_eq!(got["tools"]["named_mix"]["adapters"].as_array().unwrap().len(), 2);
     assert_eq!(got["tools"]["required_adapter"]["adapters"][0]["name"], "qa-r8");
+
+    let r = &got["responses"];
+    assert_eq!(
+        (r["text"].clone(), r["usage"].clone()),
+        (r["chat_text"].clone(), r["chat_usage"].clone()),
+        "responses = chat for the same input: {r}"
+    );
+    assert_eq!(r["status"], "completed");
+    for label in ["mix", "adapter"] {
+        let t = &r[label];
+        assert_eq!(t["status"], "completed", "{label}: {t}");
+        assert_eq!(t["calls"].as_array().unwrap().len(), 1, "{label}: {t}");
+        assert_eq!(t["calls_valid"], true, "{label}: {t}");
+        assert!(t["calls"][0]["call_id"].as_str().unwrap().starts_with("call_"));
+        assert!(["completed", "incomplete"].contains(&t["follow_status"].as_str().unwrap()));
+        assert!(t["follow_text"].as_str().is_some_and(|s| !s.is_empty()), "{label}: {t}");
+        let events: Vec<&str> =
+            t["stream_events"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+        assert_eq!(events.first(), Some(&"response.created"));
+        assert_eq!(events.last(), Some(&"response.completed"));
+        assert!(events.contains(&"response.function_call_arguments.done"), "{events:?}");
+        let strip = |v: &Value| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|c| (c["name"].clone(), c["arguments"].clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&t["calls"]), strip(&t["stream_calls"]), "{label}");
+    }
+    assert_eq!(r["mix"]["adapters"].as_array().unwrap().len(), 2);
+    assert_eq!(r["adapter"]["adapters"][0]["name"], "all-r16");
+    assert_eq!(r["stream_text"]["deltas"], r["stream_text"]["final"]);
+    assert!(r["parsed"]["name"].is_string() && r["parsed"]["country"].is_string(), "{r}");
+    assert_eq!(
+        (r["store_true"]["status"].as_u64(), r["store_true"]["param"].as_str()),
+        (Some(400), Some("store"))
+    );
 
     for (label, want_param) in [
         ("invalid_schema", "response_format.json_schema.schema"),

@@ -28,7 +28,7 @@ fn view<'a>(b: &'a Backend, state: &'a AppState) -> ModelView<'a> {
 
 /// Runs `validate` (tokenizing prompts, loading adapters: blocking work) on the blocking pool,
 /// in the request's span.
-async fn validated(
+pub async fn validated(
     state: &Data,
     validate: impl FnOnce(&ModelView<'_>) -> Result<ValidRequest, ApiError> + Send + 'static,
 ) -> Result<ValidRequest, ApiError> {
@@ -45,7 +45,7 @@ async fn validated(
 }
 
 /// Submits the request's sequences and answers: one JSON body, or a stream.
-async fn respond(
+pub async fn respond(
     req: &HttpRequest,
     state: &AppState,
     valid: ValidRequest,
@@ -56,6 +56,10 @@ async fn respond(
     let mut meta = ResponseMeta::new(valid.response);
     meta.obs = stream_obs(req, state, meta.shape.endpoint.label());
     if meta.shape.stream {
+        if meta.shape.endpoint == super::response::Endpoint::Responses {
+            let rx = rxs.into_iter().next().ok_or_else(|| ApiError::internal("no sequence"))?;
+            return Ok(super::responses::sse(rx, meta));
+        }
         return Ok(sse_response(rxs, meta, b.tokenizer.clone()));
     }
     let results = collect(rxs).await?;

@@ -9,6 +9,7 @@ pub mod handlers;
 pub mod observe;
 pub mod openai;
 pub mod response;
+pub mod responses;
 pub mod rules;
 pub mod stream;
 pub mod structured;
@@ -97,6 +98,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/adapters", web::post().to(handlers::load_adapter))
         .route("/v1/adapters/{name}", web::get().to(handlers::get_adapter))
         .route("/v1/adapters/{name}", web::delete().to(handlers::unload_adapter))
+        .route("/v1/responses", web::post().to(responses::create))
         .route("/tokenize", web::post().to(vllm::tokenize))
         .route("/detokenize", web::post().to(vllm::detokenize))
         .route("/v1/load_lora_adapter", web::post().to(vllm::load_lora_adapter))

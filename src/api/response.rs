@@ -16,6 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub enum Endpoint {
     Completion,
     Chat,
+    /// `/v1/responses`: validated as chat, answered in the Responses shape (`api::responses`).
+    Responses,
 }
 
 impl Endpoint {
@@ -24,6 +26,7 @@ impl Endpoint {
         match self {
             Endpoint::Completion => "completions",
             Endpoint::Chat => "chat_completions",
+            Endpoint::Responses => "responses",
         }
     }
 }
@@ -82,8 +85,11 @@ pub struct ResponseMeta {
 
 impl ResponseMeta {
     pub fn new(shape: ResponseShape) -> Self {
-        let prefix = if shape.endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
-        let id = format!("{prefix}-{:016x}", rand::random::<u64>());
+        let id = match shape.endpoint {
+            Endpoint::Completion => format!("cmpl-{:016x}", rand::random::<u64>()),
+            Endpoint::Chat => format!("chatcmpl-{:016x}", rand::random::<u64>()),
+            Endpoint::Responses => format!("resp_{:032x}", rand::random::<u128>()),
+        };
         Self { shape, id, created: now_secs(), obs: None }
     }
 
@@ -109,6 +115,7 @@ impl ResponseMeta {
         match self.shape.endpoint {
             Endpoint::Completion => "text_completion",
             Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Responses => "response",
         }
     }
 
@@ -116,6 +123,10 @@ impl ResponseMeta {
     pub fn body(&self, results: Vec<Collected>, tok: &TextTokenizer) -> (Value, UsageOut) {
         let usage = self.shape.usage(results.iter().map(|r| r.usage.completion_tokens));
         let body = match self.shape.endpoint {
+            Endpoint::Responses => match results.into_iter().next() {
+                Some(r) => Ok(super::responses::body(self, r)),
+                None => serde_json::to_value(()),
+            },
             Endpoint::Completion => {
                 let choices: Vec<CompletionChoice> = results
                     .into_iter()
@@ -187,6 +198,8 @@ impl ResponseMeta {
         };
         let lp = lp.filter(|_| self.shape.logprobs);
         Some(match self.shape.endpoint {
+            // Its events are `api::responses`'s.
+            Endpoint::Responses => return None,
             Endpoint::Completion => {
                 let logprobs = lp.map(|(id, l, top)| CompletionLogprobs {
                     tokens: vec![token_text(tok, id)],
@@ -249,53 +262,65 @@ pub struct ToolStream {
     sent_role: bool,
 }
 
+impl ToolStream {
+    /// The answer text `text` adds now: `None` while the text may still start a call, or is
+    /// one (then it is held).
+    pub fn answer_text(&mut self, text: &str, format: ToolFormat) -> Option<String> {
+        match self.calls {
+            Some(false) => Some(text.to_string()),
+            Some(true) => {
+                self.held.push_str(text);
+                None
+            }
+            None => {
+                self.held.push_str(text);
+                let t = self.held.trim_start();
+                let opener = format.opener();
+                if t.is_empty() || (opener.starts_with(t) && t.len() < opener.len()) {
+                    return None;
+                }
+                let is_call = t.starts_with(opener);
+                self.calls = Some(is_call);
+                (!is_call).then(|| std::mem::take(&mut self.held))
+            }
+        }
+    }
+
+    /// The held text (calls, or an answer too short to tell), taken.
+    pub fn take_held(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
 impl ResponseMeta {
     /// The chunks `ev` of choice `index` adds when the answer may hold tool calls.
     pub fn tool_chunk(&self, index: usize, ev: &TokenEvent, s: &mut ToolStream) -> Option<Bytes> {
         let format = self.shape.tools?;
-        let mut role = || (!std::mem::replace(&mut s.sent_role, true)).then_some("assistant");
+        fn role(s: &mut ToolStream) -> Option<&'static str> {
+            (!std::mem::replace(&mut s.sent_role, true)).then_some("assistant")
+        }
         let chunk = |delta: ChatDelta, finish: Option<&'static str>| {
             let choice = ChatChunkChoice { index, delta, logprobs: None, finish_reason: finish };
             sse(&self.envelope("chat.completion.chunk", vec![choice], None))
         };
         match ev {
             TokenEvent::Token { text, .. } => {
-                let out = match s.calls {
-                    Some(false) => text.clone(),
-                    Some(true) => {
-                        s.held.push_str(text);
-                        return None;
-                    }
-                    None => {
-                        s.held.push_str(text);
-                        let t = s.held.trim_start();
-                        let opener = format.opener();
-                        if t.is_empty() || (opener.starts_with(t) && t.len() < opener.len()) {
-                            return None;
-                        }
-                        if t.starts_with(opener) {
-                            s.calls = Some(true);
-                            return None;
-                        }
-                        s.calls = Some(false);
-                        std::mem::take(&mut s.held)
-                    }
-                };
+                let out = s.answer_text(text, format)?;
                 (!out.is_empty()).then(|| {
-                    chunk(ChatDelta { role: role(), content: Some(out), tool_calls: None }, None)
+                    chunk(ChatDelta { role: role(s), content: Some(out), tool_calls: None }, None)
                 })
             }
             TokenEvent::Done { reason, .. } => {
-                let held = std::mem::take(&mut s.held);
+                let held = s.take_held();
                 let (msg, finish) =
                     answer_with_calls(&held, format, finish_str(Some(*reason)), true);
                 let mut out = Vec::new();
                 let content = msg.content.filter(|c| !c.is_empty());
                 if content.is_some() || msg.tool_calls.is_some() {
-                    let delta = ChatDelta { role: role(), content, tool_calls: msg.tool_calls };
+                    let delta = ChatDelta { role: role(s), content, tool_calls: msg.tool_calls };
                     out.extend_from_slice(&chunk(delta, None));
                 }
-                let end = ChatDelta { role: role(), content: None, tool_calls: None };
+                let end = ChatDelta { role: role(s), content: None, tool_calls: None };
                 out.extend_from_slice(&chunk(end, Some(finish)));
                 Some(Bytes::from(out))
             }

@@ -244,7 +244,60 @@ for label, model, extra, choice in [
     }
 out["tools"] = rounds
 
-# 8. Bad input through the SDK: each a 400 naming the field; the server keeps serving.
+# 8. Stateless /v1/responses: text, a function tool round trip (on a mix through `adapters`
+# and on an adapter as `model`), streamed events, text.format through `responses.parse`.
+resp_tools = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+               "parameters": t["function"]["parameters"], "strict": True} for t in tools]
+r = client.responses.create(model="qa-r8", input="What is the capital of France?", max_output_tokens=24, temperature=0, store=False)
+chat_same = client.chat.completions.create(model="qa-r8", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=24, temperature=0)
+responses = {"text": r.output_text, "status": r.status, "usage": [r.usage.input_tokens, r.usage.output_tokens],
+             "chat_text": chat_same.choices[0].message.content, "chat_usage": [chat_same.usage.prompt_tokens, chat_same.usage.completion_tokens]}
+for label, model, extra in [("mix", BASE, {"adapters": MIX}), ("adapter", "all-r16", None)]:
+    r = client.responses.create(model=model, input="What is the weather in Rome?", tools=resp_tools, tool_choice="required",
+                                parallel_tool_calls=False, max_output_tokens=80, temperature=0, store=False, extra_body=extra)
+    calls = [o for o in r.output if o.type == "function_call"]
+    follow = client.responses.create(
+        model=model, tools=resp_tools, tool_choice="none", max_output_tokens=40, temperature=0, store=False, extra_body=extra,
+        input=[{"role": "user", "content": "What is the weather in Rome?"}] + [c.model_dump(exclude_none=True) for c in calls]
+        + [{"type": "function_call_output", "call_id": c.call_id, "output": json.dumps({"temperature": 21})} for c in calls],
+    )
+    with client.responses.stream(model=model, input="What is the weather in Rome?", tools=resp_tools, tool_choice="required",
+                                 parallel_tool_calls=False, max_output_tokens=80, temperature=0, store=False, extra_body=extra) as st:
+        kinds = [e.type for e in st]
+        final = st.get_final_response()
+    schemas_by_name = {t["name"]: t["parameters"] for t in resp_tools}
+    responses[label] = {
+        "status": r.status,
+        "calls": [{"name": c.name, "arguments": c.arguments, "call_id": c.call_id} for c in calls],
+        "calls_valid": all(jsonschema.Draft202012Validator(schemas_by_name[c.name]).is_valid(json.loads(c.arguments)) for c in calls),
+        "follow_status": follow.status,
+        "follow_text": follow.output_text,
+        "stream_events": kinds,
+        "stream_calls": [{"name": o.name, "arguments": o.arguments} for o in final.output if o.type == "function_call"],
+        "adapters": (r.model_extra or {}).get("adapters"),
+    }
+with client.responses.stream(model=BASE, input="Say hello.", max_output_tokens=60, temperature=0, store=False) as st:
+    deltas = "".join(e.delta for e in st if e.type == "response.output_text.delta")
+    final = st.get_final_response()
+responses["stream_text"] = {"deltas": deltas, "final": final.output_text}
+
+
+class City(BaseModel):
+    name: str = Field(max_length=20)
+    country: str = Field(max_length=20)
+
+
+r = client.responses.parse(model=BASE, input="Name a city and its country.", text_format=City, max_output_tokens=60,
+                           temperature=0, store=False, extra_body={"adapters": MIX})
+responses["parsed"] = r.output_parsed.model_dump() if r.output_parsed else None
+try:
+    client.responses.create(model=BASE, input="x", store=True)
+    responses["store_true"] = None
+except openai.BadRequestError as e:
+    responses["store_true"] = {"status": e.status_code, "param": e.body.get("param") if isinstance(e.body, dict) else None}
+out["responses"] = responses
+
+# 9. Bad input through the SDK: each a 400 naming the field; the server keeps serving.
 bad = {}
 for label, kwargs in [
     ("invalid_schema", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}}),
