@@ -106,6 +106,11 @@ pub struct BenchArgs {
     /// The request shape of the server under test.
     #[arg(long, value_enum, default_value_t = Api::Loraplex)]
     pub api: Api,
+    /// Structured outputs: client `i` constrains every request to its own JSON schema (an
+    /// array of integers up to `100 + i`, longer than `--max-tokens`, so each request still
+    /// generates exactly `--max-tokens` tokens). The report adds the server's mask time per step.
+    #[arg(long)]
+    pub json_schema_per_client: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -132,6 +137,10 @@ pub struct BenchReport {
     pub itl_ms: Percentiles,
     /// The server's peak resident memory during the run (sampled from `/metrics`).
     pub peak_rss_mib: Option<f64>,
+    /// Structured outputs: the server's mean time computing a step's token masks (beside the
+    /// forward), and the part of it the step waited for, in ms (from `/metrics`).
+    pub mask_ms_per_step: Option<f64>,
+    pub mask_wait_ms_per_step: Option<f64>,
 }
 
 impl BenchReport {
@@ -271,6 +280,9 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
             Api::Llamacpp => "lora",
         };
         body[field] = serde_json::Value::Array(draw(&mut rng, &args, id));
+        if args.json_schema_per_client {
+            body["response_format"] = client_schema(id);
+        }
         if args.api == Api::Llamacpp {
             // llama-server caches prompts per slot; every request must do its own prefill, as
             // loraplex's do.
@@ -365,6 +377,33 @@ async fn client(args: BenchArgs, id: usize, deadline: Instant) -> ClientStats {
         }
     }
     st
+}
+
+/// Client `id`'s own JSON schema: distinct text per client (so one grammar each), and
+/// unbounded enough that no request ends before `--max-tokens`.
+fn client_schema(id: usize) -> serde_json::Value {
+    let schema = serde_json::json!({"type": "object", "properties": {"values": {"type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": 100 + id}, "minItems": 4096}},
+        "required": ["values"], "additionalProperties": false});
+    serde_json::json!({"type": "json_schema", "json_schema": {"name": format!("client_{id}"), "schema": schema}})
+}
+
+/// The server's `(sum, count)` of a histogram in `/metrics`, when it has one.
+async fn histogram(base: &str, name: &str) -> Option<(f64, f64)> {
+    let url = format!("{}/metrics", base.trim_end_matches('/'));
+    let body = http_client().get(&url).send().await.ok()?.body().limit(1 << 24).await.ok()?;
+    let text = String::from_utf8_lossy(&body);
+    let read = |suffix: &str| {
+        let key = format!("{name}_{suffix} ");
+        text.lines().find(|l| l.starts_with(&key))?.split(' ').nth(1)?.parse::<f64>().ok()
+    };
+    Some((read("sum")?, read("count")?))
+}
+
+/// Mean ms per observation of a histogram between two scrapes.
+fn mean_ms(before: Option<(f64, f64)>, after: Option<(f64, f64)>) -> Option<f64> {
+    let ((s0, c0), (s1, c1)) = (before.unwrap_or_default(), after?);
+    (c1 > c0).then(|| (s1 - s0) / (c1 - c0) * 1e3)
 }
 
 /// Writes `count` synthetic rank-8 q/v adapters for SmolLM2-135M's shapes into `dir`.
@@ -655,6 +694,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let report = actix_web::rt::System::new().block_on(async {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let masks = [crate::metrics::MASK_COMPUTE, crate::metrics::MASK_WAIT];
+        let masks_before = [histogram(&args.url, masks[0]).await, histogram(&args.url, masks[1]).await];
         let sampler = actix_web::rt::spawn(peak_rss(args.url.clone(), stop.clone()));
         let started = Instant::now();
         let deadline = started + Duration::from_secs(args.duration_secs);
@@ -673,7 +714,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let secs = started.elapsed().as_secs_f64();
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let peak = sampler.await.ok().flatten();
+        let masks_after = [histogram(&args.url, masks[0]).await, histogram(&args.url, masks[1]).await];
         anyhow::Ok(BenchReport {
+            mask_ms_per_step: mean_ms(masks_before[0], masks_after[0]),
+            mask_wait_ms_per_step: mean_ms(masks_before[1], masks_after[1]),
             peak_rss_mib: peak.map(|b| b / (1024.0 * 1024.0)),
             label: args.label.clone(),
             concurrency: args.concurrency,
