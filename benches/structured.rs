@@ -41,7 +41,12 @@ fn bench(c: &mut Criterion) {
     });
     let g = grammars.compile(&ConstraintSpec::JsonSchema(person(120))).unwrap();
     let mut m = g.matcher();
-    let prefix = tok.encode_with(r#"{"name": "Ada", "age": 36, "role": "engineer", "address": {"city": "#, false).unwrap();
+    let prefix = tok
+        .encode_with(
+            r#"{"name": "Ada", "age": 36, "role": "engineer", "address": {"city": "#,
+            false,
+        )
+        .unwrap();
     m.consume_tokens(&prefix).unwrap();
     c.bench_function("structured/one token mask mid-object", |b| {
         b.iter(|| {

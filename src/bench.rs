@@ -695,7 +695,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = actix_web::rt::System::new().block_on(async {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let masks = [crate::metrics::MASK_COMPUTE, crate::metrics::MASK_WAIT];
-        let masks_before = [histogram(&args.url, masks[0]).await, histogram(&args.url, masks[1]).await];
+        let masks_before =
+            [histogram(&args.url, masks[0]).await, histogram(&args.url, masks[1]).await];
         let sampler = actix_web::rt::spawn(peak_rss(args.url.clone(), stop.clone()));
         let started = Instant::now();
         let deadline = started + Duration::from_secs(args.duration_secs);
@@ -714,7 +715,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let secs = started.elapsed().as_secs_f64();
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let peak = sampler.await.ok().flatten();
-        let masks_after = [histogram(&args.url, masks[0]).await, histogram(&args.url, masks[1]).await];
+        let masks_after =
+            [histogram(&args.url, masks[0]).await, histogram(&args.url, masks[1]).await];
         anyhow::Ok(BenchReport {
             mask_ms_per_step: mean_ms(masks_before[0], masks_after[0]),
             mask_wait_ms_per_step: mean_ms(masks_before[1], masks_after[1]),
