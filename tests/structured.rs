@@ -211,3 +211,31 @@ fn the_same_constraint_text_compiles_once() {
     let e = grammars().compile(&bad).unwrap_err().to_string();
     assert!(e.contains("maxLenght"), "{e}");
 }
+
+/// The plain sampling path (nothing reshapes the row) and the reshaping one (rules that change
+/// nothing: a zero bias) choose the same tokens, sampled and greedy, log-probabilities asked.
+#[test]
+fn inert_logit_rules_choose_what_the_plain_path_chooses() {
+    let plain: Vec<Request> = (0..4)
+        .map(|k| {
+            let mut r = req(
+                "The best way to learn is",
+                AdapterMix::default(),
+                None,
+                (k % 2 == 1).then_some(k),
+            );
+            r.logprobs = Some(2);
+            r
+        })
+        .collect();
+    let ruled: Vec<Request> = plain
+        .iter()
+        .cloned()
+        .map(|mut r| {
+            r.rules.bias = vec![(0, 0.0)];
+            r
+        })
+        .collect();
+    assert!(!ruled[0].rules.is_none());
+    assert_eq!(run(&plain, 4096).0, run(&ruled, 4096).0);
+}

@@ -158,6 +158,15 @@ impl Sequence {
     pub fn accept(&mut self, logits: &Tensor, tok: &TextTokenizer) -> Result<(), SequenceError> {
         let token_err = |e: crate::model::ModelError| SequenceError::Token(e.to_string());
         let candle_err = |e: candle_core::Error| SequenceError::Token(e.to_string());
+        if self.req.rules.is_none() && self.constraint.is_none() {
+            // Nothing reshapes the row: the sampler reads it as it is.
+            let token = self.sampler.sample(logits).map_err(token_err)?;
+            let (lp, top) = match self.req.logprobs {
+                Some(k) => logprobs(logits, token, k).map_err(token_err)?,
+                None => (0.0, Vec::new()),
+            };
+            return self.push_token(token, lp, top, tok);
+        }
         let mut row = logits.to_vec1::<f32>().map_err(candle_err)?;
         let mut early: Vec<u32> = self.req.stop_token_ids.clone();
         if self.req.stop_at_eos {
