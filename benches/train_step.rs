@@ -20,9 +20,11 @@ fn bench(c: &mut Criterion) {
     let mut loaded =
         load_model(&path, WeightFormat::parse("f32", &Device::Cpu).unwrap(), &Device::Cpu).unwrap();
     let examples: Vec<TrainExample> = (0..8u32)
-        .map(|i| TrainExample {
-            input: (0..255).map(|t| 100 + (t * 13 + i * 7) % 4000).collect(),
-            targets: (0..8).map(|t| 200 + t + i).collect(),
+        .map(|i| {
+            TrainExample::tail(
+                (0..255).map(|t| 100 + (t * 13 + i * 7) % 4000).collect(),
+                (0..8).map(|t| 200 + t + i).collect(),
+            )
         })
         .collect();
     let dir = tempfile::tempdir().unwrap();

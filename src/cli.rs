@@ -328,6 +328,9 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         cfg.output.display(), o.log.len(), o.log.last().map_or(f64::NAN, |l| l.loss), tokens, o.seconds,
         tokens as f64 / o.seconds.max(1e-9), o.peak_rss_bytes.unwrap_or(0) as f64 / 1e9, o.usable, o.skipped_long, o.skipped_unanswerable
     );
+    if let Some(v) = o.validation_loss {
+        println!("validation loss {v:.4}");
+    }
     Ok(())
 }
 

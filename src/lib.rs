@@ -112,7 +112,9 @@
 //!   `kernels::x86` (the integer matmul: AVX-512 VNNI / AVX-VNNI / AVX2 / scalar),
 //!   `kernels::dense` (the dense f32 matmul), `kernels::fused` (norms, rope, SiLU·mul,
 //!   attention, LoRA), `kernels::pool` (the chunked thread pool).
-//! - [`train`]: `loraplex train` and `eval`: `train::squad` (data), `train::params` (the
+//! - [`train`]: `loraplex train` and `eval`: `train::data` (chat, prompt/completion and SQuAD
+//!   files told apart by content, line-checked; tokenized examples with their loss positions),
+//!   `train::squad` (SQuAD), `train::params` (the
 //!   trainable A and B), `train::trainer` (the loop), `train::optim` (AdamW, clipping,
 //!   schedules), `train::eval` (batched greedy answers), `train::metrics` (SQuAD EM and F1),
 //!   `train::plot` (the loss curve).

@@ -134,6 +134,17 @@ fn structured_outputs_sampling_fields_and_vllm_endpoints_through_the_openai_clie
             (Some(0), Some(0))
         );
     }
+    let auto = &got["tools"]["auto"];
+    match auto["finish_reason"].as_str() {
+        Some("tool_calls") => assert!(!auto["calls"].as_array().unwrap().is_empty(), "{auto}"),
+        Some("stop" | "length") => {
+            assert!(
+                auto["content"].as_str().is_some_and(|c| !c.starts_with("<tool_call>")),
+                "{auto}"
+            )
+        }
+        other => panic!("auto: finish_reason {other:?}"),
+    }
     assert_eq!(got["tools"]["named_mix"]["calls"][0]["name"], "get_weather");
     assert_eq!(got["tools"]["named_mix"]["adapters"].as_array().unwrap().len(), 2);
     assert_eq!(got["tools"]["required_adapter"]["adapters"][0]["name"], "qa-r8");

@@ -126,9 +126,11 @@ fn long_examples_are_skipped_or_truncated_around_the_answer() {
 
 fn tiny_examples() -> Vec<TrainExample> {
     (0..6u32)
-        .map(|i| TrainExample {
-            input: (0..10 + i).map(|t| (t * 7 + i) % 60 + 3).collect(),
-            targets: vec![(i * 5) % 60 + 2, 11, 1],
+        .map(|i| {
+            TrainExample::tail(
+                (0..10 + i).map(|t| (t * 7 + i) % 60 + 3).collect(),
+                vec![(i * 5) % 60 + 2, 11, 1],
+            )
         })
         .collect()
 }

@@ -310,6 +310,17 @@ impl TextTokenizer {
         messages: &[ChatMessage],
         tools: &[serde_json::Value],
     ) -> Result<String> {
+        self.render_chat(messages, tools, true)
+    }
+
+    /// Renders the chat template, ending with the assistant header when
+    /// `add_generation_prompt` (training renders whole conversations without it).
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let Some(template) = &self.chat_template else {
             return Err(ModelError::Template("the model has no chat template".into()));
         };
@@ -327,7 +338,7 @@ impl TextTokenizer {
         tmpl.render(minijinja::context! {
             messages => messages,
             tools => (!tools.is_empty()).then_some(tools),
-            add_generation_prompt => true,
+            add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })

@@ -1,6 +1,8 @@
-//! `loraplex train` and `loraplex eval`: fine-tune a LoRA adapter on SQuAD against the frozen
-//! base and write it in PEFT format; score the base or any adapter mix with SQuAD's EM/F1.
+//! `loraplex train` and `loraplex eval`: fine-tune a LoRA adapter against the frozen base on a
+//! chat, prompt/completion or SQuAD dataset (`train::data`) and write it in PEFT format; score
+//! the base or any adapter mix with SQuAD's EM/F1.
 
+pub mod data;
 pub mod eval;
 pub mod metrics;
 pub mod optim;
@@ -28,10 +30,15 @@ pub struct TrainOptions {
     /// Base model (`.gguf`, Hugging Face folder, `hf:ORG/NAME`). [default: the fetched SmolLM2]
     #[arg(long)]
     pub model: Option<String>,
-    /// SQuAD v1.1/v2.0 JSON (optionally .gz) or JSONL of {"context","question","answer"}.
-    /// [default: data/squad/train-v1.1.json, downloaded when online]
+    /// Training data, its format told from the content: OpenAI chat JSONL ({"messages": […]}),
+    /// prompt/completion JSONL, SQuAD v1.1/v2.0 JSON (optionally .gz) or JSONL of
+    /// {"context","question","answer"}. [default: data/squad/train-v1.1.json, downloaded when
+    /// online]
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Validation data in any of those formats: its loss is reported when training ends.
+    #[arg(long)]
+    pub validation_data: Option<PathBuf>,
     /// Output adapter folder, e.g. adapters/squad-r16. [default: adapters/squad]
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -122,6 +129,7 @@ impl TrainOptions {
             lower,
             model,
             data,
+            validation_data,
             output,
             rank,
             alpha,
@@ -156,6 +164,7 @@ impl TrainOptions {
 pub struct TrainConfig {
     pub model: String,
     pub data: PathBuf,
+    pub validation_data: Option<PathBuf>,
     pub output: PathBuf,
     pub rank: usize,
     pub alpha: f64,
@@ -190,6 +199,7 @@ impl TryFrom<TrainOptions> for TrainConfig {
         let c = TrainConfig {
             model: o.model.unwrap_or_else(|| crate::model::load::DEFAULT_MODEL.into()),
             data: o.data.unwrap_or_else(|| DEFAULT_DATA.into()),
+            validation_data: o.validation_data,
             output: o.output.unwrap_or_else(|| "adapters/squad".into()),
             rank: o.rank.unwrap_or(16),
             alpha: o.alpha.unwrap_or(32.0),

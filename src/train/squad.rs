@@ -3,6 +3,7 @@
 //! design notes; tokenized training examples with the loss on the answer and EOS only, and
 //! over-long examples either skipped or truncated in the context around the answer.
 
+pub use super::data::TrainExample;
 use crate::model::tokenizer::TextTokenizer;
 use serde::Deserialize;
 use std::io::Read;
@@ -72,7 +73,7 @@ enum AnswerField {
     Many(Vec<String>),
 }
 
-fn read_text(path: &Path) -> Result<String, DataError> {
+pub fn read_text(path: &Path) -> Result<String, DataError> {
     let io = |source| DataError::Io { path: path.display().to_string(), source };
     let raw = std::fs::read(path).map_err(io)?;
     if path.extension().is_some_and(|e| e == "gz") {
@@ -175,29 +176,6 @@ pub enum Overflow {
     Truncate,
 }
 
-/// A tokenized training example: `input` is fed to the model, and the last `targets.len()`
-/// positions of `input` predict `targets` (the answer tokens, then EOS).
-#[derive(Debug, Clone, PartialEq)]
-pub struct TrainExample {
-    pub input: Vec<u32>,
-    pub targets: Vec<u32>,
-}
-
-impl TrainExample {
-    /// Prompt + answer + EOS, as one sequence.
-    pub fn full_len(&self) -> usize {
-        self.input.len() + 1
-    }
-
-    /// Per position of `input`: `Some(target)` where the loss applies, else `None`.
-    pub fn loss_mask(&self) -> Vec<Option<u32>> {
-        let first = self.input.len() + 1 - self.targets.len();
-        (0..self.input.len())
-            .map(|i| (i + 1 >= first).then(|| self.targets[i + 1 - first]))
-            .collect()
-    }
-}
-
 fn enc(tok: &TextTokenizer, s: &str) -> Result<Vec<u32>, DataError> {
     tok.encode(s).map_err(|e| DataError::Tokenizer(e.to_string()))
 }
@@ -235,7 +213,7 @@ pub fn tokenize(
     full.extend_from_slice(&ctx);
     full.extend_from_slice(&tail);
     full.extend_from_slice(&targets[..targets.len() - 1]);
-    Ok(Some(TrainExample { input: full, targets }))
+    Ok(Some(TrainExample::tail(full, targets)))
 }
 
 /// A `budget`-token window `[lo, hi)` of the context tokens that contains the answer span,

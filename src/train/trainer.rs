@@ -3,9 +3,9 @@
 //! a JSONL log, resumable checkpoints, and the PEFT folder (with model card and loss curve)
 //! written atomically at the end.
 
+use super::data::{self, Record, TrainExample};
 use super::optim::{clip_grad_norm, lr_at, AdamW};
 use super::params::LoraParams;
-use super::squad::{self, TrainExample};
 use super::TrainConfig;
 use crate::adapters::PeftConfig;
 use crate::model::lora::AdapterMix;
@@ -54,11 +54,9 @@ pub fn batch_loss(
     let mut offset = 0u32;
     for ex in batch {
         input.push(&ex.input);
-        let len = ex.input.len() as u32;
-        let first = offset + len - ex.targets.len() as u32;
-        rows.extend(first..offset + len);
+        rows.extend(ex.positions.iter().map(|p| offset + p));
         targets.extend_from_slice(&ex.targets);
-        offset += len;
+        offset += ex.input.len() as u32;
     }
     let hidden =
         model.forward(&input, None, lora).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -143,6 +141,10 @@ pub struct TrainOutcome {
     pub skipped_unanswerable: usize,
     pub seconds: f64,
     pub peak_rss_bytes: Option<u64>,
+    /// Mean loss per target token of the validation data, when given.
+    pub validation_loss: Option<f64>,
+    /// The training data's format (`None` for examples given already tokenized).
+    pub format: Option<data::Format>,
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`).
@@ -159,7 +161,13 @@ pub fn train(
     cfg: &TrainConfig,
     progress: bool,
 ) -> anyhow::Result<TrainOutcome> {
-    let all = squad::load(&cfg.data)?;
+    // Both files are read and checked before any training starts.
+    let dataset = data::load(&cfg.data)?;
+    let (format, all) = (dataset.format, dataset.records);
+    let validation = match &cfg.validation_data {
+        Some(path) => Some(tokenize_all(&data::load(path)?.records, tok, cfg)?),
+        None => None,
+    };
     let per_step = cfg.batch_size * cfg.grad_accum;
     // Visit the raw examples in a seeded order and tokenize only as many as the run needs
     // (SQuAD train has 87,599; a 133-step run uses 1,064).
@@ -168,15 +176,15 @@ pub fn train(
     let needed = cfg.steps.map(|s| s * per_step);
     let mut examples = Vec::new();
     let (mut skipped_long, mut skipped_unanswerable) = (0, 0);
-    for ex in visit.iter().map(|&i| &all[i]) {
+    for rec in visit.iter().map(|&i| &all[i]) {
         if needed.is_some_and(|n| examples.len() >= n) {
             break;
         }
-        if ex.answers.is_empty() {
+        if matches!(rec, Record::Squad(q) if q.answers.is_empty()) {
             skipped_unanswerable += 1;
             continue;
         }
-        match squad::tokenize(ex, tok, cfg.max_seq_len, cfg.overflow)? {
+        match data::tokenize(rec, tok, cfg.max_seq_len, cfg.overflow)? {
             Some(t) => examples.push(t),
             None => skipped_long += 1,
         }
@@ -187,7 +195,15 @@ pub fn train(
         cfg.data.display()
     );
     let mut outcome = train_on(model, &examples, cfg, progress, Some(tok))?;
+    if let (Some(v), true) = (&validation, outcome.finished) {
+        let adapter = Arc::new(outcome.params.as_adapter(&model.cfg, "validation")?);
+        model.set_exec(crate::model::Exec::Differentiable);
+        let loss = mean_loss(model, &adapter, v, cfg.batch_size);
+        model.set_exec(model.inference_exec());
+        outcome.validation_loss = Some(loss?);
+    }
     outcome.skipped_long = skipped_long;
+    outcome.format = Some(format);
     outcome.skipped_unanswerable = skipped_unanswerable;
     if outcome.finished {
         write_output(cfg, &outcome.params, &outcome)?;
@@ -197,6 +213,41 @@ pub fn train(
         std::fs::remove_dir_all(&ckpt)?;
     }
     Ok(outcome)
+}
+
+/// Every usable example of `records` (none may fail to tokenize; over-long ones are dropped).
+fn tokenize_all(
+    records: &[Record],
+    tok: &crate::model::tokenizer::TextTokenizer,
+    cfg: &TrainConfig,
+) -> anyhow::Result<Vec<TrainExample>> {
+    let mut out = Vec::new();
+    for rec in records {
+        if let Some(t) = data::tokenize(rec, tok, cfg.max_seq_len, cfg.overflow)? {
+            out.push(t);
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "no usable validation examples");
+    Ok(out)
+}
+
+/// Mean cross-entropy per target token of `examples` under `adapter` (no dropout, no gradient).
+pub fn mean_loss(
+    model: &Decoder,
+    adapter: &Arc<crate::model::lora::LoraAdapter>,
+    examples: &[TrainExample],
+    batch_size: usize,
+) -> anyhow::Result<f64> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for part in examples.chunks(batch_size.max(1)) {
+        let batch: Vec<&TrainExample> = part.iter().collect();
+        let mixes = vec![AdapterMix::single(adapter.clone(), 1.0); batch.len()];
+        let lora = StepLora::Training { mixes, dropout: 0.0, seed: 0 };
+        let (loss, k) = batch_loss(model, &lora, &batch)?;
+        sum += loss.to_scalar::<f32>()? as f64 * k as f64;
+        n += k;
+    }
+    Ok(sum / n.max(1) as f64)
 }
 
 /// Trains on tokenized examples and returns the parameters and log (writes checkpoints, not
@@ -320,6 +371,8 @@ pub fn train_on(
         skipped_unanswerable: 0,
         seconds: started.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
+        validation_loss: None,
+        format: None,
         params,
     })
 }
@@ -359,7 +412,34 @@ fn write_output(cfg: &TrainConfig, params: &LoraParams, o: &TrainOutcome) -> any
     Ok(())
 }
 
+/// The card of an adapter trained on chat or prompt/completion data.
+fn generic_card(cfg: &TrainConfig, o: &TrainOutcome, format: data::Format) -> String {
+    let last = o.log.last().map_or(f64::NAN, |l| l.loss);
+    let (what, loss) = match format {
+        data::Format::Chat => (
+            "chat conversations rendered with the base model's chat template",
+            "the assistant turns of weight 1 (their text and the template's end of turn)",
+        ),
+        _ => ("prompt/completion pairs", "the completion and the end-of-sequence token"),
+    };
+    format!(
+        "---\nlibrary_name: peft\n---\n\n# {name}\n\nA LoRA adapter trained by `loraplex train` on {what} \
+         (`{data}`), in Hugging Face PEFT format.\n\n## Recipe\n\nr {r}, alpha {alpha}, dropout {dropout}, targets \
+         {targets:?}, rsLoRA {rslora}; AdamW lr {lr}, batch {bs} × {ga}, {steps} steps, at most {maxlen} tokens per \
+         example, seed {seed}. Full recipe: `training_recipe.json`. The loss covers {loss}.\n\n## Result\n\n\
+         {usable} usable examples ({long} too long); final step loss {last:.4}; validation loss {val}.\n",
+        name = cfg.output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        data = cfg.data.display(), r = cfg.rank, alpha = cfg.alpha, dropout = cfg.dropout,
+        targets = cfg.target_modules, rslora = cfg.rslora, lr = cfg.lr, bs = cfg.batch_size, ga = cfg.grad_accum,
+        steps = o.log.len(), maxlen = cfg.max_seq_len, seed = cfg.seed, usable = o.usable, long = o.skipped_long,
+        val = o.validation_loss.map_or("not measured".into(), |v| format!("{v:.4}")),
+    )
+}
+
 fn model_card(cfg: &TrainConfig, o: &TrainOutcome) -> String {
+    if let Some(f @ (data::Format::Chat | data::Format::PromptCompletion)) = o.format {
+        return generic_card(cfg, o, f);
+    }
     let last = o.log.last().map_or(f64::NAN, |l| l.loss);
     let tail: Vec<f64> = o.log.iter().rev().take(10).map(|l| l.loss).collect();
     let tail_mean = tail.iter().sum::<f64>() / tail.len().max(1) as f64;

@@ -242,6 +242,11 @@ for label, model, extra, choice in [
         "answer_stream_calls": len(a_calls),
         "adapters": (r.model_extra or {}).get("adapters"),
     }
+# `auto`: the model may answer or call; either way the answer is well-formed.
+r = client.chat.completions.create(model=BASE, messages=ask, tools=tools, tool_choice="auto", max_tokens=60, temperature=0)
+c = r.choices[0]
+rounds["auto"] = {"finish_reason": c.finish_reason, "content": c.message.content,
+                  "calls": [{"name": t.function.name, "arguments": t.function.arguments} for t in c.message.tool_calls or []]}
 out["tools"] = rounds
 
 # 8. Stateless /v1/responses: text, a function tool round trip (on a mix through `adapters`
