@@ -314,13 +314,6 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     }
     let mut loaded = load_model(&cfg.model, format, &device)
         .with_context(|| format!("loading `{}`", cfg.model))?;
-    if loaded.model.cfg.arch.combined_modules {
-        // The trainer writes one PEFT module per projection; a combined module needs one A.
-        bail!(
-            "training on `{}` (fused projections) is not supported yet; serving is",
-            loaded.model.cfg.arch.name
-        );
-    }
     let o = crate::train::trainer::train(&mut loaded.model, &loaded.tokenizer, &cfg, !args.quiet)?;
     let tokens: usize = o.log.iter().map(|l| l.tokens).sum();
     println!(

@@ -323,7 +323,7 @@ fn the_output_is_a_peft_folder_that_loads() {
     let o = train_on(&mut model, &tiny_examples(), &tc, false, None).unwrap();
     let weights = o.params.export().unwrap();
     let out = dir.path().join("peft");
-    loraplex::adapters::writer::save_adapter(&out, &o.params.config, &weights).unwrap();
+    loraplex::adapters::writer::save_modules(&out, &o.params.config, &weights, &[]).unwrap();
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
             .unwrap();

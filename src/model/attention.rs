@@ -191,21 +191,13 @@ impl Decoder {
                     .contiguous()?
                     .reshape((nkv, groups * t, hd))?
             };
-            let att = match (self.differentiable(), window) {
-                (true, _) if alibi => {
-                    return Err(super::ModelError::Unsupported(
-                        "training with ALiBi attention".into(),
-                    ))
-                }
-                (true, None) => {
+            let att = match (self.differentiable(), window.is_some() || alibi) {
+                // Plain causal attention trains through the fused causal softmax with its
+                // backward.
+                (true, false) => {
                     super::diffops::causal_softmax(&qg.matmul(&k_heads.t()?)?, scale, t)?
                 }
-                (true, Some(_)) => {
-                    return Err(super::ModelError::Unsupported(
-                        "training with sliding-window attention".into(),
-                    ))
-                }
-                (false, _) => {
+                (differentiable, _) => {
                     let mut att = (qg.matmul(&k_heads.t()?)? * scale)?.to_dtype(DType::F32)?;
                     if alibi {
                         att = att.broadcast_add(&alibi_bias(
@@ -220,7 +212,12 @@ impl Decoder {
                         None => super::diffops::add_causal_mask(&att, t)?,
                         Some(w) => super::diffops::add_window_mask(&att, t, w)?,
                     };
-                    candle_nn::ops::softmax_last_dim(&masked)?
+                    // ALiBi and windows train through candle's composed softmax (it has a
+                    // backward; the fused one does not).
+                    match differentiable {
+                        true => candle_nn::ops::softmax(&masked, candle_core::D::Minus1)?,
+                        false => candle_nn::ops::softmax_last_dim(&masked)?,
+                    }
                 }
             };
             let o = att.to_dtype(self.dtype)?.matmul(&v_heads)?; // (nkv, groups·t, hd)

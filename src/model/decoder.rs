@@ -363,6 +363,9 @@ impl Decoder {
     pub(super) fn apply_norm(&self, x: &Tensor, n: &Norm) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
         if let Some(b) = &n.b {
+            if self.differentiable() {
+                return Ok(super::diffops::layer_norm(x, &n.w, b, eps)?);
+            }
             return Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &n.w, b, eps)?);
         }
         if self.differentiable() {

@@ -158,6 +158,17 @@ impl CustomOp1 for Rope {
     }
 }
 
+/// Differentiable LayerNorm of `x` (`(.., d)`) with the frozen weight and bias `(d,)`, from
+/// candle's basic ops (their backward is candle's own), in f32.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    let f = x.to_dtype(candle_core::DType::F32)?;
+    let centred = f.broadcast_sub(&f.mean_keepdim(candle_core::D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps as f64)?.sqrt()?)?;
+    let (w, b) = (w.to_dtype(candle_core::DType::F32)?, b.to_dtype(candle_core::DType::F32)?);
+    normed.broadcast_mul(&w)?.broadcast_add(&b)?.to_dtype(x.dtype())
+}
+
 /// Differentiable rotary embedding of `x` `(n, heads, hd)` with `(n, hd/2)` tables.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (n, heads, hd) = x.dims3()?;

@@ -1,6 +1,8 @@
 //! The trainable LoRA parameters: `A` (Kaiming-uniform, as PEFT initialises it) and `B`
-//! (zeros) per targeted module, as candle `Var`s; views of them as a [`LoraAdapter`] for the
-//! model's forward; and their PEFT-named export.
+//! (zeros) per targeted *stored* module, as candle `Var`s — one pair for a fused projection
+//! (Phi-3's `qkv_proj`, BLOOM's `query_key_value`), whose parts share `A` and take their rows
+//! of `B`, as PEFT computes it and as serving loads it; views of them as a [`LoraAdapter`] for
+//! the model's forward; and their PEFT-named export.
 
 use crate::adapters::{AdapterError, PeftConfig};
 use crate::model::lora::{LoraAdapter, LoraWeights};
@@ -10,8 +12,10 @@ use rand::{Rng, SeedableRng};
 
 pub struct LoraParams {
     pub config: PeftConfig,
-    /// `(module, A (r, in), B (out, r))`.
-    pub modules: Vec<(ModuleId, Var, Var)>,
+    /// `(stored module path, A (r, in), B (stored out, r))`.
+    pub modules: Vec<(String, Var, Var)>,
+    /// Per entry of `modules`: the projections it feeds, with their rows of `B`.
+    parts: Vec<Vec<(ModuleId, Vec<usize>)>>,
 }
 
 impl LoraParams {
@@ -22,26 +26,50 @@ impl LoraParams {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
+        // A target that names no linear layer of this architecture would train nothing.
+        let mut paths: Vec<String> =
+            cfg.projections().map(|id| cfg.stored_module(id).path).collect();
+        paths.dedup();
+        let unknown = config.unknown_among(&paths);
+        if !unknown.is_empty() {
+            let mut names: Vec<&str> = paths.iter().filter_map(|p| p.rsplit('.').next()).collect();
+            names.sort();
+            names.dedup();
+            return Err(candle_core::Error::Msg(format!(
+                "`target_modules` {unknown:?} name no linear layer of this `{}` model; its modules are {names:?}",
+                cfg.arch.name
+            )));
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut modules = Vec::new();
-        for id in ModuleId::all(cfg.num_layers).filter(|id| config.targets(*id)) {
-            let (r, _) = config.rank_alpha(id);
-            let (fan_in, fan_out) = cfg.proj_dims(id.target);
+        let (mut modules, mut parts): (Vec<(String, Var, Var)>, Vec<Vec<_>>) = Default::default();
+        for id in cfg.projections() {
+            let m = cfg.stored_module(id);
+            if !config.targets_module(&m.path, id.layer) {
+                continue;
+            }
+            if let Some(k) = modules.iter().position(|(p, _, _)| *p == m.path) {
+                parts[k].push((id, m.rows));
+                continue;
+            }
+            let (r, _) = config.rank_alpha_module(&m.path);
+            let fan_in = cfg.proj_dims(id.target).0;
             let bound = 1.0 / (fan_in as f32).sqrt();
             let a: Vec<f32> = (0..r * fan_in).map(|_| rng.random_range(-bound..bound)).collect();
             let a = Var::from_vec(a, (r, fan_in), device)?;
-            let b = Var::zeros((fan_out, r), DType::F32, device)?;
-            modules.push((id, a, b));
+            let b = Var::zeros((m.out, r), DType::F32, device)?;
+            modules.push((m.path, a, b));
+            parts.push(vec![(id, m.rows)]);
         }
-        Ok(Self { config, modules })
+        Ok(Self { config, modules, parts })
     }
 
     pub fn vars(&self) -> Vec<Var> {
         self.modules.iter().flat_map(|(_, a, b)| [a.clone(), b.clone()]).collect()
     }
 
-    /// An adapter whose A/B are the live `Var` tensors (gradients flow to them). Its
-    /// pre-transposed copies are snapshots: use it only on the per-row/training path.
+    /// An adapter whose A/B are the live `Var` tensors (gradients flow to them). A fused
+    /// module's `B` parts are row selections computed now, and its pre-transposed copies are
+    /// snapshots: view it again after each update, and use it only on the training path.
     pub fn as_adapter(
         &self,
         cfg: &DecoderConfig,
@@ -66,14 +94,19 @@ impl LoraParams {
         detach: bool,
     ) -> std::result::Result<LoraAdapter, AdapterError> {
         let mut modules = vec![None; ModuleId::count(cfg.num_layers)];
-        for (id, a, b) in &self.modules {
+        for ((path, a, b), parts) in self.modules.iter().zip(&self.parts) {
             let (a, b): (Tensor, Tensor) = if detach {
                 (a.as_tensor().detach().copy()?, b.as_tensor().detach().copy()?)
             } else {
                 (a.as_tensor().clone(), b.as_tensor().clone())
             };
-            let (_, alpha) = self.config.rank_alpha(*id);
-            modules[id.index()] = Some(LoraWeights::new(a, b, alpha, self.config.use_rslora)?);
+            let (_, alpha) = self.config.rank_alpha_module(path);
+            for (id, rows) in parts {
+                // Row selection is differentiable: each part's gradient lands in its rows.
+                let b = crate::model::select_rows(&b, rows)?;
+                let w = LoraWeights::new(a.clone(), b, alpha, self.config.use_rslora)?;
+                modules[id.index()] = Some(w);
+            }
         }
         let size_bytes = modules.iter().flatten().map(LoraWeights::resident_bytes).sum();
         Ok(LoraAdapter {
@@ -87,12 +120,12 @@ impl LoraParams {
         })
     }
 
-    /// `(module, A, B)` detached, for writing the PEFT file.
-    pub fn export(&self) -> Result<Vec<(ModuleId, Tensor, Tensor)>> {
+    /// `(stored module path, A, B)` detached, for writing the PEFT file.
+    pub fn export(&self) -> Result<Vec<(String, Tensor, Tensor)>> {
         self.modules
             .iter()
-            .map(|(id, a, b)| {
-                Ok((*id, a.as_tensor().detach().copy()?, b.as_tensor().detach().copy()?))
+            .map(|(path, a, b)| {
+                Ok((path.clone(), a.as_tensor().detach().copy()?, b.as_tensor().detach().copy()?))
             })
             .collect()
     }

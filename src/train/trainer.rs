@@ -282,12 +282,14 @@ pub fn train_on(
     }
     model.set_exec(crate::model::Exec::Differentiable);
     let name = cfg.output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let adapter = Arc::new(params.as_adapter(&model.cfg, &name)?);
     let bar = progress_bar(total, start, progress);
     let started = Instant::now();
     for step in start..total {
         let t0 = Instant::now();
         let lr = lr_at(cfg.lr, step, cfg.warmup_steps, total, cfg.schedule);
+        // Viewed again each step: a fused module's parts are row selections of its `B`,
+        // computed from the values the last update left.
+        let adapter = Arc::new(params.as_adapter(&model.cfg, &name)?);
         let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
         for micro in 0..cfg.grad_accum {
@@ -403,12 +405,7 @@ fn write_output(cfg: &TrainConfig, params: &LoraParams, o: &TrainOutcome) -> any
         Ok(png) => extra.push(("loss.png", png)),
         Err(e) => eprintln!("warning: no loss curve: {e}"),
     }
-    crate::adapters::writer::save_adapter_with(
-        &cfg.output,
-        &params.config,
-        &params.export()?,
-        &extra,
-    )?;
+    crate::adapters::writer::save_modules(&cfg.output, &params.config, &params.export()?, &extra)?;
     Ok(())
 }
 
