@@ -17,7 +17,7 @@ fn bench(c: &mut Criterion) {
     loraplex::runtime::training_spin_limit();
     let path = std::env::var("LORAPLEX_MODEL")
         .unwrap_or_else(|_| format!("{}/{DEFAULT_MODEL}", env!("CARGO_MANIFEST_DIR")));
-    let mut loaded =
+    let loaded =
         load_model(&path, WeightFormat::parse("f32", &Device::Cpu).unwrap(), &Device::Cpu).unwrap();
     let examples: Vec<TrainExample> = (0..8u32)
         .map(|i| {
@@ -45,7 +45,7 @@ fn bench(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let t = Instant::now();
-                train_on(&mut loaded.model, &examples, &cfg, false, None).unwrap();
+                train_on(&loaded.model, &examples, &cfg, false, None).unwrap();
                 total += t.elapsed();
             }
             total

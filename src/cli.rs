@@ -73,7 +73,7 @@ pub struct TrainArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub options: crate::train::TrainOptions,
-    /// Base weights storage for training (dense only). [default: f32]
+    /// Base weights for training: f32, bf16 or packed (QLoRA-style, the serving kernel). [default: f32]
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// No progress bar (logs still go to the adapter's training_log.jsonl).
@@ -309,12 +309,12 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     crate::train::ensure_data(&cfg.data)?;
     let device = candle_core::Device::Cpu;
     let format = WeightFormat::parse(&args.dtype, &device)?;
-    if !matches!(format, WeightFormat::Dense(_)) {
-        bail!("training needs dense base weights (--dtype f32 or bf16)");
+    if matches!(format, WeightFormat::Quantized(_)) {
+        bail!("training needs dense or packed base weights (--dtype f32, bf16 or packed): candle's quantized matmul has no backward");
     }
-    let mut loaded = load_model(&cfg.model, format, &device)
+    let loaded = load_model(&cfg.model, format, &device)
         .with_context(|| format!("loading `{}`", cfg.model))?;
-    let o = crate::train::trainer::train(&mut loaded.model, &loaded.tokenizer, &cfg, !args.quiet)?;
+    let o = crate::train::trainer::train(&loaded.model, &loaded.tokenizer, &cfg, !args.quiet)?;
     let tokens: usize = o.log.iter().map(|l| l.tokens).sum();
     println!(
         "wrote {} — {} steps, final loss {:.4}, {} tokens in {:.0} s ({:.0} tok/s), peak memory {:.2} GB; {} usable examples, {} too long, {} unanswerable",

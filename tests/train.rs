@@ -156,7 +156,7 @@ fn tiny_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
 
 #[test]
 fn gradients_match_finite_differences_and_the_base_gets_none() {
-    let (mut model, cfg) = tiny();
+    let (model, cfg) = tiny();
     model.set_exec(loraplex::model::Exec::Differentiable);
     let peft = loraplex::adapters::PeftConfig::from_json(
         &lora_config(2, 4.0, &["q_proj", "up_proj"]).to_string(),
@@ -234,7 +234,7 @@ fn gradients_match_finite_differences_and_the_base_gets_none() {
 
 #[test]
 fn a_few_steps_drive_the_loss_down_and_leave_the_base_unchanged() {
-    let (mut model, _) = tiny();
+    let (model, _) = tiny();
     let base_before = model
         .base_weight(ModuleId { layer: 0, target: loraplex::model::Target::Down })
         .unwrap()
@@ -249,7 +249,7 @@ fn a_few_steps_drive_the_loss_down_and_leave_the_base_unchanged() {
     let ex: Vec<TrainExample> = tiny_examples().into_iter().take(3).collect();
     cfg.batch_size = 3;
     cfg.grad_accum = 1;
-    let o = train_on(&mut model, &ex, &cfg, false, None).unwrap();
+    let o = train_on(&model, &ex, &cfg, false, None).unwrap();
     let first = o.log.first().unwrap().loss;
     let last = o.log.last().unwrap().loss;
     assert!(last < 0.5 * first, "loss {first} → {last}");
@@ -272,8 +272,8 @@ fn splitting_a_batch_into_passes_keeps_the_update() {
         let mut cfg = tiny_config(dir.path(), 3);
         cfg.dropout = 0.0;
         cfg.micro_batch = micro;
-        let (mut model, _) = tiny();
-        train_on(&mut model, &ex, &cfg, false, None).unwrap()
+        let (model, _) = tiny();
+        train_on(&model, &ex, &cfg, false, None).unwrap()
     };
     let whole = run(0);
     for micro in [1, 2] {
@@ -296,18 +296,18 @@ fn splitting_a_batch_into_passes_keeps_the_update() {
 fn a_resumed_run_reproduces_the_uninterrupted_adapter() {
     let ex = tiny_examples();
     let dir = tempfile::tempdir().unwrap();
-    let (mut model, _) = tiny();
-    let full = train_on(&mut model, &ex, &tiny_config(dir.path(), 8), false, None).unwrap();
+    let (model, _) = tiny();
+    let full = train_on(&model, &ex, &tiny_config(dir.path(), 8), false, None).unwrap();
     let dir2 = tempfile::tempdir().unwrap();
     let mut cfg = tiny_config(dir2.path(), 8);
     cfg.stop_after = Some(3);
-    let (mut model2, _) = tiny();
-    let part = train_on(&mut model2, &ex, &cfg, false, None).unwrap();
+    let (model2, _) = tiny();
+    let part = train_on(&model2, &ex, &cfg, false, None).unwrap();
     assert!(!part.finished && part.log.len() == 3);
     cfg.stop_after = None;
     cfg.resume = true;
-    let (mut model3, _) = tiny();
-    let resumed = train_on(&mut model3, &ex, &cfg, false, None).unwrap();
+    let (model3, _) = tiny();
+    let resumed = train_on(&model3, &ex, &cfg, false, None).unwrap();
     assert!(resumed.finished && resumed.log.len() == 8);
     for ((_, a1, b1), (_, a2, b2)) in full.params.modules.iter().zip(&resumed.params.modules) {
         assert!(max_abs_diff(a1.as_tensor(), a2.as_tensor()) < 1e-6);
@@ -317,10 +317,10 @@ fn a_resumed_run_reproduces_the_uninterrupted_adapter() {
 
 #[test]
 fn the_output_is_a_peft_folder_that_loads() {
-    let (mut model, cfg) = tiny();
+    let (model, cfg) = tiny();
     let dir = tempfile::tempdir().unwrap();
     let tc = tiny_config(dir.path(), 2);
-    let o = train_on(&mut model, &tiny_examples(), &tc, false, None).unwrap();
+    let o = train_on(&model, &tiny_examples(), &tc, false, None).unwrap();
     let weights = o.params.export().unwrap();
     let out = dir.path().join("peft");
     loraplex::adapters::writer::save_modules(&out, &o.params.config, &weights, &[]).unwrap();

@@ -66,7 +66,7 @@ fn inference_loss(
 
 #[test]
 fn every_family_matches_finite_differences_and_the_inference_path() {
-    for (mut model, cfg) in tiny_all() {
+    for (model, cfg) in tiny_all() {
         let family = cfg.arch.name.clone();
         let params = LoraParams::init(&cfg, peft(&cfg), 3, &Device::Cpu).unwrap();
         assert!(!params.modules.is_empty(), "{family}: nothing targeted");
@@ -133,7 +133,7 @@ fn every_family_matches_finite_differences_and_the_inference_path() {
 
 #[test]
 fn every_family_trains_and_serves_what_it_trained() {
-    for (mut model, cfg) in tiny_all() {
+    for (model, cfg) in tiny_all() {
         let family = cfg.arch.name.clone();
         let dir = tempfile::tempdir().unwrap();
         let tc = TrainConfig::try_from(TrainOptions {
@@ -152,7 +152,7 @@ fn every_family_trains_and_serves_what_it_trained() {
         })
         .unwrap();
         let ex: Vec<TrainExample> = examples().into_iter().take(3).collect();
-        let o = train_on(&mut model, &ex, &tc, false, None).unwrap();
+        let o = train_on(&model, &ex, &tc, false, None).unwrap();
         let (first, last) = (o.log.first().unwrap().loss, o.log.last().unwrap().loss);
         assert!(last < 0.5 * first, "{family}: loss {first} → {last}");
         for (path, _, b) in &o.params.modules {
@@ -189,7 +189,7 @@ fn a_target_the_architecture_lacks_is_refused_by_name() {
 /// dropout 0.05.
 #[test]
 fn the_tutorial_recipe_runs_on_the_tiny_bloom() {
-    let (mut model, cfg) = tiny_all().into_iter().find(|(_, c)| c.arch.name == "bloom").unwrap();
+    let (model, cfg) = tiny_all().into_iter().find(|(_, c)| c.arch.name == "bloom").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let tc = TrainConfig::try_from(TrainOptions {
         output: Some(dir.path().join("bloom-lora")),
@@ -207,7 +207,7 @@ fn the_tutorial_recipe_runs_on_the_tiny_bloom() {
     })
     .unwrap();
     let ex: Vec<TrainExample> = examples().into_iter().take(3).collect();
-    let o = train_on(&mut model, &ex, &tc, false, None).unwrap();
+    let o = train_on(&model, &ex, &tc, false, None).unwrap();
     let (first, last) = (o.log.first().unwrap().loss, o.log.last().unwrap().loss);
     assert!(last < 0.7 * first, "loss {first} → {last}");
     let paths: Vec<&str> = o.params.modules.iter().map(|(p, _, _)| p.as_str()).collect();

@@ -209,13 +209,13 @@ impl Decoder {
 
     /// How the ops run.
     pub fn exec(&self) -> Exec {
-        self.kernels.exec
+        self.kernels.exec()
     }
 
     /// Switches how the ops run (training switches to [`Exec::Differentiable`] and back to
     /// [`Decoder::inference_exec`]).
-    pub fn set_exec(&mut self, exec: Exec) {
-        self.kernels.exec = exec;
+    pub fn set_exec(&self, exec: Exec) {
+        self.kernels.set_exec(exec);
     }
 
     /// What inference runs on this model's device and dtype.
@@ -224,7 +224,7 @@ impl Decoder {
     }
 
     pub(super) fn differentiable(&self) -> bool {
-        self.kernels.exec == Exec::Differentiable
+        self.kernels.exec() == Exec::Differentiable
     }
 
     pub fn dtype(&self) -> DType {
@@ -340,9 +340,10 @@ impl Decoder {
 
     /// Logits in f32 for hidden rows `(n, hidden)` → `(n, vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let y = match (&self.lm_head, self.differentiable()) {
-            (BaseWeight::Dense(w), true) => super::frozen::frozen_matmul(hidden, w)?,
-            _ => self.lm_head.forward(hidden, &self.kernels)?,
+        let y = if self.differentiable() {
+            super::frozen::frozen_base(hidden, &self.lm_head, &self.kernels)?
+        } else {
+            self.lm_head.forward(hidden, &self.kernels)?
         };
         Ok(y.to_dtype(DType::F32)?)
     }

@@ -58,7 +58,7 @@ impl Decoder {
     /// The same weights running the ops as `exec` says (the composed reference the fused
     /// path is tested against).
     pub fn with_exec(&self, exec: Exec) -> Decoder {
-        let mut m = self.clone();
+        let m = self.clone();
         m.set_exec(exec);
         m
     }

@@ -1,8 +1,16 @@
 //! `x · Wᵀ` for a frozen `W` as a custom op whose backward returns only the input gradient
 //! `grad · W`. candle's matmul backward always computes the weight gradient too (a GEMM as
 //! large as the forward), even for an untracked weight; skipping it halves backward time.
+//! Packed weights train too (QLoRA-style): the forward is the serving kernel itself, so the
+//! trained loss is the served one, and the backward unpacks one weight at a time, for the
+//! moment it needs it, instead of keeping a dense copy of the model.
 
+use super::linear::BaseWeight;
+use super::ops::Kernels;
+use crate::kernels::matmul::{matmul, quantize};
+use crate::kernels::{Isa, PackedMatrix, Pool, QuantActs};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor};
+use std::sync::Arc;
 
 pub struct FrozenLinear {
     /// `(out, in)`, f32, on the CPU.
@@ -46,5 +54,56 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() })
     } else {
         x.matmul(&w.t()?)
+    }
+}
+
+/// `x · Wᵀ` for a packed `W` through the integer kernel (activations quantized as in serving;
+/// the backward passes the gradient straight through that rounding).
+struct FrozenPacked {
+    p: Arc<PackedMatrix>,
+    pool: Arc<Pool>,
+    isa: Isa,
+}
+
+impl CustomOp1 for FrozenPacked {
+    fn name(&self) -> &'static str {
+        "frozen-packed-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let data = storage.as_slice::<f32>()?;
+        let (n, k) = layout.shape().dims2()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-packed-linear needs a contiguous input")
+        };
+        if k != self.p.cols {
+            candle_core::bail!("frozen-packed-linear: input width {k}, weight {}", self.p.cols);
+        }
+        let mut acts = QuantActs::default();
+        quantize(&self.pool, &data[start..end], n, k, &mut acts);
+        let mut y = vec![0f32; n * self.p.rows];
+        matmul(&self.pool, self.isa, &self.p, &acts, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((n, self.p.rows))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let w = Tensor::from_vec(self.p.unpack(), (self.p.rows, self.p.cols), grad.device())?;
+        Ok(Some(grad.matmul(&w)?))
+    }
+}
+
+/// `x · Wᵀ` with a backward to `x` only, for any base weight that has one: dense (f32 on the
+/// CPU through [`FrozenLinear`]) and packed; candle's quantized matmul has no backward.
+pub fn frozen_base(x: &Tensor, base: &BaseWeight, kernels: &Kernels) -> super::Result<Tensor> {
+    match base {
+        BaseWeight::Dense(w) => Ok(frozen_matmul(x, w)?),
+        BaseWeight::Packed(p) if x.dtype() == candle_core::DType::F32 && x.device().is_cpu() => {
+            let op = FrozenPacked { p: p.clone(), pool: kernels.pool.clone(), isa: kernels.isa };
+            Ok(x.contiguous()?.apply_op1(op)?)
+        }
+        _ => Err(super::ModelError::Unsupported(
+            "training needs dense or packed base weights (candle's quantized matmul has no backward)"
+                .into(),
+        )),
     }
 }

@@ -133,11 +133,8 @@ pub struct LoraLinear {
 impl LoraLinear {
     /// `x`: `(n_tokens, in)`, rows grouped by sequence with `pass.seq_lens` tokens each.
     pub fn forward(&self, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
-        if pass.kernels.exec == super::ops::Exec::Differentiable {
-            let y = match &self.base {
-                BaseWeight::Dense(w) => super::frozen::frozen_matmul(x, w)?,
-                _ => self.base.forward(x, pass.kernels)?,
-            };
+        if pass.kernels.exec() == super::ops::Exec::Differentiable {
+            let y = super::frozen::frozen_base(x, &self.base, pass.kernels)?;
             return self.add_delta(self.add_bias(y)?, x, pass);
         }
         // Host path: the base product as a vector, bias and LoRA delta added into it in place.

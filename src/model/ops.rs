@@ -6,6 +6,7 @@
 use super::Result;
 use crate::kernels::{fused, Isa, Pool};
 use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// A read view of a contiguous f32 CPU tensor's values (holds the storage's read lock).
@@ -45,6 +46,7 @@ pub fn host_tensor(v: Vec<f32>, shape: impl Into<candle_core::Shape>) -> Result<
 
 /// How a model runs the ops between (and around) its matmuls, chosen once for the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Exec {
     /// The fused f32 CPU kernels over host tensors and host KV caches.
     Fused,
@@ -67,23 +69,49 @@ impl Exec {
     }
 }
 
+impl Exec {
+    fn from_u8(v: u8) -> Exec {
+        match v {
+            0 => Exec::Fused,
+            1 => Exec::Composed,
+            _ => Exec::Differentiable,
+        }
+    }
+}
+
 /// The CPU kernels a model runs with: their thread pool, the integer matmul's instruction
-/// set, and how the ops between matmuls run ([`Exec`]).
-#[derive(Debug, Clone)]
+/// set, and how the ops between matmuls run ([`Exec`]). The mode is switchable through a shared
+/// reference (an atomic) because the engine thread trains, between inference steps, on the
+/// very model its batcher borrows.
+#[derive(Debug)]
 pub struct Kernels {
     pub pool: Arc<Pool>,
     pub isa: Isa,
-    pub exec: Exec,
+    exec: AtomicU8,
+}
+
+impl Clone for Kernels {
+    fn clone(&self) -> Self {
+        Self { pool: self.pool.clone(), isa: self.isa, exec: AtomicU8::new(self.exec() as u8) }
+    }
 }
 
 impl Kernels {
     pub fn new(threads: usize, exec: Exec) -> Self {
-        Self { pool: Arc::new(Pool::new(threads)), isa: Isa::detect(), exec }
+        Self { pool: Arc::new(Pool::new(threads)), isa: Isa::detect(), exec: AtomicU8::new(exec as u8) }
+    }
+
+    pub fn exec(&self) -> Exec {
+        Exec::from_u8(self.exec.load(Ordering::Relaxed))
+    }
+
+    pub fn set_exec(&self, exec: Exec) {
+        self.exec.store(exec as u8, Ordering::Relaxed);
     }
 
     /// Whether the fused kernels run (an op still needs host f32 operands to take them).
     pub fn fused(&self) -> bool {
-        self.exec == Exec::Fused
+        self.exec() == Exec::Fused
     }
 
     /// Host views of all of `ts`, when the fused kernels apply to them.

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod plot;
+pub mod run;
 pub mod squad;
 pub mod trainer;
 

@@ -4,21 +4,17 @@
 //! written atomically at the end.
 
 use super::data::{self, Record, TrainExample};
-use super::optim::{clip_grad_norm, lr_at, AdamW};
 use super::params::LoraParams;
+use super::run::TrainRun;
 use super::TrainConfig;
-use crate::adapters::PeftConfig;
 use crate::model::lora::AdapterMix;
 use crate::model::{BatchInput, Decoder, StepLora};
-use anyhow::Context;
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 /// One line of the training log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,66 +64,9 @@ pub fn batch_loss(
     Ok((loss, n))
 }
 
-/// The LoRA-dropout seed of the pass that starts at example `first` of micro-batch `micro`.
-fn dropout_seed(seed: u64, micro: usize, first: usize) -> u64 {
-    seed ^ ((micro as u64) << 20) ^ ((first as u64) << 48)
-}
-
-fn checkpoint_dir(output: &Path) -> PathBuf {
+pub(super) fn checkpoint_dir(output: &Path) -> PathBuf {
     let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     output.with_file_name(format!(".{name}.checkpoint"))
-}
-
-#[derive(Serialize, Deserialize)]
-struct CheckpointMeta {
-    step: usize,
-    adam_t: usize,
-    seed: u64,
-    log: Vec<StepLog>,
-}
-
-fn save_checkpoint(
-    dir: &Path,
-    step: usize,
-    params: &LoraParams,
-    opt: &AdamW,
-    seed: u64,
-    log: &[StepLog],
-) -> anyhow::Result<()> {
-    let tmp = dir.with_extension("tmp");
-    std::fs::create_dir_all(&tmp)?;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (i, v) in params.vars().iter().enumerate() {
-        tensors.insert(format!("param.{i}"), v.as_tensor().detach());
-        tensors.insert(format!("m.{i}"), opt.m[i].clone());
-        tensors.insert(format!("v.{i}"), opt.v[i].clone());
-    }
-    candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
-    let meta = CheckpointMeta { step, adam_t: opt.t, seed, log: log.to_vec() };
-    std::fs::write(tmp.join("state.json"), serde_json::to_vec(&meta)?)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::rename(&tmp, dir)?;
-    Ok(())
-}
-
-fn load_checkpoint(
-    dir: &Path,
-    params: &LoraParams,
-    opt: &mut AdamW,
-) -> anyhow::Result<(usize, Vec<StepLog>)> {
-    let meta: CheckpointMeta = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-    let t =
-        candle_core::safetensors::load(dir.join("state.safetensors"), &candle_core::Device::Cpu)?;
-    let get = |k: String| t.get(&k).cloned().with_context(|| format!("checkpoint lacks `{k}`"));
-    for (i, v) in params.vars().iter().enumerate() {
-        v.set(&get(format!("param.{i}"))?)?;
-        opt.m[i] = get(format!("m.{i}"))?;
-        opt.v[i] = get(format!("v.{i}"))?;
-    }
-    opt.t = meta.adam_t;
-    Ok((meta.step, meta.log))
 }
 
 /// What a run reports.
@@ -156,7 +95,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// Runs the recipe on `model` (made differentiable here) and writes the adapter.
 pub fn train(
-    model: &mut Decoder,
+    model: &Decoder,
     tok: &crate::model::tokenizer::TextTokenizer,
     cfg: &TrainConfig,
     progress: bool,
@@ -197,10 +136,7 @@ pub fn train(
     let mut outcome = train_on(model, &examples, cfg, progress, Some(tok))?;
     if let (Some(v), true) = (&validation, outcome.finished) {
         let adapter = Arc::new(outcome.params.as_adapter(&model.cfg, "validation")?);
-        model.set_exec(crate::model::Exec::Differentiable);
-        let loss = mean_loss(model, &adapter, v, cfg.batch_size);
-        model.set_exec(model.inference_exec());
-        outcome.validation_loss = Some(loss?);
+        outcome.validation_loss = Some(mean_loss(model, &adapter, v, cfg.batch_size)?);
     }
     outcome.skipped_long = skipped_long;
     outcome.format = Some(format);
@@ -231,8 +167,22 @@ fn tokenize_all(
     Ok(out)
 }
 
-/// Mean cross-entropy per target token of `examples` under `adapter` (no dropout, no gradient).
+/// Mean cross-entropy per target token of `examples` under `adapter` (no dropout), computed
+/// by the training forward.
 pub fn mean_loss(
+    model: &Decoder,
+    adapter: &Arc<crate::model::lora::LoraAdapter>,
+    examples: &[TrainExample],
+    batch_size: usize,
+) -> anyhow::Result<f64> {
+    let before = model.exec();
+    model.set_exec(crate::model::Exec::Differentiable);
+    let loss = mean_loss_with(model, adapter, examples, batch_size);
+    model.set_exec(before);
+    loss
+}
+
+fn mean_loss_with(
     model: &Decoder,
     adapter: &Arc<crate::model::lora::LoraAdapter>,
     examples: &[TrainExample],
@@ -253,129 +203,52 @@ pub fn mean_loss(
 /// Trains on tokenized examples and returns the parameters and log (writes checkpoints, not
 /// the adapter). Stops early, leaving a checkpoint, at `cfg.stop_after` (tests of `--resume`).
 pub fn train_on(
-    model: &mut Decoder,
+    model: &Decoder,
     examples: &[TrainExample],
     cfg: &TrainConfig,
     progress: bool,
     eval_tok: Option<&crate::model::tokenizer::TextTokenizer>,
 ) -> anyhow::Result<TrainOutcome> {
-    let per_step = cfg.batch_size * cfg.grad_accum;
-    let total = cfg
-        .steps
-        .unwrap_or_else(|| {
-            ((cfg.epochs.unwrap_or(1.0) * examples.len() as f64) / per_step as f64).ceil() as usize
-        })
-        .max(1);
-    let peft = PeftConfig::from_json(&serde_json::json!({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": (cfg.dropout as f64 * 1e6).round() / 1e6,
-        "target_modules": cfg.target_modules, "use_rslora": cfg.rslora, "bias": "none",
-        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    }).to_string())?;
-    let params = LoraParams::init(&model.cfg, peft, cfg.seed, model.device())?;
-    let vars: Vec<Var> = params.vars();
-    let mut opt = AdamW::new(&vars, cfg.weight_decay)?;
-    let ckpt = checkpoint_dir(&cfg.output);
-    let (mut start, mut log) = (0, Vec::new());
-    if cfg.resume && ckpt.exists() {
-        (start, log) = load_checkpoint(&ckpt, &params, &mut opt)?;
-        eprintln!("resuming from step {start} ({})", ckpt.display());
-    }
-    model.set_exec(crate::model::Exec::Differentiable);
-    let name = cfg.output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let bar = progress_bar(total, start, progress);
-    let started = Instant::now();
-    for step in start..total {
-        let t0 = Instant::now();
-        let lr = lr_at(cfg.lr, step, cfg.warmup_steps, total, cfg.schedule);
-        // Viewed again each step: a fused module's parts are row selections of its `B`,
-        // computed from the values the last update left.
-        let adapter = Arc::new(params.as_adapter(&model.cfg, &name)?);
-        let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let (mut loss_sum, mut tokens) = (0f64, 0usize);
-        for micro in 0..cfg.grad_accum {
-            let base = (step * cfg.grad_accum + micro) * cfg.batch_size;
-            let batch: Vec<&TrainExample> = (0..cfg.batch_size)
-                .map(|i| &examples[example_at(base + i, examples.len(), cfg.seed)])
-                .collect();
-            tokens += batch.iter().map(|e| e.full_len()).sum::<usize>();
-            let targets: usize = batch.iter().map(|e| e.targets.len()).sum();
-            let pass = if cfg.micro_batch == 0 { batch.len() } else { cfg.micro_batch };
-            for (k, part) in batch.chunks(pass).enumerate() {
-                let mix = AdapterMix::single(adapter.clone(), 1.0);
-                // Each pass draws its own dropout masks, seeded by step and place in the batch.
-                let lora = StepLora::Training {
-                    mixes: vec![mix; part.len()],
-                    dropout: cfg.dropout,
-                    seed: dropout_seed(cfg.seed, step * cfg.grad_accum + micro, k * pass),
-                };
-                let (loss, n) = batch_loss(model, &lora, part)?;
-                // The pass's share of the batch mean (mean over all answer tokens of the batch).
-                let loss = (loss * (n as f64 / targets as f64 / cfg.grad_accum as f64))?;
-                loss_sum += loss.to_scalar::<f32>()? as f64;
-                let grads = loss.backward()?;
-                drop(loss);
-                for (i, v) in vars.iter().enumerate() {
-                    let g = grads.get(v).cloned().context("a LoRA parameter got no gradient")?;
-                    sums[i] = Some(match sums[i].take() {
-                        Some(s) => (s + g)?,
-                        None => g,
-                    });
-                }
-            }
-        }
-        let mut grads: Vec<Tensor> = sums.into_iter().flatten().collect();
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-        opt.step(&vars, &grads, lr)?;
-        let secs = t0.elapsed().as_secs_f64();
-        let entry = StepLog {
-            step: step + 1,
-            loss: loss_sum,
-            lr,
-            grad_norm,
-            tokens,
-            tokens_per_s: tokens as f64 / secs,
-            elapsed_s: started.elapsed().as_secs_f64(),
-        };
+    let mut run = TrainRun::new(model, examples.to_vec(), cfg, checkpoint_dir(&cfg.output))?;
+    let total = run.total_steps();
+    let bar = progress_bar(total, run.steps_done(), progress);
+    while !run.done() {
+        let Some(entry) = run.pass(model)? else { continue };
         bar.set_message(format!(
             "loss {:.4}  lr {:.2e}  {:.0} tok/s",
-            entry.loss, lr, entry.tokens_per_s
+            entry.loss, entry.lr, entry.tokens_per_s
         ));
         bar.inc(1);
-        log.push(entry);
-        if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 && step + 1 < total {
-            save_checkpoint(&ckpt, step + 1, &params, &opt, cfg.seed, &log)?;
+        let step = entry.step;
+        if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 && step < total {
+            run.save_checkpoint()?;
         }
-        if cfg.stop_after.is_some_and(|n| step + 1 >= n) && step + 1 < total {
-            save_checkpoint(&ckpt, step + 1, &params, &opt, cfg.seed, &log)?;
+        if cfg.stop_after.is_some_and(|n| step >= n) && step < total {
+            run.save_checkpoint()?;
             break;
         }
-        if cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0 {
-            if let Some(dev) = &cfg.eval_data {
-                let Some(tok) = eval_tok else { continue };
-                let r = super::eval::evaluate_params(model, tok, &params, dev, cfg.eval_limit)?;
+        if cfg.eval_every > 0 && step % cfg.eval_every == 0 {
+            if let (Some(dev), Some(tok)) = (&cfg.eval_data, eval_tok) {
+                let r = super::eval::evaluate_params(model, tok, &run.params, dev, cfg.eval_limit)?;
                 bar.println(format!(
-                    "step {}: dev EM {:.1} F1 {:.1} on {} questions",
-                    step + 1,
-                    r.exact_match,
-                    r.f1,
-                    r.n
+                    "step {step}: dev EM {:.1} F1 {:.1} on {} questions",
+                    r.exact_match, r.f1, r.n
                 ));
             }
         }
     }
     bar.finish();
-    model.set_exec(model.inference_exec());
     Ok(TrainOutcome {
-        finished: log.len() >= total,
-        log,
+        finished: run.done(),
         usable: examples.len(),
         skipped_long: 0,
         skipped_unanswerable: 0,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: run.seconds(),
         peak_rss_bytes: peak_rss_bytes(),
         validation_loss: None,
         format: None,
-        params,
+        log: run.log,
+        params: run.params,
     })
 }
 
