@@ -134,6 +134,18 @@ pub struct ServeOptions {
     /// How long SIGTERM waits for running requests before exiting, in seconds. [default: 30]
     #[arg(long, env = "LORAPLEX_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: Option<u64>,
+    /// Folder of the fine-tuning API's state: uploaded files, jobs, their events and
+    /// checkpoints (kept across restarts; a running job resumes). [default: loraplex-state]
+    #[arg(long, env = "LORAPLEX_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// While requests run, engine steps between two passes of a fine-tuning job (fewer than
+    /// one inter-token gap in this many holds a pass); 0 = a job waits until no request runs.
+    /// [default: 200]
+    #[arg(long, env = "LORAPLEX_TRAIN_SLICE_GAP")]
+    pub train_slice_gap: Option<usize>,
+    /// Bytes of one uploaded file (`POST /v1/files`) at most. [default: 536870912]
+    #[arg(long, env = "LORAPLEX_MAX_UPLOAD_BYTES")]
+    pub max_upload_bytes: Option<usize>,
     /// `text` or `json` log lines. [default: text]
     #[arg(long, env = "LORAPLEX_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -228,6 +240,10 @@ pub struct Limits {
     pub max_stop: usize,
     pub max_stop_len: usize,
     pub max_abs_scale: f64,
+    /// Bytes of one uploaded file (`POST /v1/files`).
+    pub max_upload_bytes: usize,
+    /// How long an upload may take to arrive.
+    pub upload_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -245,6 +261,8 @@ impl Default for Limits {
             max_stop: 4,
             max_stop_len: 256,
             max_abs_scale: 100.0,
+            max_upload_bytes: 512 << 20,
+            upload_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -267,6 +285,7 @@ pub struct ServeConfig {
     pub mixes: Vec<(String, Vec<crate::adapters::mixes::MixMember>)>,
     pub rescan_interval: Duration,
     pub drain_timeout: Duration,
+    pub state_dir: PathBuf,
     pub log_json: bool,
     pub gateway_metrics: bool,
     pub metrics: bool,
@@ -337,6 +356,7 @@ impl TryFrom<ServeOptions> for ServeConfig {
                 step_latency_ratio: o
                     .step_latency_ratio
                     .unwrap_or(engine_default.step_latency_ratio),
+                background_gap: o.train_slice_gap.unwrap_or(engine_default.background_gap),
                 faults: None,
             },
             limits: Limits {
@@ -356,12 +376,14 @@ impl TryFrom<ServeOptions> for ServeConfig {
                     .max_request_tokens
                     .unwrap_or(limits_default.max_request_tokens),
                 max_n: o.max_n.unwrap_or(limits_default.max_n),
+                max_upload_bytes: o.max_upload_bytes.unwrap_or(limits_default.max_upload_bytes),
                 ..limits_default
             },
             adapter_budget_bytes: o.adapter_budget_bytes.unwrap_or(1 << 30),
             mixes: parse_mixes(o.mix.as_deref().unwrap_or_default())?,
             rescan_interval: Duration::from_millis(o.rescan_interval_ms.unwrap_or(2000)),
             drain_timeout: Duration::from_secs(o.drain_timeout_secs.unwrap_or(30)),
+            state_dir: o.state_dir.unwrap_or_else(|| PathBuf::from("loraplex-state")),
             log_json: match o.log_format.as_deref() {
                 None | Some("text") => false,
                 Some("json") => true,
@@ -398,6 +420,7 @@ impl TryFrom<ServeOptions> for ServeConfig {
             ("body_timeout_secs", cfg.limits.body_timeout.as_secs() as usize),
             ("max_n", cfg.limits.max_n),
             ("adapter_budget_bytes", cfg.adapter_budget_bytes),
+            ("max_upload_bytes", cfg.limits.max_upload_bytes),
         ] {
             if v == 0 {
                 bail!("`{name}` must be at least 1");

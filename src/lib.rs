@@ -33,6 +33,8 @@
 //!     `repetition_penalty`, `min_tokens`, `stop_token_ids`) → the engine's logit rules.
 //!   - `api::structured`: `response_format` and vLLM's `structured_outputs` → one compiled
 //!     constraint (errors name the field and llguidance's reason).
+//!   - `api::fine_tuning`: OpenAI's `/v1/files` (multipart uploads) and
+//!     `/v1/fine_tuning/jobs` routes over [`finetune`].
 //!   - `api::vllm`: vLLM's endpoints (`/tokenize`, `/detokenize`, `/v1/load_lora_adapter`,
 //!     `/v1/unload_lora_adapter`) in vLLM's shapes.
 //!   - `api::openai`: OpenAI wire types (serde) and the `adapters` extension.
@@ -42,10 +44,11 @@
 //! - [`engine`]: one OS thread owns the model, the KV block pool and the running batch; the
 //!   HTTP side submits over a channel, admitted up to `max_waiting` queued sequences (429
 //!   beyond, 422 for a request that could never fit), and reads each sequence's events.
-//!   - `engine::worker`: the engine thread and its handle (`Engine::submit_all`).
+//!   - `engine::worker`: the engine thread and its handle (`Engine::submit_all`); it runs
+//!     background work (fine-tuning passes, [`engine::Background`]) on the same model.
 //!   - `engine::scheduler`: the step's decisions as a pure function of views of the batch,
 //!     the queue and the pool (preemption, refusal, deferral for a shared prefix, admission,
-//!     feeds), property-tested on its own.
+//!     feeds), property-tested on its own; and when a background slice runs.
 //!   - `engine::batcher`: executes the plan (blocks, prefix cache, queue), runs the forward and
 //!     each row's token; a row's fault fails that sequence only, a failed step re-queues its
 //!     sequences.
@@ -115,9 +118,14 @@
 //! - [`train`]: `loraplex train` and `eval`: `train::data` (chat, prompt/completion and SQuAD
 //!   files told apart by content, line-checked; tokenized examples with their loss positions),
 //!   `train::squad` (SQuAD), `train::params` (the
-//!   trainable A and B), `train::trainer` (the loop), `train::optim` (AdamW, clipping,
+//!   trainable A and B), `train::run` (a run advanced one forward/backward pass at a time,
+//!   resumable), `train::trainer` (the CLI's loop, outputs), `train::optim` (AdamW, clipping,
 //!   schedules), `train::eval` (batched greedy answers), `train::metrics` (SQuAD EM and F1),
 //!   `train::plot` (the loss curve).
+//! - [`finetune`]: fine-tuning as a service: uploaded files and jobs in OpenAI's shapes
+//!   (`finetune::objects`), kept in the state folder across restarts (`finetune::store`), run
+//!   as the engine's background work on its own model (`finetune::runner`), the result served
+//!   as soon as it is written.
 //! - [`generate`]: batched generation on the caller's thread (CLI, tests, eval).
 //! - [`serve`]: `loraplex serve`: bind, load in the background, drain on SIGTERM.
 //! - [`config`]: serve options from flags, `LORAPLEX_*` variables and TOML, merged and checked
@@ -146,6 +154,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod finetune;
 pub mod generate;
 pub use loraplex_kernels as kernels;
 pub mod metrics;

@@ -44,7 +44,33 @@ pub fn load_backend(
         Ok(_) => tracing::info!(secs = started.elapsed().as_secs_f32(), "structured outputs ready"),
         Err(e) => tracing::warn!(error = %e, "structured outputs unavailable"),
     }
-    let engine = Engine::start(loaded.model, tokenizer.clone(), cfg.engine.clone(), metrics)?;
+    let trainable = match format {
+        WeightFormat::Quantized(_) => Err(format!(
+            "`--dtype {}` keeps candle-quantized weights, whose matmul has no backward; serve with --dtype auto (packed), f32 or bf16 to fine-tune",
+            cfg.dtype
+        )),
+        _ => Ok(()),
+    };
+    let fine_tuning = Arc::new(
+        crate::finetune::FineTuning::open(
+            &cfg.state_dir,
+            registry.clone(),
+            tokenizer.clone(),
+            loaded.id.clone(),
+            model_cfg.clone(),
+            trainable,
+        )
+        .with_context(|| format!("opening the state folder `{}`", cfg.state_dir.display()))?,
+    );
+    let background: Arc<dyn crate::engine::Background> = fine_tuning.clone();
+    let engine = Engine::start_with(
+        loaded.model,
+        tokenizer.clone(),
+        cfg.engine.clone(),
+        metrics,
+        Some(background),
+    )?;
+    fine_tuning.attach(engine.clone());
     Ok(Backend {
         engine,
         tokenizer,
@@ -54,6 +80,7 @@ pub fn load_backend(
         context_len: model_cfg.max_position_embeddings,
         vocab: model_cfg.vocab_size,
         grammars,
+        fine_tuning: Some(fine_tuning),
     })
 }
 
@@ -121,6 +148,13 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
                 let deadline = Instant::now() + drain_timeout;
                 while !b.engine.is_idle() && Instant::now() < deadline {
                     actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+                }
+                // A running fine-tuning job checkpoints and resumes when the server restarts.
+                if let Some(ft) = b.fine_tuning.clone() {
+                    let wait = deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_secs(5));
+                    let _ = actix_web::web::block(move || ft.stop(wait)).await;
                 }
             }
             handle.stop(true).await;

@@ -212,7 +212,9 @@ fn the_packed_model_trains_through_its_own_kernel() {
         let flat: Vec<f32> = params
             .modules
             .iter()
-            .flat_map(|(_, _, b)| g.get(b).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .flat_map(|(_, _, b)| {
+                g.get(b).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
             .collect();
         flat
     };

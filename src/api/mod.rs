@@ -4,6 +4,7 @@
 pub mod body;
 pub mod chat;
 pub mod error;
+pub mod fine_tuning;
 pub mod guard;
 pub mod handlers;
 pub mod observe;
@@ -39,6 +40,8 @@ pub struct Backend {
     /// Structured outputs: the tokenizer as llguidance sees it and the compiled grammars, or
     /// why they are unavailable.
     pub grammars: Result<Arc<crate::structured::Grammars>, String>,
+    /// The fine-tuning API (files and jobs), when the state folder opened.
+    pub fine_tuning: Option<Arc<crate::finetune::FineTuning>>,
 }
 
 /// Shared by all HTTP workers. `backend` is empty until the model has loaded (`/ready` 503).
@@ -103,6 +106,17 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/detokenize", web::post().to(vllm::detokenize))
         .route("/v1/load_lora_adapter", web::post().to(vllm::load_lora_adapter))
         .route("/v1/unload_lora_adapter", web::post().to(vllm::unload_lora_adapter))
+        .route("/v1/files", web::post().to(fine_tuning::upload))
+        .route("/v1/files", web::get().to(fine_tuning::list_files))
+        .route("/v1/files/{id}", web::get().to(fine_tuning::get_file))
+        .route("/v1/files/{id}", web::delete().to(fine_tuning::delete_file))
+        .route("/v1/files/{id}/content", web::get().to(fine_tuning::file_content))
+        .route("/v1/fine_tuning/jobs", web::post().to(fine_tuning::create_job))
+        .route("/v1/fine_tuning/jobs", web::get().to(fine_tuning::list_jobs))
+        .route("/v1/fine_tuning/jobs/{id}", web::get().to(fine_tuning::get_job))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", web::post().to(fine_tuning::cancel_job))
+        .route("/v1/fine_tuning/jobs/{id}/events", web::get().to(fine_tuning::job_events))
+        .route("/v1/fine_tuning/jobs/{id}/checkpoints", web::get().to(fine_tuning::job_checkpoints))
         .default_service(web::to(handlers::not_found));
 }
 

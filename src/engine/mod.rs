@@ -17,6 +17,16 @@ pub use batcher::{Batcher, LoraPath};
 pub use fault::{FaultInjection, FaultKind, SequenceError};
 pub use worker::{Engine, EngineStats};
 
+/// Work the engine thread runs on its own model between inference steps (fine-tuning jobs),
+/// so it needs no second copy of the model: at full speed while no sequence runs, and one
+/// slice per [`EngineConfig::background_gap`] steps while some do.
+pub trait Background: Send + Sync {
+    /// Whether a slice is ready to run.
+    fn pending(&self) -> bool;
+    /// Runs one bounded slice of work (one forward/backward pass) on the model.
+    fn run_slice(&self, model: &crate::model::Decoder);
+}
+
 use crate::model::lora::AdapterMix;
 use crate::model::sampling::{LogitRules, SamplingParams};
 use crate::structured::Grammar;
@@ -166,6 +176,10 @@ pub struct EngineConfig {
     /// While sequences decode, a step that carries prompt tokens is kept to about this many
     /// times a decode-only step, by shrinking the prompt chunk; 0 = only `max_prefill_tokens`.
     pub step_latency_ratio: f64,
+    /// While sequences run, engine steps between two background slices (a training pass
+    /// takes many decode steps' time, so fewer than one inter-token gap in `background_gap`
+    /// holds one); 0 = background work waits until no sequence runs.
+    pub background_gap: usize,
     /// Test-only fault injection ([`FaultInjection`]); `None` in every real configuration.
     pub faults: Option<std::sync::Arc<FaultInjection>>,
 }
@@ -179,6 +193,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: None,
             prefix_cache: true,
             step_latency_ratio: batcher::STEP_LATENCY_RATIO,
+            background_gap: 200,
             faults: None,
         }
     }

@@ -409,3 +409,23 @@ mod tests {
         }
     }
 }
+
+/// Whether the engine runs a background slice (a training pass) before its next step: always
+/// while no sequence runs; while some do, once `gap` steps have passed since the last slice
+/// (0 = never while serving).
+pub fn background_due(batch_empty: bool, steps_since: usize, gap: usize) -> bool {
+    batch_empty || (gap > 0 && steps_since >= gap)
+}
+
+#[cfg(test)]
+mod background_tests {
+    use super::background_due;
+
+    #[test]
+    fn background_work_yields_to_sequences() {
+        assert!(background_due(true, 0, 0), "an idle engine trains at full speed");
+        assert!(!background_due(false, 199, 200));
+        assert!(background_due(false, 200, 200));
+        assert!(!background_due(false, 10_000, 0), "gap 0: never while serving");
+    }
+}

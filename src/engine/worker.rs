@@ -4,7 +4,7 @@
 use super::batcher::{Batcher, LoraPath};
 use super::kv_pool::KvPool;
 use super::sequence::Sequence;
-use super::{EngineConfig, EngineError, Request, TokenEvent};
+use super::{Background, EngineConfig, EngineError, Request, TokenEvent};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::Decoder;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -43,6 +43,13 @@ fn adapter_names<'a>(reqs: impl Iterator<Item = &'a Request>) -> Vec<String> {
     names
 }
 
+/// What the engine thread receives: a request's sequences, or a nudge to look at its
+/// background work.
+enum Inbox {
+    Submit(Submission),
+    Wake,
+}
+
 /// The sequences of one request, queued together (so the `n` choices of a prompt arrive in the
 /// same step and share its prefill).
 struct Submission {
@@ -63,7 +70,7 @@ pub struct KvInfo {
 /// Handle to the engine thread.
 #[derive(Clone)]
 pub struct Engine {
-    tx: mpsc::Sender<Submission>,
+    tx: mpsc::Sender<Inbox>,
     stats: Arc<EngineStats>,
     cfg: EngineConfig,
     kv: KvInfo,
@@ -77,6 +84,17 @@ impl Engine {
         tok: Arc<TextTokenizer>,
         cfg: EngineConfig,
         metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> std::io::Result<Engine> {
+        Self::start_with(model, tok, cfg, metrics, None)
+    }
+
+    /// [`Engine::start`] with background work (fine-tuning jobs) run on the same model.
+    pub fn start_with(
+        model: Decoder,
+        tok: Arc<TextTokenizer>,
+        cfg: EngineConfig,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+        background: Option<Arc<dyn Background>>,
     ) -> std::io::Result<Engine> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
@@ -108,7 +126,9 @@ impl Engine {
         );
         std::thread::Builder::new().name("loraplex-engine".into()).spawn({
             let cfg = cfg.clone();
-            move || Worker { model, tok, cfg, kv, rx, stats: worker_stats, metrics }.run()
+            move || {
+                Worker { model, tok, cfg, kv, rx, stats: worker_stats, metrics, background }.run()
+            }
         })?;
         Ok(Engine { tx, stats, cfg, kv, next_id: Arc::new(AtomicU64::new(1)) })
     }
@@ -164,8 +184,8 @@ impl Engine {
             sequences.push((self.next_id.fetch_add(1, Ordering::Relaxed), req, events));
             rxs.push(rx);
         }
-        if self.tx.send(Submission { sequences, submitted_at: std::time::Instant::now() }).is_err()
-        {
+        let submission = Submission { sequences, submitted_at: std::time::Instant::now() };
+        if self.tx.send(Inbox::Submit(submission)).is_err() {
             self.stats.waiting.fetch_sub(adding, Ordering::SeqCst);
             return Err(EngineError::ShuttingDown);
         }
@@ -174,6 +194,11 @@ impl Engine {
 
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// Tells an idle engine thread to look at its background work (a job was queued).
+    pub fn wake(&self) {
+        let _ = self.tx.send(Inbox::Wake);
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -199,15 +224,16 @@ struct Worker {
     tok: Arc<TextTokenizer>,
     cfg: EngineConfig,
     kv: KvInfo,
-    rx: mpsc::Receiver<Submission>,
+    rx: mpsc::Receiver<Inbox>,
     stats: Arc<EngineStats>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    background: Option<Arc<dyn Background>>,
 }
 
 impl Worker {
     /// Steps the batch until every handle is gone.
     fn run(self) {
-        let Worker { model, tok, cfg, kv, rx, stats, metrics } = self;
+        let Worker { model, tok, cfg, kv, rx, stats, metrics, background } = self;
         let pool = KvPool::new(
             kv.blocks,
             model.cfg.num_layers,
@@ -221,16 +247,33 @@ impl Worker {
         batcher.step_latency_ratio = cfg.step_latency_ratio;
         batcher.metrics = metrics.clone();
         batcher.faults = cfg.faults.clone();
+        let pending = || background.as_ref().filter(|b| b.pending());
+        let mut since_slice = 0usize;
         loop {
-            if batcher.is_empty() {
+            if batcher.is_empty() && pending().is_none() {
                 match rx.recv() {
-                    Ok(s) => add(&mut batcher, s, &model),
+                    Ok(msg) => add(&mut batcher, msg, &model),
                     Err(_) => return, // every handle is gone
                 }
             }
-            for s in rx.try_iter() {
-                add(&mut batcher, s, &model);
+            for msg in rx.try_iter() {
+                add(&mut batcher, msg, &model);
             }
+            if let Some(bg) = pending() {
+                if super::scheduler::background_due(
+                    batcher.is_empty(),
+                    since_slice,
+                    cfg.background_gap,
+                ) {
+                    bg.run_slice(&model);
+                    since_slice = 0;
+                    continue;
+                }
+            }
+            if batcher.is_empty() {
+                continue;
+            }
+            since_slice += 1;
             let started = std::time::Instant::now();
             let report = batcher.step();
             if let Some(m) = &metrics {
@@ -268,7 +311,8 @@ impl Worker {
     }
 }
 
-fn add(batcher: &mut Batcher<'_>, s: Submission, model: &Decoder) {
+fn add(batcher: &mut Batcher<'_>, msg: Inbox, model: &Decoder) {
+    let Inbox::Submit(s) = msg else { return };
     for (id, req, events) in s.sequences {
         let mut seq = Sequence::new(id, req, model.cfg.num_layers, events);
         seq.submitted_at = s.submitted_at;

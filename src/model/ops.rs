@@ -98,7 +98,11 @@ impl Clone for Kernels {
 
 impl Kernels {
     pub fn new(threads: usize, exec: Exec) -> Self {
-        Self { pool: Arc::new(Pool::new(threads)), isa: Isa::detect(), exec: AtomicU8::new(exec as u8) }
+        Self {
+            pool: Arc::new(Pool::new(threads)),
+            isa: Isa::detect(),
+            exec: AtomicU8::new(exec as u8),
+        }
     }
 
     pub fn exec(&self) -> Exec {

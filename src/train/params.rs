@@ -18,6 +18,24 @@ pub struct LoraParams {
     parts: Vec<Vec<(ModuleId, Vec<usize>)>>,
 }
 
+/// Refuses a `target_modules` entry that names no linear layer of this architecture (it
+/// would train nothing), naming the modules it has.
+pub fn check_targets(cfg: &DecoderConfig, config: &PeftConfig) -> std::result::Result<(), String> {
+    let mut paths: Vec<String> = cfg.projections().map(|id| cfg.stored_module(id).path).collect();
+    paths.dedup();
+    let unknown = config.unknown_among(&paths);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let mut names: Vec<&str> = paths.iter().filter_map(|p| p.rsplit('.').next()).collect();
+    names.sort();
+    names.dedup();
+    Err(format!(
+        "`target_modules` {unknown:?} name no linear layer of this `{}` model; its modules are {names:?}",
+        cfg.arch.name
+    ))
+}
+
 impl LoraParams {
     /// Fresh parameters: `A ~ U(±1/sqrt(in))` (PEFT's `kaiming_uniform_(a = sqrt(5))`), `B = 0`.
     pub fn init(
@@ -26,20 +44,7 @@ impl LoraParams {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        // A target that names no linear layer of this architecture would train nothing.
-        let mut paths: Vec<String> =
-            cfg.projections().map(|id| cfg.stored_module(id).path).collect();
-        paths.dedup();
-        let unknown = config.unknown_among(&paths);
-        if !unknown.is_empty() {
-            let mut names: Vec<&str> = paths.iter().filter_map(|p| p.rsplit('.').next()).collect();
-            names.sort();
-            names.dedup();
-            return Err(candle_core::Error::Msg(format!(
-                "`target_modules` {unknown:?} name no linear layer of this `{}` model; its modules are {names:?}",
-                cfg.arch.name
-            )));
-        }
+        check_targets(cfg, &config).map_err(candle_core::Error::Msg)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (mut modules, mut parts): (Vec<(String, Var, Var)>, Vec<Vec<_>>) = Default::default();
         for id in cfg.projections() {

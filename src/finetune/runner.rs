@@ -1,0 +1,357 @@
+//! The engine-thread side of fine-tuning: [`FineTuning`] as the engine's background work.
+//! Each slice is one forward/backward pass of the running job on the engine's own model; a
+//! step's end logs its loss, every few steps leave a resumable state, each epoch's end a
+//! servable checkpoint adapter, and the last step the job's adapter, registered at once.
+
+use super::objects::{now, Checkpoint, Event, JobError, JobStatus};
+use super::{fine_tuned_name, lock, FineTuning, BASE_LR};
+use crate::engine::Background;
+use crate::model::Decoder;
+use crate::train::data::{self, Record, TrainExample};
+use crate::train::run::TrainRun;
+use crate::train::trainer::StepLog;
+use crate::train::{TrainConfig, TrainOptions};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Steps between two resumable states (and at each epoch's end).
+const SAVE_EVERY: usize = 5;
+
+/// The job the engine thread is training.
+pub struct Active {
+    job_id: String,
+    name: String,
+    run: TrainRun,
+    cfg: TrainConfig,
+    steps_per_epoch: usize,
+    validation: Option<Vec<TrainExample>>,
+}
+
+impl Background for FineTuning {
+    fn pending(&self) -> bool {
+        if lock(&self.runner).is_some() {
+            return true;
+        }
+        !self.stopping.load(Ordering::SeqCst)
+            && lock(&self.state)
+                .jobs
+                .iter()
+                .any(|j| matches!(j.job.status, JobStatus::Queued | JobStatus::Running))
+    }
+
+    fn run_slice(&self, model: &Decoder) {
+        let mut slot = lock(&self.runner);
+        if self.stopping.load(Ordering::SeqCst) {
+            if let Some(a) = slot.take() {
+                self.park(&a);
+            }
+            return;
+        }
+        let Some(a) = slot.as_mut() else {
+            *slot = self.start_next(model);
+            return;
+        };
+        let status = self.job(&a.job_id).map(|j| j.status).ok();
+        if status != Some(JobStatus::Running) {
+            if let Some(a) = slot.take() {
+                self.discard(&a);
+            }
+            return;
+        }
+        // A panic in a pass fails the job, never the engine thread serving requests.
+        let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.run.pass(model)));
+        let pass = pass.unwrap_or_else(|_| {
+            model.set_exec(model.inference_exec());
+            Err(anyhow::anyhow!("the training pass panicked"))
+        });
+        match pass {
+            Err(e) => {
+                let id = a.job_id.clone();
+                *slot = None;
+                self.fail(&id, "training_error", &format!("{e:#}"));
+            }
+            Ok(None) => {}
+            Ok(Some(entry)) => {
+                if let Err(e) = self.after_step(a, &entry) {
+                    tracing::warn!(job = %a.job_id, error = %e, "checkpoint failed");
+                }
+                if a.run.done() {
+                    if let Some(a) = slot.take() {
+                        if let Err(e) = self.finish(a, model) {
+                            tracing::error!(error = %e, "fine-tuning job could not finish");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl FineTuning {
+    /// Starts (or resumes) the oldest running or queued job; `None` when there is none or it
+    /// failed to start (then it is marked failed).
+    fn start_next(&self, model: &Decoder) -> Option<Active> {
+        let job = {
+            let st = lock(&self.state);
+            let pick = |s: JobStatus| st.jobs.iter().find(|j| j.job.status == s);
+            pick(JobStatus::Running).or_else(|| pick(JobStatus::Queued)).map(|j| j.job.clone())?
+        };
+        match self.prepare(&job, model) {
+            Ok(a) => {
+                let resumed = a.run.steps_done();
+                self.update(&job.id, |j| j.status = JobStatus::Running);
+                let msg = if resumed > 0 {
+                    format!("Fine-tuning job resumed at step {resumed}/{}", a.run.total_steps())
+                } else {
+                    format!(
+                        "Fine-tuning job started: {} examples, {} steps",
+                        a.run.examples(),
+                        a.run.total_steps()
+                    )
+                };
+                self.event(&job.id, Event::new("info", msg, None));
+                Some(a)
+            }
+            Err(e) => {
+                self.fail(&job.id, "invalid_training_file", &format!("{e:#}"));
+                None
+            }
+        }
+    }
+
+    fn prepare(&self, job: &super::objects::Job, model: &Decoder) -> anyhow::Result<Active> {
+        let name = fine_tuned_name(job);
+        let max_seq_len = model.cfg.max_position_embeddings.clamp(16, 1024);
+        let examples = self.examples(&job.training_file, max_seq_len)?;
+        let validation = match &job.validation_file {
+            Some(v) => Some(self.examples(v, max_seq_len)?),
+            None => None,
+        };
+        let h = &job.hyperparameters;
+        let steps_per_epoch = examples.len().div_ceil(h.batch_size as usize).max(1);
+        let total = steps_per_epoch * h.n_epochs as usize;
+        let cfg = TrainConfig::try_from(TrainOptions {
+            model: Some(self.model_id.clone()),
+            data: Some(self.store.content_path(&job.training_file)),
+            validation_data: job.validation_file.as_ref().map(|v| self.store.content_path(v)),
+            output: Some(self.registry.root().join(&name)),
+            rank: Some(job.lora.rank),
+            alpha: Some(job.lora.alpha),
+            dropout: Some(job.lora.dropout),
+            target_modules: Some(job.lora.target_modules.clone()),
+            steps: Some(total),
+            batch_size: Some(h.batch_size as usize),
+            grad_accum: Some(1),
+            // One example per pass: the slices that run between inference steps stay short.
+            micro_batch: Some(1),
+            lr: Some(BASE_LR * h.learning_rate_multiplier),
+            warmup_steps: Some(total / 10),
+            max_seq_len: Some(max_seq_len),
+            seed: Some(job.seed),
+            resume: Some(true),
+            ..Default::default()
+        })?;
+        let run = TrainRun::new(model, examples, &cfg, self.store.train_state(&job.id))?;
+        Ok(Active { job_id: job.id.clone(), name, run, cfg, steps_per_epoch, validation })
+    }
+
+    /// A stored file's usable examples (SQuAD's unanswerable and over-long ones dropped).
+    fn examples(&self, file: &str, max_len: usize) -> anyhow::Result<Vec<TrainExample>> {
+        let records = data::load(&self.store.content_path(file))?.records;
+        let mut out = Vec::new();
+        for rec in &records {
+            if matches!(rec, Record::Squad(q) if q.answers.is_empty()) {
+                continue;
+            }
+            if let Some(ex) =
+                data::tokenize(rec, &self.tokenizer, max_len, crate::train::squad::Overflow::Skip)?
+            {
+                out.push(ex);
+            }
+        }
+        anyhow::ensure!(!out.is_empty(), "file `{file}` has no example that fits {max_len} tokens");
+        Ok(out)
+    }
+
+    fn after_step(&self, a: &Active, entry: &StepLog) -> anyhow::Result<()> {
+        let (step, total) = (entry.step, a.run.total_steps());
+        let metrics = serde_json::json!({
+            "step": step, "total_steps": total, "train_loss": entry.loss,
+            "learning_rate": entry.lr, "tokens": entry.tokens,
+        });
+        self.event(
+            &a.job_id,
+            Event::new(
+                "info",
+                format!("Step {step}/{total}: training loss={:.4}", entry.loss),
+                Some(metrics.clone()),
+            ),
+        );
+        let tokens: usize = a.run.log.iter().map(|l| l.tokens).sum();
+        self.update(&a.job_id, |j| j.trained_tokens = Some(tokens as u64));
+        if a.run.done() {
+            return Ok(());
+        }
+        let epoch_end = step % a.steps_per_epoch == 0;
+        if epoch_end || step % SAVE_EVERY == 0 {
+            a.run.save_checkpoint()?;
+        }
+        if epoch_end {
+            let name = format!("{}-step-{step}", a.name);
+            self.write_adapter(a, &name, &[])?;
+            self.add_checkpoint(&a.job_id, checkpoint(&a.job_id, &name, step, metrics));
+            self.event(
+                &a.job_id,
+                Event::new("info", format!("Checkpoint created at step {step}: {name}"), None),
+            );
+        }
+        Ok(())
+    }
+
+    fn write_adapter(
+        &self,
+        a: &Active,
+        name: &str,
+        extra: &[(&str, Vec<u8>)],
+    ) -> anyhow::Result<()> {
+        let dir = self.registry.root().join(name);
+        let params = &a.run.params;
+        crate::adapters::writer::save_modules(&dir, &params.config, &params.export()?, extra)?;
+        self.registry.rescan();
+        Ok(())
+    }
+
+    fn finish(&self, a: Active, model: &Decoder) -> anyhow::Result<()> {
+        let validation_loss = match &a.validation {
+            Some(v) => {
+                let adapter = Arc::new(a.run.params.as_adapter(&model.cfg, &a.name)?);
+                Some(crate::train::trainer::mean_loss(model, &adapter, v, a.cfg.batch_size)?)
+            }
+            None => None,
+        };
+        let log: String = a
+            .run
+            .log
+            .iter()
+            .filter_map(|l| serde_json::to_string(l).ok())
+            .map(|l| l + "\n")
+            .collect();
+        let card = format!(
+            "---\nlibrary_name: peft\n---\n\n# {}\n\nA LoRA adapter trained by loraplex's fine-tuning API \
+             (job `{}`) on chat, prompt/completion or SQuAD data, in Hugging Face PEFT format. Recipe: \
+             `training_recipe.json`; per-step loss: `training_log.jsonl`; validation loss {}.\n",
+            a.name,
+            a.job_id,
+            validation_loss.map_or("not measured".into(), |v| format!("{v:.4}"))
+        );
+        let extra = [
+            ("training_log.jsonl", log.into_bytes()),
+            ("training_recipe.json", serde_json::to_vec_pretty(&a.cfg)?),
+            ("README.md", card.into_bytes()),
+        ];
+        self.write_adapter(&a, &a.name, &extra)?;
+        let results = self.add_results(&a, validation_loss)?;
+        let last = a.run.log.last().map_or(f64::NAN, |l| l.loss);
+        let metrics = serde_json::json!({
+            "step": a.run.steps_done(), "train_loss": last, "valid_loss": validation_loss,
+        });
+        self.add_checkpoint(&a.job_id, checkpoint(&a.job_id, &a.name, a.run.steps_done(), metrics));
+        let _ = std::fs::remove_dir_all(self.store.train_state(&a.job_id));
+        self.update(&a.job_id, |j| {
+            j.status = JobStatus::Succeeded;
+            j.fine_tuned_model = Some(a.name.clone());
+            j.finished_at = Some(now());
+            j.result_files = vec![results];
+        });
+        self.event(
+            &a.job_id,
+            Event::new("info", format!("The job has successfully completed: {}", a.name), None),
+        );
+        Ok(())
+    }
+
+    /// The job's per-step metrics as a `fine-tune-results` CSV file.
+    fn add_results(&self, a: &Active, valid: Option<f64>) -> anyhow::Result<String> {
+        let mut csv = String::from("step,train_loss,learning_rate,tokens,valid_loss\n");
+        for l in &a.run.log {
+            csv.push_str(&format!("{},{},{},{},\n", l.step, l.loss, l.lr, l.tokens));
+        }
+        if let Some(v) = valid {
+            csv.push_str(&format!("{},,,,{v}\n", a.run.steps_done()));
+        }
+        let (id, _) = self.new_upload();
+        std::fs::write(self.store.content_path(&id), &csv)?;
+        let file = super::objects::FileObject {
+            id: id.clone(),
+            object: "file".into(),
+            bytes: csv.len() as u64,
+            created_at: now(),
+            filename: "step_metrics.csv".into(),
+            purpose: "fine-tune-results".into(),
+            status: "processed".into(),
+            status_details: None,
+        };
+        self.store.save_file(&file)?;
+        lock(&self.state).files.push(file);
+        Ok(id)
+    }
+
+    fn fail(&self, id: &str, code: &str, message: &str) {
+        tracing::warn!(job = id, code, message, "fine-tuning job failed");
+        self.update(id, |j| {
+            j.status = JobStatus::Failed;
+            j.finished_at = Some(now());
+            j.error = Some(JobError { code: code.into(), message: message.into(), param: None });
+        });
+        self.event(id, Event::new("error", format!("Job failed: {message}"), None));
+    }
+
+    /// A cancelled job: its run, resumable state and checkpoint adapters go.
+    fn discard(&self, a: &Active) {
+        let _ = std::fs::remove_dir_all(self.store.train_state(&a.job_id));
+        let names: Vec<String> = self
+            .with_job(&a.job_id, |j| {
+                j.checkpoints.drain(..).map(|c| c.fine_tuned_model_checkpoint).collect()
+            })
+            .unwrap_or_default();
+        for n in &names {
+            let _ = std::fs::remove_dir_all(self.registry.root().join(n));
+        }
+        let _ = self.store.save_checkpoints(&a.job_id, &[]);
+        self.registry.rescan();
+    }
+
+    /// Shutdown: the state after the last finished step is saved; the job stays `running`
+    /// and resumes from it when the server starts again.
+    fn park(&self, a: &Active) {
+        match a.run.save_checkpoint() {
+            Ok(()) => self.event(
+                &a.job_id,
+                Event::new(
+                    "info",
+                    format!("Server stopping: checkpointed at step {}", a.run.steps_done()),
+                    None,
+                ),
+            ),
+            Err(e) => tracing::error!(job = %a.job_id, error = %e, "checkpoint at shutdown failed"),
+        }
+    }
+
+    /// The adapters folder entry of a name (for tests and the HTTP edge).
+    pub fn adapter_dir(&self, name: &str) -> PathBuf {
+        self.registry.root().join(name)
+    }
+}
+
+fn checkpoint(job: &str, name: &str, step: usize, metrics: serde_json::Value) -> Checkpoint {
+    Checkpoint {
+        id: super::objects::new_id("ftckpt"),
+        object: "fine_tuning.job.checkpoint".into(),
+        created_at: now(),
+        fine_tuned_model_checkpoint: name.into(),
+        fine_tuning_job_id: job.into(),
+        step_number: step,
+        metrics,
+    }
+}
