@@ -145,8 +145,10 @@ impl FineTuning {
                     format!("purpose `{purpose}` is not supported here; use `fine-tune`"),
                 ));
             }
-            let data = crate::train::data::load(upload)
-                .map_err(|e| invalid("file", format!("`{filename}`: {e}")))?;
+            // Reported under the client's file name, never the server's path.
+            let data = crate::train::data::load(upload).map_err(|e| {
+                invalid("file", e.to_string().replace(&upload.display().to_string(), &filename))
+            })?;
             if data.records.is_empty() {
                 return Err(invalid("file", format!("`{filename}` holds no examples")));
             }
@@ -310,8 +312,9 @@ impl FineTuning {
         let path = self
             .file_content(id)
             .map_err(|_| invalid(param, format!("`{param}`: no file `{id}`")))?;
-        let data = crate::train::data::load(&path)
-            .map_err(|e| invalid(param, format!("`{param}` `{id}`: {e}")))?;
+        let data = crate::train::data::load(&path).map_err(|e| {
+            invalid(param, format!("`{param}`: {}", e.to_string().replace(&path.display().to_string(), id)))
+        })?;
         Ok(data.records.len())
     }
 
@@ -444,7 +447,7 @@ fn check_lora(cfg: &DecoderConfig, l: &LoraSettings) -> Result<(), FineTuneError
         return Err(invalid("target_modules", "`target_modules` is empty"));
     }
     let peft = crate::adapters::PeftConfig::from_json(
-        &serde_json::json!({"r": l.rank, "lora_alpha": l.alpha, "target_modules": l.target_modules})
+        &serde_json::json!({"peft_type": "LORA", "r": l.rank, "lora_alpha": l.alpha, "target_modules": l.target_modules})
             .to_string(),
     )
     .map_err(|e| invalid("target_modules", e.to_string()))?;

@@ -18,6 +18,9 @@ use std::sync::Arc;
 /// Steps between two resumable states (and at each epoch's end).
 const SAVE_EVERY: usize = 5;
 
+/// Epoch ends kept as servable checkpoints, the job's final adapter included.
+const SERVABLE_EPOCHS: usize = 3;
+
 /// The job the engine thread is training.
 pub struct Active {
     job_id: String,
@@ -25,6 +28,7 @@ pub struct Active {
     run: TrainRun,
     cfg: TrainConfig,
     steps_per_epoch: usize,
+    epochs: usize,
     validation: Option<Vec<TrainExample>>,
 }
 
@@ -143,8 +147,9 @@ impl FineTuning {
             steps: Some(total),
             batch_size: Some(h.batch_size as usize),
             grad_accum: Some(1),
-            // One example per pass: the slices that run between inference steps stay short.
-            micro_batch: Some(1),
+            // At most 4 examples per pass: the slices that run between inference steps stay
+            // short, and each pass unpacks the weights once for its backward.
+            micro_batch: Some(4),
             lr: Some(BASE_LR * h.learning_rate_multiplier),
             warmup_steps: Some(total / 10),
             max_seq_len: Some(max_seq_len),
@@ -153,7 +158,8 @@ impl FineTuning {
             ..Default::default()
         })?;
         let run = TrainRun::new(model, examples, &cfg, self.store.train_state(&job.id))?;
-        Ok(Active { job_id: job.id.clone(), name, run, cfg, steps_per_epoch, validation })
+        let epochs = h.n_epochs as usize;
+        Ok(Active { job_id: job.id.clone(), name, run, cfg, steps_per_epoch, epochs, validation })
     }
 
     /// A stored file's usable examples (SQuAD's unanswerable and over-long ones dropped).
@@ -197,7 +203,10 @@ impl FineTuning {
         if epoch_end || step % SAVE_EVERY == 0 {
             a.run.save_checkpoint()?;
         }
-        if epoch_end {
+        // Like OpenAI, the last epochs' ends are kept as servable checkpoints (the final one
+        // is the job's own adapter).
+        let epoch = step / a.steps_per_epoch;
+        if epoch_end && epoch + SERVABLE_EPOCHS > a.epochs {
             let name = format!("{}-step-{step}", a.name);
             self.write_adapter(a, &name, &[])?;
             self.add_checkpoint(&a.job_id, checkpoint(&a.job_id, &name, step, metrics));

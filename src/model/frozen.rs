@@ -87,7 +87,14 @@ impl CustomOp1 for FrozenPacked {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let w = Tensor::from_vec(self.p.unpack(), (self.p.rows, self.p.cols), grad.device())?;
+        use rayon::prelude::*;
+        let (rows, cols) = (self.p.rows, self.p.cols);
+        let mut w = vec![0f32; rows * cols];
+        let per = 64usize;
+        w.par_chunks_mut(per * cols)
+            .enumerate()
+            .for_each(|(i, chunk)| self.p.unpack_rows(i * per, chunk));
+        let w = Tensor::from_vec(w, (rows, cols), grad.device())?;
         Ok(Some(grad.matmul(&w)?))
     }
 }

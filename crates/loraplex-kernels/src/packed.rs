@@ -154,21 +154,25 @@ impl PackedMatrix {
     /// The weight as f32, row-major (`d · u + m`, exact for GGUF-decoded weights).
     pub fn unpack(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        for r in 0..self.rows {
-            let rec_of = |b: usize| {
-                &self.group_bytes(r / GROUP)
-                    [b * self.kind.record_bytes()..(b + 1) * self.kind.record_bytes()]
-            };
+        self.unpack_rows(0, &mut out);
+        out
+    }
+
+    /// Rows `first..first + out.len() / cols` as f32 into `out` (so callers can unpack row
+    /// ranges in parallel).
+    pub fn unpack_rows(&self, first: usize, out: &mut [f32]) {
+        for (i, row) in out.chunks_exact_mut(self.cols).enumerate() {
+            let r = first + i;
+            let group = self.group_bytes(r / GROUP);
+            let rb = self.kind.record_bytes();
             for b in 0..self.blocks() {
-                let rec = rec_of(b);
+                let rec = &group[b * rb..(b + 1) * rb];
                 for c in 0..BLOCK {
                     let (d, m) = lane_scales(rec, self.kind, r % GROUP, c / 16);
-                    out[r * self.cols + b * BLOCK + c] =
-                        d.mul_add(code(rec, self.kind, r % GROUP, c) as f32, m);
+                    row[b * BLOCK + c] = d.mul_add(code(rec, self.kind, r % GROUP, c) as f32, m);
                 }
             }
         }
-        out
     }
 }
 
