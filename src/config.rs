@@ -135,7 +135,8 @@ pub struct ServeOptions {
     #[arg(long, env = "LORAPLEX_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: Option<u64>,
     /// Folder of the fine-tuning API's state: uploaded files, jobs, their events and
-    /// checkpoints (kept across restarts; a running job resumes). [default: loraplex-state]
+    /// checkpoints (kept across restarts; a running job resumes). [default: `.loraplex-state`
+    /// inside the adapters folder]
     #[arg(long, env = "LORAPLEX_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// While requests run, engine steps between two passes of a fine-tuning job (fewer than
@@ -338,6 +339,12 @@ impl TryFrom<ServeOptions> for ServeConfig {
         let limits_default = Limits::default();
         let cfg = ServeConfig {
             model: o.model.unwrap_or_else(|| crate::model::load::DEFAULT_MODEL.to_string()),
+            state_dir: o.state_dir.unwrap_or_else(|| {
+                o.adapters
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("adapters"))
+                    .join(".loraplex-state")
+            }),
             adapters: o.adapters.unwrap_or_else(|| PathBuf::from("adapters")),
             host: o.host.unwrap_or_else(|| "127.0.0.1".into()),
             port: o.port.unwrap_or(8000),
@@ -383,7 +390,6 @@ impl TryFrom<ServeOptions> for ServeConfig {
             mixes: parse_mixes(o.mix.as_deref().unwrap_or_default())?,
             rescan_interval: Duration::from_millis(o.rescan_interval_ms.unwrap_or(2000)),
             drain_timeout: Duration::from_secs(o.drain_timeout_secs.unwrap_or(30)),
-            state_dir: o.state_dir.unwrap_or_else(|| PathBuf::from("loraplex-state")),
             log_json: match o.log_format.as_deref() {
                 None | Some("text") => false,
                 Some("json") => true,

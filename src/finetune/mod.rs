@@ -313,7 +313,10 @@ impl FineTuning {
             .file_content(id)
             .map_err(|_| invalid(param, format!("`{param}`: no file `{id}`")))?;
         let data = crate::train::data::load(&path).map_err(|e| {
-            invalid(param, format!("`{param}`: {}", e.to_string().replace(&path.display().to_string(), id)))
+            invalid(
+                param,
+                format!("`{param}`: {}", e.to_string().replace(&path.display().to_string(), id)),
+            )
         })?;
         Ok(data.records.len())
     }
