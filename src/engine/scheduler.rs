@@ -410,22 +410,50 @@ mod tests {
     }
 }
 
-/// Whether the engine runs a background slice (a training pass) before its next step: always
-/// while no sequence runs; while some do, once `gap` steps have passed since the last slice
-/// (0 = never while serving).
-pub fn background_due(batch_empty: bool, steps_since: usize, gap: usize) -> bool {
-    batch_empty || (gap > 0 && steps_since >= gap)
+/// Whether the engine runs a background slice (a training pass) before its next step: at full
+/// speed once no sequence has run for [`IDLE_GRACE`] (a closed-loop client's next request
+/// arrives well within it, so a gap between requests is not idleness); while sequences run,
+/// once `gap` steps have passed since the last slice (0 = never while serving) and, so that
+/// slices take at most [`BACKGROUND_SHARE`] of the time, once the time since the last slice is
+/// `(1 - share) / share` times what it took.
+pub fn background_due(
+    batch_empty: bool,
+    idle_for: std::time::Duration,
+    steps_since: usize,
+    gap: usize,
+    since_last: std::time::Duration,
+    last_took: std::time::Duration,
+) -> bool {
+    if batch_empty {
+        return idle_for >= IDLE_GRACE;
+    }
+    let rest = last_took.mul_f64((1.0 - BACKGROUND_SHARE) / BACKGROUND_SHARE);
+    gap > 0 && steps_since >= gap && since_last >= rest
 }
+
+/// The most of the engine's time background work takes while sequences run.
+pub const BACKGROUND_SHARE: f64 = 0.1;
+
+/// How long no sequence must have run before background work takes the engine at full speed.
+pub const IDLE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[cfg(test)]
 mod background_tests {
     use super::background_due;
+    use std::time::Duration;
 
     #[test]
     fn background_work_yields_to_sequences() {
-        assert!(background_due(true, 0, 0), "an idle engine trains at full speed");
-        assert!(!background_due(false, 199, 200));
-        assert!(background_due(false, 200, 200));
-        assert!(!background_due(false, 10_000, 0), "gap 0: never while serving");
+        let (s, ms) = (Duration::from_secs, Duration::from_millis);
+        let idle = |for_| background_due(true, for_, 0, 200, s(0), s(5));
+        assert!(idle(ms(500)) && idle(s(60)), "an idle engine trains at full speed");
+        assert!(!idle(ms(100)), "a gap between two requests is not idleness");
+        let busy = |steps, gap, since, took| background_due(false, s(0), steps, gap, since, took);
+        assert!(!busy(199, 200, s(100), ms(1)));
+        assert!(busy(200, 200, s(100), ms(1)));
+        assert!(!busy(10_000, 0, s(100), ms(1)), "gap 0: never while serving");
+        // A 1 s slice waits 9 s: at most a tenth of the time while serving.
+        assert!(!busy(500, 200, ms(8_900), s(1)));
+        assert!(busy(500, 200, ms(9_000), s(1)));
     }
 }

@@ -3,13 +3,15 @@
 
 use super::batcher::{Batcher, LoraPath};
 use super::kv_pool::KvPool;
+use super::scheduler::IDLE_GRACE;
 use super::sequence::Sequence;
 use super::{Background, EngineConfig, EngineError, Request, TokenEvent};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::Decoder;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 /// Live counters the engine publishes (read by health checks, metrics and shutdown).
@@ -249,24 +251,41 @@ impl Worker {
         batcher.faults = cfg.faults.clone();
         let pending = || background.as_ref().filter(|b| b.pending());
         let mut since_slice = 0usize;
+        let (mut slice_end, mut slice_took) = (std::time::Instant::now(), Duration::ZERO);
+        let mut last_step = std::time::Instant::now();
         loop {
-            if batcher.is_empty() && pending().is_none() {
-                match rx.recv() {
+            if batcher.is_empty() {
+                // With background work waiting, the engine waits for requests only until it
+                // has been idle for the grace period.
+                let wait = pending().map(|_| IDLE_GRACE.saturating_sub(last_step.elapsed()));
+                let msg = match wait {
+                    None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                    Some(w) if w.is_zero() => Err(RecvTimeoutError::Timeout),
+                    Some(w) => rx.recv_timeout(w),
+                };
+                match msg {
                     Ok(msg) => add(&mut batcher, msg, &model),
-                    Err(_) => return, // every handle is gone
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return, // every handle is gone
                 }
             }
             for msg in rx.try_iter() {
                 add(&mut batcher, msg, &model);
             }
             if let Some(bg) = pending() {
-                if super::scheduler::background_due(
+                let due = super::scheduler::background_due(
                     batcher.is_empty(),
+                    last_step.elapsed(),
                     since_slice,
                     cfg.background_gap,
-                ) {
+                    slice_end.elapsed(),
+                    slice_took,
+                );
+                if due {
+                    let started = std::time::Instant::now();
                     bg.run_slice(&model);
-                    since_slice = 0;
+                    (slice_end, slice_took, since_slice) =
+                        (std::time::Instant::now(), started.elapsed(), 0);
                     continue;
                 }
             }
@@ -276,6 +295,7 @@ impl Worker {
             since_slice += 1;
             let started = std::time::Instant::now();
             let report = batcher.step();
+            last_step = std::time::Instant::now();
             if let Some(m) = &metrics {
                 let secs = started.elapsed().as_secs_f64();
                 if report.prefill_tokens > 0 {
