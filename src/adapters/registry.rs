@@ -61,6 +61,8 @@ pub struct AdapterInfo {
     pub targets: Vec<String>,
     pub size_bytes: Option<usize>,
     pub error: Option<String>,
+    /// When a request last used it (Unix seconds; `None`: not since the server started).
+    pub last_used: Option<u64>,
 }
 
 /// Files' sizes and modification times: a change means a new version.
@@ -122,6 +124,8 @@ struct Entry {
     error: Option<String>,
     /// Logical clock of the last use (LRU).
     last_used: u64,
+    /// Wall-clock time of the last use (Unix seconds), for the operators' view.
+    last_used_at: Option<u64>,
     /// Bytes when last loaded (kept after eviction for reporting).
     size_bytes: Option<usize>,
     rank: Option<usize>,
@@ -369,6 +373,7 @@ impl Registry {
                         loaded: None,
                         error: None,
                         last_used: 0,
+                        last_used_at: None,
                         size_bytes: None,
                         rank: None,
                         alpha: None,
@@ -409,6 +414,7 @@ impl Registry {
         if let Some(mut e) = self.entries.get_mut(name) {
             if let Some(a) = e.loaded.clone() {
                 e.last_used = now;
+                e.last_used_at = Some(unix_now());
                 return Ok(a);
             }
         }
@@ -492,6 +498,7 @@ impl Registry {
                 };
                 e.describe(&adapter);
                 e.last_used = now;
+                e.last_used_at = Some(unix_now());
                 e.loaded = Some(adapter.clone());
                 self.stats.loads_ok.fetch_add(1, Ordering::Relaxed);
                 if let Some(m) = &self.metrics {
@@ -624,5 +631,10 @@ fn to_info(name: &str, e: &Entry) -> AdapterInfo {
         targets: e.targets.clone(),
         size_bytes: e.size_bytes,
         error: e.error.clone(),
+        last_used: e.last_used_at,
     }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
