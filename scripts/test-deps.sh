@@ -6,6 +6,7 @@
 #   jsonschema (pinned)    validates structured outputs (tests/e2e/structured_client.py)
 #   promtool               Debian's `prometheus`: checks a metrics scrape (tests/metrics.rs)
 #   haproxy, curl          the one-host fleet of scripts/fleet-check.py (scripts/fleet.sh)
+#   chromium + its driver  Debian's headless browser for the playground test (tests/playground.rs)
 # scripts/check-k8s.sh installs its own (PyPI and npm). Called by scripts/test.sh and .ci/run.
 set -euo pipefail
 openai_pin="openai==3.63.0"
@@ -26,6 +27,8 @@ packages=()
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 command -v haproxy >/dev/null 2>&1 || packages+=(haproxy)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
+command -v chromium >/dev/null 2>&1 || packages+=(chromium fonts-liberation)
+command -v chromedriver >/dev/null 2>&1 || packages+=(chromium-driver)
 if [ ${#packages[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${packages[*]} (apt-get)" >&2

@@ -35,6 +35,8 @@
 //!     constraint (errors name the field and llguidance's reason).
 //!   - `api::fine_tuning`: OpenAI's `/v1/files` (multipart uploads) and
 //!     `/v1/fine_tuning/jobs` routes over [`finetune`].
+//!   - `api::ui`: the playground page (`/ui`, three framework-free files from `ui/` compiled
+//!     in, same-origin only by its Content-Security-Policy) and `POST /v1/mixes`.
 //!   - `api::vllm`: vLLM's endpoints (`/tokenize`, `/detokenize`, `/v1/load_lora_adapter`,
 //!     `/v1/unload_lora_adapter`) in vLLM's shapes.
 //!   - `api::openai`: OpenAI wire types (serde) and the `adapters` extension.

@@ -239,6 +239,28 @@ impl MixTable {
         self.state.read().unwrap_or_else(|p| p.into_inner()).mixes.get(name).cloned()
     }
 
+    /// Writes `name = "spec"` into `mixes.toml` (a new entry or a new definition), keeping the
+    /// file's other entries; the registry's next rescan serves it. The file is replaced
+    /// through a rename, so the watcher never reads half of it.
+    pub fn save(&self, name: &str, members: &[MixMember]) -> Result<(), MixError> {
+        let spec =
+            members.iter().map(|m| format!("{}:{}", m.name, m.scale)).collect::<Vec<_>>().join(",");
+        validate_name(name).map_err(|e| invalid(name, e.to_string()))?;
+        parse_members(&spec)?;
+        if self.config.contains_key(name) {
+            return Err(invalid(name, "a configured mix (the `mix` option) holds this name"));
+        }
+        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        let mut table: toml::Table = toml::from_str(&text)
+            .map_err(|e| invalid(name, format!("`{MIXES_FILE}` is not valid TOML: {e}")))?;
+        table.insert(name.to_string(), toml::Value::String(spec));
+        let out = toml::to_string(&table).map_err(|e| invalid(name, e.to_string()))?;
+        let tmp = self.file.with_extension("toml.tmp");
+        std::fs::write(&tmp, out)
+            .and_then(|_| std::fs::rename(&tmp, &self.file))
+            .map_err(|e| invalid(name, format!("cannot write `{MIXES_FILE}`: {e}")))
+    }
+
     /// Every mix, sorted by name.
     pub fn list(&self) -> Vec<MixInfo> {
         let st = self.state.read().unwrap_or_else(|p| p.into_inner());

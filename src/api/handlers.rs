@@ -185,7 +185,8 @@ fn adapter_infos(
 pub async fn models(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Scope::Inference)?;
     let b = state.backend()?;
-    let base = serde_json::json!({"architecture": b.architecture, "context_length": b.context_len});
+    let base = serde_json::json!({"architecture": b.architecture, "context_length": b.context_len,
+        "max_abs_scale": state.limits.max_abs_scale});
     let mut data = vec![
         serde_json::json!({"id": b.model_id, "object": "model", "created": 0, "owned_by": "loraplex", "loraplex": base}),
     ];

@@ -14,6 +14,7 @@ pub mod responses;
 pub mod rules;
 pub mod stream;
 pub mod structured;
+pub mod ui;
 pub mod validate;
 pub mod vllm;
 
@@ -106,6 +107,11 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/detokenize", web::post().to(vllm::detokenize))
         .route("/v1/load_lora_adapter", web::post().to(vllm::load_lora_adapter))
         .route("/v1/unload_lora_adapter", web::post().to(vllm::unload_lora_adapter))
+        .route("/", web::get().to(ui::root))
+        .route("/ui", web::get().to(ui::index))
+        .route("/ui/app.js", web::get().to(ui::app_js))
+        .route("/ui/app.css", web::get().to(ui::app_css))
+        .route("/v1/mixes", web::post().to(ui::save_mix))
         .route("/v1/files", web::post().to(fine_tuning::upload))
         .route("/v1/files", web::get().to(fine_tuning::list_files))
         .route("/v1/files/{id}", web::get().to(fine_tuning::get_file))
