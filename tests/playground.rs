@@ -87,6 +87,8 @@ fn the_playground_mixes_compares_and_shows_the_registry_in_a_real_browser() {
         assert!(figures.contains(&f.into()), "{f}: {figures:?}");
     }
 
+    assert_eq!(got["chat"]["page"], got["chat"]["api"], "chat mode");
+
     let requests = got["requests"].as_array().unwrap();
     assert!(requests.len() > 5);
     for r in requests {
@@ -107,7 +109,7 @@ fn the_playground_mixes_compares_and_shows_the_registry_in_a_real_browser() {
 }
 
 #[test]
-fn the_page_is_served_from_the_binary_with_a_same_origin_policy() {
+fn the_page_is_served_from_the_binary_with_a_same_origin_policy_and_mixes_save() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
     let (status, body) = get(server.port, "/ui");
@@ -119,6 +121,44 @@ fn the_page_is_served_from_the_binary_with_a_same_origin_policy() {
     let raw = raw_get(server.port, "/?mix=qa-r8:1");
     assert!(raw.starts_with("HTTP/1.1 302"), "{raw}");
     assert!(raw.to_ascii_lowercase().contains("location: /ui?mix=qa-r8:1"), "{raw}");
+    // `POST /v1/mixes`: bad input named, nothing written.
+    copy_adapter(&shared_dir().join("adapters/qa-r8"), &dir.path().join("qa-r8"));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let save = |body: Value| http(server.port, "POST", "/v1/mixes", Some(&body));
+    let refused = |body: Value, param: &str| {
+        let (status, text) = save(body);
+        assert_eq!(status, 422, "{text}");
+        let e: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(e["error"]["param"], param, "{text}");
+    };
+    refused(
+        serde_json::json!({"name": "m", "adapters": [{"name": "nope", "scale": 1}]}),
+        "adapters[0].name",
+    );
+    refused(
+        serde_json::json!({"name": "m", "adapters": [{"name": "qa-r8", "scale": 1e39}]}),
+        "adapters[0].scale",
+    );
+    refused(
+        serde_json::json!({"name": "qa-r8", "adapters": [{"name": "qa-r8", "scale": 1}]}),
+        "name",
+    );
+    refused(
+        serde_json::json!({"name": "../m", "adapters": [{"name": "qa-r8", "scale": 1}]}),
+        "name",
+    );
+    refused(serde_json::json!({"name": "m", "adapters": []}), "adapters");
+    assert!(!dir.path().join("mixes.toml").exists());
+    let (status, text) =
+        save(serde_json::json!({"name": "half", "adapters": [{"name": "qa-r8", "scale": 0.5}]}));
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = complete(
+        server.port,
+        serde_json::json!({"model": "half", "prompt": "Hi", "max_tokens": 2}),
+    );
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(text["adapters"][0]["scale"], 0.5, "{text}");
+
     let raw = raw_get(server.port, "/ui");
     let csp = raw.lines().find(|l| l.to_ascii_lowercase().starts_with("content-security-policy"));
     assert!(

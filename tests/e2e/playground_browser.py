@@ -184,6 +184,13 @@ try:
     out["page_bytes"] = sum(e["bytes"] for e in entries if e["type"] in ("navigation", "link", "script"))
     out["page_body_bytes"] = sum(e["body"] for e in entries if e["type"] in ("navigation", "link", "script"))
 
+    # Chat mode: the user turn through the chat template, as /v1/chat/completions answers.
+    b.open("/ui?" + urllib.parse.urlencode({"mix": "qa-r8:1", "prompt": "Name one colour.", "mode": "chat", "max_tokens": 10, "temperature": 0, "run": 1}))
+    [chat] = outputs_done(b, 1)
+    api_chat = http("POST", f"{base}/v1/chat/completions", {"model": BASE_MODEL, "max_tokens": 10, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Name one colour."}], "adapters": [{"name": "qa-r8", "scale": 1}]})
+    out["chat"] = {"page": chat, "api": api_chat["choices"][0]["message"]["content"]}
+
     # 6. A narrow window: still usable.
     b.cmd("POST", "/window/rect", {"width": 420, "height": 900})
     b.open("/ui?" + urllib.parse.urlencode({"mix": "qa-r8:0.5", "prompt": prompt, "max_tokens": 8, "temperature": 0, "run": 1}))
