@@ -144,7 +144,10 @@ async fn models_and_adapter_management() {
     let ids: Vec<&str> =
         v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["SmolLM2-135M-Instruct.Q4_1", "all-r16", "qa-r8", "rslora-r4"]);
-    assert_eq!(v["data"][0]["loraplex"], json!({"architecture": "llama", "context_length": 8192}));
+    assert_eq!(
+        v["data"][0]["loraplex"],
+        json!({"architecture": "llama", "context_length": 8192, "max_abs_scale": 100.0})
+    );
     let admin = ("Authorization", "Bearer admin-secret");
     let (s, v) =
         call(&app, post("/v1/adapters", json!({"name": "qa-r8"})).insert_header(admin)).await;

@@ -70,7 +70,7 @@ pub struct FineTuning {
     /// Why this server cannot train (its weight format), if it cannot.
     trainable: Result<(), String>,
     engine: OnceLock<crate::engine::Engine>,
-    runner: Mutex<Option<runner::Active>>,
+    runner: Mutex<Option<runner::Slot>>,
     /// SIGTERM: checkpoint the running job and take no more slices.
     stopping: AtomicBool,
     /// Set once a stop left nothing running.

@@ -1,5 +1,6 @@
 //! The engine-thread side of fine-tuning: [`FineTuning`] as the engine's background work.
-//! Each slice is one forward/backward pass of the running job on the engine's own model; a
+//! A job's files are tokenized on a helper thread; then each slice is one forward/backward
+//! pass of the running job on the engine's own model; a
 //! step's end logs its loss, every few steps leave a resumable state, each epoch's end a
 //! servable checkpoint adapter, and the last step the job's adapter, registered at once.
 
@@ -13,6 +14,7 @@ use crate::train::trainer::StepLog;
 use crate::train::{TrainConfig, TrainOptions};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::sync::Arc;
 
 /// Steps between two resumable states (and at each epoch's end).
@@ -20,6 +22,26 @@ const SAVE_EVERY: usize = 5;
 
 /// Epoch ends kept as servable checkpoints, the job's final adapter included.
 const SERVABLE_EPOCHS: usize = 3;
+
+/// Validation examples the server scores at a job's end at most (the loss is a mean; a huge
+/// validation file would hold the engine thread).
+const MAX_VALIDATION: usize = 256;
+
+/// How long one slice waits for a job's files to finish tokenizing.
+const PREPARE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The engine thread's fine-tuning work: a job whose files are being read and tokenized on a
+/// helper thread (a large file must not hold the engine), or a job training.
+pub enum Slot {
+    Preparing { job: Box<super::objects::Job>, ready: mpsc::Receiver<anyhow::Result<Tokenized>> },
+    Training(Box<Active>),
+}
+
+/// A job's files, tokenized.
+pub struct Tokenized {
+    examples: Vec<TrainExample>,
+    validation: Option<Vec<TrainExample>>,
+}
 
 /// The job the engine thread is training.
 pub struct Active {
@@ -47,64 +69,73 @@ impl Background for FineTuning {
     fn run_slice(&self, model: &Decoder) {
         let mut slot = lock(&self.runner);
         if self.stopping.load(Ordering::SeqCst) {
-            if let Some(a) = slot.take() {
+            if let Some(Slot::Training(a)) = slot.take() {
                 self.park(&a);
             }
             return;
         }
-        let Some(a) = slot.as_mut() else {
-            *slot = self.start_next(model);
-            return;
+        *slot = match slot.take() {
+            None => self.start_next(model),
+            Some(Slot::Preparing { job, ready }) => self.await_files(job, ready, model),
+            Some(Slot::Training(a)) => self.train_pass(a, model),
         };
-        let status = self.job(&a.job_id).map(|j| j.status).ok();
-        if status != Some(JobStatus::Running) {
-            if let Some(a) = slot.take() {
-                self.discard(&a);
-            }
-            return;
-        }
-        // A panic in a pass fails the job, never the engine thread serving requests.
-        let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.run.pass(model)));
-        let pass = pass.unwrap_or_else(|_| {
-            model.set_exec(model.inference_exec());
-            Err(anyhow::anyhow!("the training pass panicked"))
-        });
-        match pass {
-            Err(e) => {
-                let id = a.job_id.clone();
-                *slot = None;
-                self.fail(&id, "training_error", &format!("{e:#}"));
-            }
-            Ok(None) => {}
-            Ok(Some(entry)) => {
-                if let Err(e) = self.after_step(a, &entry) {
-                    tracing::warn!(job = %a.job_id, error = %e, "checkpoint failed");
-                }
-                if a.run.done() {
-                    if let Some(a) = slot.take() {
-                        if let Err(e) = self.finish(a, model) {
-                            tracing::error!(error = %e, "fine-tuning job could not finish");
-                        }
-                    }
-                }
-            }
-        }
     }
 }
 
 impl FineTuning {
-    /// Starts (or resumes) the oldest running or queued job; `None` when there is none or it
-    /// failed to start (then it is marked failed).
-    fn start_next(&self, model: &Decoder) -> Option<Active> {
+    /// Marks the oldest running (resumed) or queued job running and tokenizes its files on a
+    /// helper thread.
+    fn start_next(&self, model: &Decoder) -> Option<Slot> {
         let job = {
             let st = lock(&self.state);
             let pick = |s: JobStatus| st.jobs.iter().find(|j| j.job.status == s);
             pick(JobStatus::Running).or_else(|| pick(JobStatus::Queued)).map(|j| j.job.clone())?
         };
-        match self.prepare(&job, model) {
+        self.update(&job.id, |j| j.status = JobStatus::Running);
+        let max_len = model.cfg.max_position_embeddings.clamp(16, 1024);
+        let tok = self.tokenizer.clone();
+        let train = self.store.content_path(&job.training_file);
+        let valid = job.validation_file.as_ref().map(|v| self.store.content_path(v));
+        let (tx, ready) = mpsc::channel();
+        let spawned =
+            std::thread::Builder::new().name("loraplex-ft-data".into()).spawn(move || {
+                let read = || -> anyhow::Result<Tokenized> {
+                    let examples = tokenize_file(&train, &tok, max_len)?;
+                    let validation = match valid {
+                        Some(v) => Some(tokenize_file(&v, &tok, max_len)?),
+                        None => None,
+                    };
+                    Ok(Tokenized { examples, validation })
+                };
+                let _ = tx.send(read());
+            });
+        if let Err(e) = spawned {
+            self.fail(&job.id, "server_error", &format!("cannot start reading the files: {e}"));
+            return None;
+        }
+        Some(Slot::Preparing { job: Box::new(job), ready })
+    }
+
+    /// Starts training once the files are tokenized (a cancelled job is dropped).
+    fn await_files(
+        &self,
+        job: Box<super::objects::Job>,
+        ready: mpsc::Receiver<anyhow::Result<Tokenized>>,
+        model: &Decoder,
+    ) -> Option<Slot> {
+        let data = match ready.recv_timeout(PREPARE_POLL) {
+            Err(mpsc::RecvTimeoutError::Timeout) => return Some(Slot::Preparing { job, ready }),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(anyhow::anyhow!("reading the files failed"))
+            }
+            Ok(data) => data,
+        };
+        if self.job(&job.id).map(|j| j.status).ok() != Some(JobStatus::Running) {
+            return None; // cancelled while its files were read
+        }
+        match data.and_then(|t| self.prepare(&job, t, model)) {
             Ok(a) => {
                 let resumed = a.run.steps_done();
-                self.update(&job.id, |j| j.status = JobStatus::Running);
                 let msg = if resumed > 0 {
                     format!("Fine-tuning job resumed at step {resumed}/{}", a.run.total_steps())
                 } else {
@@ -115,7 +146,7 @@ impl FineTuning {
                     )
                 };
                 self.event(&job.id, Event::new("info", msg, None));
-                Some(a)
+                Some(Slot::Training(Box::new(a)))
             }
             Err(e) => {
                 self.fail(&job.id, "invalid_training_file", &format!("{e:#}"));
@@ -124,14 +155,52 @@ impl FineTuning {
         }
     }
 
-    fn prepare(&self, job: &super::objects::Job, model: &Decoder) -> anyhow::Result<Active> {
+    /// One forward/backward pass of the training job.
+    fn train_pass(&self, mut a: Box<Active>, model: &Decoder) -> Option<Slot> {
+        let status = self.job(&a.job_id).map(|j| j.status).ok();
+        if status != Some(JobStatus::Running) {
+            self.discard(&a);
+            return None;
+        }
+        // A panic in a pass fails the job, never the engine thread serving requests.
+        let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.run.pass(model)));
+        let pass = pass.unwrap_or_else(|_| {
+            model.set_exec(model.inference_exec());
+            Err(anyhow::anyhow!("the training pass panicked"))
+        });
+        match pass {
+            Err(e) => {
+                self.fail(&a.job_id, "training_error", &format!("{e:#}"));
+                None
+            }
+            Ok(None) => Some(Slot::Training(a)),
+            Ok(Some(entry)) => {
+                if let Err(e) = self.after_step(&a, &entry) {
+                    tracing::warn!(job = %a.job_id, error = %e, "checkpoint failed");
+                }
+                if !a.run.done() {
+                    return Some(Slot::Training(a));
+                }
+                if let Err(e) = self.finish(*a, model) {
+                    tracing::error!(error = %e, "fine-tuning job could not finish");
+                }
+                None
+            }
+        }
+    }
+
+    fn prepare(
+        &self,
+        job: &super::objects::Job,
+        data: Tokenized,
+        model: &Decoder,
+    ) -> anyhow::Result<Active> {
         let name = fine_tuned_name(job);
         let max_seq_len = model.cfg.max_position_embeddings.clamp(16, 1024);
-        let examples = self.examples(&job.training_file, max_seq_len)?;
-        let validation = match &job.validation_file {
-            Some(v) => Some(self.examples(v, max_seq_len)?),
-            None => None,
-        };
+        let Tokenized { examples, mut validation } = data;
+        if let Some(v) = validation.as_mut() {
+            v.truncate(MAX_VALIDATION);
+        }
         let h = &job.hyperparameters;
         let steps_per_epoch = examples.len().div_ceil(h.batch_size as usize).max(1);
         let total = steps_per_epoch * h.n_epochs as usize;
@@ -160,24 +229,6 @@ impl FineTuning {
         let run = TrainRun::new(model, examples, &cfg, self.store.train_state(&job.id))?;
         let epochs = h.n_epochs as usize;
         Ok(Active { job_id: job.id.clone(), name, run, cfg, steps_per_epoch, epochs, validation })
-    }
-
-    /// A stored file's usable examples (SQuAD's unanswerable and over-long ones dropped).
-    fn examples(&self, file: &str, max_len: usize) -> anyhow::Result<Vec<TrainExample>> {
-        let records = data::load(&self.store.content_path(file))?.records;
-        let mut out = Vec::new();
-        for rec in &records {
-            if matches!(rec, Record::Squad(q) if q.answers.is_empty()) {
-                continue;
-            }
-            if let Some(ex) =
-                data::tokenize(rec, &self.tokenizer, max_len, crate::train::squad::Overflow::Skip)?
-            {
-                out.push(ex);
-            }
-        }
-        anyhow::ensure!(!out.is_empty(), "file `{file}` has no example that fits {max_len} tokens");
-        Ok(out)
     }
 
     fn after_step(&self, a: &Active, entry: &StepLog) -> anyhow::Result<()> {
@@ -351,6 +402,27 @@ impl FineTuning {
     pub fn adapter_dir(&self, name: &str) -> PathBuf {
         self.registry.root().join(name)
     }
+}
+
+/// A stored file's usable examples (SQuAD's unanswerable and over-long ones dropped).
+fn tokenize_file(
+    path: &std::path::Path,
+    tok: &crate::model::tokenizer::TextTokenizer,
+    max_len: usize,
+) -> anyhow::Result<Vec<TrainExample>> {
+    let records = data::load(path)?.records;
+    let mut out = Vec::new();
+    for rec in &records {
+        if matches!(rec, Record::Squad(q) if q.answers.is_empty()) {
+            continue;
+        }
+        if let Some(ex) = data::tokenize(rec, tok, max_len, crate::train::squad::Overflow::Skip)? {
+            out.push(ex);
+        }
+    }
+    let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    anyhow::ensure!(!out.is_empty(), "file `{name}` has no example that fits {max_len} tokens");
+    Ok(out)
 }
 
 fn checkpoint(job: &str, name: &str, step: usize, metrics: serde_json::Value) -> Checkpoint {
