@@ -71,6 +71,9 @@ pub struct FineTuning {
     trainable: Result<(), String>,
     engine: OnceLock<crate::engine::Engine>,
     runner: Mutex<Option<runner::Slot>>,
+    /// A job may be waiting to start (cleared when the engine finds none): what the engine
+    /// checks before every step costs one atomic load.
+    waiting: AtomicBool,
     /// SIGTERM: checkpoint the running job and take no more slices.
     stopping: AtomicBool,
     /// Set once a stop left nothing running.
@@ -105,6 +108,7 @@ impl FineTuning {
             trainable,
             engine: OnceLock::new(),
             runner: Mutex::new(None),
+            waiting: AtomicBool::new(unfinished > 0),
             stopping: AtomicBool::new(false),
             parked: AtomicBool::new(false),
         })
@@ -303,6 +307,7 @@ impl FineTuning {
             events,
             checkpoints: Vec::new(),
         });
+        self.waiting.store(true, Ordering::SeqCst);
         self.wake();
         Ok(job)
     }

@@ -56,14 +56,10 @@ pub struct Active {
 
 impl Background for FineTuning {
     fn pending(&self) -> bool {
-        if lock(&self.runner).is_some() {
-            return true;
+        if self.stopping.load(Ordering::SeqCst) {
+            return lock(&self.runner).is_some();
         }
-        !self.stopping.load(Ordering::SeqCst)
-            && lock(&self.state)
-                .jobs
-                .iter()
-                .any(|j| matches!(j.job.status, JobStatus::Queued | JobStatus::Running))
+        self.waiting.load(Ordering::SeqCst) || lock(&self.runner).is_some()
     }
 
     fn run_slice(&self, model: &Decoder) {
@@ -89,7 +85,13 @@ impl FineTuning {
         let job = {
             let st = lock(&self.state);
             let pick = |s: JobStatus| st.jobs.iter().find(|j| j.job.status == s);
-            pick(JobStatus::Running).or_else(|| pick(JobStatus::Queued)).map(|j| j.job.clone())?
+            let next = pick(JobStatus::Running).or_else(|| pick(JobStatus::Queued));
+            // Cleared under the state lock; `create_job` sets it after adding its job under the
+            // same lock, so a job added after this scan sets it again.
+            if next.is_none() {
+                self.waiting.store(false, Ordering::SeqCst);
+            }
+            next.map(|j| j.job.clone())?
         };
         self.update(&job.id, |j| j.status = JobStatus::Running);
         let max_len = model.cfg.max_position_embeddings.clamp(16, 1024);
