@@ -238,6 +238,9 @@ fn a_job_resumes_after_sigkill_and_checkpoints_on_sigterm() {
 
     let (_, content) = get(s3.port, &format!("/v1/files/{id}/content"));
     assert_eq!(content.as_bytes(), std::fs::read(&data).unwrap(), "the upload is intact");
+    let (status, body) = http(s3.port, "POST", &format!("/v1/fine_tuning/jobs/{job}/cancel"), None);
+    assert_eq!(status, 409, "cancelling a finished job: {body}");
+    assert!(body.contains("already succeeded"), "{body}");
     let (_, j) = get(s3.port, &format!("/v1/fine_tuning/jobs/{job}"));
     let j: Value = serde_json::from_str(&j).unwrap();
     assert_eq!(j["status"], "succeeded");

@@ -131,6 +131,12 @@ impl ApiError {
             .with_code("request_timeout")
     }
 
+    /// 409: the request conflicts with the state of what it names (a finished job, a file in
+    /// use).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "invalid_request_error", message).with_code("conflict")
+    }
+
     /// 403 for a request the HTTP policy refuses (origin, host).
     pub fn refused(message: impl Into<String>, code: &'static str) -> Self {
         Self::new(StatusCode::FORBIDDEN, "permission_error", message).with_code(code)

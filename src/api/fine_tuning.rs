@@ -29,7 +29,7 @@ impl From<FineTuneError> for ApiError {
                 Some(p) => ApiError::invalid_value(p, message),
                 None => ApiError::bad_request(message),
             },
-            FineTuneError::Conflict(m) => ApiError::refused(m, "conflict"),
+            FineTuneError::Conflict(m) => ApiError::conflict(m),
             FineTuneError::Io(e) => ApiError::internal(e),
         }
     }

@@ -224,7 +224,10 @@ impl FineTuning {
     /// Validates and queues a job.
     pub fn create_job(&self, req: JobRequest) -> Result<Job, FineTuneError> {
         if let Err(why) = &self.trainable {
-            return Err(FineTuneError::Conflict(format!("this server cannot train: {why}")));
+            return Err(invalid(
+                "model",
+                format!("this server cannot fine-tune `{}`: {why}", req.model),
+            ));
         }
         if req.model != self.model_id {
             return Err(FineTuneError::NotFound { what: "base model", id: req.model });
