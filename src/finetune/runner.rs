@@ -12,7 +12,6 @@ use crate::train::data::{self, Record, TrainExample};
 use crate::train::run::TrainRun;
 use crate::train::trainer::StepLog;
 use crate::train::{TrainConfig, TrainOptions};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -94,7 +93,7 @@ impl FineTuning {
             next.map(|j| j.job.clone())?
         };
         self.update(&job.id, |j| j.status = JobStatus::Running);
-        let max_len = model.cfg.max_position_embeddings.clamp(16, 1024);
+        let max_len = max_seq_len(model);
         let tok = self.tokenizer.clone();
         let train = self.store.content_path(&job.training_file);
         let valid = job.validation_file.as_ref().map(|v| self.store.content_path(v));
@@ -198,7 +197,7 @@ impl FineTuning {
         model: &Decoder,
     ) -> anyhow::Result<Active> {
         let name = fine_tuned_name(job);
-        let max_seq_len = model.cfg.max_position_embeddings.clamp(16, 1024);
+        let max_seq_len = max_seq_len(model);
         let Tokenized { examples, mut validation } = data;
         if let Some(v) = validation.as_mut() {
             v.truncate(MAX_VALIDATION);
@@ -399,11 +398,11 @@ impl FineTuning {
             Err(e) => tracing::error!(job = %a.job_id, error = %e, "checkpoint at shutdown failed"),
         }
     }
+}
 
-    /// The adapters folder entry of a name (for tests and the HTTP edge).
-    pub fn adapter_dir(&self, name: &str) -> PathBuf {
-        self.registry.root().join(name)
-    }
+/// Tokens per training example: the model's context, at most 1024.
+fn max_seq_len(model: &Decoder) -> usize {
+    model.cfg.max_position_embeddings.clamp(16, 1024)
 }
 
 /// A stored file's usable examples (SQuAD's unanswerable and over-long ones dropped).

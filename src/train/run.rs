@@ -225,10 +225,6 @@ impl TrainRun {
         save_checkpoint(&self.checkpoint, &self.params, &self.opt, self.cfg.seed, &self.log)
     }
 
-    pub fn checkpoint_dir(&self) -> &Path {
-        &self.checkpoint
-    }
-
     pub fn seconds(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
     }
