@@ -33,6 +33,19 @@ fn examples() -> Vec<TrainExample> {
         .collect()
 }
 
+/// The short runs' shared recipe: 30 steps of 3 examples, 2 warm-up steps, no checkpoints.
+fn short_run(output: &std::path::Path) -> TrainOptions {
+    TrainOptions {
+        output: Some(output.to_path_buf()),
+        steps: Some(30),
+        batch_size: Some(3),
+        warmup_steps: Some(2),
+        max_seq_len: Some(64),
+        checkpoint_every: Some(0),
+        ..Default::default()
+    }
+}
+
 fn peft(cfg: &DecoderConfig) -> PeftConfig {
     PeftConfig::from_json(&lora_config_for(cfg, 2, 4.0, &TARGETS).to_string()).unwrap()
 }
@@ -96,25 +109,7 @@ fn every_family_matches_finite_differences_and_the_inference_path() {
         let mut checked = 0;
         for (path, a, b) in params.modules.iter().take(4) {
             for var in [a, b] {
-                let g =
-                    grads.get(var).unwrap_or_else(|| panic!("{family}: {path} got no gradient"));
-                let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let (idx, &gi) =
-                    g.iter().enumerate().max_by(|x, y| x.1.abs().total_cmp(&y.1.abs())).unwrap();
-                let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let eps = 1e-2f32;
-                let bump = |d: f32| {
-                    let mut v = orig.clone();
-                    v[idx] += d;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
-                    loss_of()
-                };
-                let numeric = (bump(eps) - bump(-eps)) / (2.0 * eps as f64);
-                var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap()).unwrap();
-                assert!(
-                    (numeric - gi as f64).abs() <= 0.03 * gi.abs() as f64 + 1e-4,
-                    "{family} {path}: numeric {numeric} vs autograd {gi}"
-                );
+                assert_grad_matches(var, &grads, loss_of, &format!("{family} {path}"));
                 checked += 1;
             }
         }
@@ -137,18 +132,12 @@ fn every_family_trains_and_serves_what_it_trained() {
         let family = cfg.arch.name.clone();
         let dir = tempfile::tempdir().unwrap();
         let tc = TrainConfig::try_from(TrainOptions {
-            output: Some(dir.path().join("out")),
             rank: Some(4),
             alpha: Some(8.0),
             dropout: Some(0.0),
             target_modules: Some(targets_for(&cfg, &TARGETS)),
-            steps: Some(30),
-            batch_size: Some(3),
             lr: Some(3e-2),
-            warmup_steps: Some(2),
-            max_seq_len: Some(64),
-            checkpoint_every: Some(0),
-            ..Default::default()
+            ..short_run(&dir.path().join("out"))
         })
         .unwrap();
         let ex: Vec<TrainExample> = examples().into_iter().take(3).collect();
@@ -192,18 +181,12 @@ fn the_tutorial_recipe_runs_on_the_tiny_bloom() {
     let (model, cfg) = tiny_all().into_iter().find(|(_, c)| c.arch.name == "bloom").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let tc = TrainConfig::try_from(TrainOptions {
-        output: Some(dir.path().join("bloom-lora")),
         rank: Some(16),
         alpha: Some(32.0),
         dropout: Some(0.05),
         target_modules: Some(vec!["query_key_value".into()]),
-        steps: Some(30),
-        batch_size: Some(3),
         lr: Some(2e-2),
-        warmup_steps: Some(2),
-        max_seq_len: Some(64),
-        checkpoint_every: Some(0),
-        ..Default::default()
+        ..short_run(&dir.path().join("bloom-lora"))
     })
     .unwrap();
     let ex: Vec<TrainExample> = examples().into_iter().take(3).collect();
