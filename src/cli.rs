@@ -366,12 +366,12 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading `{}`", args.model.model))?;
     let (mix, described) =
         load_mix(&args.adapters, &args.adapters_dir, &loaded.model.cfg, &device)?;
-    let text = if args.chat {
-        loaded.tokenizer.apply_chat_template(&[ChatMessage::text("user", args.prompt.clone())])?
+    let prompt_ids = if args.chat {
+        let user = [ChatMessage::text("user", args.prompt.clone())];
+        loaded.tokenizer.encode_chat(&user, &[], true)?.ids
     } else {
-        args.prompt.clone()
+        loaded.tokenizer.encode(&args.prompt)?
     };
-    let prompt_ids = loaded.tokenizer.encode(&text)?;
     if prompt_ids.is_empty() {
         bail!("the prompt is empty");
     }

@@ -161,6 +161,14 @@ pub struct ServeOptions {
     /// Distinct adapter label values in metrics; later adapters count as `adapter="other"`. [default: 100]
     #[arg(long, env = "LORAPLEX_METRICS_ADAPTER_CAP")]
     pub metrics_adapter_cap: Option<usize>,
+    /// Bytes of compiled structured-output grammars kept for reuse (each weighs what its
+    /// compile left allocated; least recently used leave first). [default: 256MiB]
+    #[arg(long, env = "LORAPLEX_GRAMMAR_CACHE_BYTES")]
+    pub grammar_cache_bytes: Option<ByteSize>,
+    /// Milliseconds one request waits for its grammar to compile; longer is a 400
+    /// (`grammar_compile_timeout`). [default: 10000]
+    #[arg(long, env = "LORAPLEX_GRAMMAR_COMPILE_TIMEOUT_MS")]
+    pub grammar_compile_timeout_ms: Option<u64>,
 }
 }
 
@@ -295,6 +303,8 @@ pub struct ServeConfig {
     pub cors_origins: Vec<String>,
     /// Extra host names a keyless loopback server answers.
     pub allowed_hosts: Vec<String>,
+    /// The structured-output compiler's cache and time budget.
+    pub grammars: crate::structured::GrammarOptions,
 }
 
 impl ServeConfig {
@@ -337,6 +347,7 @@ impl TryFrom<ServeOptions> for ServeConfig {
     fn try_from(o: ServeOptions) -> anyhow::Result<Self> {
         let engine_default = EngineConfig::default();
         let limits_default = Limits::default();
+        let grammar_default = crate::structured::GrammarOptions::default();
         let cfg = ServeConfig {
             model: o.model.unwrap_or_else(|| crate::model::load::DEFAULT_MODEL.to_string()),
             state_dir: o.state_dir.unwrap_or_else(|| {
@@ -398,6 +409,13 @@ impl TryFrom<ServeOptions> for ServeConfig {
             gateway_metrics: o.gateway_metrics.unwrap_or(false),
             metrics: o.metrics.unwrap_or(true),
             metrics_adapter_cap: o.metrics_adapter_cap.unwrap_or(100),
+            grammars: crate::structured::GrammarOptions {
+                cache_bytes: o.grammar_cache_bytes.map_or(grammar_default.cache_bytes, |b| b.0),
+                compile_timeout: o
+                    .grammar_compile_timeout_ms
+                    .map_or(grammar_default.compile_timeout, Duration::from_millis),
+                ..grammar_default
+            },
             cors_origins: o
                 .cors_origins
                 .unwrap_or_default()
@@ -427,6 +445,8 @@ impl TryFrom<ServeOptions> for ServeConfig {
             ("max_n", cfg.limits.max_n),
             ("adapter_budget_bytes", cfg.adapter_budget_bytes),
             ("max_upload_bytes", cfg.limits.max_upload_bytes),
+            ("grammar_cache_bytes", cfg.grammars.cache_bytes),
+            ("grammar_compile_timeout_ms", cfg.grammars.compile_timeout.as_millis() as usize),
         ] {
             if v == 0 {
                 bail!("`{name}` must be at least 1");

@@ -42,6 +42,9 @@ pub const ADAPTER_LOADS_TOTAL: &str = "loraplex_adapter_loads_total";
 pub const ADAPTER_LOAD_DURATION: &str = "loraplex_adapter_load_duration_seconds";
 pub const ADAPTER_EVICTIONS_TOTAL: &str = "loraplex_adapter_evictions_total";
 pub const ADAPTER_RELOADS_TOTAL: &str = "loraplex_adapter_reloads_total";
+pub const GRAMMAR_CACHE_BYTES: &str = "loraplex_grammar_cache_bytes";
+pub const GRAMMAR_CACHE_ENTRIES: &str = "loraplex_grammar_cache_entries";
+pub const GRAMMAR_CACHE_BUDGET_BYTES: &str = "loraplex_grammar_cache_budget_bytes";
 pub const BUILD_INFO: &str = "loraplex_build_info";
 /// The label value for requests without adapters.
 pub const BASE_LABEL: &str = "base";
@@ -105,6 +108,8 @@ pub struct Snapshot {
     pub adapters_failed: usize,
     pub resident_bytes: usize,
     pub budget_bytes: usize,
+    /// The compiled-grammar cache: bytes, entries, budget.
+    pub grammar_cache: crate::structured::cache::CacheUsage,
     /// Adapters that can be resident at once (the protocol's `max_lora`).
     pub max_lora: usize,
     /// Resident adapters and mixes, ready to serve with no load (`running_lora_adapters`: the
@@ -153,6 +158,9 @@ pub struct Metrics {
     adapters: IntGaugeVec,
     resident_bytes: IntGauge,
     budget_bytes: IntGauge,
+    grammar_cache_bytes: IntGauge,
+    grammar_cache_entries: IntGauge,
+    grammar_cache_budget: IntGauge,
     gateway: Option<Gateway>,
 }
 
@@ -226,6 +234,9 @@ impl Metrics {
             adapters: IntGaugeVec::new(Opts::new(ADAPTERS, "Adapters by state."), &["state"])?,
             resident_bytes: IntGauge::new(ADAPTER_RESIDENT_BYTES, "Bytes of loaded adapter weights.")?,
             budget_bytes: IntGauge::new(ADAPTER_BUDGET_BYTES, "Adapter memory budget.")?,
+            grammar_cache_bytes: IntGauge::new(GRAMMAR_CACHE_BYTES, "Bytes held by compiled structured-output grammars kept for reuse (what each compile left allocated).")?,
+            grammar_cache_entries: IntGauge::new(GRAMMAR_CACHE_ENTRIES, "Compiled structured-output grammars kept for reuse.")?,
+            grammar_cache_budget: IntGauge::new(GRAMMAR_CACHE_BUDGET_BYTES, "Bytes the compiled-grammar cache may hold.")?,
             gateway: if gateway_metrics {
                 Some(Gateway {
                     waiting: Gauge::new("vllm:num_requests_waiting", "Requests waiting (Gateway API Inference Extension protocol).")?,
@@ -288,6 +299,9 @@ impl Metrics {
             &m.kv_capacity,
             &m.resident_bytes,
             &m.budget_bytes,
+            &m.grammar_cache_bytes,
+            &m.grammar_cache_entries,
+            &m.grammar_cache_budget,
         ] {
             m.registry.register(Box::new(g.clone()))?;
         }
@@ -444,6 +458,9 @@ impl Metrics {
         self.adapters.with_label_values(&["failed"]).set(s.adapters_failed as i64);
         self.resident_bytes.set(s.resident_bytes as i64);
         self.budget_bytes.set(s.budget_bytes as i64);
+        self.grammar_cache_bytes.set(s.grammar_cache.bytes as i64);
+        self.grammar_cache_entries.set(s.grammar_cache.entries as i64);
+        self.grammar_cache_budget.set(s.grammar_cache.budget as i64);
         if let Some(g) = &self.gateway {
             g.waiting.set(s.waiting as f64);
             g.running.set(s.running as f64);

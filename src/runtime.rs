@@ -20,3 +20,20 @@ pub fn training_spin_limit() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000");
     }
 }
+
+/// Sends panic reports to the log (one `error` line with the message and place) instead of
+/// standard error: a request's panic is caught and answered with a generic 500, and what it
+/// said belongs in the log beside the request id, not in a body. Call once the logger is up.
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        let at = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        tracing::error!(panic = %msg, at = %at, %thread, "panicked");
+    }));
+}

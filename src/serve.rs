@@ -37,7 +37,7 @@ pub fn load_backend(
     tracing::info!(root = %registry.root().display(), adapters = registry.list().len(), "adapter registry ready");
     let tokenizer = Arc::new(loaded.tokenizer);
     let started = Instant::now();
-    let grammars = crate::structured::Grammars::new(&tokenizer, model_cfg.vocab_size)
+    let grammars = crate::structured::Grammars::with_options(&tokenizer, model_cfg.vocab_size, cfg.grammars)
         .map(Arc::new)
         .map_err(|e| e.to_string());
     match &grammars {
@@ -115,6 +115,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             );
         }
     }
+    crate::runtime::log_panics();
     let drain_timeout = cfg.drain_timeout;
     actix_web::rt::System::new().block_on(async move {
         let server =

@@ -6,7 +6,7 @@
 use super::error::ApiError;
 use super::openai::{ChatRequest, MessageContent, WireMessage};
 use super::validate::ModelView;
-use crate::model::tokenizer::{ChatMessage, ToolCallMessage};
+use crate::model::tokenizer::{ChatMessage, ChatPrompt, ToolCallMessage};
 use crate::structured::tools::{self, TemplateTools, Tool, ToolChoice, ToolFormat};
 use crate::structured::Grammar;
 use serde_json::Value;
@@ -112,9 +112,18 @@ pub fn tools(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Option<ToolPlan>, 
         }
         return Ok(None);
     }
+    use crate::structured::limits::{max, SchemaSize};
+    if wire.len() > max::TOOLS {
+        let msg = format!("at most {} tools, got {}", max::TOOLS, wire.len());
+        return Err(bad("tools", msg).with_code("grammar_too_large"));
+    }
     let mut list: Vec<Tool> = Vec::with_capacity(wire.len());
+    // The tools' schemas together bound the grammar they make.
+    let mut size = SchemaSize::default();
     for (i, v) in wire.iter().enumerate() {
         let t = tool(i, v)?;
+        let p = format!("tools[{i}].function.parameters");
+        size = size.add(&t.parameters).map_err(|e| super::structured::limit_refusal(&e, &p))?;
         if list.iter().any(|o| o.name == t.name) {
             let msg = format!("two tools are named `{}`", t.name);
             return Err(bad(&format!("tools[{i}].function.name"), msg));
@@ -125,34 +134,34 @@ pub fn tools(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Option<ToolPlan>, 
     let template = TemplateTools::of(mv.tokenizer.chat_template.as_deref());
     let parallel = req.parallel_tool_calls.unwrap_or(true);
     let grammar = match tools::grammar(&list, &choice, parallel, template.format) {
-        Some(spec) => Some(super::structured::compile(&spec, "tools", mv)?),
+        Some(spec) => Some(super::structured::compile_checked(&spec, "tools", mv)?),
         None => None,
     };
     let parse = (choice != ToolChoice::None).then_some(template.format);
     Ok(Some(ToolPlan { tools: list, choice, template, grammar, parse }))
 }
 
-/// The prompt text: the messages (and tools) through the chat template.
+/// The prompt: the messages (and tools) through the chat template, its text and its tokens
+/// (content tokenized as text: only the template's markup yields control tokens).
 pub fn prompt(
     wire: &[WireMessage],
     plan: Option<&ToolPlan>,
     mv: &ModelView<'_>,
-) -> Result<String, ApiError> {
+) -> Result<ChatPrompt, ApiError> {
     let messages = messages(wire)?;
     let template = TemplateTools::of(mv.tokenizer.chat_template.as_deref());
     let has_tool_turns = messages.iter().any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+    let tok = mv.tokenizer;
     let rendered = match (plan, template.native) {
         (Some(p), true) => {
             let wire: Vec<Value> = p.tools.iter().map(Tool::wire).collect();
-            mv.tokenizer.apply_chat_template_with_tools(&messages, &wire)
+            tok.encode_chat(&messages, &wire, true)
         }
-        (Some(p), false) => {
-            mv.tokenizer.apply_chat_template(&tools::generic_messages(&messages, &p.tools))
-        }
+        (Some(p), false) => tok.encode_chat(&tools::generic_messages(&messages, &p.tools), &[], true),
         (None, false) if has_tool_turns => {
-            mv.tokenizer.apply_chat_template(&tools::generic_messages(&messages, &[]))
+            tok.encode_chat(&tools::generic_messages(&messages, &[]), &[], true)
         }
-        (None, _) => mv.tokenizer.apply_chat_template(&messages),
+        (None, _) => tok.encode_chat(&messages, &[], true),
     };
     rendered.map_err(|e| ApiError::invalid_value("messages", e.to_string()))
 }

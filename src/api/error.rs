@@ -154,6 +154,24 @@ impl ApiError {
     }
 }
 
+/// Middleware: a panic while handling a request answers that request with a 500 in OpenAI's
+/// shape (the panic's message goes to the log, never into the body) instead of taking down
+/// the HTTP worker and every connection it holds. The answer travels as the service's error:
+/// the request itself is gone with the panic.
+pub async fn catch_panics(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(next.call(req)).catch_unwind().await {
+        Ok(res) => res,
+        Err(payload) => {
+            let detail = crate::engine::SequenceError::from_panic(payload);
+            Err(ApiError::internal(format_args!("a request handler panicked: {detail}")).into())
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
@@ -182,7 +200,11 @@ impl From<SequenceError> for ApiError {
             SequenceError::NonFinite { with_adapters: false } => {
                 ApiError::server(msg, "non_finite_output")
             }
-            SequenceError::Token(_) => ApiError::server(msg, "token_choice_failed"),
+            SequenceError::Token(detail) => {
+                tracing::error!(%detail, "choosing a token failed");
+                let msg = "choosing the next token failed: the request's sampling values led the sampler to numbers it cannot use (logged); other requests were not affected";
+                ApiError::server(msg, "token_choice_failed")
+            }
             // The request's own constraint (with its logit rules) left no way on.
             SequenceError::Grammar(_) => {
                 ApiError::invalid_value("response_format", msg).with_code("grammar_failed")

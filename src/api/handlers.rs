@@ -51,6 +51,12 @@ pub async fn respond(
     valid: ValidRequest,
 ) -> Result<HttpResponse, ApiError> {
     let b = state.backend()?;
+    if let Some(f) = &b.engine.config().faults {
+        let marked = |s: &crate::engine::Request| f.fault_for(&s.prompt_ids);
+        if valid.sequences.iter().any(|s| marked(s) == Some(crate::engine::FaultKind::HandlerPanic)) {
+            panic!("injected handler panic (detail that must stay in the log)");
+        }
+    }
     note_adapters(req, &valid.response.adapters);
     let rxs = b.engine.submit_all(valid.sequences)?;
     let mut meta = ResponseMeta::new(valid.response);
@@ -142,6 +148,7 @@ pub async fn metrics(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiE
             adapters_failed: failed,
             resident_bytes: b.registry.resident_bytes(),
             budget_bytes: b.registry.budget_bytes(),
+            grammar_cache: b.grammars.as_ref().map(|g| g.cache_usage()).unwrap_or_default(),
             max_lora: b.registry.max_resident(),
             running_adapters: b.registry.resident_models(),
             prefix_cache: kv.prefix_cache,

@@ -84,6 +84,7 @@ impl AppState {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("")
+            .wrap(actix_web::middleware::from_fn(error::catch_panics))
             .wrap(actix_web::middleware::from_fn(body::middleware))
             .wrap(actix_web::middleware::from_fn(guard::middleware))
             .wrap(actix_web::middleware::from_fn(observe::middleware))

@@ -123,7 +123,19 @@ pub async fn middleware(
     let path = req.path().to_string();
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let span = tracing::info_span!("request", request_id = %rid, path = %path);
-    let mut res = next.call(req).instrument(span).await?;
+    let mut res = match next.call(req).instrument(span).await {
+        Ok(res) => res,
+        // A failure answered from its error (a caught panic): counted and logged all the same.
+        Err(e) => {
+            if let (Some(state), Some(endpoint)) = (state, endpoint_label(&path)) {
+                let facts = RequestFacts { adapters: vec!["unknown".into()], ..Default::default() };
+                let status = e.as_response_error().status_code().as_u16();
+                let outcome = Outcome::from_status(status);
+                record(&state.metrics, endpoint, &facts, outcome, started, &rid, status);
+            }
+            return Err(e);
+        }
+    };
     if let Ok(v) = HeaderValue::from_str(&rid) {
         res.headers_mut().insert(HeaderName::from_static("x-request-id"), v);
     }

@@ -8,6 +8,9 @@ use super::validate::{fmt_num, ModelView};
 use crate::model::sampling::LogitRules;
 use serde_json::Value;
 
+/// The smallest `repetition_penalty` (the largest factor it can apply to a logit is 100).
+pub const MIN_REPETITION: f64 = 0.01;
+
 /// What these fields give a sequence.
 #[derive(Debug, Clone, Default)]
 pub struct Extra {
@@ -26,7 +29,7 @@ fn token_id(param: &str, what: &str, id: Option<u64>, mv: &ModelView<'_>) -> Res
         ))
         .with_param(param)),
         None => Err(ApiError::bad_request(format!(
-            "`{param}` has `{}`, which is not a token id (a non-negative integer)",
+            "`{param}` has `{}`, which is not a token id (a non-negative integer in plain decimal, no sign or leading zeros)",
             what.escape_debug()
         ))
         .with_param(param)),
@@ -43,7 +46,10 @@ fn logit_bias(v: Option<&Value>, mv: &ModelView<'_>) -> Result<Vec<(u32, f32)>, 
     };
     let mut out = Vec::with_capacity(map.len());
     for (key, value) in map {
-        let id = token_id("logit_bias", key, key.parse::<u64>().ok(), mv)?;
+        // Only the canonical decimal spelling: `"05"` or `"+5"` would be token 5 a second
+        // time, and two entries for one token would add past the ±100 bound.
+        let canonical = key == "0" || (!key.starts_with('0') && key.bytes().all(|b| b.is_ascii_digit()));
+        let id = token_id("logit_bias", key, key.parse::<u64>().ok().filter(|_| canonical), mv)?;
         match value.as_f64() {
             Some(b) if (-100.0..=100.0).contains(&b) => out.push((id, b as f32)),
             _ => {
@@ -71,13 +77,14 @@ pub fn extra(
             return Err(ApiError::invalid_value("min_p", msg));
         }
     };
-    // Division by the penalty: a value that is 0 or not finite as an f32 is refused.
+    // Logits are divided (or multiplied) by the penalty in f32: below 0.01 a positive logit
+    // can leave the f32 range (1e-39 is a subnormal f32, and `30 / 1e-39` is infinite).
     let repetition = match c.repetition_penalty {
         None => 1.0,
-        Some(r) if r > 0.0 && r <= 100.0 && (r as f32) > 0.0 => r as f32,
+        Some(r) if (MIN_REPETITION..=100.0).contains(&r) => r as f32,
         Some(r) => {
             let msg = format!(
-                "`repetition_penalty` must be above 0 and at most 100 (1 = off), got {}",
+                "`repetition_penalty` must be between {MIN_REPETITION} and 100 (1 = off), got {}",
                 fmt_num(r)
             );
             return Err(ApiError::invalid_value("repetition_penalty", msg));

@@ -5,6 +5,7 @@
 
 use super::error::ApiError;
 use super::validate::ModelView;
+use crate::structured::limits::LimitError;
 use crate::structured::{ConstraintSpec, Grammar, StructuredError};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -157,15 +158,47 @@ pub fn compile(
     param: &str,
     mv: &ModelView<'_>,
 ) -> Result<Arc<Grammar>, ApiError> {
-    let grammars = mv.grammars.map_err(|e| {
+    let grammars = available(param, mv)?;
+    grammars.compile(spec).map_err(|e| refusal(e, param))
+}
+
+/// Compiles a constraint made from parts the caller checked against
+/// [`crate::structured::limits`] already (a request's tools).
+pub fn compile_checked(
+    spec: &ConstraintSpec,
+    param: &str,
+    mv: &ModelView<'_>,
+) -> Result<Arc<Grammar>, ApiError> {
+    let grammars = available(param, mv)?;
+    grammars.compile_checked(spec).map_err(|e| refusal(e, param))
+}
+
+fn available<'a>(
+    param: &str,
+    mv: &ModelView<'a>,
+) -> Result<&'a crate::structured::Grammars, ApiError> {
+    mv.grammars.map_err(|e| {
         ApiError::bad_request(format!("structured outputs are unavailable here: {e}"))
             .with_param(param)
             .with_code("structured_outputs_unavailable")
-    })?;
-    grammars.compile(spec).map_err(|e| match e {
+    })
+}
+
+/// A bound exceeded, as the 400 that names it.
+pub fn limit_refusal(e: &LimitError, param: &str) -> ApiError {
+    bad(param, format!("`{param}`: {e}")).with_code("grammar_too_large")
+}
+
+fn refusal(e: StructuredError, param: &str) -> ApiError {
+    match e {
         StructuredError::Compile(msg) => {
             bad(param, format!("`{param}` cannot be compiled: {msg}")).with_code("invalid_schema")
         }
+        StructuredError::Limit(l) => limit_refusal(&l, param),
+        e @ StructuredError::Timeout { .. } => {
+            bad(param, format!("`{param}` cannot be compiled: {e}")).with_code("grammar_compile_timeout")
+        }
+        e @ StructuredError::Busy => ApiError::unavailable(e.to_string()).with_code("grammar_compiler_busy"),
         e @ StructuredError::Tokenizer(_) => bad(param, e.to_string()),
-    })
+    }
 }

@@ -324,10 +324,24 @@ fn add_prompts(
     mv: &ModelView<'_>,
     param: &str,
 ) -> Result<(), ApiError> {
+    let mut all = Vec::with_capacity(texts.len());
+    for text in &texts {
+        all.push(mv.tokenizer.encode(text).map_err(ApiError::internal)?);
+    }
+    check_prompts(d, texts, all, mv, param)
+}
+
+/// Checks tokenized prompts against the limits and `max_tokens`, and keeps them.
+fn check_prompts(
+    d: &mut Draft,
+    texts: Vec<String>,
+    all: Vec<Vec<u32>>,
+    mv: &ModelView<'_>,
+    param: &str,
+) -> Result<(), ApiError> {
     let max_total = mv.limits.max_total_tokens.map_or(mv.context_len, |t| t.min(mv.context_len));
     let max_prompt = mv.limits.max_prompt_tokens.min(max_total.saturating_sub(1));
-    for text in &texts {
-        let ids = mv.tokenizer.encode(text).map_err(ApiError::internal)?;
+    for ids in all {
         if ids.is_empty() {
             return Err(
                 ApiError::invalid_value(param, "the prompt is empty").with_code("empty_prompt")
@@ -432,7 +446,7 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<ValidRequest, ApiEr
         return Err(ApiError::invalid_value("messages", "`messages` is empty"));
     }
     let tools = super::chat::tools(req, mv)?;
-    let text = super::chat::prompt(wire, tools.as_ref(), mv)?;
+    let prompt = super::chat::prompt(wire, tools.as_ref(), mv)?;
     if let Some(plan) = &tools {
         if let Some(grammar) = &plan.grammar {
             if d.template.constraint.is_some() {
@@ -442,7 +456,7 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<ValidRequest, ApiEr
             d.template.constraint = Some(grammar.clone());
         }
     }
-    add_prompts(&mut d, vec![text], mv, "messages")?;
+    check_prompts(&mut d, vec![prompt.text], vec![prompt.ids], mv, "messages")?;
     let mut valid = finish(d, mv, Endpoint::Chat, req.common.model.as_deref())?;
     valid.response.tools = tools.and_then(|t| t.parse);
     Ok(valid)
@@ -456,6 +470,10 @@ fn finish(
     model: Option<&str>,
 ) -> Result<ValidRequest, ApiError> {
     check_work(&d, mv)?;
+    if d.template.constraint.is_some() && d.template.rules.min_tokens > 0 {
+        let msg = "`min_tokens` cannot be combined with structured outputs or forced tool calls: the grammar decides where the text ends";
+        return Err(ApiError::invalid_value("min_tokens", msg));
+    }
     let (mix, adapters) = resolve(&d.adapters, mv)?;
     let mut sequences = Vec::with_capacity(d.prompts.len() * d.n);
     for ids in &d.prompts {

@@ -38,27 +38,32 @@ pub async fn tokenize(
     let wire: TokenizeBody = json_body(&req, payload, &state.limits).await?;
     let b = state.backend()?;
     let tok = b.tokenizer.clone();
-    let text = match (&wire.prompt, &wire.messages) {
-        (Some(p), None) => p.clone(),
+    let add_special = wire.add_special_tokens.unwrap_or(true);
+    let messages = match (&wire.prompt, &wire.messages) {
+        (Some(_), None) => None,
         (None, Some(m)) => {
             if wire.add_generation_prompt == Some(false) {
                 let msg = "`add_generation_prompt: false` is not supported; the chat template always ends with the assistant header here";
                 return Err(ApiError::bad_request(msg).with_param("add_generation_prompt"));
             }
-            let messages = chat_messages(m)?;
-            tok.apply_chat_template(&messages)
-                .map_err(|e| ApiError::invalid_value("messages", e.to_string()))?
+            Some(chat_messages(m)?)
         }
         _ => {
             let msg = "give exactly one of `prompt` and `messages`";
             return Err(ApiError::bad_request(msg).with_param("prompt"));
         }
     };
-    let add_special = wire.add_special_tokens.unwrap_or(true);
-    let ids = web::block(move || tok.encode_with(&text, add_special))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    let prompt = wire.prompt.clone().unwrap_or_default();
+    let ids = web::block(move || match messages {
+        // As the chat endpoint tokenizes them: content is text, markup is control tokens.
+        Some(m) => tok
+            .encode_chat(&m, &[], true)
+            .map(|p| p.ids)
+            .map_err(|e| ApiError::invalid_value("messages", e.to_string())),
+        None => tok.encode_with(&prompt, add_special).map_err(ApiError::internal),
+    })
+    .await
+    .map_err(ApiError::internal)??;
     let token_strs: Option<Vec<String>> = wire
         .return_token_strs
         .then(|| ids.iter().map(|&i| b.tokenizer.id_to_token(i).unwrap_or_default()).collect());

@@ -73,6 +73,8 @@ pub enum FaultKind {
     /// The first forward step that includes the row fails, later ones succeed (a transient
     /// fault: nobody should fail).
     StepOnce,
+    /// The HTTP handler panics after validating the request (before it reaches the engine).
+    HandlerPanic,
 }
 
 /// Test-only: makes every sequence whose prompt contains `marker` (a token-id subsequence)

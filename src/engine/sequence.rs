@@ -202,7 +202,9 @@ impl Sequence {
             _ => (0.0, Vec::new()),
         };
         if let Some(m) = self.constraint.as_mut().and_then(|c| c.matcher.as_mut()) {
-            m.consume_token(token).map_err(|e| SequenceError::Grammar(e.to_string()))?;
+            m.consume_token(token).map_err(|e| {
+                SequenceError::Grammar(crate::structured::compiler::one_line(&e.to_string()))
+            })?;
         }
         self.push_token(token, lp, top, tok)
     }

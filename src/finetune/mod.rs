@@ -233,6 +233,7 @@ impl FineTuning {
             return Err(FineTuneError::NotFound { what: "base model", id: req.model });
         }
         check_lora(&self.model_cfg, &req.lora)?;
+        check_metadata(req.metadata.as_ref())?;
         if let Some(s) = &req.suffix {
             let ok = !s.is_empty()
                 && s.len() <= 40
@@ -252,10 +253,12 @@ impl FineTuning {
             ranges.push(("batch_size", (1..=256).contains(&b), "1 to 256".into(), b as f64));
         }
         if let Some(m) = req.learning_rate_multiplier {
+            // The optimizer steps in f32: the learning rate it gives must be a normal f32.
+            let lr = (BASE_LR * m) as f32;
             ranges.push((
                 "learning_rate_multiplier",
-                m.is_finite() && m > 0.0 && m <= 100.0,
-                "above 0, at most 100".into(),
+                m.is_finite() && m > 0.0 && m <= 100.0 && lr.is_normal(),
+                format!("above 0 (a learning rate of {BASE_LR} × it must be a normal 32-bit float), at most 100"),
                 m,
             ));
         }
@@ -438,6 +441,36 @@ pub fn fine_tuned_name(job: &Job) -> String {
     }
 }
 
+/// Module names one job may target (every family has fewer than a dozen).
+const MAX_TARGET_MODULES: usize = 64;
+
+/// OpenAI's limits on `metadata`: at most 16 pairs, keys of at most 64 characters, string
+/// values of at most 512.
+fn check_metadata(metadata: Option<&serde_json::Value>) -> Result<(), FineTuneError> {
+    let Some(m) = metadata.filter(|m| !m.is_null()) else { return Ok(()) };
+    let Some(map) = m.as_object() else {
+        return Err(invalid("metadata", "`metadata` must be an object of strings"));
+    };
+    if map.len() > 16 {
+        return Err(invalid("metadata", format!("`metadata` takes at most 16 pairs, got {}", map.len())));
+    }
+    for (k, v) in map {
+        if k.chars().count() > 64 {
+            let msg = format!("`metadata` keys have at most 64 characters; one has {}", k.chars().count());
+            return Err(invalid("metadata", msg));
+        }
+        match v.as_str() {
+            Some(s) if s.chars().count() <= 512 => {}
+            Some(s) => {
+                let msg = format!("`metadata.{}` has {} characters; the limit is 512", k.escape_debug(), s.chars().count());
+                return Err(invalid("metadata", msg));
+            }
+            None => return Err(invalid("metadata", format!("`metadata.{}` must be a string", k.escape_debug()))),
+        }
+    }
+    Ok(())
+}
+
 fn check_lora(cfg: &DecoderConfig, l: &LoraSettings) -> Result<(), FineTuneError> {
     if !(1..=256).contains(&l.rank) {
         return Err(invalid("lora_rank", format!("`lora_rank` must be 1 to 256, got {}", l.rank)));
@@ -456,6 +489,22 @@ fn check_lora(cfg: &DecoderConfig, l: &LoraSettings) -> Result<(), FineTuneError
     }
     if l.target_modules.is_empty() {
         return Err(invalid("target_modules", "`target_modules` is empty"));
+    }
+    if l.target_modules.len() > MAX_TARGET_MODULES {
+        let msg = format!(
+            "`target_modules` takes at most {MAX_TARGET_MODULES} names, got {}",
+            l.target_modules.len()
+        );
+        return Err(invalid("target_modules", msg));
+    }
+    for (i, name) in l.target_modules.iter().enumerate() {
+        if name.is_empty() || name.len() > 128 {
+            return Err(invalid("target_modules", format!("`target_modules[{i}]` must have 1 to 128 characters")));
+        }
+        if l.target_modules[..i].contains(name) {
+            let msg = format!("`target_modules` names `{}` twice", name.escape_debug());
+            return Err(invalid("target_modules", msg));
+        }
     }
     let peft = crate::adapters::PeftConfig::from_json(
         &serde_json::json!({"peft_type": "LORA", "r": l.rank, "lora_alpha": l.alpha, "target_modules": l.target_modules})

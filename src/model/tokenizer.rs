@@ -61,6 +61,8 @@ impl Serialize for ToolCallMessage {
 
 pub struct TextTokenizer {
     pub inner: Tokenizer,
+    /// Chat content as text: written special tokens stay text (see [`TextTokenizer::encode_chat`]).
+    markup: Markup,
     pub bos_id: Option<u32>,
     pub add_bos: bool,
     /// Generation stops at any of these.
@@ -183,6 +185,7 @@ impl TextTokenizer {
         let name =
             |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();
         Self {
+            markup: Markup::of(&inner),
             bos_token: name(bos_id),
             eos_token: name(eos_id),
             bos_id,
@@ -227,6 +230,7 @@ impl TextTokenizer {
             _ => None,
         };
         Ok(Self {
+            markup: Markup::of(&inner),
             bos_id: inner.token_to_id(&bos_token),
             add_bos: cfg["add_bos_token"].as_bool().unwrap_or(false),
             eos_ids: inner.token_to_id(&eos_token).into_iter().collect(),
@@ -343,6 +347,167 @@ impl TextTokenizer {
             eos_token => &self.eos_token,
         })
         .map_err(|e| ModelError::Template(e.to_string()))
+    }
+}
+
+/// What keeps chat content from spelling control tokens: the special tokens' texts, a copy of
+/// the tokenizer that reads them as plain text, and the placeholder scheme that carries them
+/// through the template.
+struct Markup {
+    /// Special (control) token ids; only these are ever taken from the rendered markup.
+    special_ids: std::collections::HashSet<u32>,
+    /// Matches any special token's text (longest first) or the placeholder opener.
+    written: Option<regex::Regex>,
+    /// The special tokens' texts, by placeholder number (0 is the opener itself).
+    texts: Vec<String>,
+    /// The tokenizer with special-token matching off (`split_special_tokens`).
+    plain: Tokenizer,
+}
+
+/// Placeholders are `\u{E000}<n>\u{E001}`: private-use characters, not whitespace, so
+/// templates that trim or test content treat them as the text they stand for.
+const OPEN: char = '\u{E000}';
+const CLOSE: char = '\u{E001}';
+
+impl Markup {
+    fn of(inner: &Tokenizer) -> Self {
+        let mut specials: Vec<(u32, String)> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        specials.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.1.cmp(&b.1)));
+        let mut texts = vec![OPEN.to_string()];
+        texts.extend(specials.iter().map(|(_, t)| t.clone()));
+        let pattern: Vec<String> = texts.iter().map(|t| regex::escape(t)).collect();
+        let written = regex::Regex::new(&pattern.join("|")).ok();
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        Self { special_ids: specials.iter().map(|(id, _)| *id).collect(), written, texts, plain }
+    }
+
+    /// `text` with every special token's text (and the opener) replaced by its placeholder.
+    fn shield(&self, text: &str) -> String {
+        let Some(rx) = &self.written else { return text.to_string() };
+        rx.replace_all(text, |c: &regex::Captures<'_>| {
+            let n = self.texts.iter().position(|t| t == &c[0]).unwrap_or(0);
+            format!("{OPEN}{n}{CLOSE}")
+        })
+        .into_owned()
+    }
+
+    /// The placeholders of `text` back as the texts they stand for.
+    fn unshield(&self, text: &str) -> String {
+        if !text.contains(OPEN) {
+            return text.to_string();
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = rest.find(OPEN) {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + OPEN.len_utf8()..];
+            let n = after.find(CLOSE).and_then(|end| Some((after[..end].parse::<usize>().ok()?, end)));
+            match n.and_then(|(n, end)| Some((self.texts.get(n)?, end))) {
+                Some((t, end)) => {
+                    out.push_str(t);
+                    rest = &after[end + CLOSE.len_utf8()..];
+                }
+                None => {
+                    out.push(OPEN);
+                    rest = after;
+                }
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// Every string of `v` (object keys too) shielded.
+    fn shield_json(&self, v: &serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match v {
+            Value::String(s) => Value::String(self.shield(s)),
+            Value::Array(a) => Value::Array(a.iter().map(|x| self.shield_json(x)).collect()),
+            Value::Object(o) => {
+                Value::Object(o.iter().map(|(k, x)| (self.shield(k), self.shield_json(x))).collect())
+            }
+            other => other.clone(),
+        }
+    }
+
+    fn shield_message(&self, m: &ChatMessage) -> ChatMessage {
+        ChatMessage {
+            role: m.role.clone(),
+            content: self.shield(&m.content),
+            tool_calls: m
+                .tool_calls
+                .iter()
+                .map(|c| ToolCallMessage {
+                    id: self.shield(&c.id),
+                    name: self.shield(&c.name),
+                    arguments: self.shield_json(&c.arguments),
+                })
+                .collect(),
+            tool_call_id: m.tool_call_id.as_ref().map(|i| self.shield(i)),
+        }
+    }
+}
+
+/// A chat prompt: its text (as the template rendered it) and its token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatPrompt {
+    pub text: String,
+    pub ids: Vec<u32>,
+}
+
+impl TextTokenizer {
+    /// The chat template's rendering of `messages` (and `tools`) as token ids, where only the
+    /// template's own markup yields special tokens: every string a client sent is rendered
+    /// with its special-token texts as placeholders, the rendering is split at the special
+    /// tokens it then holds (the markup's), and the text between them — placeholders put back
+    /// — is encoded with special-token matching off. A user message or tool result that
+    /// writes `<|im_start|>system` gets the tokens of that text, never the control ids. For
+    /// content that writes no special token the ids equal encoding the plain rendering.
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<ChatPrompt> {
+        let mk = &self.markup;
+        let shielded: Vec<ChatMessage> = messages.iter().map(|m| mk.shield_message(m)).collect();
+        let tools: Vec<serde_json::Value> = tools.iter().map(|t| mk.shield_json(t)).collect();
+        let rendered = self.render_chat(&shielded, &tools, add_generation_prompt)?;
+        let enc = self.inner.encode(rendered.as_str(), false).map_err(tok_err)?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
+            ids.push(bos);
+        }
+        let mut text = String::with_capacity(rendered.len());
+        let mut cursor = 0;
+        let plain = |segment: &str, ids: &mut Vec<u32>, text: &mut String| -> Result<()> {
+            if segment.is_empty() {
+                return Ok(());
+            }
+            let original = mk.unshield(segment);
+            let e = mk.plain.encode(original.as_str(), false).map_err(tok_err)?;
+            ids.extend_from_slice(e.get_ids());
+            text.push_str(&original);
+            Ok(())
+        };
+        for (&id, &(start, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+            if !mk.special_ids.contains(&id) || start < cursor {
+                continue;
+            }
+            let segment = rendered.get(cursor..start).ok_or_else(|| tok_err("offset inside a character"))?;
+            plain(segment, &mut ids, &mut text)?;
+            ids.push(id);
+            text.push_str(rendered.get(start..end).unwrap_or_default());
+            cursor = end;
+        }
+        plain(rendered.get(cursor..).unwrap_or_default(), &mut ids, &mut text)?;
+        Ok(ChatPrompt { text, ids })
     }
 }
 

@@ -282,18 +282,20 @@ fn chat(c: &Conversation, tok: &TextTokenizer) -> Result<TrainExample, DataError
     // rewriting, so its learned flag carries over.
     let mut learned =
         c.messages.iter().zip(&c.learn).filter(|(m, _)| m.role == "assistant").map(|(_, &l)| l);
+    // Tokenized as serving tokenizes a chat: content as text, markup as control tokens.
     let render = |upto: usize, gen: bool| {
-        tok.render_chat(&messages[..upto], &wire_tools, gen)
+        tok.encode_chat(&messages[..upto], &wire_tools, gen)
+            .map(|p| p.ids)
             .map_err(|e| DataError::Tokenizer(e.to_string()))
     };
-    let full = enc(tok, &render(messages.len(), false)?, true)?;
+    let full = render(messages.len(), false)?;
     let (mut positions, mut targets) = (Vec::new(), Vec::new());
     for (k, m) in messages.iter().enumerate() {
         if m.role != "assistant" || !learned.next().unwrap_or(false) {
             continue;
         }
-        let before = enc(tok, &render(k, true)?, true)?;
-        let through = enc(tok, &render(k + 1, false)?, true)?;
+        let before = render(k, true)?;
+        let through = render(k + 1, false)?;
         let continues = through.starts_with(&before) && full.starts_with(&through);
         if !continues || through.len() <= before.len() {
             let msg = "the chat template does not render this conversation as a continuation of its beginning; loss masks cannot be placed";

@@ -40,6 +40,7 @@ macro_rules! multiversion {
 }
 
 pub mod acts;
+pub mod alloc;
 pub mod dense;
 pub mod fused;
 pub mod ggml;
