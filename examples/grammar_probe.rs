@@ -49,6 +49,8 @@ fn main() {
         }
         "regexalt" => ConstraintSpec::Regex((0..n).map(|i| format!("w{i}x")).collect::<Vec<_>>().join("|")),
         "regexnest" => ConstraintSpec::Regex(format!("{}a{}", "(".repeat(n), ")".repeat(n))),
+        "rxblow" => ConstraintSpec::Regex(format!("[ab]*a[ab]{{{n}}}")),
+        "larkblow" => ConstraintSpec::Lark(format!("start: /[ab]*a[ab]{{{n}}}/ \"c\"\n")),
         "choice" => ConstraintSpec::Choice((0..n).map(|i| format!("c{i}")).collect()),
         _ => panic!(),
     };

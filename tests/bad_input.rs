@@ -6,7 +6,7 @@ mod common;
 
 use actix_web::http::StatusCode;
 use actix_web::test::TestRequest;
-use common::http::{app, call, ctx_with, post, post_raw};
+use common::http::{app, call, ctx, ctx_with, ctx_with_config, post, post_raw};
 use serde_json::{json, Value};
 
 const C: &str = "/v1/completions";
@@ -105,8 +105,16 @@ async fn every_bad_request_gets_its_4xx_and_the_server_keeps_serving() {
         ("logit_bias value above 100", comp(json!({"logit_bias": {"1": 101}})), BAD, REQ),
         ("logit_bias value a string", comp(json!({"logit_bias": {"1": "up"}})), BAD, REQ),
         ("logit_bias a list", comp(json!({"logit_bias": [1, 2]})), BAD, REQ),
+        ("logit_bias key with a sign", comp(json!({"logit_bias": {"+5": 5}})), BAD, REQ),
+        ("logit_bias key with leading zeros", comp(json!({"logit_bias": {"00005": 5}})), BAD, REQ),
+        ("logit_bias one token twice", comp(json!({"logit_bias": {"5": 100, "05": 100}})), BAD, REQ),
         ("min_p above 1", comp(json!({"min_p": 1.5})), INVALID, REQ),
         ("repetition_penalty 0", comp(json!({"repetition_penalty": 0})), INVALID, REQ),
+        ("repetition_penalty a subnormal f32", comp(json!({"repetition_penalty": 1e-39})), INVALID, REQ),
+        ("repetition_penalty below 0.01", comp(json!({"repetition_penalty": 0.001})), INVALID, REQ),
+        ("min_tokens with a grammar", comp(json!({"min_tokens": 2, "max_tokens": 4, "structured_outputs": {"choice": ["a", "b"]}})), INVALID, REQ),
+        ("a Lark grammar over the size bound", comp(json!({"structured_outputs": {"grammar": format!("start: \"{}\"", "a".repeat(70_000))}})), BAD, REQ),
+        ("129 tools", chat(json!({"tools": (0..129).map(|i| json!({"type": "function", "function": {"name": format!("f{i}")}})).collect::<Vec<_>>()})), BAD, REQ),
         ("min_tokens above max_tokens", comp(json!({"min_tokens": 9, "max_tokens": 4})), INVALID, REQ),
         ("stop_token_ids past the vocabulary", comp(json!({"stop_token_ids": [1, 99999999]})), BAD, REQ),
         ("stop_token_ids negative", comp(json!({"stop_token_ids": [-1]})), BAD, REQ),
@@ -361,4 +369,55 @@ async fn adapter_paths_are_shown_to_the_admin_key_only() {
         broken["error"].as_str().is_some_and(|e| e.contains("broken/adapter_model.safetensors")),
         "{broken}"
     );
+}
+
+/// A body that must not leak internals: no backtrace, no panic message, no source path.
+fn assert_no_internals(what: &str, body: &Value) {
+    let text = body.to_string();
+    for leak in ["backtrace", "panicked", "injected handler panic", "injected row panic", ".rs:", "candle_core", "stack"] {
+        assert!(!text.contains(leak), "{what}: `{leak}` in {text}");
+    }
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.contains('\n')), "{what}: {text}");
+}
+
+#[actix_web::test]
+async fn panics_and_bad_sampling_values_answer_without_internals() {
+    use loraplex::engine::{FaultInjection, FaultKind};
+    use std::sync::Arc;
+    for (kind, status) in [(FaultKind::HandlerPanic, 500), (FaultKind::RowPanic, 500)] {
+        let marker_text = " Zanzibar-quokka";
+        let c = ctx_with_config(
+            |_| {},
+            |cfg| {
+                let tok = loraplex::model::load::load_model(
+                    cfg.model.as_str(),
+                    loraplex::model::WeightFormat::Packed,
+                    &candle_core::Device::Cpu,
+                )
+                .unwrap()
+                .tokenizer;
+                let marker = tok.encode(marker_text).unwrap();
+                cfg.engine.faults = Some(Arc::new(FaultInjection::new(marker, kind)));
+            },
+        );
+        let app = app(&c).await;
+        let poisoned = json!({"prompt": format!("Say{marker_text} twice"), "max_tokens": 3});
+        let (s, body) = call(&app, post(C, poisoned)).await;
+        assert_eq!(s.as_u16(), status, "{kind:?}: {body}");
+        assert_eq!(body["error"]["type"], "server_error", "{kind:?}: {body}");
+        assert_no_internals(&format!("{kind:?}"), &body);
+        // The server goes on serving.
+        let (s, body) = call(&app, post(C, json!({"prompt": "Hello", "max_tokens": 2}))).await;
+        assert_eq!(s, 200, "{kind:?} after: {body}");
+    }
+    let c = ctx();
+    let app = app(&c).await;
+    for (field, v) in [("repetition_penalty", json!(1e-39)), ("temperature", json!(1e-40)), ("top_p", json!(1e-46))] {
+        let mut b = json!({"prompt": "Hello hello hello", "max_tokens": 4, "temperature": 1});
+        b[field] = v;
+        let (s, body) = call(&app, post(C, b)).await;
+        assert_eq!(s, 422, "{field}: {body}");
+        assert_eq!(body["error"]["param"], field, "{body}");
+        assert_no_internals(field, &body);
+    }
 }

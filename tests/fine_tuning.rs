@@ -69,6 +69,12 @@ fn a_job_through_the_openai_client_teaches_the_model_a_fact() {
     refused("target_module", 422, "target_modules", "query_key_value");
     refused("missing_file", 422, "training_file", "file-nope");
     refused("dpo", 422, "method.type", "dpo");
+    refused("lr_subnormal", 422, "learning_rate_multiplier", "normal 32-bit float");
+    refused("target_duplicates", 422, "target_modules", "at most 64");
+    refused("target_twice", 422, "target_modules", "`q_proj` twice");
+    refused("metadata_pairs", 422, "metadata", "at most 16 pairs");
+    refused("metadata_value", 422, "metadata", "the limit is 512");
+    refused("metadata_key", 422, "metadata", "64 characters");
     for (k, e) in bad.as_object().unwrap() {
         assert!(
             !e["message"].as_str().unwrap().contains(dir.path().to_str().unwrap()),

@@ -61,7 +61,7 @@ fn render(template: &str) -> (String, Option<ToolFormat>, bool) {
     };
     let req = request();
     let plan = chat::tools(&req, &mv).unwrap().unwrap();
-    let text = chat::prompt(req.messages.as_deref().unwrap(), Some(&plan), &mv).unwrap();
+    let text = chat::prompt(req.messages.as_deref().unwrap(), Some(&plan), &mv).unwrap().text;
     (text, plan.parse, plan.grammar.is_some())
 }
 

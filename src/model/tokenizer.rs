@@ -481,8 +481,12 @@ impl TextTokenizer {
         let rendered = self.render_chat(&shielded, &tools, add_generation_prompt)?;
         let enc = self.inner.encode(rendered.as_str(), false).map_err(tok_err)?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
+        // A template that writes the BOS itself (Gemma's, Llama 3's) gets no second one, as
+        // transformers and llama.cpp render chats.
         if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
-            ids.push(bos);
+            if enc.get_ids().first() != Some(&bos) {
+                ids.push(bos);
+            }
         }
         let mut text = String::with_capacity(rendered.len());
         let mut cursor = 0;

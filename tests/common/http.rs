@@ -50,9 +50,15 @@ pub async fn call(
     app: &impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
     req: test::TestRequest,
 ) -> (StatusCode, Value) {
-    let resp = test::call_service(app, req.to_request()).await;
-    let status = resp.status();
-    let body = test::read_body(resp).await;
+    // A service error (a caught panic) is answered from the error, as the server does.
+    let (status, body) = match test::try_call_service(app, req.to_request()).await {
+        Ok(resp) => (resp.status(), test::read_body(resp).await),
+        Err(e) => {
+            let resp = e.error_response();
+            let status = resp.status();
+            (status, actix_web::body::to_bytes(resp.into_body()).await.unwrap_or_default())
+        }
+    };
     (
         status,
         serde_json::from_slice(&body)

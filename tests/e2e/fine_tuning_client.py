@@ -104,6 +104,32 @@ bad["target_module"] = error_of(
 bad["missing_file"] = error_of(
     lambda: client.fine_tuning.jobs.create(model=base_model, training_file="file-nope")
 )
+bad["lr_subnormal"] = error_of(
+    lambda: client.fine_tuning.jobs.create(
+        model=base_model, training_file=f.id, method=method(learning_rate_multiplier=1e-320)
+    )
+)
+bad["target_duplicates"] = error_of(
+    lambda: client.fine_tuning.jobs.create(
+        model=base_model, training_file=f.id, method=method(target_modules=["q_proj"] * 10_000)
+    )
+)
+bad["target_twice"] = error_of(
+    lambda: client.fine_tuning.jobs.create(
+        model=base_model, training_file=f.id, method=method(target_modules=["q_proj", "v_proj", "q_proj"])
+    )
+)
+bad["metadata_pairs"] = error_of(
+    lambda: client.fine_tuning.jobs.create(
+        model=base_model, training_file=f.id, metadata={f"k{i}": "v" for i in range(17)}
+    )
+)
+bad["metadata_value"] = error_of(
+    lambda: client.fine_tuning.jobs.create(model=base_model, training_file=f.id, metadata={"k": "v" * 900_000})
+)
+bad["metadata_key"] = error_of(
+    lambda: client.fine_tuning.jobs.create(model=base_model, training_file=f.id, metadata={"k" * 65: "v"})
+)
 bad["dpo"] = error_of(
     lambda: client.fine_tuning.jobs.create(model=base_model, training_file=f.id, method={"type": "dpo"})
 )
