@@ -111,6 +111,9 @@ pub struct MixTable {
     file: PathBuf,
     config: BTreeMap<String, MixInfo>,
     state: RwLock<FileState>,
+    /// Saves read, change and replace the file one at a time (two concurrent saves would each
+    /// write the file without the other's entry).
+    writer: std::sync::Mutex<()>,
 }
 
 impl MixTable {
@@ -131,7 +134,12 @@ impl MixTable {
                 )
             })
             .collect();
-        Self { file: root.join(MIXES_FILE), config, state: RwLock::new(FileState::default()) }
+        Self {
+            file: root.join(MIXES_FILE),
+            config,
+            state: RwLock::new(FileState::default()),
+            writer: std::sync::Mutex::new(()),
+        }
     }
 
     /// Rereads `mixes.toml` if it changed; `is_adapter` tells which names adapter folders
@@ -250,15 +258,19 @@ impl MixTable {
         if self.config.contains_key(name) {
             return Err(invalid(name, "a configured mix (the `mix` option) holds this name"));
         }
+        let _one_at_a_time = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let text = std::fs::read_to_string(&self.file).unwrap_or_default();
         let mut table: toml::Table = toml::from_str(&text)
             .map_err(|e| invalid(name, format!("`{MIXES_FILE}` is not valid TOML: {e}")))?;
         table.insert(name.to_string(), toml::Value::String(spec));
         let out = toml::to_string(&table).map_err(|e| invalid(name, e.to_string()))?;
-        let tmp = self.file.with_extension("toml.tmp");
-        std::fs::write(&tmp, out)
-            .and_then(|_| std::fs::rename(&tmp, &self.file))
-            .map_err(|e| invalid(name, format!("cannot write `{MIXES_FILE}`: {e}")))
+        // A temporary name of this process's own, removed when the write fails.
+        let tmp = self.file.with_extension(format!("toml.{}.tmp", std::process::id()));
+        let written = std::fs::write(&tmp, out).and_then(|_| std::fs::rename(&tmp, &self.file));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(|e| invalid(name, format!("cannot write `{MIXES_FILE}`: {e}")))
     }
 
     /// Every mix, sorted by name.
@@ -274,6 +286,37 @@ impl MixTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Concurrent saves (two playground tabs, a script) each keep the others' entries: the
+    /// read-modify-write of the file is one at a time.
+    #[test]
+    fn concurrent_saves_lose_no_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = std::sync::Arc::new(MixTable::new(dir.path(), &[]));
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let t = table.clone();
+                std::thread::spawn(move || {
+                    for j in 0..8 {
+                        let member = MixMember { name: format!("a{i}"), scale: 0.5 };
+                        t.save(&format!("mix-{i}-{j}"), &[member]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let text = std::fs::read_to_string(dir.path().join(MIXES_FILE)).unwrap();
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(table.len(), 128, "{text}");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n != MIXES_FILE)
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
 
     #[test]
     fn specs_parse_and_bad_ones_are_named() {

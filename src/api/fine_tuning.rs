@@ -73,25 +73,38 @@ pub async fn upload(
     let limit = state.limits.max_upload_bytes;
     let timeout = state.limits.upload_timeout;
     let (id, path) = ft.new_upload();
+    // Removes the partial file however this handler ends: an error, the timeout, or the
+    // client going away (actix then drops this future at its current await).
+    let partial = PartialUpload(path.clone());
     let read = tokio::time::timeout(timeout, read_upload(&req, payload, &path, limit)).await;
     let (filename, purpose) = match read {
         Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
+        Ok(Err(e)) => return Err(e),
         Err(_) => {
-            let _ = std::fs::remove_file(&path);
             return Err(ApiError::timeout(format!(
                 "the upload did not arrive within {} s",
                 timeout.as_secs()
-            )));
+            )))
         }
     };
-    let file = web::block(move || ft.add_file(id, &path, filename, &purpose))
-        .await
-        .map_err(ApiError::internal)??;
+    let file = web::block(move || {
+        let kept = ft.add_file(id, &path, filename, &purpose);
+        drop(partial);
+        kept
+    })
+    .await
+    .map_err(ApiError::internal)??;
     Ok(HttpResponse::Ok().json(file))
+}
+
+/// An upload's file while it arrives: removed when dropped (a kept upload has been renamed
+/// away by then, so nothing is left to remove).
+struct PartialUpload(std::path::PathBuf);
+
+impl Drop for PartialUpload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Streams the `file` part to `path` (at most `limit` bytes); returns its name and `purpose`.

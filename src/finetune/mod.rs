@@ -78,6 +78,9 @@ pub struct FineTuning {
     stopping: AtomicBool,
     /// Set once a stop left nothing running.
     parked: AtomicBool,
+    /// Test-only: runs once, after a job's last pass and before its success is committed (the
+    /// window a cancel can arrive in). Production never sets it.
+    commit_hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,7 +114,21 @@ impl FineTuning {
             waiting: AtomicBool::new(unfinished > 0),
             stopping: AtomicBool::new(false),
             parked: AtomicBool::new(false),
+            commit_hook: Mutex::new(None),
         })
+    }
+
+    /// Test-only: `hook` runs once between a job's last pass and the commit of its success.
+    #[doc(hidden)]
+    pub fn set_commit_hook(&self, hook: Box<dyn FnOnce() + Send>) {
+        *lock(&self.commit_hook) = Some(hook);
+    }
+
+    fn before_commit(&self) {
+        let hook = lock(&self.commit_hook).take();
+        if let Some(h) = hook {
+            h();
+        }
     }
 
     /// The engine whose thread runs the jobs (woken when one is queued).
@@ -304,15 +321,21 @@ impl FineTuning {
             Event::new("info", format!("Validating training file: {}", job.training_file), None),
             Event::new("info", "Files validated, moving job to queued state", None),
         ];
+        // The files' check and the job's creation are one step under the state lock, which
+        // `delete_file` takes too: a file deleted meanwhile refuses the job here, and a job
+        // that exists keeps its files from being deleted.
+        let mut st = lock(&self.state);
+        for (param, id) in [("training_file", Some(&job.training_file)), ("validation_file", job.validation_file.as_ref())] {
+            if let Some(id) = id.filter(|id| !st.files.iter().any(|f| &f.id == *id)) {
+                return Err(invalid(param, format!("`{param}`: no file `{id}` (it was deleted)")));
+            }
+        }
         self.store.save_job(&job)?;
         for e in &events {
             self.store.append_event(&job.id, e)?;
         }
-        lock(&self.state).jobs.push(JobRecord {
-            job: job.clone(),
-            events,
-            checkpoints: Vec::new(),
-        });
+        st.jobs.push(JobRecord { job: job.clone(), events, checkpoints: Vec::new() });
+        drop(st);
         self.waiting.store(true, Ordering::SeqCst);
         self.wake();
         Ok(job)

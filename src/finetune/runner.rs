@@ -258,7 +258,8 @@ impl FineTuning {
         // Like OpenAI, the last epochs' ends are kept as servable checkpoints (the final one
         // is the job's own adapter).
         let epoch = step / a.steps_per_epoch;
-        if epoch_end && epoch + SERVABLE_EPOCHS > a.epochs {
+        let running = self.job(&a.job_id).map(|j| j.status).ok() == Some(JobStatus::Running);
+        if epoch_end && epoch + SERVABLE_EPOCHS > a.epochs && running {
             let name = format!("{}-step-{step}", a.name);
             self.write_adapter(a, &name, &[])?;
             self.add_checkpoint(&a.job_id, checkpoint(&a.job_id, &name, step, metrics));
@@ -311,20 +312,44 @@ impl FineTuning {
             ("training_recipe.json", serde_json::to_vec_pretty(&a.cfg)?),
             ("README.md", card.into_bytes()),
         ];
-        self.write_adapter(&a, &a.name, &extra)?;
+        // Written under a hidden name the registry does not serve, then renamed into place in
+        // the same step that marks the job succeeded, under the state lock `cancel` takes: a
+        // cancel that arrives during the last pass or while this writes wins, and nothing of
+        // the job is ever served.
+        let root = self.registry.root();
+        let staged = root.join(format!(".{}.staging", a.name));
+        let _ = std::fs::remove_dir_all(&staged);
+        let params = &a.run.params;
+        crate::adapters::writer::save_modules(&staged, &params.config, &params.export()?, &extra)?;
         let results = self.add_results(&a, validation_loss)?;
+        self.before_commit();
+        let committed = self.with_job(&a.job_id, |j| {
+            if j.job.status != JobStatus::Running {
+                return Ok(None);
+            }
+            let dir = root.join(&a.name);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&staged, &dir)?;
+            j.job.status = JobStatus::Succeeded;
+            j.job.fine_tuned_model = Some(a.name.clone());
+            j.job.finished_at = Some(now());
+            j.job.result_files = vec![results.clone()];
+            Ok::<_, std::io::Error>(Some(j.job.clone()))
+        })??;
+        let Some(job) = committed else {
+            let _ = std::fs::remove_dir_all(&staged);
+            let _ = self.delete_file(&results);
+            self.discard(&a);
+            return Ok(());
+        };
+        self.store.save_job(&job)?;
+        self.registry.rescan();
         let last = a.run.log.last().map_or(f64::NAN, |l| l.loss);
         let metrics = serde_json::json!({
             "step": a.run.steps_done(), "train_loss": last, "valid_loss": validation_loss,
         });
         self.add_checkpoint(&a.job_id, checkpoint(&a.job_id, &a.name, a.run.steps_done(), metrics));
         let _ = std::fs::remove_dir_all(self.store.train_state(&a.job_id));
-        self.update(&a.job_id, |j| {
-            j.status = JobStatus::Succeeded;
-            j.fine_tuned_model = Some(a.name.clone());
-            j.finished_at = Some(now());
-            j.result_files = vec![results];
-        });
         self.event(
             &a.job_id,
             Event::new("info", format!("The job has successfully completed: {}", a.name), None),

@@ -50,6 +50,12 @@ impl Store {
         std::fs::create_dir_all(root.join("files"))?;
         std::fs::create_dir_all(root.join("jobs"))?;
         let store = Store { root: root.to_path_buf() };
+        // Uploads that never finished (a client that went away, a killed process) are swept.
+        for e in std::fs::read_dir(root.join("files"))?.filter_map(|e| e.ok()) {
+            if e.path().extension().is_some_and(|x| x == "upload") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let mut files: Vec<FileObject> = std::fs::read_dir(root.join("files"))?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
