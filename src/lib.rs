@@ -42,7 +42,8 @@
 //!   - `api::openai`: OpenAI wire types (serde) and the `adapters` extension.
 //!   - `api::stream`: moves token events: collected into one answer, or streamed.
 //!   - `api::observe`: request ids, tracing spans, access log, per-request metrics.
-//!   - `api::error`: the one error type of the edge, in OpenAI's shape.
+//!   - `api::error`: the one error type of the edge, in OpenAI's shape; a panic in a handler
+//!     is a generic 500 (its message logged).
 //! - [`engine`]: one OS thread owns the model, the KV block pool and the running batch; the
 //!   HTTP side submits over a channel, admitted up to `max_waiting` queued sequences (429
 //!   beyond, 422 for a request that could never fit), and reads each sequence's events.
@@ -56,7 +57,7 @@
 //!     sequences.
 //!   - `engine::sequence`: one sequence's life: logit rules, its grammar's mask, sampling,
 //!     stop conditions, streamed text.
-//!   - `engine::masks`: constrained rows' token masks, computed on a helper thread beside the
+//!   - `engine::masks`: constrained rows' token masks, computed on helper threads beside the
 //!     step's forward.
 //!   - `engine::kv_pool`: the block budget and the prefix cache keyed by tokens and mix.
 //!   - `engine::fault`: typed per-sequence failures and the test-only fault injection.
@@ -97,7 +98,8 @@
 //!   - `model::kv_cache`: paged per-sequence KV caches (16-token blocks, shared read-only).
 //!   - `model::sampling`: the logit rules (`logit_bias`, `min_tokens`, penalties), greedy and
 //!     seeded sampling (`min_p`, top-k, top-p), log-probabilities.
-//!   - `model::tokenizer`: tokenizers (byte-level BPE) and the chat template; `model::spm`:
+//!   - `model::tokenizer`: tokenizers (byte-level BPE) and the chat template, whose content is
+//!     tokenized as text (only the template's markup yields control tokens); `model::spm`:
 //!     SentencePiece vocabularies from GGUF.
 //!   - `model::load`: resolving `--model` into a model and tokenizer; `model::gguf` and
 //!     `model::hf`: the two weight formats; `model::gguf_export`: GGUF ↔ Hugging Face folders.
@@ -108,6 +110,10 @@
 //!     backward).
 //! - [`structured`]: structured outputs: a constraint (JSON schema, JSON object, regex, choice,
 //!   Lark grammar) compiled by llguidance against the served tokenizer, cached by its text;
+//!   `structured::limits`: the bounds checked before compiling (bytes, subschemas,
+//!   properties, definitions, depth, tools), each refusal naming its bound;
+//!   `structured::compiler`: the compile threads (large stacks, a time budget, panics caught,
+//!   one-line errors); `structured::cache`: the compiled grammars, bounded by measured bytes;
 //!   `structured::keywords`: the JSON Schema keywords allowed (enforced or annotations);
 //!   `structured::tools`: tool-call formats per family, their grammars, reading calls back, the
 //!   generic tool prompt.
@@ -116,7 +122,8 @@
 //!   loss), `kernels::acts` (activations quantized per 32 values), `kernels::matmul` and
 //!   `kernels::x86` (the integer matmul: AVX-512 VNNI / AVX-VNNI / AVX2 / scalar),
 //!   `kernels::dense` (the dense f32 matmul), `kernels::fused` (norms, rope, SiLU·mul,
-//!   attention, LoRA), `kernels::pool` (the chunked thread pool).
+//!   attention, LoRA), `kernels::pool` (the chunked thread pool), `kernels::alloc` (the global
+//!   allocator with a per-thread tally: what a piece of work left allocated).
 //! - [`train`]: `loraplex train` and `eval`: `train::data` (chat, prompt/completion and SQuAD
 //!   files told apart by content, line-checked; tokenized examples with their loss positions),
 //!   `train::squad` (SQuAD), `train::params` (the
@@ -137,7 +144,8 @@
 //! - [`bench`]: the load generator (loraplex's and llama.cpp's request shapes).
 //! - [`metrics`]: Prometheus series (names as constants, bounded adapter labels, gateway
 //!   series).
-//! - [`runtime`]: process-wide settings fixed before any thread starts.
+//! - [`runtime`]: process-wide settings fixed before any thread starts; panics reported to the
+//!   log.
 //! - `main.rs`: the binary: parse, initialise logging, dispatch.
 //!
 //! # Invariants

@@ -37,9 +37,10 @@ pub fn load_backend(
     tracing::info!(root = %registry.root().display(), adapters = registry.list().len(), "adapter registry ready");
     let tokenizer = Arc::new(loaded.tokenizer);
     let started = Instant::now();
-    let grammars = crate::structured::Grammars::with_options(&tokenizer, model_cfg.vocab_size, cfg.grammars)
-        .map(Arc::new)
-        .map_err(|e| e.to_string());
+    let grammars =
+        crate::structured::Grammars::with_options(&tokenizer, model_cfg.vocab_size, cfg.grammars)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
     match &grammars {
         Ok(_) => tracing::info!(secs = started.elapsed().as_secs_f32(), "structured outputs ready"),
         Err(e) => tracing::warn!(error = %e, "structured outputs unavailable"),

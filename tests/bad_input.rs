@@ -374,7 +374,15 @@ async fn adapter_paths_are_shown_to_the_admin_key_only() {
 /// A body that must not leak internals: no backtrace, no panic message, no source path.
 fn assert_no_internals(what: &str, body: &Value) {
     let text = body.to_string();
-    for leak in ["backtrace", "panicked", "injected handler panic", "injected row panic", ".rs:", "candle_core", "stack"] {
+    for leak in [
+        "backtrace",
+        "panicked",
+        "injected handler panic",
+        "injected row panic",
+        ".rs:",
+        "candle_core",
+        "stack",
+    ] {
         assert!(!text.contains(leak), "{what}: `{leak}` in {text}");
     }
     assert!(body["error"]["message"].as_str().is_some_and(|m| !m.contains('\n')), "{what}: {text}");
@@ -412,7 +420,11 @@ async fn panics_and_bad_sampling_values_answer_without_internals() {
     }
     let c = ctx();
     let app = app(&c).await;
-    for (field, v) in [("repetition_penalty", json!(1e-39)), ("temperature", json!(1e-40)), ("top_p", json!(1e-46))] {
+    for (field, v) in [
+        ("repetition_penalty", json!(1e-39)),
+        ("temperature", json!(1e-40)),
+        ("top_p", json!(1e-46)),
+    ] {
         let mut b = json!({"prompt": "Hello hello hello", "max_tokens": 4, "temperature": 1});
         b[field] = v;
         let (s, body) = call(&app, post(C, b)).await;

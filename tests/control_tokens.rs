@@ -40,8 +40,18 @@ fn families() -> Vec<(&'static str, &'static str, Vec<&'static str>, Option<&'st
             ],
             Some("<|begin_of_text|>"),
         ),
-        ("phi3", PHI3, vec!["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"], None),
-        ("gemma3", GEMMA3, vec!["<bos>", "<start_of_turn>", "<end_of_turn>", "<eos>"], Some("<bos>")),
+        (
+            "phi3",
+            PHI3,
+            vec!["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"],
+            None,
+        ),
+        (
+            "gemma3",
+            GEMMA3,
+            vec!["<bos>", "<start_of_turn>", "<end_of_turn>", "<eos>"],
+            Some("<bos>"),
+        ),
     ]
 }
 
@@ -56,10 +66,12 @@ fn family_tokenizer(
 ) -> TextTokenizer {
     let src = shared_dir().join("reference/archs").join(family).join("model");
     let mut tj: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
     let vocab = tj["model"]["vocab"].as_object().unwrap().len();
     let added = tj["added_tokens"].as_array_mut().unwrap();
-    let next = added.iter().map(|t| t["id"].as_u64().unwrap() as usize).max().unwrap_or(0).max(vocab);
+    let next =
+        added.iter().map(|t| t["id"].as_u64().unwrap() as usize).max().unwrap_or(0).max(vocab);
     for (i, s) in specials.iter().enumerate() {
         added.push(json!({"id": next + 1 + i, "content": s, "single_word": false, "lstrip": false,
             "rstrip": false, "normalized": false, "special": true}));
@@ -125,7 +137,10 @@ fn check_family(name: &str, tok: &TextTokenizer, specials: &[String]) {
     }
     // The same text through raw encoding would have forged the control ids (what is fixed).
     let raw = tok.encode(&got.text).unwrap();
-    assert!(controls(&raw).len() > controls(&got.ids).len(), "{name}: the test payload forges nothing");
+    assert!(
+        controls(&raw).len() > controls(&got.ids).len(),
+        "{name}: the test payload forges nothing"
+    );
 }
 
 #[test]
@@ -158,7 +173,10 @@ fn content_spelling_control_tokens_stays_text_on_the_real_templates() {
     let gemma = smol.with_file_name("gemma-3-270m-Q4_K_M.gguf");
     for path in [smol, gemma] {
         if !path.exists() {
-            panic!("{} is missing: run scripts/fetch-model.sh and scripts/fetch-gemma.sh", path.display());
+            panic!(
+                "{} is missing: run scripts/fetch-model.sh and scripts/fetch-gemma.sh",
+                path.display()
+            );
         }
         let spec = path.to_str().unwrap();
         let mut m =
@@ -188,11 +206,14 @@ async fn tokenize_and_chat_count_the_forged_markup_as_text() {
     assert_eq!(s, 200, "{tokenized}");
     let ids: Vec<u64> = serde_json::from_value(tokenized["tokens"].clone()).unwrap();
     let im_start = 1; // SmolLM2's <|im_start|>
-    // The template's system and user turns and the assistant header: three, no more.
+                      // The template's system and user turns and the assistant header: three, no more.
     assert_eq!(ids.iter().filter(|&&i| i == im_start).count(), 3, "{ids:?}");
     let (s, done) = call(
         &app,
-        post("/v1/chat/completions", json!({"messages": messages, "max_tokens": 1, "temperature": 0})),
+        post(
+            "/v1/chat/completions",
+            json!({"messages": messages, "max_tokens": 1, "temperature": 0}),
+        ),
     )
     .await;
     assert_eq!(s, 200, "{done}");

@@ -34,7 +34,9 @@ fn service(root: &Path, m: &LoadedModel) -> (Arc<FineTuning>, Arc<Registry>) {
     let ft = FineTuning::open(
         &root.join("state"),
         registry.clone(),
-        Arc::new(TextTokenizer::from_dir(&shared_dir().join("reference/archs/qwen2/model")).unwrap()),
+        Arc::new(
+            TextTokenizer::from_dir(&shared_dir().join("reference/archs/qwen2/model")).unwrap(),
+        ),
         m.id.clone(),
         m.model.cfg.clone(),
         Ok(()),
@@ -125,13 +127,16 @@ fn a_file_deleted_while_a_job_is_created_never_leaves_the_job_without_it() {
     let m = tiny();
     let root = tempfile::tempdir().unwrap();
     let (ft, _registry) = service(root.path(), &m);
-    let mut jobs_made = 0;
-    for round in 0..40 {
+    let (mut jobs_made, mut deletes) = (0, 0);
+    for round in 0..40u64 {
         let file = training_file(&ft);
         let barrier = Arc::new(std::sync::Barrier::new(2));
         let (f2, b2, id2) = (ft.clone(), barrier.clone(), file.clone());
+        // Each round deletes a little later, so the rounds sweep the create's whole span.
+        let delay = std::time::Duration::from_micros(50 * round);
         let deleter = std::thread::spawn(move || {
             b2.wait();
+            std::thread::sleep(delay);
             f2.delete_file(&id2)
         });
         barrier.wait();
@@ -147,11 +152,15 @@ fn a_file_deleted_while_a_job_is_created_never_leaves_the_job_without_it() {
             // The delete won: the job is refused at creation, naming the file.
             (Err(FineTuneError::Invalid { param, .. }), Ok(())) => {
                 assert_eq!(*param, Some("training_file"), "round {round}");
+                deletes += 1;
             }
             other => panic!("round {round}: {other:?}"),
         }
     }
-    eprintln!("{jobs_made} of 40 rounds created their job first");
+    assert!(
+        jobs_made > 0 && deletes > 0,
+        "one side always won: {jobs_made} jobs, {deletes} deletes"
+    );
 }
 
 #[test]

@@ -62,7 +62,8 @@ enum Shape {
 }
 
 fn body(route: &str, shape: &Shape) -> Value {
-    let schema_format = |s: &Value| json!({"type": "json_schema", "json_schema": {"name": "x", "schema": s}});
+    let schema_format =
+        |s: &Value| json!({"type": "json_schema", "json_schema": {"name": "x", "schema": s}});
     match (route, shape) {
         ("/v1/completions", Shape::Lark(g)) => {
             json!({"prompt": "x", "max_tokens": 2, "structured_outputs": {"grammar": g}})
@@ -70,8 +71,10 @@ fn body(route: &str, shape: &Shape) -> Value {
         ("/v1/completions", Shape::Schema(s)) => {
             json!({"prompt": "x", "max_tokens": 2, "structured_outputs": {"json": s}})
         }
-        ("/v1/chat/completions", Shape::Schema(s)) => json!({"messages": [{"role": "user", "content": "x"}],
-            "max_tokens": 2, "response_format": schema_format(s)}),
+        ("/v1/chat/completions", Shape::Schema(s)) => {
+            json!({"messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 2, "response_format": schema_format(s)})
+        }
         ("/v1/chat/completions", Shape::Tools(n, s)) => {
             let tools: Vec<Value> = (0..*n)
                 .map(|i| json!({"type": "function", "function": {"name": format!("f{i}"), "parameters": s}}))
@@ -95,7 +98,10 @@ fn stream_beside(port: u16, max_tokens: usize) -> std::thread::JoinHandle<String
 }
 
 fn assert_stream_finished(text: &str) {
-    assert!(text.contains("\"finish_reason\":\"length\"") && text.contains("data: [DONE]"), "{text}");
+    assert!(
+        text.contains("\"finish_reason\":\"length\"") && text.contains("data: [DONE]"),
+        "{text}"
+    );
 }
 
 fn assert_4xx_names_something(route: &str, what: &str, status: u16, body: &str) {
@@ -118,34 +124,74 @@ fn hostile_grammars_are_answered_and_the_server_stays_up() {
         // The three shapes that aborted the process.
         ("1,000 chained Lark rules".into(), "/v1/completions", Shape::Lark(lark_chain(1000))),
         ("2,000 chained $defs".into(), "/v1/chat/completions", Shape::Schema(defs_chain(2000))),
-        ("2,000 chained $defs (Responses)".into(), "/v1/responses", Shape::Schema(defs_chain(2000))),
-        ("8,000 optional properties".into(), "/v1/chat/completions", Shape::Schema(flat_optional(8000, "p"))),
+        (
+            "2,000 chained $defs (Responses)".into(),
+            "/v1/responses",
+            Shape::Schema(defs_chain(2000)),
+        ),
+        (
+            "8,000 optional properties".into(),
+            "/v1/chat/completions",
+            Shape::Schema(flat_optional(8000, "p")),
+        ),
     ];
     // Deeper and wider, on both sides of each bound.
     for n in [300, 3000, 6000] {
-        cases.push((format!("{n} chained Lark rules"), "/v1/completions", Shape::Lark(lark_chain(n))));
+        cases.push((
+            format!("{n} chained Lark rules"),
+            "/v1/completions",
+            Shape::Lark(lark_chain(n)),
+        ));
     }
     for n in [500, max::DEFINITIONS - 1, max::DEFINITIONS + 1, 8_000] {
         cases.push((format!("{n} chained $defs"), "/v1/completions", Shape::Schema(defs_chain(n))));
     }
     for n in [max::PROPERTIES, max::PROPERTIES + 1] {
-        cases.push((format!("{n} optional properties"), "/v1/responses", Shape::Schema(flat_optional(n, "q"))));
+        cases.push((
+            format!("{n} optional properties"),
+            "/v1/responses",
+            Shape::Schema(flat_optional(n, "q")),
+        ));
     }
     for d in [30, max::SCHEMA_DEPTH, 120] {
-        cases.push((format!("arrays nested {d} deep"), "/v1/chat/completions", Shape::Schema(nested_arrays(d))));
+        cases.push((
+            format!("arrays nested {d} deep"),
+            "/v1/chat/completions",
+            Shape::Schema(nested_arrays(d)),
+        ));
     }
     cases.push(("anyOf of 9,000".into(), "/v1/completions", Shape::Schema(wide_any_of(9000))));
-    cases.push(("Lark parentheses 20,000 deep".into(), "/v1/completions", Shape::Lark(lark_parens(20_000))));
-    cases.push(("128 tools of 39 properties".into(), "/v1/chat/completions", Shape::Tools(128, flat_optional(39, "t"))));
-    cases.push(("129 tools".into(), "/v1/chat/completions", Shape::Tools(129, flat_optional(1, "t"))));
-    cases.push(("20 tools of 300 chained $defs".into(), "/v1/chat/completions", Shape::Tools(20, defs_chain(300))));
+    cases.push((
+        "Lark parentheses 20,000 deep".into(),
+        "/v1/completions",
+        Shape::Lark(lark_parens(20_000)),
+    ));
+    cases.push((
+        "128 tools of 39 properties".into(),
+        "/v1/chat/completions",
+        Shape::Tools(128, flat_optional(39, "t")),
+    ));
+    cases.push((
+        "129 tools".into(),
+        "/v1/chat/completions",
+        Shape::Tools(129, flat_optional(1, "t")),
+    ));
+    cases.push((
+        "20 tools of 300 chained $defs".into(),
+        "/v1/chat/completions",
+        Shape::Tools(20, defs_chain(300)),
+    ));
     let mut refused = 0;
     for (what, route, shape) in &cases {
         let b = body(route, shape);
         let t = std::time::Instant::now();
         let (status, text) = http(s.port, "POST", route, Some(&b));
         let code = serde_json::from_str::<Value>(&text).ok().map(|v| v["error"]["code"].clone());
-        eprintln!("{what} via {route}: {status} {:?} in {:?}", code.unwrap_or_default(), t.elapsed());
+        eprintln!(
+            "{what} via {route}: {status} {:?} in {:?}",
+            code.unwrap_or_default(),
+            t.elapsed()
+        );
         assert_4xx_names_something(route, what, status, &text);
         refused += usize::from(status != 200);
         assert!(s.child.try_wait().unwrap().is_none(), "the server exited after {what}");
@@ -161,7 +207,8 @@ fn hostile_grammars_are_answered_and_the_server_stays_up() {
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(-1.0)
     };
-    let (bytes, budget) = (gauge("loraplex_grammar_cache_bytes"), gauge("loraplex_grammar_cache_budget_bytes"));
+    let (bytes, budget) =
+        (gauge("loraplex_grammar_cache_bytes"), gauge("loraplex_grammar_cache_budget_bytes"));
     assert!(bytes > 0.0 && bytes <= budget, "grammar cache {bytes} of {budget}");
 }
 
@@ -178,7 +225,11 @@ fn a_compile_past_its_budget_is_refused_and_delays_no_one_else() {
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["error"]["code"], "grammar_compile_timeout", "{text}");
     assert!(v["error"]["message"].as_str().unwrap().contains("300 ms"), "{text}");
-    assert!(started.elapsed() < Duration::from_millis(1200), "answered after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "answered after {:?}",
+        started.elapsed()
+    );
     // A small grammar compiles on the other thread meanwhile.
     let small = body("/v1/completions", &Shape::Schema(flat_optional(3, "k")));
     let (status, text) = http(s.port, "POST", "/v1/completions", Some(&small));

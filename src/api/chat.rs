@@ -123,7 +123,7 @@ pub fn tools(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Option<ToolPlan>, 
     for (i, v) in wire.iter().enumerate() {
         let t = tool(i, v)?;
         let p = format!("tools[{i}].function.parameters");
-        size = size.add(&t.parameters).map_err(|e| super::structured::limit_refusal(&e, &p))?;
+        size = size.with(&t.parameters).map_err(|e| super::structured::limit_refusal(&e, &p))?;
         if list.iter().any(|o| o.name == t.name) {
             let msg = format!("two tools are named `{}`", t.name);
             return Err(bad(&format!("tools[{i}].function.name"), msg));
@@ -157,7 +157,9 @@ pub fn prompt(
             let wire: Vec<Value> = p.tools.iter().map(Tool::wire).collect();
             tok.encode_chat(&messages, &wire, true)
         }
-        (Some(p), false) => tok.encode_chat(&tools::generic_messages(&messages, &p.tools), &[], true),
+        (Some(p), false) => {
+            tok.encode_chat(&tools::generic_messages(&messages, &p.tools), &[], true)
+        }
         (None, false) if has_tool_turns => {
             tok.encode_chat(&tools::generic_messages(&messages, &[]), &[], true)
         }

@@ -53,7 +53,8 @@ pub async fn respond(
     let b = state.backend()?;
     if let Some(f) = &b.engine.config().faults {
         let marked = |s: &crate::engine::Request| f.fault_for(&s.prompt_ids);
-        if valid.sequences.iter().any(|s| marked(s) == Some(crate::engine::FaultKind::HandlerPanic)) {
+        if valid.sequences.iter().any(|s| marked(s) == Some(crate::engine::FaultKind::HandlerPanic))
+        {
             panic!("injected handler panic (detail that must stay in the log)");
         }
     }

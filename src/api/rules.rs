@@ -48,7 +48,8 @@ fn logit_bias(v: Option<&Value>, mv: &ModelView<'_>) -> Result<Vec<(u32, f32)>, 
     for (key, value) in map {
         // Only the canonical decimal spelling: `"05"` or `"+5"` would be token 5 a second
         // time, and two entries for one token would add past the ±100 bound.
-        let canonical = key == "0" || (!key.starts_with('0') && key.bytes().all(|b| b.is_ascii_digit()));
+        let canonical =
+            key == "0" || (!key.starts_with('0') && key.bytes().all(|b| b.is_ascii_digit()));
         let id = token_id("logit_bias", key, key.parse::<u64>().ok().filter(|_| canonical), mv)?;
         match value.as_f64() {
             Some(b) if (-100.0..=100.0).contains(&b) => out.push((id, b as f32)),

@@ -196,9 +196,12 @@ fn refusal(e: StructuredError, param: &str) -> ApiError {
         }
         StructuredError::Limit(l) => limit_refusal(&l, param),
         e @ StructuredError::Timeout { .. } => {
-            bad(param, format!("`{param}` cannot be compiled: {e}")).with_code("grammar_compile_timeout")
+            bad(param, format!("`{param}` cannot be compiled: {e}"))
+                .with_code("grammar_compile_timeout")
         }
-        e @ StructuredError::Busy => ApiError::unavailable(e.to_string()).with_code("grammar_compiler_busy"),
+        e @ StructuredError::Busy => {
+            ApiError::unavailable(e.to_string()).with_code("grammar_compiler_busy")
+        }
         e @ StructuredError::Tokenizer(_) => bad(param, e.to_string()),
     }
 }

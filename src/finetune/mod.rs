@@ -325,7 +325,10 @@ impl FineTuning {
         // `delete_file` takes too: a file deleted meanwhile refuses the job here, and a job
         // that exists keeps its files from being deleted.
         let mut st = lock(&self.state);
-        for (param, id) in [("training_file", Some(&job.training_file)), ("validation_file", job.validation_file.as_ref())] {
+        for (param, id) in [
+            ("training_file", Some(&job.training_file)),
+            ("validation_file", job.validation_file.as_ref()),
+        ] {
             if let Some(id) = id.filter(|id| !st.files.iter().any(|f| &f.id == *id)) {
                 return Err(invalid(param, format!("`{param}`: no file `{id}` (it was deleted)")));
             }
@@ -475,20 +478,35 @@ fn check_metadata(metadata: Option<&serde_json::Value>) -> Result<(), FineTuneEr
         return Err(invalid("metadata", "`metadata` must be an object of strings"));
     };
     if map.len() > 16 {
-        return Err(invalid("metadata", format!("`metadata` takes at most 16 pairs, got {}", map.len())));
+        return Err(invalid(
+            "metadata",
+            format!("`metadata` takes at most 16 pairs, got {}", map.len()),
+        ));
     }
     for (k, v) in map {
         if k.chars().count() > 64 {
-            let msg = format!("`metadata` keys have at most 64 characters; one has {}", k.chars().count());
+            let msg = format!(
+                "`metadata` keys have at most 64 characters; one has {}",
+                k.chars().count()
+            );
             return Err(invalid("metadata", msg));
         }
         match v.as_str() {
             Some(s) if s.chars().count() <= 512 => {}
             Some(s) => {
-                let msg = format!("`metadata.{}` has {} characters; the limit is 512", k.escape_debug(), s.chars().count());
+                let msg = format!(
+                    "`metadata.{}` has {} characters; the limit is 512",
+                    k.escape_debug(),
+                    s.chars().count()
+                );
                 return Err(invalid("metadata", msg));
             }
-            None => return Err(invalid("metadata", format!("`metadata.{}` must be a string", k.escape_debug()))),
+            None => {
+                return Err(invalid(
+                    "metadata",
+                    format!("`metadata.{}` must be a string", k.escape_debug()),
+                ))
+            }
         }
     }
     Ok(())
@@ -522,7 +540,10 @@ fn check_lora(cfg: &DecoderConfig, l: &LoraSettings) -> Result<(), FineTuneError
     }
     for (i, name) in l.target_modules.iter().enumerate() {
         if name.is_empty() || name.len() > 128 {
-            return Err(invalid("target_modules", format!("`target_modules[{i}]` must have 1 to 128 characters")));
+            return Err(invalid(
+                "target_modules",
+                format!("`target_modules[{i}]` must have 1 to 128 characters"),
+            ));
         }
         if l.target_modules[..i].contains(name) {
             let msg = format!("`target_modules` names `{}` twice", name.escape_debug());

@@ -407,7 +407,8 @@ impl Markup {
         while let Some(at) = rest.find(OPEN) {
             out.push_str(&rest[..at]);
             let after = &rest[at + OPEN.len_utf8()..];
-            let n = after.find(CLOSE).and_then(|end| Some((after[..end].parse::<usize>().ok()?, end)));
+            let n =
+                after.find(CLOSE).and_then(|end| Some((after[..end].parse::<usize>().ok()?, end)));
             match n.and_then(|(n, end)| Some((self.texts.get(n)?, end))) {
                 Some((t, end)) => {
                     out.push_str(t);
@@ -429,9 +430,9 @@ impl Markup {
         match v {
             Value::String(s) => Value::String(self.shield(s)),
             Value::Array(a) => Value::Array(a.iter().map(|x| self.shield_json(x)).collect()),
-            Value::Object(o) => {
-                Value::Object(o.iter().map(|(k, x)| (self.shield(k), self.shield_json(x))).collect())
-            }
+            Value::Object(o) => Value::Object(
+                o.iter().map(|(k, x)| (self.shield(k), self.shield_json(x))).collect(),
+            ),
             other => other.clone(),
         }
     }
@@ -504,7 +505,8 @@ impl TextTokenizer {
             if !mk.special_ids.contains(&id) || start < cursor {
                 continue;
             }
-            let segment = rendered.get(cursor..start).ok_or_else(|| tok_err("offset inside a character"))?;
+            let segment =
+                rendered.get(cursor..start).ok_or_else(|| tok_err("offset inside a character"))?;
             plain(segment, &mut ids, &mut text)?;
             ids.push(id);
             text.push_str(rendered.get(start..end).unwrap_or_default());

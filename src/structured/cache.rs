@@ -43,7 +43,8 @@ impl GrammarCache {
             self.bytes -= old.bytes;
         }
         while self.bytes + bytes > self.budget {
-            let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.used).map(|(k, _)| k.clone())
+            let Some(oldest) =
+                self.entries.iter().min_by_key(|(_, e)| e.used).map(|(k, _)| k.clone())
             else {
                 break;
             };

@@ -56,7 +56,9 @@ impl Compiler {
                 .name(format!("grammar-compile-{i}"))
                 .stack_size(COMPILE_STACK_BYTES)
                 .spawn(move || work(&rx, &factory))
-                .map_err(|e| StructuredError::Tokenizer(format!("starting a compile thread: {e}")))?;
+                .map_err(|e| {
+                    StructuredError::Tokenizer(format!("starting a compile thread: {e}"))
+                })?;
         }
         Ok(Self { jobs, budget })
     }

@@ -62,7 +62,7 @@ pub struct SchemaSize {
 
 impl SchemaSize {
     /// `self` plus the schema `v`; `Err` for the first bound either exceeds.
-    pub fn add(mut self, v: &Value) -> Result<SchemaSize, LimitError> {
+    pub fn with(mut self, v: &Value) -> Result<SchemaSize, LimitError> {
         self.bytes += v.to_string().len();
         within("the JSON schema's size in bytes", self.bytes, max::SCHEMA_BYTES)?;
         self.walk(v, 1)?;
@@ -87,7 +87,11 @@ impl SchemaSize {
                     let entries = sub.as_object().map_or(0, |m| m.len());
                     if k.starts_with('p') {
                         self.properties += entries;
-                        within("the number of object properties", self.properties, max::PROPERTIES)?;
+                        within(
+                            "the number of object properties",
+                            self.properties,
+                            max::PROPERTIES,
+                        )?;
                     } else {
                         self.definitions += entries;
                         within("the number of definitions", self.definitions, max::DEFINITIONS)?;
@@ -117,12 +121,16 @@ pub fn check(spec: &ConstraintSpec) -> Result<(), LimitError> {
             within("the JSON schema's size in bytes", text.len(), max::SCHEMA_BYTES)?;
             // Unparsable text is the compiler's error to name; the bounds are about shapes.
             match serde_json::from_str::<Value>(text) {
-                Ok(v) => SchemaSize::default().add(&v).map(|_| ()),
+                Ok(v) => SchemaSize::default().with(&v).map(|_| ()),
                 Err(_) => Ok(()),
             }
         }
-        ConstraintSpec::Regex(rx) => within("the regular expression's size in bytes", rx.len(), max::REGEX_BYTES),
-        ConstraintSpec::Lark(text) => within("the grammar's size in bytes", text.len(), max::LARK_BYTES),
+        ConstraintSpec::Regex(rx) => {
+            within("the regular expression's size in bytes", rx.len(), max::REGEX_BYTES)
+        }
+        ConstraintSpec::Lark(text) => {
+            within("the grammar's size in bytes", text.len(), max::LARK_BYTES)
+        }
         ConstraintSpec::Choice(options) => {
             within("the number of choices", options.len(), max::CHOICES)?;
             let bytes = options.iter().map(String::len).sum();
@@ -144,17 +152,27 @@ mod tests {
 
     #[test]
     fn each_bound_is_named_with_its_value() {
-        let e = SchemaSize::default().add(&flat(max::PROPERTIES + 1)).unwrap_err();
+        let e = SchemaSize::default().with(&flat(max::PROPERTIES + 1)).unwrap_err();
         assert_eq!(e.what, "the number of object properties");
         assert_eq!((e.value, e.limit), (max::PROPERTIES + 1, max::PROPERTIES));
-        assert!(SchemaSize::default().add(&flat(100)).is_ok());
+        assert!(SchemaSize::default().with(&flat(100)).is_ok());
         let mut deep = json!({"type": "string"});
         for _ in 0..max::SCHEMA_DEPTH {
             deep = json!({"type": "array", "items": deep});
         }
-        assert_eq!(SchemaSize::default().add(&deep).unwrap_err().what, "the JSON schema's nesting depth");
+        assert_eq!(
+            SchemaSize::default().with(&deep).unwrap_err().what,
+            "the JSON schema's nesting depth"
+        );
         let e = check(&ConstraintSpec::Lark("a".repeat(max::LARK_BYTES + 1))).unwrap_err();
-        assert_eq!(e.to_string(), format!("the grammar's size in bytes is {}; the limit is {}", max::LARK_BYTES + 1, max::LARK_BYTES));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the grammar's size in bytes is {}; the limit is {}",
+                max::LARK_BYTES + 1,
+                max::LARK_BYTES
+            )
+        );
         let many = ConstraintSpec::Choice(vec!["x".into(); max::CHOICES + 1]);
         assert_eq!(check(&many).unwrap_err().what, "the number of choices");
     }
@@ -162,7 +180,7 @@ mod tests {
     #[test]
     fn sizes_add_up_across_schemas() {
         let half = flat(max::PROPERTIES / 2 + 1);
-        let one = SchemaSize::default().add(&half).unwrap();
-        assert_eq!(one.add(&half).unwrap_err().what, "the number of object properties");
+        let one = SchemaSize::default().with(&half).unwrap();
+        assert_eq!(one.with(&half).unwrap_err().what, "the number of object properties");
     }
 }

@@ -5,8 +5,9 @@
 //! ops a decode step runs between matmuls, and the thread pool they share.
 //!
 //! This is the only crate of loraplex with `unsafe` code: SIMD intrinsics behind run-time feature checks,
-//! raw output pointers shared by pool chunks that write disjoint ranges, and the pool's
-//! lifetime-erased job pointer. Each block carries a `// SAFETY:` line.
+//! raw output pointers shared by pool chunks that write disjoint ranges, the pool's
+//! lifetime-erased job pointer, and the counting global allocator (`alloc`). Each block
+//! carries a `// SAFETY:` line.
 //!
 //! Invariant: every fast kernel equals its reference — bit for bit for the integer matmul,
 //! within float tolerance for the fused f32 ops — and a row's result never depends on the
