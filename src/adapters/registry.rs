@@ -131,6 +131,9 @@ struct Entry {
     rank: Option<usize>,
     alpha: Option<f64>,
     targets: Vec<String>,
+    /// Unloaded through vLLM's `/v1/unload_lora_adapter`: not listed, not served (404) until
+    /// loaded again or its folder changes.
+    withdrawn: bool,
 }
 
 impl Entry {
@@ -355,6 +358,7 @@ impl Registry {
                 e.dir = dir;
                 e.version += 1;
                 e.error = None;
+                e.withdrawn = false;
                 if e.loaded.take().is_some() {
                     self.stats.reloads.fetch_add(1, Ordering::Relaxed);
                     if let Some(m) = &self.metrics {
@@ -378,6 +382,7 @@ impl Registry {
                         rank: None,
                         alpha: None,
                         targets: Vec::new(),
+                        withdrawn: false,
                     },
                 );
                 true
@@ -410,6 +415,9 @@ impl Registry {
     /// The adapter `name`, loading it if needed. Blocking (disk IO): call off the async runtime.
     pub fn acquire(&self, name: &str) -> Result<Arc<LoraAdapter>, RegistryError> {
         validate_name(name)?;
+        if self.entries.get(name).is_some_and(|e| e.withdrawn) {
+            return Err(RegistryError::NotFound(name.to_string()));
+        }
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
         if let Some(mut e) = self.entries.get_mut(name) {
             if let Some(a) = e.loaded.clone() {
@@ -567,6 +575,7 @@ impl Registry {
             // Same files: an explicit reload still makes a new version.
             if let Some(mut e) = self.entries.get_mut(name) {
                 e.version += 1;
+                e.withdrawn = false;
                 if e.loaded.take().is_some() {
                     self.stats.reloads.fetch_add(1, Ordering::Relaxed);
                     if let Some(m) = &self.metrics {
@@ -592,13 +601,28 @@ impl Registry {
         }
     }
 
+    /// vLLM's unload: the adapter leaves memory and the list, and requests naming it are 404,
+    /// until it is loaded again (`register`) or its folder changes; a second withdrawal is
+    /// `NotFound`. (`unload` only frees the memory: the folder stays served.)
+    pub fn withdraw(&self, name: &str) -> Result<(), RegistryError> {
+        validate_name(name)?;
+        match self.entries.get_mut(name) {
+            Some(mut e) if !e.withdrawn => {
+                e.loaded = None;
+                e.withdrawn = true;
+                Ok(())
+            }
+            _ => Err(RegistryError::NotFound(name.to_string())),
+        }
+    }
+
     pub fn info(&self, name: &str) -> Option<AdapterInfo> {
-        self.entries.get(name).map(|e| to_info(e.key(), &e))
+        self.entries.get(name).filter(|e| !e.withdrawn).map(|e| to_info(e.key(), &e))
     }
 
     /// `(known, resident, failed)` adapter counts.
     pub fn counts(&self) -> (usize, usize, usize) {
-        let known = self.entries.len();
+        let known = self.entries.iter().filter(|e| !e.withdrawn).count();
         let resident = self.entries.iter().filter(|e| e.loaded.is_some()).count();
         let failed =
             self.entries.iter().filter(|e| e.loaded.is_none() && e.error.is_some()).count();
@@ -607,7 +631,8 @@ impl Registry {
 
     /// Every known adapter, sorted by name.
     pub fn list(&self) -> Vec<AdapterInfo> {
-        let mut v: Vec<AdapterInfo> = self.entries.iter().map(|e| to_info(e.key(), &e)).collect();
+        let mut v: Vec<AdapterInfo> =
+            self.entries.iter().filter(|e| !e.withdrawn).map(|e| to_info(e.key(), &e)).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }

@@ -7,7 +7,7 @@
 
 use super::body::json_body;
 use super::error::ApiError;
-use super::{authorize, AppState, Scope};
+use super::AppState;
 use crate::finetune::objects::{page, LoraSettings};
 use crate::finetune::{FineTuneError, FineTuning, JobRequest};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -35,8 +35,7 @@ impl From<FineTuneError> for ApiError {
     }
 }
 
-fn service(req: &HttpRequest, state: &AppState) -> Result<Arc<FineTuning>, ApiError> {
-    authorize(req, state, Scope::Admin)?;
+fn service(state: &AppState) -> Result<Arc<FineTuning>, ApiError> {
     let b = state.backend()?;
     b.fine_tuning.clone().ok_or_else(|| ApiError::unavailable("fine-tuning is not enabled"))
 }
@@ -69,7 +68,7 @@ pub async fn upload(
     state: Data,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let ft = service(&req, &state)?;
+    let ft = service(&state)?;
     let limit = state.limits.max_upload_bytes;
     let timeout = state.limits.upload_timeout;
     let (id, path) = ft.new_upload();
@@ -170,38 +169,34 @@ async fn read_upload(
 }
 
 pub async fn list_files(
-    req: HttpRequest,
     state: Data,
     q: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let ft = service(&req, &state)?;
+    let ft = service(&state)?;
     let files = ft.files(q.purpose.as_deref());
     Ok(HttpResponse::Ok().json(page(files, |f| &f.id, q.after.as_deref(), q.limit()?)))
 }
 
 pub async fn get_file(
-    req: HttpRequest,
     state: Data,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(service(&req, &state)?.file(&id)?))
+    Ok(HttpResponse::Ok().json(service(&state)?.file(&id)?))
 }
 
 pub async fn delete_file(
-    req: HttpRequest,
     state: Data,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    service(&req, &state)?.delete_file(&id)?;
+    service(&state)?.delete_file(&id)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"id": *id, "object": "file", "deleted": true})))
 }
 
 pub async fn file_content(
-    req: HttpRequest,
     state: Data,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let path = service(&req, &state)?.file_content(&id)?;
+    let path = service(&state)?.file_content(&id)?;
     let bytes = web::block(move || std::fs::read(path)).await.map_err(ApiError::internal)?;
     Ok(HttpResponse::Ok()
         .content_type("application/octet-stream")
@@ -331,7 +326,7 @@ pub async fn create_job(
     state: Data,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let ft = service(&req, &state)?;
+    let ft = service(&state)?;
     let body: CreateJob = json_body(&req, payload, &state.limits).await?;
     let request = body.into_request()?;
     let job = web::block(move || ft.create_job(request)).await.map_err(ApiError::internal)??;
@@ -339,46 +334,41 @@ pub async fn create_job(
 }
 
 pub async fn list_jobs(
-    req: HttpRequest,
     state: Data,
     q: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let ft = service(&req, &state)?;
+    let ft = service(&state)?;
     Ok(HttpResponse::Ok().json(page(ft.jobs(), |j| &j.id, q.after.as_deref(), q.limit()?)))
 }
 
 pub async fn get_job(
-    req: HttpRequest,
     state: Data,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(service(&req, &state)?.job(&id)?))
+    Ok(HttpResponse::Ok().json(service(&state)?.job(&id)?))
 }
 
 pub async fn cancel_job(
-    req: HttpRequest,
     state: Data,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(service(&req, &state)?.cancel(&id)?))
+    Ok(HttpResponse::Ok().json(service(&state)?.cancel(&id)?))
 }
 
 pub async fn job_events(
-    req: HttpRequest,
     state: Data,
     id: web::Path<String>,
     q: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let events = service(&req, &state)?.events(&id)?;
+    let events = service(&state)?.events(&id)?;
     Ok(HttpResponse::Ok().json(page(events, |e| &e.id, q.after.as_deref(), q.limit()?)))
 }
 
 pub async fn job_checkpoints(
-    req: HttpRequest,
     state: Data,
     id: web::Path<String>,
     q: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let cps = service(&req, &state)?.checkpoints(&id)?;
+    let cps = service(&state)?.checkpoints(&id)?;
     Ok(HttpResponse::Ok().json(page(cps, |c| &c.id, q.after.as_deref(), q.limit()?)))
 }

@@ -1,6 +1,7 @@
-//! The HTTP policy every request passes before a handler: which browser origins may call the
-//! API (CORS: none unless configured, admin routes never) and which `Host` names a keyless
-//! loopback server answers (against DNS rebinding).
+//! The HTTP policy every request passes before a handler: which `Host` names a keyless
+//! loopback server answers (against DNS rebinding), who may call the route (its access in
+//! [`super::routes`]: the inference or admin key), and which browser origins may call it (CORS:
+//! none unless configured, and never for the routes the table marks so: every admin route).
 //!
 //! Why refuse rather than only omit CORS headers: a browser still *sends* a cross-origin
 //! "simple" request (a `text/plain` or form POST needs no preflight) and only hides the answer,
@@ -70,13 +71,6 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
     host.is_some_and(|h| h.eq_ignore_ascii_case(authority))
 }
 
-/// Routes that change the server (the admin key's routes): never reachable cross-origin,
-/// whatever origins are configured.
-pub fn is_admin_route(method: &Method, path: &str) -> bool {
-    (path == "/v1/adapters" && method == Method::POST)
-        || (path.starts_with("/v1/adapters/") && method == Method::DELETE)
-}
-
 fn header_str(req: &ServiceRequest, name: header::HeaderName) -> Option<&str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
@@ -96,6 +90,17 @@ pub async fn middleware(
         let msg = format!("host `{}` is not served: a server on loopback without an API key answers only localhost names and IP addresses (add it to `allowed_hosts`)", h.escape_debug());
         return Ok(refuse(req, ApiError::refused(msg, "host_not_allowed")));
     }
+    // Who may call the route, from the route table (preflights carry no credentials).
+    if req.method() != Method::OPTIONS {
+        if let (Some(route), Some(state)) = (
+            super::routes::find(req.method(), req.path()),
+            req.app_data::<web::Data<AppState>>(),
+        ) {
+            if let Err(e) = super::authorize(req.request(), state, route.access) {
+                return Ok(refuse(req, e));
+            }
+        }
+    }
     let cross = header_str(&req, header::ORIGIN)
         .filter(|o| !same_origin(o, host.as_deref()))
         .map(str::to_string);
@@ -110,8 +115,10 @@ pub async fn middleware(
             .unwrap_or(Method::GET),
         false => req.method().clone(),
     };
-    if is_admin_route(&method, req.path()) {
-        let msg = format!("`{method} {}` is an admin route and is never served to a browser page from another origin", req.path());
+    let never = super::routes::find(&method, req.path())
+        .is_some_and(|r| r.cross_origin == super::routes::CrossOrigin::Never);
+    if never {
+        let msg = format!("`{method} {}` is never served to a browser page from another origin", req.path());
         return Ok(refuse(req, ApiError::refused(msg, "cross_origin_refused")));
     }
     if !policy.origin_allowed(&origin) {
@@ -175,14 +182,6 @@ mod tests {
         assert!(
             !same_origin("http://127.0.0.1:8001", Some("127.0.0.1:8000"))
                 && !same_origin("null", Some("x"))
-        );
-        assert!(
-            is_admin_route(&Method::POST, "/v1/adapters")
-                && is_admin_route(&Method::DELETE, "/v1/adapters/x")
-        );
-        assert!(
-            !is_admin_route(&Method::GET, "/v1/adapters")
-                && !is_admin_route(&Method::POST, "/v1/completions")
         );
     }
 }

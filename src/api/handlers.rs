@@ -1,6 +1,7 @@
-//! Thin handlers: authorize → the JSON body (`api::body`) → a `ValidRequest` (`api::validate`,
-//! off the async workers) → the engine → the answer (`api::response`, `api::stream`). Admin
-//! routes: models, adapters, health, readiness, metrics.
+//! Thin handlers (the edge has checked the caller against the route table already): the JSON
+//! body (`api::body`) → a `ValidRequest` (`api::validate`, off the async workers) → the engine
+//! → the answer (`api::response`, `api::stream`). Also models, adapters, health, readiness,
+//! metrics.
 
 use super::body::json_body;
 use super::error::ApiError;
@@ -9,7 +10,7 @@ use super::openai::*;
 use super::response::ResponseMeta;
 use super::stream::{collect, sse_response};
 use super::validate::{self, ModelView, ValidRequest};
-use super::{authorize, AppState, Backend, Scope};
+use super::{authorize, Access, AppState, Backend};
 use actix_web::{web, HttpRequest, HttpResponse};
 
 type Data = web::Data<AppState>;
@@ -80,7 +81,6 @@ pub async fn completions(
     state: Data,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Scope::Inference)?;
     let wire: CompletionRequest = json_body(&req, payload, &state.limits).await?;
     let valid = validated(&state, move |mv| validate::completion(&wire, mv)).await?;
     respond(&req, &state, valid).await
@@ -91,7 +91,6 @@ pub async fn chat_completions(
     state: Data,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Scope::Inference)?;
     let wire: ChatRequest = json_body(&req, payload, &state.limits).await?;
     let valid = validated(&state, move |mv| validate::chat(&wire, mv)).await?;
     respond(&req, &state, valid).await
@@ -127,8 +126,7 @@ fn stream_obs(req: &HttpRequest, state: &AppState, endpoint: &'static str) -> Op
 }
 
 /// Prometheus text exposition; live gauges are sampled now.
-pub async fn metrics(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Scope::Inference)?;
+pub async fn metrics(state: Data) -> Result<HttpResponse, ApiError> {
     let mut snap = crate::metrics::Snapshot::default();
     if let Some(b) = state.backend.get() {
         use std::sync::atomic::Ordering;
@@ -184,21 +182,21 @@ fn adapter_infos(
         Some(n) => b.registry.info(n).into_iter().collect(),
         None => b.registry.list(),
     };
-    if authorize(req, state, Scope::Admin).is_err() {
+    if authorize(req, state, Access::Admin).is_err() {
         infos.iter_mut().for_each(|a| a.path = None);
     }
     infos
 }
 
-pub async fn models(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Scope::Inference)?;
-    let b = state.backend()?;
+/// Every model served: the base, each adapter, each named mix (OpenAI's `Model` objects, with
+/// `parent` and the `loraplex` extension).
+fn model_list(req: &HttpRequest, state: &AppState, b: &Backend) -> Vec<serde_json::Value> {
     let base = serde_json::json!({"architecture": b.architecture, "context_length": b.context_len,
         "max_abs_scale": state.limits.max_abs_scale});
     let mut data = vec![
         serde_json::json!({"id": b.model_id, "object": "model", "created": 0, "owned_by": "loraplex", "loraplex": base}),
     ];
-    for a in adapter_infos(&req, &state, b, None) {
+    for a in adapter_infos(req, state, b, None) {
         data.push(serde_json::json!({
             "id": a.name, "object": "model", "created": 0, "owned_by": "loraplex", "parent": b.model_id,
             "loraplex": a,
@@ -211,11 +209,31 @@ pub async fn models(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiEr
             "loraplex": {"kind": "mix", "state": state, "version": m.version, "source": m.source, "adapters": m.adapters, "error": m.error},
         }));
     }
+    data
+}
+
+pub async fn models(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiError> {
+    let b = state.backend()?;
+    let data = model_list(&req, &state, b);
     Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})))
 }
 
+/// `GET /v1/models/{id}`: one entry of the list (`client.models.retrieve`).
+pub async fn model(
+    req: HttpRequest,
+    state: Data,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let b = state.backend()?;
+    match model_list(&req, &state, b).into_iter().find(|m| m["id"] == id.as_str()) {
+        Some(m) => Ok(HttpResponse::Ok().json(m)),
+        None => Err(ApiError::not_found(format!("model `{}` does not exist", id.escape_debug()))
+            .with_param("model")
+            .with_code("model_not_found")),
+    }
+}
+
 pub async fn list_adapters(req: HttpRequest, state: Data) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Scope::Inference)?;
     let b = state.backend()?;
     let reg = &b.registry;
     Ok(HttpResponse::Ok().json(serde_json::json!({
@@ -229,7 +247,6 @@ pub async fn get_adapter(
     state: Data,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Scope::Inference)?;
     let b = state.backend()?;
     match adapter_infos(&req, &state, b, Some(&name)).pop() {
         Some(info) => Ok(HttpResponse::Ok().json(info)),
@@ -250,7 +267,6 @@ pub async fn load_adapter(
     state: Data,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Scope::Admin)?;
     let wire: LoadBody = json_body(&req, payload, &state.limits).await?;
     let b = state.backend()?;
     let registry = b.registry.clone();
@@ -265,11 +281,9 @@ pub async fn load_adapter(
 }
 
 pub async fn unload_adapter(
-    req: HttpRequest,
     state: Data,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Scope::Admin)?;
     let b = state.backend()?;
     Ok(HttpResponse::Ok().json(b.registry.unload(&name)?))
 }

@@ -11,6 +11,7 @@ pub mod observe;
 pub mod openai;
 pub mod response;
 pub mod responses;
+pub mod routes;
 pub mod rules;
 pub mod stream;
 pub mod structured;
@@ -88,51 +89,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .wrap(actix_web::middleware::from_fn(body::middleware))
             .wrap(actix_web::middleware::from_fn(guard::middleware))
             .wrap(actix_web::middleware::from_fn(observe::middleware))
-            .configure(routes),
+            .configure(routes::register),
     );
 }
 
-fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health", web::get().to(handlers::health))
-        .route("/ready", web::get().to(handlers::ready))
-        .route("/metrics", web::get().to(handlers::metrics))
-        .route("/v1/models", web::get().to(handlers::models))
-        .route("/v1/completions", web::post().to(handlers::completions))
-        .route("/v1/chat/completions", web::post().to(handlers::chat_completions))
-        .route("/v1/adapters", web::get().to(handlers::list_adapters))
-        .route("/v1/adapters", web::post().to(handlers::load_adapter))
-        .route("/v1/adapters/{name}", web::get().to(handlers::get_adapter))
-        .route("/v1/adapters/{name}", web::delete().to(handlers::unload_adapter))
-        .route("/v1/responses", web::post().to(responses::create))
-        .route("/tokenize", web::post().to(vllm::tokenize))
-        .route("/detokenize", web::post().to(vllm::detokenize))
-        .route("/v1/load_lora_adapter", web::post().to(vllm::load_lora_adapter))
-        .route("/v1/unload_lora_adapter", web::post().to(vllm::unload_lora_adapter))
-        .route("/", web::get().to(ui::root))
-        .route("/ui", web::get().to(ui::index))
-        .route("/ui/app.js", web::get().to(ui::app_js))
-        .route("/ui/app.css", web::get().to(ui::app_css))
-        .route("/v1/mixes", web::post().to(ui::save_mix))
-        .route("/v1/files", web::post().to(fine_tuning::upload))
-        .route("/v1/files", web::get().to(fine_tuning::list_files))
-        .route("/v1/files/{id}", web::get().to(fine_tuning::get_file))
-        .route("/v1/files/{id}", web::delete().to(fine_tuning::delete_file))
-        .route("/v1/files/{id}/content", web::get().to(fine_tuning::file_content))
-        .route("/v1/fine_tuning/jobs", web::post().to(fine_tuning::create_job))
-        .route("/v1/fine_tuning/jobs", web::get().to(fine_tuning::list_jobs))
-        .route("/v1/fine_tuning/jobs/{id}", web::get().to(fine_tuning::get_job))
-        .route("/v1/fine_tuning/jobs/{id}/cancel", web::post().to(fine_tuning::cancel_job))
-        .route("/v1/fine_tuning/jobs/{id}/events", web::get().to(fine_tuning::job_events))
-        .route("/v1/fine_tuning/jobs/{id}/checkpoints", web::get().to(fine_tuning::job_checkpoints))
-        .default_service(web::to(handlers::not_found));
-}
-
-/// Who may call an endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    Inference,
-    Admin,
-}
+pub use routes::Access;
 
 fn key_matches(presented: &str, key: &Option<String>) -> bool {
     key.as_ref().is_some_and(|k| bool::from(presented.as_bytes().ct_eq(k.as_bytes())))
@@ -142,7 +103,7 @@ fn key_matches(presented: &str, key: &Option<String>) -> bool {
 pub fn authorize(
     req: &actix_web::HttpRequest,
     state: &AppState,
-    scope: Scope,
+    access: Access,
 ) -> Result<(), ApiError> {
     let presented = req
         .headers()
@@ -152,8 +113,9 @@ pub fn authorize(
         .map(str::trim);
     let is_admin = presented.is_some_and(|p| key_matches(p, &state.admin_key));
     let is_user = presented.is_some_and(|p| key_matches(p, &state.api_key));
-    match scope {
-        Scope::Admin if state.admin_key.is_some() => {
+    match access {
+        Access::Public => Ok(()),
+        Access::Admin if state.admin_key.is_some() => {
             if is_admin {
                 Ok(())
             } else if is_user {

