@@ -376,6 +376,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         bail!("the prompt is empty");
     }
     let req = Request {
+        prompt_logprobs: None,
         prompt_ids: prompt_ids.clone(),
         mix,
         max_tokens: args.max_tokens.max(1),

@@ -57,6 +57,9 @@ pub struct CommonParams {
     pub response_format: Option<Value>,
     /// vLLM's structured outputs (`json`, `regex`, `choice`, `grammar`, `json_object`).
     pub structured_outputs: Option<Value>,
+    /// vLLM's `prompt_logprobs`: the prompt tokens' log-probabilities with this many top
+    /// alternatives each.
+    pub prompt_logprobs: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,11 +145,12 @@ pub struct AppliedAdapter {
     pub scale: f64,
 }
 
+/// OpenAI's legacy `logprobs`; with `echo` the prompt's tokens lead, the first with `null`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<Map<String, Value>>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<Map<String, Value>>>,
     pub text_offset: Vec<usize>,
 }
 
@@ -156,6 +160,9 @@ pub struct CompletionChoice {
     pub text: String,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
+    /// vLLM's `prompt_logprobs` (asked for by that field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<Map<String, Value>>>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -243,4 +250,7 @@ pub struct Envelope<C> {
     pub usage: Option<UsageOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapters: Option<Vec<AppliedAdapter>>,
+    /// vLLM's `prompt_logprobs` of a chat request (the prompt is every choice's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<Map<String, Value>>>>,
 }

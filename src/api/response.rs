@@ -4,7 +4,7 @@
 //! bodies of both endpoints, and each SSE chunk. `api::stream` only moves events.
 
 use super::openai::*;
-use crate::engine::{Collected, FinishReason, TokenEvent};
+use crate::engine::{Collected, FinishReason, PromptLogprob, TokenEvent};
 use crate::model::tokenizer::TextTokenizer;
 use crate::structured::tools::{self, ToolFormat};
 use actix_web::web::Bytes;
@@ -49,6 +49,13 @@ pub struct ResponseShape {
     pub echo: Option<Vec<String>>,
     /// The request asked for log-probabilities.
     pub logprobs: bool,
+    /// Completions with `echo` and `logprobs`: the prompt's tokens lead `logprobs` (OpenAI's
+    /// legacy shape, the first one `null`).
+    pub echo_logprobs: bool,
+    /// vLLM's `prompt_logprobs` was asked for: each choice (chat: the response) carries them.
+    pub prompt_logprobs: bool,
+    /// Each prompt's token ids, when its log-probabilities are reported.
+    pub prompt_ids: Vec<Vec<u32>>,
     /// Chat with tools (and `tool_choice` other than `none`): calls are read out of the text
     /// in this format.
     pub tools: Option<crate::structured::tools::ToolFormat>,
@@ -107,6 +114,7 @@ impl ResponseMeta {
             choices,
             usage,
             adapters: Some(self.shape.adapters.clone()),
+            prompt_logprobs: None,
         }
     }
 
@@ -117,6 +125,16 @@ impl ResponseMeta {
             Endpoint::Chat => "chat.completion.chunk",
             Endpoint::Responses => "response",
         }
+    }
+
+    /// Choice `index`'s prompt ids and their log-probabilities, when they were computed.
+    fn prompt_of<'r>(
+        &'r self,
+        index: usize,
+        r: &'r Collected,
+    ) -> Option<(&'r [u32], &'r [Option<PromptLogprob>])> {
+        let ids = self.shape.prompt_ids.get(index / self.shape.n.max(1))?;
+        Some((ids.as_slice(), r.prompt_logprobs.as_deref()?))
     }
 
     /// The whole (non-streamed) answer, from every choice's collected events.
@@ -137,17 +155,38 @@ impl ResponseMeta {
                             .echo
                             .as_ref()
                             .map(|t| t[index / self.shape.n.max(1)].as_str());
+                        let prompt = self.prompt_of(index, &r);
+                        let mut logprobs = self.shape.logprobs.then(CompletionLogprobs::default);
+                        if let (Some(lp), true) = (logprobs.as_mut(), self.shape.echo_logprobs) {
+                            if let Some((ids, values)) = prompt {
+                                push_prompt_logprobs(lp, tok, ids, values);
+                            }
+                        }
+                        if let Some(lp) = logprobs.as_mut() {
+                            push_completion_logprobs(lp, &r, tok);
+                        }
                         CompletionChoice {
                             index,
                             text: format!("{}{}", echo.unwrap_or_default(), r.text),
-                            logprobs: self.shape.logprobs.then(|| completion_logprobs(&r, tok)),
+                            logprobs,
                             finish_reason: Some(finish_str(r.finish_reason)),
+                            prompt_logprobs: self
+                                .shape
+                                .prompt_logprobs
+                                .then(|| prompt.map(|(ids, v)| vllm_prompt_logprobs(tok, ids, v)))
+                                .flatten(),
                         }
                     })
                     .collect();
                 serde_json::to_value(self.envelope("text_completion", choices, Some(usage.clone())))
             }
             Endpoint::Chat => {
+                let prompt_logprobs = match (self.shape.prompt_logprobs, results.first()) {
+                    (true, Some(r)) => {
+                        self.prompt_of(0, r).map(|(ids, v)| vllm_prompt_logprobs(tok, ids, v))
+                    }
+                    _ => None,
+                };
                 let choices: Vec<ChatChoice> = results
                     .into_iter()
                     .enumerate()
@@ -168,7 +207,9 @@ impl ResponseMeta {
                         ChatChoice { index, logprobs, finish_reason: Some(finish_reason), message }
                     })
                     .collect();
-                serde_json::to_value(self.envelope("chat.completion", choices, Some(usage.clone())))
+                let mut envelope = self.envelope("chat.completion", choices, Some(usage.clone()));
+                envelope.prompt_logprobs = prompt_logprobs;
+                serde_json::to_value(envelope)
             }
         };
         (body.unwrap_or_default(), usage)
@@ -194,7 +235,7 @@ impl ResponseMeta {
             TokenEvent::Done { reason, .. } => {
                 (String::new(), Some(finish_str(Some(*reason))), None)
             }
-            TokenEvent::Error(_) => return None,
+            TokenEvent::Prompt(_) | TokenEvent::Error(_) => return None,
         };
         let lp = lp.filter(|_| self.shape.logprobs);
         Some(match self.shape.endpoint {
@@ -203,11 +244,17 @@ impl ResponseMeta {
             Endpoint::Completion => {
                 let logprobs = lp.map(|(id, l, top)| CompletionLogprobs {
                     tokens: vec![token_text(tok, id)],
-                    token_logprobs: vec![l],
-                    top_logprobs: vec![top_map(tok, top)],
+                    token_logprobs: vec![Some(l)],
+                    top_logprobs: vec![Some(top_map(tok, top))],
                     text_offset: vec![0],
                 });
-                let choice = CompletionChoice { index, text, logprobs, finish_reason: finish };
+                let choice = CompletionChoice {
+                    index,
+                    text,
+                    logprobs,
+                    finish_reason: finish,
+                    prompt_logprobs: None,
+                };
                 sse(&self.envelope("text_completion", vec![choice], None))
             }
             Endpoint::Chat => {
@@ -326,8 +373,46 @@ impl ResponseMeta {
                 out.extend_from_slice(&chunk(end, Some(finish)));
                 Some(Bytes::from(out))
             }
-            TokenEvent::Error(_) => None,
+            TokenEvent::Prompt(_) | TokenEvent::Error(_) => None,
         }
+    }
+
+    /// A completion stream's first chunk for choice `index` under `echo` or `prompt_logprobs`:
+    /// the prompt's text (with `echo`) and its log-probabilities (when they were computed).
+    pub fn prompt_chunk(
+        &self,
+        tok: &TextTokenizer,
+        index: usize,
+        values: Option<&[Option<PromptLogprob>]>,
+    ) -> Option<Bytes> {
+        if self.shape.endpoint != Endpoint::Completion {
+            return None;
+        }
+        let prompt = self.shape.echo.as_ref().map(|t| t[index / self.shape.n.max(1)].clone());
+        let ids = self.shape.prompt_ids.get(index / self.shape.n.max(1));
+        let logprobs = match (values, ids, self.shape.echo_logprobs) {
+            (Some(v), Some(ids), true) => {
+                let mut lp = CompletionLogprobs::default();
+                push_prompt_logprobs(&mut lp, tok, ids, v);
+                Some(lp)
+            }
+            _ => None,
+        };
+        let prompt_logprobs = match (values, ids, self.shape.prompt_logprobs) {
+            (Some(v), Some(ids), true) => Some(vllm_prompt_logprobs(tok, ids, v)),
+            _ => None,
+        };
+        if prompt.is_none() && prompt_logprobs.is_none() {
+            return None;
+        }
+        let choice = CompletionChoice {
+            index,
+            text: prompt.unwrap_or_default(),
+            logprobs,
+            finish_reason: None,
+            prompt_logprobs,
+        };
+        Some(sse(&self.envelope("text_completion", vec![choice], None)))
     }
 }
 
@@ -344,18 +429,62 @@ pub fn finish_str(f: Option<FinishReason>) -> &'static str {
     }
 }
 
-fn completion_logprobs(r: &Collected, tok: &TextTokenizer) -> CompletionLogprobs {
-    let mut out = CompletionLogprobs::default();
-    let mut offset = 0;
+/// The generated tokens' entries of OpenAI's legacy `logprobs`, after whatever `out` holds.
+fn push_completion_logprobs(out: &mut CompletionLogprobs, r: &Collected, tok: &TextTokenizer) {
+    let mut offset = out.text_offset.last().copied().unwrap_or(0)
+        + out.tokens.last().map_or(0, |t| t.len());
     for (i, &id) in r.ids.iter().enumerate() {
         let t = token_text(tok, id);
         out.text_offset.push(offset);
         offset += t.len();
         out.tokens.push(t);
-        out.token_logprobs.push(r.logprobs[i]);
-        out.top_logprobs.push(top_map(tok, &r.top_logprobs[i]));
+        out.token_logprobs.push(r.logprobs.get(i).copied());
+        out.top_logprobs.push(r.top_logprobs.get(i).map(|top| top_map(tok, top)));
     }
-    out
+}
+
+/// The prompt tokens' entries of OpenAI's legacy `logprobs` (`echo`): the first token's
+/// log-probability and alternatives are `null`, nothing predicts it.
+fn push_prompt_logprobs(
+    out: &mut CompletionLogprobs,
+    tok: &TextTokenizer,
+    ids: &[u32],
+    values: &[Option<PromptLogprob>],
+) {
+    let mut offset = 0;
+    for (i, &id) in ids.iter().enumerate() {
+        let t = token_text(tok, id);
+        out.text_offset.push(offset);
+        offset += t.len();
+        out.tokens.push(t);
+        let v = values.get(i).and_then(Option::as_ref);
+        out.token_logprobs.push(v.map(|v| v.logprob));
+        out.top_logprobs.push(v.map(|v| top_map(tok, &v.top)));
+    }
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token `null` (the first) or
+/// `{"<id>": {"logprob", "rank", "decoded_token"}}` for the token and its top alternatives.
+fn vllm_prompt_logprobs(
+    tok: &TextTokenizer,
+    ids: &[u32],
+    values: &[Option<PromptLogprob>],
+) -> Vec<Option<Map<String, Value>>> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            let v = values.get(i).and_then(Option::as_ref)?;
+            let mut m = Map::new();
+            let entry = |lp: f32, rank: usize, id: u32| {
+                serde_json::json!({"logprob": lp, "rank": rank, "decoded_token": token_text(tok, id)})
+            };
+            m.insert(id.to_string(), entry(v.logprob, v.rank, id));
+            for (rank, &(alt, lp)) in v.top.iter().enumerate() {
+                m.entry(alt.to_string()).or_insert_with(|| entry(lp, rank + 1, alt));
+            }
+            Some(m)
+        })
+        .collect()
 }
 
 fn chat_logprobs(r: &Collected, tok: &TextTokenizer) -> ChatLogprobs {
@@ -410,6 +539,9 @@ mod tests {
             prompt_lens: vec![5, 7],
             echo: None,
             logprobs: false,
+            echo_logprobs: false,
+            prompt_logprobs: false,
+            prompt_ids: vec![],
             tools: None,
         };
         let u = shape.usage([1, 2, 3, 4, 5, 6]);

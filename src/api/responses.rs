@@ -390,6 +390,7 @@ impl Events {
                 out.extend(self.event(kind, json!({"response": resp})));
                 (out, true)
             }
+            TokenEvent::Prompt(_) => (Vec::new(), false),
             TokenEvent::Error(e) => {
                 let err = ApiError::from(e);
                 self.guard.error_status = Some(err.status.as_u16());

@@ -36,6 +36,8 @@ pub async fn collect(rxs: Vec<UnboundedReceiver<TokenEvent>>) -> Result<Vec<Coll
 /// far, how many are done, and the guard that records the stream when it ends.
 struct Progress {
     first: Vec<bool>,
+    /// Each choice's prompt chunk (echo, prompt log-probabilities) has been sent, or was not due.
+    prompt_sent: Vec<bool>,
     /// Each choice's held text when its answer may be tool calls.
     tool_streams: Vec<super::response::ToolStream>,
     tokens: Vec<usize>,
@@ -61,12 +63,25 @@ impl Progress {
             out.extend_from_slice(b"data: [DONE]\n\n");
             return out;
         }
+        // A completion's prompt (`echo`, prompt log-probabilities) leads its choice's chunks.
+        let mut out = Vec::new();
+        if !self.prompt_sent[i] {
+            self.prompt_sent[i] = true;
+            let values = match ev {
+                TokenEvent::Prompt(v) => Some(v.as_slice()),
+                _ => None,
+            };
+            if let Some(b) = meta.prompt_chunk(tok, i, values) {
+                out.extend_from_slice(&b);
+            }
+        }
         match ev {
             TokenEvent::Token { .. } => self.tokens[i] += 1,
             TokenEvent::Done { usage, .. } => {
                 self.tokens[i] = usage.completion_tokens;
                 self.done += 1;
             }
+            TokenEvent::Prompt(_) => return out,
             TokenEvent::Error(_) => {}
         }
         let usage = meta.shape.usage(self.tokens.iter().copied());
@@ -76,7 +91,7 @@ impl Progress {
             Some(_) => meta.tool_chunk(i, ev, &mut self.tool_streams[i]),
             None => meta.chunk(tok, i, ev, is_first),
         };
-        let mut out = chunk.map(|b| b.to_vec()).unwrap_or_default();
+        out.extend(chunk.map(|b| b.to_vec()).unwrap_or_default());
         if self.done == self.tokens.len() {
             if meta.shape.include_usage {
                 out.extend_from_slice(&sse(&meta.envelope::<Value>(
@@ -113,6 +128,7 @@ pub fn sse_response(
     };
     let progress = Progress {
         first: vec![true; n],
+        prompt_sent: vec![false; n],
         tool_streams: (0..n).map(|_| Default::default()).collect(),
         tokens: vec![0; n],
         done: 0,

@@ -45,6 +45,10 @@ struct Draft {
     /// `max_tokens` was given (otherwise it is derived per prompt).
     pub max_tokens: Option<usize>,
     pub echo: bool,
+    /// `echo` with `logprobs`: the prompt's tokens lead the legacy `logprobs`.
+    pub echo_logprobs: bool,
+    /// vLLM's `prompt_logprobs` was given.
+    pub vllm_prompt_logprobs: bool,
 }
 
 /// What validation needs to know about the served model.
@@ -279,6 +283,14 @@ fn common_draft(
         None => rand::random(),
     };
     let extra = super::rules::extra(c, max_tokens, mv)?;
+    let prompt_logprobs = match c.prompt_logprobs {
+        None => None,
+        Some(k) if k >= 0 && k as usize <= l.max_logprobs => Some(k as usize),
+        Some(k) => {
+            let msg = format!("`prompt_logprobs` must be between 0 and {}, got {k}", l.max_logprobs);
+            return Err(ApiError::invalid_value("prompt_logprobs", msg));
+        }
+    };
     let constraint = super::structured::constraint(
         c.response_format.as_ref(),
         c.structured_outputs.as_ref(),
@@ -308,12 +320,15 @@ fn common_draft(
             stop_token_ids: extra.stop_token_ids,
             constraint,
             logprobs: None,
+            prompt_logprobs,
             stop_at_eos: !c.ignore_eos.unwrap_or(false),
             model: c.model.as_deref().filter(|m| *m != mv.id).map(std::sync::Arc::from),
             span: tracing::Span::current(),
         },
         max_tokens,
         echo: false,
+        echo_logprobs: false,
+        vllm_prompt_logprobs: prompt_logprobs.is_some(),
     })
 }
 
@@ -400,11 +415,11 @@ pub fn completion(req: &CompletionRequest, mv: &ModelView<'_>) -> Result<ValidRe
         }
     };
     d.echo = req.echo.unwrap_or(false);
-    if d.echo && d.template.logprobs.is_some() {
-        return Err(ApiError::invalid_value(
-            "echo",
-            "`echo` together with `logprobs` (prompt log-probabilities) is not supported",
-        ));
+    // `echo` with `logprobs` (what lm-evaluation-harness sends for log-likelihoods): the
+    // prompt's log-probabilities, computed in the same prefill.
+    if let (true, Some(k)) = (d.echo, d.template.logprobs) {
+        d.echo_logprobs = true;
+        d.template.prompt_logprobs = Some(d.template.prompt_logprobs.unwrap_or(0).max(k));
     }
     let texts = match &req.prompt {
         None => return Err(ApiError::bad_request("missing field `prompt`").with_param("prompt")),
@@ -444,6 +459,10 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<ValidRequest, ApiEr
     };
     if wire.is_empty() {
         return Err(ApiError::invalid_value("messages", "`messages` is empty"));
+    }
+    if d.stream && d.vllm_prompt_logprobs {
+        let msg = "`prompt_logprobs` is answered on non-streamed chat completions (and on streamed completions)";
+        return Err(ApiError::invalid_value("prompt_logprobs", msg));
     }
     let tools = super::chat::tools(req, mv)?;
     let prompt = super::chat::prompt(wire, tools.as_ref(), mv)?;
@@ -494,8 +513,14 @@ fn finish(
         include_usage: d.include_usage,
         n: d.n,
         prompt_lens: d.prompts.iter().map(Vec::len).collect(),
-        echo: d.echo.then_some(d.prompt_texts),
         logprobs: d.template.logprobs.is_some(),
+        echo_logprobs: d.echo_logprobs,
+        prompt_logprobs: d.vllm_prompt_logprobs,
+        prompt_ids: match d.template.prompt_logprobs {
+            Some(_) => d.prompts.clone(),
+            None => Vec::new(),
+        },
+        echo: d.echo.then_some(d.prompt_texts),
         tools: None,
     };
     Ok(ValidRequest { sequences, response })

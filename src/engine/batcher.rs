@@ -398,7 +398,12 @@ impl<'m> Batcher<'m> {
             report.decode_tokens,
         );
         match outcome {
-            Ok(out) => {
+            Ok(mut out) => {
+                for (row, pos, lp) in std::mem::take(&mut out.prompt) {
+                    if let Some(s) = self.running.get_mut(row) {
+                        s.record_prompt_logprob(pos, lp);
+                    }
+                }
                 self.take_tokens(&out, &feeds, &mut report);
                 self.register_prefixes();
             }
@@ -520,11 +525,13 @@ impl<'m> Batcher<'m> {
             Some((_, l)) => l,
             None => &StepLora::None,
         };
-        let (logits, finite) = {
+        let starts: Vec<usize> = self.running.iter().map(|s| s.cache.len()).collect();
+        let (logits, finite, prompt) = {
             let mut caches: Vec<&mut SeqCache> =
                 self.running.iter_mut().map(|s| &mut s.cache).collect();
             let (hidden, residual) =
                 self.model.forward_with_residual(input, Some(&mut caches), lora)?;
+            let prompt = self.prompt_logprobs(&hidden, &input.seq_lens, &starts)?;
             let logits = self.model.logits(&Decoder::last_rows(&hidden, &input.seq_lens)?)?;
             // A row is finite when its logits are and its residual stream's sum of squares
             // (the final norm's statistic) is: an overflowed residual normalises to zeros and
@@ -538,7 +545,7 @@ impl<'m> Batcher<'m> {
                 .into_iter()
                 .map(f32::is_finite)
                 .collect::<Vec<_>>();
-            (logits, finite)
+            (logits, finite, prompt)
         };
         // Greedy rows take their argmax in one op on the logits' device and one small copy;
         // the others read their row from one host copy of the logits (a copy only off the CPU).
@@ -552,7 +559,52 @@ impl<'m> Batcher<'m> {
             true => Some(logits.to_device(&candle_core::Device::Cpu)?),
             false => None,
         };
-        Ok(StepLogits { finite, argmax, host })
+        Ok(StepLogits { finite, argmax, host, prompt })
+    }
+
+    /// The log-probabilities of the prompt tokens that this step's fed positions predict, for
+    /// the rows that asked for them: `(row, position, value)`. Each fed position `p` whose next
+    /// token is still the prompt's (`p + 1 < prompt length`) gets the logits of its hidden row;
+    /// rows go through the head in chunks, so a long prefill never holds all its logits.
+    fn prompt_logprobs(
+        &self,
+        hidden: &Tensor,
+        seq_lens: &[usize],
+        starts: &[usize],
+    ) -> Result<Vec<(usize, usize, super::PromptLogprob)>> {
+        const CHUNK: usize = 64;
+        let mut wanted: Vec<(u32, usize, usize, u32, usize)> = Vec::new();
+        let mut offset = 0;
+        for (row, (s, &len)) in self.running.iter().zip(seq_lens).enumerate() {
+            if let Some(k) = s.req.prompt_logprobs {
+                let prompt = &s.req.prompt_ids;
+                for j in 0..len {
+                    let next = starts[row] + j + 1;
+                    if let Some(&target) = prompt.get(next) {
+                        wanted.push(((offset + j) as u32, row, next, target, k));
+                    }
+                }
+            }
+            offset += len;
+        }
+        let mut out = Vec::with_capacity(wanted.len());
+        for part in wanted.chunks(CHUNK) {
+            let idx: Vec<u32> = part.iter().map(|w| w.0).collect();
+            let idx = Tensor::from_vec(idx, part.len(), hidden.device())?;
+            let logits = self
+                .model
+                .logits(&hidden.index_select(&idx, 0)?)?
+                .to_device(&candle_core::Device::Cpu)?;
+            for (i, &(_, row, pos, target, k)) in part.iter().enumerate() {
+                let r = logits.get(i)?;
+                let (logprob, top) = crate::model::sampling::logprobs(&r, target, k)?;
+                let values = r.to_vec1::<f32>()?;
+                let mine = values.get(target as usize).copied().unwrap_or(f32::NEG_INFINITY);
+                let rank = 1 + values.iter().filter(|&&v| v > mine).count();
+                out.push((row, pos, super::PromptLogprob { logprob, rank, top }));
+            }
+        }
+        Ok(out)
     }
 
     /// Each sequence that fed its last pending token takes its next token from its own row;
@@ -597,6 +649,8 @@ struct StepLogits {
     argmax: Option<Vec<u32>>,
     /// The logits on the host, when some row samples or penalises.
     host: Option<Tensor>,
+    /// Prompt log-probabilities computed this step: `(row, position, value)`.
+    prompt: Vec<(usize, usize, super::PromptLogprob)>,
 }
 
 impl StepLogits {
@@ -659,9 +713,13 @@ fn running_view(s: &Sequence, caching: bool) -> RunningView {
 /// The planner's view of a waiting sequence, from what the prefix cache holds for it (the last
 /// token's block never counts: its logits are the first sample).
 fn waiting_view(pool: &KvPool, s: &Sequence) -> WaitingView {
-    let want = s.pending.len().saturating_sub(1) / BLOCK_TOKENS;
+    // A sequence that reports its prompt's log-probabilities computes every position.
+    let want = match s.req.prompt_logprobs {
+        Some(_) => 0,
+        None => s.pending.len().saturating_sub(1) / BLOCK_TOKENS,
+    };
     let peek = pool.peek(&s.pending, &s.mix_key, want);
-    let uncached = match pool.prefix_caching() {
+    let uncached = match pool.prefix_caching() && s.req.prompt_logprobs.is_none() {
         true => peek.hashes[peek.hits..].to_vec(),
         false => Vec::new(),
     };

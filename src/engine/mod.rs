@@ -49,6 +49,10 @@ pub struct Request {
     pub constraint: Option<std::sync::Arc<Grammar>>,
     /// Top alternatives to report per token; `None` = no log-probabilities.
     pub logprobs: Option<usize>,
+    /// Log-probabilities of the prompt's own tokens, with this many top alternatives each
+    /// (OpenAI's `echo` + `logprobs`, vLLM's `prompt_logprobs`), computed in the prefill; the
+    /// sequence then skips the prefix cache, whose blocks carry no logits.
+    pub prompt_logprobs: Option<usize>,
     pub stop_at_eos: bool,
     /// The adapter or named mix the client gave as `model` (routers see this name; the
     /// gateway metrics list it while the request waits).
@@ -70,6 +74,7 @@ impl Request {
             stop_token_ids: Vec::new(),
             constraint: None,
             logprobs: None,
+            prompt_logprobs: None,
             stop_at_eos: true,
             model: None,
             span: tracing::Span::none(),
@@ -101,11 +106,23 @@ pub enum TokenEvent {
         logprob: f32,
         top: Vec<(u32, f32)>,
     },
+    /// The prompt's log-probabilities (asked for with `prompt_logprobs`), sent once, before
+    /// the first token: one entry per prompt token, the first `None` (nothing predicts it).
+    Prompt(Vec<Option<PromptLogprob>>),
     Done {
         reason: FinishReason,
         usage: Usage,
     },
     Error(SequenceError),
+}
+
+/// One prompt token's log-probability under the model's raw distribution given the tokens
+/// before it, its rank there (1 = the likeliest), and the top alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PromptLogprob {
+    pub logprob: f32,
+    pub rank: usize,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Everything one sequence streamed, gathered (the non-streaming responses and `generate`).
@@ -121,6 +138,8 @@ pub struct Collected {
     /// `None` until the sequence is done.
     pub finish_reason: Option<FinishReason>,
     pub usage: Usage,
+    /// The prompt's log-probabilities, when asked for.
+    pub prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
 }
 
 impl Collected {
@@ -133,6 +152,7 @@ impl Collected {
                 self.logprobs.push(logprob);
                 self.top_logprobs.push(top);
             }
+            TokenEvent::Prompt(p) => self.prompt_logprobs = Some(p),
             TokenEvent::Done { reason, usage } => {
                 self.finish_reason = Some(reason);
                 self.usage = usage;

@@ -46,6 +46,10 @@ pub struct Sequence {
     pub submitted_at: std::time::Instant,
     /// When the last token was produced (for inter-token latency).
     pub last_token_at: Option<std::time::Instant>,
+    /// The prompt's log-probabilities by position, filled as the prefill computes them (when
+    /// asked for), sent before the first token.
+    prompt_lps: Vec<Option<super::PromptLogprob>>,
+    prompt_sent: bool,
 }
 
 impl Sequence {
@@ -56,6 +60,7 @@ impl Sequence {
         events: UnboundedSender<TokenEvent>,
     ) -> Self {
         let cache = SeqCache::pooled(num_layers, req.prompt_ids.len() + req.max_tokens);
+        let (req_prompt_lps, prompt_len) = (req.prompt_logprobs.is_some(), req.prompt_ids.len());
         Self {
             id,
             mix_key: Arc::new(MixKey::of(&req.mix)),
@@ -74,6 +79,19 @@ impl Sequence {
             finished: None,
             submitted_at: std::time::Instant::now(),
             last_token_at: None,
+            prompt_lps: match req_prompt_lps {
+                true => vec![None; prompt_len],
+                false => Vec::new(),
+            },
+            prompt_sent: false,
+        }
+    }
+
+    /// Records the log-probability of prompt token `pos` (given the tokens before it). A
+    /// recomputation after a preemption writes the same values again.
+    pub fn record_prompt_logprob(&mut self, pos: usize, lp: super::PromptLogprob) {
+        if let Some(slot) = self.prompt_lps.get_mut(pos) {
+            *slot = Some(lp);
         }
     }
 
@@ -257,6 +275,9 @@ impl Sequence {
         let end = end.max(self.emitted);
         let delta = text.get(self.emitted..end).unwrap_or_default().to_string();
         self.emitted = end;
+        if self.req.prompt_logprobs.is_some() && !std::mem::replace(&mut self.prompt_sent, true) {
+            let _ = self.events.send(TokenEvent::Prompt(std::mem::take(&mut self.prompt_lps)));
+        }
         let _ = self.events.send(TokenEvent::Token { id: token, text: delta, logprob: lp, top });
         if let Some(reason) = finish {
             let usage = Usage {
