@@ -152,7 +152,7 @@ fn run(m: &LoadedModel, reqs: &[Request], faults: Option<FaultInjection>) -> Run
                         o.ids.push(id);
                         o.logprobs.push(logprob);
                     }
-                    TokenEvent::Done { .. } => {}
+                    TokenEvent::Done { .. } | TokenEvent::Prompt(_) => {}
                     TokenEvent::Error(e) => o.error = Some(e),
                 }
             }

@@ -114,7 +114,7 @@ fn run(reqs: &[Request], blocks: usize) -> (Vec<(Vec<u32>, String)>, u64) {
                         ids.push(id);
                         text.push_str(&t);
                     }
-                    TokenEvent::Done { .. } => {}
+                    TokenEvent::Done { .. } | TokenEvent::Prompt(_) => {}
                     TokenEvent::Error(e) => panic!("sequence failed: {e}"),
                 }
             }

@@ -60,7 +60,7 @@ fn render(template: &str) -> (String, Option<ToolFormat>, bool) {
         registry: None,
     };
     let req = request();
-    let plan = chat::tools(&req, &mv).unwrap().unwrap();
+    let plan = chat::tools(&req, None, &mv).unwrap().unwrap();
     let text = chat::prompt(req.messages.as_deref().unwrap(), Some(&plan), &mv).unwrap().text;
     (text, plan.parse, plan.grammar.is_some())
 }

@@ -8,7 +8,7 @@ use super::openai::{ChatRequest, MessageContent, WireMessage};
 use super::validate::ModelView;
 use crate::model::tokenizer::{ChatMessage, ChatPrompt, ToolCallMessage};
 use crate::structured::tools::{self, TemplateTools, Tool, ToolChoice, ToolFormat};
-use crate::structured::Grammar;
+use crate::structured::{ConstraintSpec, Grammar};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -103,8 +103,13 @@ fn choice(v: Option<&Value>, tools: &[Tool]) -> Result<ToolChoice, ApiError> {
     Ok(c)
 }
 
-/// The request's tools, their choice and the grammar it needs; `None` without `tools`.
-pub fn tools(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Option<ToolPlan>, ApiError> {
+/// The request's tools, their choice and the grammar it needs (with `answer`, the format a
+/// text answer must follow, when the choice lets the model answer); `None` without `tools`.
+pub fn tools(
+    req: &ChatRequest,
+    answer: Option<&(ConstraintSpec, String)>,
+    mv: &ModelView<'_>,
+) -> Result<Option<ToolPlan>, ApiError> {
     let wire = req.tools.as_deref().unwrap_or_default();
     if wire.is_empty() {
         if req.tool_choice.as_ref().is_some_and(|c| !c.is_null() && c != "none") {
@@ -133,7 +138,20 @@ pub fn tools(req: &ChatRequest, mv: &ModelView<'_>) -> Result<Option<ToolPlan>, 
     let choice = choice(req.tool_choice.as_ref(), &list)?;
     let template = TemplateTools::of(mv.tokenizer.chat_template.as_deref());
     let parallel = req.parallel_tool_calls.unwrap_or(true);
-    let grammar = match tools::grammar(&list, &choice, parallel, template.format) {
+    // The answer's format joins the bounds the tools' schemas are checked against.
+    if let Some((spec, param)) = answer.filter(|_| choice == ToolChoice::Auto) {
+        crate::structured::limits::check(spec)
+            .map_err(|e| super::structured::limit_refusal(&e, param))?;
+        if let ConstraintSpec::JsonSchema(text) = spec {
+            if let Ok(v) = serde_json::from_str::<Value>(text) {
+                size.with(&v).map_err(|e| super::structured::limit_refusal(&e, param))?;
+            }
+        }
+    }
+    let answer_spec = answer.map(|(s, _)| s).filter(|_| choice == ToolChoice::Auto);
+    let spec = tools::grammar(&list, &choice, parallel, template.format, answer_spec)
+        .map_err(|msg| bad(answer.map_or("tools", |(_, p)| p.as_str()), msg))?;
+    let grammar = match spec {
         Some(spec) => Some(super::structured::compile_checked(&spec, "tools", mv)?),
         None => None,
     };

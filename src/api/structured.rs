@@ -133,23 +133,21 @@ fn vllm(v: &Value) -> Result<Option<(ConstraintSpec, String)>, ApiError> {
     Ok(Some((spec, param)))
 }
 
-/// The request's constraint, compiled (or from the cache); `None` when it has none.
-pub fn constraint(
+/// The request's constraint and the field it came from; `None` when it has none.
+pub fn spec(
     response_format_field: Option<&Value>,
     structured_outputs: Option<&Value>,
-    mv: &ModelView<'_>,
-) -> Result<Option<Arc<Grammar>>, ApiError> {
+) -> Result<Option<(ConstraintSpec, String)>, ApiError> {
     let a = response_format_field.filter(|v| !v.is_null()).map(response_format).transpose()?;
     let b = structured_outputs.filter(|v| !v.is_null()).map(vllm).transpose()?;
-    let (spec, param) = match (a.flatten(), b.flatten()) {
-        (None, None) => return Ok(None),
-        (Some(x), None) | (None, Some(x)) => x,
+    match (a.flatten(), b.flatten()) {
+        (None, None) => Ok(None),
+        (Some(x), None) | (None, Some(x)) => Ok(Some(x)),
         (Some(_), Some(_)) => {
             let msg = "give `response_format` or `structured_outputs`, not both";
-            return Err(bad("structured_outputs", msg));
+            Err(bad("structured_outputs", msg))
         }
-    };
-    compile(&spec, &param, mv).map(Some)
+    }
 }
 
 /// Compiles `spec`; `param` names the field an error points at.

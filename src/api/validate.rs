@@ -49,6 +49,9 @@ struct Draft {
     pub echo_logprobs: bool,
     /// vLLM's `prompt_logprobs` was given.
     pub vllm_prompt_logprobs: bool,
+    /// `response_format` / `structured_outputs`, not compiled yet (with tools it joins the
+    /// call grammar), and the field it came from.
+    pub format: Option<(crate::structured::ConstraintSpec, String)>,
 }
 
 /// What validation needs to know about the served model.
@@ -291,11 +294,7 @@ fn common_draft(
             return Err(ApiError::invalid_value("prompt_logprobs", msg));
         }
     };
-    let constraint = super::structured::constraint(
-        c.response_format.as_ref(),
-        c.structured_outputs.as_ref(),
-        mv,
-    )?;
+    let format = super::structured::spec(c.response_format.as_ref(), c.structured_outputs.as_ref())?;
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
         return Err(ApiError::invalid_value(
@@ -318,7 +317,7 @@ fn common_draft(
             rules: LogitRules { presence, frequency, ..extra.rules },
             stop,
             stop_token_ids: extra.stop_token_ids,
-            constraint,
+            constraint: None,
             logprobs: None,
             prompt_logprobs,
             stop_at_eos: !c.ignore_eos.unwrap_or(false),
@@ -329,6 +328,7 @@ fn common_draft(
         echo: false,
         echo_logprobs: false,
         vllm_prompt_logprobs: prompt_logprobs.is_some(),
+        format,
     })
 }
 
@@ -429,6 +429,9 @@ pub fn completion(req: &CompletionRequest, mv: &ModelView<'_>) -> Result<ValidRe
         }
         Some(StringOrList::Many(v)) => v.clone(),
     };
+    if let Some((spec, param)) = &d.format {
+        d.template.constraint = Some(super::structured::compile(spec, param, mv)?);
+    }
     add_prompts(&mut d, texts, mv, "prompt")?;
     finish(d, mv, Endpoint::Completion, req.common.model.as_deref())
 }
@@ -464,17 +467,15 @@ pub fn chat(req: &ChatRequest, mv: &ModelView<'_>) -> Result<ValidRequest, ApiEr
         let msg = "`prompt_logprobs` is answered on non-streamed chat completions (and on streamed completions)";
         return Err(ApiError::invalid_value("prompt_logprobs", msg));
     }
-    let tools = super::chat::tools(req, mv)?;
+    // With tools the call grammar governs, and the format is the text answer's (OpenAI's
+    // rule): `auto` admits a call or text in the format, `required` or a named tool a call.
+    let tools = super::chat::tools(req, d.format.as_ref(), mv)?;
     let prompt = super::chat::prompt(wire, tools.as_ref(), mv)?;
-    if let Some(plan) = &tools {
-        if let Some(grammar) = &plan.grammar {
-            if d.template.constraint.is_some() {
-                let msg = "`response_format` (or `structured_outputs`) cannot be combined with `tools` unless `tool_choice` is `none`";
-                return Err(ApiError::bad_request(msg).with_param("response_format"));
-            }
-            d.template.constraint = Some(grammar.clone());
-        }
-    }
+    d.template.constraint = match (tools.as_ref().and_then(|t| t.grammar.clone()), &d.format) {
+        (Some(grammar), _) => Some(grammar),
+        (None, Some((spec, param))) => Some(super::structured::compile(spec, param, mv)?),
+        (None, None) => None,
+    };
     check_prompts(&mut d, vec![prompt.text], vec![prompt.ids], mv, "messages")?;
     let mut valid = finish(d, mv, Endpoint::Chat, req.common.model.as_deref())?;
     valid.response.tools = tools.and_then(|t| t.parse);

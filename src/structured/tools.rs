@@ -117,16 +117,19 @@ fn call_schema(format: ToolFormat, tool: &Tool) -> Value {
 }
 
 /// The constraint for `choice`: `None` leaves the text free (`none`); `auto` allows an answer
-/// (text that does not start like a call) or calls; `required` and a named function force
-/// calls whose arguments follow the tools' parameter schemas. `parallel` allows several calls.
+/// (text that does not start like a call, or text in the `answer` format when one is given:
+/// the request's `response_format`) or calls; `required` and a named function force calls
+/// whose arguments follow the tools' parameter schemas. `parallel` allows several calls.
+/// `Err` names why `answer` cannot join the calls (a Lark grammar of the request's).
 pub fn grammar(
     tools: &[Tool],
     choice: &ToolChoice,
     parallel: bool,
     format: ToolFormat,
-) -> Option<ConstraintSpec> {
+    answer: Option<&ConstraintSpec>,
+) -> Result<Option<ConstraintSpec>, String> {
     let offered: Vec<&Tool> = match choice {
-        ToolChoice::None => return None,
+        ToolChoice::None => return Ok(None),
         ToolChoice::Named(n) => tools.iter().filter(|t| &t.name == n).collect(),
         ToolChoice::Auto | ToolChoice::Required => tools.iter().collect(),
     };
@@ -134,8 +137,8 @@ pub fn grammar(
     let bodies: Vec<String> = (0..offered.len()).map(|i| format!("fn{i}")).collect();
     let many = parallel && format == ToolFormat::Tagged && !matches!(choice, ToolChoice::Named(_));
     lark.push_str(match (choice, many) {
-        (ToolChoice::Auto, true) => "start: calls | ANSWER\ncalls: call (\"\\n\" call)*\n",
-        (ToolChoice::Auto, false) => "start: call | ANSWER\n",
+        (ToolChoice::Auto, true) => "start: calls | answer\ncalls: call (\"\\n\" call)*\n",
+        (ToolChoice::Auto, false) => "start: call | answer\n",
         (_, true) => "start: call (\"\\n\" call)*\n",
         (_, false) => "start: call\n",
     });
@@ -150,10 +153,41 @@ pub fn grammar(
         lark.push_str(&format!("{rule}: %json {}\n", call_schema(format, tool)));
     }
     if matches!(choice, ToolChoice::Auto) {
-        let first = format.opener().chars().next().unwrap_or('<');
-        lark.push_str(&format!("ANSWER: /(?s:[^{}].*)/\n", regex::escape(&first.to_string())));
+        lark.push_str(&answer_rule(format, answer)?);
     }
-    Some(ConstraintSpec::Lark(lark))
+    Ok(Some(ConstraintSpec::Lark(lark)))
+}
+
+/// The `answer` rule of an `auto` grammar: free text that does not start like a call, or the
+/// request's format.
+fn answer_rule(format: ToolFormat, answer: Option<&ConstraintSpec>) -> Result<String, String> {
+    let flat = json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
+    let schema = |mut v: Value| {
+        if let Some(o) = v.as_object_mut() {
+            o.entry("x-guidance").or_insert_with(|| flat.clone());
+        }
+        format!("answer: %json {v}\n")
+    };
+    Ok(match answer {
+        None => {
+            let first = format.opener().chars().next().unwrap_or('<');
+            format!("answer: ANSWER\nANSWER: /(?s:[^{}].*)/\n", regex::escape(&first.to_string()))
+        }
+        Some(ConstraintSpec::JsonObject) => schema(json!({"type": "object"})),
+        Some(ConstraintSpec::JsonSchema(text)) => {
+            let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+            super::keywords::check(&v)?;
+            schema(v)
+        }
+        Some(ConstraintSpec::Regex(rx)) => format!("answer: /{}/\n", rx.replace('/', "\\/")),
+        Some(ConstraintSpec::Choice(options)) => {
+            let quoted: Vec<String> = options.iter().map(|o| Value::from(o.as_str()).to_string()).collect();
+            format!("answer: {}\n", quoted.join(" | "))
+        }
+        Some(ConstraintSpec::Lark(_)) => {
+            return Err("a Lark grammar cannot be combined with `tools` unless `tool_choice` is `none` (the calls need a grammar of their own)".into())
+        }
+    })
 }
 
 /// Splits `text` into the answer before the first call and the calls. The JSON of a call is
@@ -349,18 +383,29 @@ mod tests {
             weather(),
             Tool { name: "add".into(), description: None, parameters: json!({"type": "object"}) },
         ];
-        let Some(ConstraintSpec::Lark(g)) =
-            grammar(&tools, &ToolChoice::Named("add".into()), true, ToolFormat::Tagged)
+        let Ok(Some(ConstraintSpec::Lark(g))) =
+            grammar(&tools, &ToolChoice::Named("add".into()), true, ToolFormat::Tagged, None)
         else {
             panic!()
         };
         assert!(g.contains("\"const\":\"add\"") && !g.contains("get_weather"), "{g}");
-        let Some(ConstraintSpec::Lark(g)) =
-            grammar(&tools, &ToolChoice::Auto, true, ToolFormat::Tagged)
+        let Ok(Some(ConstraintSpec::Lark(g))) =
+            grammar(&tools, &ToolChoice::Auto, true, ToolFormat::Tagged, None)
         else {
             panic!()
         };
         assert!(g.contains("ANSWER") && g.contains("get_weather") && g.contains("\"add\""), "{g}");
-        assert_eq!(grammar(&tools, &ToolChoice::None, true, ToolFormat::Tagged), None);
+        // With a format, the answer is the format's, and a forced call ignores it.
+        let city = ConstraintSpec::JsonSchema(json!({"type": "object", "properties": {"city": {"type": "string"}}}).to_string());
+        let Ok(Some(ConstraintSpec::Lark(g))) =
+            grammar(&tools, &ToolChoice::Auto, true, ToolFormat::Tagged, Some(&city))
+        else {
+            panic!()
+        };
+        assert!(g.contains("answer: %json") && g.contains("\"city\"") && !g.contains("ANSWER"), "{g}");
+        let lark = ConstraintSpec::Lark("start: \"x\"".into());
+        let e = grammar(&tools, &ToolChoice::Auto, true, ToolFormat::Tagged, Some(&lark));
+        assert!(e.unwrap_err().contains("Lark grammar"));
+        assert_eq!(grammar(&tools, &ToolChoice::None, true, ToolFormat::Tagged, None), Ok(None));
     }
 }
