@@ -233,3 +233,71 @@ fn cross_origin_calls_need_a_configured_origin_and_admin_routes_never_answer_the
         401
     );
 }
+
+/// A concrete path for a route's pattern.
+fn concrete(pattern: &str) -> String {
+    pattern.replace("{id}", "nothing-here").replace("{name}", "qa-r8")
+}
+
+/// Derived from the route table, so a new route is covered without editing this test: with
+/// `--cors-origins '*'`, a route the table marks `Never` (every admin route is) refuses a
+/// cross-origin preflight and a cross-origin request; every other route answers the preflight.
+#[test]
+fn no_route_the_table_keeps_same_origin_is_ever_served_cross_origin() {
+    use loraplex::api::routes::{Access, CrossOrigin, ROUTES};
+    let (srv, _dir) = server(&["--cors-origins", "*"]);
+    let port = srv.port;
+    let page = ("Origin", "http://any.example");
+    for r in ROUTES {
+        let (method, path) = (r.method.as_str(), concrete(r.path));
+        let pre = preflight(port, page, method, &path);
+        match r.cross_origin {
+            CrossOrigin::Never => {
+                assert_refused(&pre, 403, "cross_origin_refused");
+                let sent = send(port, method, &path, &[JSON, page], "{}");
+                assert_refused(&sent, 403, "cross_origin_refused");
+            }
+            CrossOrigin::Configured => {
+                assert_eq!(pre.status, 204, "{method} {path}: {}", pre.head);
+                assert!(r.access != Access::Admin, "{method} {path} is admin yet configured");
+            }
+        }
+    }
+}
+
+/// Derived from the route table: after one call of every route (whatever it answers), each
+/// route's label is in `loraplex_requests_total` and in an access-log line.
+#[test]
+fn every_route_in_the_table_is_counted_and_logged() {
+    use loraplex::api::routes::ROUTES;
+    let dir = tempfile::tempdir().unwrap();
+    copy_adapter(&shared_dir().join("adapters/qa-r8"), &dir.path().join("qa-r8"));
+    let log = dir.path().join("server.log");
+    let srv = Server::start_with_log(
+        dir.path(),
+        &[],
+        Some(&log),
+        &[("LORAPLEX_LOG", "info"), ("LORAPLEX_LOG_FORMAT", "json")],
+    );
+    let port = srv.port;
+    for r in ROUTES {
+        let path = concrete(r.path);
+        // A body no route accepts as it is: validation answers, and that is enough here.
+        let reply = send(port, r.method.as_str(), &path, &[JSON], "{}");
+        assert!(reply.status != 0, "{} {path}: no answer", r.method);
+    }
+    let metrics = send(port, "GET", "/metrics", &[], "").body;
+    std::thread::sleep(Duration::from_millis(300));
+    let logged = std::fs::read_to_string(&log).unwrap();
+    for r in ROUTES {
+        let series = format!("endpoint=\"{}\"", r.label);
+        assert!(
+            metrics.lines().any(|l| l.starts_with("loraplex_requests_total") && l.contains(&series)),
+            "{} {}: no `{series}` in loraplex_requests_total",
+            r.method,
+            r.path
+        );
+        let line = format!("\"endpoint\":\"{}\"", r.label);
+        assert!(logged.contains(&line), "{} {}: no access-log line with {line}", r.method, r.path);
+    }
+}

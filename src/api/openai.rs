@@ -183,6 +183,8 @@ pub struct ChatTokenLogprob {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
+    /// Always `null` (no refusal tokens).
+    pub refusal: (),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -190,6 +192,8 @@ pub struct ChatMessageOut {
     pub role: &'static str,
     /// `null` when the answer is only tool calls.
     pub content: Option<String>,
+    /// Always `null`: the model does not refuse (OpenAI's field, required by its spec).
+    pub refusal: (),
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallOut>>,
 }

@@ -56,6 +56,8 @@ pub struct ResponseShape {
     pub prompt_logprobs: bool,
     /// Each prompt's token ids, when its log-probabilities are reported.
     pub prompt_ids: Vec<Vec<u32>>,
+    /// Responses: what the `response` object repeats of its request.
+    pub echoed: Option<serde_json::Value>,
     /// Chat with tools (and `tool_choice` other than `none`): calls are read out of the text
     /// in this format.
     pub tools: Option<crate::structured::tools::ToolFormat>,
@@ -199,6 +201,7 @@ impl ResponseMeta {
                                 ChatMessageOut {
                                     role: "assistant",
                                     content: Some(r.text),
+                                    refusal: (),
                                     tool_calls: None,
                                 },
                                 finish,
@@ -260,6 +263,7 @@ impl ResponseMeta {
             Endpoint::Chat => {
                 let logprobs = lp.map(|(id, l, top)| ChatLogprobs {
                     content: vec![chat_token(tok, id, l, top)],
+                    refusal: (),
                 });
                 let delta = ChatDelta {
                     role: first.then_some("assistant"),
@@ -285,7 +289,7 @@ fn answer_with_calls(
 ) -> (ChatMessageOut, &'static str) {
     let (content, calls) = tools::parse(text, format, finish == "length");
     if calls.is_empty() {
-        return (ChatMessageOut { role: "assistant", content, tool_calls: None }, finish);
+        return (ChatMessageOut { role: "assistant", content, refusal: (), tool_calls: None }, finish);
     }
     let calls = calls
         .into_iter()
@@ -298,7 +302,7 @@ fn answer_with_calls(
         })
         .collect();
     let finish = if finish == "length" { "length" } else { "tool_calls" };
-    (ChatMessageOut { role: "assistant", content, tool_calls: Some(calls) }, finish)
+    (ChatMessageOut { role: "assistant", content, refusal: (), tool_calls: Some(calls) }, finish)
 }
 
 /// One streamed chat choice while tool calls are possible: answer text passes through as soon
@@ -496,6 +500,7 @@ fn chat_logprobs(r: &Collected, tok: &TextTokenizer) -> ChatLogprobs {
             .zip(&r.top_logprobs)
             .map(|((&id, &lp), top)| chat_token(tok, id, lp, top))
             .collect(),
+        refusal: (),
     }
 }
 
@@ -542,6 +547,7 @@ mod tests {
             echo_logprobs: false,
             prompt_logprobs: false,
             prompt_ids: vec![],
+            echoed: None,
             tools: None,
         };
         let u = shape.usage([1, 2, 3, 4, 5, 6]);

@@ -205,9 +205,48 @@ pub fn to_chat(body: &Value) -> Result<ChatRequest, ApiError> {
 }
 
 fn usage(u: &UsageOut) -> Value {
-    json!({"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+    json!({"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": u.total_tokens})
+}
+
+/// What a `response` object repeats of its request (OpenAI's required `instructions`, `tools`,
+/// `tool_choice`, `parallel_tool_calls`, `metadata`, `temperature`, `top_p`, …), with
+/// OpenAI's defaults for what the request left out.
+fn echoed(body: &Value) -> Value {
+    let get = |k: &str| body.get(k).filter(|v| !v.is_null()).cloned();
+    let format = get("text").and_then(|t| t.get("format").cloned()).unwrap_or(json!({"type": "text"}));
+    // Tools as OpenAI lists them back: `strict` and `description` always present.
+    let tools: Vec<Value> = get("tools")
+        .and_then(|t| t.as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|mut t| {
+            if let Some(o) = t.as_object_mut() {
+                o.entry("strict").or_insert(json!(false));
+                o.entry("description").or_insert(Value::Null);
+            }
+            t
+        })
+        .collect();
+    let mut v = json!({
+        "instructions": get("instructions").unwrap_or(Value::Null),
+        "tools": tools,
+        "tool_choice": get("tool_choice").unwrap_or(json!("auto")),
+        "parallel_tool_calls": get("parallel_tool_calls").unwrap_or(json!(true)),
+        "metadata": get("metadata").unwrap_or(json!({})),
+        "temperature": get("temperature").unwrap_or(json!(1.0)),
+        "top_p": get("top_p").unwrap_or(json!(1.0)),
+        "max_output_tokens": get("max_output_tokens").unwrap_or(Value::Null),
+        "previous_response_id": null,
+        "reasoning": {"effort": null, "summary": null},
+        "text": {"format": format},
+        "truncation": get("truncation").unwrap_or(json!("disabled")),
+    });
+    if let Some(user) = get("user") {
+        v["user"] = user;
+    }
+    v
 }
 
 fn new_id(prefix: &str) -> String {
@@ -235,7 +274,7 @@ fn output_items(text: &str, format: Option<ToolFormat>, truncated: bool) -> Vec<
 fn message_item(id: &str, text: &str, status: &str) -> Value {
     let content = match status {
         "in_progress" => json!([]),
-        _ => json!([{"type": "output_text", "text": text, "annotations": []}]),
+        _ => json!([{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]),
     };
     json!({"type": "message", "id": id, "status": status, "role": "assistant", "content": content})
 }
@@ -248,12 +287,21 @@ fn response_object(
     u: Option<&UsageOut>,
 ) -> Value {
     let incomplete = (status == "incomplete").then(|| json!({"reason": "max_output_tokens"}));
-    json!({
+    let mut v = json!({
         "id": meta.id, "object": "response", "created_at": meta.created, "status": status,
-        "model": meta.shape.model, "output": output, "usage": u.map(usage),
+        "model": meta.shape.model, "output": output,
         "incomplete_details": incomplete, "error": null, "store": false,
         "adapters": meta.shape.adapters,
-    })
+    });
+    // Present once the answer is finished (OpenAI omits it before).
+    if let Some(u) = u {
+        v["usage"] = usage(u);
+    }
+    // The request's own settings, as OpenAI echoes them.
+    if let (Some(o), Some(Value::Object(echo))) = (v.as_object_mut(), &meta.shape.echoed) {
+        o.extend(echo.clone());
+    }
+    v
 }
 
 /// The whole answer.
@@ -291,6 +339,7 @@ pub async fn create(
     let mut valid =
         super::handlers::validated(&state, move |mv| super::validate::chat(&chat, mv)).await?;
     valid.response.endpoint = super::response::Endpoint::Responses;
+    valid.response.echoed = Some(echoed(&body));
     super::handlers::respond(&req, &state, valid).await
 }
 
@@ -306,7 +355,7 @@ impl Events {
     fn open(&mut self) -> Vec<u8> {
         self.opened = true;
         let item = message_item(&self.msg_id, "", "in_progress");
-        let part = json!({"type": "output_text", "text": "", "annotations": []});
+        let part = json!({"type": "output_text", "text": "", "annotations": [], "logprobs": []});
         let mut out =
             self.event("response.output_item.added", json!({"output_index": 0, "item": item}));
         out.extend(self.event(
@@ -330,7 +379,7 @@ impl Events {
                 };
                 let mut out = if self.opened { Vec::new() } else { self.open() };
                 self.text.push_str(&delta);
-                out.extend(self.event("response.output_text.delta", json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "delta": delta})));
+                out.extend(self.event("response.output_text.delta", json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []})));
                 (out, false)
             }
             TokenEvent::Done { reason, usage: used } => {
@@ -341,9 +390,9 @@ impl Events {
                 let mut out = Vec::new();
                 let mut items = Vec::new();
                 if self.opened {
-                    let part = json!({"type": "output_text", "text": self.text, "annotations": []});
+                    let part = json!({"type": "output_text", "text": self.text, "annotations": [], "logprobs": []});
                     let text = self.text.clone();
-                    out.extend(self.event("response.output_text.done", json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "text": text})));
+                    out.extend(self.event("response.output_text.done", json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []})));
                     out.extend(self.event("response.content_part.done", json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "part": part})));
                     let item = message_item(&self.msg_id, &self.text, "completed");
                     out.extend(self.event(
@@ -374,7 +423,7 @@ impl Events {
                     if item["type"] == "function_call" {
                         let id = item["id"].clone();
                         out.extend(self.event("response.function_call_arguments.delta", json!({"item_id": id, "output_index": index, "delta": item["arguments"]})));
-                        out.extend(self.event("response.function_call_arguments.done", json!({"item_id": id, "output_index": index, "arguments": item["arguments"]})));
+                        out.extend(self.event("response.function_call_arguments.done", json!({"item_id": id, "output_index": index, "name": item["name"], "arguments": item["arguments"]})));
                     }
                     out.extend(self.event(
                         "response.output_item.done",

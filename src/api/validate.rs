@@ -522,6 +522,7 @@ fn finish(
             None => Vec::new(),
         },
         echo: d.echo.then_some(d.prompt_texts),
+        echoed: None,
         tools: None,
     };
     Ok(ValidRequest { sequences, response })

@@ -24,6 +24,8 @@ pub struct FileObject {
     pub filename: String,
     pub purpose: String,
     pub status: String,
+    /// Deprecated in OpenAI's API; present only when there is something to say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_details: Option<String>,
 }
 
@@ -101,6 +103,7 @@ pub struct Event {
     pub created_at: u64,
     pub level: String,
     pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Value>,
     #[serde(rename = "type")]
     pub kind: String,
@@ -142,5 +145,8 @@ pub fn page<T: Serialize>(
     let start = after.and_then(|a| items.iter().position(|t| id(t) == a)).map_or(0, |i| i + 1);
     let rest = items.len().saturating_sub(start);
     let data: Vec<&T> = items.iter().skip(start).take(limit).collect();
-    serde_json::json!({"object": "list", "data": data, "has_more": rest > limit})
+    let first = data.first().map(|t| id(t));
+    let last = data.last().map(|t| id(t));
+    serde_json::json!({"object": "list", "data": data, "first_id": first, "last_id": last,
+        "has_more": rest > limit})
 }

@@ -345,9 +345,10 @@ impl FineTuning {
         self.store.save_job(&job)?;
         self.registry.rescan();
         let last = a.run.log.last().map_or(f64::NAN, |l| l.loss);
-        let metrics = serde_json::json!({
-            "step": a.run.steps_done(), "train_loss": last, "valid_loss": validation_loss,
-        });
+        let mut metrics = serde_json::json!({"step": a.run.steps_done(), "train_loss": last});
+        if let Some(v) = validation_loss {
+            metrics["valid_loss"] = serde_json::json!(v);
+        }
         self.add_checkpoint(&a.job_id, checkpoint(&a.job_id, &a.name, a.run.steps_done(), metrics));
         let _ = std::fs::remove_dir_all(self.store.train_state(&a.job_id));
         self.event(
