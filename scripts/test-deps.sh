@@ -3,7 +3,8 @@
 # one clear error when this machine cannot install it (not root, no apt-get):
 #   cargo-nextest          the test runner
 #   openai (PyPI, pinned)  tests/e2e/*.py, driven by tests/e2e_server.rs and tests/openai_surface.rs
-#   jsonschema (pinned)    validates structured outputs (tests/e2e/structured_client.py)
+#   jsonschema (pinned)    validates structured outputs and OpenAI's spec (tests/e2e/conformance.py)
+#   openai-agents, langchain-openai (pinned)  the agent frameworks of tests/agents.rs
 #   promtool               Debian's `prometheus`: checks a metrics scrape (tests/metrics.rs)
 #   haproxy, curl          the one-host fleet of scripts/fleet-check.py (scripts/fleet.sh)
 #   chromium + its driver  Debian's headless browser for the playground test (tests/playground.rs)
@@ -23,6 +24,14 @@ if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('jsonsc
   echo "installing $jsonschema_pin" >&2
   python3 -m pip install --quiet --disable-pip-version-check "$jsonschema_pin"
 fi
+# The agent frameworks (they keep the pinned `openai`: checked after installing).
+frameworks=("openai-agents==0.24.0" "langchain-openai==1.8.1")
+for pin in "${frameworks[@]}"; do
+  if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('${pin%%==*}') != '${pin#*==}')" 2>/dev/null; then
+    echo "installing $pin" >&2
+    python3 -m pip install --quiet --disable-pip-version-check "$pin" "$openai_pin"
+  fi
+done
 packages=()
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 command -v haproxy >/dev/null 2>&1 || packages+=(haproxy)

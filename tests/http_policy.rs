@@ -292,7 +292,9 @@ fn every_route_in_the_table_is_counted_and_logged() {
     for r in ROUTES {
         let series = format!("endpoint=\"{}\"", r.label);
         assert!(
-            metrics.lines().any(|l| l.starts_with("loraplex_requests_total") && l.contains(&series)),
+            metrics
+                .lines()
+                .any(|l| l.starts_with("loraplex_requests_total") && l.contains(&series)),
             "{} {}: no `{series}` in loraplex_requests_total",
             r.method,
             r.path

@@ -104,7 +104,16 @@ fn structured_outputs_sampling_fields_and_vllm_endpoints_through_the_openai_clie
     assert_eq!(got["loaded_adapter_text"], got["same_folder_text"]);
     let unload: Vec<u64> =
         got["unload_lora"].as_array().unwrap().iter().map(|r| r[0].as_u64().unwrap()).collect();
-    assert_eq!(unload, [200, 404]);
+    assert_eq!(unload, [200, 404, 404]);
+    assert_eq!(got["retrieved"]["id"], "extra-qa");
+    assert_eq!(got["retrieved"]["object"], "model");
+    assert_eq!(got["listed_after_unload"], false);
+    assert_eq!(got["request_after_unload"], 404);
+    assert_eq!(got["retrieve_after_unload"], 404);
+    assert_eq!(
+        (got["reload_status"].as_u64(), got["listed_after_reload"].as_bool()),
+        (Some(200), Some(true))
+    );
 
     for label in ["required_adapter", "named_mix"] {
         let t = &got["tools"][label];

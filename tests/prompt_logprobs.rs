@@ -64,9 +64,13 @@ fn check(format: WeightFormat, tolerance: f32) {
         let d = &decoded[0];
         // The same tokens as a prompt, scored in one prefill.
         let all: Vec<u32> = prompt.iter().chain(&d.ids).copied().collect();
-        let whole =
-            generate(&m.model, &m.tokenizer, &[scored(all.clone(), mix.clone())], LoraPath::Batched)
-                .unwrap();
+        let whole = generate(
+            &m.model,
+            &m.tokenizer,
+            &[scored(all.clone(), mix.clone())],
+            LoraPath::Batched,
+        )
+        .unwrap();
         let values = prompt_values(&whole[0]);
         assert_eq!(values.len(), all.len(), "{what}");
         assert!(values[0].is_none() && values[1..].iter().all(Option::is_some), "{what}");

@@ -168,34 +168,22 @@ async fn read_upload(
     Ok((filename, purpose))
 }
 
-pub async fn list_files(
-    state: Data,
-    q: web::Query<ListQuery>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn list_files(state: Data, q: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
     let ft = service(&state)?;
     let files = ft.files(q.purpose.as_deref());
     Ok(HttpResponse::Ok().json(page(files, |f| &f.id, q.after.as_deref(), q.limit()?)))
 }
 
-pub async fn get_file(
-    state: Data,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn get_file(state: Data, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(service(&state)?.file(&id)?))
 }
 
-pub async fn delete_file(
-    state: Data,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn delete_file(state: Data, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     service(&state)?.delete_file(&id)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"id": *id, "object": "file", "deleted": true})))
 }
 
-pub async fn file_content(
-    state: Data,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn file_content(state: Data, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let path = service(&state)?.file_content(&id)?;
     let bytes = web::block(move || std::fs::read(path)).await.map_err(ApiError::internal)?;
     Ok(HttpResponse::Ok()
@@ -333,25 +321,16 @@ pub async fn create_job(
     Ok(HttpResponse::Ok().json(job))
 }
 
-pub async fn list_jobs(
-    state: Data,
-    q: web::Query<ListQuery>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn list_jobs(state: Data, q: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
     let ft = service(&state)?;
     Ok(HttpResponse::Ok().json(page(ft.jobs(), |j| &j.id, q.after.as_deref(), q.limit()?)))
 }
 
-pub async fn get_job(
-    state: Data,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn get_job(state: Data, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(service(&state)?.job(&id)?))
 }
 
-pub async fn cancel_job(
-    state: Data,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn cancel_job(state: Data, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(service(&state)?.cancel(&id)?))
 }
 

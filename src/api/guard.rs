@@ -92,10 +92,9 @@ pub async fn middleware(
     }
     // Who may call the route, from the route table (preflights carry no credentials).
     if req.method() != Method::OPTIONS {
-        if let (Some(route), Some(state)) = (
-            super::routes::find(req.method(), req.path()),
-            req.app_data::<web::Data<AppState>>(),
-        ) {
+        if let (Some(route), Some(state)) =
+            (super::routes::find(req.method(), req.path()), req.app_data::<web::Data<AppState>>())
+        {
             if let Err(e) = super::authorize(req.request(), state, route.access) {
                 return Ok(refuse(req, e));
             }
@@ -118,7 +117,10 @@ pub async fn middleware(
     let never = super::routes::find(&method, req.path())
         .is_some_and(|r| r.cross_origin == super::routes::CrossOrigin::Never);
     if never {
-        let msg = format!("`{method} {}` is never served to a browser page from another origin", req.path());
+        let msg = format!(
+            "`{method} {}` is never served to a browser page from another origin",
+            req.path()
+        );
         return Ok(refuse(req, ApiError::refused(msg, "cross_origin_refused")));
     }
     if !policy.origin_allowed(&origin) {

@@ -289,7 +289,10 @@ fn answer_with_calls(
 ) -> (ChatMessageOut, &'static str) {
     let (content, calls) = tools::parse(text, format, finish == "length");
     if calls.is_empty() {
-        return (ChatMessageOut { role: "assistant", content, refusal: (), tool_calls: None }, finish);
+        return (
+            ChatMessageOut { role: "assistant", content, refusal: (), tool_calls: None },
+            finish,
+        );
     }
     let calls = calls
         .into_iter()
@@ -435,8 +438,8 @@ pub fn finish_str(f: Option<FinishReason>) -> &'static str {
 
 /// The generated tokens' entries of OpenAI's legacy `logprobs`, after whatever `out` holds.
 fn push_completion_logprobs(out: &mut CompletionLogprobs, r: &Collected, tok: &TextTokenizer) {
-    let mut offset = out.text_offset.last().copied().unwrap_or(0)
-        + out.tokens.last().map_or(0, |t| t.len());
+    let mut offset =
+        out.text_offset.last().copied().unwrap_or(0) + out.tokens.last().map_or(0, |t| t.len());
     for (i, &id) in r.ids.iter().enumerate() {
         let t = token_text(tok, id);
         out.text_offset.push(offset);

@@ -215,7 +215,8 @@ fn usage(u: &UsageOut) -> Value {
 /// OpenAI's defaults for what the request left out.
 fn echoed(body: &Value) -> Value {
     let get = |k: &str| body.get(k).filter(|v| !v.is_null()).cloned();
-    let format = get("text").and_then(|t| t.get("format").cloned()).unwrap_or(json!({"type": "text"}));
+    let format =
+        get("text").and_then(|t| t.get("format").cloned()).unwrap_or(json!({"type": "text"}));
     // Tools as OpenAI lists them back: `strict` and `description` always present.
     let tools: Vec<Value> = get("tools")
         .and_then(|t| t.as_array().cloned())

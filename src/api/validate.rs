@@ -290,11 +290,13 @@ fn common_draft(
         None => None,
         Some(k) if k >= 0 && k as usize <= l.max_logprobs => Some(k as usize),
         Some(k) => {
-            let msg = format!("`prompt_logprobs` must be between 0 and {}, got {k}", l.max_logprobs);
+            let msg =
+                format!("`prompt_logprobs` must be between 0 and {}, got {k}", l.max_logprobs);
             return Err(ApiError::invalid_value("prompt_logprobs", msg));
         }
     };
-    let format = super::structured::spec(c.response_format.as_ref(), c.structured_outputs.as_ref())?;
+    let format =
+        super::structured::spec(c.response_format.as_ref(), c.structured_outputs.as_ref())?;
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
         return Err(ApiError::invalid_value(

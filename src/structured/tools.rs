@@ -396,13 +396,18 @@ mod tests {
         };
         assert!(g.contains("ANSWER") && g.contains("get_weather") && g.contains("\"add\""), "{g}");
         // With a format, the answer is the format's, and a forced call ignores it.
-        let city = ConstraintSpec::JsonSchema(json!({"type": "object", "properties": {"city": {"type": "string"}}}).to_string());
+        let city = ConstraintSpec::JsonSchema(
+            json!({"type": "object", "properties": {"city": {"type": "string"}}}).to_string(),
+        );
         let Ok(Some(ConstraintSpec::Lark(g))) =
             grammar(&tools, &ToolChoice::Auto, true, ToolFormat::Tagged, Some(&city))
         else {
             panic!()
         };
-        assert!(g.contains("answer: %json") && g.contains("\"city\"") && !g.contains("ANSWER"), "{g}");
+        assert!(
+            g.contains("answer: %json") && g.contains("\"city\"") && !g.contains("ANSWER"),
+            "{g}"
+        );
         let lark = ConstraintSpec::Lark("start: \"x\"".into());
         let e = grammar(&tools, &ToolChoice::Auto, true, ToolFormat::Tagged, Some(&lark));
         assert!(e.unwrap_err().contains("Lark grammar"));

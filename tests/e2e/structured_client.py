@@ -172,10 +172,27 @@ r = client.completions.create(model="extra-qa", prompt=prompt, max_tokens=8, tem
 out["loaded_adapter_text"] = r.choices[0].text
 r = client.completions.create(model="qa-r8", prompt=prompt, max_tokens=8, temperature=0)
 out["same_folder_text"] = r.choices[0].text
+out["retrieved"] = client.models.retrieve("extra-qa").model_dump()
 out["unload_lora"] = [
     raw("/v1/unload_lora_adapter", {"lora_name": "extra-qa"}),
     raw("/v1/unload_lora_adapter", {"lora_name": "never-loaded"}),
+    # vLLM's semantics: gone, so a second unload is a 404 too.
+    raw("/v1/unload_lora_adapter", {"lora_name": "extra-qa"}),
 ]
+out["listed_after_unload"] = "extra-qa" in [m.id for m in client.models.list().data]
+try:
+    client.completions.create(model="extra-qa", prompt=prompt, max_tokens=2)
+    out["request_after_unload"] = 200
+except openai.APIStatusError as e:
+    out["request_after_unload"] = e.status_code
+try:
+    client.models.retrieve("extra-qa")
+    out["retrieve_after_unload"] = 200
+except openai.APIStatusError as e:
+    out["retrieve_after_unload"] = e.status_code
+# Loaded again, it serves again.
+out["reload_status"] = raw("/v1/load_lora_adapter", {"lora_name": "extra-qa", "lora_path": "qa-r8"})[0]
+out["listed_after_reload"] = "extra-qa" in [m.id for m in client.models.list().data]
 
 # 7. Tool calling: a round trip (call → result → answer) with `required` and a named
 # function, streamed and not, on an adapter as `model` and on a mix through `adapters`.
