@@ -7,18 +7,24 @@
 //! thread) → `engine::scheduler` (the step's plan) → `engine::batcher` (one ragged step) →
 //! `model::decoder` → `model::attention` → `model::linear` (the LoRA-aware linear) →
 //! `model::lora::step` (the step's deltas) → `kernels::matmul` and `kernels::fused`. Before the
-//! handler it passes `api` (routes), `api::guard` (origins, hosts) and `api::body` (the JSON
+//! handler it passes `api::routes` (the table), `api::guard` (hosts, auth, origins) and `api::body` (the JSON
 //! body); its tokens come back through `engine::sequence` and `api::stream` + `api::response`.
 //!
 //! # Every module
 //!
-//! - [`api`]: the HTTP edge (actix-web): routes, auth, the shared state.
-//!   - `api::guard`: browser origins (CORS, off by default; admin routes never) and `Host`
+//! - [`api`]: the HTTP edge (actix-web): the shared state, auth.
+//!   - `api::routes`: the route table: every endpoint once (method, path, access, cross-origin
+//!     policy, metrics label, wire format, handler); registration, auth, the origin guard,
+//!     metrics and the access log read it.
+//!   - `api::guard`: who may call the route (from the table), browser origins (CORS, off by
+//!     default; never for the routes the table keeps same-origin) and `Host`
 //!     names on a keyless loopback server (DNS rebinding).
 //!   - `api::body`: JSON request bodies: `Content-Type`, size limit, arrival timeout, parsing
 //!     with the failing field named; keeps an unread body from holding its connection.
 //!   - `api::handlers`: thin handlers (validate off the async workers, submit, respond;
 //!     models, adapters, health, metrics).
+//!   - `api::context`: the `ModelView` every validator reads (model, tokenizer, grammars,
+//!     registry, limits) and how refusals write numbers; below all the validators.
 //!   - `api::validate`: wire requests → a complete `ValidRequest` (every sequence with its
 //!     adapter mix, and the answer's shape), checked in the types the engine computes with;
 //!     adapters resolved through the registry passed in.

@@ -8,8 +8,8 @@ mod common;
 
 use common::shared_dir;
 use loraplex::api::chat;
+use loraplex::api::context::ModelView;
 use loraplex::api::openai::ChatRequest;
-use loraplex::api::validate::ModelView;
 use loraplex::config::Limits;
 use loraplex::model::tokenizer::TextTokenizer;
 use loraplex::structured::tools::ToolFormat;

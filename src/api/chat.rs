@@ -3,9 +3,9 @@
 //! chat template — natively where the template handles tools, with the generic tool prompt of
 //! [`crate::structured::tools`] where it does not — and the grammar a forced call needs.
 
+use super::context::ModelView;
 use super::error::ApiError;
 use super::openai::{ChatRequest, MessageContent, WireMessage};
-use super::validate::ModelView;
 use crate::model::tokenizer::{ChatMessage, ChatPrompt, ToolCallMessage};
 use crate::structured::tools::{self, TemplateTools, Tool, ToolChoice, ToolFormat};
 use crate::structured::{ConstraintSpec, Grammar};

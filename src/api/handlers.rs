@@ -4,12 +4,13 @@
 //! metrics.
 
 use super::body::json_body;
+use super::context::ModelView;
 use super::error::ApiError;
 use super::observe::{RequestFacts, RequestId, StreamObs};
 use super::openai::*;
 use super::response::ResponseMeta;
 use super::stream::{collect, sse_response};
-use super::validate::{self, ModelView, ValidRequest};
+use super::validate::{self, ValidRequest};
 use super::{authorize, Access, AppState, Backend};
 use actix_web::{web, HttpRequest, HttpResponse};
 

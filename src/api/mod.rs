@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod chat;
+pub mod context;
 pub mod error;
 pub mod fine_tuning;
 pub mod guard;

@@ -2,9 +2,9 @@
 //! (OpenAI), `min_p`, `repetition_penalty`, `min_tokens` and `stop_token_ids` (vLLM). Each is
 //! per sequence; the formulas are in [`crate::model::sampling::LogitRules`].
 
+use super::context::{fmt_num, ModelView};
 use super::error::ApiError;
 use super::openai::CommonParams;
-use super::validate::{fmt_num, ModelView};
 use crate::model::sampling::LogitRules;
 use serde_json::Value;
 

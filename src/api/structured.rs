@@ -3,8 +3,8 @@
 //! does not compile, or a keyword llguidance does not implement, is a 400 naming the field and
 //! llguidance's reason; fields we do not implement are refused by name, never ignored.
 
+use super::context::ModelView;
 use super::error::ApiError;
-use super::validate::ModelView;
 use crate::structured::limits::LimitError;
 use crate::structured::{ConstraintSpec, Grammar, StructuredError};
 use serde_json::{Map, Value};

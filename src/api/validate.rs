@@ -5,12 +5,12 @@
 //! `param`. Adapters are resolved through the registry the [`ModelView`] passes in (loading
 //! one is blocking work: the handler runs validation off the async workers).
 
+use super::context::{fmt_num, ModelView};
 use super::error::ApiError;
 use super::openai::{
     AdapterRef, AppliedAdapter, ChatRequest, CommonParams, CompletionRequest, StringOrList,
 };
 use super::response::{Endpoint, ResponseShape};
-use crate::config::Limits;
 use crate::engine::Request;
 use crate::model::lora::{AdapterMix, MixEntry};
 use crate::model::sampling::{LogitRules, SamplingParams};
@@ -54,34 +54,9 @@ struct Draft {
     pub format: Option<(crate::structured::ConstraintSpec, String)>,
 }
 
-/// What validation needs to know about the served model.
-pub struct ModelView<'a> {
-    pub id: &'a str,
-    pub context_len: usize,
-    /// The model's logits width.
-    pub vocab: usize,
-    /// Structured outputs (or why they are unavailable).
-    pub grammars: Result<&'a crate::structured::Grammars, &'a str>,
-    pub tokenizer: &'a crate::model::tokenizer::TextTokenizer,
-    pub limits: &'a Limits,
-    /// The registry whose named mixes a `model` may name (none in tools that have no
-    /// registry).
-    pub registry: Option<&'a crate::adapters::registry::Registry>,
-}
-
 /// The smallest non-zero `temperature`: below it, dividing logits by the temperature leaves
 /// the range of the 32-bit floats the sampler computes in (0 is greedy).
 pub const MIN_TEMPERATURE: f64 = 1e-5;
-
-/// `x` as people write it: plain decimals for ordinary magnitudes, exponent notation for tiny
-/// or huge ones (Rust's `Display` writes `1e-300` as 300 digits).
-pub fn fmt_num(x: f64) -> String {
-    if x == 0.0 || !x.is_finite() || (1e-4..1e15).contains(&x.abs()) {
-        format!("{x}")
-    } else {
-        format!("{x:e}")
-    }
-}
 
 fn check_extra(extra: &Map<String, Value>) -> Result<(), ApiError> {
     for (k, v) in extra {
