@@ -4,7 +4,8 @@
 
 use loraplex::adapters::{header, PeftConfig};
 use loraplex::api::openai::{ChatRequest, CompletionRequest};
-use loraplex::api::validate::{self, ModelView};
+use loraplex::api::context::ModelView;
+use loraplex::api::validate;
 use loraplex::config::Limits;
 use loraplex::model::ModuleId;
 use loraplex::train::squad::{self, Overflow};
