@@ -86,8 +86,9 @@
 //!   - `model::config`: the architecture as data (norms, biases, positions, windows, MLP,
 //!     naming), from `config.json` or GGUF metadata, unsupported fields refused by name.
 //!   - `model::decoder`: the one ragged-batch decoder forward for every family, its ops run as
-//!     one [`model::Exec`] chosen at load (fused CPU kernels, composed candle ops, or
-//!     differentiable ones for training); `model::attention`: its attention (rope, KV append,
+//!     the [`model::Exec`] each forward is given (serving: the inference mode chosen at load,
+//!     fused CPU kernels or composed candle ops; a training step passes the differentiable
+//!     one down its own calls, never through shared state); `model::attention`: its attention (rope, KV append,
 //!     causal / windowed / ALiBi attention), fused or composed.
 //!   - `model::weights`: the loader trait every weight format implements and the conversions
 //!     into base weights (dense, candle-quantized, packed).

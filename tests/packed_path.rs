@@ -185,7 +185,6 @@ fn the_packed_model_tracks_its_weights_in_f32() {
 #[test]
 fn the_packed_model_trains_through_its_own_kernel() {
     use loraplex::adapters::PeftConfig;
-    use loraplex::model::Exec;
     use loraplex::train::data::TrainExample;
     use loraplex::train::params::LoraParams;
     use loraplex::train::trainer::{batch_loss, mean_loss, train_on};
@@ -202,13 +201,11 @@ fn the_packed_model_trains_through_its_own_kernel() {
     let peft = PeftConfig::from_json(&lora_config(4, 8.0, &targets).to_string()).unwrap();
     let params = LoraParams::init(&cfg, peft, 3, &Device::Cpu).unwrap();
     let grads_on = |m: &Decoder| {
-        m.set_exec(Exec::Differentiable);
         let adapter = Arc::new(params.as_adapter(&cfg, "t").unwrap());
         let mixes = vec![AdapterMix::single(adapter, 1.0); batch.len()];
         let lora = StepLora::Training { mixes, dropout: 0.0, seed: 0 };
         let (loss, _) = batch_loss(m, &lora, &batch).unwrap();
         let g = loss.backward().unwrap();
-        m.set_exec(m.inference_exec());
         let flat: Vec<f32> = params
             .modules
             .iter()
@@ -242,7 +239,6 @@ fn the_packed_model_trains_through_its_own_kernel() {
         sum / n as f64
     };
     assert!((trained - served).abs() < 1e-3 * served.abs().max(1.0), "{trained} vs {served}");
-    assert_eq!(model.exec(), model.inference_exec(), "the mode is restored after training");
 
     let dir = tempfile::tempdir().unwrap();
     let tc = loraplex::train::TrainConfig::try_from(loraplex::train::TrainOptions {

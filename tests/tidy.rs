@@ -170,3 +170,25 @@ fn the_model_does_not_depend_on_the_adapters_module() {
         .collect();
     assert!(bad.is_empty(), "model files that use `crate::adapters`: {bad:?}");
 }
+
+/// The execution mode is an argument, never shared state: no atomic or cell holds it, nothing
+/// switches a model's mode, and training asks for the differentiable path by passing it.
+#[test]
+fn no_shared_execution_mode() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    let mut found = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or_default();
+            if code.contains("set_exec") || (f.ends_with("ops.rs") && code.contains("Atomic")) {
+                found.push(format!("{}:{}", f.display(), i + 1));
+            }
+        }
+    }
+    assert!(found.is_empty(), "a shared execution mode: {found:?}");
+    let trainer = std::fs::read_to_string(root.join("src/train/trainer.rs")).unwrap();
+    assert!(trainer.contains("forward_in(Exec::Differentiable"), "training passes its mode");
+}

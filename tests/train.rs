@@ -157,7 +157,6 @@ fn tiny_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
 #[test]
 fn gradients_match_finite_differences_and_the_base_gets_none() {
     let (model, cfg) = tiny();
-    model.set_exec(loraplex::model::Exec::Differentiable);
     let peft = loraplex::adapters::PeftConfig::from_json(
         &lora_config(2, 4.0, &["q_proj", "up_proj"]).to_string(),
     )

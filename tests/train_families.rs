@@ -12,7 +12,7 @@ mod common;
 use candle_core::{Device, Tensor, D};
 use common::*;
 use loraplex::adapters::{load_adapter, AdapterMix, PeftConfig};
-use loraplex::model::{BatchInput, Decoder, DecoderConfig, Exec, StepLora};
+use loraplex::model::{BatchInput, Decoder, DecoderConfig, StepLora};
 use loraplex::train::data::TrainExample;
 use loraplex::train::params::LoraParams;
 use loraplex::train::trainer::{batch_loss, train_on};
@@ -97,7 +97,6 @@ fn every_family_matches_finite_differences_and_the_inference_path() {
         }
         let ex = examples();
         let batch: Vec<&TrainExample> = ex.iter().take(3).collect();
-        model.set_exec(Exec::Differentiable);
         // The adapter is viewed again for each loss, as training does after each update.
         let lora_now =
             || training_lora(Arc::new(params.as_adapter(&cfg, "t").unwrap()), batch.len());
@@ -116,7 +115,6 @@ fn every_family_matches_finite_differences_and_the_inference_path() {
         assert!(checked >= 4, "{family}: checked {checked}");
         // The training forward's loss is the inference path's mean negative log-probability.
         let train_loss = loss_of();
-        model.set_exec(model.inference_exec());
         let detached = Arc::new(params.detached_adapter(&cfg, "t").unwrap());
         let infer = inference_loss(&model, detached, &batch);
         assert!(

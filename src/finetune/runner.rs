@@ -165,10 +165,7 @@ impl FineTuning {
         }
         // A panic in a pass fails the job, never the engine thread serving requests.
         let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.run.pass(model)));
-        let pass = pass.unwrap_or_else(|_| {
-            model.set_exec(model.inference_exec());
-            Err(anyhow::anyhow!("the training pass panicked"))
-        });
+        let pass = pass.unwrap_or_else(|_| Err(anyhow::anyhow!("the training pass panicked")));
         match pass {
             Err(e) => {
                 self.fail(&a.job_id, "training_error", &format!("{e:#}"));

@@ -16,10 +16,11 @@ impl Decoder {
     }
 
     /// RMS norm over each head's `head_dim` values of `(n, heads · head_dim)`.
-    pub(super) fn head_norm(&self, x: &Tensor, w: &Norm) -> Result<Tensor> {
+    pub(super) fn head_norm(&self, step: &LayerStep<'_>, x: &Tensor, w: &Norm) -> Result<Tensor> {
         let (n, width) = x.dims2()?;
         let hd = self.cfg.head_dim;
-        Ok(self.apply_norm(&x.reshape((n * width / hd, hd))?, w)?.reshape((n, width))?)
+        let k = step.pass.kernels;
+        Ok(self.apply_norm(k, &x.reshape((n * width / hd, hd))?, w)?.reshape((n, width))?)
     }
 
     pub(super) fn attention(
@@ -34,8 +35,8 @@ impl Decoder {
         let mut k = block.proj(Target::K)?.forward(h, pass)?;
         let v = block.proj(Target::V)?.forward(h, pass)?;
         if let Some((qn, kn)) = &block.qk_norm {
-            q = self.head_norm(&q, qn)?;
-            k = self.head_norm(&k, kn)?;
+            q = self.head_norm(step, &q, qn)?;
+            k = self.head_norm(step, &k, kn)?;
         }
         let o = match &step.positions.rows {
             None => self.fused_attention(step, &q, &k, &v, caches)?,
@@ -101,7 +102,7 @@ impl Decoder {
                     views.iter().map(|(k, v, len)| (k.as_slice(), v.as_slice(), *len)),
                     &input.seq_lens,
                 );
-                fused::attention(&self.kernels.pool, dims, &qv, &seqs, &mut out);
+                fused::attention(&step.pass.kernels.pool, dims, &qv, &seqs, &mut out);
             }
             None => {
                 // Each sequence attends to its own new keys only: block them as a cache would.
@@ -133,7 +134,7 @@ impl Decoder {
                     views.iter().map(|(k, v, len)| (k.as_slice(), v.as_slice(), *len)),
                     &input.seq_lens,
                 );
-                fused::attention(&self.kernels.pool, dims, &qv, &seqs, &mut out);
+                fused::attention(&step.pass.kernels.pool, dims, &qv, &seqs, &mut out);
             }
         }
         host_tensor(out, (input.tokens.len(), nh * hd))
@@ -151,6 +152,7 @@ impl Decoder {
         mut caches: Option<&mut [&mut SeqCache]>,
     ) -> Result<Tensor> {
         let (layer, input) = (step.layer, step.input);
+        let differentiable = step.pass.kernels.exec == super::ops::Exec::Differentiable;
         let (n, _) = q.dims2()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let lens = &input.seq_lens;
@@ -161,8 +163,8 @@ impl Decoder {
             (q.reshape((n, nh, hd))?, k.reshape((n, nkv, hd))?)
         } else {
             (
-                self.rope(&q.reshape((n, nh, hd))?, cos, sin)?,
-                self.rope(&k.reshape((n, nkv, hd))?, cos, sin)?,
+                self.rope(differentiable, &q.reshape((n, nh, hd))?, cos, sin)?,
+                self.rope(differentiable, &k.reshape((n, nkv, hd))?, cos, sin)?,
             )
         };
         let v = v.reshape((n, nkv, hd))?;
@@ -191,7 +193,7 @@ impl Decoder {
                     .contiguous()?
                     .reshape((nkv, groups * t, hd))?
             };
-            let att = match (self.differentiable(), window.is_some() || alibi) {
+            let att = match (differentiable, window.is_some() || alibi) {
                 // Plain causal attention trains through the fused causal softmax with its
                 // backward.
                 (true, false) => {
@@ -232,8 +234,14 @@ impl Decoder {
     }
 
     /// Rotary embedding of `(n, heads, hd)` with per-token `(n, hd/2)` cos/sin.
-    pub(super) fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        Ok(if self.differentiable() {
+    pub(super) fn rope(
+        &self,
+        differentiable: bool,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        Ok(if differentiable {
             super::diffops::rope(x, cos, sin)?
         } else {
             candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?

@@ -2,8 +2,10 @@
 //! architecture is data, `model::config`), over ragged batches: every linear is a
 //! [`LoraLinear`], tokens of all sequences are flattened into one matrix for the projections,
 //! attention (`model::attention`) runs per sequence against its own KV cache. How the ops run
-//! is one [`Exec`] chosen at load: fused CPU kernels, candle's composed ops, or only
-//! differentiable ones so the trainer can reuse the model.
+//! is an [`Exec`] each forward is given: serving runs the model's inference mode (fused CPU
+//! kernels or candle's composed ops, chosen at load); a training step passes
+//! [`Exec::Differentiable`] down its own calls ([`Decoder::forward_in`]), so the trainer
+//! reuses the serving model without any step seeing another's mode.
 
 use super::kv_cache::SeqCache;
 use super::linear::{BaseWeight, LoraLinear, Pass};
@@ -207,24 +209,9 @@ impl Decoder {
         &self.device
     }
 
-    /// How the ops run.
-    pub fn exec(&self) -> Exec {
-        self.kernels.exec()
-    }
-
-    /// Switches how the ops run (training switches to [`Exec::Differentiable`] and back to
-    /// [`Decoder::inference_exec`]).
-    pub fn set_exec(&self, exec: Exec) {
-        self.kernels.set_exec(exec);
-    }
-
-    /// What inference runs on this model's device and dtype.
+    /// What inference runs on this model (its own kernels' mode, chosen at load).
     pub fn inference_exec(&self) -> Exec {
-        Exec::inference(&self.device, self.dtype)
-    }
-
-    pub(super) fn differentiable(&self) -> bool {
-        self.kernels.exec() == Exec::Differentiable
+        self.kernels.exec
     }
 
     pub fn dtype(&self) -> DType {
@@ -240,7 +227,19 @@ impl Decoder {
         caches: Option<&mut [&mut SeqCache]>,
         lora: &StepLora,
     ) -> Result<Tensor> {
-        Ok(self.forward_with_residual(input, caches, lora)?.0)
+        Ok(self.run(&self.kernels, input, caches, lora)?.0)
+    }
+
+    /// [`Decoder::forward`] with its ops run as `exec` says: a training step passes
+    /// [`Exec::Differentiable`]; tests pass [`Exec::Composed`] for the reference path.
+    pub fn forward_in(
+        &self,
+        exec: Exec,
+        input: &BatchInput,
+        caches: Option<&mut [&mut SeqCache]>,
+        lora: &StepLora,
+    ) -> Result<Tensor> {
+        Ok(self.run(&self.kernels.with_exec(exec), input, caches, lora)?.0)
     }
 
     /// [`Decoder::forward`], also returning the residual stream before the final norm. A row
@@ -248,6 +247,18 @@ impl Decoder {
     /// its logits look finite: the engine checks the residual to tell.
     pub fn forward_with_residual(
         &self,
+        input: &BatchInput,
+        caches: Option<&mut [&mut SeqCache]>,
+        lora: &StepLora,
+    ) -> Result<(Tensor, Tensor)> {
+        self.run(&self.kernels, input, caches, lora)
+    }
+
+    /// The forward on kernels `k` (whose mode every op below reads from `k`, never from the
+    /// model).
+    fn run(
+        &self,
+        k: &Kernels,
         input: &BatchInput,
         mut caches: Option<&mut [&mut SeqCache]>,
         lora: &StepLora,
@@ -259,13 +270,13 @@ impl Decoder {
             x = x.broadcast_mul(scale)?;
         }
         if let Some(n) = &self.embed_norm {
-            x = self.apply_norm(&x, n)?;
+            x = self.apply_norm(k, &x, n)?;
         }
-        let positions = self.positions(input, caches.as_deref())?;
-        let pass = Pass { seq_lens: &input.seq_lens, lora, kernels: &self.kernels };
+        let positions = self.positions(k, input, caches.as_deref())?;
+        let pass = Pass { seq_lens: &input.seq_lens, lora, kernels: k };
         // Each residual add is fused with the norm after it: the attention norm of the next
         // block, or the final norm after the last.
-        let mut h = self.apply_norm(&x, &self.blocks[0].attn_norm)?;
+        let mut h = self.apply_norm(k, &x, &self.blocks[0].attn_norm)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let mut attn = self.attention(
                 block,
@@ -274,15 +285,15 @@ impl Decoder {
                 caches.as_deref_mut(),
             )?;
             if let Some((attn_out, _)) = &block.out_norms {
-                attn = self.apply_norm(&attn, attn_out)?;
+                attn = self.apply_norm(k, &attn, attn_out)?;
             }
-            let (x1, h1) = self.add_and_norm(&x, &attn, &block.mlp_norm)?;
+            let (x1, h1) = self.add_and_norm(k, &x, &attn, &block.mlp_norm)?;
             let mut mlp = self.mlp(block, &h1, &pass)?;
             if let Some((_, mlp_out)) = &block.out_norms {
-                mlp = self.apply_norm(&mlp, mlp_out)?;
+                mlp = self.apply_norm(k, &mlp, mlp_out)?;
             }
             let next = self.blocks.get(layer + 1).map_or(&self.norm, |b| &b.attn_norm);
-            (x, h) = self.add_and_norm(&x1, &mlp, next)?;
+            (x, h) = self.add_and_norm(k, &x1, &mlp, next)?;
         }
         Ok((h, x))
     }
@@ -306,7 +317,12 @@ impl Decoder {
         self.cfg.num_kv_heads * self.cfg.head_dim
     }
 
-    fn positions(&self, input: &BatchInput, caches: Option<&[&mut SeqCache]>) -> Result<Positions> {
+    fn positions(
+        &self,
+        k: &Kernels,
+        input: &BatchInput,
+        caches: Option<&[&mut SeqCache]>,
+    ) -> Result<Positions> {
         let n = input.tokens.len();
         let starts: Vec<usize> = match caches {
             Some(c) => c.iter().map(|c| c.len()).collect(),
@@ -323,7 +339,7 @@ impl Decoder {
                 self.cfg.max_position_embeddings
             )));
         }
-        let fused = self.kernels.fused_attention(&self.embed, caches);
+        let fused = k.fused_attention(&self.embed, caches);
         let rows = if fused {
             None
         } else {
@@ -340,10 +356,19 @@ impl Decoder {
 
     /// Logits in f32 for hidden rows `(n, hidden)` → `(n, vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let y = if self.differentiable() {
-            super::frozen::frozen_base(hidden, &self.lm_head, &self.kernels)?
+        self.logits_on(&self.kernels, hidden)
+    }
+
+    /// [`Decoder::logits`] run as `exec` says (training: differentiable).
+    pub fn logits_in(&self, exec: Exec, hidden: &Tensor) -> Result<Tensor> {
+        self.logits_on(&self.kernels.with_exec(exec), hidden)
+    }
+
+    fn logits_on(&self, k: &Kernels, hidden: &Tensor) -> Result<Tensor> {
+        let y = if k.exec == Exec::Differentiable {
+            super::frozen::frozen_base(hidden, &self.lm_head, k)?
         } else {
-            self.lm_head.forward(hidden, &self.kernels)?
+            self.lm_head.forward(hidden, k)?
         };
         Ok(y.to_dtype(DType::F32)?)
     }
@@ -361,27 +386,34 @@ impl Decoder {
     }
 
     /// The model's norm (RMS, or LayerNorm where `n` has a bias) of `x`.
-    pub(super) fn apply_norm(&self, x: &Tensor, n: &Norm) -> Result<Tensor> {
+    pub(super) fn apply_norm(&self, k: &Kernels, x: &Tensor, n: &Norm) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
+        let differentiable = k.exec == Exec::Differentiable;
         if let Some(b) = &n.b {
-            if self.differentiable() {
+            if differentiable {
                 return Ok(super::diffops::layer_norm(x, &n.w, b, eps)?);
             }
             return Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &n.w, b, eps)?);
         }
-        if self.differentiable() {
+        if differentiable {
             return Ok(super::diffops::rms_norm(x, &n.w, eps)?);
         }
-        self.kernels.rms_norm(x, &n.w, eps)
+        k.rms_norm(x, &n.w, eps)
     }
 
-    fn add_and_norm(&self, x: &Tensor, y: &Tensor, n: &Norm) -> Result<(Tensor, Tensor)> {
-        if self.differentiable() || n.b.is_some() {
+    fn add_and_norm(
+        &self,
+        k: &Kernels,
+        x: &Tensor,
+        y: &Tensor,
+        n: &Norm,
+    ) -> Result<(Tensor, Tensor)> {
+        if k.exec == Exec::Differentiable || n.b.is_some() {
             let sum = (x + y)?;
-            let normed = self.apply_norm(&sum, n)?;
+            let normed = self.apply_norm(k, &sum, n)?;
             return Ok((sum, normed));
         }
-        self.kernels.add_rms_norm(x, y, &n.w, self.cfg.rms_norm_eps as f32)
+        k.add_rms_norm(x, y, &n.w, self.cfg.rms_norm_eps as f32)
     }
 
     fn mlp(&self, block: &Block, h: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
@@ -389,7 +421,7 @@ impl Decoder {
         let act = match (
             block.proj[Target::Gate as usize].as_ref(),
             self.cfg.arch.activation,
-            self.differentiable(),
+            pass.kernels.exec == Exec::Differentiable,
         ) {
             (None, super::Activation::Silu, _) => candle_nn::ops::silu(&up)?,
             (None, super::Activation::GeluTanh, _) => up.gelu()?,
@@ -397,7 +429,7 @@ impl Decoder {
                 let gate = g.forward(h, pass)?;
                 match (act, differentiable) {
                     (super::Activation::Silu, true) => (candle_nn::ops::silu(&gate)? * up)?,
-                    (super::Activation::Silu, false) => self.kernels.silu_mul(&gate, &up)?,
+                    (super::Activation::Silu, false) => pass.kernels.silu_mul(&gate, &up)?,
                     (super::Activation::GeluTanh, _) => (gate.gelu()? * up)?,
                 }
             }

@@ -58,8 +58,8 @@ impl Decoder {
     /// The same weights running the ops as `exec` says (the composed reference the fused
     /// path is tested against).
     pub fn with_exec(&self, exec: Exec) -> Decoder {
-        let m = self.clone();
-        m.set_exec(exec);
+        let mut m = self.clone();
+        m.kernels = m.kernels.with_exec(exec);
         m
     }
 }

@@ -6,7 +6,6 @@
 use super::Result;
 use crate::kernels::{fused, Isa, Pool};
 use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// A read view of a contiguous f32 CPU tensor's values (holds the storage's read lock).
@@ -44,9 +43,9 @@ pub fn host_tensor(v: Vec<f32>, shape: impl Into<candle_core::Shape>) -> Result<
     Ok(Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?)
 }
 
-/// How a model runs the ops between (and around) its matmuls, chosen once for the model.
+/// How a forward runs the ops between (and around) its matmuls: a model's inference mode is
+/// chosen at load; a training step passes [`Exec::Differentiable`] down its own forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Exec {
     /// The fused f32 CPU kernels over host tensors and host KV caches.
     Fused,
@@ -69,48 +68,30 @@ impl Exec {
     }
 }
 
-impl Exec {
-    fn from_u8(v: u8) -> Exec {
-        match v {
-            0 => Exec::Fused,
-            1 => Exec::Composed,
-            _ => Exec::Differentiable,
-        }
-    }
-}
-
 /// The CPU kernels a model runs with: their thread pool, the integer matmul's instruction
-/// set, and how the ops between matmuls run ([`Exec`]). The mode is switchable through a shared
-/// reference (an atomic) because the engine thread trains, between inference steps, on the
-/// very model its batcher borrows.
-#[derive(Debug)]
+/// set, and how the ops between matmuls run ([`Exec`]). The mode is a value, fixed when the
+/// kernels are made: a model's own kernels run inference, and a training step runs on a copy
+/// with [`Exec::Differentiable`] ([`Kernels::with_exec`]), passed down the forward it runs. No
+/// step can see another step's mode.
+#[derive(Debug, Clone)]
 pub struct Kernels {
     pub pool: Arc<Pool>,
     pub isa: Isa,
-    exec: AtomicU8,
-}
-
-impl Clone for Kernels {
-    fn clone(&self) -> Self {
-        Self { pool: self.pool.clone(), isa: self.isa, exec: AtomicU8::new(self.exec() as u8) }
-    }
+    pub exec: Exec,
 }
 
 impl Kernels {
     pub fn new(threads: usize, exec: Exec) -> Self {
-        Self {
-            pool: Arc::new(Pool::new(threads)),
-            isa: Isa::detect(),
-            exec: AtomicU8::new(exec as u8),
-        }
+        Self { pool: Arc::new(Pool::new(threads)), isa: Isa::detect(), exec }
+    }
+
+    /// The same pool and instruction set, running the ops as `exec` says.
+    pub fn with_exec(&self, exec: Exec) -> Self {
+        Self { pool: self.pool.clone(), isa: self.isa, exec }
     }
 
     pub fn exec(&self) -> Exec {
-        Exec::from_u8(self.exec.load(Ordering::Relaxed))
-    }
-
-    pub fn set_exec(&self, exec: Exec) {
-        self.exec.store(exec as u8, Ordering::Relaxed);
+        self.exec
     }
 
     /// Whether the fused kernels run (an op still needs host f32 operands to take them).

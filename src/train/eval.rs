@@ -105,8 +105,6 @@ pub fn evaluate_params(
     limit: usize,
 ) -> anyhow::Result<EvalReport> {
     let examples: Vec<QaExample> = squad::load(data)?.into_iter().take(limit).collect();
-    let inference = model.clone();
-    inference.set_exec(inference.inference_exec());
     let adapter = Arc::new(params.detached_adapter(&model.cfg, "in-training")?);
-    evaluate(&inference, tok, &examples, &AdapterMix::single(adapter, 1.0), 16, true)
+    evaluate(model, tok, &examples, &AdapterMix::single(adapter, 1.0), 16, true)
 }

@@ -10,7 +10,7 @@ use super::trainer::{batch_loss, example_at, StepLog};
 use super::TrainConfig;
 use crate::adapters::PeftConfig;
 use crate::model::lora::{AdapterMix, LoraAdapter};
-use crate::model::{Decoder, Exec, StepLora};
+use crate::model::{Decoder, StepLora};
 use anyhow::Context;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -117,8 +117,8 @@ impl TrainRun {
         self.examples.len()
     }
 
-    /// Runs the next forward/backward pass on `model` (in the differentiable mode for the
-    /// pass only); returns the step's log line when the pass ended a step.
+    /// Runs the next forward/backward pass on `model` (its forward differentiable, passed down
+    /// the pass's own calls); returns the step's log line when the pass ended a step.
     pub fn pass(&mut self, model: &Decoder) -> anyhow::Result<Option<StepLog>> {
         if self.done() {
             return Ok(None);
@@ -127,10 +127,7 @@ impl TrainRun {
         if self.step.is_none() {
             self.step = Some(self.begin_step(model)?);
         }
-        let before = model.exec();
-        model.set_exec(Exec::Differentiable);
         let result = self.run_pass(model);
-        model.set_exec(before);
         let step = self.step.as_mut().context("no step in progress")?;
         step.busy += t0.elapsed();
         result?;

@@ -8,7 +8,7 @@ use super::params::LoraParams;
 use super::run::TrainRun;
 use super::TrainConfig;
 use crate::model::lora::AdapterMix;
-use crate::model::{BatchInput, Decoder, StepLora};
+use crate::model::{BatchInput, Decoder, Exec, StepLora};
 use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -38,7 +38,8 @@ pub fn example_at(g: usize, n: usize, seed: u64) -> usize {
     order[g % n]
 }
 
-/// Mean cross-entropy over the answer tokens of `batch` (a ragged batch: no padding).
+/// Mean cross-entropy over the answer tokens of `batch` (a ragged batch: no padding), by the
+/// differentiable forward (passed down this call only: the model serves on beside it).
 pub fn batch_loss(
     model: &Decoder,
     lora: &StepLora,
@@ -54,11 +55,14 @@ pub fn batch_loss(
         targets.extend_from_slice(&ex.targets);
         offset += ex.input.len() as u32;
     }
-    let hidden =
-        model.forward(&input, None, lora).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let hidden = model
+        .forward_in(Exec::Differentiable, &input, None, lora)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let dev = hidden.device().clone();
     let h = hidden.index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
-    let logits = model.logits(&h).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let logits = model
+        .logits_in(Exec::Differentiable, &h)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let n = targets.len();
     let loss = candle_nn::loss::cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
     Ok((loss, n))
@@ -170,19 +174,6 @@ fn tokenize_all(
 /// Mean cross-entropy per target token of `examples` under `adapter` (no dropout), computed
 /// by the training forward.
 pub fn mean_loss(
-    model: &Decoder,
-    adapter: &Arc<crate::model::lora::LoraAdapter>,
-    examples: &[TrainExample],
-    batch_size: usize,
-) -> anyhow::Result<f64> {
-    let before = model.exec();
-    model.set_exec(crate::model::Exec::Differentiable);
-    let loss = mean_loss_with(model, adapter, examples, batch_size);
-    model.set_exec(before);
-    loss
-}
-
-fn mean_loss_with(
     model: &Decoder,
     adapter: &Arc<crate::model::lora::LoraAdapter>,
     examples: &[TrainExample],
