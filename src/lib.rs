@@ -85,6 +85,10 @@
 //!   Qwen3, Phi-3, Gemma 3, BLOOM).
 //!   - `model::config`: the architecture as data (norms, biases, positions, windows, MLP,
 //!     naming), from `config.json` or GGUF metadata, unsupported fields refused by name.
+//!   - `model::family`: the table of families (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3,
+//!     BLOOM), each declared once: its facts, its names in each format, what varies within
+//!     it and what each format may carry that is refused; both loaders, the exporter and the
+//!     tiny test models read it.
 //!   - `model::decoder`: the one ragged-batch decoder forward for every family, its ops run as
 //!     the [`model::Exec`] each forward is given (serving: the inference mode chosen at load,
 //!     fused CPU kernels or composed candle ops; a training step passes the differentiable

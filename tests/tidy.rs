@@ -192,3 +192,60 @@ fn no_shared_execution_mode() {
     let trainer = std::fs::read_to_string(root.join("src/train/trainer.rs")).unwrap();
     assert!(trainer.contains("forward_in(Exec::Differentiable"), "training passes its mode");
 }
+
+/// Each family is declared once, in `model::family`: no loader or exporter builds an `Arch` by
+/// hand, sets a family's facts, or tells families apart by name.
+#[test]
+fn families_are_declared_once() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let facts = [
+        "qk_norm:",
+        "norm_plus_one:",
+        "sandwich_norms:",
+        "embed_scale:",
+        "combined_modules:",
+        "gguf_qk_interleaved:",
+        "activation:",
+        "embed_norm:",
+        "gated:",
+        "position:",
+        "naming:",
+        ".qk_norm = ",
+        ".norm_plus_one = ",
+        ".sandwich_norms = ",
+        ".embed_scale = ",
+        ".combined_modules = ",
+        ".gguf_qk_interleaved = ",
+        ".activation = ",
+    ];
+    let names = [
+        "\"mistral\"",
+        "\"qwen2\"",
+        "\"qwen3\"",
+        "\"phi3\"",
+        "\"gemma3\"",
+        "\"gemma3_text\"",
+        "\"bloom\"",
+    ];
+    let mut found = Vec::new();
+    for f in [
+        "src/model/hf.rs",
+        "src/model/gguf.rs",
+        "src/model/gguf_export.rs",
+        "src/model/names.rs",
+        "src/model/load.rs",
+    ] {
+        let text = std::fs::read_to_string(root.join(f)).unwrap();
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for (i, line) in code.lines().enumerate() {
+            let line = line.split("//").next().unwrap_or_default();
+            let hit = line.contains("Arch {")
+                || facts.iter().any(|k| line.contains(k))
+                || names.iter().any(|n| line.contains(n));
+            if hit {
+                found.push(format!("{f}:{}: {}", i + 1, line.trim()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "family facts outside model::family:\n{}", found.join("\n"));
+}

@@ -22,7 +22,8 @@ pub struct DecoderConfig {
     pub arch: Arch,
 }
 
-/// What distinguishes one decoder family from Llama, as values the forward reads.
+/// What distinguishes one decoder family from Llama, as values the forward reads. Each
+/// family's values are declared once, in [`super::family`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Arch {
     /// The family as its files name it (`model_type` / `general.architecture`): reported by
@@ -97,24 +98,6 @@ pub enum Activation {
 }
 
 impl Arch {
-    /// BLOOM: ALiBi instead of rope, LayerNorms with biases (one after the embeddings), biases
-    /// on every linear, a per-head interleaved `query_key_value`, a gateless GELU-tanh MLP.
-    pub fn bloom() -> Self {
-        Self {
-            name: "bloom".into(),
-            biased: super::Target::ALL.to_vec(),
-            combined_modules: true,
-            gguf_qk_interleaved: false,
-            activation: Activation::GeluTanh,
-            norm: NormKind::Layer,
-            embed_norm: true,
-            gated: false,
-            position: PositionKind::Alibi,
-            naming: Naming::Bloom,
-            ..Self::llama()
-        }
-    }
-
     /// Whether the model has projection `t` (a gateless MLP has no `gate_proj`).
     pub fn has_target(&self, t: super::Target) -> bool {
         t != super::Target::Gate || self.gated
@@ -143,28 +126,6 @@ pub struct StoredModule {
 }
 
 impl Arch {
-    pub fn llama() -> Self {
-        Self {
-            name: "llama".into(),
-            biased: Vec::new(),
-            qk_norm: false,
-            combined_modules: false,
-            norm_plus_one: false,
-            gguf_qk_interleaved: true,
-            sandwich_norms: false,
-            embed_scale: false,
-            activation: Activation::Silu,
-            query_pre_attn_scalar: None,
-            windows: Vec::new(),
-            local_rope_theta: None,
-            norm: NormKind::Rms,
-            embed_norm: false,
-            gated: true,
-            position: PositionKind::Rope,
-            naming: Naming::Llama,
-        }
-    }
-
     pub fn has_bias(&self, t: super::Target) -> bool {
         self.biased.contains(&t)
     }

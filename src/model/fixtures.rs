@@ -2,7 +2,7 @@
 //! per architecture description), the merged-weights and dense-f32 copies the other paths are
 //! checked against, and a decoder switched to another execution mode. Nothing here serves.
 
-use super::config::{Activation, Arch, RopeScaling};
+use super::config::{Arch, RopeScaling};
 use super::lora::AdapterMix;
 use super::ops::Exec;
 use super::{BaseWeight, Decoder, DecoderConfig, Result, WeightFormat};
@@ -81,7 +81,7 @@ impl DecoderConfig {
             rope_scaling: RopeScaling::None,
             max_position_embeddings: 256,
             tie_word_embeddings: true,
-            arch: Arch::llama(),
+            arch: super::family::llama(),
         }
     }
 
@@ -103,36 +103,25 @@ impl DecoderConfig {
     /// Qwen2's q/k/v biases; Qwen3's q/k norms; Llama with every bias): what the invariant tests
     /// run over, so that each description keeps them.
     pub fn tiny_families() -> Vec<Self> {
-        use super::Target::*;
-        let with = |name: &str, biased: Vec<super::Target>, qk_norm: bool, combined: bool| Self {
-            arch: Arch {
-                name: name.into(),
-                biased,
-                qk_norm,
-                combined_modules: combined,
-                ..Arch::llama()
-            },
-            ..Self::tiny()
-        };
+        use super::family;
+        let with = |arch: Arch| Self { arch, ..Self::tiny() };
+        // Gemma 3's table values, with a score scale, a window and a local rope base that
+        // matter at the tiny model's sizes.
         let gemma = Arch {
-            name: "gemma3_text".into(),
-            qk_norm: true,
-            sandwich_norms: true,
-            embed_scale: true,
-            activation: Activation::GeluTanh,
             query_pre_attn_scalar: Some(6.0),
             windows: vec![Some(3), None],
             local_rope_theta: Some(100.0),
-            ..Arch::llama()
+            ..family::gemma3()
         };
+        let all_biases = Arch { biased: super::Target::ALL.to_vec(), ..family::llama() };
         vec![
-            Self { arch: Arch::bloom(), num_kv_heads: 4, ..Self::tiny() },
+            Self { arch: family::bloom(), num_kv_heads: 4, ..Self::tiny() },
             Self::tiny(),
-            with("qwen2", vec![Q, K, V], false, false),
-            with("qwen3", Vec::new(), true, false),
-            with("phi3", Vec::new(), false, true),
-            with("llama", super::Target::ALL.to_vec(), false, false),
-            Self { arch: gemma, ..Self::tiny() },
+            with(family::qwen2()),
+            with(family::qwen3()),
+            with(family::phi3()),
+            with(all_biases),
+            with(gemma),
         ]
     }
 }

@@ -86,12 +86,7 @@ pub fn config_from_metadata(c: &Content) -> Result<DecoderConfig> {
             })
         }
     };
-    if !matches!(
-        arch.as_str(),
-        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3" | "phi3" | "bloom"
-    ) {
-        return Err(ModelError::Unsupported(format!("GGUF architecture `{arch}`; supported: llama, mistral, qwen2, qwen3, gemma3, phi3, bloom")));
-    }
+    let family = super::family::from_gguf(&arch).map_err(ModelError::Unsupported)?;
     let get = |k: &str| -> Result<&Value> {
         let key = format!("{arch}.{k}");
         c.metadata.get(&key).ok_or(ModelError::Missing { key, what: "GGUF metadata".into() })
@@ -139,64 +134,62 @@ pub fn config_from_metadata(c: &Content) -> Result<DecoderConfig> {
         rope_scaling: super::RopeScaling::None,
         max_position_embeddings: get("context_length").map_or(Ok(4096), |v| v.to_u32())? as usize,
         tie_word_embeddings: !c.tensor_infos.contains_key(&Role::LmHead.gguf()),
-        arch: arch_from_metadata(c, &arch, num_layers)?,
+        arch: arch_from_metadata(c, family, &arch, num_layers)?,
     })
 }
 
-/// The family's description. GGUF has no flags for biases or q/k norms (the tensors of the first
-/// block show them), nor for Gemma 3's layer pattern, score scale or local rope base, which take
-/// the values transformers falls back to (every 6th layer global, scale 256^-1/2, local base 10,000).
-fn arch_from_metadata(c: &Content, arch: &str, num_layers: usize) -> Result<super::config::Arch> {
+/// The family's description ([`super::family`]) with what a GGUF shows of the variation
+/// within it: biases as tensors of the first block (where the family's GGUFs carry them),
+/// windows from `{arch}.attention.sliding_window` by the family's rule. Gemma 3's layer
+/// pattern, score scale and local rope base have no keys: they take the table's values (the
+/// ones transformers falls back to). A q/k norm the table and the tensors disagree on, and
+/// what the family does not compute, are refused by name.
+fn arch_from_metadata(
+    c: &Content,
+    family: &super::family::Family,
+    arch: &str,
+    num_layers: usize,
+) -> Result<super::config::Arch> {
+    use super::family::Windows;
     let has = |name: &str| c.tensor_infos.contains_key(name);
-    let mut a = super::config::Arch {
-        name: arch.to_string(),
-        biased: Target::ALL
+    let mut a = family.arch(arch);
+    if let Some(t) = family.gguf_refused_tensors.iter().find(|t| has(t)) {
+        return Err(ModelError::Unsupported(format!(
+            "GGUF tensor `{t}` is not supported for `{arch}`"
+        )));
+    }
+    if let Some(k) =
+        family.gguf_refused_keys.iter().find(|k| c.metadata.contains_key(&format!("{arch}.{k}")))
+    {
+        return Err(ModelError::Unsupported(format!("GGUF `{arch}.{k}` is not supported")));
+    }
+    if family.gguf_detects_biases {
+        a.biased = Target::ALL
             .into_iter()
             .filter(|&t| has(&names::gguf_projection(ModuleId { layer: 0, target: t }, "bias")))
-            .collect(),
-        qk_norm: has(&Role::QNorm(0).gguf()),
-        gguf_qk_interleaved: matches!(arch, "llama" | "mistral"),
-        ..super::config::Arch::llama()
+            .collect();
+    }
+    if has(&Role::QNorm(0).gguf()) != a.qk_norm {
+        return Err(ModelError::Invalid {
+            path: arch.to_string(),
+            reason: format!(
+                "a `{arch}` GGUF {} q/k norms",
+                if a.qk_norm { "lacks" } else { "has unexpected" }
+            ),
+        });
+    }
+    let key = format!("{arch}.attention.sliding_window");
+    let window = c.metadata.get(&key).map(|w| w.to_u32()).transpose()?.map(|w| w as usize);
+    a.windows = match (family.windows, window) {
+        (Windows::EveryNthGlobal(n), Some(w)) => {
+            (0..num_layers).map(|l| if (l + 1) % n == 0 { None } else { Some(w) }).collect()
+        }
+        (Windows::EveryNthGlobal(_), None) => {
+            return Err(ModelError::Missing { key, what: "GGUF metadata".into() })
+        }
+        (_, Some(w)) => vec![Some(w); num_layers],
+        (_, None) => Vec::new(),
     };
-    if arch == "bloom" {
-        a = super::config::Arch::bloom();
-    }
-    if arch == "phi3" {
-        if has("rope_factors_long.weight") || has("rope_factors_short.weight") {
-            return Err(ModelError::Unsupported(
-                "GGUF `rope_factors_long/short` (Phi-3 LongRoPE) are not supported".into(),
-            ));
-        }
-        a.combined_modules = true;
-    }
-    if let Some(w) =
-        c.metadata.get(&format!("{arch}.attention.sliding_window")).filter(|_| arch != "gemma3")
-    {
-        a.windows = vec![Some(w.to_u32()? as usize); num_layers];
-    }
-    if arch == "gemma3" {
-        let window = c
-            .metadata
-            .get("gemma3.attention.sliding_window")
-            .ok_or(ModelError::Missing {
-                key: "gemma3.attention.sliding_window".into(),
-                what: "GGUF metadata".into(),
-            })?
-            .to_u32()? as usize;
-        for k in ["gemma3.attn_logit_softcapping", "gemma3.final_logit_softcapping"] {
-            if c.metadata.contains_key(k) {
-                return Err(ModelError::Unsupported(format!("GGUF `{k}` is not supported")));
-            }
-        }
-        a.sandwich_norms = true;
-        a.norm_plus_one = true;
-        a.embed_scale = true;
-        a.activation = super::config::Activation::GeluTanh;
-        a.query_pre_attn_scalar = Some(256.0);
-        a.windows =
-            (0..num_layers).map(|l| if (l + 1) % 6 == 0 { None } else { Some(window) }).collect();
-        a.local_rope_theta = Some(10_000.0);
-    }
     Ok(a)
 }
 

@@ -271,11 +271,13 @@ pub fn write_hf_from_gguf(gguf: &Path, out: &Path) -> Result<()> {
     let mut src = super::gguf::GgufSource::open(gguf, &Device::Cpu)?;
     let cfg = src.cfg.clone();
     let arch = cfg.arch.clone();
-    let model_type = names::hf_model_type(&arch.name).to_string();
-    // Hugging Face configs express q/k/v-only biases for `qwen2` alone.
+    let model_type = super::family::hf_model_type(&arch.name).to_string();
+    // A config carries no bias flags we write: the family's own biases are all it can say.
+    let family_biases =
+        super::family::from_hf(&model_type).map(|f| f.arch(&model_type).biased).unwrap_or_default();
     if arch.combined_modules
         || arch.naming != super::config::Naming::Llama
-        || !arch.biased.is_empty() && model_type != "qwen2"
+        || arch.biased != family_biases
     {
         return Err(ModelError::Unsupported(format!(
             "writing `{}` as a Hugging Face folder",

@@ -2,6 +2,7 @@
 //! fetched from the Hub with `hf:ORG/NAME` (needs network; cannot be exercised offline).
 
 use super::config::Arch;
+use super::family::Windows;
 use super::linear::BaseWeight;
 use super::names::{bias_of, Role};
 use super::weights::{dense_to_base, WeightSource};
@@ -39,128 +40,65 @@ pub fn read_config(dir: &Path) -> Result<DecoderConfig> {
     Ok(cfg.into_config(theta, scaling, arch))
 }
 
-/// The family's description from `model_type` and the flags that vary within a family.
+/// The family's description ([`super::family`]) from `model_type`, and the fields of the
+/// config that vary within the family (biases, windows, Gemma's score scale and local rope
+/// base); what the family does not compute is refused by name.
 fn arch_from_hf(raw: &serde_json::Value) -> Result<Arch> {
     use Target::*;
     let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
-    let flag = |k: &str| raw.get(k).is_some_and(|v| v.as_bool() == Some(true));
-    let mut biased = Vec::new();
-    if flag("attention_bias") {
-        biased.extend([Q, K, V, O]);
-    }
-    let qk_norm = match model_type {
-        "llama" | "mistral" => {
-            if flag("mlp_bias") {
-                biased.extend([Gate, Up, Down]);
-            }
-            false
-        }
-        "qwen2" => {
-            biased = vec![Q, K, V];
-            false
-        }
-        "qwen3" => true,
-        "phi3" => false,
-        "gemma3_text" => return gemma3_arch(raw),
-        "bloom" => return bloom_arch(raw),
-        "gemma3" => return Err(ModelError::Unsupported("model_type `gemma3` (the multimodal checkpoint); use its text model (`gemma3_text`)".into())),
-        other => return Err(ModelError::Unsupported(format!("model_type `{other}`; supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text, bloom"))),
-    };
-    if let Some(act) = raw.get("hidden_act").and_then(|v| v.as_str()).filter(|a| *a != "silu") {
+    let fam = super::family::from_hf(model_type).map_err(ModelError::Unsupported)?;
+    let set = |k: &str| raw.get(k).is_some_and(|v| !v.is_null() && v.as_bool() != Some(false));
+    if let Some(k) = fam.hf_refused.iter().find(|k| set(k)) {
         return Err(ModelError::Unsupported(format!(
-            "`hidden_act` `{act}` is not supported for model_type `{model_type}` (only silu)"
+            "`{k}` is not supported for model_type `{model_type}`"
         )));
     }
-    let windows = sliding_windows(raw, model_type)?;
-    Ok(Arch {
-        name: model_type.to_string(),
-        biased,
-        qk_norm,
-        combined_modules: model_type == "phi3",
-        gguf_qk_interleaved: matches!(model_type, "llama" | "mistral"),
-        windows,
-        ..Arch::llama()
-    })
-}
-
-/// BLOOM ([`Arch::bloom`]), refusing the residual variant it does not compute.
-fn bloom_arch(raw: &serde_json::Value) -> Result<Arch> {
-    if raw
-        .get("apply_residual_connection_post_layernorm")
-        .is_some_and(|v| v.as_bool() == Some(true))
-    {
-        return Err(ModelError::Unsupported("`apply_residual_connection_post_layernorm: true` is not supported for model_type `bloom`".into()));
-    }
-    Ok(Arch::bloom())
-}
-
-/// Gemma 3's text decoder: sandwich norms, q/k norms, √hidden embeddings, GELU-tanh, the
-/// `query_pre_attn_scalar` score scale, and sliding-window layers named by `layer_types` (or,
-/// in older configs, every `sliding_window_pattern`-th layer global).
-fn gemma3_arch(raw: &serde_json::Value) -> Result<Arch> {
-    let unsupported = |m: String| Err(ModelError::Unsupported(m));
-    for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
-        if raw.get(k).is_some_and(|v| !v.is_null()) {
-            return unsupported(format!("`{k}` is not supported for model_type `gemma3_text`"));
+    let act =
+        raw.get("hidden_activation").or_else(|| raw.get("hidden_act")).and_then(|v| v.as_str());
+    if let (Some(want), Some(act)) = (fam.hf_activation, act) {
+        if act != want {
+            return Err(ModelError::Unsupported(format!(
+                "`hidden_act` `{act}` is not supported for model_type `{model_type}` (only {want})"
+            )));
         }
     }
-    if raw.get("use_bidirectional_attention").is_some_and(|v| v.as_bool() == Some(true)) {
-        return unsupported("`use_bidirectional_attention: true` is not supported".into());
+    let mut a = fam.arch(model_type);
+    let flag = |k: &str| raw.get(k).is_some_and(|v| v.as_bool() == Some(true));
+    if fam.hf_attention_bias && flag("attention_bias") {
+        a.biased.extend([Q, K, V, O]);
     }
-    if raw.get("attention_bias").is_some_and(|v| v.as_bool() == Some(true)) {
-        return unsupported(
-            "`attention_bias: true` is not supported for model_type `gemma3_text`".into(),
-        );
+    if fam.hf_mlp_bias && flag("mlp_bias") {
+        a.biased.extend([Gate, Up, Down]);
     }
-    match raw.get("hidden_activation").or_else(|| raw.get("hidden_act")).and_then(|v| v.as_str()) {
-        Some("gelu_pytorch_tanh") | None => {}
-        Some(other) => {
-            return unsupported(format!(
-                "`hidden_activation` `{other}` is not supported (only gelu_pytorch_tanh)"
-            ))
+    a.windows = sliding_windows(raw, model_type, fam.windows)?;
+    if a.query_pre_attn_scalar.is_some() {
+        if let Some(s) = raw.get("query_pre_attn_scalar").and_then(|v| v.as_f64()) {
+            a.query_pre_attn_scalar = Some(s);
         }
     }
-    // Older Gemma 3 configs name no `layer_types`: every `sliding_window_pattern`-th layer is global.
-    let windows = if raw.get("layer_types").is_some() {
-        sliding_windows(raw, "gemma3_text")?
-    } else {
-        let layers = raw.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-        let pattern =
-            raw.get("sliding_window_pattern").and_then(|v| v.as_u64()).unwrap_or(6).max(1) as usize;
-        let window = raw.get("sliding_window").and_then(|v| v.as_u64()).map(|w| w as usize);
-        if window.is_none() {
-            return unsupported("Gemma 3 without a `sliding_window`".into());
+    if a.local_rope_theta.is_some() {
+        if let Some(t) =
+            super::config::local_rope_theta_from_hf(raw).map_err(ModelError::Unsupported)?
+        {
+            a.local_rope_theta = Some(t);
         }
-        (0..layers).map(|l| if (l + 1) % pattern != 0 { window } else { None }).collect()
-    };
-    let local = super::config::local_rope_theta_from_hf(raw)
-        .map_err(ModelError::Unsupported)?
-        .unwrap_or(10_000.0);
-    Ok(Arch {
-        name: "gemma3_text".into(),
-        qk_norm: true,
-        norm_plus_one: true,
-        gguf_qk_interleaved: false,
-        sandwich_norms: true,
-        embed_scale: true,
-        activation: super::config::Activation::GeluTanh,
-        query_pre_attn_scalar: Some(
-            raw.get("query_pre_attn_scalar").and_then(|v| v.as_f64()).unwrap_or(256.0),
-        ),
-        windows,
-        local_rope_theta: Some(local),
-        ..Arch::llama()
-    })
+    }
+    Ok(a)
 }
 
 /// Each layer's attention window: transformers 5's `layer_types` where written, else (older
-/// configs) `sliding_window` on every layer — for Qwen only with `use_sliding_window`, and only
-/// from layer `max_window_layers` on, as transformers applies it.
-fn sliding_windows(raw: &serde_json::Value, model_type: &str) -> Result<Vec<Option<usize>>> {
+/// configs) as the family's rule says ([`Windows`]): `sliding_window` on every layer; for Qwen
+/// only with `use_sliding_window`, from layer `max_window_layers` on, as transformers applies
+/// it; for Gemma 3 every `sliding_window_pattern`-th layer global.
+fn sliding_windows(
+    raw: &serde_json::Value,
+    model_type: &str,
+    rule: Windows,
+) -> Result<Vec<Option<usize>>> {
     let layers = raw.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     let window = raw.get("sliding_window").and_then(|v| v.as_u64()).map(|w| w as usize);
-    let sliding: Vec<bool> = match raw.get("layer_types").and_then(|v| v.as_array()) {
-        Some(types) => types
+    let sliding: Vec<bool> = match (raw.get("layer_types").and_then(|v| v.as_array()), rule) {
+        (Some(types), _) => types
             .iter()
             .map(|t| match t.as_str() {
                 Some("sliding_attention") => Ok(true),
@@ -170,15 +108,25 @@ fn sliding_windows(raw: &serde_json::Value, model_type: &str) -> Result<Vec<Opti
                 ))),
             })
             .collect::<Result<_>>()?,
-        None => match model_type {
-            "qwen2" | "qwen3" => {
-                let on = raw.get("use_sliding_window").is_some_and(|v| v.as_bool() == Some(true));
-                let from =
-                    raw.get("max_window_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-                (0..layers).map(|l| on && l >= from).collect()
+        (None, Windows::Qwen) => {
+            let on = raw.get("use_sliding_window").is_some_and(|v| v.as_bool() == Some(true));
+            let from = raw.get("max_window_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+            (0..layers).map(|l| on && l >= from).collect()
+        }
+        (None, Windows::EveryNthGlobal(default)) => {
+            if window.is_none() {
+                return Err(ModelError::Unsupported(format!(
+                    "model_type `{model_type}` without a `sliding_window`"
+                )));
             }
-            _ => vec![window.is_some(); layers],
-        },
+            let n = raw
+                .get("sliding_window_pattern")
+                .and_then(|v| v.as_u64())
+                .map_or(default, |n| n as usize)
+                .max(1);
+            (0..layers).map(|l| (l + 1) % n != 0).collect()
+        }
+        (None, Windows::Every) => vec![window.is_some(); layers],
     };
     if sliding.len() != layers {
         return Err(ModelError::Unsupported(format!(

@@ -13,6 +13,7 @@ pub mod config;
 pub mod decoder;
 pub mod device;
 pub mod diffops;
+pub mod family;
 pub mod fixtures;
 pub mod frozen;
 pub mod gguf;

@@ -152,23 +152,14 @@ pub fn module_path(arch: &Arch, id: ModuleId) -> String {
     }
 }
 
-/// The Hugging Face `model_type` of a GGUF `general.architecture` (they differ for Gemma 3's
-/// text model).
-pub fn hf_model_type(gguf_arch: &str) -> &str {
-    match gguf_arch {
-        "gemma3" => "gemma3_text",
-        other => other,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn names_follow_each_architecture() {
-        let (llama, bloom) = (Arch::llama(), Arch::bloom());
-        let gemma = Arch { sandwich_norms: true, ..Arch::llama() };
+        let (llama, bloom) = (crate::model::family::llama(), crate::model::family::bloom());
+        let gemma = Arch { sandwich_norms: true, ..crate::model::family::llama() };
         assert_eq!(Role::MlpNorm(3).hf(&llama), "model.layers.3.post_attention_layernorm.weight");
         assert_eq!(Role::MlpNorm(3).hf(&gemma), "model.layers.3.pre_feedforward_layernorm.weight");
         assert_eq!(
@@ -182,11 +173,10 @@ mod tests {
         let q = ModuleId { layer: 2, target: Target::Q };
         assert_eq!(module_path(&llama, q), "model.layers.2.self_attn.q_proj");
         assert_eq!(
-            module_path(&Arch { combined_modules: true, ..Arch::llama() }, q),
+            module_path(&Arch { combined_modules: true, ..crate::model::family::llama() }, q),
             "model.layers.2.self_attn.qkv_proj"
         );
         assert_eq!(module_path(&bloom, q), "transformer.h.2.self_attention.query_key_value");
         assert_eq!(gguf_projection(q, "bias"), "blk.2.attn_q.bias");
-        assert_eq!(hf_model_type("gemma3"), "gemma3_text");
     }
 }
