@@ -392,7 +392,7 @@ impl Metrics {
     }
 
     /// Counts an admitted sequence's prefix-cache lookup, in tokens.
-    pub fn count_prefix_lookup(&self, queried: usize, hit: usize) {
+    fn count_prefix_lookup(&self, queried: usize, hit: usize) {
         self.prefix_queries.inc_by(queried as u64);
         self.prefix_hits.inc_by(hit as u64);
         if let Some(g) = &self.gateway {
@@ -401,7 +401,9 @@ impl Metrics {
         }
     }
 
-    /// Counts what one engine step computed and what failed in it.
+    /// Counts everything one engine step reports: what it computed, what failed, its
+    /// sequences' latencies, admissions, prefix lookups, preemptions and retired tokens (the
+    /// step report is the engine's only source of these numbers).
     pub fn count_step(&self, r: &crate::engine::batcher::StepReport) {
         self.prefill_tokens.inc_by(r.prefill_tokens as u64);
         if r.failed > 0 {
@@ -414,9 +416,28 @@ impl Metrics {
             self.mask_compute.observe(r.masks.compute.as_secs_f64());
             self.mask_wait.observe(r.masks.wait.as_secs_f64());
         }
+        for _ in 0..r.preempted {
+            self.count_preemption();
+        }
+        let seen = &r.seen;
+        seen.first_token.iter().for_each(|&t| self.ttft.observe(t));
+        seen.inter_token.iter().for_each(|&t| self.itl.observe(t));
+        for &(queued, adapters) in &seen.admitted {
+            self.queue_wait.observe(queued);
+            self.adapters_per_request.observe(adapters as f64);
+        }
+        for &(queried, hit) in &seen.prefix_lookups {
+            self.count_prefix_lookup(queried, hit);
+        }
+        for (names, prompt, generated) in &seen.retired {
+            for label in self.mix_labels(names) {
+                self.prompt_tokens.with_label_values(&[&label]).inc_by(*prompt as u64);
+                self.generated_tokens.with_label_values(&[&label]).inc_by(*generated as u64);
+            }
+        }
     }
 
-    pub fn count_preemption(&self) {
+    fn count_preemption(&self) {
         self.preemptions.inc();
         if let Some(g) = &self.gateway {
             g.preemptions.inc();

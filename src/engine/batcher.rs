@@ -33,7 +33,7 @@ pub enum LoraPath {
 }
 
 /// What one step did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepReport {
     pub sequences: usize,
     pub prefill_tokens: usize,
@@ -60,10 +60,28 @@ pub struct StepReport {
     /// Structured outputs: computing this step's token masks, and the part of it the step
     /// waited for after its forward.
     pub masks: masks::MaskTimes,
+    /// What the step's sequences did, for the metrics (observed from this report only).
+    pub seen: StepObservations,
+}
+
+/// Per-sequence facts of one step that metrics count: the batcher records them here and the
+/// engine thread observes them from the report, so the step's numbers have one source.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepObservations {
+    /// Seconds from submission to the first token (sequences that sampled their first).
+    pub first_token: Vec<f64>,
+    /// Seconds since the sequence's previous token (the others that sampled).
+    pub inter_token: Vec<f64>,
+    /// Admitted for the first time: seconds queued and the adapters of its mix.
+    pub admitted: Vec<(f64, usize)>,
+    /// Prefix-cache lookups at admission (with caching on): tokens looked up and found.
+    pub prefix_lookups: Vec<(usize, usize)>,
+    /// Sequences that left (finished, failed or cancelled): their mix's adapter names and
+    /// their prompt and generated tokens.
+    pub retired: Vec<(Vec<String>, usize, usize)>,
 }
 
 pub struct Batcher<'m> {
-    pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     model: &'m Decoder,
     tok: &'m TextTokenizer,
     path: LoraPath,
@@ -142,7 +160,6 @@ impl<'m> Batcher<'m> {
         pool: KvPool,
     ) -> Self {
         Self {
-            metrics: None,
             model,
             tok,
             path,
@@ -229,7 +246,7 @@ impl<'m> Batcher<'m> {
                     capacity,
                 }));
                 report.refused += 1;
-                self.retire(s);
+                Self::retire(s, report);
                 continue;
             }
             match plan.admit.iter().find(|a| a.index == i).filter(|_| !stopped) {
@@ -266,13 +283,13 @@ impl<'m> Batcher<'m> {
         }
         let hit_tokens = hits.len() * BLOCK_TOKENS;
         self.pool.count_lookup(all, hit_tokens);
-        if let (Some(m), true) = (&self.metrics, self.pool.prefix_caching()) {
-            m.count_prefix_lookup(all, hit_tokens);
+        if self.pool.prefix_caching() {
+            report.seen.prefix_lookups.push((all, hit_tokens));
         }
         if let Err(e) = s.cache.attach_prefix(hits, self.model.kv_width()) {
             s.fail(SequenceError::Internal(e.to_string()));
             report.refused += 1;
-            self.retire(s);
+            Self::retire(s, report);
             return None;
         }
         fresh.into_iter().for_each(|b| s.cache.push_block(b));
@@ -281,11 +298,9 @@ impl<'m> Batcher<'m> {
         }
         s.pending.drain(..hit_tokens);
         s.chain = chain;
-        if let Some(m) = &self.metrics {
-            if s.last_token_at.is_none() {
-                m.queue_wait.observe(s.submitted_at.elapsed().as_secs_f64());
-                m.adapters_per_request.observe(s.req.mix.entries.len() as f64);
-            }
+        if s.last_token_at.is_none() {
+            let queued = s.submitted_at.elapsed().as_secs_f64();
+            report.seen.admitted.push((queued, s.req.mix.entries.len()));
         }
         self.running.push(s);
         report.admitted += 1;
@@ -297,9 +312,6 @@ impl<'m> Batcher<'m> {
         victim.preempt();
         self.pool.counters.preemptions += 1;
         report.preempted += 1;
-        if let Some(m) = &self.metrics {
-            m.count_preemption();
-        }
         self.waiting.push_front(victim);
     }
 
@@ -344,9 +356,9 @@ impl<'m> Batcher<'m> {
         let (cancelled, running): (Vec<Sequence>, Vec<Sequence>) =
             std::mem::take(&mut self.running).into_iter().partition(|s| s.is_cancelled());
         self.running = running;
-        cancelled.iter().for_each(|s| self.count_tokens(s));
         let mut report =
             StepReport { cancelled: before - self.running.len(), ..Default::default() };
+        cancelled.iter().for_each(|s| Self::count_tokens(s, &mut report));
         let queued = self.waiting.len();
         self.waiting.retain(|s| !s.is_cancelled());
         report.cancelled_waiting = queued - self.waiting.len();
@@ -355,16 +367,11 @@ impl<'m> Batcher<'m> {
         if self.running.is_empty() {
             return report;
         }
-        let feeds = if plan.feeds.len() == self.running.len() {
-            plan.feeds
-        } else {
-            // The pool was shorter than planned: the batch that runs gets its own feeds.
-            let batch: Vec<(bool, usize)> =
-                self.running.iter().map(|s| (s.is_prompt(), s.pending.len())).collect();
-            let decoding = self.running.iter().any(|s| !s.is_prompt());
-            let budget = self.pacer.budget(self.step_latency_ratio, decoding, self.prefill_chunk);
-            scheduler::feeds(&batch, budget)
-        };
+        // The plan decides what every sequence feeds, also for the batch that runs when the
+        // pool turned out shorter than planned.
+        let batch: Vec<(bool, usize)> =
+            self.running.iter().map(|s| (s.is_prompt(), s.pending.len())).collect();
+        let feeds = plan.feeds_for(&batch);
         let mut input = BatchInput::default();
         for (s, &feed) in self.running.iter().zip(&feeds) {
             if s.is_prompt() {
@@ -415,7 +422,7 @@ impl<'m> Batcher<'m> {
         self.running = running;
         report.finished = before - self.running.len();
         for s in done {
-            self.retire(s);
+            Self::retire(s, &mut report);
         }
         report
     }
@@ -470,19 +477,15 @@ impl<'m> Batcher<'m> {
         self.running = failed;
     }
 
-    fn retire(&self, s: Sequence) {
-        self.count_tokens(&s);
+    fn retire(s: Sequence, report: &mut StepReport) {
+        Self::count_tokens(&s, report);
         s.retire();
     }
 
-    /// Adds a retiring sequence's prompt and generated tokens to the per-adapter counters.
-    fn count_tokens(&self, s: &Sequence) {
-        let Some(m) = &self.metrics else { return };
+    /// Records a retiring sequence's prompt and generated tokens for the per-adapter counters.
+    fn count_tokens(s: &Sequence, report: &mut StepReport) {
         let names: Vec<String> = s.req.mix.entries.iter().map(|e| e.adapter.name.clone()).collect();
-        for label in m.mix_labels(&names) {
-            m.prompt_tokens.with_label_values(&[&label]).inc_by(s.req.prompt_ids.len() as u64);
-            m.generated_tokens.with_label_values(&[&label]).inc_by(s.generated_len() as u64);
-        }
+        report.seen.retired.push((names, s.req.prompt_ids.len(), s.generated_len()));
     }
 
     /// The step's forward and the logits of each sequence's last fed position; a panic
@@ -611,7 +614,7 @@ impl<'m> Batcher<'m> {
     /// whatever goes wrong there fails that sequence alone.
     fn take_tokens(&mut self, out: &StepLogits, feeds: &[usize], report: &mut StepReport) {
         let now = std::time::Instant::now();
-        let (tok, faults, metrics) = (self.tok, self.faults.as_deref(), self.metrics.as_deref());
+        let (tok, faults) = (self.tok, self.faults.as_deref());
         for (row, (s, &feed)) in self.running.iter_mut().zip(feeds).enumerate() {
             if feed < s.pending.len() {
                 // Mid-prompt: the rest of the prompt goes in later steps; nothing is sampled.
@@ -630,11 +633,9 @@ impl<'m> Batcher<'m> {
             }
             // A sequence on probation that samples again has been recomputed successfully.
             s.suspect = false;
-            if let Some(m) = metrics {
-                match s.last_token_at {
-                    None => m.ttft.observe((now - s.submitted_at).as_secs_f64()),
-                    Some(prev) => m.itl.observe((now - prev).as_secs_f64()),
-                }
+            match s.last_token_at {
+                None => report.seen.first_token.push((now - s.submitted_at).as_secs_f64()),
+                Some(prev) => report.seen.inter_token.push((now - prev).as_secs_f64()),
             }
             s.last_token_at = Some(now);
         }

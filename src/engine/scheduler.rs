@@ -100,6 +100,20 @@ pub struct StepPlan {
     /// Tokens each sequence of the resulting batch feeds: the running ones that stay, in
     /// order, then the admitted ones.
     pub feeds: Vec<usize>,
+    /// The prompt tokens the step's prefilling sequences share (rule 4's budget).
+    pub prefill_budget: usize,
+}
+
+impl StepPlan {
+    /// What each sequence of `batch` feeds under this plan's budget: the plan's own feeds
+    /// when the batch is the one planned, the same rule applied to the batch that runs when
+    /// the pool turned out shorter than planned (fewer admitted, more preempted).
+    pub fn feeds_for(&self, batch: &[(bool, usize)]) -> Vec<usize> {
+        if batch.len() == self.feeds.len() {
+            return self.feeds.clone();
+        }
+        feeds(batch, self.prefill_budget)
+    }
 }
 
 /// Plans one step. `waiting` is consumed only as far as admission looks, so views may be
@@ -119,7 +133,8 @@ pub fn plan(
         admit(&running[..kept], waiting, pool.capacity, available, b, &mut plan, &mut batch);
     }
     let decoding = running[..kept].iter().any(|r| !r.prompt);
-    plan.feeds = feeds(&batch, if decoding { b.paced_chunk } else { b.prefill_chunk });
+    plan.prefill_budget = if decoding { b.paced_chunk } else { b.prefill_chunk };
+    plan.feeds = feeds(&batch, plan.prefill_budget);
     plan
 }
 
@@ -233,6 +248,19 @@ mod tests {
         let p =
             plan(&[], vec![waiting(500)], PoolView { capacity: 100, available: 20 }, &budgets());
         assert!(p.admit.is_empty());
+    }
+
+    /// The batcher runs the plan's feeds; when the pool turned out shorter and fewer run, the
+    /// plan's own budget decides theirs (the batcher computes none).
+    #[test]
+    fn a_shorter_batch_feeds_under_the_plans_budget() {
+        let running = [decoding(0, 1)];
+        let w = vec![waiting(40), waiting(20)];
+        let p = plan(&running, w, PoolView { capacity: 100, available: 100 }, &budgets());
+        assert_eq!((p.prefill_budget, p.feeds.as_slice()), (8, &[1, 8, 1][..]));
+        assert_eq!(p.feeds_for(&[(false, 1), (true, 40), (true, 20)]), p.feeds);
+        // Only the first admission ran: it takes the paced budget alone.
+        assert_eq!(p.feeds_for(&[(false, 1), (true, 40)]), [1, 8]);
     }
 
     #[test]

@@ -247,7 +247,6 @@ impl Worker {
         batcher.prefill_chunk = cfg.max_prefill_tokens;
         batcher.max_batch = cfg.max_batch_size;
         batcher.step_latency_ratio = cfg.step_latency_ratio;
-        batcher.metrics = metrics.clone();
         batcher.faults = cfg.faults.clone();
         let pending = || background.as_ref().filter(|b| b.pending());
         let mut since_slice = 0usize;
