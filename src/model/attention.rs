@@ -31,9 +31,8 @@ impl Decoder {
         caches: Option<&mut [&mut SeqCache]>,
     ) -> Result<Tensor> {
         let pass = step.pass;
-        let mut q = block.proj(Target::Q)?.forward(h, pass)?;
-        let mut k = block.proj(Target::K)?.forward(h, pass)?;
-        let v = block.proj(Target::V)?.forward(h, pass)?;
+        let qkv = [block.proj(Target::Q)?, block.proj(Target::K)?, block.proj(Target::V)?];
+        let [mut q, mut k, v] = super::linear::LoraLinear::forward_many(qkv, h, pass)?;
         if let Some((qn, kn)) = &block.qk_norm {
             q = self.head_norm(step, &q, qn)?;
             k = self.head_norm(step, &k, kn)?;

@@ -417,16 +417,13 @@ impl Decoder {
     }
 
     fn mlp(&self, block: &Block, h: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
-        let up = block.proj(Target::Up)?.forward(h, pass)?;
-        let act = match (
-            block.proj[Target::Gate as usize].as_ref(),
-            self.cfg.arch.activation,
-            pass.kernels.exec == Exec::Differentiable,
-        ) {
-            (None, super::Activation::Silu, _) => candle_nn::ops::silu(&up)?,
-            (None, super::Activation::GeluTanh, _) => up.gelu()?,
-            (Some(g), act, differentiable) => {
-                let gate = g.forward(h, pass)?;
+        let differentiable = pass.kernels.exec == Exec::Differentiable;
+        let up = block.proj(Target::Up)?;
+        let act = match (block.proj[Target::Gate as usize].as_ref(), self.cfg.arch.activation) {
+            (None, super::Activation::Silu) => candle_nn::ops::silu(&up.forward(h, pass)?)?,
+            (None, super::Activation::GeluTanh) => up.forward(h, pass)?.gelu()?,
+            (Some(g), act) => {
+                let [gate, up] = LoraLinear::forward_many([g, up], h, pass)?;
                 match (act, differentiable) {
                     (super::Activation::Silu, true) => (candle_nn::ops::silu(&gate)? * up)?,
                     (super::Activation::Silu, false) => pass.kernels.silu_mul(&gate, &up)?,
@@ -447,6 +444,15 @@ impl Decoder {
                 .iter()
                 .map(|b| b.proj.iter().flatten().map(|p| p.base.size_in_bytes()).sum::<usize>())
                 .sum::<usize>()
+    }
+
+    /// Bytes of weights one batch-1 decode step must read: every projection and the LM head
+    /// once (the embedding only one row). What bounds batch-1 decode on a memory-bound host,
+    /// with the read bandwidth of `kernels::probe`.
+    pub fn bytes_per_token(&self) -> usize {
+        let row =
+            self.embed.dims().last().copied().unwrap_or(0) * self.embed.dtype().size_in_bytes();
+        self.size_in_bytes() - self.embed.elem_count() * self.embed.dtype().size_in_bytes() + row
     }
 
     /// The projection `id`'s frozen base weight (for training and tests); `None` where the

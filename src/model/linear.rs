@@ -4,7 +4,7 @@
 use super::lora::StepLora;
 use super::ops::{host_tensor, HostF32, Kernels};
 use super::{ModuleId, Result};
-use crate::kernels::matmul::{matmul, quantize};
+use crate::kernels::matmul::{matmul, matmul_many, quantize};
 use crate::kernels::{PackedMatrix, QuantActs};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
@@ -138,23 +138,68 @@ impl LoraLinear {
             return self.add_delta(self.add_bias(y)?, x, pass);
         }
         // Host path: the base product as a vector, bias and LoRA delta added into it in place.
-        if let Some(mut y) = self.base.host_vec(x, pass.kernels)? {
-            let shape = (x.dim(0)?, self.base.dims()?.0);
-            if let Some(b) = &self.bias {
-                match HostF32::of(b) {
-                    Some(b) => y
-                        .chunks_exact_mut(shape.1)
-                        .for_each(|row| row.iter_mut().zip(b.slice()).for_each(|(y, b)| *y += b)),
-                    None => return self.add_delta(self.add_bias(host_tensor(y, shape)?)?, x, pass),
-                }
-            }
-            if self.add_host_delta(x, &mut y, pass)? {
-                return host_tensor(y, shape);
-            }
-            return self.add_delta(host_tensor(y, shape)?, x, pass);
+        if let Some(y) = self.base.host_vec(x, pass.kernels)? {
+            return self.finish_host(y, x, pass);
         }
         let y = self.base.forward(x, pass.kernels)?;
         self.add_delta(self.add_bias(y)?, x, pass)
+    }
+
+    /// The forwards of several projections of the same input (a layer's q, k and v; its gate
+    /// and up). Packed weights share one quantization of `x` and one pool job
+    /// ([`crate::kernels::matmul::matmul_many`]), so the threads stream all of them without a
+    /// join between; each output equals its own [`LoraLinear::forward`] bit for bit.
+    pub fn forward_many<const N: usize>(
+        linears: [&LoraLinear; N],
+        x: &Tensor,
+        pass: &Pass<'_>,
+    ) -> Result<[Tensor; N]> {
+        let packed: Option<Vec<&Arc<PackedMatrix>>> = linears
+            .iter()
+            .map(|l| match &l.base {
+                BaseWeight::Packed(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let x = x.contiguous()?;
+        let host = HostF32::of(&x);
+        let (Some(packed), Some(xs), false) =
+            (packed, host, pass.kernels.exec() == super::ops::Exec::Differentiable)
+        else {
+            let ys = linears.iter().map(|l| l.forward(&x, pass)).collect::<Result<Vec<_>>>()?;
+            return ys.try_into().map_err(|_| unreachable_len());
+        };
+        let (n, k) = x.dims2()?;
+        let mut acts = QuantActs::default();
+        quantize(&pass.kernels.pool, xs.slice(), n, k, &mut acts);
+        let mut ys: Vec<Vec<f32>> = packed.iter().map(|p| vec![0f32; n * p.rows]).collect();
+        let mut jobs: Vec<(&PackedMatrix, &mut [f32])> =
+            packed.iter().zip(ys.iter_mut()).map(|(p, y)| (p.as_ref(), y.as_mut_slice())).collect();
+        matmul_many(&pass.kernels.pool, pass.kernels.isa, &mut jobs, &acts);
+        drop(jobs);
+        let outs = linears
+            .iter()
+            .zip(ys)
+            .map(|(l, y)| l.finish_host(y, &x, pass))
+            .collect::<Result<Vec<_>>>()?;
+        outs.try_into().map_err(|_| unreachable_len())
+    }
+
+    /// Bias and LoRA delta added into a host base product `y` of `x`.
+    fn finish_host(&self, mut y: Vec<f32>, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
+        let shape = (x.dim(0)?, self.base.dims()?.0);
+        if let Some(b) = &self.bias {
+            match HostF32::of(b) {
+                Some(b) => y
+                    .chunks_exact_mut(shape.1)
+                    .for_each(|row| row.iter_mut().zip(b.slice()).for_each(|(y, b)| *y += b)),
+                None => return self.add_delta(self.add_bias(host_tensor(y, shape)?)?, x, pass),
+            }
+        }
+        if self.add_host_delta(x, &mut y, pass)? {
+            return host_tensor(y, shape);
+        }
+        self.add_delta(host_tensor(y, shape)?, x, pass)
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
@@ -188,4 +233,8 @@ impl LoraLinear {
             None => Ok(y),
         }
     }
+}
+
+fn unreachable_len() -> super::ModelError {
+    super::ModelError::Generation("projection count changed; this is a bug".into())
 }

@@ -2,7 +2,8 @@
 #![warn(unsafe_op_in_unsafe_fn)]
 //! (GGUF blocks decoded without loss, activations quantized to 8 bits once per matmul,
 //! AVX-512 VNNI / AVX-VNNI / AVX2 chosen at run time beside a scalar reference), the fused f32
-//! ops a decode step runs between matmuls, and the thread pool they share.
+//! ops a decode step runs between matmuls, the thread pool they share, and the read-bandwidth
+//! probe (`probe`) that bounds batch-1 decode.
 //!
 //! This is the only crate of loraplex with `unsafe` code: SIMD intrinsics behind run-time feature checks,
 //! raw output pointers shared by pool chunks that write disjoint ranges, the pool's
@@ -48,6 +49,7 @@ pub mod ggml;
 pub mod matmul;
 pub mod packed;
 pub mod pool;
+pub mod probe;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 

@@ -49,18 +49,41 @@ impl Plan {
 /// `out[i · w.rows + j] = Σ_c x[i, c] · w[j, c]` with `x` already quantized; `out` must hold
 /// `x.n · w.rows` floats.
 pub fn matmul(pool: &Pool, isa: Isa, w: &PackedMatrix, x: &QuantActs, out: &mut [f32]) {
-    assert_eq!(x.k, w.cols, "activation width must match the weight; this is a bug");
-    assert!(out.len() >= x.n * w.rows, "output too small; this is a bug");
-    let plan = Plan::new(w.groups(), x.n, pool.threads());
-    let dst = SharedOut(out.as_mut_ptr());
+    matmul_many(pool, isa, &mut [(w, out)], x);
+}
+
+/// [`matmul`] of one activation for several weights of the same width (a layer's q, k and v;
+/// its gate and up) in one pool job: the activations are quantized once by the caller, the
+/// threads stream the weights' groups one after another with no join between them, and each
+/// output is exactly what [`matmul`] alone gives (the same tiles in the same order).
+pub fn matmul_many(pool: &Pool, isa: Isa, jobs: &mut [(&PackedMatrix, &mut [f32])], x: &QuantActs) {
+    for (w, out) in jobs.iter() {
+        assert_eq!(x.k, w.cols, "activation width must match the weight; this is a bug");
+        assert!(out.len() >= x.n * w.rows, "output too small; this is a bug");
+    }
+    // Groups of all weights in one index space: `starts[j]` is weight `j`'s first group.
+    let mut starts = Vec::with_capacity(jobs.len() + 1);
+    let mut total = 0;
+    for (w, _) in jobs.iter() {
+        starts.push(total);
+        total += w.groups();
+    }
+    starts.push(total);
+    let targets: Vec<(&PackedMatrix, SharedOut)> =
+        jobs.iter_mut().map(|(w, out)| (*w, SharedOut(out.as_mut_ptr()))).collect();
+    let plan = Plan::new(total, x.n, pool.threads());
     let n_chunks = plan.group_chunks * plan.row_chunks;
     pool.run(n_chunks, |c| {
         let (gc, rc) = (c % plan.group_chunks, c / plan.group_chunks);
-        let groups = gc * plan.groups_per_chunk..((gc + 1) * plan.groups_per_chunk).min(w.groups());
+        let groups = gc * plan.groups_per_chunk..((gc + 1) * plan.groups_per_chunk).min(total);
         let rows = rc * plan.rows_per_chunk..((rc + 1) * plan.rows_per_chunk).min(x.n);
-        let d = dst;
+        let mut j = starts.partition_point(|&s| s <= groups.start) - 1;
         for g in groups {
-            chunk_group(isa, w, g, x, rows.clone(), d.0);
+            while g >= starts[j + 1] {
+                j += 1;
+            }
+            let (w, d) = targets[j];
+            chunk_group(isa, w, g - starts[j], x, rows.clone(), d.0);
         }
     });
 }
@@ -263,6 +286,44 @@ mod tests {
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "row {i}"
             );
+        }
+    }
+
+    /// One job over several weights gives each weight exactly what its own call gives.
+    #[test]
+    fn many_weights_in_one_job_equal_one_call_each() {
+        let k = 576;
+        let ws: Vec<PackedMatrix> = [(576usize, 15u8), (192, 15), (40, 255)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(rows, max))| {
+                PackedMatrix::from_codes(&random_codes(rows, k, max, true, 20 + i as u64), k)
+            })
+            .collect();
+        let pool = Pool::new(2);
+        for &n in &[1usize, 5, 33] {
+            let x = QuantActs::quantize(&random_x(n, k, 30 + n as u64), n, k);
+            for isa in Isa::available().into_iter().chain([Isa::Scalar]) {
+                let want: Vec<Vec<f32>> = ws
+                    .iter()
+                    .map(|w| {
+                        let mut y = vec![0f32; n * w.rows];
+                        matmul(&pool, isa, w, &x, &mut y);
+                        y
+                    })
+                    .collect();
+                let mut got: Vec<Vec<f32>> =
+                    ws.iter().map(|w| vec![f32::NAN; n * w.rows]).collect();
+                let mut jobs: Vec<(&PackedMatrix, &mut [f32])> =
+                    ws.iter().zip(got.iter_mut()).map(|(w, y)| (w, y.as_mut_slice())).collect();
+                matmul_many(&pool, isa, &mut jobs, &x);
+                for (a, b) in want.iter().zip(&got) {
+                    assert!(
+                        a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{isa:?} n {n}"
+                    );
+                }
+            }
         }
     }
 
