@@ -15,13 +15,23 @@
 # GGUF LoRA format with `loraplex export-lora` (Q/K rows permuted as llama.cpp's converter
 # permutes the base weights). Measure on an otherwise idle machine: the load average is printed
 # before every row.
+#
+# `LORAPLEX_BENCH_ISA=avx2` measures what an AVX2-only host (no AVX-512, no VNNI) gets, on a
+# host that has more: loraplex runs with `LORAPLEX_ISA=avx2` (its integer kernels on AVX2
+# `vpmaddubsw`; the f32 kernels on AVX2 + FMA through `LORAPLEX_SIMD=avx2`), and llama.cpp is
+# built with AVX, AVX2, FMA and F16C only, into target/llama.cpp-avx2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-20}"
 rounds="${2:-2}"
 threads="${LORAPLEX_BENCH_THREADS:-2}"
 work=target/vs-llamacpp
-llama="${LLAMA_CPP_DIR:-target/llama.cpp}"
+bench_isa="${LORAPLEX_BENCH_ISA:-native}"
+case "$bench_isa" in
+  native) llama="${LLAMA_CPP_DIR:-target/llama.cpp}" ;;
+  avx2) llama="${LLAMA_CPP_DIR:-target/llama.cpp-avx2}"; export LORAPLEX_ISA=avx2 LORAPLEX_SIMD=avx2; work=target/vs-llamacpp-avx2 ;;
+  *) echo "LORAPLEX_BENCH_ISA must be native or avx2, not '$bench_isa'" >&2; exit 2 ;;
+esac
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 bin=target/release/loraplex
 sdist_version=0.3.36
@@ -47,10 +57,13 @@ build_llama() {
   local isa=()
   local flags
   flags=$(grep -m1 '^flags' /proc/cpuinfo)
-  for f in avx avx2 fma f16c avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+  local wanted="avx avx2 fma f16c avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI"
+  local allowed="$wanted"
+  [ "$bench_isa" = avx2 ] && allowed="avx avx2 fma f16c"
+  for f in $wanted; do
     local flag="${f%%:*}" opt="${f#*:}"
     [ "$opt" = "$f" ] && opt=$(echo "$flag" | tr a-z A-Z)
-    if grep -qw "$flag" <<<"$flags"; then isa+=("-DGGML_$opt=ON"); else isa+=("-DGGML_$opt=OFF"); fi
+    if grep -qw "$flag" <<<"$flags" && grep -qw -- "$f" <<<"$allowed"; then isa+=("-DGGML_$opt=ON"); else isa+=("-DGGML_$opt=OFF"); fi
   done
   cmake -S "$src" -B "$llama/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF "${isa[@]}" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >/dev/null
@@ -59,6 +72,7 @@ build_llama() {
 
 scripts/fetch-model.sh >/dev/null
 build_llama
+[ "${1:-}" = "--build-only" ] && exit 0
 cargo build --release --quiet
 rm -rf "$work" && mkdir -p "$work/adapters" "$work/gguf"
 "$bin" bench --make-adapters "$work/adapters" --adapter-count 32 >/dev/null

@@ -314,3 +314,14 @@ fn packed_rows_in_one_mixed_batch_equal_each_alone() {
         );
     }
 }
+
+/// The packed model is no larger than the GGUF it came from: Q4_1's and Q8_0's f16 scales
+/// are kept as f16 (`kernels::packed::Scales`), so a batch-1 decode step reads no more bytes
+/// than llama.cpp reads from the same file (f32 scales made it 115 MB against the file's 98).
+#[test]
+fn packed_weights_are_no_larger_than_the_gguf() {
+    let m = load(WeightFormat::Packed);
+    let file = std::fs::metadata(real_model_path()).unwrap().len() as usize;
+    let per_token = m.model.bytes_per_token();
+    assert!(per_token <= file, "{per_token} bytes per token, the GGUF is {file}");
+}

@@ -64,7 +64,7 @@ pub enum Isa {
     Avx512Vnni,
     /// 256-bit `vpdpbusd` (AVX-VNNI, with AVX2 and FMA).
     AvxVnni,
-    /// AVX2 + FMA (`vpmaddubsw`).
+    /// AVX2 + FMA + F16C (`vpmaddubsw`).
     Avx2,
     /// The portable reference.
     Scalar,
@@ -104,8 +104,13 @@ impl Isa {
                     is_x86_feature_detected!("avxvnni")
                         && is_x86_feature_detected!("avx2")
                         && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
                 }
-                _ => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+                _ => {
+                    is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
+                }
             };
             if f("avx512") {
                 v.push(Isa::Avx512Vnni);
@@ -131,8 +136,21 @@ impl Isa {
 }
 
 /// What the f32 kernels may use: 2 = AVX-512 (F, BW, VL) with FMA, 1 = AVX2 + FMA, 0 = the
-/// baseline. Checked per call; `std` caches the CPU's answer.
+/// baseline; `LORAPLEX_SIMD` (`avx2`, `scalar`) caps it, to measure what a host without
+/// AVX-512 gets. Checked per call; the answer is cached.
 pub fn simd_level() -> u8 {
+    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cap = match std::env::var("LORAPLEX_SIMD").ok().as_deref() {
+            Some("avx2") => 1,
+            Some("scalar") => 0,
+            _ => 2,
+        };
+        detected_simd_level().min(cap)
+    })
+}
+
+fn detected_simd_level() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
         let v3 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");

@@ -217,18 +217,32 @@ mod tests {
         (0..n * k).map(|i| if i % 97 == 0 { 0.0 } else { rng.random_range(-3.0..3.0f32) }).collect()
     }
 
-    /// Every kernel this CPU runs equals the scalar reference bit for bit, for each format,
-    /// SmolLM2's widths (576, 1536), odd row counts and a partial last group.
+    /// Rounds every scale and minimum to an f16 value, as GGUF's Q4_1 or Q8_0 store them.
+    fn f16_scales(mut rows: Vec<RowCodes>) -> Vec<RowCodes> {
+        for r in &mut rows {
+            for v in r.d.iter_mut().chain(r.m.iter_mut()) {
+                *v = half::f16::from_f32(*v).to_f32();
+            }
+        }
+        rows
+    }
+
+    /// Every kernel this CPU runs equals the scalar reference bit for bit, for each format and
+    /// scale width, SmolLM2's widths (576, 1536), odd row counts and a partial last group.
     #[test]
     fn every_kernel_equals_the_scalar_reference_exactly() {
+        use crate::packed::Scales;
         let pool = Pool::new(2);
         let formats = [(15u8, true), (255, true), (255, false)];
         for (f, &(max_code, shared)) in formats.iter().enumerate() {
-            for &(out_rows, k) in &[(48usize, 576usize), (40, 1536), (16, 64)] {
-                let w = PackedMatrix::from_codes(
-                    &random_codes(out_rows, k, max_code, shared, f as u64 * 7 + k as u64),
-                    k,
-                );
+            for (&(out_rows, k), scales) in [(48usize, 576usize), (40, 1536), (16, 64)]
+                .iter()
+                .flat_map(|shape| [(shape, Scales::F32), (shape, Scales::F16)])
+            {
+                let codes = random_codes(out_rows, k, max_code, shared, f as u64 * 7 + k as u64);
+                let codes = if scales == Scales::F16 { f16_scales(codes) } else { codes };
+                let w = PackedMatrix::from_codes(&codes, k);
+                assert_eq!(w.scales, scales);
                 for &n in &[1usize, 3, 8, 17, 32] {
                     let x = QuantActs::quantize(&random_x(n, k, n as u64), n, k);
                     let mut want = vec![0f32; n * out_rows];
@@ -237,7 +251,7 @@ mod tests {
                         let mut got = vec![f32::NAN; n * out_rows];
                         matmul(&pool, isa, &w, &x, &mut got);
                         let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(same, "{isa:?} {:?} rows {out_rows} k {k} n {n}", w.kind);
+                        assert!(same, "{isa:?} {w:?} rows {out_rows} k {k} n {n}");
                     }
                 }
             }
@@ -262,6 +276,42 @@ mod tests {
                     "{i},{j}: {} vs {exact}",
                     got[i * rows + j]
                 );
+            }
+        }
+    }
+
+    /// f16 scales are used only when exact: one scale off the f16 grid packs the whole
+    /// matrix with f32 scales; both unpack to exactly the rows they were given, and the f16
+    /// records are smaller.
+    #[test]
+    fn f16_scales_only_when_every_scale_is_exact() {
+        use crate::packed::Scales;
+        let k = 576;
+        let exact = f16_scales(random_codes(33, k, 15, true, 5));
+        let mut off = exact.clone();
+        // Both halves of a 32-column block (W4 shares them); 0.1 is no f16 value.
+        off[17].m[2] = 0.1;
+        off[17].m[3] = 0.1;
+        let (a, b) = (PackedMatrix::from_codes(&exact, k), PackedMatrix::from_codes(&off, k));
+        assert_eq!((a.scales, b.scales), (Scales::F16, Scales::F32));
+        assert!(
+            a.size_in_bytes() * 6 == b.size_in_bytes() * 5,
+            "{} vs {}",
+            a.size_in_bytes(),
+            b.size_in_bytes()
+        );
+        for (w, rows) in [(&a, &exact), (&b, &off)] {
+            let got = w.unpack();
+            for (r, codes) in rows.iter().enumerate() {
+                for c in 0..k {
+                    let want = codes.d[c / 16].mul_add(codes.u[c] as f32, codes.m[c / 16]);
+                    assert_eq!(
+                        got[r * k + c].to_bits(),
+                        want.to_bits(),
+                        "{:?} row {r} col {c}",
+                        w.scales
+                    );
+                }
             }
         }
     }

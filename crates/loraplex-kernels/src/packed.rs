@@ -2,8 +2,11 @@
 //!
 //! A `(rows, cols)` weight is cut into groups of 16 rows and blocks of 32 columns. Each
 //! (group, block) is one record, records of a group stored block after block:
-//! - scales `d[16]` and minimums `m[16]` (f32, one per row of the group; twice, for the two
-//!   16-column halves, in the [`Kind::W8S16`] format);
+//! - scales `d[16]` and minimums `m[16]` (one per row of the group; twice, for the two
+//!   16-column halves, in the [`Kind::W8S16`] format), as f16 when every scale of the matrix
+//!   is exactly an f16 (GGUF's Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 store them so), else as f32
+//!   ([`Scales`]): at batch 1 the weights' bytes are the step's cost, and f32 scales made a
+//!   Q4_1 matrix 20 % larger than the GGUF it came from;
 //! - the codes, as 64-byte chunks in which row `r` of the group owns bytes `4r..4r + 4`:
 //!   [`Kind::W8`]/[`Kind::W8S16`]: chunk `k` (0..8) holds columns `4k..4k + 4` as bytes;
 //!   [`Kind::W4`]: chunk `k` (0..4) holds columns `4k..4k + 4` in the low nibbles and
@@ -39,15 +42,21 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Bytes of one (group, block) record.
+    /// Bytes of one (group, block) record with f32 scales.
     pub const fn record_bytes(self) -> usize {
         self.scale_bytes() + self.code_bytes()
     }
 
+    /// Bytes of one record's scales when they are f32 ([`Scales::record_bytes`] for both).
     pub const fn scale_bytes(self) -> usize {
+        self.scale_rows() * GROUP * 4
+    }
+
+    /// Rows of 16 scales a record holds: `d` and `m`, once or (W8S16) twice.
+    pub const fn scale_rows(self) -> usize {
         match self {
-            Kind::W4 | Kind::W8 => 2 * GROUP * 4,
-            Kind::W8S16 => 4 * GROUP * 4,
+            Kind::W4 | Kind::W8 => 2,
+            Kind::W8S16 => 4,
         }
     }
 
@@ -70,6 +79,40 @@ impl Kind {
     }
 }
 
+/// How a matrix stores its scales and minimums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scales {
+    F32,
+    /// Every scale is exactly an f16, so this is lossless; the kernels widen them with
+    /// `vcvtph2ps` (F16C), which is exact.
+    F16,
+}
+
+impl Scales {
+    /// Bytes of one scale.
+    pub const fn width(self) -> usize {
+        match self {
+            Scales::F32 => 4,
+            Scales::F16 => 2,
+        }
+    }
+
+    /// Bytes of the scales of one record of `kind` (a whole number of cache lines).
+    pub const fn bytes(self, kind: Kind) -> usize {
+        kind.scale_rows() * GROUP * self.width()
+    }
+
+    /// Bytes of one record of `kind`.
+    pub const fn record_bytes(self, kind: Kind) -> usize {
+        self.bytes(kind) + kind.code_bytes()
+    }
+
+    /// Byte offset of scale row `r` (0 = d, 1 = m, then W8S16's second pair) in a record.
+    pub const fn row_offset(self, r: usize) -> usize {
+        r * GROUP * self.width()
+    }
+}
+
 /// One cache line; records are made of whole lines so each starts 64-byte aligned.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -81,17 +124,24 @@ pub struct PackedMatrix {
     pub rows: usize,
     pub cols: usize,
     pub kind: Kind,
+    pub scales: Scales,
     lines: Vec<Line>,
 }
 
 impl std::fmt::Debug for PackedMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedMatrix({}×{}, {:?})", self.rows, self.cols, self.kind)
+        write!(
+            f,
+            "PackedMatrix({}×{}, {:?}, {:?} scales)",
+            self.rows, self.cols, self.kind, self.scales
+        )
     }
 }
 
 impl PackedMatrix {
-    /// Packs `rows` rows of `cols` columns; `row(r, &mut codes)` decodes row `r`.
+    /// Packs `rows` rows of `cols` columns; `row(r, &mut codes)` decodes row `r`. Scales are
+    /// stored as f16 when all of them are exactly f16 values; the first that is not makes the
+    /// packing start over with f32 scales (decoding the rows again).
     pub fn pack<E>(
         rows: usize,
         cols: usize,
@@ -102,9 +152,24 @@ impl PackedMatrix {
             cols.is_multiple_of(BLOCK),
             "packed matrices need whole 32-column blocks; this is a bug"
         );
+        match Self::pack_with(rows, cols, kind, Scales::F16, &mut row)? {
+            Some(p) => Ok(p),
+            None => Ok(Self::pack_with(rows, cols, kind, Scales::F32, &mut row)?
+                .unwrap_or_else(|| unreachable!("f32 holds every f32 scale"))),
+        }
+    }
+
+    /// Packs with `scales`, or `None` when a scale does not fit them exactly.
+    fn pack_with<E>(
+        rows: usize,
+        cols: usize,
+        kind: Kind,
+        scales: Scales,
+        row: &mut impl FnMut(usize, &mut RowCodes) -> Result<(), E>,
+    ) -> Result<Option<Self>, E> {
         let groups = rows.div_ceil(GROUP);
         let blocks = cols / BLOCK;
-        let lines_per_record = kind.record_bytes() / 64;
+        let lines_per_record = scales.record_bytes(kind) / 64;
         let mut lines = vec![Line([0; 64]); groups * blocks * lines_per_record];
         let mut codes = RowCodes::with_cols(cols);
         for r in 0..rows {
@@ -113,10 +178,12 @@ impl PackedMatrix {
             for b in 0..blocks {
                 let first = (g * blocks + b) * lines_per_record;
                 let rec = bytes_mut(&mut lines[first..first + lines_per_record]);
-                write_lane(rec, kind, lane, &codes, b);
+                if !write_lane(rec, kind, scales, lane, &codes, b) {
+                    return Ok(None);
+                }
             }
         }
-        Ok(Self { rows, cols, kind, lines })
+        Ok(Some(Self { rows, cols, kind, scales, lines }))
     }
 
     /// Packs rows already decoded, in the smallest exact format.
@@ -141,9 +208,14 @@ impl PackedMatrix {
         self.cols / BLOCK
     }
 
+    /// Bytes of one of this matrix's records.
+    pub fn record_bytes(&self) -> usize {
+        self.scales.record_bytes(self.kind)
+    }
+
     /// The records of group `g`, block after block.
     pub fn group_bytes(&self, g: usize) -> &[u8] {
-        let per = self.blocks() * self.kind.record_bytes() / 64;
+        let per = self.blocks() * self.record_bytes() / 64;
         bytes(&self.lines[g * per..(g + 1) * per])
     }
 
@@ -164,12 +236,13 @@ impl PackedMatrix {
         for (i, row) in out.chunks_exact_mut(self.cols).enumerate() {
             let r = first + i;
             let group = self.group_bytes(r / GROUP);
-            let rb = self.kind.record_bytes();
+            let rb = self.record_bytes();
             for b in 0..self.blocks() {
                 let rec = &group[b * rb..(b + 1) * rb];
                 for c in 0..BLOCK {
-                    let (d, m) = lane_scales(rec, self.kind, r % GROUP, c / 16);
-                    row[b * BLOCK + c] = d.mul_add(code(rec, self.kind, r % GROUP, c) as f32, m);
+                    let (d, m) = lane_scales(rec, self.kind, self.scales, r % GROUP, c / 16);
+                    let u = code(rec, self.kind, self.scales, r % GROUP, c);
+                    row[b * BLOCK + c] = d.mul_add(u as f32, m);
                 }
             }
         }
@@ -187,24 +260,48 @@ fn bytes_mut(lines: &mut [Line]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<u8>(), lines.len() * 64) }
 }
 
-fn put_f32(rec: &mut [u8], at: usize, v: f32) {
-    rec[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-pub(super) fn get_f32(rec: &[u8], at: usize) -> f32 {
-    f32::from_le_bytes([rec[at], rec[at + 1], rec[at + 2], rec[at + 3]])
-}
-
-/// Writes row `lane` of block `b` of `codes` into a record.
-fn write_lane(rec: &mut [u8], kind: Kind, lane: usize, codes: &RowCodes, b: usize) {
-    let (sub_lo, sub_hi) = (2 * b, 2 * b + 1);
-    put_f32(rec, 4 * lane, codes.d[sub_lo]);
-    put_f32(rec, 64 + 4 * lane, codes.m[sub_lo]);
-    if kind == Kind::W8S16 {
-        put_f32(rec, 128 + 4 * lane, codes.d[sub_hi]);
-        put_f32(rec, 192 + 4 * lane, codes.m[sub_hi]);
+/// Writes scale `v` at `at` in `scales`; false when it is not exactly representable there.
+fn put_scale(rec: &mut [u8], at: usize, scales: Scales, v: f32) -> bool {
+    match scales {
+        Scales::F32 => rec[at..at + 4].copy_from_slice(&v.to_le_bytes()),
+        Scales::F16 => {
+            let h = half::f16::from_f32(v);
+            if h.to_f32().to_bits() != v.to_bits() {
+                return false;
+            }
+            rec[at..at + 2].copy_from_slice(&h.to_le_bytes());
+        }
     }
-    let q = &mut rec[kind.scale_bytes()..];
+    true
+}
+
+fn get_scale(rec: &[u8], at: usize, scales: Scales) -> f32 {
+    match scales {
+        Scales::F32 => f32::from_le_bytes([rec[at], rec[at + 1], rec[at + 2], rec[at + 3]]),
+        Scales::F16 => half::f16::from_le_bytes([rec[at], rec[at + 1]]).to_f32(),
+    }
+}
+
+/// Writes row `lane` of block `b` of `codes` into a record; false when a scale does not fit
+/// `scales` exactly.
+fn write_lane(
+    rec: &mut [u8],
+    kind: Kind,
+    scales: Scales,
+    lane: usize,
+    codes: &RowCodes,
+    b: usize,
+) -> bool {
+    let (sub_lo, sub_hi) = (2 * b, 2 * b + 1);
+    let at = |row: usize| scales.row_offset(row) + scales.width() * lane;
+    let mut exact = put_scale(rec, at(0), scales, codes.d[sub_lo])
+        && put_scale(rec, at(1), scales, codes.m[sub_lo]);
+    if kind == Kind::W8S16 {
+        exact = exact
+            && put_scale(rec, at(2), scales, codes.d[sub_hi])
+            && put_scale(rec, at(3), scales, codes.m[sub_hi]);
+    }
+    let q = &mut rec[scales.bytes(kind)..];
     let u = &codes.u[b * BLOCK..(b + 1) * BLOCK];
     match kind {
         Kind::W4 => {
@@ -220,17 +317,25 @@ fn write_lane(rec: &mut [u8], kind: Kind, lane: usize, codes: &RowCodes, b: usiz
             }
         }
     }
+    exact
 }
 
 /// The scale and minimum of row `lane` for half `half` (0 or 1) of a record.
-pub(super) fn lane_scales(rec: &[u8], kind: Kind, lane: usize, half: usize) -> (f32, f32) {
-    let base = if kind == Kind::W8S16 && half == 1 { 128 } else { 0 };
-    (get_f32(rec, base + 4 * lane), get_f32(rec, base + 64 + 4 * lane))
+pub(super) fn lane_scales(
+    rec: &[u8],
+    kind: Kind,
+    scales: Scales,
+    lane: usize,
+    half: usize,
+) -> (f32, f32) {
+    let first = if kind == Kind::W8S16 && half == 1 { 2 } else { 0 };
+    let at = |row: usize| scales.row_offset(row) + scales.width() * lane;
+    (get_scale(rec, at(first), scales), get_scale(rec, at(first + 1), scales))
 }
 
 /// The code of row `lane`, column `c` (0..32) of a record.
-pub(super) fn code(rec: &[u8], kind: Kind, lane: usize, c: usize) -> u8 {
-    let q = &rec[kind.scale_bytes()..];
+pub(super) fn code(rec: &[u8], kind: Kind, scales: Scales, lane: usize, c: usize) -> u8 {
+    let q = &rec[scales.bytes(kind)..];
     match kind {
         Kind::W4 => {
             let (k, hi) = ((c % 16) / 4, c >= 16);
@@ -256,7 +361,7 @@ pub fn tile_scalar(
     ld: usize,
 ) {
     let recs = w.group_bytes(g);
-    let rb = w.kind.record_bytes();
+    let rb = w.record_bytes();
     for (oi, i) in rows.enumerate() {
         for lane in 0..GROUP {
             let mut acc = 0f32;
@@ -265,16 +370,17 @@ pub fn tile_scalar(
                 let xq = x.block(i, b);
                 let (dx, sums) = (x.scale(i, b), x.sums(i, b));
                 let dot = |cols: std::ops::Range<usize>| {
-                    cols.map(|c| code(rec, w.kind, lane, c) as i32 * xq[c] as i32).sum::<i32>()
+                    cols.map(|c| code(rec, w.kind, w.scales, lane, c) as i32 * xq[c] as i32)
+                        .sum::<i32>()
                 };
                 if w.kind == Kind::W8S16 {
                     for (half, s) in [(0usize, sums[1]), (1, sums[2])] {
-                        let (d, m) = lane_scales(rec, w.kind, lane, half);
+                        let (d, m) = lane_scales(rec, w.kind, w.scales, lane, half);
                         acc = d.mul_add(dot(16 * half..16 * half + 16) as f32 * dx, acc);
                         acc = m.mul_add(s, acc);
                     }
                 } else {
-                    let (d, m) = lane_scales(rec, w.kind, lane, 0);
+                    let (d, m) = lane_scales(rec, w.kind, w.scales, lane, 0);
                     acc = d.mul_add(dot(0..BLOCK) as f32 * dx, acc);
                     acc = m.mul_add(sums[0], acc);
                 }

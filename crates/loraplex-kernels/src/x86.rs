@@ -7,7 +7,7 @@
 //! The caller checks the CPU features at run time ([`super::Isa::detect`]) before calling.
 
 use super::matmul::Tile;
-use super::packed::{Kind, BLOCK};
+use super::packed::{Kind, Scales, BLOCK};
 use std::arch::x86_64::*;
 
 /// Runs a tile of `m` rows (1..=8) with AVX-512 VNNI.
@@ -51,7 +51,8 @@ pub unsafe fn tile_avx512(t: &Tile<'_>, m: usize) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn avx512<const M: usize, const K: u8>(t: &Tile<'_>) {
     let (kind, nb, k) = (t.w.kind, t.w.blocks(), t.x.k);
-    let rb = kind.record_bytes();
+    let (rb, sb, half_scales) =
+        (t.w.record_bytes(), t.w.scales.bytes(kind), t.w.scales == Scales::F16);
     let recs = t.w.group_bytes(t.g).as_ptr();
     let (q, d, s) = t.x.raw();
     let nibble = _mm512_set1_epi8(0x0F);
@@ -60,7 +61,6 @@ unsafe fn avx512<const M: usize, const K: u8>(t: &Tile<'_>) {
         // SAFETY: `b < nb`, so the record lies inside the group's bytes; records are 64-byte
         // aligned (whole `Line`s) for the aligned loads.
         let rec = unsafe { recs.add(b * rb) };
-        let sb = kind.scale_bytes();
         let mut w = [_mm512_setzero_si512(); 8];
         // SAFETY: each load reads 64 bytes inside this record.
         unsafe {
@@ -76,14 +76,20 @@ unsafe fn avx512<const M: usize, const K: u8>(t: &Tile<'_>) {
                 }
             }
         }
-        // SAFETY: scale rows of this record (64-byte aligned, 16 floats each).
-        let (d0, m0) = unsafe { (_mm512_load_ps(rec.cast()), _mm512_load_ps(rec.add(64).cast())) };
-        let (d1, m1) = if K == 2 {
-            // SAFETY: the W8S16 record's second scale pair.
-            unsafe { (_mm512_load_ps(rec.add(128).cast()), _mm512_load_ps(rec.add(192).cast())) }
-        } else {
-            (d0, m0)
+        // Scale row `r` of this record: 16 f32 (64-byte aligned) or 16 f16 (32-byte aligned,
+        // widened exactly).
+        let scale_row = |r: usize| -> __m512 {
+            // SAFETY: row `r` of the record's scales, inside the record, aligned as said.
+            unsafe {
+                if half_scales {
+                    _mm512_cvtph_ps(_mm256_load_si256(rec.add(32 * r).cast()))
+                } else {
+                    _mm512_load_ps(rec.add(64 * r).cast())
+                }
+            }
         };
+        let (d0, m0) = (scale_row(0), scale_row(1));
+        let (d1, m1) = if K == 2 { (scale_row(2), scale_row(3)) } else { (d0, m0) };
         // One row's block, inlined per row index so `acc` stays in registers.
         let row_step = |i: usize, acc_i: __m512| -> __m512 {
             let row = t.row0 + i;
@@ -137,7 +143,8 @@ unsafe fn avx512<const M: usize, const K: u8>(t: &Tile<'_>) {
 /// `vpdpbusd`, else AVX2's `vpmaddubsw`.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA (and AVX-VNNI when `vnni`); the rest as [`tile_avx512`].
+/// The CPU must have AVX2, FMA and F16C (and AVX-VNNI when `vnni`); the rest as
+/// [`tile_avx512`].
 pub unsafe fn tile_avx2(t: &Tile<'_>, m: usize, vnni: bool) {
     // SAFETY: forwarded from this function's contract.
     unsafe {
@@ -156,13 +163,13 @@ pub unsafe fn tile_avx2(t: &Tile<'_>, m: usize, vnni: bool) {
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn avx2_plain<const M: usize>(t: &Tile<'_>, half: usize) {
     // SAFETY: the features `avx2` needs are enabled on this function.
     unsafe { avx2::<M, false>(t, half) }
 }
 
-#[target_feature(enable = "avx2,fma,avxvnni")]
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 unsafe fn avx_vnni<const M: usize>(t: &Tile<'_>, half: usize) {
     // SAFETY: the features `avx2::<_, true>` needs are enabled on this function.
     unsafe { avx2::<M, true>(t, half) }
@@ -209,7 +216,8 @@ unsafe fn avx2<const M: usize, const VNNI: bool>(t: &Tile<'_>, half: usize) {
     // loads stay inside the records and activation blocks the caller passes.
     unsafe {
         let (kind, nb, k) = (t.w.kind, t.w.blocks(), t.x.k);
-        let rb = kind.record_bytes();
+        let (rb, sb) = (t.w.record_bytes(), t.w.scales.bytes(kind));
+        let half_scales = t.w.scales == Scales::F16;
         let recs = t.w.group_bytes(t.g).as_ptr();
         let (q, d, s) = t.x.raw();
         let nibble = _mm256_set1_epi8(0x0F);
@@ -218,27 +226,24 @@ unsafe fn avx2<const M: usize, const VNNI: bool>(t: &Tile<'_>, half: usize) {
         for b in 0..nb {
             // Bound: `b < nb`: the record is inside the group's bytes.
             let rec = recs.add(b * rb);
-            let sb = kind.scale_bytes();
             let n_chunks = if kind == Kind::W4 { 4 } else { 8 };
             let mut raw = [_mm256_setzero_si256(); 8];
             for (c, r) in raw.iter_mut().enumerate().take(n_chunks) {
                 // Bound: 32 bytes inside chunk `c` of this record, 32-byte aligned.
                 *r = _mm256_load_si256(rec.add(sb + 64 * c + lane0).cast());
             }
-            // Bound: 8 floats of each scale row, inside the record.
-            let (d0, m0) = (
-                _mm256_load_ps(rec.add(4 * 8 * half).cast()),
-                _mm256_load_ps(rec.add(64 + 4 * 8 * half).cast()),
-            );
-            let (d1, m1) = if kind == Kind::W8S16 {
-                // Bound: the W8S16 record's second scale pair.
-                (
-                    _mm256_load_ps(rec.add(128 + 32 * half).cast()),
-                    _mm256_load_ps(rec.add(192 + 32 * half).cast()),
-                )
-            } else {
-                (d0, m0)
+            // Bound: this half's 8 scales of row `r`, inside the record: f32 (32-byte
+            // aligned) or f16 (16-byte aligned, widened exactly by F16C).
+            let scale_row = |r: usize| {
+                if half_scales {
+                    _mm256_cvtph_ps(_mm_load_si128(rec.add(32 * r + 16 * half).cast()))
+                } else {
+                    _mm256_load_ps(rec.add(64 * r + 32 * half).cast())
+                }
             };
+            let (d0, m0) = (scale_row(0), scale_row(1));
+            let (d1, m1) =
+                if kind == Kind::W8S16 { (scale_row(2), scale_row(3)) } else { (d0, m0) };
             for (i, acc_i) in acc.iter_mut().enumerate() {
                 let row = t.row0 + i;
                 let xb = &q[row * k + b * BLOCK..row * k + (b + 1) * BLOCK];
