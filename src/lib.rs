@@ -129,9 +129,11 @@
 //!   `structured::tools`: tool-call formats per family, their grammars, reading calls back, the
 //!   generic tool prompt.
 //! - [`kernels`] (the `loraplex-kernels` crate, the only one with `unsafe`): `kernels::packed`
-//!   (the packed layout and its scalar reference), `kernels::ggml` (GGUF blocks decoded without
-//!   loss), `kernels::acts` (activations quantized per 32 values), `kernels::matmul` and
-//!   `kernels::x86` (the integer matmul: AVX-512 VNNI / AVX-VNNI / AVX2 / scalar),
+//!   (the packed layout, f16 or f32 scales, and its scalar reference), `kernels::ggml` (GGUF
+//!   blocks decoded without loss), `kernels::acts` (activations quantized per 32 values),
+//!   `kernels::matmul` and `kernels::x86` (the integer matmul, one weight or several sharing
+//!   an input in one job: AVX-512 VNNI / AVX-VNNI / AVX2 / scalar), `kernels::probe` (the
+//!   host's read bandwidth, which bounds batch-1 decode),
 //!   `kernels::dense` (the dense f32 matmul), `kernels::fused` (norms, rope, SiLU·mul,
 //!   attention, LoRA), `kernels::pool` (the chunked thread pool), `kernels::alloc` (the global
 //!   allocator with a per-thread tally: what a piece of work left allocated).

@@ -146,33 +146,43 @@ unsafe fn avx512<const M: usize, const K: u8>(t: &Tile<'_>) {
 /// The CPU must have AVX2, FMA and F16C (and AVX-VNNI when `vnni`); the rest as
 /// [`tile_avx512`].
 pub unsafe fn tile_avx2(t: &Tile<'_>, m: usize, vnni: bool) {
+    // The format is a constant of each kernel (as in `avx512`), so the nibble split and the
+    // scale handling are resolved at compile time, outside the row loop.
+    macro_rules! by_rows {
+        ($f:ident, $k:literal, $half:expr) => {
+            match m {
+                1 => $f::<1, $k>(t, $half),
+                2 => $f::<2, $k>(t, $half),
+                3 => $f::<3, $k>(t, $half),
+                _ => $f::<4, $k>(t, $half),
+            }
+        };
+    }
     // SAFETY: forwarded from this function's contract.
     unsafe {
         for half in 0..2 {
-            match (vnni, m) {
-                (true, 1) => avx_vnni::<1>(t, half),
-                (true, 2) => avx_vnni::<2>(t, half),
-                (true, 3) => avx_vnni::<3>(t, half),
-                (true, _) => avx_vnni::<4>(t, half),
-                (false, 1) => avx2_plain::<1>(t, half),
-                (false, 2) => avx2_plain::<2>(t, half),
-                (false, 3) => avx2_plain::<3>(t, half),
-                (false, _) => avx2_plain::<4>(t, half),
+            match (vnni, t.w.kind) {
+                (true, Kind::W4) => by_rows!(avx_vnni, 0, half),
+                (true, Kind::W8) => by_rows!(avx_vnni, 1, half),
+                (true, Kind::W8S16) => by_rows!(avx_vnni, 2, half),
+                (false, Kind::W4) => by_rows!(avx2_plain, 0, half),
+                (false, Kind::W8) => by_rows!(avx2_plain, 1, half),
+                (false, Kind::W8S16) => by_rows!(avx2_plain, 2, half),
             }
         }
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2_plain<const M: usize>(t: &Tile<'_>, half: usize) {
+unsafe fn avx2_plain<const M: usize, const K: u8>(t: &Tile<'_>, half: usize) {
     // SAFETY: the features `avx2` needs are enabled on this function.
-    unsafe { avx2::<M, false>(t, half) }
+    unsafe { avx2::<M, K, false>(t, half) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-unsafe fn avx_vnni<const M: usize>(t: &Tile<'_>, half: usize) {
-    // SAFETY: the features `avx2::<_, true>` needs are enabled on this function.
-    unsafe { avx2::<M, true>(t, half) }
+unsafe fn avx_vnni<const M: usize, const K: u8>(t: &Tile<'_>, half: usize) {
+    // SAFETY: the features `avx2::<_, _, true>` needs are enabled on this function.
+    unsafe { avx2::<M, K, true>(t, half) }
 }
 
 /// `Σ_g u_g · x_g` over eight 4-code groups for 8 rows, with codes below 16.
@@ -207,12 +217,13 @@ unsafe fn dot8_vnni(w: &[__m256i; 8], xg: impl Fn(usize) -> __m256i) -> __m256i 
     }
 }
 
-/// Half `half` (rows 8·half .. 8·half + 8 of the group) of a tile. Inlined into a wrapper
-/// whose target features match `VNNI`, so the intrinsics inline with them.
+/// Half `half` (rows 8·half .. 8·half + 8 of the group) of a tile; `K` as in `avx512`
+/// (0 = W4, 1 = W8, 2 = W8S16). Inlined into a wrapper whose target features match `VNNI`, so
+/// the intrinsics inline with them.
 #[inline(always)]
-unsafe fn avx2<const M: usize, const VNNI: bool>(t: &Tile<'_>, half: usize) {
+unsafe fn avx2<const M: usize, const K: u8, const VNNI: bool>(t: &Tile<'_>, half: usize) {
     // SAFETY: only ever inlined into a `#[target_feature]` function that enables every
-    // feature these intrinsics need (AVX2 + FMA, and AVX-VNNI for the `vnni` helpers);
+    // feature these intrinsics need (AVX2 + FMA + F16C, and AVX-VNNI for the `vnni` helpers);
     // loads stay inside the records and activation blocks the caller passes.
     unsafe {
         let (kind, nb, k) = (t.w.kind, t.w.blocks(), t.x.k);
@@ -226,11 +237,20 @@ unsafe fn avx2<const M: usize, const VNNI: bool>(t: &Tile<'_>, half: usize) {
         for b in 0..nb {
             // Bound: `b < nb`: the record is inside the group's bytes.
             let rec = recs.add(b * rb);
-            let n_chunks = if kind == Kind::W4 { 4 } else { 8 };
-            let mut raw = [_mm256_setzero_si256(); 8];
-            for (c, r) in raw.iter_mut().enumerate().take(n_chunks) {
-                // Bound: 32 bytes inside chunk `c` of this record, 32-byte aligned.
-                *r = _mm256_load_si256(rec.add(sb + 64 * c + lane0).cast());
+            // Bound: 32 bytes inside chunk `c` of this record, 32-byte aligned.
+            let chunk = |c: usize| _mm256_load_si256(rec.add(sb + 64 * c + lane0).cast());
+            // The codes, split once per block for every row of the tile.
+            let mut w = [_mm256_setzero_si256(); 8];
+            if K == 0 {
+                for c in 0..4 {
+                    let raw = chunk(c);
+                    w[c] = _mm256_and_si256(raw, nibble);
+                    w[c + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
+                }
+            } else {
+                for (c, wc) in w.iter_mut().enumerate() {
+                    *wc = chunk(c);
+                }
             }
             // Bound: this half's 8 scales of row `r`, inside the record: f32 (32-byte
             // aligned) or f16 (16-byte aligned, widened exactly by F16C).
@@ -242,48 +262,27 @@ unsafe fn avx2<const M: usize, const VNNI: bool>(t: &Tile<'_>, half: usize) {
                 }
             };
             let (d0, m0) = (scale_row(0), scale_row(1));
-            let (d1, m1) =
-                if kind == Kind::W8S16 { (scale_row(2), scale_row(3)) } else { (d0, m0) };
+            let (d1, m1) = if K == 2 { (scale_row(2), scale_row(3)) } else { (d0, m0) };
             for (i, acc_i) in acc.iter_mut().enumerate() {
                 let row = t.row0 + i;
-                let xb = &q[row * k + b * BLOCK..row * k + (b + 1) * BLOCK];
-                let xg = |g: usize| {
-                    _mm256_set1_epi32(i32::from_le_bytes([
-                        xb[4 * g] as u8,
-                        xb[4 * g + 1] as u8,
-                        xb[4 * g + 2] as u8,
-                        xb[4 * g + 3] as u8,
-                    ]))
+                // Bound: `row < x.n` and `b < nb`: the block's 32 codes, its scale and sums.
+                let xb = q.as_ptr().add(row * k + b * BLOCK).cast::<i32>();
+                let xg = |g: usize| _mm256_set1_epi32(xb.add(g).read_unaligned());
+                let (lo, hi) = if K == 0 {
+                    // AVX-VNNI is present when `VNNI` (the caller's contract).
+                    let all = if VNNI { dot8_vnni(&w, xg) } else { dot8_u4(&w, xg) };
+                    (all, _mm256_setzero_si256())
+                } else if VNNI {
+                    // Split at column 16 for the W8S16 halves.
+                    (dot4_vnni(&w[..4], &xg, 0), dot4_vnni(&w[4..], &xg, 4))
+                } else {
+                    // 8-bit codes overflow `vpmaddubsw`'s i16 pairs, so split each code into
+                    // nibbles: u = 16·h + l, each a 4-bit dot product (bounds as in dot8_u4).
+                    (split_dot4(&w[..4], nibble, &xg, 0), split_dot4(&w[4..], nibble, &xg, 4))
                 };
-                let (lo, hi) = match kind {
-                    Kind::W4 => {
-                        let mut w = [_mm256_setzero_si256(); 8];
-                        for c in 0..4 {
-                            w[c] = _mm256_and_si256(raw[c], nibble);
-                            w[c + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw[c]), nibble);
-                        }
-                        // AVX-VNNI is present when `VNNI` (the caller's contract).
-                        let all = if VNNI { dot8_vnni(&w, xg) } else { dot8_u4(&w, xg) };
-                        (all, _mm256_setzero_si256())
-                    }
-                    _ if VNNI => {
-                        // Split at column 16 for the W8S16 halves.
-                        let lo = dot4_vnni(&raw[..4], &xg, 0);
-                        let hi = dot4_vnni(&raw[4..], &xg, 4);
-                        (lo, hi)
-                    }
-                    _ => {
-                        // 8-bit codes overflow `vpmaddubsw`'s i16 pairs, so split each code into
-                        // nibbles: u = 16·h + l, each a 4-bit dot product (bounds as in dot8_u4).
-                        (
-                            split_dot4(&raw[..4], nibble, &xg, 0),
-                            split_dot4(&raw[4..], nibble, &xg, 4),
-                        )
-                    }
-                };
-                let dx = _mm256_set1_ps(d[row * nb + b]);
-                let sums = s[row * nb + b];
-                if kind == Kind::W8S16 {
+                let dx = _mm256_set1_ps(*d.get_unchecked(row * nb + b));
+                let sums = *s.get_unchecked(row * nb + b);
+                if K == 2 {
                     let f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(lo), dx);
                     *acc_i = _mm256_fmadd_ps(d0, f0, *acc_i);
                     *acc_i = _mm256_fmadd_ps(m0, _mm256_set1_ps(sums[1]), *acc_i);
@@ -318,7 +317,9 @@ unsafe fn dot4_vnni(w: &[__m256i], xg: &impl Fn(usize) -> __m256i, g0: usize) ->
     }
 }
 
-/// Four 8-bit code groups as two nibble dot products: `16 · Σ h·x + Σ l·x`.
+/// Four 8-bit code groups as two nibble dot products: `16 · Σ h·x + Σ l·x`. The split is
+/// redone per row: holding both halves of eight chunks for the tile spills registers and
+/// measured 1.5× slower.
 #[inline(always)]
 unsafe fn split_dot4(
     w: &[__m256i],
