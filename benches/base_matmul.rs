@@ -22,7 +22,7 @@ fn shapes() -> Vec<(usize, usize)> {
 }
 
 fn bench(c: &mut Criterion) {
-    loraplex::runtime::init_threads();
+    loraplex::runtime::init_process();
     let dev = Device::Cpu;
     let pool = Pool::new(Pool::default_threads());
     for (k, out) in shapes() {

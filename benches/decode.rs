@@ -26,7 +26,7 @@ fn prefilled(model: &Decoder, batch: usize, lora: &StepLora) -> Vec<SeqCache> {
 }
 
 fn bench(c: &mut Criterion) {
-    loraplex::runtime::init_threads();
+    loraplex::runtime::init_process();
     let dev = Device::Cpu;
     let dtype = std::env::var("LORAPLEX_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
     let path = std::env::var("LORAPLEX_MODEL")

@@ -12,7 +12,7 @@ use loraplex::model::{BatchInput, Decoder, DecoderConfig, SeqCache, StepLora};
 use std::time::{Duration, Instant};
 
 fn ops(c: &mut Criterion) {
-    loraplex::runtime::init_threads();
+    loraplex::runtime::init_process();
     let dev = Device::Cpu;
     let threads = loraplex::kernels::Pool::default_threads();
     let (fused, composed) =

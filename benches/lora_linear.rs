@@ -12,7 +12,7 @@ use loraplex::model::{BaseWeight, DecoderConfig, LoraLinear, ModuleId, Pass, Ste
 use std::sync::Arc;
 
 fn bench(c: &mut Criterion) {
-    loraplex::runtime::init_threads();
+    loraplex::runtime::init_process();
     let dev = Device::Cpu;
     let mut cfg = DecoderConfig::tiny();
     (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers) =

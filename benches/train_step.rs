@@ -13,7 +13,7 @@ use loraplex::train::{TrainConfig, TrainOptions};
 use std::time::{Duration, Instant};
 
 fn bench(c: &mut Criterion) {
-    loraplex::runtime::init_threads();
+    loraplex::runtime::init_process();
     loraplex::runtime::training_spin_limit();
     let path = std::env::var("LORAPLEX_MODEL")
         .unwrap_or_else(|_| format!("{}/{DEFAULT_MODEL}", env!("CARGO_MANIFEST_DIR")));

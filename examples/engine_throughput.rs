@@ -9,7 +9,7 @@ use loraplex::model::WeightFormat;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
-    loraplex::runtime::init_threads();
+    loraplex::runtime::init_process();
     let m = load_model(DEFAULT_MODEL, WeightFormat::Dense(DType::F32), &Device::Cpu)?;
     let prompt = m.tokenizer.encode(&"The quick brown fox jumps over the lazy dog. ".repeat(4))?;
     for batch in [1usize, 32] {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
-    loraplex::runtime::init_threads();
+    loraplex::runtime::init_process();
     let dtype = std::env::args().nth(1).unwrap_or_else(|| "auto".into());
     let steps: usize =
         std::env::var("LORAPLEX_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(32);

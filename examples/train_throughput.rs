@@ -18,7 +18,7 @@ const SEQ: usize = 256;
 const LOSS_TOKENS: usize = 8;
 
 fn main() -> anyhow::Result<()> {
-    loraplex::runtime::init_threads();
+    loraplex::runtime::init_process();
     loraplex::runtime::training_spin_limit();
     let mut args = std::env::args().skip(1);
     let dtype = args.next().unwrap_or_else(|| "f32".into());

@@ -3,7 +3,7 @@
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
-    loraplex::runtime::init_threads();
+    loraplex::runtime::init_process();
     let cli = loraplex::cli::Cli::parse();
     loraplex::cli::run(cli)
 }
