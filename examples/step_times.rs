@@ -5,8 +5,9 @@
 //! `auto`); `LORAPLEX_STEPS` sets the decode steps timed per row (default 32), `LORAPLEX_ONLY=32` one
 //! batch size, `LORAPLEX_RANK` the adapters' rank. Batch 1 is also reported as a fraction of
 //! the host's read bandwidth, measured here with the model's own pool (`kernels::probe`, a
-//! 1 GiB buffer streamed by every thread; `LORAPLEX_PROBE_MB` sets its size) right before the
-//! decode rows: `bytes per token × tokens/s ÷ bandwidth`.
+//! 1 GiB buffer streamed by every thread; `LORAPLEX_PROBE_MB` sets its size) after the decode
+//! rows (its buffer would otherwise move the allocator's thresholds under them): `bytes per
+//! token × tokens/s ÷ bandwidth`.
 
 use candle_core::Device;
 use loraplex::adapters::synth::random_adapter;
@@ -59,20 +60,8 @@ fn main() -> anyhow::Result<()> {
             ))
         })
         .collect::<anyhow::Result<_>>()?;
-    let probe_mb: usize =
-        std::env::var("LORAPLEX_PROBE_MB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024);
-    let bw = loraplex::kernels::probe::read_bandwidth(&model.kernels.pool, probe_mb << 20, 10);
-    let per_token = model.bytes_per_token();
-    println!(
-        "read bandwidth ({} threads, {} MiB): best {:.2} GB/s, median {:.2} GB/s; batch-1 decode reads {:.1} MB per token, so the bound is {:.0} tok/s",
-        bw.threads,
-        bw.bytes >> 20,
-        bw.best / 1e9,
-        bw.median / 1e9,
-        per_token as f64 / 1e6,
-        bw.median / per_token as f64
-    );
     let base = AdapterMix::default();
+    let mut batch1_ms = None;
     // Base and LoRA steps alternate, so a noisy neighbour hits both alike; medians reported.
     // `LORAPLEX_SAME_ADAPTER=1` gives every row the same adapter instead of its own.
     let only: Option<usize> = std::env::var("LORAPLEX_ONLY").ok().and_then(|s| s.parse().ok());
@@ -120,12 +109,28 @@ fn main() -> anyhow::Result<()> {
             (lora_ms / base_ms - 1.0) * 100.0
         );
         if batch == 1 {
-            println!(
-                "  batch 1 reads {:.2} GB/s = {:.0} % of the probe's median",
-                per_token as f64 / base_ms / 1e6,
-                per_token as f64 / (base_ms * 1e-3) / bw.median * 100.0
-            );
+            batch1_ms = Some(base_ms);
         }
+    }
+    let probe_mb: usize =
+        std::env::var("LORAPLEX_PROBE_MB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let bw = loraplex::kernels::probe::read_bandwidth(&model.kernels.pool, probe_mb << 20, 10);
+    let per_token = model.bytes_per_token();
+    println!(
+        "read bandwidth ({} threads, {} MiB): best {:.2} GB/s, median {:.2} GB/s; batch-1 decode reads {:.1} MB per token, so the bound is {:.0} tok/s",
+        bw.threads,
+        bw.bytes >> 20,
+        bw.best / 1e9,
+        bw.median / 1e9,
+        per_token as f64 / 1e6,
+        bw.median / per_token as f64
+    );
+    if let Some(ms) = batch1_ms {
+        println!(
+            "  batch 1 reads {:.2} GB/s = {:.0} % of the probe's median",
+            per_token as f64 / ms / 1e6,
+            per_token as f64 / (ms * 1e-3) / bw.median * 100.0
+        );
     }
     Ok(())
 }
