@@ -4,7 +4,7 @@
 use super::lora::StepLora;
 use super::ops::{host_tensor, HostF32, Kernels};
 use super::{ModuleId, Result};
-use crate::kernels::matmul::{matmul, matmul_many, quantize};
+use crate::kernels::matmul::{matmul_many, quantize};
 use crate::kernels::{PackedMatrix, QuantActs};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
@@ -74,13 +74,7 @@ impl BaseWeight {
         let Some(xs) = HostF32::of(&x) else { return Ok(None) };
         let (n, k) = x.dims2()?;
         match self {
-            BaseWeight::Packed(p) => {
-                let mut acts = QuantActs::default();
-                quantize(&kernels.pool, xs.slice(), n, k, &mut acts);
-                let mut y = vec![0f32; n * p.rows];
-                matmul(&kernels.pool, kernels.isa, p, &acts, &mut y);
-                Ok(Some(y))
-            }
+            BaseWeight::Packed(p) => Ok(packed_products(&[p], xs.slice(), n, k, kernels).pop()),
             BaseWeight::Dense(w) => {
                 let Some(ws) = HostF32::of(w) else { return Ok(None) };
                 let out = w.dim(0)?;
@@ -170,13 +164,7 @@ impl LoraLinear {
             return ys.try_into().map_err(|_| unreachable_len());
         };
         let (n, k) = x.dims2()?;
-        let mut acts = QuantActs::default();
-        quantize(&pass.kernels.pool, xs.slice(), n, k, &mut acts);
-        let mut ys: Vec<Vec<f32>> = packed.iter().map(|p| vec![0f32; n * p.rows]).collect();
-        let mut jobs: Vec<(&PackedMatrix, &mut [f32])> =
-            packed.iter().zip(ys.iter_mut()).map(|(p, y)| (p.as_ref(), y.as_mut_slice())).collect();
-        matmul_many(&pass.kernels.pool, pass.kernels.isa, &mut jobs, &acts);
-        drop(jobs);
+        let ys = packed_products(&packed, xs.slice(), n, k, pass.kernels);
         let outs = linears
             .iter()
             .zip(ys)
@@ -233,6 +221,24 @@ impl LoraLinear {
             None => Ok(y),
         }
     }
+}
+
+/// `x · Wᵀ` (`x` host f32, `n × k`) for each packed `W`, with `x` quantized once and every
+/// product in one pool job.
+fn packed_products(
+    ws: &[&Arc<PackedMatrix>],
+    x: &[f32],
+    n: usize,
+    k: usize,
+    kernels: &Kernels,
+) -> Vec<Vec<f32>> {
+    let mut acts = QuantActs::default();
+    quantize(&kernels.pool, x, n, k, &mut acts);
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|p| vec![0f32; n * p.rows]).collect();
+    let mut jobs: Vec<(&PackedMatrix, &mut [f32])> =
+        ws.iter().zip(ys.iter_mut()).map(|(p, y)| (p.as_ref(), y.as_mut_slice())).collect();
+    matmul_many(&kernels.pool, kernels.isa, &mut jobs, &acts);
+    ys
 }
 
 fn unreachable_len() -> super::ModelError {

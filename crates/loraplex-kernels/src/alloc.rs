@@ -10,6 +10,7 @@
 //! another thread freed here) moves the tally of the thread that does the freeing.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 
 /// glibc's malloc returns large freed blocks to the kernel (each is its own `mmap` below a
 /// threshold that starts at 128 KiB, and the heap top is trimmed past 128 KiB), so a training
@@ -35,7 +36,6 @@ pub fn keep_freed_memory() {
         }
     }
 }
-use std::cell::Cell;
 
 thread_local! {
     static NET: Cell<i64> = const { Cell::new(0) };

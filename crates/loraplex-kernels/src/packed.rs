@@ -42,16 +42,6 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Bytes of one (group, block) record with f32 scales.
-    pub const fn record_bytes(self) -> usize {
-        self.scale_bytes() + self.code_bytes()
-    }
-
-    /// Bytes of one record's scales when they are f32 ([`Scales::record_bytes`] for both).
-    pub const fn scale_bytes(self) -> usize {
-        self.scale_rows() * GROUP * 4
-    }
-
     /// Rows of 16 scales a record holds: `d` and `m`, once or (W8S16) twice.
     pub const fn scale_rows(self) -> usize {
         match self {
@@ -110,6 +100,11 @@ impl Scales {
     /// Byte offset of scale row `r` (0 = d, 1 = m, then W8S16's second pair) in a record.
     pub const fn row_offset(self, r: usize) -> usize {
         r * GROUP * self.width()
+    }
+
+    /// Byte offset of row `lane`'s scale in scale row `r` of a record.
+    pub const fn offset(self, r: usize, lane: usize) -> usize {
+        self.row_offset(r) + lane * self.width()
     }
 }
 
@@ -293,7 +288,7 @@ fn write_lane(
     b: usize,
 ) -> bool {
     let (sub_lo, sub_hi) = (2 * b, 2 * b + 1);
-    let at = |row: usize| scales.row_offset(row) + scales.width() * lane;
+    let at = |row: usize| scales.offset(row, lane);
     let mut exact = put_scale(rec, at(0), scales, codes.d[sub_lo])
         && put_scale(rec, at(1), scales, codes.m[sub_lo]);
     if kind == Kind::W8S16 {
@@ -329,7 +324,7 @@ pub(super) fn lane_scales(
     half: usize,
 ) -> (f32, f32) {
     let first = if kind == Kind::W8S16 && half == 1 { 2 } else { 0 };
-    let at = |row: usize| scales.row_offset(row) + scales.width() * lane;
+    let at = |row: usize| scales.offset(row, lane);
     (get_scale(rec, at(first), scales), get_scale(rec, at(first + 1), scales))
 }
 

@@ -51,8 +51,8 @@ pub unsafe fn tile_avx512(t: &Tile<'_>, m: usize) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn avx512<const M: usize, const K: u8>(t: &Tile<'_>) {
     let (kind, nb, k) = (t.w.kind, t.w.blocks(), t.x.k);
-    let (rb, sb, half_scales) =
-        (t.w.record_bytes(), t.w.scales.bytes(kind), t.w.scales == Scales::F16);
+    let scales = t.w.scales;
+    let (rb, sb) = (t.w.record_bytes(), scales.bytes(kind));
     let recs = t.w.group_bytes(t.g).as_ptr();
     let (q, d, s) = t.x.raw();
     let nibble = _mm512_set1_epi8(0x0F);
@@ -81,10 +81,10 @@ unsafe fn avx512<const M: usize, const K: u8>(t: &Tile<'_>) {
         let scale_row = |r: usize| -> __m512 {
             // SAFETY: row `r` of the record's scales, inside the record, aligned as said.
             unsafe {
-                if half_scales {
-                    _mm512_cvtph_ps(_mm256_load_si256(rec.add(32 * r).cast()))
-                } else {
-                    _mm512_load_ps(rec.add(64 * r).cast())
+                let at = rec.add(scales.row_offset(r));
+                match scales {
+                    Scales::F16 => _mm512_cvtph_ps(_mm256_load_si256(at.cast())),
+                    Scales::F32 => _mm512_load_ps(at.cast()),
                 }
             }
         };
@@ -227,8 +227,8 @@ unsafe fn avx2<const M: usize, const K: u8, const VNNI: bool>(t: &Tile<'_>, half
     // loads stay inside the records and activation blocks the caller passes.
     unsafe {
         let (kind, nb, k) = (t.w.kind, t.w.blocks(), t.x.k);
-        let (rb, sb) = (t.w.record_bytes(), t.w.scales.bytes(kind));
-        let half_scales = t.w.scales == Scales::F16;
+        let scales = t.w.scales;
+        let (rb, sb) = (t.w.record_bytes(), scales.bytes(kind));
         let recs = t.w.group_bytes(t.g).as_ptr();
         let (q, d, s) = t.x.raw();
         let nibble = _mm256_set1_epi8(0x0F);
@@ -255,10 +255,10 @@ unsafe fn avx2<const M: usize, const K: u8, const VNNI: bool>(t: &Tile<'_>, half
             // Bound: this half's 8 scales of row `r`, inside the record: f32 (32-byte
             // aligned) or f16 (16-byte aligned, widened exactly by F16C).
             let scale_row = |r: usize| {
-                if half_scales {
-                    _mm256_cvtph_ps(_mm_load_si128(rec.add(32 * r + 16 * half).cast()))
-                } else {
-                    _mm256_load_ps(rec.add(64 * r + 32 * half).cast())
+                let at = rec.add(scales.offset(r, 8 * half));
+                match scales {
+                    Scales::F16 => _mm256_cvtph_ps(_mm_load_si128(at.cast())),
+                    Scales::F32 => _mm256_load_ps(at.cast()),
                 }
             };
             let (d0, m0) = (scale_row(0), scale_row(1));
