@@ -93,6 +93,8 @@ pub struct PeftConfig {
     pub r: usize,
     pub lora_alpha: f64,
     pub use_rslora: bool,
+    /// DoRA (`use_dora`): each module also has a magnitude vector ([`crate::model::lora::dora`]).
+    pub use_dora: bool,
     pub target_modules: ModuleSelector,
     pub exclude_modules: Option<ModuleSelector>,
     /// PEFT's rule: key `k` applies to module `n` when `(.*\.)?(k)$` matches `n` from its start.
@@ -194,9 +196,6 @@ impl PeftConfig {
                 )))
             }
             None => return Err(bad("missing `peft_type`")),
-        }
-        if raw.use_dora == Some(true) {
-            return Err(unsupported("`use_dora: true` (DoRA) is not supported"));
         }
         if is_set(&raw.modules_to_save) {
             return Err(unsupported(
@@ -309,6 +308,7 @@ impl PeftConfig {
             r,
             lora_alpha,
             use_rslora: raw.use_rslora.unwrap_or(false),
+            use_dora: raw.use_dora.unwrap_or(false),
             target_modules,
             exclude_modules,
             rank_pattern,

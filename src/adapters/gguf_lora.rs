@@ -32,6 +32,12 @@ pub fn write_gguf_lora(
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for id in ModuleId::all(cfg.num_layers) {
         let Some(w) = adapter.module(id) else { continue };
+        if w.dora.is_some() {
+            // llama.cpp's LoRA format has no magnitude: a DoRA adapter is not a sum of B A.
+            return Err(AdapterError::Unsupported(
+                "DoRA (`use_dora: true`) has no GGUF LoRA form; serve it from its PEFT folder".into(),
+            ));
+        }
         let b = (w.b.to_device(&Device::Cpu)? * w.scaling)?;
         let b = match id.target {
             Target::Q | Target::K if cfg.arch.gguf_qk_interleaved => {

@@ -1,9 +1,11 @@
 //! A PEFT folder (`adapter_config.json` + `adapter_model.safetensors`) → an immutable
-//! [`LoraAdapter`], checked tensor by tensor against the base model. Any mismatch is an error:
+//! [`LoraAdapter`], checked tensor by tensor against the base model (a DoRA adapter's norms
+//! computed against its frozen weights). Any mismatch is an error:
 //! a silent partial load is the bug we exist to avoid.
 
 use super::{AdapterError, LoraAdapter, LoraWeights, PeftConfig};
-use crate::model::{DecoderConfig, ModuleId};
+use crate::model::lora::DoraRows;
+use crate::model::{DecoderConfig, FrozenProjections, ModuleId};
 use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::BTreeSet;
@@ -22,12 +24,25 @@ fn read(path: &Path) -> Result<Vec<u8>, AdapterError> {
         .map_err(|source| AdapterError::Io { path: path.display().to_string(), source })
 }
 
-/// Loads and validates the adapter in `dir` for a base model of shape `cfg`.
+/// Loads and validates the adapter in `dir` for a base model of shape `cfg`, by shape only:
+/// a DoRA adapter, whose norms need the base weights, is refused ([`load_adapter_on`]).
 pub fn load_adapter(
     dir: &Path,
     name: &str,
     cfg: &DecoderConfig,
     device: &Device,
+) -> Result<LoraAdapter, AdapterError> {
+    load_adapter_on(dir, name, cfg, device, None)
+}
+
+/// Loads and validates the adapter in `dir` for the base model of shape `cfg` whose frozen
+/// projections are `base` (what a DoRA adapter's weight norms are computed against).
+pub fn load_adapter_on(
+    dir: &Path,
+    name: &str,
+    cfg: &DecoderConfig,
+    device: &Device,
+    base: Option<&FrozenProjections>,
 ) -> Result<LoraAdapter, AdapterError> {
     let text = read(&dir.join(CONFIG_FILE))?;
     let text =
@@ -55,7 +70,7 @@ pub fn load_adapter(
             let m = cfg.stored_module(id);
             let (r, _) = config.rank_alpha_module(&m.path);
             let fan_in = cfg.proj_dims(id.target).0;
-            ((r * fan_in + m.out * r) * 8) as u64
+            ((r * fan_in + m.out * r + m.out) * 8) as u64
         })
         .sum();
     super::header::check_file(&dir.join(WEIGHTS_FILE), max_data)?;
@@ -76,7 +91,13 @@ pub fn load_adapter(
         let b = crate::model::select_rows(&b, &m.rows)?;
         expected.insert(key("A"));
         expected.insert(key("B"));
-        modules[id.index()] = Some(LoraWeights::new(a, b, alpha, config.use_rslora)?);
+        let mut w = LoraWeights::new(a, b, alpha, config.use_rslora)?;
+        if config.use_dora {
+            let (mkey, rows) = dora_rows(&st, id, &m, base, &w)?;
+            expected.insert(mkey);
+            w = w.with_dora(rows);
+        }
+        modules[id.index()] = Some(w);
     }
     if expected.is_empty() {
         return Err(AdapterError::Unsupported(
@@ -107,6 +128,48 @@ pub fn load_adapter(
     })
 }
 
+/// DoRA's magnitude of module `id` (PEFT's `lora_magnitude_vector`, its stored module's rows,
+/// this projection's taken) and the norm products against the base weight; the key read.
+fn dora_rows(
+    st: &SafeTensors<'_>,
+    id: ModuleId,
+    m: &crate::model::StoredModule,
+    base: Option<&FrozenProjections>,
+    w: &LoraWeights,
+) -> Result<(String, DoraRows), AdapterError> {
+    let Some(base) = base else {
+        return Err(AdapterError::Unsupported(
+            "`use_dora: true` needs the base model's weights (for DoRA's weight norms), and this \
+             command reads adapters by shape only"
+                .into(),
+        ));
+    };
+    // PEFT writes `lora_magnitude_vector`; some versions add `.weight`.
+    let plain = format!("base_model.model.{}.lora_magnitude_vector", m.path);
+    let key = [plain.clone(), format!("{plain}.weight")]
+        .into_iter()
+        .find(|k| st.tensor(k).is_ok())
+        .ok_or_else(|| {
+            AdapterError::Weights(format!("missing tensor `{plain}` (`use_dora: true`)"))
+        })?;
+    let view = st.tensor(&key).map_err(|e| AdapterError::Weights(e.to_string()))?;
+    if view.shape() != [m.out] {
+        return Err(AdapterError::Weights(format!(
+            "tensor `{key}` has shape {:?}, the base model needs [{}]",
+            view.shape(),
+            m.out
+        )));
+    }
+    let all = tensor_data(&key, view.data(), view.dtype(), &[m.out])?;
+    let magnitude: Vec<f32> = m.rows.iter().map(|&r| all[r]).collect();
+    let weight = base.dense_f32(id).map_err(|e| AdapterError::Weights(e.to_string()))?;
+    let weight = weight.ok_or_else(|| {
+        AdapterError::Unsupported(format!("DoRA on `{id}`, which the base model lacks"))
+    })?;
+    let rows = DoraRows::new(magnitude, &weight, &w.a, &w.b)?;
+    Ok((key, rows))
+}
+
 /// Reads one tensor, checks name, shape, dtype and finiteness, and returns it as f32.
 fn tensor(
     st: &SafeTensors<'_>,
@@ -124,7 +187,18 @@ fn tensor(
             shape.1
         )));
     }
-    let dtype = match view.dtype() {
+    let values = tensor_data(key, view.data(), view.dtype(), &[shape.0, shape.1])?;
+    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?)
+}
+
+/// A float tensor's values as f32, refused when not a float type or not finite.
+fn tensor_data(
+    key: &str,
+    data: &[u8],
+    dtype: StDtype,
+    shape: &[usize],
+) -> Result<Vec<f32>, AdapterError> {
+    let dtype = match dtype {
         StDtype::F32 => DType::F32,
         StDtype::F16 => DType::F16,
         StDtype::BF16 => DType::BF16,
@@ -135,13 +209,12 @@ fn tensor(
             )))
         }
     };
-    let t = Tensor::from_raw_buffer(view.data(), dtype, &[shape.0, shape.1], &Device::Cpu)?
-        .to_dtype(DType::F32)?;
+    let t = Tensor::from_raw_buffer(data, dtype, shape, &Device::Cpu)?.to_dtype(DType::F32)?;
     let values = t.flatten_all()?.to_vec1::<f32>()?;
     if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
         return Err(AdapterError::Weights(format!(
             "tensor `{key}` has a non-finite value at flat index {pos}"
         )));
     }
-    Ok(t.to_device(device)?)
+    Ok(values)
 }

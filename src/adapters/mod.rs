@@ -14,7 +14,7 @@ pub mod watcher;
 pub mod writer;
 
 pub use config::PeftConfig;
-pub use loader::load_adapter;
+pub use loader::{load_adapter, load_adapter_on};
 
 pub use crate::model::lora::{AdapterMix, HostLoraWeights, LoraAdapter, LoraWeights, MixEntry};
 

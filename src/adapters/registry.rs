@@ -6,8 +6,8 @@
 //! Invariant: a loaded adapter is an `Arc`; a reload or eviction drops only the registry's
 //! reference, so a running request keeps the version it started with.
 
-use super::{load_adapter, LoraAdapter};
-use crate::model::DecoderConfig;
+use super::{load_adapter_on, LoraAdapter};
+use crate::model::{DecoderConfig, FrozenProjections};
 use candle_core::Device;
 use dashmap::DashMap;
 use serde::Serialize;
@@ -160,6 +160,9 @@ pub struct Registry {
     root: PathBuf,
     entries: DashMap<String, Entry>,
     cfg: DecoderConfig,
+    /// The base model's frozen projections, which DoRA adapters' norms are computed against;
+    /// `None` loads by shape only (DoRA refused).
+    base: Option<FrozenProjections>,
     device: Device,
     budget_bytes: usize,
     clock: AtomicU64,
@@ -188,10 +191,12 @@ pub fn validate_name(name: &str) -> Result<(), RegistryError> {
 }
 
 impl Registry {
-    /// A registry over `root` (created if missing) for a base model of shape `cfg`.
+    /// A registry over `root` (created if missing) for a base model of shape `cfg` with
+    /// frozen projections `base`.
     pub fn new(
         root: &Path,
         cfg: DecoderConfig,
+        base: Option<FrozenProjections>,
         device: Device,
         budget_bytes: usize,
     ) -> std::io::Result<Self> {
@@ -202,6 +207,7 @@ impl Registry {
             root,
             entries: DashMap::new(),
             cfg,
+            base,
             device,
             budget_bytes,
             clock: AtomicU64::new(1),
@@ -300,7 +306,8 @@ impl Registry {
                 }
             }
         }
-        load_adapter(dir, name, &self.cfg, device).map_err(|e| self.relative(&e.to_string()))
+        load_adapter_on(dir, name, &self.cfg, device, self.base.as_ref())
+            .map_err(|e| self.relative(&e.to_string()))
     }
 
     /// `message` with the adapters root left out of the paths it names (errors are shown to

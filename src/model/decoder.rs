@@ -99,6 +99,19 @@ pub struct Decoder {
     pub(super) rope_of: Vec<usize>,
 }
 
+/// The frozen projections' weights (reference counted, never copied), for work outside the
+/// engine thread that must read them: DoRA's weight norms when an adapter loads.
+#[derive(Debug, Clone)]
+pub struct FrozenProjections(std::sync::Arc<[Option<BaseWeight>]>);
+
+impl FrozenProjections {
+    /// Projection `id`'s weight `(out, in)` as dense f32 (the values its format stands for),
+    /// `None` where the model has no such projection.
+    pub fn dense_f32(&self, id: ModuleId) -> Result<Option<Tensor>> {
+        self.0.get(id.index()).and_then(Option::as_ref).map(BaseWeight::to_dense_f32).transpose()
+    }
+}
+
 /// One forward's per-token positions (absolute, per sequence) and their rope rows.
 pub(super) struct Positions {
     pub(super) pos: Vec<u32>,
@@ -444,6 +457,17 @@ impl Decoder {
                 .iter()
                 .map(|b| b.proj.iter().flatten().map(|p| p.base.size_in_bytes()).sum::<usize>())
                 .sum::<usize>()
+    }
+
+    /// The frozen projections' weights, shared by reference.
+    pub fn projections(&self) -> FrozenProjections {
+        let mut w = vec![None; ModuleId::count(self.cfg.num_layers)];
+        for block in &self.blocks {
+            for p in block.proj.iter().flatten() {
+                w[p.id.index()] = Some(p.base.clone());
+            }
+        }
+        FrozenProjections(w.into())
     }
 
     /// Bytes of weights one batch-1 decode step must read: every projection and the LM head

@@ -9,8 +9,9 @@ use super::{BaseWeight, Decoder, DecoderConfig, Result, WeightFormat};
 use candle_core::{DType, Device};
 
 impl Decoder {
-    /// A copy whose weights are `W + Σ c_i B_i A_i` for `mix` (dense f32): the merged path that
-    /// the unmerged paths are tested against.
+    /// A copy whose weights are `W + Σ c_i B_i A_i` for `mix` (dense f32; a DoRA term rescales
+    /// the rows of the sum so far): the merged path that the unmerged paths are tested against.
+    /// The bias stays as it is, as PEFT's merge leaves it.
     pub fn merged(&self, mix: &AdapterMix) -> Result<Decoder> {
         let mut out = self.clone();
         for block in out.blocks.iter_mut() {
@@ -18,6 +19,11 @@ impl Decoder {
                 let mut w = p.base.to_dense_f32()?;
                 for (lw, c) in mix.terms(p.id) {
                     w = (w + (lw.b.matmul(&lw.a)? * c)?)?;
+                    if let Some(d) = &lw.dora {
+                        // PEFT's DoRA merge: each row of `W + c·B A` times `m / ||W + c·B A||`.
+                        let k = candle_core::Tensor::from_vec(d.gains(c), (d.len(), 1), w.device())?;
+                        w = w.broadcast_mul(&k)?;
+                    }
                 }
                 p.base = BaseWeight::Dense(w.to_dtype(self.dtype)?);
             }

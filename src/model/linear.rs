@@ -129,14 +129,23 @@ impl LoraLinear {
     pub fn forward(&self, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
         if pass.kernels.exec() == super::ops::Exec::Differentiable {
             let y = super::frozen::frozen_base(x, &self.base, pass.kernels)?;
-            return self.add_delta(self.add_bias(y)?, x, pass);
+            return self.finish(y, x, pass);
         }
         // Host path: the base product as a vector, bias and LoRA delta added into it in place.
         if let Some(y) = self.base.host_vec(x, pass.kernels)? {
             return self.finish_host(y, x, pass);
         }
         let y = self.base.forward(x, pass.kernels)?;
-        self.add_delta(self.add_bias(y)?, x, pass)
+        self.finish(y, x, pass)
+    }
+
+    /// Bias and LoRA on the base product `y`: the bias first (as before DoRA, so plain
+    /// mixes round as they always have), or last where a DoRA term rescales the product.
+    fn finish(&self, y: Tensor, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
+        if pass.lora.rescales(self.id) {
+            return self.add_bias(pass.lora.apply(self.id, x, y, pass.seq_lens)?);
+        }
+        pass.lora.apply(self.id, x, self.add_bias(y)?, pass.seq_lens)
     }
 
     /// The forwards of several projections of the same input (a layer's q, k and v; its gate
@@ -173,21 +182,35 @@ impl LoraLinear {
         outs.try_into().map_err(|_| unreachable_len())
     }
 
-    /// Bias and LoRA delta added into a host base product `y` of `x`.
+    /// Bias and LoRA delta added into a host base product `y` of `x` (in [`Self::finish`]'s
+    /// order).
     fn finish_host(&self, mut y: Vec<f32>, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
         let shape = (x.dim(0)?, self.base.dims()?.0);
-        if let Some(b) = &self.bias {
-            match HostF32::of(b) {
-                Some(b) => y
-                    .chunks_exact_mut(shape.1)
-                    .for_each(|row| row.iter_mut().zip(b.slice()).for_each(|(y, b)| *y += b)),
-                None => return self.add_delta(self.add_bias(host_tensor(y, shape)?)?, x, pass),
-            }
+        let bias_last = pass.lora.rescales(self.id);
+        if !bias_last && !self.add_host_bias(&mut y) {
+            return self.finish(host_tensor(y, shape)?, x, pass);
         }
         if self.add_host_delta(x, &mut y, pass)? {
+            if bias_last && !self.add_host_bias(&mut y) {
+                return self.add_bias(host_tensor(y, shape)?);
+            }
             return host_tensor(y, shape);
         }
-        self.add_delta(host_tensor(y, shape)?, x, pass)
+        let y = host_tensor(y, shape)?;
+        match bias_last {
+            true => self.finish(y, x, pass),
+            false => pass.lora.apply(self.id, x, y, pass.seq_lens),
+        }
+    }
+
+    /// Adds the bias into host rows `y`; `false` (with `y` untouched) when the bias is not a
+    /// host f32 one.
+    fn add_host_bias(&self, y: &mut [f32]) -> bool {
+        let Some(b) = &self.bias else { return true };
+        let Some(b) = HostF32::of(b) else { return false };
+        y.chunks_exact_mut(b.slice().len())
+            .for_each(|row| row.iter_mut().zip(b.slice()).for_each(|(y, b)| *y += b));
+        true
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
@@ -213,13 +236,6 @@ impl LoraLinear {
             None => false,
         };
         Ok(handled)
-    }
-
-    fn add_delta(&self, y: Tensor, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
-        match pass.lora.delta(self.id, x, pass.seq_lens)? {
-            Some(d) => Ok((y + d)?),
-            None => Ok(y),
-        }
     }
 }
 

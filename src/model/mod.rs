@@ -32,7 +32,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Activation, Arch, DecoderConfig, RopeScaling, StoredModule};
-pub use decoder::{BatchInput, Decoder};
+pub use decoder::{BatchInput, Decoder, FrozenProjections};
 pub use device::{parse_device, WeightFormat};
 pub use kv_cache::SeqCache;
 pub use linear::{BaseWeight, LoraLinear, Pass};

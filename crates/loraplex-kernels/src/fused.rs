@@ -1,5 +1,6 @@
 //! Fused f32 kernels for what a step does between matmuls: RMS-norm (with the residual add
-//! before it), rotary embedding, SiLU·mul, the LoRA delta `Σ c · B(A x)` per row, and attention
+//! before it), rotary embedding, SiLU·mul, the LoRA delta `Σ c · B(A x)` per row (with DoRA's
+//! per-row rescaling between terms), and attention
 //! of each sequence's new queries over its token-major KV cache.
 //!
 //! Each kernel is plain Rust compiled three times ([`multiversion!`]): for AVX-512, for
@@ -138,25 +139,29 @@ multiversion! {
 }
 
 /// One LoRA term of a row's mix: `c · Bᵀ (A x)` with `A` `(rank, in)` and `Bᵀ` `(rank, out)`,
-/// both row-major.
+/// both row-major. A DoRA term has a `gain` (`out`): the row, with the term added, is then
+/// multiplied by it element-wise, so it rescales the terms before it.
 #[derive(Debug, Clone, Copy)]
 pub struct LoraTerm<'a> {
     pub a: &'a [f32],
     pub b_t: &'a [f32],
     pub rank: usize,
     pub coef: f32,
+    pub gain: Option<&'a [f32]>,
 }
 
 multiversion! {
     /// `y[i] += Σ_terms c · Bᵀ (A x[i])` for rows `x` (`in` wide) and `y` (`out` wide) that all
-    /// share `terms`. Ranks go 8 at a time: `A`'s 8 rows against one pass over `x` (8 chains,
+    /// share `terms`, in order, a term with a gain multiplying the row by it after its own
+    /// product (a zero coefficient adds nothing). Ranks go 8 at a time: `A`'s 8 rows against one pass over `x` (8 chains,
     /// one horizontal sum each), then `y` read and written once for 8 rows of `Bᵀ`.
     pub fn lora_rows(x: &[f32], terms: &[LoraTerm<'_>], y: &mut [f32]) {
         let Some(t0) = terms.first() else { return };
         let (fan_in, fan_out) = (t0.a.len() / t0.rank, t0.b_t.len() / t0.rank);
         for (xr, yr) in x.chunks_exact(fan_in).zip(y.chunks_exact_mut(fan_out)) {
             for t in terms {
-                for r0 in (0..t.rank).step_by(8) {
+                let rank = if t.coef == 0.0 { 0 } else { t.rank };
+                for r0 in (0..rank).step_by(8) {
                     let rs = (t.rank - r0).min(8);
                     let a = &t.a[r0 * fan_in..(r0 + rs) * fan_in];
                     let b = &t.b_t[r0 * fan_out..(r0 + rs) * fan_out];
@@ -187,6 +192,9 @@ multiversion! {
                         7 => lora_rank_group::<7>(xr, a, b, t.coef, yr),
                         _ => lora_rank_group::<8>(xr, a, b, t.coef, yr),
                     }
+                }
+                if let Some(g) = t.gain {
+                    yr.iter_mut().zip(g).for_each(|(y, g)| *y *= g);
                 }
             }
         }

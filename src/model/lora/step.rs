@@ -1,4 +1,5 @@
-//! Per-step LoRA state: the deltas `Σ_i c_i · B_i (A_i x)` each row of a batch needs, in
+//! Per-step LoRA state: the deltas `Σ_i c_i · B_i (A_i x)` each row of a batch needs (and
+//! DoRA's rescaling of a module's running result, [`super::dora`]), in
 //! implementations that must agree — batched fast paths (on the CPU, a fused kernel over each
 //! sequence's own adapter weights, added into the base output in place; on other devices,
 //! adapters stacked per sequence once per batch composition and two batched matmuls per
@@ -10,6 +11,7 @@ use super::mix::AdapterMix;
 use crate::kernels::fused::{lora_batch, LoraRun, LoraTerm};
 use crate::kernels::Pool;
 use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
 
 /// The LoRA work of one forward step, one mix per sequence of the batch.
 #[derive(Debug, Clone)]
@@ -40,6 +42,8 @@ struct HostLora {
     per_seq: Vec<Vec<HostTerm>>,
     fan_in: usize,
     fan_out: usize,
+    /// Some term has a gain (DoRA).
+    rescales: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +51,8 @@ struct HostTerm {
     weights: super::weights::HostLoraWeights,
     rank: usize,
     coef: f32,
+    /// A DoRA term's `m / ||W + c·B A||` at this step's coefficient.
+    gain: Option<Arc<[f32]>>,
 }
 
 /// Stacked LoRA operands of one module for `S` sequences, each padded to the largest summed
@@ -61,6 +67,10 @@ struct StackedLora {
     b_t: Tensor,
     /// `(S, 1, R)`: `c_i` repeated over adapter `i`'s rank columns, zero in the padding.
     coef: Tensor,
+    /// With DoRA terms: `(S, out)`, the product of every DoRA gain of the sequence's mix, which
+    /// multiplies the base output (each term's `Bᵀ` rows carry the gains of the terms after it,
+    /// so `k_m ⊙ (… k_1 ⊙ (W x + d_1) … + d_m)` is one gain on the base plus the deltas).
+    base_gain: Option<Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +164,62 @@ impl StepLora {
 }
 
 impl StepLora {
+    /// Whether some sequence's mix has a DoRA term on `id`: its output is then not the base
+    /// plus a delta, and must go through [`StepLora::apply`] before the bias is added.
+    pub fn rescales(&self, id: ModuleId) -> bool {
+        match self {
+            StepLora::None => false,
+            StepLora::Batched(b) => match b.modules.get(id.index()).and_then(Option::as_ref) {
+                Some(ModuleLora::Host(h)) => h.rescales,
+                Some(ModuleLora::Stacked(m)) => m.base_gain.is_some(),
+                None => false,
+            },
+            StepLora::PerRow(mixes) | StepLora::Training { mixes, .. } => {
+                mixes.iter().any(|m| m.rescales(id))
+            }
+        }
+    }
+
+    /// Module `id`'s output from its base output `y` (`(n, out)`, without the bias when
+    /// [`StepLora::rescales`]): `y` plus the delta, with DoRA's rescaling where a mix has it.
+    pub fn apply(&self, id: ModuleId, x: &Tensor, y: Tensor, seq_lens: &[usize]) -> Result<Tensor> {
+        if !self.rescales(id) {
+            return Ok(match self.delta(id, x, seq_lens)? {
+                Some(d) => (y + d)?,
+                None => y,
+            });
+        }
+        match self {
+            StepLora::Batched(b) => match b.modules.get(id.index()).and_then(Option::as_ref) {
+                Some(ModuleLora::Stacked(m)) => m.apply(x, y, seq_lens),
+                Some(ModuleLora::Host(m)) => {
+                    let (shape, dtype) = (y.dims2()?, y.dtype());
+                    let mut out = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let xs = x.to_dtype(DType::F32)?.contiguous()?;
+                    let Some(xh) = HostF32::of(&xs) else {
+                        return Err(super::super::ModelError::Generation(
+                            "host LoRA operands with a non-host input; this is a bug".into(),
+                        ));
+                    };
+                    m.add_into(xh.slice(), seq_lens, &mut out, &Pool::new(1));
+                    Ok(super::super::ops::host_tensor(out, shape)?.to_dtype(dtype)?)
+                }
+                None => Ok(y),
+            },
+            StepLora::PerRow(mixes) => per_row_apply(id, mixes, x, y, seq_lens),
+            StepLora::Training { mixes, dropout, .. } => {
+                if *dropout > 0.0 {
+                    // PEFT's DoRA under dropout recomputes the base product on the dropped input.
+                    return Err(super::super::ModelError::Unsupported(
+                        "training a DoRA adapter with `lora_dropout` > 0".into(),
+                    ));
+                }
+                per_row_apply(id, mixes, x, y, seq_lens)
+            }
+            StepLora::None => Ok(y),
+        }
+    }
+
     /// Adds module `id`'s delta into `y` (`(n, out)`, host f32) for host input rows `x`
     /// (`(n, in)`) when this step's operands are host ones; `false` when the caller must use
     /// [`StepLora::delta`] instead. `true` with `y` untouched when no sequence has a term.
@@ -201,11 +267,13 @@ impl HostLora {
             let mut terms = Vec::new();
             for (w, c) in m.terms(id) {
                 dims = Some(w.dims().ok()?);
-                terms.push(HostTerm { weights: w.host.clone()?, rank: w.rank, coef: c as f32 });
+                let gain = w.dora.as_ref().map(|d| Arc::from(d.gains(c)));
+                terms.push(HostTerm { weights: w.host.clone()?, rank: w.rank, coef: c as f32, gain });
             }
             per_seq.push(terms);
         }
-        dims.map(|(fan_in, fan_out)| Self { per_seq, fan_in, fan_out })
+        let rescales = per_seq.iter().flatten().any(|t| t.gain.is_some());
+        dims.map(|(fan_in, fan_out)| Self { per_seq, fan_in, fan_out, rescales })
     }
 
     /// `y += Σ c · Bᵀ(A x)` per row, each sequence's rows with its own terms.
@@ -221,6 +289,7 @@ impl HostLora {
                         b_t: &t.weights.b_t,
                         rank: t.rank,
                         coef: t.coef,
+                        gain: t.gain.as_deref(),
                     })
                     .collect();
                 runs.push(LoraRun { rows: row..row + len, terms });
@@ -242,12 +311,33 @@ impl StackedLora {
             return Ok(None);
         };
         let (fan_in, fan_out) = w0.dims()?;
+        let rescales = terms.iter().flatten().any(|(w, _)| w.dora.is_some());
         let (mut a_rows, mut b_rows, mut coef) = (Vec::new(), Vec::new(), Vec::new());
+        let mut base_gains = Vec::new();
         for ts in &terms {
             let pad = max_rank - rank_of(ts);
+            // Each term's delta is rescaled by the DoRA gains of the terms from it on (its own
+            // included); the base by all of them.
+            let mut after = vec![1f32; fan_out];
+            let mut suffix = vec![Vec::new(); ts.len()];
+            for (i, (w, c)) in ts.iter().enumerate().rev() {
+                if let Some(d) = &w.dora {
+                    after.iter_mut().zip(d.gains(*c)).for_each(|(g, k)| *g *= k);
+                }
+                suffix[i] = after.clone();
+            }
+            base_gains.extend_from_slice(&after);
             let (mut a_parts, mut b_parts): (Vec<Tensor>, Vec<Tensor>) = ts
                 .iter()
-                .map(|(w, _)| w.transposes())
+                .zip(&suffix)
+                .map(|((w, _), g)| {
+                    let (a_t, b_t) = w.transposes()?;
+                    if !rescales {
+                        return Ok((a_t, b_t));
+                    }
+                    let g = Tensor::from_slice(g, (1, fan_out), device)?;
+                    Ok((a_t, b_t.broadcast_mul(&g)?))
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?
                 .into_iter()
                 .unzip();
@@ -267,7 +357,26 @@ impl StackedLora {
             a_t: Tensor::stack(&a_rows, 0)?.to_dtype(DType::F32)?,
             b_t: Tensor::stack(&b_rows, 0)?.to_dtype(DType::F32)?,
             coef: Tensor::from_vec(coef, (s, 1, max_rank), device)?,
+            base_gain: match rescales {
+                true => Some(Tensor::from_vec(base_gains, (s, fan_out), device)?),
+                false => None,
+            },
         }))
+    }
+
+    /// `y ⊙ G + delta`, `G` each row's sequence's base gain (DoRA).
+    fn apply(&self, x: &Tensor, y: Tensor, seq_lens: &[usize]) -> Result<Tensor> {
+        let d = self.delta(x, seq_lens)?;
+        let Some(g) = &self.base_gain else { return Ok((y + d)?) };
+        let seq_of: Vec<u32> = seq_lens
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &len)| std::iter::repeat_n(s as u32, len))
+            .collect();
+        let rows = g.index_select(&Tensor::new(seq_of.as_slice(), g.device())?, 0)?;
+        let dtype = y.dtype();
+        let y = (y.to_dtype(DType::F32)? * rows)?;
+        Ok((y + d.to_dtype(DType::F32)?)?.to_dtype(dtype)?)
     }
 
     /// Runs of consecutive sequences with equal token counts (all of a decode step; the
@@ -354,4 +463,42 @@ fn per_row_delta(
         return Ok(parts.pop());
     }
     Ok(Some(Tensor::cat(&parts, 0)?))
+}
+
+/// The reference path with DoRA, term by term in the mix's order as PEFT's forward runs
+/// them: a LoRA term adds `c · B(A x)`, a DoRA term replaces the running result `r` by
+/// `k ⊙ (r + c · B(A x))`.
+fn per_row_apply(
+    id: ModuleId,
+    mixes: &[AdapterMix],
+    x: &Tensor,
+    y: Tensor,
+    seq_lens: &[usize],
+) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let mut parts = Vec::with_capacity(mixes.len());
+    let (mut offset, mut seq) = (0, 0);
+    while seq < mixes.len() {
+        let mix = &mixes[seq];
+        let run = mixes[seq..].iter().take_while(|m| m.same_as(mix)).count();
+        let len: usize = seq_lens[seq..seq + run].iter().sum();
+        seq += run;
+        let xs = x.narrow(0, offset, len)?;
+        let mut r = y.narrow(0, offset, len)?;
+        for (w, c) in mix.terms(id) {
+            let d = (xs.matmul(&w.a.to_dtype(dtype)?.t()?)?.matmul(&w.b.to_dtype(dtype)?.t()?)?
+                * c)?;
+            r = (r + d)?;
+            if let Some(dora) = &w.dora {
+                let k = Tensor::from_vec(dora.gains(c), (1, dora.len()), x.device())?;
+                r = r.broadcast_mul(&k.to_dtype(dtype)?)?;
+            }
+        }
+        parts.push(r);
+        offset += len;
+    }
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    Ok(Tensor::cat(&parts, 0)?)
 }

@@ -7,6 +7,7 @@
 //! produces a new value, so a request holding the old `Arc` never sees weights change.
 
 use super::super::ModuleId;
+use super::dora::DoraRows;
 use candle_core::Tensor;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub struct LoraWeights {
     /// On the CPU: `A` `(r, in)` and `Bᵀ` `(r, out)` as plain shared slices, which the fused
     /// host LoRA kernel reads with no tensor locks (a batch composition only clones the `Arc`s).
     pub host: Option<HostLoraWeights>,
+    /// DoRA's magnitude and norm products, for a `use_dora` adapter ([`super::dora`]).
+    pub dora: Option<Arc<DoraRows>>,
 }
 
 /// Host copies of one module's `A` and `Bᵀ`, row-major f32.
@@ -55,7 +58,13 @@ impl LoraWeights {
             } else {
                 (None, Some((a.t()?.contiguous()?, b_t)))
             };
-        Ok(Self { a, b, stacked, rank, alpha, scaling, host })
+        Ok(Self { a, b, stacked, rank, alpha, scaling, host, dora: None })
+    }
+
+    /// The same module as a DoRA one, with `rows` (built against the base weight).
+    pub fn with_dora(mut self, rows: DoraRows) -> Self {
+        self.dora = Some(Arc::new(rows));
+        self
     }
 
     /// `(Aᵀ, Bᵀ)`, contiguous; computed on demand when only the host copy is kept (the stacked
@@ -78,6 +87,7 @@ impl LoraWeights {
         let stacked =
             self.stacked.as_ref().map_or(0, |(a_t, b_t)| a_t.elem_count() + b_t.elem_count());
         (self.a.elem_count() + self.b.elem_count() + stacked + host) * 4
+            + self.dora.as_ref().map_or(0, |d| d.resident_bytes())
     }
 }
 
