@@ -286,8 +286,9 @@ fn load_mix(
         let (name_or_dir, scale) = parse_adapter_spec(spec)?;
         let dir = resolve_adapter_dir(&name_or_dir, adapters_dir);
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(name_or_dir);
-        let adapter = crate::adapters::load_adapter_on(&dir, &name, &model.cfg, device, Some(&base))
-            .with_context(|| format!("adapter `{}`", dir.display()))?;
+        let adapter =
+            crate::adapters::load_adapter_on(&dir, &name, &model.cfg, device, Some(&base))
+                .with_context(|| format!("adapter `{}`", dir.display()))?;
         described.push(
             serde_json::json!({"name": name, "scale": scale, "path": dir.display().to_string()}),
         );
@@ -333,8 +334,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let format = WeightFormat::parse(&args.model.dtype, &device)?;
     let loaded = load_model(&args.model.model, format, &device)
         .with_context(|| format!("loading `{}`", args.model.model))?;
-    let (mix, described) =
-        load_mix(&args.adapters, &args.adapters_dir, &loaded.model, &device)?;
+    let (mix, described) = load_mix(&args.adapters, &args.adapters_dir, &loaded.model, &device)?;
     let mut examples = crate::train::squad::load(&args.data)?;
     if let Some(n) = args.limit {
         examples.truncate(n);
@@ -365,8 +365,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let format = WeightFormat::parse(&args.model.dtype, &device)?;
     let loaded = load_model(&args.model.model, format, &device)
         .with_context(|| format!("loading `{}`", args.model.model))?;
-    let (mix, described) =
-        load_mix(&args.adapters, &args.adapters_dir, &loaded.model, &device)?;
+    let (mix, described) = load_mix(&args.adapters, &args.adapters_dir, &loaded.model, &device)?;
     let prompt_ids = if args.chat {
         let user = [ChatMessage::text("user", args.prompt.clone())];
         loaded.tokenizer.encode_chat(&user, &[], true)?.ids

@@ -25,16 +25,15 @@ pub fn load_backend(
         .with_context(|| format!("loading model `{}`", cfg.model))?;
     let model_cfg = loaded.model.cfg.clone();
     tracing::info!(model = %loaded.id, %format, secs = started.elapsed().as_secs_f32(), "model loaded");
-    let mut registry =
-        Registry::new(
-            &cfg.adapters,
-            model_cfg.clone(),
-            Some(loaded.model.projections()),
-            device,
-            cfg.adapter_budget_bytes,
-        )
-            .with_context(|| format!("opening adapters folder `{}`", cfg.adapters.display()))?
-            .with_mixes(&cfg.mixes);
+    let mut registry = Registry::new(
+        &cfg.adapters,
+        model_cfg.clone(),
+        Some(loaded.model.projections()),
+        device,
+        cfg.adapter_budget_bytes,
+    )
+    .with_context(|| format!("opening adapters folder `{}`", cfg.adapters.display()))?
+    .with_mixes(&cfg.mixes);
     if let Some(m) = &metrics {
         registry = registry.with_metrics(m.clone());
     }

@@ -48,8 +48,21 @@ fn a_valid_adapter_loads() {
     assert!(load_with(|_| {}).is_ok());
 }
 
+/// A DoRA config whose weights hold no magnitudes is refused naming the missing tensor, even
+/// with the base weights at hand; loaded by shape only, DoRA is refused by name.
 #[test]
-fn dora_is_rejected() {
+fn dora_without_magnitudes_is_rejected() {
+    let (model, cfg) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x");
+    let mut json = lora_config(2, 4.0, &["q_proj", "v_proj"]);
+    json["use_dora"] = true.into();
+    write_random_adapter(&path, &cfg, &json, 1);
+    let base = model.projections();
+    let e = loraplex::adapters::load_adapter_on(&path, "x", &cfg, &Device::Cpu, Some(&base))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lora_magnitude_vector"), "{e}");
     let e = err_text(load_with(|j| j["use_dora"] = true.into()));
     assert!(e.contains("use_dora") && e.contains("DoRA"), "{e}");
 }

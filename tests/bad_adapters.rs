@@ -108,8 +108,23 @@ async fn broken_adapter_folders_are_reported_and_refused_without_harm() {
         tensors().into_iter().map(|(k, t)| (k, t.to_dtype(DType::I64).unwrap())).collect();
     let mut wrong_rank = qa_config();
     wrong_rank["r"] = json!(4);
-    let mut dora = qa_config();
-    dora["use_dora"] = json!(true);
+    let mut qalora = qa_config();
+    qalora["use_qalora"] = json!(true);
+    // DoRA folders: PEFT's own DoRA adapter, with its magnitudes missing, misshapen or NaN.
+    let dora_dir = shared_dir().join("reference/dora/adapters/dora-qv-r8");
+    let dora_config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dora_dir.join(CONFIG)).unwrap()).unwrap();
+    let dora = candle_core::safetensors::load(dora_dir.join(WEIGHTS), &Device::Cpu).unwrap();
+    let mag_key = "base_model.model.model.layers.3.self_attn.q_proj.lora_magnitude_vector";
+    let mut no_mag = dora.clone();
+    no_mag.remove(mag_key).unwrap();
+    let mut short_mag = dora.clone();
+    short_mag.insert(mag_key.into(), dora[mag_key].narrow(0, 0, 100).unwrap());
+    let mut nan_mag = dora.clone();
+    let mut v = dora[mag_key].to_vec1::<f32>().unwrap();
+    v[7] = f32::NAN;
+    nan_mag
+        .insert(mag_key.into(), Tensor::from_vec(v, dora[mag_key].shape(), &Device::Cpu).unwrap());
     let outside = tempfile::tempdir().unwrap();
     copy_adapter(&qa_r8(), &outside.path().join("escaped"));
     // (folder, expected fragment of its error)
@@ -124,7 +139,10 @@ async fn broken_adapter_folders_are_reported_and_refused_without_harm() {
         ("nan-weights", "non-finite"),
         ("missing-config", CONFIG),
         ("missing-weights", WEIGHTS),
-        ("unsupported-config", "dora"),
+        ("unsupported-config", "use_qalora"),
+        ("dora-no-magnitude", "missing tensor `base_model.model.model.layers.3.self_attn.q_proj.lora_magnitude_vector`"),
+        ("dora-short-magnitude", "lora_magnitude_vector` has shape [100]"),
+        ("dora-nan-magnitude", "lora_magnitude_vector` has a non-finite value"),
         ("bad-json-config", "adapter_config.json"),
         ("linked-weights", "outside the adapters folder"),
     ];
@@ -161,7 +179,11 @@ async fn broken_adapter_folders_are_reported_and_refused_without_harm() {
     write(root, "nan-weights", Some(qa_config()), Some(saved(&nan)));
     write(root, "missing-config", None, Some(w.clone()));
     write(root, "missing-weights", Some(qa_config()), None);
-    write(root, "unsupported-config", Some(dora), Some(w.clone()));
+    write(root, "unsupported-config", Some(qalora), Some(w.clone()));
+    write(root, "dora-no-magnitude", Some(dora_config.clone()), Some(saved(&no_mag)));
+    write(root, "dora-short-magnitude", Some(dora_config.clone()), Some(saved(&short_mag)));
+    write(root, "dora-nan-magnitude", Some(dora_config.clone()), Some(saved(&nan_mag)));
+    write(root, "dora-good", Some(dora_config), Some(saved(&dora)));
     let bad_json = write(root, "bad-json-config", None, Some(w.clone()));
     std::fs::write(bad_json.join(CONFIG), "{\"r\": 8,").unwrap();
     let linked = write(root, "linked-weights", Some(qa_config()), None);
@@ -192,7 +214,7 @@ async fn broken_adapter_folders_are_reported_and_refused_without_harm() {
     let (s, _) = call(&app, post("/v1/completions", greedy("escaped-folder", 2))).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // The good adapters still serve.
-    for good in ["qa-r8", "all-r16", "rslora-r4"] {
+    for good in ["qa-r8", "all-r16", "rslora-r4", "dora-good"] {
         let (s, v) = call(&app, post("/v1/completions", greedy(good, 4))).await;
         assert_eq!(s, StatusCode::OK, "{good}: {v}");
     }

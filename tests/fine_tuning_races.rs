@@ -29,7 +29,8 @@ fn tiny() -> LoadedModel {
 /// A fine-tuning service over the tiny model, its adapters folder and state folder in `root`.
 fn service(root: &Path, m: &LoadedModel) -> (Arc<FineTuning>, Arc<Registry>) {
     let registry = Arc::new(
-        Registry::new(&root.join("adapters"), m.model.cfg.clone(), None, Device::Cpu, 1 << 30).unwrap(),
+        Registry::new(&root.join("adapters"), m.model.cfg.clone(), None, Device::Cpu, 1 << 30)
+            .unwrap(),
     );
     let ft = FineTuning::open(
         &root.join("state"),

@@ -222,7 +222,8 @@ fn merged_dora_equals_unmerged() {
     let prompts = prompts(&rf);
     let mix = case_mix(&m, &cases()[3]);
     let unmerged = prefill(&m.model, &prompts, &mix, Path::Fused);
-    let merged = prefill(&m.model.merged(&mix).unwrap(), &prompts, &AdapterMix::default(), Path::Fused);
+    let merged =
+        prefill(&m.model.merged(&mix).unwrap(), &prompts, &AdapterMix::default(), Path::Fused);
     for (a, b) in unmerged.iter().zip(&merged) {
         assert!(max_abs_diff(a, b) <= LOGIT_TOL, "{}", max_abs_diff(a, b));
     }

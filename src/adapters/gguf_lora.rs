@@ -35,7 +35,8 @@ pub fn write_gguf_lora(
         if w.dora.is_some() {
             // llama.cpp's LoRA format has no magnitude: a DoRA adapter is not a sum of B A.
             return Err(AdapterError::Unsupported(
-                "DoRA (`use_dora: true`) has no GGUF LoRA form; serve it from its PEFT folder".into(),
+                "DoRA (`use_dora: true`) has no GGUF LoRA form; serve it from its PEFT folder"
+                    .into(),
             ));
         }
         let b = (w.b.to_device(&Device::Cpu)? * w.scaling)?;

@@ -21,7 +21,8 @@ impl Decoder {
                     w = (w + (lw.b.matmul(&lw.a)? * c)?)?;
                     if let Some(d) = &lw.dora {
                         // PEFT's DoRA merge: each row of `W + c·B A` times `m / ||W + c·B A||`.
-                        let k = candle_core::Tensor::from_vec(d.gains(c), (d.len(), 1), w.device())?;
+                        let k =
+                            candle_core::Tensor::from_vec(d.gains(c), (d.len(), 1), w.device())?;
                         w = w.broadcast_mul(&k)?;
                     }
                 }

@@ -94,6 +94,43 @@ pub fn write_random_adapter(
     std::fs::write(dir.join("adapter_config.json"), config_json.to_string()).unwrap();
 }
 
+/// Writes a DoRA adapter (`use_dora: true`) for `model`: a random one as
+/// [`write_random_adapter`] writes, plus magnitudes of `0.7–1.3 ×` each base row's norm (a
+/// stored module's rows filled from each projection it holds), so DoRA's rescaling shows.
+pub fn write_random_dora_adapter(
+    dir: &Path,
+    model: &Decoder,
+    config_json: &serde_json::Value,
+    seed: u64,
+) {
+    let mut json = config_json.clone();
+    json["use_dora"] = true.into();
+    write_random_adapter(dir, &model.cfg, &json, seed);
+    let file = dir.join("adapter_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let base = model.projections();
+    let mut mags: std::collections::BTreeMap<String, Vec<f32>> = Default::default();
+    for id in model.cfg.projections() {
+        let m = model.cfg.stored_module(id);
+        let key = format!("base_model.model.{}.lora_magnitude_vector", m.path);
+        if !tensors.contains_key(&format!("base_model.model.{}.lora_A.weight", m.path)) {
+            continue;
+        }
+        let w = base.dense_f32(id).unwrap().unwrap();
+        let norms: Vec<f32> = w.sqr().unwrap().sum(1).unwrap().sqrt().unwrap().to_vec1().unwrap();
+        let mag = mags.entry(key).or_insert_with(|| vec![0.0; m.out]);
+        for (i, &row) in m.rows.iter().enumerate() {
+            let u = ((seed as usize * 31 + row * 17 + i) % 61) as f32 / 60.0;
+            mag[row] = norms[i] * (0.7 + 0.6 * u);
+        }
+    }
+    for (k, v) in mags {
+        let n = v.len();
+        tensors.insert(k, Tensor::from_vec(v, n, &Device::Cpu).unwrap());
+    }
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+}
+
 pub fn lora_config(r: usize, alpha: f64, targets: &[&str]) -> serde_json::Value {
     serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "bias": "none"})
 }

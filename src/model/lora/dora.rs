@@ -28,7 +28,12 @@ pub struct DoraRows {
 impl DoraRows {
     /// The rows of a module with base weight `w` `(out, in)`, `A` `(r, in)`, `B` `(out, r)`
     /// (any float dtype and device) and magnitude `m` (`out` values).
-    pub fn new(magnitude: Vec<f32>, w: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Self> {
+    pub fn new(
+        magnitude: Vec<f32>,
+        w: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> candle_core::Result<Self> {
         let cpu = candle_core::Device::Cpu;
         let f32s = |t: &Tensor| t.to_device(&cpu)?.to_dtype(DType::F32);
         let (w, a, b) = (f32s(w)?, f32s(a)?, f32s(b)?);
@@ -39,16 +44,17 @@ impl DoraRows {
         }
         let wa = w.matmul(&a.t()?)?.to_vec2::<f32>()?;
         let (w, a, b) = (w.to_vec2::<f32>()?, a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
-        let gram: Vec<Vec<f64>> = (0..rank)
-            .map(|i| (0..rank).map(|k| dot64(&a[i], &a[k])).collect())
-            .collect();
+        let gram: Vec<Vec<f64>> =
+            (0..rank).map(|i| (0..rank).map(|k| dot64(&a[i], &a[k])).collect()).collect();
         let w_sq = w.iter().map(|row| dot64(row, row)).collect();
         let w_dot_u = b.iter().zip(&wa).map(|(bj, waj)| dot64(bj, waj)).collect();
         let u_sq = b
             .iter()
             .map(|bj| {
                 (0..rank)
-                    .map(|i| bj[i] as f64 * (0..rank).map(|k| gram[i][k] * bj[k] as f64).sum::<f64>())
+                    .map(|i| {
+                        bj[i] as f64 * (0..rank).map(|k| gram[i][k] * bj[k] as f64).sum::<f64>()
+                    })
                     .sum()
             })
             .collect();
@@ -67,14 +73,20 @@ impl DoraRows {
     /// `||W + c·B A||` per row.
     pub fn norms(&self, c: f64) -> Vec<f64> {
         (0..self.len())
-            .map(|j| (self.w_sq[j] + c * (2.0 * self.w_dot_u[j] + c * self.u_sq[j])).max(0.0).sqrt())
+            .map(|j| {
+                (self.w_sq[j] + c * (2.0 * self.w_dot_u[j] + c * self.u_sq[j])).max(0.0).sqrt()
+            })
             .collect()
     }
 
     /// `k = m / ||W + c·B A||` per row: the factor a DoRA term at coefficient `c` rescales
     /// its module's running result (with the term added) by.
     pub fn gains(&self, c: f64) -> Vec<f32> {
-        self.norms(c).iter().zip(self.magnitude.iter()).map(|(n, &m)| (m as f64 / n) as f32).collect()
+        self.norms(c)
+            .iter()
+            .zip(self.magnitude.iter())
+            .map(|(n, &m)| (m as f64 / n) as f32)
+            .collect()
     }
 
     /// Bytes kept resident: the magnitude (f32) and the three row products (f64).

@@ -268,7 +268,12 @@ impl HostLora {
             for (w, c) in m.terms(id) {
                 dims = Some(w.dims().ok()?);
                 let gain = w.dora.as_ref().map(|d| Arc::from(d.gains(c)));
-                terms.push(HostTerm { weights: w.host.clone()?, rank: w.rank, coef: c as f32, gain });
+                terms.push(HostTerm {
+                    weights: w.host.clone()?,
+                    rank: w.rank,
+                    coef: c as f32,
+                    gain,
+                });
             }
             per_seq.push(terms);
         }
@@ -486,8 +491,8 @@ fn per_row_apply(
         let xs = x.narrow(0, offset, len)?;
         let mut r = y.narrow(0, offset, len)?;
         for (w, c) in mix.terms(id) {
-            let d = (xs.matmul(&w.a.to_dtype(dtype)?.t()?)?.matmul(&w.b.to_dtype(dtype)?.t()?)?
-                * c)?;
+            let d =
+                (xs.matmul(&w.a.to_dtype(dtype)?.t()?)?.matmul(&w.b.to_dtype(dtype)?.t()?)? * c)?;
             r = (r + d)?;
             if let Some(dora) = &w.dora {
                 let k = Tensor::from_vec(dora.gains(c), (1, dora.len()), x.device())?;
