@@ -11,7 +11,10 @@
 //! one pass over the rows.
 
 use candle_core::{DType, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// Coefficients whose gains a module keeps (the scales its requests use most recently).
+const GAIN_MEMO: usize = 4;
 
 /// One DoRA module's magnitude and the row products its norms are assembled from, each of the
 /// module's `out` rows. Immutable once built, like the adapter holding it.
@@ -23,6 +26,9 @@ pub struct DoraRows {
     w_sq: Arc<[f64]>,
     w_dot_u: Arc<[f64]>,
     u_sq: Arc<[f64]>,
+    /// The gains of the last few coefficients (a memo of [`DoraRows::gains`], newest last):
+    /// a batch composition then costs reference counts, not a pass over the rows.
+    memo: Arc<Mutex<Vec<(u64, Arc<[f32]>)>>>,
 }
 
 impl DoraRows {
@@ -58,7 +64,7 @@ impl DoraRows {
                     .sum()
             })
             .collect();
-        Ok(Self { magnitude: magnitude.into(), w_sq, w_dot_u, u_sq })
+        Ok(Self { magnitude: magnitude.into(), w_sq, w_dot_u, u_sq, memo: Default::default() })
     }
 
     /// Rows of the module.
@@ -89,9 +95,28 @@ impl DoraRows {
             .collect()
     }
 
-    /// Bytes kept resident: the magnitude (f32) and the three row products (f64).
+    /// [`DoraRows::gains`] through the memo of the last [`GAIN_MEMO`] coefficients.
+    pub fn shared_gains(&self, c: f64) -> Arc<[f32]> {
+        let key = c.to_bits();
+        // A poisoned memo only loses its entries: the gains are recomputed.
+        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = memo.iter().position(|(k, _)| *k == key) {
+            let hit = memo.remove(i);
+            memo.push(hit.clone());
+            return hit.1;
+        }
+        let gains: Arc<[f32]> = self.gains(c).into();
+        if memo.len() == GAIN_MEMO {
+            memo.remove(0);
+        }
+        memo.push((key, gains.clone()));
+        gains
+    }
+
+    /// Bytes kept resident: the magnitude (f32), the three row products (f64) and the memo's
+    /// gains at its fullest (f32).
     pub fn resident_bytes(&self) -> usize {
-        self.len() * (4 + 3 * 8)
+        self.len() * (4 + 3 * 8 + GAIN_MEMO * 4)
     }
 }
 

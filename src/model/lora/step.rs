@@ -267,7 +267,7 @@ impl HostLora {
             let mut terms = Vec::new();
             for (w, c) in m.terms(id) {
                 dims = Some(w.dims().ok()?);
-                let gain = w.dora.as_ref().map(|d| Arc::from(d.gains(c)));
+                let gain = w.dora.as_ref().map(|d| d.shared_gains(c));
                 terms.push(HostTerm {
                     weights: w.host.clone()?,
                     rank: w.rank,
@@ -327,7 +327,7 @@ impl StackedLora {
             let mut suffix = vec![Vec::new(); ts.len()];
             for (i, (w, c)) in ts.iter().enumerate().rev() {
                 if let Some(d) = &w.dora {
-                    after.iter_mut().zip(d.gains(*c)).for_each(|(g, k)| *g *= k);
+                    after.iter_mut().zip(d.shared_gains(*c).iter()).for_each(|(g, k)| *g *= k);
                 }
                 suffix[i] = after.clone();
             }
