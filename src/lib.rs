@@ -102,7 +102,8 @@
 //!   - `model::linear`: the one LoRA-aware linear over dense, candle-quantized or packed
 //!     weights.
 //!   - `model::lora`: LoRA as the model computes it, in one place: `model::lora::weights` (a
-//!     loaded adapter's `A`, `B` and scalings), `model::lora::mix` (a request's mix and its
+//!     loaded adapter's `A`, `B` and scalings), `model::lora::dora` (DoRA's magnitudes and the
+//!     row products its weight norms come from), `model::lora::mix` (a request's mix and its
 //!     `c_i = s_i · alpha_i / r_i` terms), `model::lora::step` (one step's operands: batched fast
 //!     paths and the per-row reference).
 //!   - `model::ops`: the ops between matmuls, fused on the CPU or composed in candle.
