@@ -70,6 +70,7 @@ fn request(m: &LoadedModel, file: &str) -> JobRequest {
             alpha: 8.0,
             dropout: 0.0,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
+            use_dora: false,
         },
         metadata: None,
     }

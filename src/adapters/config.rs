@@ -387,7 +387,7 @@ impl PeftConfig {
             "lora_dropout": self.lora_dropout,
             "bias": "none",
             "fan_in_fan_out": false,
-            "use_dora": false,
+            "use_dora": self.use_dora,
             "lora_bias": false,
             "modules_to_save": null,
             "layers_to_transform": self.layers_to_transform,

@@ -43,6 +43,18 @@ pub fn save_modules(
     weights: &[(String, Tensor, Tensor)],
     extra: &[(&str, Vec<u8>)],
 ) -> Result<(), AdapterError> {
+    save_dora_modules(dir, config, weights, &[], extra)
+}
+
+/// [`save_modules`] with DoRA's magnitudes (`(stored module path, magnitude)`), written as
+/// PEFT's `lora_magnitude_vector` tensors.
+pub fn save_dora_modules(
+    dir: &Path,
+    config: &PeftConfig,
+    weights: &[(String, Tensor, Tensor)],
+    magnitudes: &[(String, Tensor)],
+    extra: &[(&str, Vec<u8>)],
+) -> Result<(), AdapterError> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
     let name = dir
@@ -58,6 +70,9 @@ pub fn save_modules(
     for (path, a, b) in weights {
         tensors.insert(format!("base_model.model.{path}.lora_A.weight"), a.contiguous()?);
         tensors.insert(format!("base_model.model.{path}.lora_B.weight"), b.contiguous()?);
+    }
+    for (path, m) in magnitudes {
+        tensors.insert(format!("base_model.model.{path}.lora_magnitude_vector"), m.contiguous()?);
     }
     candle_core::safetensors::save(&tensors, tmp.join(WEIGHTS_FILE))?;
     let json = serde_json::to_string_pretty(&config.to_peft_json())

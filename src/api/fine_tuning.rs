@@ -3,7 +3,7 @@
 //! cancel, events, checkpoints). Bodies are parsed here into typed requests; the work is
 //! [`crate::finetune`]'s. LoRA settings are our documented extension inside
 //! `method.supervised.hyperparameters` (`lora_rank`, `lora_alpha`, `lora_dropout`,
-//! `target_modules`).
+//! `target_modules`, `use_dora`).
 
 use super::body::json_body;
 use super::error::ApiError;
@@ -226,6 +226,7 @@ struct Hyper {
     lora_alpha: Option<f64>,
     lora_dropout: Option<f32>,
     target_modules: Option<Vec<String>>,
+    use_dora: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -293,6 +294,7 @@ impl CreateJob {
             target_modules: h.target_modules.unwrap_or_else(|| {
                 ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec()
             }),
+            use_dora: h.use_dora.unwrap_or(false),
         };
         Ok(JobRequest {
             model: self.model,

@@ -61,6 +61,9 @@ pub struct LoraSettings {
     pub alpha: f64,
     pub dropout: f32,
     pub target_modules: Vec<String>,
+    /// DoRA (PEFT's `use_dora`); absent in jobs stored before it existed.
+    #[serde(default)]
+    pub use_dora: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

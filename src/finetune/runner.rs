@@ -211,6 +211,7 @@ impl FineTuning {
             alpha: Some(job.lora.alpha),
             dropout: Some(job.lora.dropout),
             target_modules: Some(job.lora.target_modules.clone()),
+            use_dora: Some(job.lora.use_dora),
             steps: Some(total),
             batch_size: Some(h.batch_size as usize),
             grad_accum: Some(1),
@@ -276,7 +277,13 @@ impl FineTuning {
     ) -> anyhow::Result<()> {
         let dir = self.registry.root().join(name);
         let params = &a.run.params;
-        crate::adapters::writer::save_modules(&dir, &params.config, &params.export()?, extra)?;
+        crate::adapters::writer::save_dora_modules(
+            &dir,
+            &params.config,
+            &params.export()?,
+            &params.export_magnitudes()?,
+            extra,
+        )?;
         self.registry.rescan();
         Ok(())
     }
@@ -317,7 +324,13 @@ impl FineTuning {
         let staged = root.join(format!(".{}.staging", a.name));
         let _ = std::fs::remove_dir_all(&staged);
         let params = &a.run.params;
-        crate::adapters::writer::save_modules(&staged, &params.config, &params.export()?, &extra)?;
+        crate::adapters::writer::save_dora_modules(
+            &staged,
+            &params.config,
+            &params.export()?,
+            &params.export_magnitudes()?,
+            &extra,
+        )?;
         let results = self.add_results(&a, validation_loss)?;
         self.before_commit();
         let committed = self.with_job(&a.job_id, |j| {

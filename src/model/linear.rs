@@ -129,6 +129,14 @@ impl LoraLinear {
     pub fn forward(&self, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
         if pass.kernels.exec() == super::ops::Exec::Differentiable {
             let y = super::frozen::frozen_base(x, &self.base, pass.kernels)?;
+            if pass.lora.rescales(self.id) {
+                // DoRA under dropout: PEFT rescales the base product of the dropped input.
+                if let Some(xd) = pass.lora.dropped_input(self.id, x)? {
+                    let base_d = super::frozen::frozen_base(&xd, &self.base, pass.kernels)?;
+                    let y = pass.lora.apply_dropped(self.id, &xd, y, &base_d, pass.seq_lens)?;
+                    return self.add_bias(y);
+                }
+            }
             return self.finish(y, x, pass);
         }
         // Host path: the base product as a vector, bias and LoRA delta added into it in place.

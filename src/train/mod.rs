@@ -58,6 +58,10 @@ pub struct TrainOptions {
     /// rsLoRA scaling (alpha / sqrt(r)); a switch (`--rslora`, `--rslora=false`).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub rslora: Option<bool>,
+    /// DoRA (weight-decomposed LoRA, PEFT's `use_dora`): a trained magnitude per output row
+    /// beside A and B; a switch (`--use-dora`).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub use_dora: Option<bool>,
     /// Optimizer steps (wins over --epochs). [default: 133]
     #[arg(long)]
     pub steps: Option<usize>,
@@ -137,6 +141,7 @@ impl TrainOptions {
             dropout,
             target_modules,
             rslora,
+            use_dora,
             steps,
             epochs,
             batch_size,
@@ -172,6 +177,7 @@ pub struct TrainConfig {
     pub dropout: f32,
     pub target_modules: Vec<String>,
     pub rslora: bool,
+    pub use_dora: bool,
     pub steps: Option<usize>,
     pub epochs: Option<f64>,
     pub batch_size: usize,
@@ -209,6 +215,7 @@ impl TryFrom<TrainOptions> for TrainConfig {
                 ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec()
             }),
             rslora: o.rslora.unwrap_or(false),
+            use_dora: o.use_dora.unwrap_or(false),
             steps: o.steps.or(if o.epochs.is_some() { None } else { Some(133) }),
             epochs: o.epochs,
             batch_size: o.batch_size.unwrap_or(8),

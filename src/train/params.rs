@@ -1,12 +1,13 @@
 //! The trainable LoRA parameters: `A` (Kaiming-uniform, as PEFT initialises it) and `B`
 //! (zeros) per targeted *stored* module, as candle `Var`s — one pair for a fused projection
 //! (Phi-3's `qkv_proj`, BLOOM's `query_key_value`), whose parts share `A` and take their rows
-//! of `B`, as PEFT computes it and as serving loads it; views of them as a [`LoraAdapter`] for
-//! the model's forward; and their PEFT-named export.
+//! of `B`, as PEFT computes it and as serving loads it; with DoRA (`use_dora`) a magnitude per
+//! stored module, initialised as PEFT does to the row norms of the base weight; views of them
+//! as a [`LoraAdapter`] for the model's forward; and their PEFT-named export.
 
 use crate::adapters::{AdapterError, PeftConfig};
-use crate::model::lora::{LoraAdapter, LoraWeights};
-use crate::model::{DecoderConfig, ModuleId};
+use crate::model::lora::{DoraRows, LoraAdapter, LoraWeights};
+use crate::model::{DecoderConfig, FrozenProjections, ModuleId};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
@@ -14,8 +15,12 @@ pub struct LoraParams {
     pub config: PeftConfig,
     /// `(stored module path, A (r, in), B (stored out, r))`.
     pub modules: Vec<(String, Var, Var)>,
+    /// Per entry of `modules`, with DoRA: its magnitude `(stored out)`.
+    pub magnitudes: Vec<Option<Var>>,
     /// Per entry of `modules`: the projections it feeds, with their rows of `B`.
     parts: Vec<Vec<(ModuleId, Vec<usize>)>>,
+    /// The base weights DoRA's norms are taken against (DoRA only).
+    base: Option<FrozenProjections>,
 }
 
 /// Refuses a `target_modules` entry that names no linear layer of this architecture (it
@@ -44,6 +49,18 @@ impl LoraParams {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
+        Self::init_on(cfg, config, seed, device, None)
+    }
+
+    /// [`LoraParams::init`] for the model with frozen projections `base`, which a DoRA config
+    /// needs (its magnitudes start at `||W||` per row, PEFT's init with `B = 0`).
+    pub fn init_on(
+        cfg: &DecoderConfig,
+        config: PeftConfig,
+        seed: u64,
+        device: &Device,
+        base: Option<&FrozenProjections>,
+    ) -> Result<Self> {
         check_targets(cfg, &config).map_err(candle_core::Error::Msg)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (mut modules, mut parts): (Vec<(String, Var, Var)>, Vec<Vec<_>>) = Default::default();
@@ -65,11 +82,34 @@ impl LoraParams {
             modules.push((m.path, a, b));
             parts.push(vec![(id, m.rows)]);
         }
-        Ok(Self { config, modules, parts })
+        let mut magnitudes = Vec::with_capacity(modules.len());
+        for ((_, _, b), parts) in modules.iter().zip(&parts) {
+            if !config.use_dora {
+                magnitudes.push(None);
+                continue;
+            }
+            let Some(base) = base else {
+                candle_core::bail!("`use_dora` needs the base model's weights for the magnitudes");
+            };
+            let mut mag = vec![0f32; b.dim(0)?];
+            for (id, rows) in parts {
+                let w = base.dense_f32(*id).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let w =
+                    w.ok_or_else(|| candle_core::Error::Msg(format!("no `{id}` in the base")))?;
+                let norms: Vec<f32> = w.sqr()?.sum(1)?.sqrt()?.to_vec1()?;
+                rows.iter().zip(norms).for_each(|(&r, n)| mag[r] = n);
+            }
+            let n = mag.len();
+            magnitudes.push(Some(Var::from_vec(mag, n, device)?));
+        }
+        Ok(Self { config, modules, magnitudes, parts, base: base.cloned() })
     }
 
+    /// The trainable tensors: each module's `A` and `B`, then the DoRA magnitudes (after
+    /// every pair, so a plain adapter's checkpoint layout is what it always was).
     pub fn vars(&self) -> Vec<Var> {
-        self.modules.iter().flat_map(|(_, a, b)| [a.clone(), b.clone()]).collect()
+        let pairs = self.modules.iter().flat_map(|(_, a, b)| [a.clone(), b.clone()]);
+        pairs.chain(self.magnitudes.iter().flatten().cloned()).collect()
     }
 
     /// An adapter whose A/B are the live `Var` tensors (gradients flow to them). A fused
@@ -99,17 +139,34 @@ impl LoraParams {
         detach: bool,
     ) -> std::result::Result<LoraAdapter, AdapterError> {
         let mut modules = vec![None; ModuleId::count(cfg.num_layers)];
-        for ((path, a, b), parts) in self.modules.iter().zip(&self.parts) {
-            let (a, b): (Tensor, Tensor) = if detach {
-                (a.as_tensor().detach().copy()?, b.as_tensor().detach().copy()?)
-            } else {
-                (a.as_tensor().clone(), b.as_tensor().clone())
-            };
+        let live = |v: &Var| -> Result<Tensor> {
+            match detach {
+                true => v.as_tensor().detach().copy(),
+                false => Ok(v.as_tensor().clone()),
+            }
+        };
+        for (((path, a, b), parts), mag) in
+            self.modules.iter().zip(&self.parts).zip(&self.magnitudes)
+        {
+            let (a, b) = (live(a)?, live(b)?);
             let (_, alpha) = self.config.rank_alpha_module(path);
             for (id, rows) in parts {
                 // Row selection is differentiable: each part's gradient lands in its rows.
                 let b = crate::model::select_rows(&b, rows)?;
-                let w = LoraWeights::new(a.clone(), b, alpha, self.config.use_rslora)?;
+                let mut w = LoraWeights::new(a.clone(), b, alpha, self.config.use_rslora)?;
+                if let (Some(mag), Some(base)) = (mag, &self.base) {
+                    let m = crate::model::select_rows(&live(mag)?, rows)?;
+                    let weight =
+                        base.dense_f32(*id).map_err(|e| AdapterError::Weights(e.to_string()))?;
+                    let weight = weight
+                        .ok_or_else(|| AdapterError::Weights(format!("no `{id}` in the base")))?;
+                    // The norms are of the current A and B, detached (PEFT detaches them).
+                    let rows = DoraRows::new(m.to_vec1()?, &weight, &w.a.detach(), &w.b.detach())?;
+                    w = w.with_dora(rows);
+                    if !detach {
+                        w.trainable_magnitude = Some(m);
+                    }
+                }
                 modules[id.index()] = Some(w);
             }
         }
@@ -123,6 +180,16 @@ impl LoraParams {
             size_bytes,
             version: 0,
         })
+    }
+
+    /// `(stored module path, magnitude)` detached, for a DoRA adapter's PEFT file.
+    pub fn export_magnitudes(&self) -> Result<Vec<(String, Tensor)>> {
+        self.modules
+            .iter()
+            .zip(&self.magnitudes)
+            .filter_map(|((path, _, _), m)| m.as_ref().map(|m| (path, m)))
+            .map(|(path, m)| Ok((path.clone(), m.as_tensor().detach().copy()?)))
+            .collect()
     }
 
     /// `(stored module path, A, B)` detached, for writing the PEFT file.

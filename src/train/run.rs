@@ -71,9 +71,11 @@ impl TrainRun {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
             "lora_dropout": (cfg.dropout as f64 * 1e6).round() / 1e6,
             "target_modules": cfg.target_modules, "use_rslora": cfg.rslora, "bias": "none",
+            "use_dora": cfg.use_dora,
             "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
         }).to_string())?;
-        let params = LoraParams::init(&model.cfg, peft, cfg.seed, model.device())?;
+        let base = model.projections();
+        let params = LoraParams::init_on(&model.cfg, peft, cfg.seed, model.device(), Some(&base))?;
         let vars = params.vars();
         let mut opt = AdamW::new(&vars, cfg.weight_decay)?;
         let mut log = Vec::new();

@@ -269,7 +269,13 @@ fn write_output(cfg: &TrainConfig, params: &LoraParams, o: &TrainOutcome) -> any
         Ok(png) => extra.push(("loss.png", png)),
         Err(e) => eprintln!("warning: no loss curve: {e}"),
     }
-    crate::adapters::writer::save_modules(&cfg.output, &params.config, &params.export()?, &extra)?;
+    crate::adapters::writer::save_dora_modules(
+        &cfg.output,
+        &params.config,
+        &params.export()?,
+        &params.export_magnitudes()?,
+        &extra,
+    )?;
     Ok(())
 }
 

@@ -147,16 +147,8 @@ impl StepLora {
                 None => Ok(None),
             },
             StepLora::PerRow(mixes) => per_row_delta(id, mixes, x, seq_lens),
-            StepLora::Training { mixes, dropout, seed } => {
-                let x = if *dropout > 0.0 {
-                    seeded_dropout(
-                        x,
-                        *dropout,
-                        seed ^ (id.index() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                    )?
-                } else {
-                    x.clone()
-                };
+            StepLora::Training { mixes, .. } => {
+                let x = self.dropped_input(id, x)?.unwrap_or_else(|| x.clone());
                 per_row_delta(id, mixes, &x, seq_lens)
             }
         }
@@ -164,6 +156,62 @@ impl StepLora {
 }
 
 impl StepLora {
+    /// A training step's LoRA input for module `id` under dropout (the seeded mask of this
+    /// step and module); `None` without dropout.
+    pub fn dropped_input(&self, id: ModuleId, x: &Tensor) -> Result<Option<Tensor>> {
+        match self {
+            StepLora::Training { dropout, seed, .. } if *dropout > 0.0 => Ok(Some(seeded_dropout(
+                x,
+                *dropout,
+                seed ^ (id.index() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            )?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// A training step's output of module `id` with DoRA under dropout, as PEFT trains it:
+    /// the running result is not rescaled, the base product of the dropped input `xd`
+    /// (`base_d`, no bias) is: `r += (k − 1) · W xd + k · c · B(A xd)` per DoRA term.
+    pub fn apply_dropped(
+        &self,
+        id: ModuleId,
+        xd: &Tensor,
+        y: Tensor,
+        base_d: &Tensor,
+        seq_lens: &[usize],
+    ) -> Result<Tensor> {
+        let StepLora::Training { mixes, .. } = self else {
+            return self.apply(id, xd, y, seq_lens);
+        };
+        let dtype = xd.dtype();
+        let mut parts = Vec::with_capacity(mixes.len());
+        let (mut offset, mut seq) = (0, 0);
+        while seq < mixes.len() {
+            let mix = &mixes[seq];
+            let run = mixes[seq..].iter().take_while(|m| m.same_as(mix)).count();
+            let len: usize = seq_lens[seq..seq + run].iter().sum();
+            seq += run;
+            let xs = xd.narrow(0, offset, len)?;
+            let bs = base_d.narrow(0, offset, len)?;
+            let mut r = y.narrow(0, offset, len)?;
+            for (w, c) in mix.terms(id) {
+                let d =
+                    (xs.matmul(&w.a.to_dtype(dtype)?.t()?)?.matmul(&w.b.to_dtype(dtype)?.t()?)?
+                        * c)?;
+                r = match w.dora_gains(c, dtype)? {
+                    Some(k) => ((r + bs.broadcast_mul(&(&k - 1.0)?)?)? + d.broadcast_mul(&k)?)?,
+                    None => (r + d)?,
+                };
+            }
+            parts.push(r);
+            offset += len;
+        }
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
     /// Whether some sequence's mix has a DoRA term on `id`: its output is then not the base
     /// plus a delta, and must go through [`StepLora::apply`] before the bias is added.
     pub fn rescales(&self, id: ModuleId) -> bool {
@@ -494,9 +542,8 @@ fn per_row_apply(
             let d =
                 (xs.matmul(&w.a.to_dtype(dtype)?.t()?)?.matmul(&w.b.to_dtype(dtype)?.t()?)? * c)?;
             r = (r + d)?;
-            if let Some(dora) = &w.dora {
-                let k = Tensor::from_vec(dora.gains(c), (1, dora.len()), x.device())?;
-                r = r.broadcast_mul(&k.to_dtype(dtype)?)?;
+            if let Some(k) = w.dora_gains(c, dtype)? {
+                r = r.broadcast_mul(&k)?;
             }
         }
         parts.push(r);

@@ -32,6 +32,9 @@ pub struct LoraWeights {
     pub host: Option<HostLoraWeights>,
     /// DoRA's magnitude and norm products, for a `use_dora` adapter ([`super::dora`]).
     pub dora: Option<Arc<DoraRows>>,
+    /// Training only: the live magnitude `(out)` whose gradient the step wants; the gains are
+    /// then `m / ||W + c·B A||` with the norms detached, as PEFT trains them.
+    pub trainable_magnitude: Option<Tensor>,
 }
 
 /// Host copies of one module's `A` and `Bᵀ`, row-major f32.
@@ -58,13 +61,43 @@ impl LoraWeights {
             } else {
                 (None, Some((a.t()?.contiguous()?, b_t)))
             };
-        Ok(Self { a, b, stacked, rank, alpha, scaling, host, dora: None })
+        Ok(Self {
+            a,
+            b,
+            stacked,
+            rank,
+            alpha,
+            scaling,
+            host,
+            dora: None,
+            trainable_magnitude: None,
+        })
     }
 
     /// The same module as a DoRA one, with `rows` (built against the base weight).
     pub fn with_dora(mut self, rows: DoraRows) -> Self {
         self.dora = Some(Arc::new(rows));
         self
+    }
+
+    /// DoRA's gains at coefficient `c` as a `(1, out)` tensor in `dtype`: from the trainable
+    /// magnitude when there is one (differentiable in it), else the memoised constants.
+    pub fn dora_gains(
+        &self,
+        c: f64,
+        dtype: candle_core::DType,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(d) = &self.dora else { return Ok(None) };
+        let dev = self.a.device();
+        let k = match &self.trainable_magnitude {
+            Some(m) => {
+                let norms: Vec<f32> = d.norms(c).iter().map(|&n| n as f32).collect();
+                let n = Tensor::from_vec(norms, (1, d.len()), dev)?;
+                m.reshape((1, d.len()))?.broadcast_div(&n)?
+            }
+            None => Tensor::from_slice(&d.shared_gains(c), (1, d.len()), dev)?,
+        };
+        Ok(Some(k.to_dtype(dtype)?))
     }
 
     /// `(Aᵀ, Bᵀ)`, contiguous; computed on demand when only the host copy is kept (the stacked
