@@ -5,7 +5,8 @@ Gemma 3, BLOOM): `loraplex train` fine-tunes a LoRA adapter on a small prompt/co
 (fused targets where the family has them: Phi-3's `qkv_proj` and `gate_up_proj`, BLOOM's
 `query_key_value`), then transformers + PEFT load that adapter folder and generate greedily
 from the same prompt ids; the 16 tokens must equal `loraplex generate`'s with the adapter,
-and differ from the base model's (so the adapter changed something).
+and differ from the base model's (so the adapter changed something). Each family runs twice:
+plain LoRA, and DoRA (`--use-dora`, PEFT's `use_dora`: magnitudes trained beside A and B).
 
     python3 -m venv /tmp/pt && /tmp/pt/bin/pip install torch transformers peft safetensors
     (checked with torch 2.5.1, transformers 4.53.3, peft 0.16.0: the RoPE settings of the
@@ -83,13 +84,14 @@ def generate(model_dir, adapter=None):
 
 
 failed = 0
-for arch, mods in targets.items():
+for (arch, mods), dora in [(t, d) for d in (False, True) for t in targets.items()]:
     model_dir = archs / arch / "model"
-    adapter = work / f"{arch}-trained"
+    adapter = work / f"{arch}-{'dora' if dora else 'lora'}-trained"
     subprocess.run(
         [str(binary), "train", "--model", str(model_dir), "--data", str(data), "--output", str(adapter),
          "--rank", "4", "--alpha", "8", "--dropout", "0", "--target-modules", mods, "--steps", "30",
-         "--batch-size", "6", "--lr", "2e-2", "--warmup-steps", "2", "--checkpoint-every", "0", "--quiet"],
+         "--batch-size", "6", "--lr", "2e-2", "--warmup-steps", "2", "--checkpoint-every", "0", "--quiet"]
+        + (["--use-dora"] if dora else []),
         check=True, capture_output=True,
     )
     ours = generate(model_dir, adapter)
@@ -105,7 +107,8 @@ for arch, mods in targets.items():
     theirs = ids[0, len(prompt_ids):].tolist()
     same, changed = theirs == ours["ids"], ours["ids"] != base["ids"]
     failed += not (same and changed)
-    print(f"{arch:7} targets {mods:40} PEFT = loraplex: {same}  adapter changes the base's tokens: {changed}")
+    kind = "DoRA" if dora else "LoRA"
+    print(f"{arch:7} {kind} targets {mods:40} PEFT = loraplex: {same}  adapter changes the base's tokens: {changed}")
     if not same:
         print("   loraplex", ours["ids"], "\n   PEFT    ", theirs)
 sys.exit(1 if failed else 0)

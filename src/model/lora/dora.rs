@@ -16,6 +16,9 @@ use std::sync::{Arc, Mutex};
 /// Coefficients whose gains a module keeps (the scales its requests use most recently).
 const GAIN_MEMO: usize = 4;
 
+/// A coefficient's bits and its gains.
+type MemoEntry = (u64, Arc<[f32]>);
+
 /// One DoRA module's magnitude and the row products its norms are assembled from, each of the
 /// module's `out` rows. Immutable once built, like the adapter holding it.
 #[derive(Debug, Clone)]
@@ -28,7 +31,7 @@ pub struct DoraRows {
     u_sq: Arc<[f64]>,
     /// The gains of the last few coefficients (a memo of [`DoraRows::gains`], newest last):
     /// a batch composition then costs reference counts, not a pass over the rows.
-    memo: Arc<Mutex<Vec<(u64, Arc<[f32]>)>>>,
+    memo: Arc<Mutex<Vec<MemoEntry>>>,
 }
 
 impl DoraRows {
