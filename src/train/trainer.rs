@@ -292,12 +292,12 @@ fn generic_card(cfg: &TrainConfig, o: &TrainOutcome, format: data::Format) -> St
     format!(
         "---\nlibrary_name: peft\n---\n\n# {name}\n\nA LoRA adapter trained by `loraplex train` on {what} \
          (`{data}`), in Hugging Face PEFT format.\n\n## Recipe\n\nr {r}, alpha {alpha}, dropout {dropout}, targets \
-         {targets:?}, rsLoRA {rslora}; AdamW lr {lr}, batch {bs} × {ga}, {steps} steps, at most {maxlen} tokens per \
+         {targets:?}, rsLoRA {rslora}, DoRA {dora}; AdamW lr {lr}, batch {bs} × {ga}, {steps} steps, at most {maxlen} tokens per \
          example, seed {seed}. Full recipe: `training_recipe.json`. The loss covers {loss}.\n\n## Result\n\n\
          {usable} usable examples ({long} too long); final step loss {last:.4}; validation loss {val}.\n",
         name = cfg.output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         data = cfg.data.display(), r = cfg.rank, alpha = cfg.alpha, dropout = cfg.dropout,
-        targets = cfg.target_modules, rslora = cfg.rslora, lr = cfg.lr, bs = cfg.batch_size, ga = cfg.grad_accum,
+        targets = cfg.target_modules, rslora = cfg.rslora, dora = cfg.use_dora, lr = cfg.lr, bs = cfg.batch_size, ga = cfg.grad_accum,
         steps = o.log.len(), maxlen = cfg.max_seq_len, seed = cfg.seed, usable = o.usable, long = o.skipped_long,
         val = o.validation_loss.map_or("not measured".into(), |v| format!("{v:.4}")),
     )
@@ -315,7 +315,7 @@ fn model_card(cfg: &TrainConfig, o: &TrainOutcome) -> String {
         "---\nlibrary_name: peft\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\nlicense: cc-by-sa-4.0\ndatasets: [rajpurkar/squad]\n---\n\n\
 # {name}\n\nA LoRA adapter for SmolLM2-135M-Instruct trained by `loraplex train` to answer questions about a\n\
 context briefly (SQuAD-style extractive QA), in Hugging Face PEFT format.\n\n\
-## Recipe\n\nr {r}, alpha {alpha}, dropout {dropout}, targets {targets:?}, rsLoRA {rslora}; AdamW lr {lr} \
+## Recipe\n\nr {r}, alpha {alpha}, dropout {dropout}, targets {targets:?}, rsLoRA {rslora}, DoRA {dora}; AdamW lr {lr} \
 ({schedule:?} schedule, {warmup} warm-up steps), weight decay {wd}, batch {bs} × {ga} accumulation, clip {clip}, \
 max {maxlen} tokens per example ({overflow:?} longer ones), seed {seed}, {steps} steps. Full recipe: `training_recipe.json`.\n\n\
 Prompt format:\n\n```\n### CONTEXT\n{{context}}\n\n### QUESTION\n{{question}}\n\n### ANSWER\n{{answer}}<|im_end|>\n```\n\n\
@@ -327,7 +327,7 @@ The loss covers only the answer tokens and the end-of-sequence token.\n\n\
 ## Credits\n\nSQuAD v1.1 (Rajpurkar et al., 2016, \"SQuAD: 100,000+ Questions for Machine Comprehension of Text\"), \
 CC BY-SA 4.0. The base model is SmolLM2-135M-Instruct by Hugging Face (Apache-2.0).\n",
         name = cfg.output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        r = cfg.rank, alpha = cfg.alpha, dropout = cfg.dropout, targets = cfg.target_modules, rslora = cfg.rslora,
+        r = cfg.rank, alpha = cfg.alpha, dropout = cfg.dropout, targets = cfg.target_modules, rslora = cfg.rslora, dora = cfg.use_dora,
         lr = cfg.lr, schedule = cfg.schedule, warmup = cfg.warmup_steps, wd = cfg.weight_decay, bs = cfg.batch_size,
         ga = cfg.grad_accum, clip = cfg.max_grad_norm, maxlen = cfg.max_seq_len, overflow = cfg.overflow, seed = cfg.seed,
         steps = o.log.len(), data = cfg.data.display(), usable = o.usable, long = o.skipped_long, unans = o.skipped_unanswerable,
