@@ -8,13 +8,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::reference::{greedy, RefFile};
+use common::reference::{greedy, prefill_with, RefFile};
 use common::*;
 use loraplex::adapters::{load_adapter, load_adapter_on, AdapterMix, MixEntry};
 use loraplex::engine::{LoraPath, Request};
 use loraplex::generate::generate;
 use loraplex::model::load::{load_model, LoadedModel};
-use loraplex::model::{BatchInput, Decoder, SeqCache, StepLora, WeightFormat};
+use loraplex::model::{Decoder, StepLora, WeightFormat};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -79,46 +79,15 @@ fn prefill(model: &Decoder, prompts: &[Vec<u32>], mix: &AdapterMix, path: Path) 
         Path::Stacked => StepLora::stacked(&mixes, model.cfg.num_layers, model.device()).unwrap(),
         Path::PerRow => StepLora::per_row(&mixes),
     };
-    let mut input = BatchInput::default();
-    prompts.iter().for_each(|p| input.push(p));
-    let mut caches: Vec<SeqCache> =
-        prompts.iter().map(|p| SeqCache::new(model.cfg.num_layers, p.len())).collect();
-    let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-    let logits = model.logits(&model.forward(&input, Some(&mut refs), &lora).unwrap()).unwrap();
-    let mut out = Vec::new();
-    let mut offset = 0;
-    for p in prompts {
-        out.push(logits.narrow(0, offset, p.len()).unwrap());
-        offset += p.len();
-    }
-    out
+    prefill_with(model, prompts, &lora)
 }
 
 fn prompts(rf: &RefFile) -> Vec<Vec<u32>> {
     PROMPTS.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect()
 }
 
-/// Max |Δ| of the last-position logits and of the reference's top-20 at every position.
 fn logit_diffs(rf: &RefFile, ours: &[Tensor]) -> Vec<(f32, f32)> {
-    PROMPTS
-        .iter()
-        .zip(ours)
-        .map(|(p, ours)| {
-            let t = ours.dim(0).unwrap();
-            let last = Tensor::new(rf.floats(&format!("{p}.last_logits")), &Device::Cpu).unwrap();
-            let d_last = max_abs_diff(&ours.get(t - 1).unwrap(), &last);
-            let ids = rf.ints(&format!("{p}.topk_ids"));
-            let want = rf.floats(&format!("{p}.topk_logits"));
-            let ours = ours.to_vec2::<f32>().unwrap();
-            let d_all = ids
-                .iter()
-                .zip(&want)
-                .enumerate()
-                .map(|(i, (&id, &w))| (ours[i / 20][id as usize] - w).abs())
-                .fold(0f32, f32::max);
-            (d_last, d_all)
-        })
-        .collect()
+    common::reference::logit_diffs(rf, &PROMPTS, ours)
 }
 
 fn check_case(index: usize) {

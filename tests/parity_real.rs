@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::reference::{greedy, mix_for, prefill_logits, RefFile};
+use common::reference::{greedy, logit_diffs, mix_for, prefill_logits, RefFile};
 use common::*;
 use loraplex::adapters::AdapterMix;
 use loraplex::engine::{LoraPath, Request};
@@ -38,19 +38,7 @@ fn check_case(index: usize, path: LoraPath) {
     let prompts: Vec<Vec<u32>> =
         PROMPTS.iter().map(|p| rf.ints(&format!("{p}.input_ids"))).collect();
     let logits = prefill_logits(&m.model, &prompts, &mix, path);
-    for (p, ours) in PROMPTS.iter().zip(&logits) {
-        let t = ours.dim(0).unwrap();
-        let last = Tensor::new(rf.floats(&format!("{p}.last_logits")), &Device::Cpu).unwrap();
-        let d_last = max_abs_diff(&ours.get(t - 1).unwrap(), &last);
-        let ids = rf.ints(&format!("{p}.topk_ids"));
-        let want = rf.floats(&format!("{p}.topk_logits"));
-        let ours = ours.to_vec2::<f32>().unwrap();
-        let d_all = ids
-            .iter()
-            .zip(&want)
-            .enumerate()
-            .map(|(i, (&id, &w))| (ours[i / 20][id as usize] - w).abs())
-            .fold(0f32, f32::max);
+    for (p, (d_last, d_all)) in PROMPTS.iter().zip(logit_diffs(&rf, &PROMPTS, &logits)) {
         println!(
             "case {} prompt {p}: max |Δlogit| last {d_last:.2e}, all positions {d_all:.2e}",
             case["id"]

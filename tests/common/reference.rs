@@ -69,12 +69,17 @@ pub fn prefill_logits(
         }
         LoraPath::PerRow => StepLora::per_row(&mixes),
     };
+    prefill_with(model, prompts, &lora)
+}
+
+/// All-position logits of every prompt, prefilled together with the step operands `lora`.
+pub fn prefill_with(model: &Decoder, prompts: &[Vec<u32>], lora: &StepLora) -> Vec<Tensor> {
     let mut input = BatchInput::default();
     prompts.iter().for_each(|p| input.push(p));
     let mut caches: Vec<SeqCache> =
         prompts.iter().map(|p| SeqCache::new(model.cfg.num_layers, p.len())).collect();
     let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-    let logits = model.logits(&model.forward(&input, Some(&mut refs), &lora).unwrap()).unwrap();
+    let logits = model.logits(&model.forward(&input, Some(&mut refs), lora).unwrap()).unwrap();
     let mut out = Vec::new();
     let mut offset = 0;
     for p in prompts {
@@ -96,4 +101,28 @@ pub fn greedy(
         .map(|p| Request { stop_at_eos: false, ..Request::greedy(p.clone(), mix.clone(), n) })
         .collect();
     generate(&m.model, &m.tokenizer, &reqs, path).unwrap().into_iter().map(|o| o.ids).collect()
+}
+
+/// Per prompt of `names`: the max |Δ| of the last-position logits against the reference's
+/// full ones, and of the reference's top-20 logits at every position.
+pub fn logit_diffs(rf: &RefFile, names: &[&str], ours: &[Tensor]) -> Vec<(f32, f32)> {
+    names
+        .iter()
+        .zip(ours)
+        .map(|(p, ours)| {
+            let t = ours.dim(0).unwrap();
+            let last = Tensor::new(rf.floats(&format!("{p}.last_logits")), &Device::Cpu).unwrap();
+            let d_last = super::max_abs_diff(&ours.get(t - 1).unwrap(), &last);
+            let ids = rf.ints(&format!("{p}.topk_ids"));
+            let want = rf.floats(&format!("{p}.topk_logits"));
+            let ours = ours.to_vec2::<f32>().unwrap();
+            let d_all = ids
+                .iter()
+                .zip(&want)
+                .enumerate()
+                .map(|(i, (&id, &w))| (ours[i / 20][id as usize] - w).abs())
+                .fold(0f32, f32::max);
+            (d_last, d_all)
+        })
+        .collect()
 }

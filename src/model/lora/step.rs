@@ -183,33 +183,19 @@ impl StepLora {
         let StepLora::Training { mixes, .. } = self else {
             return self.apply(id, xd, y, seq_lens);
         };
-        let dtype = xd.dtype();
-        let mut parts = Vec::with_capacity(mixes.len());
-        let (mut offset, mut seq) = (0, 0);
-        while seq < mixes.len() {
-            let mix = &mixes[seq];
-            let run = mixes[seq..].iter().take_while(|m| m.same_as(mix)).count();
-            let len: usize = seq_lens[seq..seq + run].iter().sum();
-            seq += run;
+        by_mix_runs(mixes, seq_lens, |mix, offset, len| {
             let xs = xd.narrow(0, offset, len)?;
             let bs = base_d.narrow(0, offset, len)?;
             let mut r = y.narrow(0, offset, len)?;
             for (w, c) in mix.terms(id) {
-                let d =
-                    (xs.matmul(&w.a.to_dtype(dtype)?.t()?)?.matmul(&w.b.to_dtype(dtype)?.t()?)?
-                        * c)?;
-                r = match w.dora_gains(c, dtype)? {
+                let d = term_product(&xs, w, c)?;
+                r = match w.dora_gains(c, xd.dtype())? {
                     Some(k) => ((r + bs.broadcast_mul(&(&k - 1.0)?)?)? + d.broadcast_mul(&k)?)?,
                     None => (r + d)?,
                 };
             }
-            parts.push(r);
-            offset += len;
-        }
-        if parts.len() == 1 {
-            return Ok(parts.remove(0));
-        }
-        Ok(Tensor::cat(&parts, 0)?)
+            Ok(r)
+        })
     }
 
     /// Whether some sequence's mix has a DoRA term on `id`: its output is then not the base
@@ -485,37 +471,51 @@ fn per_row_delta(
     else {
         return Ok(None);
     };
-    let dtype = x.dtype();
-    let mut parts = Vec::with_capacity(mixes.len());
-    let (mut offset, mut seq) = (0, 0);
-    while seq < mixes.len() {
-        // Consecutive sequences with the same mix (all of a training batch) take one matmul
-        // pair over their rows together.
-        let mix = &mixes[seq];
-        let run = mixes[seq..].iter().take_while(|m| m.same_as(mix)).count();
-        let len: usize = seq_lens[seq..seq + run].iter().sum();
-        seq += run;
+    let d = by_mix_runs(mixes, seq_lens, |mix, offset, len| {
         let xs = x.narrow(0, offset, len)?;
         let mut acc: Option<Tensor> = None;
         for (w, c) in mix.terms(id) {
-            let a = w.a.to_dtype(dtype)?;
-            let b = w.b.to_dtype(dtype)?;
-            let d = (xs.matmul(&a.t()?)?.matmul(&b.t()?)? * c)?;
+            let d = term_product(&xs, w, c)?;
             acc = Some(match acc {
                 Some(prev) => (prev + d)?,
                 None => d,
             });
         }
-        parts.push(match acc {
-            Some(d) => d,
-            None => Tensor::zeros((len, fan_out), dtype, x.device())?,
-        });
+        match acc {
+            Some(d) => Ok(d),
+            None => Ok(Tensor::zeros((len, fan_out), x.dtype(), x.device())?),
+        }
+    })?;
+    Ok(Some(d))
+}
+
+/// `c · B (A x)` in `x`'s dtype.
+fn term_product(x: &Tensor, w: &super::weights::LoraWeights, c: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    Ok((x.matmul(&w.a.to_dtype(dtype)?.t()?)?.matmul(&w.b.to_dtype(dtype)?.t()?)? * c)?)
+}
+
+/// `part(mix, first row, rows)` for each run of consecutive sequences with the same mix (all
+/// of a training batch is one run, its rows one matmul pair), concatenated in row order.
+fn by_mix_runs(
+    mixes: &[AdapterMix],
+    seq_lens: &[usize],
+    mut part: impl FnMut(&AdapterMix, usize, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut parts = Vec::with_capacity(mixes.len());
+    let (mut offset, mut seq) = (0, 0);
+    while seq < mixes.len() {
+        let mix = &mixes[seq];
+        let run = mixes[seq..].iter().take_while(|m| m.same_as(mix)).count();
+        let len: usize = seq_lens[seq..seq + run].iter().sum();
+        parts.push(part(mix, offset, len)?);
+        seq += run;
         offset += len;
     }
     if parts.len() == 1 {
-        return Ok(parts.pop());
+        return Ok(parts.remove(0));
     }
-    Ok(Some(Tensor::cat(&parts, 0)?))
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// The reference path with DoRA, term by term in the mix's order as PEFT's forward runs
@@ -528,29 +528,15 @@ fn per_row_apply(
     y: Tensor,
     seq_lens: &[usize],
 ) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let mut parts = Vec::with_capacity(mixes.len());
-    let (mut offset, mut seq) = (0, 0);
-    while seq < mixes.len() {
-        let mix = &mixes[seq];
-        let run = mixes[seq..].iter().take_while(|m| m.same_as(mix)).count();
-        let len: usize = seq_lens[seq..seq + run].iter().sum();
-        seq += run;
+    by_mix_runs(mixes, seq_lens, |mix, offset, len| {
         let xs = x.narrow(0, offset, len)?;
         let mut r = y.narrow(0, offset, len)?;
         for (w, c) in mix.terms(id) {
-            let d =
-                (xs.matmul(&w.a.to_dtype(dtype)?.t()?)?.matmul(&w.b.to_dtype(dtype)?.t()?)? * c)?;
-            r = (r + d)?;
-            if let Some(k) = w.dora_gains(c, dtype)? {
+            r = (r + term_product(&xs, w, c)?)?;
+            if let Some(k) = w.dora_gains(c, x.dtype())? {
                 r = r.broadcast_mul(&k)?;
             }
         }
-        parts.push(r);
-        offset += len;
-    }
-    if parts.len() == 1 {
-        return Ok(parts.remove(0));
-    }
-    Ok(Tensor::cat(&parts, 0)?)
+        Ok(r)
+    })
 }
