@@ -1,8 +1,9 @@
 //! DoRA invariants on the tiny random model of every architecture description (biases,
 //! combined q/k/v and gate/up modules, gateless MLPs): the fused host path, the stacked path
-//! and the per-row reference agree; merged DoRA weights equal the unmerged forward; DoRA and
-//! plain rows batched together with caches equal each row alone; and the PEFT semantics
-//! (order matters, scale 0 is not the base) hold in every family.
+//! and the per-row reference agree, with fused and with composed ops; merged DoRA weights
+//! equal the unmerged forward; DoRA and plain rows batched together with caches equal each
+//! row alone; and the PEFT semantics (order matters, scale 0 is not the base) hold in every
+//! family.
 
 mod common;
 
@@ -92,10 +93,14 @@ fn fused_stacked_per_row_and_merged_agree() {
                 &AdapterMix::default(),
                 Path3::Fused,
             );
-            for path in [Path3::Fused, Path3::Stacked, Path3::PerRow] {
-                let got = logits_alone(&model, prompt, m, path);
-                let d = max_abs_diff(&want, &got);
-                assert!(d < 1e-4, "{:?} mix {i} {path:?}: {d}", cfg.arch.name);
+            // The composed-ops model runs the host operands through `StepLora::apply`.
+            let composed = model.with_exec(loraplex::model::Exec::Composed);
+            for (what, model) in [("fused ops", &model), ("composed ops", &composed)] {
+                for path in [Path3::Fused, Path3::Stacked, Path3::PerRow] {
+                    let got = logits_alone(model, prompt, m, path);
+                    let d = max_abs_diff(&want, &got);
+                    assert!(d < 1e-4, "{:?} {what} mix {i} {path:?}: {d}", cfg.arch.name);
+                }
             }
         }
     }
