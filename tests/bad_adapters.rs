@@ -213,6 +213,8 @@ async fn broken_adapter_folders_are_reported_and_refused_without_harm() {
     assert!(!list.contains_key("escaped-folder"), "{list:?}");
     let (s, _) = call(&app, post("/v1/completions", greedy("escaped-folder", 2))).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(list["dora-good"]["dora"], true, "{}", list["dora-good"]);
+    assert_eq!(list["qa-r8"]["dora"], false, "{}", list["qa-r8"]);
     // The good adapters still serve.
     for good in ["qa-r8", "all-r16", "rslora-r4", "dora-good"] {
         let (s, v) = call(&app, post("/v1/completions", greedy(good, 4))).await;

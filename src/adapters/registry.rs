@@ -59,6 +59,9 @@ pub struct AdapterInfo {
     pub rank: Option<usize>,
     pub alpha: Option<f64>,
     pub targets: Vec<String>,
+    /// A DoRA adapter (`use_dora`: its scale enters the weight norm, scale 0 still applies
+    /// the magnitude, and its place in a mix matters).
+    pub dora: Option<bool>,
     pub size_bytes: Option<usize>,
     pub error: Option<String>,
     /// When a request last used it (Unix seconds; `None`: not since the server started).
@@ -131,6 +134,7 @@ struct Entry {
     rank: Option<usize>,
     alpha: Option<f64>,
     targets: Vec<String>,
+    dora: Option<bool>,
     /// Unloaded through vLLM's `/v1/unload_lora_adapter`: not listed, not served (404) until
     /// loaded again or its folder changes.
     withdrawn: bool,
@@ -143,6 +147,7 @@ impl Entry {
         self.rank = Some(a.rank);
         self.alpha = Some(a.alpha);
         self.targets = a.target_names().into_iter().map(str::to_string).collect();
+        self.dora = Some(a.modules.iter().flatten().any(|w| w.dora.is_some()));
         self.size_bytes = Some(a.size_bytes);
     }
 }
@@ -389,6 +394,7 @@ impl Registry {
                         rank: None,
                         alpha: None,
                         targets: Vec::new(),
+                        dora: None,
                         withdrawn: false,
                     },
                 );
@@ -661,6 +667,7 @@ fn to_info(name: &str, e: &Entry) -> AdapterInfo {
         rank: e.rank,
         alpha: e.alpha,
         targets: e.targets.clone(),
+        dora: e.dora,
         size_bytes: e.size_bytes,
         error: e.error.clone(),
         last_used: e.last_used_at,
