@@ -132,17 +132,8 @@ impl StepLora {
             StepLora::Batched(b) => match b.modules.get(id.index()).and_then(Option::as_ref) {
                 Some(ModuleLora::Stacked(m)) => m.delta(x, seq_lens).map(Some),
                 Some(ModuleLora::Host(m)) => {
-                    let (n, _) = x.dims2()?;
-                    let mut y = vec![0f32; n * m.fan_out];
-                    let xs = x.contiguous()?;
-                    let Some(xh) = HostF32::of(&xs) else {
-                        return Err(super::super::ModelError::Generation(
-                            "host LoRA operands with a non-host input; this is a bug".into(),
-                        ));
-                    };
-                    // The caller has no pool here: run on this thread (a 1-thread pool spawns none).
-                    m.add_into(xh.slice(), seq_lens, &mut y, &Pool::new(1));
-                    Ok(Some(super::super::ops::host_tensor(y, (n, m.fan_out))?))
+                    let n = x.dim(0)?;
+                    m.add_to_tensor(x, vec![0f32; n * m.fan_out], seq_lens).map(Some)
                 }
                 None => Ok(None),
             },
@@ -227,16 +218,9 @@ impl StepLora {
             StepLora::Batched(b) => match b.modules.get(id.index()).and_then(Option::as_ref) {
                 Some(ModuleLora::Stacked(m)) => m.apply(x, y, seq_lens),
                 Some(ModuleLora::Host(m)) => {
-                    let (shape, dtype) = (y.dims2()?, y.dtype());
-                    let mut out = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                    let xs = x.to_dtype(DType::F32)?.contiguous()?;
-                    let Some(xh) = HostF32::of(&xs) else {
-                        return Err(super::super::ModelError::Generation(
-                            "host LoRA operands with a non-host input; this is a bug".into(),
-                        ));
-                    };
-                    m.add_into(xh.slice(), seq_lens, &mut out, &Pool::new(1));
-                    Ok(super::super::ops::host_tensor(out, shape)?.to_dtype(dtype)?)
+                    let dtype = y.dtype();
+                    let out = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    Ok(m.add_to_tensor(x, out, seq_lens)?.to_dtype(dtype)?)
                 }
                 None => Ok(y),
             },
@@ -315,6 +299,20 @@ impl HostLora {
         dims.map(|(fan_in, fan_out)| Self { per_seq, fan_in, fan_out, rescales })
     }
 
+    /// [`HostLora::add_into`] for a tensor input `x` and host rows `y` (`n × out`), on this
+    /// thread (the tensor paths have no pool; a 1-thread pool spawns none), as a tensor.
+    fn add_to_tensor(&self, x: &Tensor, mut y: Vec<f32>, seq_lens: &[usize]) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let xs = x.to_dtype(DType::F32)?.contiguous()?;
+        let Some(xh) = HostF32::of(&xs) else {
+            return Err(super::super::ModelError::Generation(
+                "host LoRA operands with a non-host input; this is a bug".into(),
+            ));
+        };
+        self.add_into(xh.slice(), seq_lens, &mut y, &Pool::new(1));
+        super::super::ops::host_tensor(y, (n, self.fan_out))
+    }
+
     /// `y += Σ c · Bᵀ(A x)` per row, each sequence's rows with its own terms.
     fn add_into(&self, x: &[f32], seq_lens: &[usize], y: &mut [f32], pool: &Pool) {
         let mut runs = Vec::with_capacity(seq_lens.len());
@@ -355,17 +353,19 @@ impl StackedLora {
         let mut base_gains = Vec::new();
         for ts in &terms {
             let pad = max_rank - rank_of(ts);
-            // Each term's delta is rescaled by the DoRA gains of the terms from it on (its own
-            // included); the base by all of them.
-            let mut after = vec![1f32; fan_out];
+            // With DoRA, each term's delta is rescaled by the DoRA gains of the terms from it
+            // on (its own included), the base by all of them.
             let mut suffix = vec![Vec::new(); ts.len()];
-            for (i, (w, c)) in ts.iter().enumerate().rev() {
-                if let Some(d) = &w.dora {
-                    after.iter_mut().zip(d.shared_gains(*c).iter()).for_each(|(g, k)| *g *= k);
+            if rescales {
+                let mut after = vec![1f32; fan_out];
+                for (i, (w, c)) in ts.iter().enumerate().rev() {
+                    if let Some(d) = &w.dora {
+                        after.iter_mut().zip(d.shared_gains(*c).iter()).for_each(|(g, k)| *g *= k);
+                    }
+                    suffix[i] = after.clone();
                 }
-                suffix[i] = after.clone();
+                base_gains.extend_from_slice(&after);
             }
-            base_gains.extend_from_slice(&after);
             let (mut a_parts, mut b_parts): (Vec<Tensor>, Vec<Tensor>) = ts
                 .iter()
                 .zip(&suffix)
