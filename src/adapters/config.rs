@@ -24,6 +24,11 @@ impl Pattern {
         Ok(Self { source: source.to_string(), re })
     }
 
+    /// A `rank_pattern` / `alpha_pattern` key that selects exactly the module at `path`.
+    pub fn module(path: &str) -> Result<Self, AdapterError> {
+        Self::new(&regex::escape(path), pattern_key, "module path")
+    }
+
     pub fn is_match(&self, name: &str) -> bool {
         self.re.is_match(name)
     }

@@ -192,7 +192,7 @@ fn tensor(
 }
 
 /// A float tensor's values as f32, refused when not a float type or not finite.
-fn tensor_data(
+pub(crate) fn tensor_data(
     key: &str,
     data: &[u8],
     dtype: StDtype,

@@ -3,6 +3,7 @@
 //! llama.cpp's GGUF LoRA, the hot-loading registry and named mixes. What the model computes with
 //! (the weights, mixes, a step's operands) is `model::lora`'s; its types are re-exported here.
 
+pub mod algebra;
 pub mod config;
 pub mod gguf_lora;
 pub mod header;
