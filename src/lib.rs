@@ -39,6 +39,8 @@
 //!     `repetition_penalty`, `min_tokens`, `stop_token_ids`) → the engine's logit rules.
 //!   - `api::structured`: `response_format` and vLLM's `structured_outputs` → one compiled
 //!     constraint (errors name the field and llguidance's reason).
+//!   - `api::merges`: the admin adapter-algebra routes (`/v1/adapters/merge`,
+//!     `/v1/adapters/{name}/compress`): write the new folder and register it.
 //!   - `api::fine_tuning`: OpenAI's `/v1/files` (multipart uploads) and
 //!     `/v1/fine_tuning/jobs` routes over [`finetune`].
 //!   - `api::ui`: the playground page (`/ui`, three framework-free files from `ui/` compiled
@@ -81,6 +83,8 @@
 //!   - `adapters::writer`: writing PEFT folders (training output, synthetic adapters).
 //!   - `adapters::synth`: synthetic random adapters for benchmarks and tests.
 //!   - `adapters::gguf_lora`: export to llama.cpp's GGUF LoRA format.
+//!   - `adapters::algebra`: PEFT's `add_weighted_adapter` (every `combination_type`) and rank
+//!     compression by truncated SVD, over registry adapters, as a new PEFT folder.
 //! - [`model`]: the frozen base model (GGUF or Hugging Face folder; Llama, Mistral, Qwen2,
 //!   Qwen3, Phi-3, Gemma 3, BLOOM).
 //!   - `model::config`: the architecture as data (norms, biases, positions, windows, MLP,

@@ -6,12 +6,15 @@
 
 mod common;
 
+use actix_web::http::StatusCode;
+use common::http::{app, assert_error, call, ctx, post};
 use common::shared_dir;
 use loraplex::adapters::algebra::{self, AlgebraError, Combination, MergeSpec, SignMethod, Source};
 use loraplex::model::load::load_model;
 use loraplex::model::{DecoderConfig, WeightFormat};
 use nalgebra::DMatrix;
 use safetensors::SafeTensors;
+use serde_json::json;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -390,7 +393,7 @@ fn incompatible_merges_are_refused_by_name() {
     let mut no_density = spec(Combination::DareTies, vec![1.0, 1.0]);
     no_density.density = None;
     assert!(err(algebra::merge(&[r8.clone(), r8.clone()], &no_density)).contains("density"));
-    let e = err(algebra::merge(&[r8.clone()], &spec(Combination::Cat, vec![1.0, 2.0])));
+    let e = err(algebra::merge(std::slice::from_ref(&r8), &spec(Combination::Cat, vec![1.0, 2.0])));
     assert!(e.contains("weights"), "{e}");
     let e = err(algebra::merge(
         &[r8.clone(), r8.clone()],
@@ -413,4 +416,195 @@ fn dora_adapters_are_refused() {
     std::fs::write(&path, c.to_string()).unwrap();
     let e = Source::read(dir.path(), "d", &cfg).unwrap_err().to_string();
     assert!(e.contains("DoRA") && e.contains("`d`"), "{e}");
+}
+
+/// Greedy completion of `body` (`max_tokens` 12, log-probabilities of the chosen tokens).
+async fn greedy(
+    app: &impl actix_web::dev::Service<
+        actix_http::Request,
+        Response = actix_web::dev::ServiceResponse,
+        Error = actix_web::Error,
+    >,
+    mut body: Value,
+) -> (String, Vec<f64>) {
+    body["prompt"] =
+        "Context: The Eiffel Tower is in Paris.\nQuestion: Where is the Eiffel Tower?\nAnswer:"
+            .into();
+    body["max_tokens"] = 12.into();
+    body["temperature"] = 0.into();
+    body["logprobs"] = 0.into();
+    let (status, v) = call(app, post("/v1/completions", body)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let lp = v["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    (v["choices"][0]["text"].as_str().unwrap().to_string(), lp)
+}
+
+/// On the real model through HTTP: a `cat` merge serves exactly the request-time mix it sums,
+/// a compression serves at once, and bad merges are refused by name with nothing served
+/// changed.
+#[actix_web::test]
+async fn merges_and_compressions_serve_at_once_over_http() {
+    let c = ctx();
+    let app = app(&c).await;
+    let mix =
+        json!({"adapters": [{"name": "qa-r8", "scale": 0.6}, {"name": "all-r16", "scale": 0.4}]});
+    let (mix_text, mix_lp) = greedy(&app, mix).await;
+    let (status, v) = call(
+        &app,
+        post(
+            "/v1/adapters/merge",
+            json!({"name": "qa-cat", "adapters": ["qa-r8", "all-r16"], "weights": [0.6, 0.4],
+                   "combination_type": "cat"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["name"], "qa-cat");
+    assert_eq!(v["rank"], 24);
+    assert_eq!(v["created_from"]["combination_type"], "cat");
+    let (text, lp) = greedy(&app, json!({"model": "qa-cat"})).await;
+    assert_eq!(text, mix_text);
+    // The served path quantizes activations to 8 bits per matmul, so a sum taken in another
+    // order can round an activation across a step: equal log-probs are the f32 path's
+    // (`exact_merges_serve_the_mix_they_sum`); here they agree to that rounding.
+    let worst = lp.iter().zip(&mix_lp).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(
+        worst < 0.25,
+        "log-probs of the merge and the mix differ by {worst}: {lp:?} vs {mix_lp:?}"
+    );
+    // The folder is PEFT's: a config and weights, plus how it was made.
+    for f in ["adapter_config.json", "adapter_model.safetensors", "loraplex_merge.json"] {
+        assert!(c.dir.path().join("qa-cat").join(f).exists(), "{f}");
+    }
+
+    let (status, v) = call(&app, post("/v1/adapters/all-r16/compress", json!({"rank": 4}))).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["name"], "all-r16-r4");
+    assert_eq!(v["rank"], 4);
+    let kept = v["created_from"]["min_energy_kept"].as_f64().unwrap();
+    assert!(kept > 0.0 && kept < 1.0, "{kept}");
+    let (base_text, _) = greedy(&app, json!({})).await;
+    let (small_text, _) = greedy(&app, json!({"model": "all-r16-r4"})).await;
+    assert!(!small_text.is_empty() && !base_text.is_empty());
+
+    // Refusals, by name.
+    let (status, v) = call(
+        &app,
+        post(
+            "/v1/adapters/merge",
+            json!({"name": "x", "adapters": ["qa-r8", "all-r16"],
+             "weights": [1, 1], "combination_type": "ties", "density": 0.5}),
+        ),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error");
+    assert_eq!(v["error"]["code"], "incompatible_adapters");
+    assert!(v["error"]["message"].as_str().unwrap().contains("one rank"), "{v}");
+    let (status, v) = call(
+        &app,
+        post(
+            "/v1/adapters/merge",
+            json!({"name": "x", "adapters": ["qa-r8", "nope"], "weights": [1, 1]}),
+        ),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::NOT_FOUND, "invalid_request_error");
+    let (status, v) = call(
+        &app,
+        post(
+            "/v1/adapters/merge",
+            json!({"name": "qa-cat", "adapters": ["qa-r8"], "weights": [1]}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let (status, v) = call(
+        &app,
+        post(
+            "/v1/adapters/merge",
+            json!({"name": "x", "adapters": ["qa-r8"], "weights": [1],
+             "combination_type": "average"}),
+        ),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::BAD_REQUEST, "invalid_request_error");
+    let (status, v) = call(
+        &app,
+        post("/v1/adapters/merge", json!({"name": "../x", "adapters": ["qa-r8"], "weights": [1]})),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error");
+    let (status, v) = call(
+        &app,
+        post(
+            "/v1/adapters/merge",
+            json!({"name": "x", "adapters": ["qa-r8", "all-r16"],
+             "weights": [1, 1], "svd_rank": 100000}),
+        ),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error");
+    assert!(!c.dir.path().join("x").exists());
+    // Nothing served changed.
+    let (after, after_lp) = greedy(&app, json!({"model": "qa-cat"})).await;
+    assert_eq!((after, after_lp), (text, lp));
+}
+
+/// A `cat` merge, and an `svd` merge at the full rank, are the request-time mix they sum: the
+/// same logits on the f32 path (tiny Llama, both paths of the engine).
+#[test]
+fn exact_merges_serve_the_mix_they_sum() {
+    use loraplex::adapters::{load_adapter, AdapterMix, MixEntry};
+    use loraplex::engine::LoraPath;
+    use std::sync::Arc;
+    let dir = shared_dir().join("reference/archs/llama/model");
+    let m = load_model(
+        dir.to_str().unwrap(),
+        WeightFormat::Dense(candle_core::DType::F32),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let cfg = &m.model.cfg;
+    let load =
+        |d: &Path, n: &str| Arc::new(load_adapter(d, n, cfg, &candle_core::Device::Cpu).unwrap());
+    let weights = [0.7, -0.4];
+    let mix = AdapterMix::new(
+        ["all-r8", "attn-r4"]
+            .iter()
+            .zip(weights)
+            .map(|(n, w)| MixEntry { adapter: load(&source_dir(n), n), scale: w })
+            .collect(),
+    );
+    let sources = [source(cfg, "all-r8"), source(cfg, "attn-r4")];
+    let out = tempfile::tempdir().unwrap();
+    let prompts = vec![vec![1u32, 5, 9, 33, 70, 2, 8, 400, 100, 20], vec![3, 4, 5]];
+    for (combination, svd_rank) in [(Combination::Cat, None), (Combination::Svd, Some(12))] {
+        let spec = MergeSpec {
+            combination,
+            weights: weights.to_vec(),
+            svd_rank,
+            svd_clamp: None,
+            density: None,
+            majority_sign_method: SignMethod::Total,
+            seed: 0,
+        };
+        let merged = algebra::merge(&sources, &spec).unwrap();
+        let path = out.path().join(combination.name());
+        loraplex::adapters::writer::save_modules(&path, &merged.config, &merged.modules, &[])
+            .unwrap();
+        let single = AdapterMix::single(load(&path, "merged"), 1.0);
+        for lora_path in [LoraPath::Batched, LoraPath::PerRow] {
+            let want = common::reference::prefill_logits(&m.model, &prompts, &mix, lora_path);
+            let got = common::reference::prefill_logits(&m.model, &prompts, &single, lora_path);
+            for (w, g) in want.iter().zip(&got) {
+                let d = common::max_abs_diff(w, g);
+                assert!(d < 1e-4, "{}: {lora_path:?} logits differ by {d}", combination.name());
+            }
+        }
+    }
 }

@@ -278,7 +278,7 @@ pub fn merge(sources: &[Source], spec: &MergeSpec) -> Result<Merged, AlgebraErro
         (_, Some(d)) if !(0.0..=1.0).contains(&d) => {
             return Err(invalid(format!("`density` must be in [0, 1], got `{d}`")))
         }
-        (Prune::Random, Some(d)) if d == 0.0 => {
+        (Prune::Random, Some(0.0)) => {
             return Err(invalid("`density: 0` drops every value, and DARE divides by it"))
         }
         (_, Some(d)) => d,

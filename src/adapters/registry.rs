@@ -287,6 +287,11 @@ impl Registry {
         self
     }
 
+    /// The base model's shape, which every adapter here is checked against.
+    pub fn decoder_config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -8,6 +8,7 @@ pub mod error;
 pub mod fine_tuning;
 pub mod guard;
 pub mod handlers;
+pub mod merges;
 pub mod observe;
 pub mod openai;
 pub mod response;

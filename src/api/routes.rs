@@ -5,7 +5,7 @@
 //! log) read them from here, so a route cannot exist without them. Adding an endpoint is one
 //! entry below and one handler.
 
-use super::{fine_tuning, handlers, responses, ui, vllm};
+use super::{fine_tuning, handlers, merges, responses, ui, vllm};
 use actix_web::http::Method;
 use actix_web::web;
 
@@ -86,6 +86,8 @@ pub static ROUTES: &[Route] = &[
     route!(POST "/v1/responses", Inference, Configured, "responses", OpenAi, responses::create),
     route!(GET "/v1/adapters", Inference, Configured, "adapters", Own, handlers::list_adapters),
     route!(POST "/v1/adapters", Admin, Never, "adapter_register", Own, handlers::load_adapter),
+    route!(POST "/v1/adapters/merge", Admin, Never, "adapter_merge", Own, merges::merge),
+    route!(POST "/v1/adapters/{name}/compress", Admin, Never, "adapter_compress", Own, merges::compress),
     route!(GET "/v1/adapters/{name}", Inference, Configured, "adapter", Own, handlers::get_adapter),
     route!(DELETE "/v1/adapters/{name}", Admin, Never, "adapter_unload", Own, handlers::unload_adapter),
     route!(POST "/tokenize", Inference, Configured, "tokenize", Vllm, vllm::tokenize),
