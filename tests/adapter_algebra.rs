@@ -29,15 +29,19 @@ fn cases() -> Value {
     serde_json::from_str(&std::fs::read_to_string(data().join("cases.json")).unwrap()).unwrap()
 }
 
-fn tiny_llama() -> DecoderConfig {
+/// The tiny random Llama the reference merges were made on, in f32.
+fn tiny_llama_model() -> loraplex::model::load::LoadedModel {
     let dir = shared_dir().join("reference/archs/llama/model");
-    let m = load_model(
+    load_model(
         dir.to_str().unwrap(),
         WeightFormat::Dense(candle_core::DType::F32),
         &candle_core::Device::Cpu,
     )
-    .unwrap();
-    m.model.cfg.clone()
+    .unwrap()
+}
+
+fn tiny_llama() -> DecoderConfig {
+    tiny_llama_model().model.cfg.clone()
 }
 
 fn source_dir(name: &str) -> PathBuf {
@@ -562,13 +566,7 @@ fn exact_merges_serve_the_mix_they_sum() {
     use loraplex::adapters::{load_adapter, AdapterMix, MixEntry};
     use loraplex::engine::LoraPath;
     use std::sync::Arc;
-    let dir = shared_dir().join("reference/archs/llama/model");
-    let m = load_model(
-        dir.to_str().unwrap(),
-        WeightFormat::Dense(candle_core::DType::F32),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
+    let m = tiny_llama_model();
     let cfg = &m.model.cfg;
     let load =
         |d: &Path, n: &str| Arc::new(load_adapter(d, n, cfg, &candle_core::Device::Cpu).unwrap());
