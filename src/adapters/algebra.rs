@@ -23,7 +23,7 @@
 //! `target_modules`.
 
 use super::config::{ModuleSelector, Pattern};
-use super::loader::{tensor_data, CONFIG_FILE, WEIGHTS_FILE};
+use super::loader::{tensor_values, CONFIG_FILE, WEIGHTS_FILE};
 use super::{AdapterError, PeftConfig};
 use crate::model::DecoderConfig;
 use candle_core::{Device, Tensor};
@@ -206,16 +206,7 @@ impl Source {
         for (ord, path, r, alpha, fan_in, out) in wanted {
             let read = |which: &str, rows: usize, cols: usize| -> Result<Mat, AdapterError> {
                 let key = format!("base_model.model.{path}.lora_{which}.weight");
-                let view = st
-                    .tensor(&key)
-                    .map_err(|_| AdapterError::Weights(format!("missing tensor `{key}`")))?;
-                if view.shape() != [rows, cols] {
-                    return Err(AdapterError::Weights(format!(
-                        "tensor `{key}` has shape {:?}, the base model needs [{rows}, {cols}]",
-                        view.shape()
-                    )));
-                }
-                let v = tensor_data(&key, view.data(), view.dtype(), &[rows, cols])?;
+                let v = tensor_values(&st, &key, (rows, cols))?;
                 Ok(Mat::from_row_iterator(rows, cols, v.into_iter().map(f64::from)))
             };
             let scaling =

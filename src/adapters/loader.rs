@@ -177,6 +177,16 @@ fn tensor(
     shape: (usize, usize),
     device: &Device,
 ) -> Result<Tensor, AdapterError> {
+    let values = tensor_values(st, key, shape)?;
+    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?)
+}
+
+/// [`tensor`]'s checks, the values row-major on the host.
+pub(crate) fn tensor_values(
+    st: &SafeTensors<'_>,
+    key: &str,
+    shape: (usize, usize),
+) -> Result<Vec<f32>, AdapterError> {
     let view =
         st.tensor(key).map_err(|_| AdapterError::Weights(format!("missing tensor `{key}`")))?;
     if view.shape() != [shape.0, shape.1] {
@@ -187,12 +197,11 @@ fn tensor(
             shape.1
         )));
     }
-    let values = tensor_data(key, view.data(), view.dtype(), &[shape.0, shape.1])?;
-    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?)
+    tensor_data(key, view.data(), view.dtype(), &[shape.0, shape.1])
 }
 
 /// A float tensor's values as f32, refused when not a float type or not finite.
-pub(crate) fn tensor_data(
+fn tensor_data(
     key: &str,
     data: &[u8],
     dtype: StDtype,
