@@ -41,6 +41,7 @@ fn as_dora(plain: &LoraAdapter, model: &Decoder) -> anyhow::Result<LoraAdapter> 
         rank: plain.rank,
         alpha: plain.alpha,
         modules,
+        vocab: Default::default(),
         size_bytes,
         version: 0,
     })

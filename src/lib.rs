@@ -76,6 +76,8 @@
 //!   - `adapters::header`: the safetensors header check before any weight is read.
 //!   - `adapters::loader`: a folder → an immutable [`model::lora::LoraAdapter`], checked
 //!     against the base model.
+//!   - `adapters::vocab`: an adapter's embedding and output-head parts from its file (LoRA
+//!     there, `modules_to_save` copies, trainable tokens; PEFT's saved base copies checked).
 //!   - `adapters::registry`: name → adapter for every folder of the root: versions, lazy
 //!     loads, LRU within a byte budget, failed folders with their errors.
 //!   - `adapters::watcher`: filesystem events and rescans keep the registry in sync.
@@ -109,7 +111,8 @@
 //!     loaded adapter's `A`, `B` and scalings), `model::lora::dora` (DoRA's magnitudes and the
 //!     row products its weight norms come from), `model::lora::mix` (a request's mix and its
 //!     `c_i = s_i · alpha_i / r_i` terms), `model::lora::step` (one step's operands: batched fast
-//!     paths and the per-row reference).
+//!     paths and the per-row reference), `model::lora::vocab` (LoRA and replaced rows on the
+//!     embedding and the head, and the mixes PEFT cannot apply).
 //!   - `model::ops`: the ops between matmuls, fused on the CPU or composed in candle.
 //!   - `model::kv_cache`: paged per-sequence KV caches (16-token blocks, shared read-only).
 //!   - `model::sampling`: the logit rules (`logit_bias`, `min_tokens`, penalties), greedy and

@@ -67,10 +67,15 @@ fn dora_without_magnitudes_is_rejected() {
     assert!(e.contains("use_dora") && e.contains("DoRA"), "{e}");
 }
 
+/// The vocabulary layers' parts are served (`tests/vocab_lora.rs`); a config that declares one
+/// whose file lacks its tensors is refused naming the tensor, and `modules_to_save` beyond the
+/// embedding and the head is refused by name.
 #[test]
-fn modules_to_save_is_rejected() {
+fn modules_to_save_is_rejected_without_its_weights_or_beyond_the_vocabulary_layers() {
     let e = err_text(load_with(|j| j["modules_to_save"] = serde_json::json!(["lm_head"])));
-    assert!(e.contains("modules_to_save"), "{e}");
+    assert!(e.contains("missing tensor `base_model.model.lm_head.weight`"), "{e}");
+    let e = err_text(load_with(|j| j["modules_to_save"] = serde_json::json!(["norm"])));
+    assert!(e.contains("`modules_to_save` entry `norm`"), "{e}");
 }
 
 #[test]
@@ -86,17 +91,26 @@ fn trained_bias_is_rejected() {
 }
 
 #[test]
-fn embedding_lora_is_rejected() {
+fn embedding_lora_without_its_tensors_is_rejected() {
     let e = err_text(load_with(|j| {
         j["target_modules"] = serde_json::json!(["q_proj", "embed_tokens"])
     }));
-    assert!(e.contains("embed_tokens"), "{e}");
+    assert!(
+        e.contains("missing tensor `base_model.model.model.embed_tokens.lora_embedding_A`"),
+        "{e}"
+    );
 }
 
 #[test]
-fn lm_head_lora_is_rejected() {
+fn lm_head_lora_without_its_tensors_is_rejected() {
     let e = err_text(load_with(|j| j["target_modules"] = serde_json::json!(["lm_head", "v_proj"])));
-    assert!(e.contains("lm_head"), "{e}");
+    assert!(e.contains("missing tensor `base_model.model.lm_head.lora_A.weight`"), "{e}");
+}
+
+#[test]
+fn trainable_tokens_without_their_rows_are_rejected() {
+    let e = err_text(load_with(|j| j["trainable_token_indices"] = serde_json::json!([1, 2])));
+    assert!(e.contains("embed_tokens.token_adapter.trainable_tokens_delta"), "{e}");
 }
 
 #[test]

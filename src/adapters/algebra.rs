@@ -185,6 +185,12 @@ impl Source {
                  weighted combination, so it cannot be merged or compressed"
             )));
         }
+        if config.touches_vocab(&crate::model::names::Role::Embed.module_path(&cfg.arch)) {
+            return Err(incompatible(format!(
+                "adapter `{name}` changes the embedding or the output head (LoRA there, \
+                 `modules_to_save` or trainable tokens): merging those is not supported"
+            )));
+        }
         let mut wanted = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         for (ord, id) in cfg.projections().enumerate() {
@@ -641,6 +647,9 @@ fn finish(
         lora_dropout: first.lora_dropout,
         base_model_name_or_path: first.base_model_name_or_path.clone(),
         task_type: first.task_type.clone(),
+        modules_to_save: Vec::new(),
+        trainable_tokens: Vec::new(),
+        ensure_weight_tying: false,
     };
     Ok(Merged { config, modules: tensors, rank, min_energy_kept })
 }

@@ -90,6 +90,21 @@ struct RawConfig {
     #[serde(default)]
     use_qalora: Option<bool>,
     use_bdlora: Option<Value>,
+    velora_config: Option<Value>,
+    monteclora_config: Option<Value>,
+    arrow_config: Option<Value>,
+    kasa_config: Option<Value>,
+    init_lora_weights: Option<Value>,
+    #[serde(default)]
+    ensure_weight_tying: Option<bool>,
+}
+
+/// Rows of a vocabulary layer an adapter trains in place of the base's
+/// (`trainable_token_indices`): `module` as the config names it (`None`: the embedding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainableTokens {
+    pub module: Option<String>,
+    pub ids: Vec<u32>,
 }
 
 /// A validated PEFT LoRA config.
@@ -110,6 +125,12 @@ pub struct PeftConfig {
     pub lora_dropout: f64,
     pub base_model_name_or_path: Option<String>,
     pub task_type: Option<String>,
+    /// Modules the adapter holds a whole trained copy of (`modules_to_save`).
+    pub modules_to_save: Vec<String>,
+    /// `trainable_token_indices`.
+    pub trainable_tokens: Vec<TrainableTokens>,
+    /// PEFT's `ensure_weight_tying`: adapters on a tied embedding and head kept tied.
+    pub ensure_weight_tying: bool,
 }
 
 fn unsupported(msg: impl Into<String>) -> AdapterError {
@@ -181,6 +202,37 @@ impl ModuleSelector {
     }
 }
 
+/// `trainable_token_indices`: a list (the embedding's rows) or `{module: [ids]}`.
+fn trainable_tokens(v: Option<&Value>) -> Result<Vec<TrainableTokens>, AdapterError> {
+    let ids = |v: &Value, what: &str| -> Result<Vec<u32>, AdapterError> {
+        let Value::Array(items) = v else {
+            return Err(bad(format!("`{what}` must be a list of token ids, got `{v}`")));
+        };
+        items
+            .iter()
+            .map(|i| match i.as_u64() {
+                Some(n) if n <= u32::MAX as u64 => Ok(n as u32),
+                _ => Err(bad(format!("`{what}` entries must be token ids, got `{i}`"))),
+            })
+            .collect()
+    };
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Object(map)) => map
+            .iter()
+            .map(|(k, v)| {
+                Ok(TrainableTokens {
+                    module: Some(k.clone()),
+                    ids: ids(v, &format!("trainable_token_indices.{k}"))?,
+                })
+            })
+            .collect(),
+        Some(v) => {
+            Ok(vec![TrainableTokens { module: None, ids: ids(v, "trainable_token_indices")? }])
+        }
+    }
+}
+
 /// PEFT's pattern rule as a regex around a `rank_pattern` / `alpha_pattern` key.
 fn pattern_key(key: &str) -> String {
     format!("^(?:.*\\.)?(?:{key})$")
@@ -202,10 +254,34 @@ impl PeftConfig {
             }
             None => return Err(bad("missing `peft_type`")),
         }
-        if is_set(&raw.modules_to_save) {
-            return Err(unsupported(
-                "non-empty `modules_to_save` (fully trained extra modules) is not supported",
-            ));
+        let modules_to_save = match &raw.modules_to_save {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad("`modules_to_save` entries must be strings"))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(other) => {
+                return Err(bad(format!("`modules_to_save` must be a list, got `{other}`")))
+            }
+        };
+        let trainable_tokens = trainable_tokens(raw.trainable_token_indices.as_ref())?;
+        if let Some(Value::String(init)) = &raw.init_lora_weights {
+            // These initialisations rewrite the base weights (a residual after the adapter's
+            // share, or a quantized copy): unless PEFT converted the adapter when saving (which
+            // resets the field), it needs a base model other than this one.
+            let rewrites =
+                init.starts_with("pissa") || ["olora", "corda", "loftq"].contains(&init.as_str());
+            if rewrites {
+                return Err(unsupported(format!(
+                    "`init_lora_weights: {init}` changes the base weights the adapter was \
+                     trained against; save it with PEFT's `path_initial_model_for_weight_conversion` \
+                     to get a plain LoRA"
+                )));
+            }
         }
         if raw.lora_bias == Some(true) {
             return Err(unsupported(
@@ -220,9 +296,12 @@ impl PeftConfig {
         for (field, v) in [
             ("layer_replication", &raw.layer_replication),
             ("target_parameters", &raw.target_parameters),
-            ("trainable_token_indices", &raw.trainable_token_indices),
             ("alora_invocation_tokens", &raw.alora_invocation_tokens),
             ("use_bdlora", &raw.use_bdlora),
+            ("velora_config", &raw.velora_config),
+            ("monteclora_config", &raw.monteclora_config),
+            ("arrow_config", &raw.arrow_config),
+            ("kasa_config", &raw.kasa_config),
         ] {
             if is_set(v) {
                 return Err(unsupported(format!(
@@ -246,13 +325,6 @@ impl PeftConfig {
             None | Some(Value::Null) => None,
             Some(v) => Some(selector(v, "exclude_modules")?),
         };
-        for name in ["model.embed_tokens", "lm_head"] {
-            if target_modules != ModuleSelector::AllLinear && target_modules.matches(name) {
-                return Err(unsupported(format!(
-                    "LoRA on `{name}` (embedding or output head) is not supported"
-                )));
-            }
-        }
         let rank_pattern = raw
             .rank_pattern
             .unwrap_or_default()
@@ -325,7 +397,33 @@ impl PeftConfig {
             lora_dropout: dropout,
             base_model_name_or_path: raw.base_model_name_or_path,
             task_type: raw.task_type,
+            modules_to_save,
+            trainable_tokens,
+            ensure_weight_tying: raw.ensure_weight_tying.unwrap_or(false),
         })
+    }
+
+    /// Whether the module at `path`, which has no layer index (the embedding, the head), is a
+    /// LoRA target: PEFT's `layers_to_transform` selects only modules inside a layer.
+    pub fn targets_vocab(&self, path: &str) -> bool {
+        self.target_modules != ModuleSelector::AllLinear
+            && self.target_modules.matches(path)
+            && !self.exclude_modules.as_ref().is_some_and(|e| e.matches(path))
+            && self.layers_to_transform.is_none()
+    }
+
+    /// Whether `modules_to_save` names the module at `path` (exactly or as a suffix, as PEFT
+    /// matches it).
+    pub fn saves_module(&self, path: &str) -> bool {
+        ModuleSelector::List(self.modules_to_save.clone()).matches(path)
+    }
+
+    /// Whether the config changes the embedding or the output head at all.
+    pub fn touches_vocab(&self, embed_path: &str) -> bool {
+        self.targets_vocab(embed_path)
+            || self.targets_vocab("lm_head")
+            || !self.modules_to_save.is_empty()
+            || !self.trainable_tokens.is_empty()
     }
 
     /// Whether the adapter targets this module (target list/regex, exclusions, layer filter).
@@ -394,7 +492,7 @@ impl PeftConfig {
             "fan_in_fan_out": false,
             "use_dora": self.use_dora,
             "lora_bias": false,
-            "modules_to_save": null,
+            "modules_to_save": (!self.modules_to_save.is_empty()).then(|| self.modules_to_save.clone()),
             "layers_to_transform": self.layers_to_transform,
             "rank_pattern": self.rank_pattern.iter().map(|(k, v)| (k.source.clone(), Value::from(*v))).collect::<serde_json::Map<_, _>>(),
             "alpha_pattern": self.alpha_pattern.iter().map(|(k, v)| (k.source.clone(), Value::from(*v))).collect::<serde_json::Map<_, _>>(),

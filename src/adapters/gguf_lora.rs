@@ -29,6 +29,14 @@ pub fn write_gguf_lora(
     arch: &str,
     path: &Path,
 ) -> Result<(), AdapterError> {
+    if !adapter.vocab.is_empty() {
+        // llama.cpp's LoRA covers the linear layers: the embedding and head parts would be lost.
+        return Err(AdapterError::Unsupported(
+            "an adapter that changes the embedding or the output head (LoRA there, \
+             `modules_to_save`, trainable tokens) has no GGUF LoRA form; serve it from its PEFT folder"
+                .into(),
+        ));
+    }
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for id in ModuleId::all(cfg.num_layers) {
         let Some(w) = adapter.module(id) else { continue };

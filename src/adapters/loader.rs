@@ -52,6 +52,7 @@ pub fn load_adapter_on(
     let module_paths: Vec<String> = {
         let mut v: Vec<String> = cfg.projections().map(|id| cfg.stored_module(id).path).collect();
         v.dedup();
+        v.extend([super::vocab::embed_path(cfg), super::vocab::HEAD.to_string()]);
         v
     };
     let unknown = config.unknown_among(&module_paths);
@@ -72,7 +73,8 @@ pub fn load_adapter_on(
             let fan_in = cfg.proj_dims(id.target).0;
             ((r * fan_in + m.out * r + m.out) * 8) as u64
         })
-        .sum();
+        .sum::<u64>()
+        + super::vocab::max_bytes(&config, cfg);
     super::header::check_file(&dir.join(WEIGHTS_FILE), max_data)?;
     let bytes = read(&dir.join(WEIGHTS_FILE))?;
     let st = SafeTensors::deserialize(&bytes)
@@ -99,6 +101,7 @@ pub fn load_adapter_on(
         }
         modules[id.index()] = Some(w);
     }
+    let vocab = super::vocab::read(&st, &config, cfg, device, base, &mut expected)?;
     if expected.is_empty() {
         return Err(AdapterError::Unsupported(
             "`target_modules` selects no linear layer of the base model".into(),
@@ -113,16 +116,18 @@ pub fn load_adapter_on(
         .collect();
     if !extra.is_empty() {
         return Err(AdapterError::Weights(format!(
-            "tensors not described by the config (or not supported, e.g. embedding/lm_head LoRA): {extra:?}"
+            "tensors not described by the config: {extra:?}"
         )));
     }
-    let size_bytes = modules.iter().flatten().map(LoraWeights::resident_bytes).sum();
+    let size_bytes = modules.iter().flatten().map(LoraWeights::resident_bytes).sum::<usize>()
+        + vocab.resident_bytes();
     Ok(LoraAdapter {
         name: name.to_string(),
         path: dir.to_path_buf(),
         rank: config.r,
         alpha: config.lora_alpha,
         modules,
+        vocab,
         size_bytes,
         version: 0,
     })

@@ -1,5 +1,6 @@
 //! LoRA adapters in the Hugging Face PEFT format, as files: config parsing and validation,
-//! loading the safetensors weights checked against the base model, writing PEFT folders and
+//! loading the safetensors weights checked against the base model (the embedding and head parts
+//! in `vocab`), writing PEFT folders and
 //! llama.cpp's GGUF LoRA, the hot-loading registry and named mixes. What the model computes with
 //! (the weights, mixes, a step's operands) is `model::lora`'s; its types are re-exported here.
 
@@ -11,6 +12,7 @@ pub mod loader;
 pub mod mixes;
 pub mod registry;
 pub mod synth;
+pub mod vocab;
 pub mod watcher;
 pub mod writer;
 

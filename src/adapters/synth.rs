@@ -39,6 +39,7 @@ pub fn random_adapter(
         rank: config.r,
         alpha: config.lora_alpha,
         modules,
+        vocab: Default::default(),
         size_bytes,
         version: 0,
     })

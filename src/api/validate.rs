@@ -522,8 +522,7 @@ fn resolve(
     let mut applied = Vec::with_capacity(refs.len());
     for (i, (name, scale)) in refs.iter().enumerate() {
         let adapter = registry.acquire(name)?;
-        let scaling = adapter.modules.iter().flatten().map(|w| w.scaling.abs()).reduce(f64::max);
-        if let Some(max) = scaling.filter(|m| !((m * scale) as f32).is_finite()) {
+        if let Some(max) = adapter.max_scaling().filter(|m| !((m * scale) as f32).is_finite()) {
             let msg = format!(
                 "scale {} × the scaling {} of adapter `{name}` overflows 32-bit floats",
                 fmt_num(*scale),
@@ -539,5 +538,9 @@ fn resolve(
         });
         entries.push(MixEntry { adapter, scale: *scale });
     }
-    Ok((AdapterMix::new(entries), applied))
+    let mix = AdapterMix::new(entries);
+    if let Some(why) = mix.vocab_conflict() {
+        return Err(ApiError::invalid_value("adapters", why).with_code("conflicting_adapters"));
+    }
+    Ok((mix, applied))
 }

@@ -534,8 +534,10 @@ impl<'m> Batcher<'m> {
                 self.running.iter_mut().map(|s| &mut s.cache).collect();
             let (hidden, residual) =
                 self.model.forward_with_residual(input, Some(&mut caches), lora)?;
-            let prompt = self.prompt_logprobs(&hidden, &input.seq_lens, &starts)?;
-            let logits = self.model.logits(&Decoder::last_rows(&hidden, &input.seq_lens)?)?;
+            let prompt = self.prompt_logprobs(&hidden, &input.seq_lens, &starts, lora)?;
+            let seqs: Vec<usize> = (0..input.seq_lens.len()).collect();
+            let last = Decoder::last_rows(&hidden, &input.seq_lens)?;
+            let logits = self.model.logits_for(&last, &seqs, lora)?;
             // A row is finite when its logits are and its residual stream's sum of squares
             // (the final norm's statistic) is: an overflowed residual normalises to zeros and
             // would pass for finite logits. Both sums in one small copy for the batch.
@@ -574,6 +576,7 @@ impl<'m> Batcher<'m> {
         hidden: &Tensor,
         seq_lens: &[usize],
         starts: &[usize],
+        lora: &StepLora,
     ) -> Result<Vec<(usize, usize, super::PromptLogprob)>> {
         const CHUNK: usize = 64;
         let mut wanted: Vec<(u32, usize, usize, u32, usize)> = Vec::new();
@@ -594,9 +597,10 @@ impl<'m> Batcher<'m> {
         for part in wanted.chunks(CHUNK) {
             let idx: Vec<u32> = part.iter().map(|w| w.0).collect();
             let idx = Tensor::from_vec(idx, part.len(), hidden.device())?;
+            let seqs: Vec<usize> = part.iter().map(|w| w.1).collect();
             let logits = self
                 .model
-                .logits(&hidden.index_select(&idx, 0)?)?
+                .logits_for(&hidden.index_select(&idx, 0)?, &seqs, lora)?
                 .to_device(&candle_core::Device::Cpu)?;
             for (i, &(_, row, pos, target, k)) in part.iter().enumerate() {
                 let r = logits.get(i)?;

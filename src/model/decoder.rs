@@ -99,16 +99,31 @@ pub struct Decoder {
     pub(super) rope_of: Vec<usize>,
 }
 
-/// The frozen projections' weights (reference counted, never copied), for work outside the
-/// engine thread that must read them: DoRA's weight norms when an adapter loads.
+/// The frozen projections' weights and the vocabulary layers' (reference counted, never
+/// copied), for work outside the engine thread that must read them when an adapter loads:
+/// DoRA's weight norms, the check of PEFT's saved copies of the embedding and head.
 #[derive(Debug, Clone)]
-pub struct FrozenProjections(std::sync::Arc<[Option<BaseWeight>]>);
+pub struct FrozenProjections {
+    proj: std::sync::Arc<[Option<BaseWeight>]>,
+    embed: Tensor,
+    head: BaseWeight,
+}
 
 impl FrozenProjections {
     /// Projection `id`'s weight `(out, in)` as dense f32 (the values its format stands for),
     /// `None` where the model has no such projection.
     pub fn dense_f32(&self, id: ModuleId) -> Result<Option<Tensor>> {
-        self.0.get(id.index()).and_then(Option::as_ref).map(BaseWeight::to_dense_f32).transpose()
+        self.proj.get(id.index()).and_then(Option::as_ref).map(BaseWeight::to_dense_f32).transpose()
+    }
+
+    /// The embedding `(vocab, hidden)` in f32.
+    pub fn embed_f32(&self) -> Result<Tensor> {
+        Ok(self.embed.to_dtype(DType::F32)?)
+    }
+
+    /// The output head's weight `(vocab, hidden)` as dense f32 (the embedding's when tied).
+    pub fn head_f32(&self) -> Result<Tensor> {
+        self.head.to_dense_f32()
     }
 }
 
@@ -279,6 +294,9 @@ impl Decoder {
         let n = input.tokens.len();
         let ids = Tensor::from_slice(&input.tokens, n, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
+        if let Some(mixes) = lora.vocab_mixes() {
+            x = super::lora::vocab::embed(&x, &input.tokens, &input.seq_lens, mixes)?;
+        }
         if let Some(scale) = &self.embed_scale {
             x = x.broadcast_mul(scale)?;
         }
@@ -370,6 +388,21 @@ impl Decoder {
     /// Logits in f32 for hidden rows `(n, hidden)` → `(n, vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.logits_on(&self.kernels, hidden)
+    }
+
+    /// [`Decoder::logits`] with the step's output-head LoRA and replaced rows: hidden row `i`
+    /// belongs to sequence `seq_of_row[i]` of the step `lora` was built for.
+    pub fn logits_for(
+        &self,
+        hidden: &Tensor,
+        seq_of_row: &[usize],
+        lora: &StepLora,
+    ) -> Result<Tensor> {
+        let logits = self.logits(hidden)?;
+        match lora.vocab_mixes() {
+            Some(mixes) => super::lora::vocab::head(logits, hidden, seq_of_row, mixes),
+            None => Ok(logits),
+        }
     }
 
     /// [`Decoder::logits`] run as `exec` says (training: differentiable).
@@ -467,7 +500,7 @@ impl Decoder {
                 w[p.id.index()] = Some(p.base.clone());
             }
         }
-        FrozenProjections(w.into())
+        FrozenProjections { proj: w.into(), embed: self.embed.clone(), head: self.lm_head.clone() }
     }
 
     /// Bytes of weights one batch-1 decode step must read: every projection and the LM head

@@ -57,6 +57,12 @@ impl Role {
         }
     }
 
+    /// The module that holds the weight, as PEFT names it (`model.embed_tokens`, `lm_head`).
+    pub fn module_path(self, arch: &Arch) -> String {
+        let name = self.hf(arch);
+        name.strip_suffix(".weight").unwrap_or(&name).to_string()
+    }
+
     /// The weight's name in a GGUF file (llama.cpp's names; the same for every architecture).
     pub fn gguf(self) -> String {
         match self {

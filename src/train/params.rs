@@ -26,6 +26,14 @@ pub struct LoraParams {
 /// Refuses a `target_modules` entry that names no linear layer of this architecture (it
 /// would train nothing), naming the modules it has.
 pub fn check_targets(cfg: &DecoderConfig, config: &PeftConfig) -> std::result::Result<(), String> {
+    let embed = crate::adapters::vocab::embed_path(cfg);
+    if config.touches_vocab(&embed) {
+        return Err(format!(
+            "training the embedding or the output head (LoRA on `{embed}` or `lm_head`, \
+             `modules_to_save`, `trainable_token_indices`) is not supported; loraplex serves \
+             such adapters but trains the linear layers only"
+        ));
+    }
     let mut paths: Vec<String> = cfg.projections().map(|id| cfg.stored_module(id).path).collect();
     paths.dedup();
     let unknown = config.unknown_among(&paths);
@@ -177,6 +185,7 @@ impl LoraParams {
             rank: self.config.r,
             alpha: self.config.lora_alpha,
             modules,
+            vocab: Default::default(),
             size_bytes,
             version: 0,
         })

@@ -79,7 +79,10 @@ pub fn prefill_with(model: &Decoder, prompts: &[Vec<u32>], lora: &StepLora) -> V
     let mut caches: Vec<SeqCache> =
         prompts.iter().map(|p| SeqCache::new(model.cfg.num_layers, p.len())).collect();
     let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
-    let logits = model.logits(&model.forward(&input, Some(&mut refs), lora).unwrap()).unwrap();
+    let seqs: Vec<usize> =
+        prompts.iter().enumerate().flat_map(|(i, p)| std::iter::repeat_n(i, p.len())).collect();
+    let hidden = model.forward(&input, Some(&mut refs), lora).unwrap();
+    let logits = model.logits_for(&hidden, &seqs, lora).unwrap();
     let mut out = Vec::new();
     let mut offset = 0;
     for p in prompts {

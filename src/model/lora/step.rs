@@ -76,6 +76,8 @@ struct StackedLora {
 #[derive(Debug, Clone)]
 pub struct BatchedLora {
     modules: Vec<Option<ModuleLora>>,
+    /// The sequences' mixes where one changes the embedding or the head ([`super::vocab`]).
+    vocab: Option<Vec<AdapterMix>>,
 }
 
 impl StepLora {
@@ -114,7 +116,22 @@ impl StepLora {
             return Ok(StepLora::None);
         }
         let modules = ModuleId::all(num_layers).map(module).collect::<Result<Vec<_>>>()?;
-        Ok(StepLora::Batched(BatchedLora { modules }))
+        let vocab = mixes
+            .iter()
+            .any(|m| m.touches_vocab())
+            .then(|| mixes.iter().map(|m| (*m).clone()).collect());
+        Ok(StepLora::Batched(BatchedLora { modules, vocab }))
+    }
+
+    /// Each sequence's mix, when some mix changes the embedding or the output head (what
+    /// [`super::vocab::embed`] and [`super::vocab::head`] apply); `None` otherwise.
+    pub fn vocab_mixes(&self) -> Option<&[AdapterMix]> {
+        let mixes = match self {
+            StepLora::None => return None,
+            StepLora::Batched(b) => return b.vocab.as_deref(),
+            StepLora::PerRow(mixes) | StepLora::Training { mixes, .. } => mixes,
+        };
+        mixes.iter().any(AdapterMix::touches_vocab).then_some(mixes.as_slice())
     }
 
     pub fn per_row(mixes: &[&AdapterMix]) -> Self {

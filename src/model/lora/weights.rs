@@ -134,6 +134,8 @@ pub struct LoraAdapter {
     pub rank: usize,
     pub alpha: f64,
     pub modules: Vec<Option<LoraWeights>>,
+    /// LoRA and replaced rows on the embedding and the output head ([`super::vocab`]).
+    pub vocab: super::vocab::VocabAdapter,
     /// Bytes this adapter keeps resident ([`LoraWeights::resident_bytes`]): what the budget counts.
     pub size_bytes: usize,
     /// Set by the registry: bumped each time the folder changes (0 outside a registry).
@@ -143,6 +145,16 @@ pub struct LoraAdapter {
 impl LoraAdapter {
     pub fn module(&self, id: ModuleId) -> Option<&LoraWeights> {
         self.modules.get(id.index()).and_then(Option::as_ref)
+    }
+
+    /// The largest `|alpha / r|` of any module, the vocabulary layers' included: what a
+    /// request's scale multiplies.
+    pub fn max_scaling(&self) -> Option<f64> {
+        let m = self.modules.iter().flatten().map(|w| w.scaling.abs()).reduce(f64::max);
+        match (m, self.vocab.max_scaling()) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Distinct projection names this adapter changes, e.g. `["q_proj", "v_proj"]`.
