@@ -157,15 +157,22 @@ impl LoraAdapter {
         }
     }
 
-    /// Distinct projection names this adapter changes, e.g. `["q_proj", "v_proj"]`.
+    /// Distinct module names this adapter changes, e.g. `["q_proj", "v_proj"]`, with
+    /// `embed_tokens` and `lm_head` (PEFT's usual names) where it changes those.
     pub fn target_names(&self) -> Vec<&'static str> {
         let layers = self.modules.len() / super::super::Target::ALL.len();
-        super::super::Target::ALL
+        let mut names: Vec<&'static str> = super::super::Target::ALL
             .into_iter()
             .filter(|&target| {
                 (0..layers).any(|layer| self.module(ModuleId { layer, target }).is_some())
             })
             .map(|t| t.name())
-            .collect()
+            .collect();
+        for (layer, name) in [(&self.vocab.embed, "embed_tokens"), (&self.vocab.head, "lm_head")] {
+            if !layer.is_empty() {
+                names.push(name);
+            }
+        }
+        names
     }
 }
