@@ -12,9 +12,37 @@ use crate::adapters::registry::{validate_name, Registry};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 type Data = web::Data<AppState>;
+
+/// Whether a merge or compression is running. One runs at a time in the whole process: a
+/// pruned SVD merge of the default model takes minutes of a core, and each more would take
+/// another core from the engine thread.
+static BUSY: AtomicBool = AtomicBool::new(false);
+
+/// The right to run one algebra job, released when dropped (also on a panic's unwind).
+struct Slot;
+
+impl Slot {
+    fn acquire() -> Result<Self, ApiError> {
+        if BUSY.swap(true, Ordering::AcqRel) {
+            return Err(ApiError::overloaded(
+                "an adapter merge or compression is running; one runs at a time — retry when it \
+                 has answered",
+            )
+            .with_code("merge_in_progress"));
+        }
+        Ok(Slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        BUSY.store(false, Ordering::Release);
+    }
+}
 
 /// `add_weighted_adapter`'s arguments, by PEFT's names.
 #[derive(Deserialize)]
@@ -144,7 +172,9 @@ pub async fn merge(
     };
     let name = body.name.clone();
     let reg = registry.clone();
+    let slot = Slot::acquire()?;
     let provenance = web::block(move || -> Result<serde_json::Value, ApiError> {
+        let _slot = slot;
         check_target(&reg, &body.name, body.overwrite)?;
         if body.adapters.len() > algebra::MAX_SOURCES {
             return Err(AlgebraError::Invalid(format!(
@@ -188,7 +218,9 @@ pub async fn compress(
     let source_name = path.into_inner();
     let name = body.name.clone().unwrap_or_else(|| format!("{source_name}-r{}", body.rank));
     let (reg, target) = (registry.clone(), name.clone());
+    let slot = Slot::acquire()?;
     let provenance = web::block(move || -> Result<serde_json::Value, ApiError> {
+        let _slot = slot;
         check_target(&reg, &target, body.overwrite)?;
         let source = sources(&reg, std::slice::from_ref(&source_name))?
             .into_iter()
@@ -208,4 +240,19 @@ pub async fn compress(
     .await
     .map_err(ApiError::internal)??;
     answer(&registry, &name, provenance)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Slot;
+
+    #[test]
+    fn one_algebra_job_runs_at_a_time() {
+        let first = Slot::acquire().unwrap();
+        let e = Slot::acquire().err().unwrap();
+        assert_eq!(e.body()["error"]["code"], "merge_in_progress");
+        drop(first);
+        let again = Slot::acquire();
+        assert!(again.is_ok(), "released when dropped");
+    }
 }
