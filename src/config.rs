@@ -104,6 +104,10 @@ pub struct ServeOptions {
     /// Bytes of adapter weights kept loaded at most (LRU eviction). [default: 1073741824]
     #[arg(long, env = "LORAPLEX_ADAPTER_BUDGET_BYTES")]
     pub adapter_budget_bytes: Option<usize>,
+    /// Versions of each adapter name kept resident and addressable as `name@N` (the current one
+    /// and the K − 1 before it; older ones are evicted, then answered 404). [default: 2]
+    #[arg(long, env = "LORAPLEX_ADAPTER_VERSIONS")]
+    pub adapter_versions: Option<usize>,
     /// Request body size limit in bytes; larger bodies get 413. [default: 1048576]
     #[arg(long, env = "LORAPLEX_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -290,6 +294,8 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     pub limits: Limits,
     pub adapter_budget_bytes: usize,
+    /// Versions of each adapter name kept resident (`name@N`).
+    pub adapter_versions: usize,
     /// Named mixes from the `mix` option.
     pub mixes: Vec<(String, Vec<crate::adapters::mixes::MixMember>)>,
     pub rescan_interval: Duration,
@@ -398,6 +404,7 @@ impl TryFrom<ServeOptions> for ServeConfig {
                 ..limits_default
             },
             adapter_budget_bytes: o.adapter_budget_bytes.unwrap_or(1 << 30),
+            adapter_versions: o.adapter_versions.unwrap_or(2),
             mixes: parse_mixes(o.mix.as_deref().unwrap_or_default())?,
             rescan_interval: Duration::from_millis(o.rescan_interval_ms.unwrap_or(2000)),
             drain_timeout: Duration::from_secs(o.drain_timeout_secs.unwrap_or(30)),
@@ -444,6 +451,7 @@ impl TryFrom<ServeOptions> for ServeConfig {
             ("body_timeout_secs", cfg.limits.body_timeout.as_secs() as usize),
             ("max_n", cfg.limits.max_n),
             ("adapter_budget_bytes", cfg.adapter_budget_bytes),
+            ("adapter_versions", cfg.adapter_versions),
             ("max_upload_bytes", cfg.limits.max_upload_bytes),
             ("grammar_cache_bytes", cfg.grammars.cache_bytes),
             ("grammar_compile_timeout_ms", cfg.grammars.compile_timeout.as_millis() as usize),

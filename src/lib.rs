@@ -39,6 +39,9 @@
 //!     `repetition_penalty`, `min_tokens`, `stop_token_ids`) → the engine's logit rules.
 //!   - `api::structured`: `response_format` and vLLM's `structured_outputs` → one compiled
 //!     constraint (errors name the field and llguidance's reason).
+//!   - `api::adapter_files`: adapter weights over HTTP (admin): a PEFT adapter uploaded as one
+//!     safetensors body (its config in the header's metadata), any resident version downloaded
+//!     byte for byte.
 //!   - `api::merges`: the admin adapter-algebra routes (`/v1/adapters/merge`,
 //!     `/v1/adapters/{name}/compress`): write the new folder and register it.
 //!   - `api::fine_tuning`: OpenAI's `/v1/files` (multipart uploads) and

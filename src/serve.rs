@@ -33,6 +33,7 @@ pub fn load_backend(
         cfg.adapter_budget_bytes,
     )
     .with_context(|| format!("opening adapters folder `{}`", cfg.adapters.display()))?
+    .with_versions_kept(cfg.adapter_versions)
     .with_mixes(&cfg.mixes);
     if let Some(m) = &metrics {
         registry = registry.with_metrics(m.clone());

@@ -35,6 +35,8 @@ pub enum RegistryError {
     BudgetExhausted { budget: usize },
     #[error("path `{0}` is not a folder inside the adapters root")]
     OutsideRoot(String),
+    #[error("adapter `{name}` has no version {version} resident (resident: {resident:?}); the server keeps the last `adapter_versions` versions of a name")]
+    VersionNotFound { name: String, version: u64, resident: Vec<u64> },
 }
 
 /// Where an adapter stands.
@@ -59,6 +61,8 @@ pub struct AdapterInfo {
     pub rank: Option<usize>,
     pub alpha: Option<f64>,
     pub targets: Vec<String>,
+    /// Versions of this name resident now, addressable as `name@N` (oldest first).
+    pub versions: Vec<u64>,
     /// A DoRA adapter (`use_dora`: its scale enters the weight norm, scale 0 still applies
     /// the magnitude, and its place in a mix matters).
     pub dora: Option<bool>,
@@ -135,6 +139,9 @@ struct Entry {
     alpha: Option<f64>,
     targets: Vec<String>,
     dora: Option<bool>,
+    /// Earlier versions still resident (oldest first), at most `versions_kept − 1`: requests
+    /// address them as `name@N`.
+    history: Vec<Arc<LoraAdapter>>,
     /// Unloaded through vLLM's `/v1/unload_lora_adapter`: not listed, not served (404) until
     /// loaded again or its folder changes.
     withdrawn: bool,
@@ -180,6 +187,29 @@ pub struct Registry {
     metrics: Option<Arc<crate::metrics::Metrics>>,
     /// Named mixes over these adapters (`mixes.toml` in the root is reread by [`Registry::rescan`]).
     mixes: super::mixes::MixTable,
+    /// Versions of a name kept resident (the current one included).
+    versions_kept: usize,
+}
+
+/// Where each loaded version's files are kept (`<root>/.versions/<name>/<N>/`), so any resident
+/// version can be downloaded byte for byte after its folder changed. Hidden: never an adapter.
+pub const VERSIONS_DIR: &str = ".versions";
+
+/// `name` or `name@N` → the name and the version asked for.
+pub fn split_ref(r: &str) -> Result<(&str, Option<u64>), RegistryError> {
+    match r.rsplit_once('@') {
+        None => validate_name(r).map(|()| (r, None)),
+        Some((name, v)) => {
+            validate_name(name)?;
+            match v.parse::<u64>() {
+                Ok(n) if n >= 1 && !v.starts_with('+') => Ok((name, Some(n))),
+                _ => Err(RegistryError::InvalidName(format!(
+                    "{}: a version is `@` and a number from 1",
+                    r.escape_debug()
+                ))),
+            }
+        }
+    }
 }
 
 /// A plain folder name: no separators, no `..`, no NUL, not hidden.
@@ -221,9 +251,115 @@ impl Registry {
             stats: RegistryStats::default(),
             metrics: None,
             mixes,
+            versions_kept: 2,
         };
+        // Versions count from 1 again in each run: an earlier run's archive names other files.
+        let _ = std::fs::remove_dir_all(reg.root.join(VERSIONS_DIR));
         reg.rescan();
         Ok(reg)
+    }
+
+    /// Keeps `k` (at least 1) versions of each name resident.
+    pub fn with_versions_kept(mut self, k: usize) -> Self {
+        self.versions_kept = k.max(1);
+        self
+    }
+
+    /// The loaded copy of `e` becomes history (a folder change made a new version): kept while
+    /// fewer than `versions_kept − 1` earlier versions are, so `name@N` still serves it.
+    fn retire(&self, e: &mut Entry) {
+        let Some(old) = e.loaded.take() else { return };
+        self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.adapter_reloads.inc();
+        }
+        e.history.push(old);
+        let keep = self.versions_kept - 1;
+        let drop_n = e.history.len().saturating_sub(keep);
+        e.history.drain(..drop_n);
+    }
+
+    /// Version `version` of `name`: the current one (loaded if needed) or a resident earlier one.
+    fn acquire_version(&self, name: &str, version: u64) -> Result<Arc<LoraAdapter>, RegistryError> {
+        let current = self.entries.get(name).map(|e| e.version);
+        if current == Some(version) {
+            let a = self.acquire(name)?;
+            if a.version == version {
+                return Ok(a);
+            }
+        }
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        if let Some(mut e) = self.entries.get_mut(name) {
+            if let Some(a) = e.history.iter().find(|a| a.version == version).cloned() {
+                e.last_used = now;
+                e.last_used_at = Some(unix_now());
+                return Ok(a);
+            }
+        }
+        let resident = self.entries.get(name).map(|e| resident_versions(&e)).unwrap_or_default();
+        if current.is_none() {
+            return Err(RegistryError::NotFound(name.to_string()));
+        }
+        Err(RegistryError::VersionNotFound { name: name.to_string(), version, resident })
+    }
+
+    /// The file `file` (`adapter_config.json` or `adapter_model.safetensors`) of `name` or
+    /// `name@N` as it was loaded, byte for byte: from the version archive, else (a current
+    /// version not loaded yet) the folder's own.
+    pub fn version_file(&self, r: &str, file: &str) -> Result<(u64, PathBuf), RegistryError> {
+        let (name, version) = split_ref(r)?;
+        let e = self
+            .entries
+            .get(name)
+            .filter(|e| !e.withdrawn)
+            .ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
+        let version = version.unwrap_or(e.version);
+        let archived = self.root.join(VERSIONS_DIR).join(name).join(version.to_string()).join(file);
+        if archived.is_file() {
+            return Ok((version, archived));
+        }
+        if version == e.version && e.loaded.is_none() {
+            return Ok((version, e.dir.join(file)));
+        }
+        Err(RegistryError::VersionNotFound {
+            name: name.to_string(),
+            version,
+            resident: resident_versions(&e),
+        })
+    }
+
+    /// Copies the files of `name`'s version `version` (just loaded from `dir`) into the archive,
+    /// and drops archived versions no longer resident.
+    fn archive(&self, name: &str, version: u64, dir: &Path, adapter: &LoraAdapter) {
+        let base = self.root.join(VERSIONS_DIR).join(name);
+        let to = base.join(version.to_string());
+        if !to.exists() {
+            let tmp = base.join(format!(".{version}.partial"));
+            let copied = std::fs::create_dir_all(&tmp).is_ok()
+                && [super::loader::CONFIG_FILE, super::loader::WEIGHTS_FILE]
+                    .iter()
+                    .all(|f| std::fs::copy(dir.join(f), tmp.join(f)).is_ok());
+            if !copied || std::fs::rename(&tmp, &to).is_err() {
+                let _ = std::fs::remove_dir_all(&tmp);
+                tracing::warn!(adapter = name, version, "could not archive the version's files");
+            }
+        }
+        let keep: Vec<u64> = self
+            .entries
+            .get(name)
+            .map(|e| resident_versions(&e))
+            .unwrap_or_default()
+            .into_iter()
+            .chain([adapter.version])
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(&base) {
+            for d in rd.filter_map(|d| d.ok()) {
+                let v = d.file_name().to_string_lossy().parse::<u64>().ok();
+                if v.is_some_and(|v| !keep.contains(&v)) {
+                    let _ = std::fs::remove_dir_all(d.path());
+                }
+            }
+        }
     }
 
     /// Adds the configured mixes (`name → members`), fixed for the registry's life.
@@ -376,12 +512,7 @@ impl Registry {
                 e.version += 1;
                 e.error = None;
                 e.withdrawn = false;
-                if e.loaded.take().is_some() {
-                    self.stats.reloads.fetch_add(1, Ordering::Relaxed);
-                    if let Some(m) = &self.metrics {
-                        m.adapter_reloads.inc();
-                    }
-                }
+                self.retire(&mut e);
                 true
             }
             None => {
@@ -400,6 +531,7 @@ impl Registry {
                         alpha: None,
                         targets: Vec::new(),
                         dora: None,
+                        history: Vec::new(),
                         withdrawn: false,
                     },
                 );
@@ -431,8 +563,11 @@ impl Registry {
     }
 
     /// The adapter `name`, loading it if needed. Blocking (disk IO): call off the async runtime.
+    /// `name@N` asks for version `N` ([`Registry::acquire_version`]).
     pub fn acquire(&self, name: &str) -> Result<Arc<LoraAdapter>, RegistryError> {
-        validate_name(name)?;
+        if let (base, Some(v)) = split_ref(name)? {
+            return self.acquire_version(base, v);
+        }
         if self.entries.get(name).is_some_and(|e| e.withdrawn) {
             return Err(RegistryError::NotFound(name.to_string()));
         }
@@ -526,6 +661,8 @@ impl Registry {
                 e.last_used = now;
                 e.last_used_at = Some(unix_now());
                 e.loaded = Some(adapter.clone());
+                drop(e);
+                self.archive(name, version, &dir, &adapter);
                 self.stats.loads_ok.fetch_add(1, Ordering::Relaxed);
                 if let Some(m) = &self.metrics {
                     m.adapter_loads.with_label_values(&["ok"]).inc();
@@ -543,19 +680,37 @@ impl Registry {
         }
     }
 
-    /// Bytes of loaded adapters.
+    /// Bytes of loaded adapters, earlier resident versions included.
     pub fn resident_bytes(&self) -> usize {
-        self.entries.iter().filter_map(|e| e.loaded.as_ref().map(|a| a.size_bytes)).sum()
+        self.entries
+            .iter()
+            .map(|e| e.loaded.iter().chain(&e.history).map(|a| a.size_bytes).sum::<usize>())
+            .sum()
     }
 
     /// Evicts least recently used, unheld adapters until `incoming` more bytes fit.
     fn make_room(&self, incoming: usize, except: &str) -> Result<(), RegistryError> {
         while self.resident_bytes() + incoming > self.budget_bytes {
+            // Earlier versions go first (oldest first, the loading name's too), then whole
+            // adapters, least recently used; nothing a request holds.
+            let unheld = |a: &Arc<LoraAdapter>| Arc::strong_count(a) == 1;
+            let old = self
+                .entries
+                .iter()
+                .filter(|e| e.history.iter().any(unheld))
+                .min_by_key(|e| e.last_used)
+                .map(|e| e.key().clone());
+            if let Some(mut e) = old.and_then(|n| self.entries.get_mut(&n)) {
+                if let Some(i) = e.history.iter().position(unheld) {
+                    e.history.remove(i);
+                    continue;
+                }
+            }
             let victim = self
                 .entries
                 .iter()
                 .filter(|e| e.key() != except)
-                .filter(|e| e.loaded.as_ref().is_some_and(|a| Arc::strong_count(a) == 1))
+                .filter(|e| e.loaded.as_ref().is_some_and(unheld))
                 .min_by_key(|e| e.last_used)
                 .map(|e| e.key().clone());
             let Some(victim) = victim else {
@@ -594,16 +749,62 @@ impl Registry {
             if let Some(mut e) = self.entries.get_mut(name) {
                 e.version += 1;
                 e.withdrawn = false;
-                if e.loaded.take().is_some() {
-                    self.stats.reloads.fetch_add(1, Ordering::Relaxed);
-                    if let Some(m) = &self.metrics {
-                        m.adapter_reloads.inc();
-                    }
-                }
+                self.retire(&mut e);
             }
         }
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
         self.load(name, now)
+    }
+
+    /// Writes `config` and `weights` as the files of adapter `name` (a new folder, or a new
+    /// version of an existing one) and loads them, after checking them exactly as a folder is
+    /// checked: an invalid pair is refused with nothing written. Blocking.
+    pub fn install(
+        &self,
+        name: &str,
+        config: &[u8],
+        weights: &[u8],
+    ) -> Result<Arc<LoraAdapter>, RegistryError> {
+        validate_name(name)?;
+        static SERIAL: AtomicU64 = AtomicU64::new(0);
+        let n = SERIAL.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join(format!(".incoming-{name}-{}-{n}", std::process::id()));
+        let io = |e: std::io::Error| RegistryError::LoadFailed {
+            name: name.to_string(),
+            error: format!("could not write the adapter's files: {e}"),
+        };
+        let written = std::fs::create_dir_all(&tmp)
+            .and_then(|()| std::fs::write(tmp.join(super::loader::CONFIG_FILE), config))
+            .and_then(|()| std::fs::write(tmp.join(super::loader::WEIGHTS_FILE), weights));
+        let checked = written.map_err(io).and_then(|()| {
+            self.load_checked(&tmp, name, &Device::Cpu)
+                .map_err(|error| RegistryError::LoadFailed { name: name.to_string(), error })
+        });
+        if let Err(e) = checked {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        {
+            // Both files land while no rescan looks, the weights first (each rename atomic).
+            let _guard = self.rescan_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let dir = self.root.join(name);
+            let moved = std::fs::create_dir_all(&dir)
+                .and_then(|()| {
+                    std::fs::rename(
+                        tmp.join(super::loader::WEIGHTS_FILE),
+                        dir.join(super::loader::WEIGHTS_FILE),
+                    )
+                })
+                .and_then(|()| {
+                    std::fs::rename(
+                        tmp.join(super::loader::CONFIG_FILE),
+                        dir.join(super::loader::CONFIG_FILE),
+                    )
+                });
+            let _ = std::fs::remove_dir_all(&tmp);
+            moved.map_err(io)?;
+        }
+        self.register(name, name)
     }
 
     /// Drops the loaded copy of `name` (its files stay; it loads again on next use).
@@ -612,6 +813,7 @@ impl Registry {
         match self.entries.get_mut(name) {
             Some(mut e) => {
                 e.loaded = None;
+                e.history.clear();
                 drop(e);
                 self.info(name).ok_or_else(|| RegistryError::NotFound(name.to_string()))
             }
@@ -627,6 +829,7 @@ impl Registry {
         match self.entries.get_mut(name) {
             Some(mut e) if !e.withdrawn => {
                 e.loaded = None;
+                e.history.clear();
                 e.withdrawn = true;
                 Ok(())
             }
@@ -656,6 +859,11 @@ impl Registry {
     }
 }
 
+/// The versions of `e` resident now, oldest first.
+fn resident_versions(e: &Entry) -> Vec<u64> {
+    e.history.iter().chain(&e.loaded).map(|a| a.version).collect()
+}
+
 fn to_info(name: &str, e: &Entry) -> AdapterInfo {
     let state = if e.loaded.is_some() {
         AdapterState::Loaded
@@ -672,6 +880,7 @@ fn to_info(name: &str, e: &Entry) -> AdapterInfo {
         rank: e.rank,
         alpha: e.alpha,
         targets: e.targets.clone(),
+        versions: resident_versions(e),
         dora: e.dora,
         size_bytes: e.size_bytes,
         error: e.error.clone(),

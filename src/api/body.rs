@@ -58,6 +58,15 @@ pub async fn json_body<T: serde::de::DeserializeOwned>(
     parse(&body)
 }
 
+/// A raw body of at most `limit` bytes (413): uploads that are not JSON.
+pub async fn read_raw(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
+    read_body(req, payload, limit).await
+}
+
 /// Reads the body, refusing more than `limit` bytes (413) before buffering them.
 async fn read_body(
     req: &HttpRequest,

@@ -242,6 +242,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::BudgetExhausted { .. } => {
                 ApiError::unavailable(msg).with_code("adapter_budget_exhausted")
             }
+            RegistryError::VersionNotFound { .. } => ApiError::not_found(msg)
+                .with_param("adapters")
+                .with_code("adapter_version_not_found"),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP edge (actix-web): OpenAI-style routes, auth, and the shared application state.
 //! `configure` is used by `serve` and by the tests' in-process service alike.
 
+pub mod adapter_files;
 pub mod body;
 pub mod chat;
 pub mod context;

@@ -5,7 +5,7 @@
 //! log) read them from here, so a route cannot exist without them. Adding an endpoint is one
 //! entry below and one handler.
 
-use super::{fine_tuning, handlers, merges, responses, ui, vllm};
+use super::{adapter_files, fine_tuning, handlers, merges, responses, ui, vllm};
 use actix_web::http::Method;
 use actix_web::web;
 
@@ -90,6 +90,8 @@ pub static ROUTES: &[Route] = &[
     route!(POST "/v1/adapters/{name}/compress", Admin, Never, "adapter_compress", Own, merges::compress),
     route!(GET "/v1/adapters/{name}", Inference, Configured, "adapter", Own, handlers::get_adapter),
     route!(DELETE "/v1/adapters/{name}", Admin, Never, "adapter_unload", Own, handlers::unload_adapter),
+    route!(PUT "/v1/adapters/{name}", Admin, Never, "adapter_upload", Own, adapter_files::upload),
+    route!(GET "/v1/adapters/{name}/files/{file}", Admin, Never, "adapter_download", Own, adapter_files::download),
     route!(POST "/tokenize", Inference, Configured, "tokenize", Vllm, vllm::tokenize),
     route!(POST "/detokenize", Inference, Configured, "detokenize", Vllm, vllm::detokenize),
     route!(POST "/v1/load_lora_adapter", Admin, Never, "load_lora_adapter", Vllm, vllm::load_lora_adapter),

@@ -125,7 +125,7 @@ fn adapter_refs(common: &CommonParams, mv: &ModelView<'_>) -> Result<Vec<(String
     let limits = mv.limits;
     let mut out: Vec<(String, f64)> = Vec::new();
     if let Some(m) = common.model.as_deref().filter(|m| *m != mv.id) {
-        crate::adapters::registry::validate_name(m).map_err(|e| {
+        crate::adapters::registry::split_ref(m).map_err(|e| {
             ApiError::not_found(format!("model `{}` does not exist: {e}", m.escape_debug()))
                 .with_param("model")
                 .with_code("model_not_found")
@@ -160,7 +160,7 @@ fn adapter_refs(common: &CommonParams, mv: &ModelView<'_>) -> Result<Vec<(String
     }
     for (i, AdapterRef { name, scale }) in common.adapters.iter().flatten().enumerate() {
         let param = format!("adapters[{i}]");
-        crate::adapters::registry::validate_name(name).map_err(|e| {
+        crate::adapters::registry::split_ref(name).map_err(|e| {
             ApiError::invalid_value(&param, e.to_string()).with_code("invalid_adapter_name")
         })?;
         let scale = scale.unwrap_or(1.0);
@@ -532,7 +532,8 @@ fn resolve(
                 .with_code("scale_overflow"));
         }
         applied.push(AppliedAdapter {
-            name: name.clone(),
+            // `qa@3` is reported as `qa` with its version, as every other entry.
+            name: adapter.name.clone(),
             version: adapter.version,
             scale: *scale,
         });
