@@ -42,6 +42,8 @@
 //!   - `api::adapter_files`: adapter weights over HTTP (admin): a PEFT adapter uploaded as one
 //!     safetensors body (its config in the header's metadata), any resident version downloaded
 //!     byte for byte.
+//!   - `api::training`: the training-client routes (admin): create, `forward_backward`,
+//!     `optim_step`, `save`, `sample`; bodies checked into `online`'s typed values.
 //!   - `api::merges`: the admin adapter-algebra routes (`/v1/adapters/merge`,
 //!     `/v1/adapters/{name}/compress`): write the new folder and register it.
 //!   - `api::fine_tuning`: OpenAI's `/v1/files` (multipart uploads) and
@@ -159,6 +161,10 @@
 //!   (`finetune::objects`), kept in the state folder across restarts (`finetune::store`), run
 //!   as the engine's background work on its own model (`finetune::runner`), the result served
 //!   as soon as it is written.
+//! - [`online`]: training clients on the serving process (the online-training loop): a LoRA's
+//!   parameters and AdamW state over the engine's own model, `forward_backward` with
+//!   `cross_entropy` or `importance_sampling`, `optim_step`, `save` as a new adapter version,
+//!   state kept for a restart; passes run as the engine's background work.
 //! - [`generate`]: batched generation on the caller's thread (CLI, tests, eval).
 //! - [`serve`]: `loraplex serve`: bind, load in the background, drain on SIGTERM.
 //! - [`config`]: serve options from flags, `LORAPLEX_*` variables and TOML, merged and checked
@@ -193,6 +199,7 @@ pub mod generate;
 pub use loraplex_kernels as kernels;
 pub mod metrics;
 pub mod model;
+pub mod online;
 pub mod runtime;
 pub mod serve;
 pub mod structured;

@@ -65,11 +65,21 @@ pub fn load_backend(
             tokenizer.clone(),
             loaded.id.clone(),
             model_cfg.clone(),
-            trainable,
+            trainable.clone(),
         )
         .with_context(|| format!("opening the state folder `{}`", cfg.state_dir.display()))?,
     );
-    let background: Arc<dyn crate::engine::Background> = fine_tuning.clone();
+    let training = Arc::new(
+        crate::online::TrainingClients::open(
+            cfg.state_dir.join("training"),
+            registry.clone(),
+            model_cfg.clone(),
+            trainable.clone(),
+        )
+        .with_context(|| format!("opening the state folder `{}`", cfg.state_dir.display()))?,
+    );
+    let background: Arc<dyn crate::engine::Background> =
+        Arc::new(crate::engine::Backgrounds::new(vec![fine_tuning.clone(), training.clone()]));
     let engine = Engine::start_with(
         loaded.model,
         tokenizer.clone(),
@@ -78,6 +88,7 @@ pub fn load_backend(
         Some(background),
     )?;
     fine_tuning.attach(engine.clone());
+    training.attach(engine.clone());
     Ok(Backend {
         engine,
         tokenizer,
@@ -88,6 +99,7 @@ pub fn load_backend(
         vocab: model_cfg.vocab_size,
         grammars,
         fine_tuning: Some(fine_tuning),
+        training: Some(training),
     })
 }
 

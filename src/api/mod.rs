@@ -18,6 +18,7 @@ pub mod routes;
 pub mod rules;
 pub mod stream;
 pub mod structured;
+pub mod training;
 pub mod ui;
 pub mod validate;
 pub mod vllm;
@@ -47,6 +48,8 @@ pub struct Backend {
     pub grammars: Result<Arc<crate::structured::Grammars>, String>,
     /// The fine-tuning API (files and jobs), when the state folder opened.
     pub fine_tuning: Option<Arc<crate::finetune::FineTuning>>,
+    /// Training clients (the online-training API), when the state folder opened.
+    pub training: Option<Arc<crate::online::TrainingClients>>,
 }
 
 /// Shared by all HTTP workers. `backend` is empty until the model has loaded (`/ready` 503).

@@ -5,7 +5,7 @@
 //! log) read them from here, so a route cannot exist without them. Adding an endpoint is one
 //! entry below and one handler.
 
-use super::{adapter_files, fine_tuning, handlers, merges, responses, ui, vllm};
+use super::{adapter_files, fine_tuning, handlers, merges, responses, training, ui, vllm};
 use actix_web::http::Method;
 use actix_web::web;
 
@@ -112,6 +112,14 @@ pub static ROUTES: &[Route] = &[
     route!(POST "/v1/fine_tuning/jobs/{id}/cancel", Admin, Never, "fine_tuning_cancel", OpenAi, fine_tuning::cancel_job),
     route!(GET "/v1/fine_tuning/jobs/{id}/events", Admin, Never, "fine_tuning_events", OpenAi, fine_tuning::job_events),
     route!(GET "/v1/fine_tuning/jobs/{id}/checkpoints", Admin, Never, "fine_tuning_checkpoints", OpenAi, fine_tuning::job_checkpoints),
+    route!(POST "/v1/training/clients", Admin, Never, "training_clients", Own, training::create),
+    route!(GET "/v1/training/clients", Admin, Never, "training_clients", Own, training::list),
+    route!(GET "/v1/training/clients/{id}", Admin, Never, "training_client", Own, training::get),
+    route!(DELETE "/v1/training/clients/{id}", Admin, Never, "training_client", Own, training::delete),
+    route!(POST "/v1/training/clients/{id}/forward_backward", Admin, Never, "training_forward_backward", Own, training::forward_backward),
+    route!(POST "/v1/training/clients/{id}/optim_step", Admin, Never, "training_optim_step", Own, training::optim_step),
+    route!(POST "/v1/training/clients/{id}/save", Admin, Never, "training_save", Own, training::save),
+    route!(POST "/v1/training/clients/{id}/sample", Admin, Never, "training_sample", Own, training::sample),
 ];
 
 /// The label of requests that match no route.

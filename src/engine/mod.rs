@@ -27,6 +27,33 @@ pub trait Background: Send + Sync {
     fn run_slice(&self, model: &crate::model::Decoder);
 }
 
+/// Several kinds of background work (fine-tuning jobs, training clients) as one: each slice
+/// goes to the next one that has work, in turn, so none starves another.
+pub struct Backgrounds {
+    parts: Vec<std::sync::Arc<dyn Background>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Backgrounds {
+    pub fn new(parts: Vec<std::sync::Arc<dyn Background>>) -> Self {
+        Self { parts, next: Default::default() }
+    }
+}
+
+impl Background for Backgrounds {
+    fn pending(&self) -> bool {
+        self.parts.iter().any(|p| p.pending())
+    }
+
+    fn run_slice(&self, model: &crate::model::Decoder) {
+        let n = self.parts.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(p) = (0..n).map(|i| &self.parts[(start + i) % n]).find(|p| p.pending()) {
+            p.run_slice(model);
+        }
+    }
+}
+
 use crate::model::lora::AdapterMix;
 use crate::model::sampling::{LogitRules, SamplingParams};
 use crate::structured::Grammar;

@@ -191,6 +191,46 @@ impl LoraParams {
         })
     }
 
+    /// Sets `A` and `B` from a loaded adapter of the same config (a training client that starts
+    /// from a served version). Refused for combined modules (`qkv_proj`), whose loaded parts
+    /// are row selections, and for modules the adapter lacks or shapes it does not share.
+    pub fn load_from(
+        &self,
+        cfg: &DecoderConfig,
+        adapter: &LoraAdapter,
+    ) -> std::result::Result<(), String> {
+        if cfg.arch.combined_modules {
+            return Err(
+                "starting from an adapter on a family with combined modules is not supported"
+                    .into(),
+            );
+        }
+        if adapter.modules.iter().flatten().any(|w| w.dora.is_some()) || !adapter.vocab.is_empty() {
+            return Err(format!(
+                "adapter `{}` has DoRA or vocabulary parts, which training clients do not train",
+                adapter.name
+            ));
+        }
+        for ((path, a, b), parts) in self.modules.iter().zip(&self.parts) {
+            let [(id, _)] = parts.as_slice() else {
+                return Err(format!("`{path}` feeds several projections"));
+            };
+            let w = adapter
+                .module(*id)
+                .ok_or_else(|| format!("adapter `{}` has no `{path}`", adapter.name))?;
+            let e = |e: candle_core::Error| e.to_string();
+            if w.a.dims() != a.dims() || w.b.dims() != b.dims() {
+                return Err(format!(
+                    "adapter `{}`'s `{path}` has other shapes than its config says",
+                    adapter.name
+                ));
+            }
+            a.set(&w.a.to_device(a.device()).map_err(e)?).map_err(e)?;
+            b.set(&w.b.to_device(b.device()).map_err(e)?).map_err(e)?;
+        }
+        Ok(())
+    }
+
     /// `(stored module path, magnitude)` detached, for a DoRA adapter's PEFT file.
     pub fn export_magnitudes(&self) -> Result<Vec<(String, Tensor)>> {
         self.modules

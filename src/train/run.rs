@@ -229,6 +229,16 @@ impl TrainRun {
     }
 }
 
+/// Saves parameters and optimizer moments alone (a training client's state, no run log).
+pub fn save_state(dir: &Path, params: &LoraParams, opt: &AdamW) -> anyhow::Result<()> {
+    save_checkpoint(dir, params, opt, 0, &[])
+}
+
+/// Restores what [`save_state`] saved.
+pub fn load_state(dir: &Path, params: &LoraParams, opt: &mut AdamW) -> anyhow::Result<()> {
+    load_checkpoint(dir, params, opt).map(|_| ())
+}
+
 /// The LoRA-dropout seed of the pass that starts at example `first` of micro-batch `micro`.
 fn dropout_seed(seed: u64, micro: usize, first: usize) -> u64 {
     seed ^ ((micro as u64) << 20) ^ ((first as u64) << 48)
