@@ -365,10 +365,12 @@ struct SampleBody {
     temperature: Option<f64>,
     n: Option<usize>,
     seed: Option<u64>,
+    /// Sample a served version (`name` or `name@N`) instead of the client's current weights.
+    adapter: Option<String>,
 }
 
-/// `n` completions on the client's current weights (nothing saved), each token with its
-/// log-probability under the model's distribution.
+/// `n` completions on the client's current weights (nothing saved) or on a served version
+/// (`adapter`), each token with its log-probability under the model's distribution.
 pub async fn sample(
     req: HttpRequest,
     state: Data,
@@ -411,7 +413,16 @@ pub async fn sample(
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid_value("temperature", "`temperature` must be 0 to 2"));
     }
-    let adapter = tc.snapshot(&id).await?;
+    let adapter = match body.adapter.clone() {
+        Some(r) => {
+            tc.info(&id)?;
+            let registry = b.registry.clone();
+            web::block(move || registry.acquire(&r)).await.map_err(ApiError::internal)??
+        }
+        None => tc.snapshot(&id).await?,
+    };
+    let served =
+        body.adapter.as_ref().map(|_| json!({"name": adapter.name, "version": adapter.version}));
     let mix = crate::model::lora::AdapterMix::single(adapter, 1.0);
     let mut streams = Vec::with_capacity(n);
     for i in 0..n {
@@ -444,5 +455,6 @@ pub async fn sample(
             json!({"tokens": tokens, "logprobs": logprobs, "text": text, "finish_reason": finish}),
         );
     }
-    Ok(HttpResponse::Ok().json(json!({"prompt_tokens": prompt, "samples": samples})))
+    Ok(HttpResponse::Ok()
+        .json(json!({"prompt_tokens": prompt, "samples": samples, "adapter": served})))
 }
