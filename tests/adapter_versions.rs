@@ -163,6 +163,26 @@ async fn weights_over_http_round_trip_and_versions_serve() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["adapters"][0]["version"], 1);
     assert_eq!(v["adapters"][1]["version"], 2);
+    // A named mix may pin a version.
+    let (status, v) = call(
+        &app,
+        post("/v1/mixes", json!({"name": "pinned", "adapters": [{"name": "up@1", "scale": 1.0}]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let mut served = Value::Null;
+    for _ in 0..50 {
+        // The mixes file is reread by the registry's next rescan.
+        let (status, v) =
+            call(&app, post("/v1/completions", completion("pinned", PROMPT, 12, false))).await;
+        if status == StatusCode::OK {
+            served = v;
+            break;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(served["adapters"][0]["version"], 1, "{served}");
+    assert_eq!(served["choices"][0]["text"], v1["choices"][0]["text"]);
     let (_, w1) = raw(&app, "/v1/adapters/up@1/files/adapter_model.safetensors").await;
     assert!(w1 == body, "version 1's weights after version 2 arrived");
 

@@ -54,7 +54,7 @@ pub fn parse_members(spec: &str) -> Result<Vec<MixMember>, MixError> {
             ),
             None => (item, 1.0),
         };
-        validate_name(name).map_err(|e| invalid(spec, e.to_string()))?;
+        super::registry::split_ref(name).map_err(|e| invalid(spec, e.to_string()))?;
         if !scale.is_finite() {
             return Err(invalid(spec, format!("scale of `{name}` must be finite")));
         }

@@ -81,7 +81,10 @@ pub async fn save_mix(
                 format!("scale of `{}` must be finite with |scale| ≤ {limit}", m.name),
             ));
         }
-        if b.registry.info(&m.name).is_none() {
+        // `name@N` pins a version: the name must exist now; the version is checked per request.
+        let base =
+            crate::adapters::registry::split_ref(&m.name).map_or(m.name.as_str(), |(n, _)| n);
+        if b.registry.info(base).is_none() {
             return Err(ApiError::invalid_value(
                 &format!("adapters[{i}].name"),
                 format!("no adapter `{}`", m.name),
