@@ -23,6 +23,10 @@ use tokio::sync::oneshot;
 /// Rows whose logits are computed together when only their log-probabilities are wanted.
 const CHUNK: usize = 64;
 
+/// Training clients a server holds at once: each keeps its weights, AdamW moments and
+/// gradients (about 4× its adapter's size) in memory.
+pub const MAX_CLIENTS: usize = 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum OnlineError {
     #[error("no training client `{0}`")]
@@ -33,6 +37,8 @@ pub enum OnlineError {
     Unavailable(String),
     #[error("training failed: {0}")]
     Failed(String),
+    #[error("this server holds {0} training clients, its limit; delete one first")]
+    Full(usize),
 }
 
 impl From<candle_core::Error> for OnlineError {
@@ -260,7 +266,11 @@ impl TrainingClients {
             saved_versions: Vec::new(),
         };
         let info = info(&client);
-        lock(&self.clients).insert(id, Arc::new(Mutex::new(client)));
+        let mut clients = lock(&self.clients);
+        if clients.len() >= MAX_CLIENTS {
+            return Err(OnlineError::Full(MAX_CLIENTS));
+        }
+        clients.insert(id, Arc::new(Mutex::new(client)));
         Ok(info)
     }
 
@@ -496,6 +506,12 @@ fn pass(c: &mut Client, model: &Decoder, data: &[Datum], loss: Loss) -> Result<P
             }
         };
         loss_value = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !loss_value.is_finite() {
+            // Nothing is added: one bad pass must not poison the weights.
+            return Err(OnlineError::Invalid(format!(
+                "the loss is not finite ({loss_value}); nothing was accumulated"
+            )));
+        }
         let grads = l.backward()?;
         for (i, v) in live.vars.iter().enumerate() {
             if let Some(g) = grads.get(v.as_tensor()) {

@@ -172,6 +172,14 @@ async fn bad_training_bodies_are_refused_by_field() {
             "data[0].tokens",
         ),
         (json!({"loss": "cross_entropy", "data": []}), "data"),
+        (
+            json!({"loss": "importance_sampling", "data": [{"tokens": [1, 2, 3], "advantages": [0, 1, 1], "logprobs": [0, -1, -500]}]}),
+            "data[0].logprobs[2]",
+        ),
+        (
+            json!({"loss": "cross_entropy", "data": [{"tokens": vec![1u32; 4097], "weights": vec![0.0; 4097]}]}),
+            "data",
+        ),
     ];
     for (body, param) in cases {
         let (status, v) = call(&app, post(&fb, body.clone())).await;
@@ -204,11 +212,21 @@ async fn bad_training_bodies_are_refused_by_field() {
             .await;
     assert_error(status, &v, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error");
     assert_eq!(v["error"]["param"], "target_modules", "{v}");
+    // At most 16 clients (one exists, one more below).
+    for _ in 0..14 {
+        assert_eq!(
+            call(&app, post("/v1/training/clients", json!({"rank": 1}))).await.0,
+            StatusCode::OK
+        );
+    }
     // From a served adapter: its own config and weights; serving goes on.
     let (status, v) =
         call(&app, post("/v1/training/clients", json!({"from_adapter": "qa-r8"}))).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["rank"], 8);
+    let (status, v) = call(&app, post("/v1/training/clients", json!({"rank": 1}))).await;
+    assert_error(status, &v, StatusCode::CONFLICT, "invalid_request_error");
+    assert_eq!(v["error"]["code"], "too_many_training_clients");
     let (status, _) =
         call(&app, post("/v1/completions", json!({"prompt": "Hi", "max_tokens": 2}))).await;
     assert_eq!(status, StatusCode::OK);

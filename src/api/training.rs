@@ -20,7 +20,9 @@ type Data = web::Data<AppState>;
 /// Sequences per `forward_backward`, and tokens over all of them: one pass's activations and
 /// gradients must fit beside serving.
 const MAX_DATA: usize = 256;
-const MAX_PASS_TOKENS: usize = 16384;
+const MAX_PASS_TOKENS: usize = 4096;
+/// The least sampler log-probability accepted: `exp(log p − q)` must stay a finite f32.
+const MIN_SAMPLER_LOGPROB: f32 = -80.0;
 /// Samples per `sample` call.
 const MAX_SAMPLES: usize = 64;
 
@@ -34,6 +36,7 @@ impl From<OnlineError> for ApiError {
             OnlineError::Invalid(_) => ApiError::bad_request(msg),
             OnlineError::Unavailable(_) => ApiError::unavailable(msg),
             OnlineError::Failed(_) => ApiError::internal(msg),
+            OnlineError::Full(_) => ApiError::conflict(msg).with_code("too_many_training_clients"),
         }
     }
 }
@@ -258,6 +261,15 @@ fn datum(
                 return Err(ApiError::invalid_value(
                     &format!("{}[{i}]", p("logprobs")),
                     "a log-probability is at most 0",
+                ));
+            }
+            if let Some(i) = (1..n).find(|&i| a[i] != 0.0 && q[i] < MIN_SAMPLER_LOGPROB) {
+                return Err(ApiError::invalid_value(
+                    &format!("{}[{i}]", p("logprobs")),
+                    format!(
+                        "a sampled token's log-probability is at least {MIN_SAMPLER_LOGPROB} \
+                         (below it the importance ratio overflows)"
+                    ),
                 ));
             }
             (a, q)
