@@ -580,6 +580,15 @@ mod tests {
     use crate::engine::Background;
     use crate::model::{Decoder, DecoderConfig};
 
+    const ADAM: AdamParams = AdamParams {
+        learning_rate: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-12,
+        weight_decay: 0.0,
+        max_grad_norm: 0.0,
+    };
+
     fn setup(dir: &std::path::Path) -> (Decoder, TrainingClients) {
         let cfg = DecoderConfig::tiny();
         let model = Decoder::random(cfg.clone(), 7, &candle_core::Device::Cpu).unwrap();
@@ -727,14 +736,7 @@ mod tests {
         let out = drive(&tc, &model, tc.forward_backward(&id, vec![d], Loss::ImportanceSampling))
             .unwrap();
         assert_eq!(out.loss, 0.0);
-        let adam = AdamParams {
-            learning_rate: 1e-2,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-12,
-            weight_decay: 0.0,
-            max_grad_norm: 0.0,
-        };
+        let adam = ADAM;
         drive(&tc, &model, tc.optim_step(&id, adam)).unwrap();
         assert_eq!(weights(&tc), before);
         // A nonzero advantage does move them.
@@ -751,14 +753,7 @@ mod tests {
         let (model, tc) = setup(dir.path());
         let id = fresh(&tc, 2);
         let d = datum(vec![1, 5, 9, 3, 7, 2], 1);
-        let adam = AdamParams {
-            learning_rate: 1e-2,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-12,
-            weight_decay: 0.0,
-            max_grad_norm: 0.0,
-        };
+        let adam = ADAM;
         drive(&tc, &model, tc.forward_backward(&id, vec![d.clone()], Loss::CrossEntropy)).unwrap();
         drive(&tc, &model, tc.optim_step(&id, adam)).unwrap();
         let (name, v) = tc.save(&id).unwrap();

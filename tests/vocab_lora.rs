@@ -232,101 +232,93 @@ fn refused(m: &LoadedModel, dir: &Path) -> String {
     }
 }
 
+type ConfigEdit = fn(&mut Value);
+type TensorEdit = fn(&str, &mut Vec<f32>, &mut Vec<usize>);
+
+fn no_config_edit(_: &mut Value) {}
+fn no_tensor_edit(_: &str, _: &mut Vec<f32>, _: &mut Vec<usize>) {}
+
 #[test]
 fn bad_vocabulary_adapters_are_refused_by_name() {
     let arch = "qwen2";
     let m = load_tiny(arch);
     let dir = data(arch).join("adapters");
-    let keep = |_: &str, _: &mut Vec<f32>, _: &mut Vec<usize>| {};
     // The loaded copy is the reference's: the edits below are what breaks it.
-    assert!(adapter(&m, edited(&dir.join("emb-r4"), |_| {}, keep).path(), "x").is_ok());
-
-    let e = refused(
-        &m,
-        edited(
-            &dir.join("tokens"),
+    let copy = edited(&dir.join("emb-r4"), no_config_edit, no_tensor_edit);
+    assert!(adapter(&m, copy.path(), "x").is_ok());
+    let cases: [(&str, ConfigEdit, TensorEdit, &[&str]); 9] = [
+        (
+            "tokens",
             |c| c["trainable_token_indices"] = serde_json::json!([3, 5, 7, 512]),
-            keep,
-        )
-        .path(),
-    );
-    assert!(e.contains("token id 512 is outside the vocabulary of 512"), "{e}");
-    let e = refused(
-        &m,
-        edited(
-            &dir.join("tokens"),
+            no_tensor_edit,
+            &["token id 512 is outside the vocabulary of 512"],
+        ),
+        (
+            "tokens",
             |c| c["trainable_token_indices"] = serde_json::json!([3, 3, 7, 9]),
-            keep,
-        )
-        .path(),
-    );
-    assert!(e.contains("distinct token ids"), "{e}");
-    let e = refused(
-        &m,
-        edited(
-            &dir.join("emb-r4"),
-            |_| {},
-            |n, v, s| {
-                if n.ends_with("lora_embedding_B") {
-                    v[3] = f32::NAN;
-                }
+            no_tensor_edit,
+            &["distinct token ids"],
+        ),
+        (
+            "emb-r4",
+            no_config_edit,
+            |n, _, s| {
                 if n.ends_with("lora_embedding_A") {
-                    s.swap(0, 1);
+                    s.swap(0, 1)
                 }
             },
-        )
-        .path(),
-    );
-    assert!(e.contains("lora_embedding_A") && e.contains("shape"), "{e}");
-    let e = refused(
-        &m,
-        edited(
-            &dir.join("emb-r4"),
-            |_| {},
+            &["lora_embedding_A", "shape"],
+        ),
+        (
+            "emb-r4",
+            no_config_edit,
             |n, v, _| {
                 if n.ends_with("lora_embedding_B") {
-                    v[3] = f32::NAN;
+                    v[3] = f32::NAN
                 }
             },
-        )
-        .path(),
-    );
-    assert!(e.contains("lora_embedding_B") && e.contains("non-finite"), "{e}");
-    // PEFT's saved copy of the base embedding must be this base's.
-    let e = refused(
-        &m,
-        edited(
-            &dir.join("emb-r4"),
-            |_| {},
+            &["lora_embedding_B", "non-finite"],
+        ),
+        // PEFT's saved copy of the base embedding must be this base's.
+        (
+            "emb-r4",
+            no_config_edit,
             |n, v, _| {
                 if n.ends_with("embed_tokens.base_layer.weight") {
-                    v.reverse();
+                    v.reverse()
                 }
             },
-        )
-        .path(),
-    );
-    assert!(e.contains("not this base model's"), "{e}");
-    let e = refused(
-        &m,
-        edited(
-            &dir.join("save-head"),
+            &["not this base model's"],
+        ),
+        (
+            "save-head",
             |c| c["modules_to_save"] = serde_json::json!(["norm"]),
-            keep,
-        )
-        .path(),
-    );
-    assert!(e.contains("`modules_to_save` entry `norm`"), "{e}");
-    let e = refused(
-        &m,
-        edited(&dir.join("emb-r4"), |c| c["ensure_weight_tying"] = true.into(), keep).path(),
-    );
-    assert!(e.contains("ensure_weight_tying"), "{e}");
-    let e = refused(
-        &m,
-        edited(&dir.join("emb-r4"), |c| c["init_lora_weights"] = "pissa".into(), keep).path(),
-    );
-    assert!(e.contains("init_lora_weights: pissa"), "{e}");
+            no_tensor_edit,
+            &["`modules_to_save` entry `norm`"],
+        ),
+        (
+            "emb-r4",
+            |c| c["ensure_weight_tying"] = true.into(),
+            no_tensor_edit,
+            &["ensure_weight_tying"],
+        ),
+        (
+            "emb-r4",
+            |c| c["init_lora_weights"] = "pissa".into(),
+            no_tensor_edit,
+            &["init_lora_weights: pissa"],
+        ),
+        (
+            "save-head",
+            |c| c["trainable_token_indices"] = serde_json::json!({"norm": [1]}),
+            no_tensor_edit,
+            &["`trainable_token_indices` names `norm`"],
+        ),
+    ];
+    for (from, edit_cfg, edit, wanted) in cases {
+        let e = refused(&m, edited(&dir.join(from), edit_cfg, edit).path());
+        assert!(wanted.iter().all(|w| e.contains(w)), "{from}: {e}");
+    }
     // Training the vocabulary layers is refused, not silently skipped.
     let cfg = loraplex::adapters::PeftConfig::from_json(
         &std::fs::read_to_string(dir.join("save-head/adapter_config.json")).unwrap(),

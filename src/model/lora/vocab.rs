@@ -209,22 +209,24 @@ pub fn embed(
     }
     let mut out = (x32 + Tensor::cat(&pieces, 0)?)?;
     if !rep_pos.is_empty() {
-        out = replace_rows(&out, &rep_pos, &Tensor::cat(&rep_rows, 0)?)?;
+        out = replace_along(&out, 0, &rep_pos, &Tensor::cat(&rep_rows, 0)?)?;
     }
     Ok(out.to_dtype(dtype)?)
 }
 
-/// `x` with rows `pos` set to `rows`, exactly (no `x + (r − x)` rounding).
-fn replace_rows(x: &Tensor, pos: &[u32], rows: &Tensor) -> Result<Tensor> {
-    let n = x.dim(0)?;
+/// `x` with the slices `idx` along `dim` (rows: 0, columns: 1) set to `vals`, exactly: no
+/// `x + (v − x)` rounding.
+fn replace_along(x: &Tensor, dim: usize, idx: &[u32], vals: &Tensor) -> Result<Tensor> {
+    let len = x.dim(dim)?;
     let dev = x.device();
-    let idx = Tensor::from_slice(pos, pos.len(), dev)?;
-    let full = Tensor::zeros(x.shape(), DType::F32, dev)?.index_add(&idx, rows, 0)?;
-    let mut mask = vec![0u8; n];
-    for &p in pos {
-        mask[p as usize] = 1;
+    let ids = Tensor::from_slice(idx, idx.len(), dev)?;
+    let full = Tensor::zeros(x.shape(), DType::F32, dev)?.index_add(&ids, vals, dim)?;
+    let mut mask = vec![0u8; len];
+    for &i in idx {
+        mask[i as usize] = 1;
     }
-    let mask = Tensor::from_vec(mask, (n, 1), dev)?.broadcast_as(x.shape())?;
+    let shape = if dim == 0 { (len, 1) } else { (1, len) };
+    let mask = Tensor::from_vec(mask, shape, dev)?.broadcast_as(x.shape())?;
     Ok(mask.where_cond(&full, x)?)
 }
 
@@ -253,7 +255,7 @@ pub fn head(
                 }
                 if let Some(r) = &part.rows {
                     let vals = h.matmul(&r.rows.t()?)?;
-                    rows = if r.all { vals } else { replace_columns(&rows, &r.ids, &vals)? };
+                    rows = if r.all { vals } else { replace_along(&rows, 1, &r.ids, &vals)? };
                     changed = true;
                 }
             }
@@ -265,18 +267,4 @@ pub fn head(
         return Ok(logits);
     }
     Ok(Tensor::cat(&pieces, 0)?)
-}
-
-/// `y` with columns `cols` set to `vals` (`(m, cols.len())`), exactly.
-fn replace_columns(y: &Tensor, cols: &[u32], vals: &Tensor) -> Result<Tensor> {
-    let vocab = y.dim(1)?;
-    let dev = y.device();
-    let idx = Tensor::from_slice(cols, cols.len(), dev)?;
-    let full = Tensor::zeros(y.shape(), DType::F32, dev)?.index_add(&idx, vals, 1)?;
-    let mut mask = vec![0u8; vocab];
-    for &c in cols {
-        mask[c as usize] = 1;
-    }
-    let mask = Tensor::from_vec(mask, (1, vocab), dev)?.broadcast_as(y.shape())?;
-    Ok(mask.where_cond(&full, y)?)
 }
