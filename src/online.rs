@@ -390,15 +390,30 @@ impl crate::engine::Background for TrainingClients {
 
     fn run_slice(&self, model: &Decoder) {
         let Some(cmd) = lock(&self.queue).pop_front() else { return };
+        let client = match &cmd {
+            Command::ForwardBackward { client, .. }
+            | Command::OptimStep { client, .. }
+            | Command::Snapshot { client, .. } => client.clone(),
+        };
+        // The engine thread never waits for the HTTP side (a `save` writing files holds the
+        // client): a busy client's command goes back in the queue.
+        let guard = match client.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                lock(&self.queue).push_back(cmd);
+                return;
+            }
+        };
         match cmd {
-            Command::ForwardBackward { client, data, loss, reply } => {
-                answer(reply, || pass(&mut *ready(&client, model)?, model, &data, loss))
+            Command::ForwardBackward { data, loss, reply, .. } => {
+                answer(reply, || pass(&mut *ready(guard, model)?, model, &data, loss))
             }
-            Command::OptimStep { client, adam, reply } => {
-                answer(reply, || step(&mut *ready(&client, model)?, adam))
+            Command::OptimStep { adam, reply, .. } => {
+                answer(reply, || step(&mut *ready(guard, model)?, adam))
             }
-            Command::Snapshot { client, reply } => answer(reply, || {
-                let c = ready(&client, model)?;
+            Command::Snapshot { reply, .. } => answer(reply, || {
+                let c = ready(guard, model)?;
                 let live =
                     c.live.as_ref().ok_or_else(|| OnlineError::Failed("no weights".into()))?;
                 let adapter = live
@@ -418,9 +433,8 @@ fn answer<T>(reply: oneshot::Sender<Result<T>>, f: impl FnOnce() -> Result<T>) {
     let _ = reply.send(out);
 }
 
-/// The client locked, its parameters built (fresh, from an adapter, or restored) if needed.
-fn ready<'a>(client: &'a Arc<Mutex<Client>>, model: &Decoder) -> Result<MutexGuard<'a, Client>> {
-    let mut c = lock(client);
+/// The locked client with its parameters built (fresh, from an adapter, or restored) if needed.
+fn ready<'a>(mut c: MutexGuard<'a, Client>, model: &Decoder) -> Result<MutexGuard<'a, Client>> {
     if c.live.is_some() {
         return Ok(c);
     }

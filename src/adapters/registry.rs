@@ -330,7 +330,16 @@ impl Registry {
 
     /// Copies the files of `name`'s version `version` (just loaded from `dir`) into the archive,
     /// and drops archived versions no longer resident.
-    fn archive(&self, name: &str, version: u64, dir: &Path, adapter: &LoraAdapter) {
+    /// `before`: the folder's fingerprint when the load began; a folder that changed since
+    /// holds another version's files, which are not archived as this one's.
+    fn archive(
+        &self,
+        name: &str,
+        version: u64,
+        dir: &Path,
+        adapter: &LoraAdapter,
+        before: Option<&Fingerprint>,
+    ) {
         let base = self.root.join(VERSIONS_DIR).join(name);
         let to = base.join(version.to_string());
         if !to.exists() {
@@ -338,7 +347,9 @@ impl Registry {
             let copied = std::fs::create_dir_all(&tmp).is_ok()
                 && [super::loader::CONFIG_FILE, super::loader::WEIGHTS_FILE]
                     .iter()
-                    .all(|f| std::fs::copy(dir.join(f), tmp.join(f)).is_ok());
+                    .all(|f| std::fs::copy(dir.join(f), tmp.join(f)).is_ok())
+                && before.is_some()
+                && fingerprint(dir).as_ref() == before;
             if !copied || std::fs::rename(&tmp, &to).is_err() {
                 let _ = std::fs::remove_dir_all(&tmp);
                 tracing::warn!(adapter = name, version, "could not archive the version's files");
@@ -626,6 +637,7 @@ impl Registry {
             None => return Err(RegistryError::NotFound(name.to_string())),
         };
         let started = Instant::now();
+        let before = fingerprint(&dir);
         let result = self.load_checked(&dir, name, &self.device);
         let Some(mut e) = self.entries.get_mut(name) else {
             return Err(RegistryError::NotFound(name.to_string()));
@@ -662,7 +674,7 @@ impl Registry {
                 e.last_used_at = Some(unix_now());
                 e.loaded = Some(adapter.clone());
                 drop(e);
-                self.archive(name, version, &dir, &adapter);
+                self.archive(name, version, &dir, &adapter, before.as_ref());
                 self.stats.loads_ok.fetch_add(1, Ordering::Relaxed);
                 if let Some(m) = &self.metrics {
                     m.adapter_loads.with_label_values(&["ok"]).inc();
