@@ -389,3 +389,32 @@ async fn a_full_queue_is_429_and_draining_is_503() {
     let (s, v) = call(&app, post("/v1/completions", json!({"prompt": "hi"}))).await;
     assert_error(s, &v, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable");
 }
+
+/// OpenAI's spec lets a completion's `prompt` be token ids (or lists of them): served as the
+/// same text would be, each id checked against the vocabulary.
+#[actix_web::test]
+async fn token_id_prompts_serve_like_their_text() {
+    let c = ctx();
+    let app = app(&c).await;
+    let body = |prompt: Value| json!({"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 0, "echo": true});
+    let (status, text) =
+        call(&app, post("/v1/completions", body(json!("The capital of France is")))).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (_, tok) =
+        call(&app, post("/tokenize", json!({"prompt": "The capital of France is"}))).await;
+    let ids = tok["tokens"].clone();
+    let (status, by_ids) = call(&app, post("/v1/completions", body(ids.clone()))).await;
+    assert_eq!(status, StatusCode::OK, "{by_ids}");
+    assert_eq!(by_ids["choices"][0]["text"], text["choices"][0]["text"]);
+    assert_eq!(by_ids["choices"][0]["logprobs"], text["choices"][0]["logprobs"]);
+    let (status, two) = call(&app, post("/v1/completions", body(json!([ids.clone(), ids])))).await;
+    assert_eq!(status, StatusCode::OK, "{two}");
+    assert_eq!(two["choices"].as_array().unwrap().len(), 2);
+    let (status, v) = call(&app, post("/v1/completions", body(json!([1, 2, 99999999])))).await;
+    assert_error(status, &v, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error");
+    assert_eq!(v["error"]["param"], "prompt[2]", "{v}");
+    let (status, v) =
+        call(&app, post("/v1/completions", body(json!([[1, 2], [5, 99999999]])))).await;
+    assert_error(status, &v, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error");
+    assert_eq!(v["error"]["param"], "prompt[1][1]", "{v}");
+}

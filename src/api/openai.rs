@@ -62,9 +62,23 @@ pub struct CommonParams {
     pub prompt_logprobs: Option<i64>,
 }
 
+/// A completion's `prompt` as OpenAI's spec allows it: text, texts, token ids, or lists of
+/// token ids.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+)]
+pub enum PromptInput {
+    One(String),
+    Many(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
-    pub prompt: Option<StringOrList>,
+    pub prompt: Option<PromptInput>,
     pub logprobs: Option<i64>,
     pub echo: Option<bool>,
     #[serde(flatten)]

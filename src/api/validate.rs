@@ -8,7 +8,8 @@
 use super::context::{fmt_num, ModelView};
 use super::error::ApiError;
 use super::openai::{
-    AdapterRef, AppliedAdapter, ChatRequest, CommonParams, CompletionRequest, StringOrList,
+    AdapterRef, AppliedAdapter, ChatRequest, CommonParams, CompletionRequest, PromptInput,
+    StringOrList,
 };
 use super::response::{Endpoint, ResponseShape};
 use crate::engine::Request;
@@ -398,18 +399,49 @@ pub fn completion(req: &CompletionRequest, mv: &ModelView<'_>) -> Result<ValidRe
         d.echo_logprobs = true;
         d.template.prompt_logprobs = Some(d.template.prompt_logprobs.unwrap_or(0).max(k));
     }
+    let token_lists = match &req.prompt {
+        Some(PromptInput::Tokens(ids)) => Some(vec![ids.clone()]),
+        Some(PromptInput::TokenLists(lists)) => Some(lists.clone()),
+        _ => None,
+    };
     let texts = match &req.prompt {
         None => return Err(ApiError::bad_request("missing field `prompt`").with_param("prompt")),
-        Some(StringOrList::One(s)) => vec![s.clone()],
-        Some(StringOrList::Many(v)) if v.is_empty() => {
+        Some(PromptInput::One(s)) => vec![s.clone()],
+        Some(PromptInput::Many(v)) if v.is_empty() => {
             return Err(ApiError::invalid_value("prompt", "`prompt` is an empty list"))
         }
-        Some(StringOrList::Many(v)) => v.clone(),
+        Some(PromptInput::Many(v)) => v.clone(),
+        Some(PromptInput::Tokens(_) | PromptInput::TokenLists(_)) => Vec::new(),
     };
     if let Some((spec, param)) = &d.format {
         d.template.constraint = Some(super::structured::compile(spec, param, mv)?);
     }
-    add_prompts(&mut d, texts, mv, "prompt")?;
+    match token_lists {
+        Some(lists) => {
+            // Token ids as given (no tokenizer round trip): checked against the vocabulary,
+            // their text decoded for `echo`.
+            let mut texts = Vec::with_capacity(lists.len());
+            for (i, ids) in lists.iter().enumerate() {
+                if let Some((j, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= mv.vocab)
+                {
+                    let param = match req.prompt {
+                        Some(PromptInput::Tokens(_)) => format!("prompt[{j}]"),
+                        _ => format!("prompt[{i}][{j}]"),
+                    };
+                    return Err(ApiError::invalid_value(
+                        &param,
+                        format!("token id {t} is not below the vocabulary size {}", mv.vocab),
+                    ));
+                }
+                texts.push(mv.tokenizer.decode(ids).map_err(ApiError::internal)?);
+            }
+            if lists.is_empty() {
+                return Err(ApiError::invalid_value("prompt", "`prompt` is an empty list"));
+            }
+            check_prompts(&mut d, texts, lists, mv, "prompt")?;
+        }
+        None => add_prompts(&mut d, texts, mv, "prompt")?,
+    }
     finish(d, mv, Endpoint::Completion, req.common.model.as_deref())
 }
 
