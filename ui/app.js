@@ -98,6 +98,15 @@ async function loadModels() {
       state.adapters.push(m.id);
     }
   }
+  // Earlier resident versions, pinned as `name@N` (the current one is the plain name).
+  try {
+    const list = await api("/v1/adapters");
+    for (const a of list.data) {
+      for (const v of a.versions || []) {
+        if (v !== a.version && state.adapters.includes(a.name)) state.adapters.push(`${a.name}@${v}`);
+      }
+    }
+  } catch (e) { /* the list is optional here */ }
 }
 
 // ---- the mixer ----
@@ -394,7 +403,8 @@ async function pollRegistry() {
     tr.dataset.adapter = a.name;
     const when = a.last_used ? new Date(a.last_used * 1000).toLocaleTimeString() : "–";
     const size = a.size_bytes ? `${(a.size_bytes / 1024 / 1024).toFixed(1)} MiB` : "–";
-    for (const [text, cls] of [[a.name], [a.state], [a.version], [a.rank ?? "–"], [size], [(a.targets || []).join(", ")], [when], [a.error || "", "error"]]) {
+    const versions = (a.versions || []).length > 1 ? `${a.version} (resident: ${a.versions.join(", ")})` : a.version;
+    for (const [text, cls] of [[a.name], [a.state], [versions], [a.rank ?? "–"], [size], [(a.targets || []).join(", ")], [when], [a.error || "", "error"]]) {
       const td = document.createElement("td");
       td.textContent = String(text);
       if (cls) td.className = cls;
