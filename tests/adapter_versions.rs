@@ -23,10 +23,21 @@ fn versions_are_addressable_and_the_last_k_stay_resident() {
     let dir = root.path().join("a");
     let lora = lora_config(2, 4.0, &["q_proj", "v_proj"]);
     write_random_adapter(&dir, &cfg, &lora, 1);
+    // Replicas sharing the folder archive apart: another host's archive stays, a dead process's
+    // on this host goes.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String =
+        host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+    let other = root.path().join(".versions/elsewhere-1/a/1");
+    let dead = root.path().join(format!(".versions/{host}-4000000000/a/1"));
+    for d in [&other, &dead] {
+        std::fs::create_dir_all(d).unwrap();
+    }
     let reg =
         Registry::new(root.path(), cfg.clone(), Some(model.projections()), Device::Cpu, 1 << 30)
             .unwrap()
             .with_versions_kept(2);
+    assert!(other.exists() && !dead.exists());
     let v1 = reg.acquire("a").unwrap();
     assert_eq!(v1.version, 1);
     let v1_weights = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();

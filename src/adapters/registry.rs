@@ -189,11 +189,44 @@ pub struct Registry {
     mixes: super::mixes::MixTable,
     /// Versions of a name kept resident (the current one included).
     versions_kept: usize,
+    /// This instance's folder under [`VERSIONS_DIR`].
+    archive: String,
 }
 
-/// Where each loaded version's files are kept (`<root>/.versions/<name>/<N>/`), so any resident
-/// version can be downloaded byte for byte after its folder changed. Hidden: never an adapter.
+/// Where each loaded version's files are kept (`<root>/.versions/<instance>/<name>/<N>/`), so any
+/// resident version can be downloaded byte for byte after its folder changed. Hidden: never an
+/// adapter. Per server instance (`<host>-<pid>`): replicas sharing the folder count versions
+/// each on their own.
 pub const VERSIONS_DIR: &str = ".versions";
+
+/// This process's archive folder name: `<host>-<pid>`.
+fn instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default();
+    let host: String =
+        host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+    format!("{host}-{}", std::process::id())
+}
+
+/// Removes this instance's archive (versions count from 1 in each run) and those of instances
+/// on this host whose process is gone.
+fn clean_archives(root: &Path, me: &str) {
+    let Ok(rd) = std::fs::read_dir(root.join(VERSIONS_DIR)) else { return };
+    let host = me.rsplit_once('-').map_or("", |(h, _)| h);
+    for d in rd.filter_map(|d| d.ok()) {
+        let name = d.file_name().to_string_lossy().into_owned();
+        let dead = match name.rsplit_once('-') {
+            Some((h, pid)) if h == host => {
+                pid.parse::<u32>().is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists())
+            }
+            _ => false,
+        };
+        if name == me || (dead && Path::new("/proc/self").exists()) {
+            let _ = std::fs::remove_dir_all(d.path());
+        }
+    }
+}
 
 /// `name` or `name@N` → the name and the version asked for.
 pub fn split_ref(r: &str) -> Result<(&str, Option<u64>), RegistryError> {
@@ -252,9 +285,9 @@ impl Registry {
             metrics: None,
             mixes,
             versions_kept: 2,
+            archive: instance(),
         };
-        // Versions count from 1 again in each run: an earlier run's archive names other files.
-        let _ = std::fs::remove_dir_all(reg.root.join(VERSIONS_DIR));
+        clean_archives(&reg.root, &reg.archive.clone());
         reg.rescan();
         Ok(reg)
     }
@@ -314,7 +347,13 @@ impl Registry {
             .filter(|e| !e.withdrawn)
             .ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
         let version = version.unwrap_or(e.version);
-        let archived = self.root.join(VERSIONS_DIR).join(name).join(version.to_string()).join(file);
+        let archived = self
+            .root
+            .join(VERSIONS_DIR)
+            .join(&self.archive)
+            .join(name)
+            .join(version.to_string())
+            .join(file);
         if archived.is_file() {
             return Ok((version, archived));
         }
@@ -340,7 +379,7 @@ impl Registry {
         adapter: &LoraAdapter,
         before: Option<&Fingerprint>,
     ) {
-        let base = self.root.join(VERSIONS_DIR).join(name);
+        let base = self.root.join(VERSIONS_DIR).join(&self.archive).join(name);
         let to = base.join(version.to_string());
         if !to.exists() {
             let tmp = base.join(format!(".{version}.partial"));
