@@ -215,8 +215,7 @@ impl Source {
                 let v = tensor_values(&st, &key, (rows, cols))?;
                 Ok(Mat::from_row_iterator(rows, cols, v.into_iter().map(f64::from)))
             };
-            let scaling =
-                if config.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+            let scaling = crate::model::lora::weights::scaling(alpha, r, config.use_rslora);
             let factors = Factors { a: read("A", r, fan_in)?, b: read("B", out, r)?, scaling };
             modules.insert(ord, (path, factors));
         }

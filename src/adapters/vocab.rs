@@ -80,7 +80,7 @@ pub fn read(
             a_t: host(transpose(&a, r, vocab), (vocab, r))?,
             b_t: host(transpose(&b, hidden, r), (r, hidden))?,
             rank: r,
-            scaling: scaling(config, alpha, r),
+            scaling: crate::model::lora::weights::scaling(alpha, r, config.use_rslora),
         });
     }
     if config.targets_vocab(HEAD) {
@@ -91,7 +91,7 @@ pub fn read(
             a_t: host(transpose(&a, r, hidden), (hidden, r))?,
             b_t: host(transpose(&b, vocab, r), (r, vocab))?,
             rank: r,
-            scaling: scaling(config, alpha, r),
+            scaling: crate::model::lora::weights::scaling(alpha, r, config.use_rslora),
         });
     }
     for (path, is_head) in [(embed.as_str(), false), (HEAD, true)] {
@@ -178,14 +178,6 @@ pub fn read(
         }
     }
     Ok(out)
-}
-
-fn scaling(config: &PeftConfig, alpha: f64, r: usize) -> f64 {
-    if config.use_rslora {
-        alpha / (r as f64).sqrt()
-    } else {
-        alpha / r as f64
-    }
 }
 
 /// The trainable-token rows of `path` as `(sorted ids, rows in that order)`.

@@ -37,6 +37,15 @@ pub struct LoraWeights {
     pub trainable_magnitude: Option<Tensor>,
 }
 
+/// A module's LoRA scaling: `alpha / r`, or `alpha / sqrt(r)` for rsLoRA.
+pub fn scaling(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (rank as f64).sqrt()
+    } else {
+        alpha / rank as f64
+    }
+}
+
 /// Host copies of one module's `A` and `Bᵀ`, row-major f32.
 #[derive(Debug, Clone)]
 pub struct HostLoraWeights {
@@ -47,7 +56,7 @@ pub struct HostLoraWeights {
 impl LoraWeights {
     pub fn new(a: Tensor, b: Tensor, alpha: f64, use_rslora: bool) -> candle_core::Result<Self> {
         let rank = a.dim(0)?;
-        let scaling = if use_rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
+        let scaling = scaling(alpha, rank, use_rslora);
         let b_t = b.t()?.contiguous()?;
         let (host, stacked) =
             if a.device().is_cpu() && a.dtype() == candle_core::DType::F32 && !a.is_variable() {
