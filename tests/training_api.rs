@@ -212,6 +212,20 @@ async fn bad_training_bodies_are_refused_by_field() {
             .await;
     assert_error(status, &v, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error");
     assert_eq!(v["error"]["param"], "target_modules", "{v}");
+    let (status, v) =
+        call(&app, post("/v1/training/clients", json!({"rank": 4, "adapter": "../x"}))).await;
+    assert_error(status, &v, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error");
+    assert_eq!(v["error"]["param"], "adapter", "{v}");
+    let (status, v) = call(
+        &app,
+        post(
+            &format!("/v1/training/clients/{id}/sample"),
+            json!({"prompt": "Hi", "n": 64, "max_tokens": 2000}),
+        ),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error");
+    assert_eq!(v["error"]["param"], "n", "{v}");
     // At most 16 clients (one exists, one more below).
     for _ in 0..14 {
         assert_eq!(

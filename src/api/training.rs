@@ -69,6 +69,10 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let tc = service(&state)?;
     let body: CreateBody = json_body(&req, payload, &state.limits).await?;
+    if let Some(a) = &body.adapter {
+        crate::adapters::registry::validate_name(a)
+            .map_err(|e| ApiError::invalid_value("adapter", e.to_string()))?;
+    }
     let registry = state.backend()?.registry.clone();
     let info = web::block(move || -> Result<_, ApiError> {
         let start = match &body.from_adapter {
@@ -420,6 +424,16 @@ pub async fn sample(
     let n = body.n.unwrap_or(1);
     if n == 0 || n > MAX_SAMPLES {
         return Err(ApiError::invalid_value("n", format!("`n` must be 1 to {MAX_SAMPLES}")));
+    }
+    let work = n * (prompt.len() + max_tokens);
+    if work > state.limits.max_request_tokens {
+        return Err(ApiError::invalid_value(
+            "n",
+            format!(
+                "{work} tokens of work (n × (prompt + max_tokens)); the limit is {}",
+                state.limits.max_request_tokens
+            ),
+        ));
     }
     let temperature = body.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
