@@ -481,20 +481,20 @@ fn pass(c: &mut Client, model: &Decoder, data: &[Datum], loss: Loss) -> Result<P
     // others only give their log-probabilities (detached, in chunks).
     let (mut graph_rows, mut graph_targets, mut graph_w, mut graph_q) =
         (vec![], vec![], vec![], vec![]);
+    // `(datum, token)` of each graph row, and `(row, target, datum, token)` of each other row.
+    let mut graph_at: Vec<(usize, usize)> = Vec::new();
     let mut plain: Vec<(u32, u32, usize, usize)> = Vec::new();
-    let mut where_: Vec<(usize, usize, bool, usize)> = Vec::new();
     let mut offset = 0u32;
     for (k, d) in data.iter().enumerate() {
         for i in 1..d.tokens.len() {
             let row = offset + i as u32 - 1;
             if d.weights[i] != 0.0 {
-                where_.push((k, i, true, graph_rows.len()));
+                graph_at.push((k, i));
                 graph_rows.push(row);
                 graph_targets.push(d.tokens[i]);
                 graph_w.push(d.weights[i]);
                 graph_q.push(d.sampler_logprobs.get(i).copied().unwrap_or(0.0));
             } else {
-                where_.push((k, i, false, plain.len()));
                 plain.push((row, d.tokens[i], k, i));
             }
         }
@@ -504,13 +504,7 @@ fn pass(c: &mut Client, model: &Decoder, data: &[Datum], loss: Loss) -> Result<P
         data.iter().map(|d| vec![None; d.tokens.len()]).collect();
     let mut loss_value = 0.0;
     if !graph_rows.is_empty() {
-        let h = hidden.index_select(&Tensor::new(graph_rows.as_slice(), &dev)?, 0)?;
-        let logits = model
-            .logits_in(Exec::Differentiable, &h)
-            .map_err(|e| OnlineError::Failed(e.to_string()))?;
-        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let targets = Tensor::new(graph_targets.as_slice(), &dev)?.unsqueeze(1)?;
-        let lp = lp.gather(&targets, 1)?.squeeze(1)?;
+        let lp = token_logprobs(model, &hidden, &graph_rows, &graph_targets)?;
         let w = Tensor::new(graph_w.as_slice(), &dev)?;
         let l = match loss {
             Loss::CrossEntropy => (lp.clone() * &w)?.sum_all()?.neg()?,
@@ -536,23 +530,15 @@ fn pass(c: &mut Client, model: &Decoder, data: &[Datum], loss: Loss) -> Result<P
                 });
             }
         }
-        let values = lp.detach().to_vec1::<f32>()?;
-        for &(k, i, in_graph, j) in &where_ {
-            if in_graph {
-                logprobs[k][i] = Some(values[j]);
-            }
+        for (&(k, i), v) in graph_at.iter().zip(lp.detach().to_vec1::<f32>()?) {
+            logprobs[k][i] = Some(v);
         }
     }
     let hidden = hidden.detach();
     for part in plain.chunks(CHUNK) {
         let rows: Vec<u32> = part.iter().map(|p| p.0).collect();
-        let h = hidden.index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
-        let logits = model
-            .logits_in(Exec::Differentiable, &h)
-            .map_err(|e| OnlineError::Failed(e.to_string()))?;
-        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let t: Vec<u32> = part.iter().map(|p| p.1).collect();
-        let lp = lp.gather(&Tensor::new(t.as_slice(), &dev)?.unsqueeze(1)?, 1)?.squeeze(1)?;
+        let targets: Vec<u32> = part.iter().map(|p| p.1).collect();
+        let lp = token_logprobs(model, &hidden, &rows, &targets)?;
         for (p, v) in part.iter().zip(lp.to_vec1::<f32>()?) {
             logprobs[p.2][p.3] = Some(v);
         }
@@ -564,6 +550,22 @@ fn pass(c: &mut Client, model: &Decoder, data: &[Datum], loss: Loss) -> Result<P
         loss_tokens: graph_rows.len(),
         accumulated: c.accumulated,
     })
+}
+
+/// `log p(targets[j] | hidden row rows[j])` through the head on the training path.
+fn token_logprobs(
+    model: &Decoder,
+    hidden: &Tensor,
+    rows: &[u32],
+    targets: &[u32],
+) -> Result<Tensor> {
+    let dev = hidden.device();
+    let h = hidden.index_select(&Tensor::new(rows, dev)?, 0)?;
+    let logits = model
+        .logits_in(Exec::Differentiable, &h)
+        .map_err(|e| OnlineError::Failed(e.to_string()))?;
+    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    Ok(lp.gather(&Tensor::new(targets, dev)?.unsqueeze(1)?, 1)?.squeeze(1)?)
 }
 
 /// AdamW on the accumulated gradients (none: zeros), which are then cleared.

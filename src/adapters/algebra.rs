@@ -185,7 +185,7 @@ impl Source {
                  weighted combination, so it cannot be merged or compressed"
             )));
         }
-        if config.touches_vocab(&crate::model::names::Role::Embed.module_path(&cfg.arch)) {
+        if config.touches_vocab(&super::vocab::embed_path(cfg)) {
             return Err(incompatible(format!(
                 "adapter `{name}` changes the embedding or the output head (LoRA there, \
                  `modules_to_save` or trainable tokens): merging those is not supported"

@@ -201,13 +201,23 @@ pub fn embed(
                 }
             }
         }
-        pieces.push(match delta {
-            Some(d) => d,
-            None => Tensor::zeros((len, hidden), DType::F32, dev)?,
-        });
+        pieces.push((delta, len));
         offset += len;
     }
-    let mut out = (x32 + Tensor::cat(&pieces, 0)?)?;
+    // Only the head or replaced rows (no embedding LoRA term): nothing to add.
+    let mut out = match pieces.iter().any(|(d, _)| d.is_some()) {
+        true => {
+            let full = pieces
+                .into_iter()
+                .map(|(d, len)| match d {
+                    Some(d) => Ok(d),
+                    None => Tensor::zeros((len, hidden), DType::F32, dev),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            (x32 + Tensor::cat(&full, 0)?)?
+        }
+        false => x32,
+    };
     if !rep_pos.is_empty() {
         out = replace_along(&out, 0, &rep_pos, &Tensor::cat(&rep_rows, 0)?)?;
     }
