@@ -117,7 +117,8 @@
 //!     row products its weight norms come from), `model::lora::mix` (a request's mix and its
 //!     `c_i = s_i · alpha_i / r_i` terms), `model::lora::step` (one step's operands: batched fast
 //!     paths and the per-row reference), `model::lora::vocab` (LoRA and replaced rows on the
-//!     embedding and the head, and the mixes PEFT cannot apply).
+//!     embedding and the head, and the mixes PEFT cannot apply), `model::lora::train_linear` (a
+//!     training step's plain LoRA projection as one graph node with its own backward).
 //!   - `model::ops`: the ops between matmuls, fused on the CPU or composed in candle.
 //!   - `model::kv_cache`: paged per-sequence KV caches (16-token blocks, shared read-only).
 //!   - `model::sampling`: the logit rules (`logit_bias`, `min_tokens`, penalties), greedy and
@@ -130,8 +131,8 @@
 //!   - `model::device`: `--device` and `--dtype`.
 //!   - `model::random`: seeded random weights (tiny models for tests and benches).
 //!   - `model::frozen` and `model::diffops`: the differentiable pieces training needs (a
-//!     frozen matmul whose backward skips the weight; fused norm, rope and softmax with
-//!     backward).
+//!     frozen matmul whose backward skips the weight, through an 8-bit transpose for packed
+//!     weights; fused norm, rope, softmax and `silu · up` with backward).
 //! - [`structured`]: structured outputs: a constraint (JSON schema, JSON object, regex, choice,
 //!   Lark grammar) compiled by llguidance against the served tokenizer, cached by its text;
 //!   `structured::limits`: the bounds checked before compiling (bytes, subschemas,

@@ -123,3 +123,21 @@ fn causal_softmax_rejects_inconsistent_shapes() {
     assert!(diffops::causal_softmax(&s, 1.0, 3).is_err(), "7 rows are not groups of 3");
     assert!(diffops::causal_softmax(&s, 1.0, 7).is_err(), "7 queries cannot see only 5 keys");
 }
+
+#[test]
+fn silu_mul_matches_the_composition_for_both_inputs() {
+    let up = rand(&[29, 96], 3);
+    check(
+        &rand(&[29, 96], 4),
+        |g| diffops::silu_mul(g, &up).unwrap(),
+        |g| (candle_nn::ops::silu(g).unwrap() * &up).unwrap(),
+        1e-5,
+    );
+    let gate = rand(&[29, 96], 5);
+    check(
+        &rand(&[29, 96], 6),
+        |u| diffops::silu_mul(&gate, u).unwrap(),
+        |u| (candle_nn::ops::silu(&gate).unwrap() * u).unwrap(),
+        1e-5,
+    );
+}

@@ -471,7 +471,7 @@ impl Decoder {
             (Some(g), act) => {
                 let [gate, up] = LoraLinear::forward_many([g, up], h, pass)?;
                 match (act, differentiable) {
-                    (super::Activation::Silu, true) => (candle_nn::ops::silu(&gate)? * up)?,
+                    (super::Activation::Silu, true) => super::diffops::silu_mul(&gate, &up)?,
                     (super::Activation::Silu, false) => pass.kernels.silu_mul(&gate, &up)?,
                     (super::Activation::GeluTanh, _) => (gate.gelu()? * up)?,
                 }

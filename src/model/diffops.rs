@@ -1,11 +1,11 @@
 //! Fused CPU f32 kernels with a backward for the training forward: RMS-norm (frozen weight),
-//! rotary embedding, and causal softmax with its scale. candle's fused versions of these have
+//! rotary embedding, causal softmax with its scale, and the gated MLP's `silu(gate) · up`. candle's fused versions of these have
 //! no backward, and its differentiable compositions (`rms_norm_slow`, `rope_slow`, `softmax`)
 //! allocate five to eight intermediate tensors each that the graph keeps until backward ends.
 //! One op each keeps one output per call. The compositions stay as the reference path
 //! (other devices and dtypes) and the tests check that both agree, values and gradients.
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Whether the fused ops apply to `t` (CPU, f32).
@@ -301,4 +301,83 @@ pub fn add_causal_mask(scores: &Tensor, t: usize) -> Result<Tensor> {
         .collect();
     let mask = Tensor::from_vec(mask, (t, total), scores.device())?.to_dtype(scores.dtype())?;
     scores.reshape((b, rows / t, t, total))?.broadcast_add(&mask)?.reshape((b, rows, total))
+}
+
+/// `silu(gate) · up`, elementwise. Composed, it is a SiLU (whose backward candle builds from
+/// eight more ops over the gate) and a product, each a full pass over `(n, intermediate)` with
+/// its own buffer: on the issue-31 recipe a tenth of a training step.
+struct SiluMul;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "fused-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sg: &CpuStorage,
+        lg: &Layout,
+        su: &CpuStorage,
+        lu: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (input_slice(sg, lg, self.name())?, input_slice(su, lu, self.name())?);
+        if g.len() != u.len() {
+            bail!("fused-silu-mul: gate {:?}, up {:?}", lg.shape(), lu.shape());
+        }
+        let mut out = vec![0f32; g.len()];
+        let per = 16 * 1024;
+        out.par_chunks_mut(per).zip(g.par_chunks(per)).zip(u.par_chunks(per)).for_each(
+            |((o, g), u)| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g * sigmoid(g) * u;
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), lg.shape().clone()))
+    }
+
+    /// `d gate = d · up · σ(g) · (1 + g · (1 − σ(g)))`, `d up = d · silu(g)`.
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = with_data(gate, self.name(), |g| {
+            with_data(up, self.name(), |u| {
+                with_data(grad, self.name(), |d| {
+                    let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+                    let per = 16 * 1024;
+                    dg.par_chunks_mut(per)
+                        .zip(du.par_chunks_mut(per))
+                        .zip(g.par_chunks(per).zip(u.par_chunks(per)).zip(d.par_chunks(per)))
+                        .for_each(|((dg, du), ((g, u), d))| {
+                            for i in 0..g.len() {
+                                let s = sigmoid(g[i]);
+                                dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                                du[i] = d[i] * g[i] * s;
+                            }
+                        });
+                    Ok((dg, du))
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dg, gate.shape(), gate.device())?),
+            Some(Tensor::from_vec(du, up.shape(), up.device())?),
+        ))
+    }
+}
+
+/// Differentiable `silu(gate) · up` (same shapes).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !supported(gate) || !supported(up) || gate.shape() != up.shape() {
+        return candle_nn::ops::silu(gate)? * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
 }

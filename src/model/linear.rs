@@ -128,6 +128,18 @@ impl LoraLinear {
     /// `x`: `(n_tokens, in)`, rows grouped by sequence with `pass.seq_lens` tokens each.
     pub fn forward(&self, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
         if pass.kernels.exec() == super::ops::Exec::Differentiable {
+            if let Some(term) = pass.lora.single_training_term(self.id) {
+                let fused = super::lora::train_linear::forward(
+                    x,
+                    &self.base,
+                    self.bias.as_ref(),
+                    term,
+                    pass.kernels,
+                )?;
+                if let Some(y) = fused {
+                    return Ok(y);
+                }
+            }
             let y = super::frozen::frozen_base(x, &self.base, pass.kernels)?;
             if pass.lora.rescales(self.id) {
                 // DoRA under dropout: PEFT rescales the base product of the dropped input.

@@ -229,13 +229,16 @@ pub fn train_on(
         }
     }
     bar.finish();
+    // The step's activations were kept for the next step (`keep_freed_memory`); no next step.
+    let peak = peak_rss_bytes();
+    crate::kernels::alloc::release_freed_memory();
     Ok(TrainOutcome {
         finished: run.done(),
         usable: examples.len(),
         skipped_long: 0,
         skipped_unanswerable: 0,
         seconds: run.seconds(),
-        peak_rss_bytes: peak_rss_bytes(),
+        peak_rss_bytes: peak,
         validation_loss: None,
         format: None,
         log: run.log,

@@ -22,7 +22,7 @@
 //! kernel, so all kernels agree bit for bit and a row's result never depends on its batch.
 
 use super::acts::QuantActs;
-use super::ggml::RowCodes;
+use super::ggml::{quantize_row_8bit, RowCodes};
 
 /// Rows per group: the 16 i32 lanes of a 512-bit register.
 pub const GROUP: usize = 16;
@@ -121,6 +121,8 @@ pub struct PackedMatrix {
     pub kind: Kind,
     pub scales: Scales,
     lines: Vec<Line>,
+    /// `Wᵀ` in 8 bits, made by [`PackedMatrix::transposed_8bit`] on first use.
+    transposed: std::sync::OnceLock<Option<std::sync::Arc<PackedMatrix>>>,
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -178,7 +180,7 @@ impl PackedMatrix {
                 }
             }
         }
-        Ok(Some(Self { rows, cols, kind, scales, lines }))
+        Ok(Some(Self { rows, cols, kind, scales, lines, transposed: Default::default() }))
     }
 
     /// Packs rows already decoded, in the smallest exact format.
@@ -216,6 +218,35 @@ impl PackedMatrix {
 
     pub fn size_in_bytes(&self) -> usize {
         self.lines.len() * 64
+    }
+
+    /// `Wᵀ` (`cols × rows`) as [`Kind::W8`] codes (8 bits per 32 values of a column of `W`,
+    /// [`quantize_row_8bit`]): what a training backward multiplies the output gradient by,
+    /// `g · W = g · (Wᵀ)ᵀ`, through the same integer kernels as the forward instead of an f32
+    /// copy of `W` unpacked per step. Made on first use and kept with the matrix (1.25 bytes
+    /// per weight; only processes that train make it); `None` when `rows` is not whole
+    /// 32-blocks. Each value is within half a step of `max|column block| / 127` of `W`'s.
+    pub fn transposed_8bit(&self) -> Option<&PackedMatrix> {
+        self.transposed
+            .get_or_init(|| {
+                if !self.rows.is_multiple_of(BLOCK) || self.rows == 0 {
+                    return None;
+                }
+                let w = self.unpack();
+                let (rows, cols) = (self.rows, self.cols);
+                let mut column = vec![0f32; rows];
+                let t: Result<Self, std::convert::Infallible> =
+                    Self::pack(cols, rows, Kind::W8, |c, out| {
+                        column.iter_mut().enumerate().for_each(|(r, v)| *v = w[r * cols + c]);
+                        quantize_row_8bit(&column, out);
+                        Ok(())
+                    });
+                match t {
+                    Ok(t) => Some(std::sync::Arc::new(t)),
+                    Err(never) => match never {},
+                }
+            })
+            .as_deref()
     }
 
     /// The weight as f32, row-major (`d · u + m`, exact for GGUF-decoded weights).

@@ -156,6 +156,10 @@ impl StepLora {
             },
             StepLora::PerRow(mixes) => per_row_delta(id, mixes, x, seq_lens),
             StepLora::Training { mixes, .. } => {
+                if !mixes.iter().any(|m| m.terms(id).next().is_some()) {
+                    // No mask drawn for a module no term touches (the MLP of a q/k/v/o run).
+                    return Ok(None);
+                }
                 let x = self.dropped_input(id, x)?.unwrap_or_else(|| x.clone());
                 per_row_delta(id, mixes, &x, seq_lens)
             }
@@ -168,13 +172,32 @@ impl StepLora {
     /// step and module); `None` without dropout.
     pub fn dropped_input(&self, id: ModuleId, x: &Tensor) -> Result<Option<Tensor>> {
         match self {
-            StepLora::Training { dropout, seed, .. } if *dropout > 0.0 => Ok(Some(seeded_dropout(
-                x,
-                *dropout,
-                seed ^ (id.index() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            )?)),
+            StepLora::Training { dropout, seed, .. } if *dropout > 0.0 => {
+                Ok(Some(seeded_dropout(x, *dropout, module_seed(*seed, id))?))
+            }
             _ => Ok(None),
         }
+    }
+
+    /// The one plain LoRA term of module `id` in a training step whose sequences all share
+    /// one mix, with the step's dropout and module `id`'s seed: what the fused training
+    /// projection ([`super::train_linear`]) computes. `None` for anything else (mixes of
+    /// several terms, DoRA, different mixes per sequence), which takes the composed path.
+    pub fn single_training_term(
+        &self,
+        id: ModuleId,
+    ) -> Option<(&super::weights::LoraWeights, f64, f32, u64)> {
+        let StepLora::Training { mixes, dropout, seed } = self else { return None };
+        let first = mixes.first()?;
+        if !mixes.iter().all(|m| m.same_as(first)) {
+            return None;
+        }
+        let mut terms = first.terms(id);
+        let (w, c) = terms.next()?;
+        if terms.next().is_some() || w.dora.is_some() || w.trainable_magnitude.is_some() {
+            return None;
+        }
+        Some((w, c, *dropout, module_seed(*seed, id)))
     }
 
     /// A training step's output of module `id` with DoRA under dropout, as PEFT trains it:
@@ -463,18 +486,27 @@ impl StackedLora {
 }
 
 /// Inverted dropout with a mask from a seeded RNG (candle's own dropout is not seedable on CPU).
-/// A small non-cryptographic generator: a training step draws ~10⁸ mask values, and the
-/// cryptographic `StdRng` cost 4 % of the step.
 fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let mask = dropout_mask(x.elem_count(), p, seed);
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
+/// The inverted-dropout mask of `len` values (`0` or `1 / (1 − p)`) for `seed`: what both the
+/// composed path and the fused training projection ([`super::train_linear`]) multiply by. A
+/// small non-cryptographic generator: a training step draws ~10⁸ mask values, and the
+/// cryptographic `StdRng` cost 4 % of the step.
+pub(super) fn dropout_mask(len: usize, p: f32, seed: u64) -> Vec<f32> {
     use rand::{RngCore, SeedableRng};
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p);
     let threshold = (p as f64 * 4_294_967_296.0) as u64;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if (rng.next_u32() as u64) < threshold { 0.0 } else { keep })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok((x * mask)?)
+    (0..len).map(|_| if (rng.next_u32() as u64) < threshold { 0.0 } else { keep }).collect()
+}
+
+/// Module `id`'s dropout seed in a step seeded `seed`.
+pub(super) fn module_seed(seed: u64, id: ModuleId) -> u64 {
+    seed ^ (id.index() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 fn per_row_delta(
