@@ -9,7 +9,7 @@ use candle_core::Device;
 use loraplex::model::load::{load_model, DEFAULT_MODEL};
 use loraplex::model::WeightFormat;
 use loraplex::train::data::TrainExample;
-use loraplex::train::trainer::train_on;
+use loraplex::train::run::TrainRun;
 use loraplex::train::{TrainConfig, TrainOptions};
 use std::time::Instant;
 
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cfg = TrainConfig::try_from(TrainOptions {
         output: Some(dir.path().join("bench")),
-        steps: Some(1),
+        steps: Some(steps + 1),
         batch_size: Some(BATCH),
         micro_batch: Some(0),
         warmup_steps: Some(0),
@@ -44,10 +44,13 @@ fn main() -> anyhow::Result<()> {
         max_seq_len: Some(SEQ),
         ..Default::default()
     })?;
+    // One run of STEPS + 1 steps, as `loraplex train` and a fine-tuning job run them (the
+    // allocator keeps a step's activations for the next one; a run's end gives them back).
+    let mut run = TrainRun::new(&loaded.model, examples, &cfg, dir.path().join(".ckpt"))?;
     let mut times = Vec::new();
     for step in 0..=steps {
         let t = Instant::now();
-        train_on(&loaded.model, &examples, &cfg, false, None)?;
+        while run.pass(&loaded.model)?.is_none() {}
         let s = t.elapsed().as_secs_f64();
         println!("step {step}: {s:.2} s, {:.1} tok/s", (BATCH * SEQ) as f64 / s);
         if step > 0 {
