@@ -62,8 +62,7 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// the backward passes the gradient straight through that rounding).
 struct FrozenPacked {
     p: Arc<PackedMatrix>,
-    pool: Arc<Pool>,
-    isa: Isa,
+    kernels: Kernels,
 }
 
 impl CustomOp1 for FrozenPacked {
@@ -77,18 +76,12 @@ impl CustomOp1 for FrozenPacked {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("frozen-packed-linear needs a contiguous input")
         };
-        if k != self.p.cols {
-            candle_core::bail!("frozen-packed-linear: input width {k}, weight {}", self.p.cols);
-        }
-        let mut acts = QuantActs::default();
-        quantize(&self.pool, &data[start..end], n, k, &mut acts);
-        let mut y = vec![0f32; n * self.p.rows];
-        matmul(&self.pool, self.isa, &self.p, &acts, &mut y);
+        let y = packed_product(&self.p, &data[start..end], n, k, &self.kernels)?;
         Ok((CpuStorage::F32(y), Shape::from((n, self.p.rows))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        packed_input_grad(&self.p, grad, &self.pool, self.isa).map(Some)
+        packed_input_grad(&self.p, grad, &self.kernels.pool, self.kernels.isa).map(Some)
     }
 }
 
@@ -124,13 +117,7 @@ pub fn base_product(
     kernels: &Kernels,
 ) -> Result<Vec<f32>> {
     match base {
-        BaseWeight::Packed(p) => {
-            let mut acts = QuantActs::default();
-            quantize(&kernels.pool, x, n, k, &mut acts);
-            let mut y = vec![0f32; n * p.rows];
-            matmul(&kernels.pool, kernels.isa, p, &acts, &mut y);
-            Ok(y)
-        }
+        BaseWeight::Packed(p) => packed_product(p, x, n, k, kernels),
         BaseWeight::Dense(w) => {
             let y = Tensor::from_slice(x, (n, k), &Device::Cpu)?.matmul(&w.t()?)?;
             y.flatten_all()?.to_vec1::<f32>()
@@ -138,6 +125,23 @@ pub fn base_product(
         BaseWeight::Quantized(..) => {
             candle_core::bail!("training needs dense or packed base weights")
         }
+    }
+}
+
+/// `x · Wᵀ` for a packed `W` as serving computes it ([`super::linear::packed_products`]).
+fn packed_product(
+    p: &Arc<PackedMatrix>,
+    x: &[f32],
+    n: usize,
+    k: usize,
+    kernels: &Kernels,
+) -> Result<Vec<f32>> {
+    if k != p.cols {
+        candle_core::bail!("frozen-packed-linear: input width {k}, weight {}", p.cols);
+    }
+    match super::linear::packed_products(&[p], x, n, k, kernels).pop() {
+        Some(y) => Ok(y),
+        None => candle_core::bail!("frozen-packed-linear: no product; this is a bug"),
     }
 }
 
@@ -170,7 +174,7 @@ pub fn frozen_base(x: &Tensor, base: &BaseWeight, kernels: &Kernels) -> super::R
     match base {
         BaseWeight::Dense(w) => Ok(frozen_matmul(x, w)?),
         BaseWeight::Packed(p) if x.dtype() == candle_core::DType::F32 && x.device().is_cpu() => {
-            let op = FrozenPacked { p: p.clone(), pool: kernels.pool.clone(), isa: kernels.isa };
+            let op = FrozenPacked { p: p.clone(), kernels: kernels.clone() };
             Ok(x.contiguous()?.apply_op1(op)?)
         }
         _ => Err(super::ModelError::Unsupported(

@@ -260,8 +260,8 @@ impl LoraLinear {
 }
 
 /// `x · Wᵀ` (`x` host f32, `n × k`) for each packed `W`, with `x` quantized once and every
-/// product in one pool job.
-fn packed_products(
+/// product in one pool job (also the training forward's, [`super::frozen`]).
+pub(super) fn packed_products(
     ws: &[&Arc<PackedMatrix>],
     x: &[f32],
     n: usize,
